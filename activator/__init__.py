@@ -1,0 +1,1 @@
+"""Scale-from-zero interception: the local gateway and the Kubernetes interceptor."""

@@ -1,0 +1,62 @@
+"""The `hydraserve` command: reads arguments and hands off to the component that does the work.
+
+Each subcommand lives in the component that owns it, as a module exposing
+``configure(parser)``; that function adds its arguments and sets ``func`` (called with the
+parsed namespace, returns an exit code). Command modules must import heavy libraries (torch,
+boto3) inside ``func`` only, so `hydraserve --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# (command, help, module). Nested groups ("model tiny") are configured by their module.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("model", "make and push model directories (tiny random models, S3 upload)",
+     "hydraserve.modeltools.commands"),
+    ("generate", "generate text with the built-in engine from a local dir or s3:// URI",
+     "hydraserve.runtime.generate_cmd"),
+    ("serve", "run the function runtime server (one worker)", "hydraserve.runtime.serve_cmd"),
+    ("loaderd", "run the per-node loader daemon", "hydraserve.loaderd.commands"),
+    ("placement", "run the placement service", "hydraserve.provider.commands.placement"),
+    ("plan", "show the placement plan for a function and why", "hydraserve.provider.commands.plan"),
+    ("simulate", "trace-driven cold-start simulator", "hydraserve.provider.commands.simulate"),
+    ("gateway", "run the activator gateway", "hydraserve.activator.commands"),
+    ("demo", "start everything locally, cold-start one request, print the timeline, exit",
+     "hydraserve.demo.commands"),
+    ("up", "start everything locally and keep it running", "hydraserve.demo.up_cmd"),
+    ("bench", "benchmarks (loader, cold start, serving)", "hydraserve.benchmarks_cmd"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hydraserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text, module_name in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module_name.startswith(exc.name):
+                raise
+            continue  # command not built yet in this checkout
+        module.configure(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Wire contracts shared by several components, typed with pydantic.
+
+Components import these modules, never each other's internals. One module per area:
+``stage`` (pipeline stage plan), ``model`` (push manifest), ``plan`` (placement API),
+``loader`` (loaderd API), ``events`` (CloudEvents types and payloads).
+"""

@@ -1,0 +1,1 @@
+"""Placement service: cluster model, SLO-driven planner, backends, trace-driven simulator."""

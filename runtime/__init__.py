@@ -1,0 +1,1 @@
+"""Function runtime: model code, engine, OpenAI + CloudEvents server, worker start-up."""

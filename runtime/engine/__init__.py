@@ -1,0 +1,1 @@
+"""Serving engine: KV cache, continuous batching scheduler, sampling, the engine loop."""

@@ -1,0 +1,1 @@
+"""Fixtures shared by every test folder: an embedded S3 server, generated tiny models."""
