@@ -1,0 +1,39 @@
+"""What the gateway knows about each function: its model, SLOs and scaling settings.
+
+Registered by `hydraserve up` / the demo (and, in production, read from Knative Service
+annotations). Names are validated once here, so no other module sees a hostile name.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, Field, field_validator
+
+# DNS-1035 label, as Knative requires for Service names.
+_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def validate_function_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"invalid function name {name!r}: lowercase letters, digits and '-', "
+                         "starting with a letter, at most 63 characters")
+    return name
+
+
+class FunctionConfig(BaseModel):
+    """One LLM function as deployed by a user."""
+
+    name: str
+    model_uri: str
+    ttft_slo_s: float = Field(default=10.0, gt=0)
+    tpot_slo_s: float = Field(default=0.2, gt=0)
+    idle_timeout_s: float = Field(default=30.0, ge=0)
+    max_queue: int = Field(default=64, ge=1)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    cold_start_timeout_s: float = Field(default=180.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_function_name(value)

@@ -1,0 +1,1 @@
+"""The function's HTTP face: OpenAI-compatible API, CloudEvents, health and readiness."""

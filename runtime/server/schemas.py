@@ -1,0 +1,99 @@
+"""OpenAI request bodies, validated with pydantic into engine SamplingParams.
+
+Called by the OpenAI routes and the CloudEvents handler (whose event data uses the same
+shapes). Every rejection becomes an InvalidRequestError naming the offending parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hydraserve.errors import InvalidRequestError
+from hydraserve.runtime.engine.types import SamplingParams
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 256
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by completions and chat completions (OpenAI names, vLLM's top_k)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop strings must be 1..{MAX_STOP_LENGTH} characters")
+        return value
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(stops),
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions: one prompt, as text or token ids."""
+
+    prompt: str | list[int]
+    echo: bool = False
+    logprobs: int | None = Field(default=None, le=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | list[int]) -> str | list[int]:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt token list is empty")
+        return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions: a conversation rendered with the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_request(model: type[RequestT], body: Any) -> RequestT:
+    """Validate a decoded JSON body; the first problem becomes an InvalidRequestError."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequestError(f"{param}: {first['msg']}" if param else first["msg"],
+                                  param=param) from None
