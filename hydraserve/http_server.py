@@ -61,9 +61,8 @@ class DrainingServer:
 def serve_until_signalled(server: DrainingServer, *, on_drain: Callable[[], None],
                           wait_idle: Callable[[float], bool], drain_timeout_s: float,
                           on_stop: Callable[[], None]) -> None:
-    """Run until a signal; then drain (readiness off, wait for in-flight), stop, close."""
+    """Run a started server until a signal; then drain (readiness off, wait for in-flight), stop."""
     server.install_signal_handlers()
-    server.start()
     while not server.wait_for_stop(1.0):
         pass
     on_drain()

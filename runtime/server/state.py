@@ -58,6 +58,9 @@ class RuntimeState:
         return {"status": state, "reason": self._failed, "inflight": self._inflight,
                 "function": self.function_name, "revision": self.revision}
 
+    def engine_or_none(self) -> ServingEngine | None:
+        return self._engine
+
     def engine(self, wait_s: float) -> ServingEngine:
         """The engine, waiting up to ``wait_s`` for start-up; 503 if it does not come."""
         if self._draining:
