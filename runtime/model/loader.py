@@ -1,0 +1,94 @@
+"""Build one pipeline stage on the meta device and pull in only its own tensors.
+
+Called by the engine factory (hydraserve.runtime.engine.factory), the stage workers and the
+consolidation path. Tensors are requested from the TensorSource in load order (embeddings,
+layers a..b-1, head), so a source still streaming bytes (loaderd shared memory, S3) is read in
+the order it arrives. A tensor whose dtype and device already match is used as is: no copy, and
+it may be a read-only view of shared memory (the model never writes its weights).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hydraserve.contracts.stage import StageSpec
+from hydraserve.runtime.model.config import ModelConfig
+from hydraserve.runtime.model.layers import StageModel
+from hydraserve.runtime.model.llama import LlamaStage
+from hydraserve.runtime.model.names import resolve, stage_param_map
+from hydraserve.weights.source import TensorSource
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class WeightMismatchError(ValueError):
+    """A checkpoint tensor does not have the shape config.json implies."""
+
+
+def resolve_dtype(cfg: ModelConfig, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The compute dtype: the one asked for, else the checkpoint's."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or cfg.dtype
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_stage(cfg: ModelConfig, stage: StageSpec | None = None) -> StageModel:
+    """The stage's modules on the meta device (no memory, no init)."""
+    from hydraserve.runtime.model.opt import OPTStage
+
+    stage = stage or StageSpec.whole(cfg.num_layers)
+    if stage.num_layers != cfg.num_layers:
+        raise ValueError(f"stage spans {stage.num_layers} layers, model has {cfg.num_layers}")
+    cls = LlamaStage if cfg.family == "llama" else OPTStage
+    with torch.device("meta"):
+        return cls(cfg, stage)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    current = module._parameters[leaf]
+    if current is None or tuple(current.shape) != tuple(tensor.shape):
+        shape = None if current is None else tuple(current.shape)
+        raise WeightMismatchError(f"{name}: checkpoint shape {tuple(tensor.shape)}, expected {shape}")
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def load_stage(cfg: ModelConfig, source: TensorSource, stage: StageSpec | None = None, *,
+               dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               on_tensor: Callable[[str, float], None] | None = None) -> StageModel:
+    """Build ``stage`` (default: whole model) and fill it from ``source``; ready for forward.
+
+    ``on_tensor(checkpoint_name, seconds_waited)`` is called after each tensor is assigned
+    (start-up timelines use it to show loading overlapping the fetch).
+    """
+    target_dtype = resolve_dtype(cfg, dtype)
+    target_device = torch.device(device)
+    model = build_stage(cfg, stage)
+    available = set(source.tensor_names())
+    loaded: dict[str, torch.Tensor] = {}  # by checkpoint name: tied weights share one tensor
+    for ours, theirs in stage_param_map(cfg, model.stage).items():
+        ckpt_name = resolve(theirs, available)
+        tensor = loaded.get(ckpt_name)
+        if tensor is None:
+            start = time.perf_counter()
+            tensor = source.get(ckpt_name)
+            waited = time.perf_counter() - start
+            if tensor.dtype != target_dtype or tensor.device != target_device:
+                tensor = tensor.to(device=target_device, dtype=target_dtype)
+            loaded[ckpt_name] = tensor
+            if on_tensor is not None:
+                on_tensor(ckpt_name, waited)
+        _assign(model, ours, tensor)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise WeightMismatchError(f"parameters left unloaded: {missing[:5]}")
+    model.materialize(target_device)
+    return model.eval()
