@@ -1,1 +1,24 @@
 """Fixtures shared by every test folder: an embedded S3 server, generated tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# ---- tiny generated models (hydraserve.modeltools.tiny); session-scoped, made once per run ----
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (GQA 4/2 heads, hidden 64, vocab 512, fp32) with a chat template."""
+    from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TinySpec(arch="llama", kv_heads=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer pre-LN OPT (hidden 64, vocab 512, fp32) without a chat template."""
+    from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-opt"), TinySpec(arch="opt"))
