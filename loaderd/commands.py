@@ -1,0 +1,71 @@
+"""`hydraserve loaderd`: run one node's loader daemon until SIGTERM/SIGINT (then unlink its
+segments). Only reads settings and wires hydraserve.loaderd.daemon."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+from pathlib import Path
+
+from hydraserve.loaderd.fetcher import DEFAULT_CHUNK_BYTES, DEFAULT_CONCURRENCY
+
+
+def _read_token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        path = Path(args.token_file)
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SystemExit(f"{path}: token file must not be readable by group/others (chmod 600)")
+        return path.read_text().strip()
+    token = os.environ.get("HYDRASERVE_LOADERD_TOKEN", "")
+    if not token:
+        raise SystemExit("give --token-file or set HYDRASERVE_LOADERD_TOKEN")
+    return token
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    parser.add_argument("--port", type=int, default=7070)
+    parser.add_argument("--token-file", help="file holding the API token (0600); "
+                        "else HYDRASERVE_LOADERD_TOKEN")
+    parser.add_argument("--budget-bytes", type=int, required=True,
+                        help="node-wide shared-memory budget (segments are evicted LRU under it)")
+    parser.add_argument("--node-name", required=True, help="names this node's segments in /dev/shm")
+    parser.add_argument("--endpoint-url", default=None,
+                        help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help="ranged GETs in flight")
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="bytes per ranged GET")
+    parser.add_argument("--retry-budget-s", type=float, default=60.0,
+                        help="how long one range keeps retrying before the segment fails")
+    parser.add_argument("--strict-integrity", action="store_true",
+                        help="publish tensors of whole files only after their sha256 matched")
+    parser.add_argument("--shm-dir", default="/dev/shm")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hydraserve.loaderd.daemon import LoaderDaemon
+    from hydraserve.loaderd.service import LoaderConfig
+    from hydraserve.logs import configure_logging
+
+    configure_logging("loaderd")
+    import logging
+
+    log = logging.getLogger("hydraserve.loaderd")
+    config = LoaderConfig(node_name=args.node_name, budget_bytes=args.budget_bytes,
+                          concurrency=args.concurrency, chunk_bytes=args.chunk_bytes,
+                          retry_budget_s=args.retry_budget_s, shm_dir=args.shm_dir,
+                          endpoint_url=args.endpoint_url, strict_integrity=args.strict_integrity)
+    daemon = LoaderDaemon(config, _read_token(args), host=args.host, port=args.port).start()
+    log.info("loaderd listening", extra={"url": daemon.url, "node": args.node_name,
+                                         "budget_bytes": args.budget_bytes})
+    daemon.server.install_signal_handlers()
+    try:
+        while not daemon.server.wait_for_stop(1.0):
+            daemon.service.registry.reap()
+    finally:
+        daemon.stop()
+        log.info("loaderd stopped; segments unlinked")
+    return 0

@@ -1,0 +1,262 @@
+"""The fetch engine: many concurrent ranged reads into segments, first layers first.
+
+Used by hydraserve.loaderd.service (the daemon) and by hydraserve.runtime.shm_source (the
+runtime's fallback when no daemon answers fills an anonymous-memory segment with the same code).
+Each segment's runs are cut into chunks of ``chunk_bytes``; a fixed pool of worker threads
+takes chunks from one priority queue ordered by (group order, request, offset), so the first
+layers of every cold start on the node land first. A tensor is published the moment its last
+chunk is written. Sources are tried in order (peers first, S3 last); a failing peer is skipped
+for the rest of that segment; S3 failures are retried with backoff and jitter within a budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hydraserve.errors import HydraError, IntegrityError, PermanentError
+from hydraserve.loaderd.segment import SegmentLayout, SegmentWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 8 << 20
+DEFAULT_CONCURRENCY = 16
+
+
+class RangeReader(Protocol):
+    """Reads [start, end) of a model file. ``kind`` is "s3" or "peer" (metrics, fallback)."""
+
+    kind: str
+    label: str
+
+    def read(self, file: str, start: int, end: int) -> bytes: ...
+
+
+class FetchObserver(Protocol):
+    """What the engine reports (the daemon's Prometheus metrics implement it)."""
+
+    def on_bytes(self, kind: str, n: int) -> None: ...
+    def on_error(self, kind: str, error: str) -> None: ...
+    def on_inflight(self, delta: int) -> None: ...
+
+
+class _NullObserver:
+    def on_bytes(self, kind: str, n: int) -> None: ...
+    def on_error(self, kind: str, error: str) -> None: ...
+    def on_inflight(self, delta: int) -> None: ...
+
+
+@dataclass
+class Fill:
+    """One segment being filled: per-tensor chunk counts and the completion callback."""
+
+    layout: SegmentLayout
+    writer: SegmentWriter
+    sources: list[RangeReader]
+    on_done: Callable[[Fill, BaseException | None], None]
+    on_tensor: Callable[[Fill, int], None] | None = None
+    defer_publish: bool = False  # the owner publishes readiness itself (after verification)
+    pending: list[int] = field(default_factory=list)
+    chunks_left: int = 0
+    failed: bool = False
+    bad_sources: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    bytes_done: int = 0
+    tensors_done: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    fill: Fill
+    file: str
+    start: int
+    end: int
+    offset: int
+    tensors: tuple[int, ...]
+
+
+class FetchEngine:
+    """A pool of fetch threads shared by every segment of the node (or of one fallback reader)."""
+
+    def __init__(self, *, concurrency: int = DEFAULT_CONCURRENCY,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, retry_budget_s: float = 60.0,
+                 observer: FetchObserver | None = None, name: str = "fetch") -> None:
+        if concurrency < 1 or chunk_bytes < 4096:
+            raise ValueError("concurrency >= 1 and chunk_bytes >= 4096 required")
+        self.chunk_bytes = chunk_bytes
+        self.retry_budget_s = retry_budget_s
+        self.observer: FetchObserver = observer or _NullObserver()
+        self._heap: list[tuple[tuple[int, int, int], int, _Chunk]] = []
+        self._seq = itertools.count()
+        self._request_seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.inflight = 0
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(concurrency)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fills: list[tuple[int, Fill]]) -> None:
+        """Queue segments (with their group order) of one request; returns at once."""
+        request = next(self._request_seq)
+        jobs: list[tuple[tuple[int, int, int], int, _Chunk]] = []
+        for order, fill in fills:
+            chunks = list(self._chunks(fill))
+            fill.pending = [0] * len(fill.layout.tensors)
+            for chunk in chunks:
+                for i in chunk.tensors:
+                    fill.pending[i] += 1
+            fill.chunks_left = len(chunks)
+            for i, count in enumerate(fill.pending):
+                if count == 0:  # empty tensor: nothing to fetch
+                    self._publish(fill, i)
+            if not chunks:
+                fill.on_done(fill, None)
+                continue
+            jobs.extend(((order, request, c.start), next(self._seq), c) for c in chunks)
+        with self._cv:
+            for job in jobs:
+                heapq.heappush(self._heap, job)
+            self._cv.notify_all()
+
+    def _chunks(self, fill: Fill) -> list[_Chunk]:
+        out: list[_Chunk] = []
+        tensors = fill.layout.tensors
+        for run in fill.layout.runs:
+            for start in range(run.file_start, run.file_end, self.chunk_bytes):
+                end = min(start + self.chunk_bytes, run.file_end)
+                covered = tuple(i for i in run.tensors
+                                if tensors[i].file_start < end
+                                and tensors[i].file_start + tensors[i].nbytes > start)
+                out.append(_Chunk(fill, run.file, start, end, run.offset + start - run.file_start, covered))
+        return out
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                _, _, chunk = heapq.heappop(self._heap)
+                self.inflight += 1
+            self.observer.on_inflight(1)
+            try:
+                self._run(chunk)
+            finally:
+                self.observer.on_inflight(-1)
+                with self._cv:
+                    self.inflight -= 1
+
+    def _run(self, chunk: _Chunk) -> None:
+        fill = chunk.fill
+        if fill.failed:
+            return
+        try:
+            data = self._read(chunk)
+            fill.writer.write(chunk.offset, data)
+        except BaseException as exc:
+            self._fail(fill, exc)
+            return
+        done = False
+        with fill.lock:
+            fill.bytes_done += len(data)
+            ready = []
+            for i in chunk.tensors:
+                fill.pending[i] -= 1
+                if fill.pending[i] == 0:
+                    ready.append(i)
+            fill.chunks_left -= 1
+            done = fill.chunks_left == 0 and not fill.failed
+        for i in ready:
+            self._publish(fill, i)
+        if done:
+            fill.on_done(fill, None)
+
+    def _publish(self, fill: Fill, i: int) -> None:
+        if not fill.defer_publish:
+            fill.writer.mark_ready(i)
+        fill.tensors_done += 1
+        if fill.on_tensor is not None:
+            fill.on_tensor(fill, i)
+
+    def _fail(self, fill: Fill, exc: BaseException) -> None:
+        with fill.lock:
+            if fill.failed:
+                return
+            fill.failed = True
+        log.warning("segment fetch failed: %s", exc, extra={"group": fill.layout.group})
+        fill.on_done(fill, exc)
+
+    def _read(self, chunk: _Chunk) -> bytes:
+        """Peers first (each skipped after its first failure), then S3 with retries."""
+        want = chunk.end - chunk.start
+        fill = chunk.fill
+        for source in fill.sources:
+            if source.label in fill.bad_sources:
+                continue
+            if source.kind != "s3":
+                try:
+                    data = source.read(chunk.file, chunk.start, chunk.end)
+                    if len(data) != want:
+                        raise IntegrityError(f"peer sent {len(data)} B, expected {want}")
+                    self.observer.on_bytes(source.kind, want)
+                    return data
+                except Exception as exc:
+                    fill.bad_sources.add(source.label)
+                    self.observer.on_error(source.kind, type(exc).__name__)
+                    log.info("peer %s failed (%s); falling back", source.label, exc)
+                    continue
+            return self._read_retrying(source, chunk)
+        raise PermanentError("no source left to read from")
+
+    def _read_retrying(self, source: RangeReader, chunk: _Chunk) -> bytes:
+        want = chunk.end - chunk.start
+        deadline = time.monotonic() + self.retry_budget_s
+        delay = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                data = source.read(chunk.file, chunk.start, chunk.end)
+                if len(data) != want:
+                    raise IntegrityError(f"{chunk.file}[{chunk.start}:{chunk.end}]: got {len(data)} B")
+                self.observer.on_bytes(source.kind, want)
+                return data
+            except HydraError as exc:
+                self.observer.on_error(source.kind, type(exc).__name__)
+                if not exc.retryable:
+                    raise
+                last: BaseException = exc
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                self.observer.on_error(source.kind, type(exc).__name__)
+                last = exc
+            if fill_failed(chunk) or time.monotonic() + delay > deadline or self._closed:
+                raise PermanentError(
+                    f"{chunk.file}[{chunk.start}:{chunk.end}] failed after {attempt} attempts "
+                    f"in {self.retry_budget_s:.0f} s: {last}") from last
+            log.info("range read failed (%s); retry %d in %.2f s", last, attempt, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+    def close(self) -> None:
+        """Stop the threads (queued chunks are dropped; in-flight ones finish their read)."""
+        with self._cv:
+            self._closed = True
+            self._heap.clear()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
+
+
+def fill_failed(chunk: _Chunk) -> bool:
+    return chunk.fill.failed

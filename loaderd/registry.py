@@ -1,0 +1,268 @@
+"""The node's segments: creation under a byte budget, leases (reference counts), LRU eviction.
+
+Used by hydraserve.loaderd.service. A lease is one holder's reference on a set of segments:
+prefetch takes one that expires after ``pin_s`` (so bytes fetched before the worker exists are
+not evicted before it attaches), attach takes one that lives until release or until the
+reader's pid dies. A segment with any lease, or still filling, is never evicted or rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from hydraserve.errors import InvalidRequestError, OverloadedError
+from hydraserve.loaderd.segment import STATE_COMPLETE, STATE_FAILED, SegmentLayout, SegmentWriter
+
+log = logging.getLogger(__name__)
+
+NODE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
+SEGMENT_PREFIX = "hsld-"
+
+
+@dataclass
+class Segment:
+    """One group of one model in shared memory, and what the daemon knows about its fill."""
+
+    segment_id: str
+    model_uri: str
+    model_key: str
+    group: str
+    order: int
+    layout: SegmentLayout
+    writer: SegmentWriter
+    state: str = "filling"  # filling | complete | failed
+    refs: int = 0
+    created: float = 0.0
+    last_used: float = 0.0
+    tensors_ready: int = 0
+    bytes_ready: int = 0
+    error: str | None = None
+    attempts: int = 1
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    segments: list[Segment]
+    expires_at: float | None
+    pid: int | None
+
+
+def segment_id_for(model_key: str, group: str, tensor_names: Iterable[str]) -> str:
+    """Stable id of a group's segment: same model version and tensors -> same segment."""
+    digest = hashlib.sha256()
+    for part in (model_key, group, *sorted(tensor_names)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:20]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Registry:
+    """Thread-safe table of segments and leases with a node-wide byte budget."""
+
+    def __init__(self, node_name: str, budget_bytes: int, *, shm_dir: str = "/dev/shm",
+                 clock: Callable[[], float] = time.time,
+                 on_evict: Callable[[Segment], None] | None = None) -> None:
+        if not NODE_NAME.match(node_name):
+            raise InvalidRequestError(f"node name {node_name!r} must match {NODE_NAME.pattern}")
+        if budget_bytes <= 0:
+            raise InvalidRequestError("budget must be positive")
+        self.node_name = node_name
+        self.budget_bytes = budget_bytes
+        self.shm_dir = shm_dir
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.segments: dict[str, Segment] = {}
+        self.leases: dict[str, Lease] = {}
+        self.retired: dict[str, Segment] = {}  # failed but still leased: unlinked on release
+        self._on_evict = on_evict
+        self.evictions = 0
+
+    @property
+    def prefix(self) -> str:
+        return f"{SEGMENT_PREFIX}{self.node_name}-"
+
+    def path_for(self, segment_id: str) -> str:
+        """A fresh file name: a refetched group never reuses the path of a failed segment."""
+        return os.path.join(self.shm_dir, f"{self.prefix}{segment_id}-{uuid.uuid4().hex[:8]}")
+
+    def remove_stale(self) -> int:
+        """Unlink segments a previous run of this node's daemon left behind (crash)."""
+        removed = 0
+        for name in os.listdir(self.shm_dir):
+            if name.startswith(self.prefix):
+                try:
+                    os.unlink(os.path.join(self.shm_dir, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.size for s in self.segments.values()) + sum(s.size for s in self.retired.values())
+
+    def acquire(self, model_uri: str, model_key: str,
+                groups: list[tuple[str, int, str, SegmentLayout]], *, pin_s: float | None,
+                pid: int | None) -> tuple[Lease, list[Segment], list[Segment]]:
+        """Lease the segments of these groups, creating the missing ones (evicting LRU first).
+
+        ``groups`` holds (segment_id, order, group name, layout). Returns the lease, all
+        segments in order, and the ones created now (the caller fetches those).
+        """
+        now = self.clock()
+        with self.lock:
+            self.reap(now)
+            wanted: list[Segment | None] = []
+            missing: list[tuple[str, int, str, SegmentLayout]] = []
+            for seg_id, order, group, layout in groups:
+                seg = self.segments.get(seg_id)
+                if seg is not None and seg.state == "failed":
+                    self._retire(seg)
+                    seg = None
+                wanted.append(seg)
+                if seg is None:
+                    missing.append((seg_id, order, group, layout))
+            need = sum(layout.size for *_, layout in missing)
+            protect = {seg_id for seg_id, *_ in groups}
+            self._make_room(need, protect)
+            created: list[Segment] = []
+            try:
+                for seg_id, order, group, layout in missing:
+                    writer = SegmentWriter(layout, self.path_for(seg_id))
+                    seg = Segment(seg_id, model_uri, model_key, group, order, layout, writer,
+                                  created=now, last_used=now)
+                    self.segments[seg_id] = seg
+                    created.append(seg)
+            except OSError as exc:
+                for seg in created:
+                    self._drop(seg)
+                raise OverloadedError(f"cannot create shared memory segment: {exc}",
+                                      retry_after_s=5) from exc
+            by_id = {s.segment_id: s for s in created}
+            segs = [w if w is not None else by_id[g[0]] for w, g in zip(wanted, groups, strict=True)]
+            lease = Lease(uuid.uuid4().hex, segs,
+                          None if pin_s is None else now + pin_s, pid)
+            for seg in segs:
+                seg.refs += 1
+                seg.last_used = now
+            self.leases[lease.lease_id] = lease
+            return lease, segs, created
+
+    def _make_room(self, need: int, protect: set[str]) -> None:
+        free = self.budget_bytes - self.used_bytes
+        if need <= free:
+            return
+        candidates = sorted((s for s in self.segments.values()
+                             if s.refs == 0 and s.state in ("complete", "failed") and s.segment_id not in protect),
+                            key=lambda s: s.last_used)
+        evictable = sum(s.size for s in candidates)
+        if need > free + evictable:
+            raise OverloadedError(
+                f"budget {self.budget_bytes} B: need {need} B, {free} B free and only "
+                f"{evictable} B evictable (the rest is in use or still filling)", retry_after_s=5)
+        for seg in candidates:
+            if need <= self.budget_bytes - self.used_bytes:
+                break
+            log.info("evicting segment", extra={"segment": seg.segment_id, "group": seg.group,
+                                                "model": seg.model_uri, "bytes": seg.size})
+            self._drop(seg)
+            self.evictions += 1
+            if self._on_evict is not None:
+                self._on_evict(seg)
+
+    def _drop(self, seg: Segment) -> None:
+        if self.segments.get(seg.segment_id) is seg:
+            del self.segments[seg.segment_id]
+        self.retired.pop(seg.writer.path or "", None)
+        seg.writer.unlink()
+        seg.writer.close()
+
+    def _retire(self, seg: Segment) -> None:
+        """Take a failed segment out of the table; unlink it once no lease holds it."""
+        del self.segments[seg.segment_id]
+        if seg.refs > 0:
+            self.retired[seg.writer.path or ""] = seg
+        else:
+            self._drop(seg)
+
+    def release(self, lease_id: str) -> bool:
+        """Drop a lease; False if unknown (already released or expired)."""
+        with self.lock:
+            lease = self.leases.pop(lease_id, None)
+            if lease is None:
+                return False
+            self._unref(lease)
+            return True
+
+    def _unref(self, lease: Lease) -> None:
+        now = self.clock()
+        for seg in lease.segments:
+            seg.refs -= 1
+            seg.last_used = now
+            if seg.refs == 0 and (seg.writer.path or "") in self.retired:
+                self._drop(seg)
+
+    def reap(self, now: float | None = None) -> int:
+        """Drop leases whose pin expired or whose reader process is gone."""
+        now = self.clock() if now is None else now
+        dropped = 0
+        with self.lock:
+            for lease in list(self.leases.values()):
+                expired = lease.expires_at is not None and now >= lease.expires_at
+                dead = lease.pid is not None and not _pid_alive(lease.pid)
+                if expired or dead:
+                    del self.leases[lease.lease_id]
+                    self._unref(lease)
+                    dropped += 1
+        return dropped
+
+    def touch(self, segs: Iterable[Segment]) -> None:
+        now = self.clock()
+        with self.lock:
+            for seg in segs:
+                seg.last_used = now
+
+    def mark(self, seg: Segment, state: str, error: str | None = None) -> None:
+        """Record a fill outcome (the fetch engine calls this; the writer state is set too)."""
+        with self.lock:
+            seg.state = state
+            seg.error = error
+            seg.writer.set_state(STATE_COMPLETE if state == "complete" else STATE_FAILED)
+            seg.done.set()
+
+    def pinned_bytes(self) -> int:
+        with self.lock:
+            return sum(s.size for s in self.segments.values() if s.refs > 0 or s.state not in ("complete", "failed"))
+
+    def close(self) -> None:
+        """Unlink every segment (daemon shutdown): readers keep their existing mappings."""
+        with self.lock:
+            for seg in [*self.segments.values(), *self.retired.values()]:
+                if seg.state not in ("complete", "failed"):
+                    seg.writer.set_state(STATE_FAILED)  # wake readers still waiting on it
+                self._drop(seg)
+            self.leases.clear()

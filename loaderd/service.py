@@ -1,0 +1,323 @@
+"""loaderd's core: prefetch / attach / release / status / peer reads over the registry and engine.
+
+Called by hydraserve.loaderd.api (HTTP) and directly by tests. It resolves a model (cached per
+URI), picks the slice, leases its segments (creating and fetching only the missing ones, so a
+second prefetch of held or in-flight bytes downloads nothing), checks integrity when a file's
+bytes are all resident, and reports residency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hydraserve.contracts.loader import (
+    AttachRequest,
+    FileRange,
+    LeaseResponse,
+    LoaderStatus,
+    ModelResidency,
+    PrefetchRequest,
+    ReleaseRequest,
+    ReleaseResponse,
+    SegmentInfo,
+    SliceRequest,
+)
+from hydraserve.errors import HydraError, InvalidRequestError, NotFoundError
+from hydraserve.loaderd.fetcher import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CONCURRENCY,
+    FetchEngine,
+    Fill,
+    RangeReader,
+)
+from hydraserve.loaderd.metrics import LoaderMetrics
+from hydraserve.loaderd.model_index import ModelIndex
+from hydraserve.loaderd.registry import Registry, Segment, segment_id_for
+from hydraserve.loaderd.segment import plan_layout
+
+log = logging.getLogger(__name__)
+
+Resolver = Callable[[str, str | None], ModelIndex]
+SourceFactory = Callable[[ModelIndex], RangeReader]
+PeerFactory = Callable[[str, ModelIndex], RangeReader]
+
+
+@dataclass
+class LoaderConfig:
+    """Settings of one daemon (one node)."""
+
+    node_name: str
+    budget_bytes: int
+    concurrency: int = DEFAULT_CONCURRENCY
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    retry_budget_s: float = 60.0
+    shm_dir: str = "/dev/shm"
+    endpoint_url: str | None = None
+    strict_integrity: bool = False  # hold readiness of whole files until their sha256 matches
+    max_refetch: int = 1
+
+
+class LoaderService:
+    """The daemon's state and operations (thread-safe)."""
+
+    def __init__(self, config: LoaderConfig, *, resolver: Resolver, s3_source: SourceFactory,
+                 peer_source: PeerFactory | None = None, metrics: LoaderMetrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.metrics = metrics or LoaderMetrics()
+        self.registry = Registry(config.node_name, config.budget_bytes, shm_dir=config.shm_dir,
+                                 clock=clock, on_evict=lambda s: self.metrics.evictions.inc())
+        stale = self.registry.remove_stale()
+        if stale:
+            log.info("removed %d stale segments of a previous run", stale)
+        self.engine = FetchEngine(concurrency=config.concurrency, chunk_bytes=config.chunk_bytes,
+                                  retry_budget_s=config.retry_budget_s, observer=self.metrics)
+        self._resolve = resolver
+        self._s3_source = s3_source
+        self._peer_source = peer_source
+        self._models: dict[str, ModelIndex] = {}
+        self._models_by_key: dict[str, ModelIndex] = {}
+        self._verified: set[tuple[str, str]] = set()  # (model key, file) whose sha256 matched
+        self._lock = threading.Lock()
+        self._settle_lock = threading.Lock()
+
+    # -- model resolution -------------------------------------------------------------------
+
+    def model(self, uri: str, endpoint_url: str | None) -> ModelIndex:
+        """The model's index, read once per daemon lifetime (headers: one ranged GET per file)."""
+        with self._lock:
+            index = self._models.get(uri)
+        if index is None:
+            index = self._resolve(uri, endpoint_url or self.config.endpoint_url)
+            with self._lock:
+                index = self._models.setdefault(uri, index)
+                self._models_by_key[index.key] = index
+        return index
+
+    def forget_model(self, uri: str) -> None:
+        """Drop the cached index (after an integrity failure: the object may have changed)."""
+        with self._lock:
+            self._models.pop(uri, None)
+
+    # -- operations -------------------------------------------------------------------------
+
+    def prefetch(self, req: PrefetchRequest) -> LeaseResponse:
+        return self._lease(req, pin_s=req.pin_s, pid=None)
+
+    def attach(self, req: AttachRequest) -> LeaseResponse:
+        return self._lease(req, pin_s=None, pid=req.pid)
+
+    def release(self, req: ReleaseRequest) -> ReleaseResponse:
+        released = self.registry.release(req.lease_id)
+        if not released:
+            raise NotFoundError(f"no lease {req.lease_id!r} (released already or expired)",
+                                param="lease_id")
+        self._update_gauges()
+        return ReleaseResponse(released=True)
+
+    def _lease(self, req: SliceRequest, *, pin_s: float | None, pid: int | None) -> LeaseResponse:
+        index = self.model(req.model_uri, req.endpoint_url)
+        specs = index.select(req.stage, req.tensors)
+        if not specs:
+            raise InvalidRequestError("the slice selects no tensors", param="stage")
+        groups = []
+        for order, group, members in index.groups(specs):
+            seg_id = segment_id_for(index.key, group, (m.name for m in members))
+            groups.append((seg_id, order, group, plan_layout(index.key, group, members)))
+        lease, segs, created = self.registry.acquire(index.uri, index.key, groups, pin_s=pin_s, pid=pid)
+        if created:
+            self._start_fill(index, created, req.peers)
+        bytes_new = sum(s.layout.tensor_bytes for s in created)
+        log.info("lease", extra={"lease": lease.lease_id, "model": index.uri, "groups": len(segs),
+                                 "bytes_new": bytes_new, "pinned_s": pin_s, "pid": pid})
+        self._update_gauges()
+        return LeaseResponse(lease_id=lease.lease_id, model_key=index.key,
+                             segments=[self._info(s) for s in segs],
+                             bytes_total=sum(s.layout.tensor_bytes for s in segs), bytes_new=bytes_new,
+                             tensor_names=[t.name for t in specs])
+
+    def _start_fill(self, index: ModelIndex, segs: list[Segment], peers: list[str]) -> None:
+        sources: list[RangeReader] = []
+        if self._peer_source is not None:
+            sources.extend(self._peer_source(p, index) for p in peers)
+        sources.append(self._s3_source(index))
+        strict = self.config.strict_integrity
+        fills = []
+        for seg in segs:
+            fill = Fill(seg.layout, seg.writer, sources,
+                        on_done=lambda f, exc, s=seg: self._on_fill_done(index, s, f, exc),
+                        on_tensor=lambda f, i, s=seg: self._on_tensor(s, f, i), defer_publish=strict)
+            fills.append((seg.order, fill))
+        self.engine.submit(fills)
+
+    def _on_tensor(self, seg: Segment, fill: Fill, i: int) -> None:
+        with self.registry.lock:
+            seg.tensors_ready += 1
+            seg.bytes_ready += seg.layout.tensors[i].nbytes
+
+    def _on_fill_done(self, index: ModelIndex, seg: Segment, fill: Fill, exc: BaseException | None) -> None:
+        elapsed = time.monotonic() - fill.started
+        if exc is not None:
+            self.metrics.failures.inc()
+            self.registry.mark(seg, "failed", f"{type(exc).__name__}: {exc}")
+            log.error("segment failed", extra={"segment": seg.segment_id, "group": seg.group,
+                                               "model": seg.model_uri, "error": str(exc)})
+            self._update_gauges()
+            return
+        self.metrics.fill_seconds.observe(elapsed)
+        log.info("segment filled", extra={"segment": seg.segment_id, "group": seg.group,
+                                          "bytes": seg.layout.tensor_bytes, "seconds": round(elapsed, 3)})
+        with self.registry.lock:
+            seg.state = "verifying"
+        self._settle(index)
+        self._update_gauges()
+
+    # -- integrity --------------------------------------------------------------------------
+
+    def _settle(self, index: ModelIndex) -> None:
+        """Hash files that are now wholly resident; complete (publish) segments whose files are
+        verified, or cannot be verified on this node (only part of them is held or in flight);
+        fail the segments of a file whose sha256 does not match the manifest."""
+        with self._settle_lock:
+            with self.registry.lock:
+                segs = [s for s in self.registry.segments.values() if s.model_key == index.key]
+            bad: set[str] = set()
+            for file in sorted({r.file for s in segs for r in s.layout.runs}):
+                meta = index.files[file]
+                if meta.sha256 is None or (index.key, file) in self._verified:
+                    continue
+                runs = self._covering_runs(segs, file, meta.data_start, meta.size, {"verifying", "complete"})
+                if runs is None:
+                    continue
+                digest = hashlib.sha256(index.header_bytes(file))
+                for seg, lo, hi in runs:
+                    digest.update(seg.writer.view[lo:hi])
+                if digest.hexdigest() == meta.sha256:
+                    self._verified.add((index.key, file))
+                    log.info("file verified", extra={"model": index.uri, "file": file})
+                else:
+                    bad.add(file)
+            for file in bad:
+                self.metrics.integrity_failures.inc()
+                log.error("integrity check failed: %s/%s does not match the manifest's sha256",
+                          index.uri, file, extra={"model": index.uri, "file": file})
+                for seg in segs:
+                    if seg.state != "failed" and any(r.file == file for r in seg.layout.runs):
+                        seg.writer.unpublish()
+                        self.registry.mark(seg, "failed", f"sha256 mismatch in {file}")
+            if bad:
+                self.forget_model(index.uri)
+            for seg in segs:
+                if seg.state != "verifying":
+                    continue
+                waiting = self.config.strict_integrity and any(
+                    index.files[f].sha256 is not None and (index.key, f) not in self._verified
+                    and self._covering_runs(segs, f, index.files[f].data_start, index.files[f].size,
+                                            {"filling", "verifying", "complete"}) is not None
+                    for f in {r.file for r in seg.layout.runs})
+                if waiting:
+                    continue  # published once the rest of its file lands and verifies
+                if self.config.strict_integrity:
+                    for i in range(len(seg.layout.tensors)):
+                        seg.writer.mark_ready(i)
+                self.registry.mark(seg, "complete")
+                self.metrics.segments_completed.inc()
+
+    @staticmethod
+    def _covering_runs(segs: list[Segment], file: str, data_start: int, size: int,
+                       states: set[str]) -> list[tuple[Segment, int, int]] | None:
+        """Segment slices that tile [data_start, size) of a file, or None if there is a gap."""
+        runs = sorted(((r, s) for s in segs if s.state in states for r in s.layout.runs if r.file == file),
+                      key=lambda rs: rs[0].file_start)
+        out: list[tuple[Segment, int, int]] = []
+        cursor = data_start
+        for run, seg in runs:
+            if run.file_start > cursor:
+                return None
+            if run.file_end <= cursor:
+                continue
+            out.append((seg, run.offset + cursor - run.file_start, run.offset + run.nbytes))
+            cursor = run.file_end
+        return out if cursor >= size else None
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def read_range(self, model_key: str, file: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a model file if a ready run of this node holds them all."""
+        with self.registry.lock:
+            for seg in self.registry.segments.values():
+                if seg.model_key != model_key or seg.state == "failed":
+                    continue
+                for run in seg.layout.runs:
+                    if run.file == file and run.file_start <= start and end <= run.file_end:
+                        if all(seg.writer.is_ready(i) for i in run.tensors
+                               if seg.layout.tensors[i].file_start < end
+                               and seg.layout.tensors[i].file_start + seg.layout.tensors[i].nbytes > start):
+                            off = run.offset + start - run.file_start
+                            seg.last_used = self.registry.clock()
+                            data = bytes(seg.writer.view[off:off + end - start])
+                            self.metrics.peer_served.inc(len(data))
+                            return data
+        raise NotFoundError(f"range {file}[{start}:{end}] of {model_key} not held here")
+
+    # -- status -----------------------------------------------------------------------------
+
+    def _info(self, seg: Segment) -> SegmentInfo:
+        return SegmentInfo(segment_id=seg.segment_id, path=seg.writer.path or "", model_key=seg.model_key,
+                           group=seg.group, order=seg.order,
+                           state="filling" if seg.state == "verifying" else seg.state,  # type: ignore[arg-type]
+                           size_bytes=seg.size, tensor_bytes=seg.layout.tensor_bytes,
+                           bytes_ready=seg.bytes_ready, tensors=len(seg.layout.tensors),
+                           tensors_ready=seg.tensors_ready, refcount=seg.refs, last_used=seg.last_used)
+
+    def status(self) -> LoaderStatus:
+        self.registry.reap()
+        with self.registry.lock:
+            segs = sorted(self.registry.segments.values(), key=lambda s: (s.model_key, s.order))
+            infos = [self._info(s) for s in segs]
+            models: dict[str, ModelResidency] = {}
+            for seg in segs:
+                if seg.state == "failed":
+                    continue
+                index = self._models_by_key.get(seg.model_key)
+                res = models.setdefault(seg.model_key, ModelResidency(
+                    model_uri=seg.model_uri, model_key=seg.model_key,
+                    model_bytes=index.model_bytes if index else 0, bytes_complete=0, bytes_filling=0,
+                    groups_complete=[], groups_filling=[], ranges=[]))
+                done = seg.state == "complete"
+                if done:
+                    res.bytes_complete += seg.layout.tensor_bytes
+                    res.groups_complete.append(seg.group)
+                else:
+                    res.bytes_filling += seg.layout.tensor_bytes
+                    res.groups_filling.append(seg.group)
+                res.ranges.extend(FileRange(file=r.file, start=r.file_start, end=r.file_end, complete=done)
+                                  for r in seg.layout.runs)
+            used = self.registry.used_bytes
+        return LoaderStatus(node_name=self.config.node_name, budget_bytes=self.config.budget_bytes,
+                            used_bytes=used, pinned_bytes=self.registry.pinned_bytes(),
+                            inflight_chunks=self.engine.inflight, segments=infos, models=list(models.values()))
+
+    def _update_gauges(self) -> None:
+        with self.registry.lock:
+            self.metrics.resident_bytes.set(self.registry.used_bytes)
+            self.metrics.leases.set(len(self.registry.leases))
+            counts = {"filling": 0, "complete": 0, "failed": 0, "verifying": 0}
+            for seg in self.registry.segments.values():
+                counts[seg.state] = counts.get(seg.state, 0) + 1
+        for state, n in counts.items():
+            self.metrics.segments.labels(state=state).set(n)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.registry.close()
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for logs and errors (HydraError's message, else the type and text)."""
+    return exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,255 @@
+"""The daemon's core without HTTP: fills, dedup, readiness order, budget/LRU, leases, integrity,
+peer ranges. Bytes come from local files through the same fetch engine (S3 runs in test_e2e)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hydraserve.contracts.loader import AttachRequest, PrefetchRequest, ReleaseRequest
+from hydraserve.contracts.stage import StageSpec
+from hydraserve.errors import InvalidRequestError, NotFoundError, OverloadedError
+from hydraserve.loaderd.model_index import ModelIndex
+from hydraserve.loaderd.segment import SegmentFailedError, SegmentReader
+from hydraserve.loaderd.service import LoaderConfig, LoaderService
+
+from .conftest import LocalReader, llama_like, local_index, write_model
+
+URI = "s3://bucket/model"
+
+
+class Node:
+    def __init__(self, node: str, root: Path, budget: int, *, chunk: int = 4096, strict: bool = False) -> None:
+        self.root = root
+        self.index = local_index(root)
+        self.reader = LocalReader(root)
+        self.service = LoaderService(
+            LoaderConfig(node_name=node, budget_bytes=budget, concurrency=4, chunk_bytes=chunk,
+                         retry_budget_s=5, strict_integrity=strict),
+            resolver=self._resolve, s3_source=lambda index: self.reader)
+
+    def _resolve(self, uri: str, endpoint: str | None) -> ModelIndex:
+        return self.index
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    return write_model(tmp_path / "m", llama_like(layers=4), shards=2)
+
+
+@pytest.fixture
+def node(shm_guard: str, model_dir: Path) -> Iterator[Node]:
+    n = Node(shm_guard, model_dir, budget=64 << 20)
+    yield n
+    n.service.close()
+
+
+def expected_bytes(root: Path) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for f in root.glob("*.safetensors"):
+        for name, t in load_file(str(f)).items():
+            out[name] = t.contiguous().view(torch.uint8).numpy().tobytes()
+    return out
+
+
+def read_all(lease_segments: list, timeout: float = 10) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for info in lease_segments:
+        reader = SegmentReader(info.path)
+        for i, slot in enumerate(reader.tensors):
+            reader.wait_ready(i, timeout_s=timeout)
+            out[slot.name] = bytes(reader.tensor_bytes(i))
+        reader.close()
+    return out
+
+
+def wait_done(service: LoaderService) -> None:
+    for seg in list(service.registry.segments.values()):
+        assert seg.done.wait(10)
+
+
+def test_whole_sharded_model_is_byte_exact(node: Node) -> None:
+    lease = node.service.attach(AttachRequest(model_uri=URI))
+    assert read_all(lease.segments) == expected_bytes(node.root)
+    wait_done(node.service)
+    status = node.service.status()
+    (model,) = status.models
+    assert model.bytes_complete == model.model_bytes == lease.bytes_total
+    assert [s.group for s in lease.segments][:2] == ["embed", "layer.0"]  # streaming order
+
+
+def test_stage_slice_holds_only_its_tensors(node: Node) -> None:
+    stage = StageSpec(index=1, num_stages=2, layer_start=2, layer_end=4, num_layers=4)
+    lease = node.service.attach(AttachRequest(model_uri=URI, stage=stage))
+    got = read_all(lease.segments)
+    want = {k: v for k, v in expected_bytes(node.root).items()
+            if "layers.2." in k or "layers.3." in k or k in ("model.norm.weight", "lm_head.weight")}
+    assert got == want
+
+
+def test_duplicate_prefetch_shares_one_download(node: Node) -> None:
+    first = node.service.prefetch(PrefetchRequest(model_uri=URI))
+    second = node.service.prefetch(PrefetchRequest(model_uri=URI))  # while the first is in flight
+    wait_done(node.service)
+    third = node.service.attach(AttachRequest(model_uri=URI))
+    assert first.bytes_new == first.bytes_total > 0
+    assert second.bytes_new == 0 and third.bytes_new == 0
+    assert [s.segment_id for s in third.segments] == [s.segment_id for s in first.segments]
+    chunks = sum(-(-r.nbytes // 4096) for s in node.service.registry.segments.values() for r in s.layout.runs)
+    assert node.reader.calls == chunks  # every range read exactly once
+
+
+def test_reader_takes_first_layer_while_later_ones_are_held_back(node: Node) -> None:
+    gate = threading.Event()
+    node.reader.gate = gate  # hold back every read that touches a layer-3 tensor
+    node.reader.held = {(t.file, t.start) for t in node.index.tensors if "layers.3." in t.name}
+    lease = node.service.prefetch(PrefetchRequest(model_uri=URI))
+    layer3 = next(s for s in lease.segments if s.group == "layer.3")
+    first = next(s for s in lease.segments if s.group == "embed")
+    reader = SegmentReader(first.path)
+    try:
+        for i in range(len(reader.tensors)):
+            reader.wait_ready(i, timeout_s=10)
+        held = SegmentReader(layer3.path)
+        assert held.flag(0) == 0
+        held.close()
+    finally:
+        reader.close()
+        gate.set()
+    wait_done(node.service)
+
+
+def test_eviction_never_touches_a_referenced_segment(shm_guard: str, tmp_path: Path) -> None:
+    a = write_model(tmp_path / "a", llama_like(layers=2, seed=1))
+    n = Node(shm_guard, a, budget=1)  # replaced below once sizes are known
+    try:
+        n.service.registry.budget_bytes = 10 << 20
+        lease = n.service.attach(AttachRequest(model_uri=URI))
+        wait_done(n.service)
+        used = n.service.status().used_bytes
+        n.service.registry.budget_bytes = used + 4096  # room for nothing else
+        n.index = local_index(write_model(tmp_path / "b", llama_like(layers=2, seed=2)))
+        with pytest.raises(OverloadedError, match="evictable"):
+            n.service.prefetch(PrefetchRequest(model_uri="s3://bucket/other"))
+        assert all(s.state == "complete" for s in n.service.status().segments)
+        held = read_all(lease.segments)  # still intact
+        assert held == expected_bytes(a)
+        n.service.release(ReleaseRequest(lease_id=lease.lease_id))
+        second = n.service.prefetch(PrefetchRequest(model_uri="s3://bucket/other"))
+        status = n.service.status()
+        assert {s.model_key for s in status.segments} == {second.model_key}
+        assert n.service.metrics.evictions._value.get() > 0
+        wait_done(n.service)
+    finally:
+        n.service.close()
+
+
+def test_lru_evicts_least_recently_used_first(shm_guard: str, tmp_path: Path) -> None:
+    now = [1000.0]
+    n = Node(shm_guard, write_model(tmp_path / "a", llama_like(layers=2, seed=1)), budget=32 << 20)
+    n.service.registry.clock = lambda: now[0]
+    try:
+        layers = [StageSpec(index=i, num_stages=2, layer_start=i, layer_end=i + 1, num_layers=2) for i in range(2)]
+        leases = [n.service.attach(AttachRequest(model_uri=URI, stage=s)) for s in layers]
+        wait_done(n.service)
+        now[0] = 1001.0
+        n.service.release(ReleaseRequest(lease_id=leases[1].lease_id))  # stage 1 last used at 1001
+        now[0] = 1002.0
+        n.service.release(ReleaseRequest(lease_id=leases[0].lease_id))  # stage 0 last used at 1002
+        sizes = {s.group: s.size_bytes for s in n.service.status().segments}
+        n.service.registry.budget_bytes = sum(sizes.values()) + 1  # any new bytes force eviction
+        n.index = local_index(write_model(tmp_path / "b", llama_like(layers=1, hidden=8, vocab=8, seed=3)))
+        n.service.prefetch(PrefetchRequest(model_uri="s3://bucket/small"))
+        left = {s.group for s in n.service.status().segments if s.model_key != n.index.key}
+        assert {"embed", "layer.0"} <= left  # stage 0, used more recently, survives
+        assert not {"layer.1", "head"} <= left  # stage 1 paid for the room
+        assert n.service.status().used_bytes <= n.service.registry.budget_bytes
+        wait_done(n.service)
+    finally:
+        n.service.close()
+
+
+def test_prefetch_pin_expires_and_dead_reader_is_reaped(shm_guard: str, model_dir: Path) -> None:
+    now = [1000.0]
+    n = Node(shm_guard, model_dir, budget=64 << 20)
+    n.service.registry.clock = lambda: now[0]
+    try:
+        n.service.prefetch(PrefetchRequest(model_uri=URI, pin_s=30))
+        import subprocess
+        import sys
+
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        n.service.attach(AttachRequest(model_uri=URI, pid=child.pid))
+        wait_done(n.service)
+        assert n.service.registry.reap() == 1  # the attach of the dead pid
+        assert all(s.refcount == 1 for s in n.service.status().segments)
+        now[0] += 31
+        assert n.service.registry.reap() == 1  # the prefetch pin
+        assert all(s.refcount == 0 for s in n.service.status().segments)
+    finally:
+        n.service.close()
+
+
+def test_bad_requests(node: Node) -> None:
+    with pytest.raises(InvalidRequestError, match="unknown tensors"):
+        node.service.prefetch(PrefetchRequest(model_uri=URI, tensors=["nope"]))
+    with pytest.raises(NotFoundError):
+        node.service.release(ReleaseRequest(lease_id="missing"))
+
+
+def test_transient_drops_are_retried(node: Node) -> None:
+    node.reader.fail_next = 3
+    lease = node.service.attach(AttachRequest(model_uri=URI))
+    assert read_all(lease.segments) == expected_bytes(node.root)
+    assert node.service.metrics.errors.labels(source="s3", kind="ConnectionError")._value.get() == 3
+
+
+def test_corrupted_file_is_detected_and_refetched_clean(shm_guard: str, model_dir: Path) -> None:
+    n = Node(shm_guard, model_dir, budget=64 << 20, strict=True)
+    try:
+        victim = sorted(model_dir.glob("*.safetensors"))[1]
+        good = victim.read_bytes()
+        bad = bytearray(good)
+        bad[-5] ^= 0xFF
+        victim.write_bytes(bytes(bad))  # same size, content no longer matches the manifest
+        lease = n.service.attach(AttachRequest(model_uri=URI))
+        wait_done(n.service)
+        failed = [s for s in n.service.status().segments if s.state == "failed"]
+        assert failed
+        for f in failed:
+            assert any(r.file == victim.name for r in n.service.registry.segments[f.segment_id].layout.runs)
+        for info in lease.segments:
+            if info.segment_id in {f.segment_id for f in failed}:
+                reader = SegmentReader(info.path)
+                with pytest.raises(SegmentFailedError):
+                    reader.wait_ready(len(reader.tensors) - 1, timeout_s=5)
+                reader.close()
+        assert n.service.metrics.integrity_failures._value.get() == 1
+        n.service.release(ReleaseRequest(lease_id=lease.lease_id))
+        victim.write_bytes(good)  # the store is repaired: the next attach refetches clean bytes
+        again = n.service.attach(AttachRequest(model_uri=URI))
+        assert read_all(again.segments) == expected_bytes(model_dir)
+        wait_done(n.service)
+    finally:
+        n.service.close()
+
+
+def test_peer_range_served_only_when_held(node: Node) -> None:
+    lease = node.service.attach(AttachRequest(model_uri=URI))
+    wait_done(node.service)
+    seg = node.service.registry.segments[lease.segments[1].segment_id]
+    run = seg.layout.runs[0]
+    data = node.service.read_range(lease.model_key, run.file, run.file_start, run.file_end)
+    with open(node.root / run.file, "rb") as fh:
+        fh.seek(run.file_start)
+        assert data == fh.read(run.nbytes)
+    with pytest.raises(NotFoundError):
+        node.service.read_range(lease.model_key, run.file, 0, 8)  # the header is never held
+    with pytest.raises(NotFoundError):
+        node.service.read_range("otherkey", run.file, run.file_start, run.file_end)
