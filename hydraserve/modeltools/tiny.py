@@ -152,6 +152,9 @@ def make_tiny_model(out_dir: str | Path, spec: TinySpec) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     config = _hf_config(spec)
     torch.manual_seed(spec.seed)
     model = _hf_model_class(spec)(config)
