@@ -47,15 +47,17 @@ def create_cloudevents_blueprint(state: RuntimeState, ready_wait_s: float) -> Bl
         source = events.SOURCE_PREFIX + (state.function_name or "local")
         try:
             data = _event_data(event)
-            engine = state.engine(ready_wait_s)
             if event.get_type() == events.CHAT_REQUEST:
-                prepared = generation.prepare_chat(engine, parse_request(ChatCompletionRequest, data))
+                chat = parse_request(ChatCompletionRequest, data)
+                prepared = generation.prepare_chat(state.engine(ready_wait_s), chat)
             elif event.get_type() == events.COMPLETION_REQUEST:
-                prepared = generation.prepare_completion(engine, parse_request(CompletionRequest, data))
+                completion = parse_request(CompletionRequest, data)
+                prepared = generation.prepare_completion(state.engine(ready_wait_s), completion)
             else:
                 raise InvalidRequestError(
                     f"unknown event type {event.get_type()!r}; accepted: "
                     f"{events.COMPLETION_REQUEST}, {events.CHAT_REQUEST}", param="type")
+            engine = state.engine(ready_wait_s)
             result = generation.complete(engine, prepared)
             reply = _reply(events.REPLY_TYPE[event.get_type()], source, event, result)
             return _respond(reply, binary, 200)

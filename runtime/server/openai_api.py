@@ -31,13 +31,14 @@ def create_openai_blueprint(state: RuntimeState, metrics: RuntimeMetrics,
 
     def _run(kind: str) -> Response:
         body = read_json_body()
-        engine = state.engine(ready_wait_s)
-        if kind == "chat":
-            prepared = generation.prepare_chat(engine, parse_request(ChatCompletionRequest, body))
-            stream = bool(body.get("stream"))
+        if kind == "chat":  # validate before waiting for the engine: bad input fails fast
+            chat = parse_request(ChatCompletionRequest, body)
+            engine = state.engine(ready_wait_s)
+            prepared, stream = generation.prepare_chat(engine, chat), chat.stream
         else:
-            prepared = generation.prepare_completion(engine, parse_request(CompletionRequest, body))
-            stream = bool(body.get("stream"))
+            completion = parse_request(CompletionRequest, body)
+            engine = state.engine(ready_wait_s)
+            prepared, stream = generation.prepare_completion(engine, completion), completion.stream
         if not stream:
             result = generation.complete(engine, prepared)
             metrics.tokens.inc(result["usage"]["completion_tokens"])
