@@ -255,7 +255,8 @@ class FetchEngine:
             self._heap.clear()
             self._cv.notify_all()
         for t in self._threads:
-            t.join(timeout=5)
+            if t is not threading.current_thread():
+                t.join(timeout=5)
 
 
 def fill_failed(chunk: _Chunk) -> bool:

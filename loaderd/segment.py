@@ -169,6 +169,11 @@ class SegmentWriter:
                          len(layout.index_bytes), layout.data_offset, HEADER.size, index_offset)
         self.view = memoryview(self._mm)
 
+    @property
+    def buffer(self) -> mmap.mmap:
+        """The writable mapping (the runtime's fallback reads its own anonymous segments)."""
+        return self._mm
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Copy bytes to an absolute segment offset (only while filling)."""
         self.view[offset:offset + len(data)] = data
@@ -195,7 +200,10 @@ class SegmentWriter:
 
     def close(self) -> None:
         self.view.release()
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # tensors still view the mapping (fallback readers); it goes when they do
 
     def unlink(self) -> None:
         if self.path is not None:
