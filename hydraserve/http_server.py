@@ -54,7 +54,15 @@ class DrainingServer:
         return self._stop.wait(timeout)
 
     def close(self) -> None:
-        self._server.close()
+        """Stop listening, drop idle keep-alive connections, stop the worker threads."""
+        server: Any = self._server
+        server.close()
+        for channel in list(server._map.values()):  # else the loop waits for channel_timeout
+            try:
+                channel.close()
+            except OSError:
+                pass
+        server.task_dispatcher.shutdown(timeout=5)
         self._thread.join(timeout=5)
 
 

@@ -1,0 +1,62 @@
+"""The worker as a real child process: start-up timeline, serving, SIGTERM drain, failure reason."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from hydraserve.errors import TemporaryError
+from hydraserve.provider.backends.process import WorkerProcess
+
+STARTUP_ORDER = ["process_started", "http_listening", "libraries_imported", "config_loaded",
+                 "weights_attached", "first_tensor_loaded", "weights_loaded", "warmed_up", "engine_ready"]
+
+
+def test_worker_serves_reports_timeline_and_drains_on_sigterm(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    worker = WorkerProcess({"HYDRASERVE_MODEL_URI": str(tiny_llama_dir), "K_SERVICE": "tiny"},
+                           tmp_path / "worker.log")
+    try:
+        worker.wait_ready(timeout_s=120)
+        events = requests.get(worker.url + "/v1/hydraserve/timeline", timeout=5).json()["events"]
+        names = [e["name"] for e in events]
+        assert [n for n in names if n in STARTUP_ORDER] == STARTUP_ORDER
+        assert all(a["at"] <= b["at"] for a, b in zip(events, events[1:], strict=False))
+
+        # A long streaming request is in flight when SIGTERM arrives: it must finish.
+        received: list[str] = []
+
+        def stream() -> None:
+            with requests.post(worker.url + "/v1/completions", stream=True, timeout=60,
+                               json={"prompt": "Once", "max_tokens": 200, "temperature": 0,
+                                     "stream": True}) as r:
+                received.extend(line.decode() for line in r.iter_lines() if line)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        deadline_ok = False
+        for _ in range(200):  # wait until the first chunk is out
+            if received:
+                deadline_ok = True
+                break
+            threading.Event().wait(0.02)
+        assert deadline_ok, "stream did not start"
+        assert worker.stop(grace_s=60) == 0
+        t.join(30)
+        assert received[-1] == "data: [DONE]"
+        last = json.loads(received[-2][len("data: "):])
+        assert last["choices"][0]["finish_reason"] is not None
+    finally:
+        worker.stop(grace_s=5)
+
+
+def test_worker_failure_reason_reaches_the_caller(tmp_path: Path) -> None:
+    worker = WorkerProcess({"HYDRASERVE_MODEL_URI": str(tmp_path / "no-such-model")}, tmp_path / "w.log")
+    try:
+        with pytest.raises(TemporaryError, match="no-such-model"):
+            worker.wait_ready(timeout_s=60)
+    finally:
+        worker.stop(grace_s=5)
