@@ -30,6 +30,12 @@ class KVCacheLike(Protocol):
         ...
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding without its random init: on the meta device that init imports
+    torch._dynamo (about 1 s of start-up); the weights are always loaded anyway."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -15,7 +15,14 @@ from torch import nn
 
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.runtime.model.config import ModelConfig
-from hydraserve.runtime.model.layers import Attention, KVCacheLike, RMSNorm, StageModel, rope_tables
+from hydraserve.runtime.model.layers import (
+    Attention,
+    KVCacheLike,
+    RMSNorm,
+    StageModel,
+    embedding,
+    rope_tables,
+)
 
 
 class LlamaMLP(nn.Module):
@@ -47,7 +54,7 @@ class LlamaStage(StageModel):
     def __init__(self, cfg: ModelConfig, stage: StageSpec) -> None:
         super().__init__(cfg, stage)
         if stage.is_first:
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.embed = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): LlamaBlock(cfg) for i in self.layer_ids})
         if stage.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)

@@ -13,7 +13,7 @@ from torch import nn
 
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.runtime.model.config import ModelConfig
-from hydraserve.runtime.model.layers import Attention, KVCacheLike, StageModel
+from hydraserve.runtime.model.layers import Attention, KVCacheLike, StageModel, embedding
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2 (fairseq padding legacy)
 
@@ -42,8 +42,8 @@ class OPTStage(StageModel):
         super().__init__(cfg, stage)
         projected = cfg.word_embed_proj_dim != cfg.hidden_size
         if stage.is_first:
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
-            self.pos_embed = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
+            self.embed = embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
+            self.pos_embed = embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
             self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if projected else None
         self.layers = nn.ModuleDict({str(i): OPTBlock(cfg) for i in self.layer_ids})
         if stage.is_last:
