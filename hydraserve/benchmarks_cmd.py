@@ -1,0 +1,45 @@
+"""`hydraserve bench`: the benchmark command group. Each benchmark is a module in the repo's
+benchmarks/ folder exposing ``configure(parser)``; add yours to BENCHMARKS. Benchmarks run from a
+source checkout (they build emulated nodes and install their own tools), so the folder is
+located next to the package rather than imported as an installed package."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+# (subcommand, help, file in benchmarks/)
+BENCHMARKS: list[tuple[str, str, str]] = [
+    ("loader", "loaderd vs single-stream boto3 vs Run:ai streamer on a tc-capped emulated node",
+     "loader_bench.py"),
+]
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(file: str) -> ModuleType:
+    path = BENCH_DIR / file
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run benchmarks from a source checkout (pip install -e .)")
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"hydraserve_bench_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add one subcommand per benchmark (their modules import only the standard library at top)."""
+    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK")
+    for name, help_text, file in BENCHMARKS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if (BENCH_DIR / file).is_file():
+            _load(file).configure(p)
+        else:
+            p.set_defaults(func=lambda args, f=file: _load(f) and 2)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
