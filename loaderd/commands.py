@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     daemon.server.install_signal_handlers()
     try:
         while not daemon.server.wait_for_stop(1.0):
-            daemon.service.registry.reap()
+            pass
     finally:
         daemon.stop()
         log.info("loaderd stopped; segments unlinked")

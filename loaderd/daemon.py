@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class LoaderDaemon:
         self.service = LoaderService(config, resolver=resolver, s3_source=s3_source,
                                      peer_source=peer_factory(token))
         self.server = DrainingServer(create_app(self.service, token), host, port, threads=16)
+        self._stopping = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="loaderd-reaper", daemon=True)
 
     @property
     def url(self) -> str:
@@ -62,10 +65,17 @@ class LoaderDaemon:
 
     def start(self) -> LoaderDaemon:
         self.server.start()
+        self._reaper.start()
         return self
+
+    def _reap_loop(self) -> None:
+        """Drop expired prefetch pins and leases of dead readers, once a second."""
+        while not self._stopping.wait(1.0):
+            self.service.reap()
 
     def stop(self) -> None:
         """Stop serving, stop fetching, unlink every segment."""
+        self._stopping.set()
         self.server.close()
         self.service.close()
 

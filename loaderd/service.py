@@ -303,6 +303,13 @@ class LoaderService:
                             used_bytes=used, pinned_bytes=self.registry.pinned_bytes(),
                             inflight_chunks=self.engine.inflight, segments=infos, models=list(models.values()))
 
+    def reap(self) -> int:
+        """Drop expired pins and leases of dead readers (the daemon calls this every second)."""
+        dropped = self.registry.reap()
+        if dropped:
+            self._update_gauges()
+        return dropped
+
     def _update_gauges(self) -> None:
         with self.registry.lock:
             self.metrics.resident_bytes.set(self.registry.used_bytes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -162,6 +163,7 @@ class DirectS3Source:
         self._engine = FetchEngine(concurrency=concurrency, chunk_bytes=chunk_bytes, name="direct-s3")
         self._writers: list[SegmentWriter] = []
         self._left = 0
+        self._lock = threading.Lock()
         fills = []
         reader = s3_source(index)
         for order, group, members in index.groups(specs):
@@ -178,9 +180,11 @@ class DirectS3Source:
         fill.writer.set_state(STATE_FAILED if exc is not None else STATE_COMPLETE)
         if exc is not None:
             log.error("direct S3 fetch failed: %s", exc)
-        self._left -= 1
-        if self._left == 0:
-            self._engine.close()
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._engine.close()  # all bytes are here: the fetch threads can go
 
     def tensor_names(self) -> list[str]:
         return list(self._names)

@@ -253,3 +253,38 @@ def test_peer_range_served_only_when_held(node: Node) -> None:
         node.service.read_range(lease.model_key, run.file, 0, 8)  # the header is never held
     with pytest.raises(NotFoundError):
         node.service.read_range("otherkey", run.file, run.file_start, run.file_end)
+
+
+def test_peer_fetch_reads_from_the_peer_not_s3(shm_guard: str, model_dir: Path) -> None:
+    from hydraserve.loaderd.client import PeerReader
+    from hydraserve.loaderd.daemon import LoaderDaemon
+
+    token = "p" * 24
+    index = local_index(model_dir)
+    holder_reader = LocalReader(model_dir)
+    holder = LoaderDaemon(LoaderConfig(node_name=shm_guard + "a", budget_bytes=64 << 20, chunk_bytes=4096),
+                          token, resolver=lambda u, e: index, s3_source=lambda i: holder_reader).start()
+    asker = Node(shm_guard, model_dir, budget=64 << 20)
+    asker.service._peer_source = lambda url, idx: PeerReader(url, token, idx.key)
+    try:
+        holder.service.attach(AttachRequest(model_uri=URI))
+        wait_done(holder.service)
+        lease = asker.service.attach(AttachRequest(model_uri=URI, peers=[holder.url]))
+        assert read_all(lease.segments) == expected_bytes(model_dir)
+        wait_done(asker.service)
+        assert asker.reader.calls == 0  # nothing from "S3"
+        assert asker.service.metrics.bytes_fetched.labels(source="peer")._value.get() == lease.bytes_total
+        # a peer that holds nothing (or is gone) -> S3
+        fresh = Node(shm_guard + "c", write_model(model_dir.parent / "o", llama_like(layers=1, seed=9)),
+                     budget=64 << 20)
+        fresh.service._peer_source = lambda url, idx: PeerReader(url, token, idx.key)
+        try:
+            got = fresh.service.attach(AttachRequest(model_uri=URI, peers=[holder.url, "http://127.0.0.1:9"]))
+            assert read_all(got.segments) == expected_bytes(fresh.root)
+            assert fresh.reader.calls > 0
+            wait_done(fresh.service)
+        finally:
+            fresh.service.close()
+    finally:
+        asker.service.close()
+        holder.stop()
