@@ -105,6 +105,9 @@ class ModelConfig:
             raise UnsupportedModelError(f"unsupported hidden_act {hf.get('hidden_act')!r}")
         if hf.get("use_sliding_window") and hf.get("sliding_window"):
             raise UnsupportedModelError("sliding-window attention is not supported")
+        window = hf.get("sliding_window") if common["model_type"] == "mistral" else None
+        if window:  # full attention is exact while the context fits the window: cap it there
+            common["max_position_embeddings"] = min(common["max_position_embeddings"], int(window))
         # transformers 5 nests rope_theta and the scaling in rope_parameters; 4.x has both on top.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from hydraserve.errors import ContextLengthError, InvalidRequestError, TemporaryError
-from hydraserve.runtime.engine.engine import LLMEngine
+from hydraserve.runtime.engine.engine import EngineError, LLMEngine
 from hydraserve.runtime.engine.factory import load_engine, load_model
-from hydraserve.runtime.engine.runner import ModelRunner
+from hydraserve.runtime.engine.runner import ModelRunner, StepInput
 from hydraserve.runtime.engine.sampling import filter_logits
 from hydraserve.runtime.engine.types import SamplingParams
 from hydraserve.runtime.model.files import LocalModelFiles
@@ -215,3 +215,30 @@ def test_submit_is_thread_safe(tiny_opt_dir: Path) -> None:
         t.join(timeout=60)
     eng.shutdown()
     assert len(results) == 8 and all(r == results[0] for r in results)
+
+
+class FailingOnceExecutor:
+    """Wraps a real runner and fails the first step it sees (a model bug or OOM mid-step)."""
+
+    def __init__(self, inner: ModelRunner) -> None:
+        self.inner = inner
+        self.failed = False
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("boom")
+        return self.inner.execute(step)
+
+
+def test_failed_step_errors_its_requests_and_engine_keeps_serving(tiny_llama_dir: Path) -> None:
+    cfg, model, tokenizer = load_model(LocalModelFiles(tiny_llama_dir))
+    eng = LLMEngine(FailingOnceExecutor(ModelRunner(model, 2, 64)), tokenizer, model_name="tiny",
+                    max_model_len=64, vocab_size=cfg.vocab_size).start()
+    try:
+        with pytest.raises(EngineError, match="boom"):
+            eng.submit([1, 5, 9], GREEDY).collect()
+        assert eng.num_active() == 0
+        assert len(eng.submit([1, 5, 9], GREEDY).collect().token_ids) == GREEDY.max_tokens
+    finally:
+        eng.shutdown()

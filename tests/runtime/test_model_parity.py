@@ -2,7 +2,7 @@
 
 For each supported variant: full-sequence logits match in fp32, and greedy generation through
 our engine (prefill + KV-cached batched decode) gives exactly transformers' generate() ids.
-In bf16 we compare against transformers also run in bf16 (both compute in the checkpoint
+In bf16 and fp16 we compare against transformers also run in that dtype (both compute in the checkpoint
 dtype; our ops follow its order, and the ids match exactly on these models).
 """
 
@@ -37,6 +37,8 @@ VARIANTS = {
     "qwen2_bf16": TinySpec(arch="llama", kv_heads=2, qkv_bias=True, dtype="bfloat16"),
     "opt_pre_ln_bf16": TinySpec(arch="opt", dtype="bfloat16"),
     "opt_post_ln_bf16": TinySpec(arch="opt", post_ln=True, word_embed_proj_dim=32, dtype="bfloat16"),
+    "llama_gqa_fp16": TinySpec(arch="llama", kv_heads=2, dtype="float16"),
+    "opt_pre_ln_fp16": TinySpec(arch="opt", dtype="float16"),
 }
 
 
@@ -59,7 +61,7 @@ def _hf_greedy(model: torch.nn.Module, ids: list[int]) -> list[int]:
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_greedy_ids_and_logits_match_transformers(model_dirs: dict[str, Path], name: str) -> None:
     spec = VARIANTS[name]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
     engine = load_engine(model_dirs[name], max_num_seqs=2)
     try:
         model = engine.executor.model  # type: ignore[attr-defined]

@@ -195,3 +195,10 @@ def test_config_parses_transformers_4_spelling(four_layer_dirs: dict[str, Path])
     assert cfg.rope_theta == 500000.0 and cfg.dtype == "bfloat16"
     assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "llama3"
     assert cfg.head_dim == 16 and cfg.num_kv_heads == 2
+
+
+def test_mistral_sliding_window_caps_the_context(four_layer_dirs: dict[str, Path]) -> None:
+    hf = json.loads((four_layer_dirs["llama"] / "config.json").read_text())
+    cfg = ModelConfig.from_hf({**hf, "model_type": "mistral", "sliding_window": 128})
+    assert cfg.family == "llama" and cfg.max_position_embeddings == 128
+    assert ModelConfig.from_hf({**hf, "model_type": "mistral", "sliding_window": None}).max_position_embeddings == 512
