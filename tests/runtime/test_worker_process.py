@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_worker_serves_reports_timeline_and_drains_on_sigterm(tiny_llama_dir: Pa
         events = requests.get(worker.url + "/v1/hydraserve/timeline", timeout=5).json()["events"]
         names = [e["name"] for e in events]
         assert [n for n in names if n in STARTUP_ORDER] == STARTUP_ORDER
-        assert all(a["at"] <= b["at"] for a, b in zip(events, events[1:], strict=False))
+        assert all(a["at"] <= b["at"] for a, b in itertools.pairwise(events))
 
         # A long streaming request is in flight when SIGTERM arrives: it must finish.
         received: list[str] = []
