@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from hydraserve.errors import HydraError, TemporaryError
 from hydraserve.runtime.engine.request import Request, RequestStream
@@ -47,6 +48,7 @@ class LLMEngine:
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._step_lock = threading.Lock()  # held for a whole step: reconfigure() waits for it
         self.steps = 0
 
     # ---- caller side (any thread) ----
@@ -105,6 +107,18 @@ class LLMEngine:
             self._thread.join()
         return not leftover
 
+    def reconfigure(self, build: Callable[[Executor, dict[int, int]], Executor]) -> None:
+        """Swap the executor between two steps (pipeline consolidation).
+
+        ``build(old_executor, {slot: cached_tokens})`` runs while no step is in flight and must
+        return an executor whose KV cache already holds those slots' first cached_tokens
+        positions (migrated from the stages being retired). Running requests then continue.
+        """
+        with self._step_lock:
+            with self._cond:
+                cached = {r.slot: r.num_tokens - 1 for r in self._scheduler.running if r.slot is not None}
+            self.executor = build(self.executor, cached)
+
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
@@ -122,6 +136,10 @@ class LLMEngine:
 
     def step(self) -> bool:
         """One engine step; False if there was nothing to do. Called by the loop (or tests)."""
+        with self._step_lock:
+            return self._step()
+
+    def _step(self) -> bool:
         with self._cond:
             out = self._scheduler.schedule()
             for request in out.aborted:

@@ -51,3 +51,13 @@ class KVCache:
         if torch.equal(slots, torch.arange(first, first + batch, device=slots.device)):
             return kc[first:first + batch, :, :length], vc[first:first + batch, :, :length]  # views
         return kc[slots, :, :length], vc[slots, :, :length]
+
+    def export_slot(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of one request's keys and values [layers, Hkv, length, D] (KV migration)."""
+        return self.k[:, slot, :, :length].clone(), self.v[:, slot, :, :length].clone()
+
+    def import_slot(self, slot: int, k: torch.Tensor, v: torch.Tensor, first_layer: int = 0) -> None:
+        """Write exported keys/values into ``slot`` of local layers first_layer.. (KV migration)."""
+        layers, length = k.shape[0], k.shape[2]
+        self.k[first_layer:first_layer + layers, slot, :, :length] = k
+        self.v[first_layer:first_layer + layers, slot, :, :length] = v

@@ -69,20 +69,45 @@ def load_stage(cfg: ModelConfig, source: TensorSource, stage: StageSpec | None =
     ``on_tensor(checkpoint_name, seconds_waited)`` is called after each tensor is assigned
     (start-up timelines use it to show loading overlapping the fetch).
     """
-    target_dtype = resolve_dtype(cfg, dtype)
-    target_device = torch.device(device)
     model = build_stage(cfg, stage)
+    _fill(model, source, {}, resolve_dtype(cfg, dtype), torch.device(device), on_tensor)
+    return model
+
+
+def grow_stage(model: StageModel, source: TensorSource, target: StageSpec, *,
+               on_tensor: Callable[[str, float], None] | None = None) -> StageModel:
+    """A model for ``target`` (usually the whole model) that reuses every tensor ``model``
+    already holds and reads only the rest from ``source``: pipeline consolidation, where a
+    worker with memory for the whole model loads the other stages' layers in the background.
+    """
+    cfg = model.config
+    if not (target.layer_start <= model.stage.layer_start and model.stage.layer_end <= target.layer_end):
+        raise ValueError(f"target layers [{target.layer_start}, {target.layer_end}) do not contain "
+                         f"[{model.stage.layer_start}, {model.stage.layer_end})")
+    held = dict(model.named_parameters())
     available = set(source.tensor_names())
-    loaded: dict[str, torch.Tensor] = {}  # by checkpoint name: tied weights share one tensor
-    for ours, theirs in stage_param_map(cfg, model.stage).items():
+    loaded = {resolve(theirs, available): held[ours].detach()
+              for ours, theirs in stage_param_map(cfg, model.stage).items()}
+    first = next(iter(held.values()))
+    grown = build_stage(cfg, target)
+    _fill(grown, source, loaded, first.dtype, first.device, on_tensor)
+    return grown
+
+
+def _fill(model: StageModel, source: TensorSource, loaded: dict[str, torch.Tensor], dtype: torch.dtype,
+          device: torch.device, on_tensor: Callable[[str, float], None] | None) -> None:
+    """Assign every parameter in load order; ``loaded`` (by checkpoint name) is reused, so tied
+    weights and tensors a previous stage already held are read once."""
+    available = set(source.tensor_names())
+    for ours, theirs in stage_param_map(model.config, model.stage).items():
         ckpt_name = resolve(theirs, available)
         tensor = loaded.get(ckpt_name)
         if tensor is None:
             start = time.perf_counter()
             tensor = source.get(ckpt_name)
             waited = time.perf_counter() - start
-            if tensor.dtype != target_dtype or tensor.device != target_device:
-                tensor = tensor.to(device=target_device, dtype=target_dtype)
+            if tensor.dtype != dtype or tensor.device != device:
+                tensor = tensor.to(device=device, dtype=dtype)
             loaded[ckpt_name] = tensor
             if on_tensor is not None:
                 on_tensor(ckpt_name, waited)
@@ -90,5 +115,5 @@ def load_stage(cfg: ModelConfig, source: TensorSource, stage: StageSpec | None =
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise WeightMismatchError(f"parameters left unloaded: {missing[:5]}")
-    model.materialize(target_device)
-    return model.eval()
+    model.materialize(device)
+    model.eval()
