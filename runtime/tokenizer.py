@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from jinja2.exceptions import TemplateError
@@ -43,6 +44,17 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' tojson filter (templates for tool calling use its keyword arguments)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    """Llama 3.x templates print today's date with this global."""
+    return datetime.now().strftime(fmt)
+
+
 class Tokenizer:
     """Encode/decode, special token ids, chat rendering and incremental detokenizers."""
 
@@ -67,7 +79,8 @@ class Tokenizer:
         self.chat_template: str | None = template if isinstance(template, str) else None
         self._env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._env.globals["raise_exception"] = _raise_exception
-        self._env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+        self._env.globals["strftime_now"] = _strftime_now
+        self._env.filters["tojson"] = _tojson
         self._compiled = self._env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
 
     @classmethod

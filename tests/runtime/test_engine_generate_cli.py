@@ -48,3 +48,12 @@ def test_generate_cli_sampling_with_seed_is_reproducible(tiny_opt_dir: Path) -> 
     first, _ = _generate(tiny_opt_dir, *args)
     second, _ = _generate(tiny_opt_dir, *args)
     assert first["token_ids"] == second["token_ids"] and len(first["token_ids"]) == 10  # type: ignore[arg-type]
+
+
+def test_generate_cli_chat_uses_the_models_template(tiny_llama_dir: Path) -> None:
+    from hydraserve.runtime.tokenizer import Tokenizer
+
+    result, proc = _generate(tiny_llama_dir, "--prompt", "Hi there", "--chat", "--max-tokens", "3", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    tok = Tokenizer.from_dir(str(tiny_llama_dir))
+    assert result["prompt_token_ids"] == tok.encode("<|user|>\nHi there</s>\n<|assistant|>\n")

@@ -72,3 +72,23 @@ def test_incremental_detokenizer_holds_back_split_characters(tiny_llama_dir: Pat
     assert len(emoji_ids) > 1
     detok = tok.detokenizer()
     assert [detok.step(i) for i in emoji_ids][:-1] == [""] * (len(emoji_ids) - 1)
+
+
+def test_template_helpers_transformers_templates_use(tiny_opt_dir: Path) -> None:
+    text = (tiny_opt_dir / "tokenizer.json").read_text()
+    tok = Tokenizer(text, chat_template="{{ messages | tojson(indent=None, sort_keys=True) }}|"
+                                        "{{ strftime_now('%Y') | length }}")
+    assert tok.apply_chat_template([{"role": "user", "content": "é"}]) == '[{"content": "é", "role": "user"}]|4'
+
+
+def test_generation_config_eos_ids_are_stop_tokens(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from hydraserve.runtime.engine.factory import generation_eos_ids
+    from hydraserve.runtime.model.files import LocalModelFiles
+
+    copy = Path(shutil.copytree(tiny_llama_dir, tmp_path / "m"))
+    (copy / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
+    assert generation_eos_ids(LocalModelFiles(copy)) == [2, 7]
+    (copy / "generation_config.json").unlink()
+    assert generation_eos_ids(LocalModelFiles(copy)) == []
