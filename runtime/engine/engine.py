@@ -50,6 +50,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._step_lock = threading.Lock()  # held for a whole step: reconfigure() waits for it
         self.steps = 0
+        self.aborted_at_shutdown = 0
 
     # ---- caller side (any thread) ----
 
@@ -85,9 +86,9 @@ class LLMEngine:
                 self._thread.start()
         return self
 
-    def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting requests; with ``drain`` let queued ones finish (up to ``timeout``
-        seconds), then abort whatever is left and stop the loop. True if nothing was aborted."""
+        seconds), then abort whatever is left (counted in ``aborted_at_shutdown``) and stop."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._accepting = False
@@ -101,11 +102,11 @@ class LLMEngine:
             leftover = self._scheduler.drain_all()
             for request in leftover:
                 request.abort()
+            self.aborted_at_shutdown += len(leftover)
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        return not leftover
 
     def reconfigure(self, build: Callable[[Executor, dict[int, int]], Executor]) -> None:
         """Swap the executor between two steps (pipeline consolidation).

@@ -184,7 +184,8 @@ def test_shutdown_drains_then_refuses(tiny_llama_dir: Path) -> None:
     eng = load_engine(tiny_llama_dir, max_num_seqs=2)
     streams = [eng.submit(eng.tokenizer.encode(p), SamplingParams(max_tokens=12, temperature=0))
                for p in PROMPTS[:3]]
-    assert eng.shutdown(drain=True, timeout=30) is True
+    eng.shutdown(drain=True, timeout=30)
+    assert eng.aborted_at_shutdown == 0
     assert [s.collect().finish_reason for s in streams] == ["length"] * 3
     with pytest.raises(TemporaryError):
         eng.submit([1, 2, 3], GREEDY)
@@ -193,7 +194,8 @@ def test_shutdown_drains_then_refuses(tiny_llama_dir: Path) -> None:
 def test_shutdown_without_drain_aborts(tiny_llama_dir: Path) -> None:
     eng = load_engine(tiny_llama_dir, max_num_seqs=1, start=False)
     streams = [eng.submit([1, 5, 6], SamplingParams(max_tokens=50, temperature=0)) for _ in range(2)]
-    assert eng.shutdown(drain=False) is False
+    eng.shutdown(drain=False)
+    assert eng.aborted_at_shutdown == 2
     assert [s.collect().finish_reason for s in streams] == ["abort", "abort"]
 
 
