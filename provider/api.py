@@ -1,0 +1,81 @@
+"""The placement service's HTTP API (Flask app; `hydraserve placement` serves it with waitress).
+
+Routes (bodies are hydraserve.contracts.plan models; docs/PLACEMENT.md has examples):
+  POST /v1/nodes    NodeInfo -> NodeStatus        register or update a node
+  POST /v1/plan     PlanRequest -> Plan           choose and reserve (dry_run: explain only)
+  POST /v1/reports  WorkerReport -> ReportAck     ready / failed / released / consolidated
+  GET  /v1/plans/<id>                             a plan still active
+  GET  /v1/cluster  ClusterStatus
+  GET  /metrics     Prometheus text; GET /healthz
+Invalid bodies get 400 in the OpenAI error shape via hydraserve.http_errors; no capacity is 503
+with Retry-After (the caller retries), an unknown plan 404.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from hydraserve.contracts.plan import NodeInfo, PlanRequest, WorkerReport
+from hydraserve.errors import InvalidRequestError, NotFoundError
+from hydraserve.http_errors import install_error_handlers
+from hydraserve.provider.service import PlacementService
+
+M = TypeVar("M", bound=BaseModel)
+MAX_BODY = 4 << 20
+
+
+def _body(model: type[M]) -> M:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequestError(f"{where or 'body'}: {first['msg']}", param=where,
+                                  code="validation_error") from exc
+
+
+def create_app(service: PlacementService) -> Flask:
+    """The Flask app over one PlacementService."""
+    app = Flask("hydraserve.provider")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    install_error_handlers(app)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"ok": True, "policy": service.policy.name, "nodes": service.cluster.size})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/nodes")
+    def register_node() -> Response:
+        return jsonify(service.register_node(_body(NodeInfo)).model_dump(mode="json"))
+
+    @app.post("/v1/plan")
+    def plan() -> Response:
+        return jsonify(service.plan(_body(PlanRequest)).model_dump(mode="json"))
+
+    @app.post("/v1/reports")
+    def report() -> Response:
+        return jsonify(service.report(_body(WorkerReport)).model_dump(mode="json"))
+
+    @app.get("/v1/plans/<plan_id>")
+    def get_plan(plan_id: str) -> Response:
+        plan = service.plan_of(plan_id)
+        if plan is None:
+            raise NotFoundError(f"no active plan {plan_id!r}", param="plan_id")
+        return jsonify(plan.model_dump(mode="json"))
+
+    @app.get("/v1/cluster")
+    def cluster() -> Response:
+        return jsonify(service.status().model_dump(mode="json"))
+
+    return app

@@ -1,0 +1,99 @@
+"""Learn the cold-start model from observed cold starts instead of HydraServe's fixed numbers.
+
+HydraServe predicts a cold start as fetch + 2 s with a static bandwidth table (DESIGN.md §4).
+We keep two estimates, fed by worker reports (service) or simulated completions (simulator):
+
+* per-node NIC bandwidth: each report gives bits / fetch seconds; the fetch shared the NIC with
+  m fetches on average (the cluster model integrates that), so the NIC's rate is about
+  m x bits / seconds. An EWMA (alpha 0.3) starting from the configured value.
+* the start-up model T = max(F, W) + C: F the slowest stage's fetch, W the work that overlaps
+  the fetch (process start, imports, device init, KV allocation), C what follows the last byte.
+  Fit on the last 64 (F, T) pairs by least absolute deviations over a grid of W (every observed
+  F, and 0): for each W, C is the median of T - max(F, W). With fewer than ``min_samples`` the
+  prior (W = 0, C = 2 s: HydraServe's model) is used.
+
+Owners: the service calls ``observe_*`` under its lock; the planner reads ``predict_startup``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PRIOR_OVERLAP_S = 0.0
+PRIOR_TAIL_S = 2.0  # HydraServe's unmeasured post-fetch constant
+
+
+@dataclass
+class StartupModel:
+    """T = max(F, overlap_s) + tail_s."""
+
+    overlap_s: float = PRIOR_OVERLAP_S
+    tail_s: float = PRIOR_TAIL_S
+
+    def predict(self, fetch_s: float) -> float:
+        return max(fetch_s, self.overlap_s) + self.tail_s
+
+
+@dataclass
+class Calibration:
+    """Running estimates; ``enabled=False`` keeps the static model (the `hydraserve` policy)."""
+
+    enabled: bool = True
+    alpha: float = 0.3
+    window: int = 64
+    min_samples: int = 4
+    refit_every: int = 4
+    model: StartupModel = field(default_factory=StartupModel)
+    node_bps: dict[str, float] = field(default_factory=dict)
+    node_samples: dict[str, int] = field(default_factory=dict)
+    samples: deque[tuple[float, float]] = field(default_factory=deque)
+    _since_fit: int = 0
+
+    def bandwidth_bps(self, node: str, configured_bps: float) -> float:
+        if not self.enabled:
+            return configured_bps
+        return self.node_bps.get(node, configured_bps)
+
+    def observe_fetch(self, node: str, bits: float, seconds: float, sharing: float,
+                      configured_bps: float) -> bool:
+        """One finished fetch on ``node``; returns whether the estimate moved."""
+        if not self.enabled or bits <= 0 or seconds <= 1e-3:
+            return False
+        sample = bits / seconds * max(1.0, sharing)
+        old = self.node_bps.get(node, configured_bps)
+        self.node_bps[node] = (1 - self.alpha) * old + self.alpha * sample
+        self.node_samples[node] = self.node_samples.get(node, 0) + 1
+        return True
+
+    def observe_cold_start(self, fetch_s: float, cold_start_s: float) -> bool:
+        """One cold start: slowest stage's fetch seconds and plan-to-ready seconds."""
+        if not self.enabled or cold_start_s <= 0:
+            return False
+        self.samples.append((max(0.0, fetch_s), cold_start_s))
+        while len(self.samples) > self.window:
+            self.samples.popleft()
+        self._since_fit += 1
+        if len(self.samples) >= self.min_samples and (
+                self._since_fit >= self.refit_every or len(self.samples) == self.min_samples):
+            self._since_fit = 0
+            self.model = fit_startup(list(self.samples))
+        return True
+
+    def predict_startup(self, fetch_s: float) -> float:
+        return self.model.predict(fetch_s)
+
+
+def fit_startup(samples: list[tuple[float, float]]) -> StartupModel:
+    """Least-absolute-deviation fit of T = max(F, W) + C over a grid of W (see module docstring)."""
+    arr = np.asarray(samples, dtype=float)
+    f, t = arr[:, 0], arr[:, 1]
+    grid = np.unique(np.concatenate([[0.0], f]))
+    eff = np.maximum(f[None, :], grid[:, None])  # (grid, samples)
+    resid = t[None, :] - eff
+    tails = np.median(resid, axis=1)
+    err = np.abs(resid - tails[:, None]).sum(axis=1)
+    best = int(np.argmin(err))
+    return StartupModel(overlap_s=float(grid[best]), tail_s=max(0.0, float(tails[best])))

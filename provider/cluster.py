@@ -1,0 +1,190 @@
+"""The cluster as the planner sees it: nodes, GPU memory, NIC fetches, loaderd residency, plans.
+
+Written by the service (node registrations, plans it hands out, worker reports) and by the
+simulator (the same calls in simulated time); read by the planner. Not thread-safe on its own:
+the service serialises calls with one lock, which is what keeps concurrent cold starts from
+being planned against the same free memory or bandwidth. Per-node numbers the planner scans
+on every decision are mirrored in numpy arrays so a 1000-node scan is a few vector ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hydraserve.contracts.plan import NodeInfo, Plan, Residency
+from hydraserve.provider.calibration import Calibration
+from hydraserve.provider.network import Nic
+
+MEM_EPS = 1e-6
+
+
+@dataclass
+class ResidentModel:
+    """Which parts of one model a node's loaderd holds."""
+
+    layers: set[int] = field(default_factory=set)
+    embeddings: bool = False
+    head: bool = False
+
+
+@dataclass
+class NodeState:
+    info: NodeInfo
+    row: int
+    gpu_free: list[float]
+    nic: Nic
+    residency: dict[str, ResidentModel] = field(default_factory=dict)
+    workers: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)  # (plan, stage) -> (gpu, gb)
+
+
+@dataclass
+class ActivePlan:
+    plan: Plan
+    created_at: float
+    ready: set[int] = field(default_factory=set)
+    fetch_end: dict[int, float] = field(default_factory=dict)  # stage -> when its fetch ended
+
+
+class ClusterState:
+    """Mutable cluster model; every mutation takes ``now`` so the NIC model stays exact."""
+
+    def __init__(self, calibration: Calibration | None = None) -> None:
+        self.calibration = calibration or Calibration()
+        self.nodes: dict[str, NodeState] = {}
+        self.order: list[str] = []
+        self.plans: dict[str, ActivePlan] = {}
+        self.holders: dict[str, set[str]] = {}  # model_uri -> nodes holding any of it
+        self._cap = 0
+        self.max_free = np.zeros(0)  # largest free device memory per row (GB)
+        self.configured_bps = np.zeros(0)
+        self.bps = np.zeros(0)  # believed NIC bandwidth (calibrated when enabled)
+        self.nfetch = np.zeros(0)
+        self.schedulable = np.zeros(0, dtype=bool)
+        self.plan_counter = 0
+
+    # ---- nodes -------------------------------------------------------------------------------
+    def upsert_node(self, info: NodeInfo, now: float) -> NodeState:
+        """Register a node or replace its record, keeping the allocations we made on it."""
+        old = self.nodes.get(info.name)
+        if old is None:
+            row = len(self.order)
+            self._grow(row + 1)
+            self.order.append(info.name)
+            gpu_free = list(info.gpu_free_gb) if info.gpu_free_gb is not None else [info.gpu_memory_gb] * info.gpus
+            state = NodeState(info=info, row=row, gpu_free=gpu_free, nic=Nic(info.nic_gbps * 1e9, now))
+            self.nodes[info.name] = state
+        else:
+            state = old
+            used = [0.0] * info.gpus
+            for gpu, gb in old.workers.values():
+                if gpu < info.gpus:
+                    used[gpu] += gb
+            if info.gpu_free_gb is not None:
+                state.gpu_free = list(info.gpu_free_gb)
+            else:
+                state.gpu_free = [max(0.0, info.gpu_memory_gb - u) for u in used]
+            state.info = info
+            state.nic.advance(now)
+            state.nic.bps = info.nic_gbps * 1e9
+        if info.residency or old is None:
+            self._set_residency(state, info.residency)
+        self._sync(state)
+        return state
+
+    def _set_residency(self, state: NodeState, residency: list[Residency]) -> None:
+        for uri in list(state.residency):
+            self.holders.get(uri, set()).discard(state.info.name)
+        state.residency = {}
+        for r in residency:
+            state.residency[r.model_uri] = ResidentModel(set(r.layers), r.embeddings, r.head)
+            self.holders.setdefault(r.model_uri, set()).add(state.info.name)
+
+    def add_residency(self, node: str, model_uri: str, layers: range, embeddings: bool, head: bool) -> None:
+        state = self.nodes[node]
+        res = state.residency.setdefault(model_uri, ResidentModel())
+        res.layers.update(layers)
+        res.embeddings |= embeddings
+        res.head |= head
+        self.holders.setdefault(model_uri, set()).add(node)
+
+    def drop_residency(self, node: str, model_uri: str) -> None:
+        self.nodes[node].residency.pop(model_uri, None)
+        self.holders.get(model_uri, set()).discard(node)
+
+    def _grow(self, n: int) -> None:
+        if n <= self._cap:
+            return
+        cap = max(16, self._cap * 2, n)
+        for name in ("max_free", "configured_bps", "bps", "nfetch"):
+            arr = np.zeros(cap)
+            arr[: self._cap] = getattr(self, name)[: self._cap]
+            setattr(self, name, arr)
+        sched = np.zeros(cap, dtype=bool)
+        sched[: self._cap] = self.schedulable[: self._cap]
+        self.schedulable = sched
+        self._cap = cap
+
+    def _sync(self, state: NodeState) -> None:
+        r = state.row
+        self.max_free[r] = max(state.gpu_free, default=0.0)
+        self.configured_bps[r] = state.info.nic_gbps * 1e9
+        self.bps[r] = self.bandwidth_bps(state)
+        self.nfetch[r] = len(state.nic)
+        self.schedulable[r] = state.info.schedulable
+
+    @property
+    def size(self) -> int:
+        return len(self.order)
+
+    def bandwidth_bps(self, state: NodeState) -> float:
+        """The planner's belief about the NIC: calibrated if enabled, else configured."""
+        return self.calibration.bandwidth_bps(state.info.name, state.info.nic_gbps * 1e9)
+
+    # ---- memory and fetches --------------------------------------------------------------------
+    def allocate(self, node: str, gpu: int, gb: float, key: tuple[str, int]) -> None:
+        state = self.nodes[node]
+        if state.gpu_free[gpu] + MEM_EPS < gb:
+            raise ValueError(f"{node} gpu {gpu}: {gb} GB asked, {state.gpu_free[gpu]:.2f} GB free")
+        state.gpu_free[gpu] -= gb
+        state.workers[key] = (gpu, gb)
+        self._sync(state)
+
+    def free(self, node: str, key: tuple[str, int]) -> float:
+        state = self.nodes.get(node)
+        if state is None or key not in state.workers:
+            return 0.0
+        gpu, gb = state.workers.pop(key)
+        state.gpu_free[gpu] = min(state.info.gpu_memory_gb, state.gpu_free[gpu] + gb)
+        self._sync(state)
+        return gb
+
+    def add_fetch(self, node: str, key: str, bits: float, deadline: float, now: float) -> None:
+        state = self.nodes[node]
+        state.nic.bps = self.bandwidth_bps(state)
+        state.nic.add(key, bits, deadline, now)
+        self._sync(state)
+
+    def end_fetch(self, node: str, key: str, now: float) -> float:
+        """Drop a fetch (its worker reported); returns its mean NIC sharing for calibration."""
+        state = self.nodes.get(node)
+        if state is None:
+            return 1.0
+        fetch = state.nic.remove(key, now)
+        self._sync(state)
+        return fetch.mean_sharing(now) if fetch else 1.0
+
+    def refresh_nic(self, state: NodeState, now: float) -> None:
+        """Bring the modelled NIC up to ``now`` at the current bandwidth belief."""
+        state.nic.advance(now)
+        state.nic.bps = self.bandwidth_bps(state)
+        state.nic.finished.clear()
+        self.nfetch[state.row] = len(state.nic)
+
+    def next_plan_id(self, function: str) -> str:
+        self.plan_counter += 1
+        return f"{function}-{self.plan_counter}"
+
+    def gpu_memory_used(self) -> float:
+        return sum(gb for s in self.nodes.values() for _, gb in s.workers.values())

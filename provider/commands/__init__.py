@@ -1,0 +1,1 @@
+"""CLI commands of the placement component: `placement`, `plan`, `simulate` (see hydraserve.cli)."""

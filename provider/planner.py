@@ -1,0 +1,267 @@
+"""The placement decision: pipeline size, full workers, memory, nodes and layer ranges.
+
+Called by the service (POST /v1/plan, `hydraserve plan`) and by the simulator with the same
+ClusterState type, so a decision depends only on (state, request, now, policy). The search is
+HydraServe's (DESIGN.md §4): p = 1..4, a = min(p, required)..p full workers, first candidate
+whose predicted TTFT and TPOT meet the SLOs wins; otherwise a fallback. What we add: stage
+fetch times from a processor-sharing NIC model with deadlines, loaderd residency, peers, and the
+calibrated start-up model. ``plan`` decides only; ``hydraserve.provider.lifecycle`` commits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from hydraserve.contracts.plan import Candidate, FunctionSpec, Plan, PlanRequest, StagePlacement
+from hydraserve.contracts.stage import StagePlan, StageSpec
+from hydraserve.errors import OverloadedError
+from hydraserve.provider.cluster import MEM_EPS, ClusterState, NodeState
+from hydraserve.provider.policies import Policy
+from hydraserve.provider.stages import balanced_stage_plan, stage_bytes
+
+POOL_SIZE = 48  # nodes examined in detail per decision (plus every node holding the model)
+PIPELINE_STEP_S = 0.001  # TPOT cost per extra stage (HydraServe: 1 ms x (p - 1))
+
+
+def memory_gb(spec: FunctionSpec, p: int, full: bool) -> float:
+    """ceil((S + KV)/p) partial, ceil(S + KV) full; to 0.1 GB so tiny demo models stay tiny."""
+    need = spec.model_gb + spec.kv_reserve_gb
+    return math.ceil((need if full else need / p) * 10 - 1e-9) / 10
+
+
+def slowdown(p: int, a: int) -> float:
+    """HydraServe's rate: p - a + a/p (prefill and TPOT multiplier of a p-stage group)."""
+    return p - a + a / p
+
+
+@dataclass
+class Option:
+    """One node for one stage, as evaluated."""
+
+    state: NodeState
+    gpu: int
+    fetch_bytes: int
+    fetch_end: float
+    source: str
+    peers: list[str]
+
+
+class Planner:
+    """Stateless apart from the cluster it reads; one instance per (cluster, policy)."""
+
+    def __init__(self, cluster: ClusterState, policy: Policy) -> None:
+        self.cluster = cluster
+        self.policy = policy
+
+    # ---- public ------------------------------------------------------------------------------
+    def plan(self, request: PlanRequest, now: float) -> Plan:
+        spec = request.function
+        pol = self.policy
+        excluded = set(request.exclude_nodes)
+        pool = self._pool(spec, excluded, now)
+        per_layer = spec.per_layer_bytes()
+        model = self.cluster.calibration if pol.calibrated else None
+        startup = model.model if model is not None else None
+        max_p = min(pol.max_pipeline_size, spec.max_pipeline_size, spec.num_layers)
+        self._memo: dict[tuple[int, int], tuple[bool, float]] = {}
+        candidates: list[Candidate] = []
+        feasible: list[tuple[Candidate, StagePlan, list[int], list[Option], int]] = []
+        chosen = None
+        for p in range(1, max_p + 1):
+            splan = balanced_stage_plan(per_layer, spec.embed_bytes, spec.head_bytes, p)
+            sbytes = stage_bytes(per_layer, spec.embed_bytes, spec.head_bytes, splan)
+            for a in range(min(p, spec.min_full_workers), p + 1):
+                rate = slowdown(p, a)
+                tpot = (spec.tpot_s or 0.0) * rate + PIPELINE_STEP_S * (p - 1)
+                if spec.tpot_s is not None and tpot > spec.tpot_slo_s:
+                    candidates.append(Candidate(pipeline_size=p, full_workers=a, predicted_tpot_s=tpot,
+                                                feasible=False, reason=f"TPOT {tpot:.3f} s > SLO"))
+                    continue
+                opts = self._assign(spec, splan, sbytes, a, pool, now)
+                if isinstance(opts, str):
+                    candidates.append(Candidate(pipeline_size=p, full_workers=a, feasible=False, reason=opts))
+                    continue
+                fetch_s = max(o.fetch_end for o in opts) - now
+                ready = startup.predict(fetch_s) if startup is not None else fetch_s + 2.0
+                ttft = ready + (spec.prefill_s or 0.0) * rate
+                meets = ttft <= spec.ttft_slo_s
+                cand = Candidate(pipeline_size=p, full_workers=a, nodes=[o.state.info.name for o in opts],
+                                 predicted_ttft_s=round(ttft, 4), predicted_tpot_s=round(tpot, 5),
+                                 feasible=True, meets_slo=meets,
+                                 reason="meets both SLOs" if meets else f"TTFT {ttft:.2f} s > SLO")
+                candidates.append(cand)
+                feasible.append((cand, splan, sbytes, opts, a))
+                if meets:
+                    chosen = feasible[-1]
+                    break
+            if chosen is not None:
+                break
+        fallback = chosen is None
+        if fallback:
+            chosen = self._fallback(spec, feasible, pool, now, per_layer)
+            if chosen is None:
+                raise OverloadedError(
+                    f"no node can take {spec.name}: needs {memory_gb(spec, 1, True)} GB "
+                    f"(or {memory_gb(spec, max_p, False)} GB per stage) and NIC headroom",
+                    code="no_capacity", retry_after_s=1.0)
+        return self._build(request, chosen, candidates, fallback, now)
+
+    # ---- node pool ---------------------------------------------------------------------------
+    def _pool(self, spec: FunctionSpec, excluded: set[str], now: float) -> list[NodeState]:
+        """Nodes worth a detailed look: memory for the smallest stage, best NIC share, holders."""
+        c = self.cluster
+        n = c.size
+        if n == 0:
+            return []
+        smallest = memory_gb(spec, min(self.policy.max_pipeline_size, spec.max_pipeline_size), False)
+        ok = c.schedulable[:n] & (c.max_free[:n] + MEM_EPS >= smallest)
+        rows = np.flatnonzero(ok)
+        if self.policy.node_choice == "first_fit":
+            picked = rows[:POOL_SIZE]
+        elif len(rows) > POOL_SIZE:
+            share = c.bps[:n][rows] / (c.nfetch[:n][rows] + 1.0)
+            top = np.argpartition(-share, POOL_SIZE - 1)[:POOL_SIZE]
+            picked = np.sort(rows[top])
+        else:
+            picked = rows
+        names = {c.order[int(r)] for r in picked}
+        if self.policy.cache_aware:
+            names |= {h for h in c.holders.get(spec.model_uri, ()) if c.nodes[h].info.schedulable
+                      and c.max_free[c.nodes[h].row] + MEM_EPS >= smallest}
+        names -= excluded
+        out = [c.nodes[name] for name in names]
+        out.sort(key=lambda s: s.row)
+        for s in out:
+            c.refresh_nic(s, now)
+        return out
+
+    # ---- stage assignment --------------------------------------------------------------------
+    def _assign(self, spec: FunctionSpec, splan: StagePlan, sbytes: list[int], a: int,
+                pool: list[NodeState], now: float) -> list[Option] | str:
+        p = len(splan.stages)
+        used: set[str] = set()
+        opts: list[Option | None] = [None] * p
+        for s in range(p):  # stages 0..a-1 are full workers, placed first (HydraServe's masters)
+            need = memory_gb(spec, p, full=s < a)
+            best: Option | None = None
+            best_key: tuple[float, ...] | None = None
+            for state in pool:
+                if state.info.name in used:
+                    continue
+                gpu = _best_fit_gpu(state.gpu_free, need)
+                if gpu < 0:
+                    continue
+                opt = self._option(spec, splan.stages[s], sbytes[s], state, gpu, now)
+                if opt is None:
+                    continue
+                if self.policy.node_choice == "first_fit":
+                    best = opt
+                    break
+                key = self._score(opt)
+                if best_key is None or key < best_key:
+                    best, best_key = opt, key
+            if best is None:
+                return f"stage {s}: no node with {need} GB free and NIC headroom"
+            opts[s] = best
+            used.add(best.state.info.name)
+        return [o for o in opts if o is not None]
+
+    def _score(self, opt: Option) -> tuple[float, ...]:
+        if self.policy.node_choice == "locality":
+            return (float(opt.fetch_bytes), opt.fetch_end, float(opt.state.row))
+        return (opt.fetch_end, -opt.state.gpu_free[opt.gpu], float(opt.state.row))
+
+    def _option(self, spec: FunctionSpec, stage: StageSpec, nbytes: int, state: NodeState, gpu: int,
+                now: float) -> Option | None:
+        fetch = nbytes
+        source = "s3"
+        peers: list[str] = []
+        if self.policy.cache_aware:
+            fetch = nbytes - _resident_bytes(state, spec, stage)
+            if fetch <= 0:
+                return Option(state, gpu, 0, now, "cache", [])
+            if self.policy.peers:
+                peers = self._peers(spec, stage, state)
+                source = "peer" if peers else "s3"
+        bits = fetch * 8 / self.policy.link_efficiency
+        memo_key = (state.row, int(bits))
+        got = self._memo.get(memo_key)
+        if got is None:
+            if self.policy.contention_aware:
+                ok, end, _ = state.nic.admit(now, bits)
+            else:
+                ok, end = True, state.nic.finish_times(now, bits)[1] or now
+            got = (ok, end)
+            self._memo[memo_key] = got
+        ok, end = got
+        if not ok:
+            return None
+        return Option(state, gpu, fetch, end, source, peers)
+
+    def _peers(self, spec: FunctionSpec, stage: StageSpec, state: NodeState) -> list[str]:
+        out = []
+        for name in sorted(self.cluster.holders.get(spec.model_uri, ())):
+            other = self.cluster.nodes[name]
+            if other is state or not other.info.loaderd_url:
+                continue
+            if _resident_bytes(other, spec, stage) >= sum(spec.per_layer_bytes()[stage.layer_start:stage.layer_end]):
+                out.append(other.info.loaderd_url)
+        return out[:3]
+
+    # ---- fallback and result -----------------------------------------------------------------
+    def _fallback(self, spec: FunctionSpec, feasible: list, pool: list[NodeState], now: float,
+                  per_layer: list[int]) -> tuple | None:
+        if self.policy.fallback == "least_ttft" and feasible:
+            return min(feasible, key=lambda f: (f[0].predicted_ttft_s, f[0].pipeline_size))
+        for entry in feasible:  # HydraServe: p = 1 on the node with the most free bandwidth
+            if entry[0].pipeline_size == 1:
+                return entry
+        return None
+
+    def _build(self, request: PlanRequest, chosen: tuple, candidates: list[Candidate], fallback: bool,
+               now: float) -> Plan:
+        cand, splan, sbytes, opts, a = chosen
+        spec = request.function
+        p = len(splan.stages)
+        plan_id = self.cluster.next_plan_id(spec.name) if not request.dry_run else f"{spec.name}-dry"
+        stages = [StagePlacement(
+            stage=splan.stages[s], node=o.state.info.name, gpu=o.gpu, memory_gb=memory_gb(spec, p, s < a),
+            full=s < a, stage_bytes=sbytes[s], fetch_bytes=o.fetch_bytes, source=o.source, peers=o.peers,
+            loaderd_url=o.state.info.loaderd_url, address=o.state.info.address,
+            predicted_fetch_s=round(o.fetch_end - now, 4)) for s, o in enumerate(opts)]
+        why = (f"p={p}, {a} full: predicted TTFT {cand.predicted_ttft_s:.2f} s vs SLO {spec.ttft_slo_s:g} s, "
+               f"TPOT {cand.predicted_tpot_s:.3f} s vs {spec.tpot_slo_s:g} s on {', '.join(cand.nodes)}")
+        if fallback:
+            why = f"fallback ({self.policy.fallback}): no candidate met the SLOs; " + why
+        else:
+            why = "first candidate meeting both SLOs: " + why
+        return Plan(plan_id=plan_id, instance_id=request.instance_id or plan_id, function=spec.name,
+                    model_uri=spec.model_uri, policy=self.policy.name, pipeline_size=p, full_workers=a,
+                    stages=stages, predicted_ttft_s=cand.predicted_ttft_s,
+                    predicted_tpot_s=cand.predicted_tpot_s, meets_slo=cand.meets_slo and not fallback,
+                    fallback=fallback, created_at=now, explanation=why, candidates=candidates)
+
+
+def _best_fit_gpu(free: list[float], need: float) -> int:
+    """The device with the least free memory that still fits (keeps big holes for big models)."""
+    best, best_free = -1, math.inf
+    for i, f in enumerate(free):
+        if f + MEM_EPS >= need and f < best_free:
+            best, best_free = i, f
+    return best
+
+
+def _resident_bytes(state: NodeState, spec: FunctionSpec, stage: StageSpec) -> int:
+    res = state.residency.get(spec.model_uri)
+    if res is None:
+        return 0
+    per_layer = spec.per_layer_bytes()
+    held = sum(per_layer[i] for i in range(stage.layer_start, stage.layer_end) if i in res.layers)
+    if stage.is_first and res.embeddings:
+        held += spec.embed_bytes
+    if stage.is_last and res.head:
+        held += spec.head_bytes
+    return held

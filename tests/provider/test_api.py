@@ -1,0 +1,86 @@
+"""HTTP API of the placement service: routes, validation errors, client round trip over loopback."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from hydraserve.contracts.plan import NodeInfo, PlanRequest, WorkerReport, WorkerTimings
+from hydraserve.errors import InvalidRequestError, NotFoundError, OverloadedError
+from hydraserve.http_server import DrainingServer
+from hydraserve.provider.api import create_app
+from hydraserve.provider.client import PlacementClient
+from hydraserve.provider.service import PlacementService
+from tests.provider.builders import llama, paper_nodes
+
+
+@pytest.fixture
+def service() -> PlacementService:
+    ticks = itertools.count(1000.0, 0.5)
+    return PlacementService("ours", clock=lambda: next(ticks))
+
+
+def test_invalid_bodies_are_400_with_openai_shape(service: PlacementService) -> None:
+    client = create_app(service).test_client()
+    r = client.post("/v1/nodes", json={"name": "n1", "gpu_memory_gb": -1})
+    assert r.status_code == 400
+    err = r.get_json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == "gpu_memory_gb"
+    r = client.post("/v1/plan", data="not json", content_type="application/json")
+    assert r.status_code == 400
+    r = client.post("/v1/nodes", json={"name": "n1", "gpu_memory_gb": 24, "bogus": 1})
+    assert r.status_code == 400 and r.get_json()["error"]["param"] == "bogus"
+
+
+def test_plan_without_capacity_is_503_with_retry_after(service: PlacementService) -> None:
+    client = create_app(service).test_client()
+    r = client.post("/v1/plan", json=PlanRequest(function=llama()).model_dump(mode="json"))
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    assert r.get_json()["error"]["code"] == "no_capacity"
+
+
+def test_client_round_trip_over_loopback(service: PlacementService) -> None:
+    server = DrainingServer(create_app(service), "127.0.0.1", 0, threads=4).start()
+    client = PlacementClient(server.url)
+    try:
+        assert client.healthy()
+        for node in paper_nodes():
+            client.register_node(node)
+        plan = client.plan(PlanRequest(function=llama()))
+        assert plan.stage_plan().num_layers == 32
+        assert len(set(plan.nodes)) == plan.pipeline_size
+        status = client.cluster()
+        used = {n.name: 0.0 for n in status.nodes}
+        for node in status.nodes:
+            used[node.name] = node.gpus * node.gpu_memory_gb - sum(node.gpu_free_gb)
+        assert sum(used.values()) == pytest.approx(sum(s.memory_gb for s in plan.stages))
+        ack = client.report(WorkerReport(plan_id=plan.plan_id, event="ready",
+                                         timings=WorkerTimings(fetch_s=3.0, cold_start_s=6.0)))
+        assert ack.accepted
+        client.report(WorkerReport(plan_id=plan.plan_id, event="released"))
+        status = client.cluster()
+        assert all(sum(n.gpu_free_gb) == n.gpus * n.gpu_memory_gb for n in status.nodes)
+        with pytest.raises(NotFoundError):
+            client.report(WorkerReport(plan_id=plan.plan_id, event="released"))
+        with pytest.raises(InvalidRequestError):
+            client.register_node(NodeInfo.model_construct(name="x", gpus=2, gpu_memory_gb=8,  # type: ignore[call-arg]
+                                                          gpu_free_gb=[1.0]))
+        text = client.session.get(server.url + "/metrics").text
+        assert "hydraserve_placement_plans_total" in text
+    finally:
+        client.close()
+        server.close()
+
+
+def test_no_capacity_raises_overloaded_through_client(service: PlacementService) -> None:
+    server = DrainingServer(create_app(service), "127.0.0.1", 0, threads=2).start()
+    client = PlacementClient(server.url)
+    try:
+        client.register_node(NodeInfo(name="small", gpus=1, gpu_memory_gb=4))
+        with pytest.raises(OverloadedError) as info:
+            client.plan(PlanRequest(function=llama()))
+        assert info.value.retryable and info.value.retry_after_s
+    finally:
+        client.close()
+        server.close()
