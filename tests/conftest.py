@@ -22,3 +22,17 @@ def tiny_opt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-opt"), TinySpec(arch="opt"))
+
+
+# ---- embedded S3 (hydraserve.embedded.s3): a real moto server over HTTP on 127.0.0.1 ----
+
+@pytest.fixture(scope="session")
+def s3_server():  # -> hydraserve.embedded.s3.EmbeddedS3
+    """A running moto S3 server for the whole session; tests use their own bucket names.
+
+    Tests that kill it must bring it back (``s3_server.start()``) before they finish.
+    """
+    from hydraserve.embedded.s3 import EmbeddedS3
+
+    with EmbeddedS3() as server:
+        yield server

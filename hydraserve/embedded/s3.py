@@ -1,0 +1,218 @@
+"""An embedded, real S3 server: moto's HTTP server in a subprocess on 127.0.0.1.
+
+Used by ``hydraserve demo`` / ``hydraserve up`` (the one-machine default) and by the tests
+(the ``s3_server`` fixture in tests/conftest.py). Clients talk to it over real HTTP with the
+S3 protocol, exactly as they would talk to AWS, through :mod:`hydraserve.weights.s3`.
+
+moto keeps its objects in memory: a killed server forgets them. Objects put with
+:meth:`EmbeddedS3.upload_file` / :meth:`upload_dir` and buckets made with
+:meth:`create_bucket` are remembered in a seed file and loaded into the new process before it
+opens its port, so ``kill()`` + ``start()`` (or ``restart()``) brings back the same port with
+the same objects. Objects written by other clients (for example ``push_model``) are NOT
+remembered; call :meth:`remember` for them if a test restarts the server.
+
+By default the server accepts any credentials (moto's default). With ``require_auth=True``
+IAM authentication is switched on and only :attr:`credentials` are accepted, so tests can
+check what a client does with rejected credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from hydraserve.weights.s3 import S3Client, S3Credentials
+
+REGION = "us-east-1"
+
+
+TEST_CREDENTIALS = S3Credentials("hydraserve-test", "hydraserve-test-secret")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedS3:
+    """A moto S3 server subprocess with a stable endpoint across kill/start."""
+
+    def __init__(self, port: int | None = None, *, host: str = "127.0.0.1",
+                 require_auth: bool = False, startup_timeout_s: float = 30.0) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.require_auth = require_auth
+        self.startup_timeout_s = startup_timeout_s
+        self.credentials: S3Credentials = TEST_CREDENTIALS
+        self._state_dir = Path(tempfile.mkdtemp(prefix="hydraserve-s3-"))
+        self._seed_path = self._state_dir / "seed.json"
+        self._log_path = self._state_dir / "moto.log"
+        self._seed: dict[str, list] = {"buckets": [], "objects": []}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> EmbeddedS3:
+        """Start the server (seeded with everything remembered) and wait until it answers."""
+        if self.running:
+            return self
+        self._seed_path.write_text(json.dumps(self._seed))
+        log = open(self._log_path, "ab")  # the child keeps its own copy of the fd
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "hydraserve.embedded.moto_main", "--host", self.host,
+                 "--port", str(self.port), "--seed", str(self._seed_path)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "MOTO_PORT": str(self.port)},
+            )
+        finally:
+            log.close()
+        self._wait_ready()
+        if self.require_auth:
+            self._enable_auth()
+        return self
+
+    def kill(self) -> None:
+        """Kill the server abruptly (SIGKILL): in-flight requests see a dropped connection."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait(timeout=10)
+        self._proc = None
+
+    def stop(self) -> None:
+        """Stop the server gracefully (SIGTERM, then SIGKILL after 5 s)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+        self._proc = None
+
+    def restart(self) -> EmbeddedS3:
+        """kill() then start() on the same port, with the remembered objects."""
+        self.kill()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the server and delete its state directory."""
+        self.stop()
+        shutil.rmtree(self._state_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedS3:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = f"{self.endpoint_url}/moto-api/"
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self._proc.returncode}: "
+                                   f"{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answered
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"moto server did not answer on {self.endpoint_url} within "
+                           f"{self.startup_timeout_s} s: {self.log_tail()}")
+
+    def log_tail(self, n: int = 2000) -> str:
+        """The end of the server's log (requests, tracebacks): for error messages."""
+        try:
+            return self._log_path.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    # ----------------------------------------------------------------- clients and data
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for subprocesses (loaderd, workers) that should use this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.credentials.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.credentials.secret_access_key,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def client(self, **kwargs: Any) -> S3Client:
+        """Our S3 client pointed at this server with its credentials."""
+        return S3Client(endpoint_url=self.endpoint_url, credentials=self.credentials, **kwargs)
+
+    def create_bucket(self, name: str) -> None:
+        """Create a bucket (no error if it exists) and remember it across restarts."""
+        self.client().create_bucket(name, exist_ok=True)
+        if name not in self._seed["buckets"]:
+            self._seed["buckets"].append(name)
+
+    def remember(self, bucket: str, key: str, path: str | Path) -> None:
+        """Reload ``path`` as s3://bucket/key whenever the server (re)starts."""
+        if bucket not in self._seed["buckets"]:
+            self._seed["buckets"].append(bucket)
+        self._seed["objects"] = [o for o in self._seed["objects"]
+                                 if (o["bucket"], o["key"]) != (bucket, key)]
+        self._seed["objects"].append({"bucket": bucket, "key": key,
+                                      "path": str(Path(path).resolve())})
+
+    def upload_file(self, path: str | Path, bucket: str, key: str) -> None:
+        """Put one local file and remember it across restarts."""
+        self.create_bucket(bucket)
+        self.client().put_file(bucket, key, Path(path))
+        self.remember(bucket, key, path)
+
+    def upload_dir(self, local_dir: str | Path, bucket: str, prefix: str) -> str:
+        """Put every file of a flat directory under ``prefix``; returns its s3:// URI."""
+        prefix = prefix.strip("/")
+        for path in sorted(Path(local_dir).iterdir()):
+            if path.is_file():
+                self.upload_file(path, bucket, f"{prefix}/{path.name}" if prefix else path.name)
+        return f"s3://{bucket}/{prefix}"
+
+    def _enable_auth(self) -> None:
+        """Create an IAM user with full access, use its keys, then turn authentication on."""
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint_url, region_name=REGION,
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="hydraserve")
+        iam.put_user_policy(UserName="hydraserve", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="hydraserve")["AccessKey"]
+        self.credentials = S3Credentials(key["AccessKeyId"], key["SecretAccessKey"])
+        request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset-auth",
+                                         data=b"0", method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(request, timeout=5):
+            pass
