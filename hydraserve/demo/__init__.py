@@ -1,0 +1,1 @@
+"""The embedded default: everything on one machine (`hydraserve demo` / `hydraserve up`)."""

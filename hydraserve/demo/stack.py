@@ -1,0 +1,166 @@
+"""The embedded default stack: S3, a model, loaderd per node, placement, gateway, on one machine.
+
+Used by `hydraserve demo`, `hydraserve up` and the end-to-end tests. Every component is a real
+process talking real protocols: moto's S3 server over HTTP, loaderd and the placement
+service as `hydraserve` child processes, workers spawned per cold start by the local backend;
+the gateway runs in this process. ``close()`` stops everything in reverse order and checks
+that no shared-memory segment of ours is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydraserve.activator.functions import FunctionConfig
+from hydraserve.activator.gateway import Gateway, create_gateway_app
+from hydraserve.demo.services import ServiceProcess
+from hydraserve.http_server import DrainingServer
+from hydraserve.provider.backends.local import LocalBackend, LocalNode
+from hydraserve.provider.backends.process import free_port
+
+log = logging.getLogger(__name__)
+
+SEGMENT_PREFIX = "hsld-"  # loaderd's /dev/shm name prefix (loaderd.registry)
+
+
+@dataclass
+class StackOptions:
+    """What to start. The defaults make the demo: 2 nodes, a generated ~130 MB Llama."""
+
+    nodes: int = 2
+    node_gpu_memory_gb: float = 24.0
+    node_nic_gbps: float = 16.0
+    loaderd_budget_bytes: int = 2 << 30
+    function_name: str = "tiny-llama"
+    model_dir: Path | None = None  # a local HF directory to push; default: generate one
+    tiny: dict[str, Any] = field(default_factory=lambda: {
+        "arch": "llama", "layers": 8, "hidden": 512, "heads": 8, "kv_heads": 4,
+        "intermediate": 1408, "vocab": 8192, "dtype": "float32"})
+    idle_timeout_s: float = 30.0
+    ttft_slo_s: float = 10.0
+    host: str = "127.0.0.1"
+    gateway_port: int = 0
+    run_dir: Path | None = None
+    progress: bool = True
+
+
+class LocalStack:
+    """Start with ``with LocalStack(options) as stack:``; ``stack.gateway_url`` is the way in."""
+
+    def __init__(self, options: StackOptions | None = None) -> None:
+        self.options = options or StackOptions()
+        self._own_run_dir = self.options.run_dir is None
+        self.run_dir = self.options.run_dir or Path(tempfile.mkdtemp(prefix="hydraserve-run-"))
+        self._cleanups: list[tuple[str, Any]] = []
+        self.node_names = [f"node{i}-{secrets.token_hex(2)}" for i in range(self.options.nodes)]
+        self.model_uri = ""
+        self.gateway: Gateway | None = None
+        self.gateway_url = ""
+        self.leftovers: list[str] = []  # segments found after close (should stay empty)
+
+    # lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> LocalStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def start(self) -> LocalStack:
+        from hydraserve.embedded.s3 import EmbeddedS3
+
+        opts = self.options
+        self.s3 = EmbeddedS3(host=opts.host).start()
+        self._cleanups.append(("s3", self.s3.close))
+        s3_env = self.s3.client_env()
+        self.model_uri = self._prepare_model()
+
+        token = secrets.token_urlsafe(24)
+        token_file = self.run_dir / "loaderd.token"
+        token_file.write_text(token)
+        os.chmod(token_file, 0o600)
+        nodes = [self._start_loaderd(name, token_file, token, s3_env) for name in self.node_names]
+
+        placement_port = free_port(opts.host)
+        placement = ServiceProcess("placement", ["placement", "--host", opts.host, "--port", str(placement_port)],
+                                   health_url=f"http://{opts.host}:{placement_port}/healthz",
+                                   log_path=self.run_dir / "placement.log").wait_healthy()
+        self._cleanups.append(("placement", placement.stop))
+        from hydraserve.provider.client import PlacementClient
+
+        self.placement = PlacementClient(f"http://{opts.host}:{placement_port}")
+        from hydraserve.contracts.plan import NodeInfo
+
+        for node in nodes:
+            self.placement.register_node(NodeInfo(name=node.name, gpus=1, gpu_memory_gb=node.gpu_memory_gb,
+                                                  nic_gbps=node.nic_gbps, loaderd_url=node.loaderd_url))
+
+        from hydraserve.demo.model import describe_model
+
+        backend = LocalBackend(self.placement, nodes, run_dir=self.run_dir / "workers",
+                               describe_model=lambda fn: describe_model(fn, self.s3.endpoint_url),
+                               s3_endpoint_url=self.s3.endpoint_url, worker_env=s3_env)
+        self._cleanups.append(("workers", backend.close))
+        self.backend = backend
+        self.gateway = Gateway(backend).start()
+        self._cleanups.append(("gateway", self.gateway.close))
+        self.gateway.register(FunctionConfig(name=opts.function_name, model_uri=self.model_uri,
+                                             idle_timeout_s=opts.idle_timeout_s, ttft_slo_s=opts.ttft_slo_s))
+        server = DrainingServer(create_gateway_app(self.gateway), opts.host, opts.gateway_port).start()
+        self._cleanups.append(("gateway-http", server.close))
+        self.gateway_url = server.url
+        return self
+
+    def close(self) -> None:
+        """Stop everything (reverse order), then check /dev/shm for leftovers of our nodes."""
+        while self._cleanups:
+            name, stop = self._cleanups.pop()
+            try:
+                stop()
+            except Exception as exc:
+                log.warning("stopping %s failed: %s", name, exc)
+        self.leftovers = self.leftover_segments()
+        for path in self.leftovers:  # a crashed daemon's segments: remove, and say so
+            log.warning("removing leftover shared memory segment %s", path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if self._own_run_dir and not os.environ.get("HYDRASERVE_KEEP_RUN_DIR"):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def leftover_segments(self) -> list[str]:
+        return [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm")
+                if any(n.startswith(f"{SEGMENT_PREFIX}{node}-") for node in self.node_names)]
+
+    def function_url(self, name: str | None = None) -> str:
+        return f"{self.gateway_url}/functions/{name or self.options.function_name}"
+
+    # parts -------------------------------------------------------------------------------
+    def _prepare_model(self) -> str:
+        from hydraserve.demo.model import prepare_and_push
+
+        return prepare_and_push(self.s3, self.run_dir / "model", self.options.model_dir,
+                                self.options.tiny, self.options.function_name, progress=self.options.progress)
+
+    def _start_loaderd(self, name: str, token_file: Path, token: str, env: dict[str, str]) -> LocalNode:
+        opts = self.options
+        port = free_port(opts.host)
+        proc = ServiceProcess(f"loaderd {name}", [
+            "loaderd", "--host", opts.host, "--port", str(port), "--token-file", str(token_file),
+            "--budget-bytes", str(opts.loaderd_budget_bytes), "--node-name", name,
+            "--endpoint-url", self.s3.endpoint_url],
+            health_url=f"http://{opts.host}:{port}/healthz", log_path=self.run_dir / f"loaderd-{name}.log",
+            env=env).wait_healthy()
+        self._cleanups.append((f"loaderd {name}", proc.stop))
+        return LocalNode(name=name, loaderd_url=f"http://{opts.host}:{port}", loaderd_token=token,
+                         gpu_memory_gb=opts.node_gpu_memory_gb, nic_gbps=opts.node_nic_gbps)

@@ -1,0 +1,56 @@
+"""`hydraserve up`: the embedded stack, kept running for a user to curl, until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8080, help="gateway port")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--idle-timeout", type=float, default=30.0,
+                        help="seconds without requests before the function scales to zero")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="push this Hugging Face model directory instead of generating one")
+    parser.add_argument("--function", default="tiny-llama", help="function name")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hydraserve.demo.stack import LocalStack, StackOptions
+    from hydraserve.logs import configure_logging
+
+    configure_logging("up")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    options = StackOptions(nodes=args.nodes, gateway_port=args.port, host=args.host,
+                           idle_timeout_s=args.idle_timeout, model_dir=args.model_dir,
+                           function_name=args.function)
+    with LocalStack(options) as stack:
+        fn = stack.function_url()
+        print(f"""
+HydraServe embedded stack is up (Ctrl-C to stop).
+  gateway      {stack.gateway_url}   (functions: GET {stack.gateway_url}/v1/functions)
+  function     {args.function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout:.0f} s idle)
+  S3           {stack.s3.endpoint_url}
+  placement    {stack.placement.base_url}/v1/cluster
+  logs         {stack.run_dir}
+
+Try:
+  curl -s {fn}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
+  curl -N {fn}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 16, "stream": true}}'
+  curl -s {fn}/ -H 'ce-specversion: 1.0' -H 'ce-type: dev.hydraserve.completion.request' \\
+       -H 'ce-source: /curl' -H 'ce-id: 1' -H 'Content-Type: application/json' -d '{{"prompt": "Hi"}}'
+  curl -s {stack.gateway_url}/v1/functions/{args.function}/timeline
+""", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("stopping...", flush=True)
+    return 0
