@@ -1,0 +1,332 @@
+"""The event loop: arrivals, cold starts on simulated NICs, serving, consolidation, scale to zero.
+
+The planner is the live one: a PlacementService whose clock is the simulated time, so every
+decision (and every calibration step, from the simulated workers' reports) runs the same code
+as `hydraserve placement`. The simulator owns only the truth: true NIC bandwidths (its own
+Nic objects), stage times (hydraserve.provider.sim.spec), host caches with LRU eviction, and
+requests. Deterministic for a seed: arrivals come from a seeded generator and ties in the
+event heap break by insertion order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hydraserve.contracts.plan import FunctionSpec, NodeInfo, Plan, PlanRequest, WorkerReport, WorkerTimings
+from hydraserve.errors import OverloadedError
+from hydraserve.provider.network import Nic
+from hydraserve.provider.planner import slowdown
+from hydraserve.provider.policies import Policy, get_policy
+from hydraserve.provider.service import PlacementService
+from hydraserve.provider.sim.spec import GB, GOODPUT, SimSpec
+from hydraserve.provider.sim.workload import Arrivals
+
+ARRIVAL, NIC, READY, DONE, IDLE, CONSOLIDATED, RETRY = range(7)
+
+
+@dataclass
+class Instance:
+    fn: int
+    plan: Plan
+    started: float
+    rate: float
+    ready_at: float | None = None
+    busy: int = 0
+    idle_token: int = 0
+    fetch_end: dict[int, float] = field(default_factory=dict)
+    released: bool = False
+    waiting: list[int] = field(default_factory=list)  # request ids joined before ready
+    memory_gb: float = 0.0
+
+
+@dataclass
+class Result:
+    """Per-request outcome arrays plus totals."""
+
+    ttft: np.ndarray
+    slo: np.ndarray
+    tpot: np.ndarray
+    kind: np.ndarray  # 0 warm, 1 cold (started it), 2 joined a starting instance
+    cost_gb_s: float
+    cold_starts: int
+    pipeline_sizes: dict[int, int]
+    sim_end_s: float
+
+
+class Simulator:
+    def __init__(self, spec: SimSpec, policy: Policy | str, arrivals: Arrivals) -> None:
+        self.spec = spec
+        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.arrivals = arrivals
+        self.now = 0.0
+        self.service = PlacementService(self.policy, clock=lambda: self.now)
+        self.nics = {n.name: Nic(n.true_nic_gbps * 1e9 * GOODPUT) for n in spec.nodes}
+        self.nic_version = dict.fromkeys(self.nics, 0)
+        self.node_spec = {n.name: n for n in spec.nodes}
+        self.cache: dict[str, OrderedDict[str, float]] = {n.name: OrderedDict() for n in spec.nodes}
+        self.fetch_owner: dict[str, tuple[Instance, int]] = {}
+        self.instances: list[list[Instance]] = [[] for _ in spec.functions]
+        self.pending: deque[int] = deque()
+        self.heap: list[tuple[float, int, int, object]] = []
+        self.seq = itertools.count()
+        n = len(arrivals.times)
+        self.ttft = np.full(n, np.nan)
+        self.tpot = np.full(n, np.nan)
+        self.kind = np.zeros(n, dtype=np.int8)
+        self.cost = 0.0
+        self.mem_used = 0.0
+        self.cost_at = 0.0
+        self.cold_starts = 0
+        self.psizes: dict[int, int] = {}
+        for node in spec.nodes:
+            self.service.register_node(NodeInfo(name=node.name, gpus=node.gpus, gpu_memory_gb=node.gpu_memory_gb,
+                                                nic_gbps=node.nic_gbps), now=0.0)
+
+    # ---- loop --------------------------------------------------------------------------------
+    def push(self, t: float, kind: int, payload: object) -> None:
+        heapq.heappush(self.heap, (t, next(self.seq), kind, payload))
+
+    def run(self) -> Result:
+        times, n = self.arrivals.times, len(self.arrivals.times)
+        i = 0
+        while i < n or self.heap:
+            if i < n and (not self.heap or times[i] <= self.heap[0][0]):
+                self._advance(float(times[i]))
+                self._arrive(i)
+                i += 1
+                continue
+            t, _, kind, payload = heapq.heappop(self.heap)
+            self._advance(t)
+            if kind == NIC:
+                self._nic_event(payload)  # type: ignore[arg-type]
+            elif kind == READY:
+                self._ready(payload)  # type: ignore[arg-type]
+            elif kind == DONE:
+                self._done(payload)  # type: ignore[arg-type]
+            elif kind == IDLE:
+                self._idle(payload)  # type: ignore[arg-type]
+            elif kind == CONSOLIDATED:
+                self._consolidated(payload)  # type: ignore[arg-type]
+            elif kind == RETRY:
+                self._retry_pending()
+        slo = np.array([self.spec.functions[f].ttft_slo_s for f in self.arrivals.functions])
+        return Result(ttft=self.ttft, slo=slo, tpot=self.tpot, kind=self.kind, cost_gb_s=self.cost,
+                      cold_starts=self.cold_starts, pipeline_sizes=self.psizes, sim_end_s=self.now)
+
+    def _advance(self, t: float) -> None:
+        self.cost += self.mem_used * (t - self.cost_at)
+        self.cost_at = t
+        self.now = t
+
+    # ---- requests ----------------------------------------------------------------------------
+    def _arrive(self, req: int) -> None:
+        fn = int(self.arrivals.functions[req])
+        best = None
+        for inst in self.instances[fn]:
+            if inst.busy < self.spec.capacity and (best is None or _prefer(inst, best)):
+                best = inst
+        if best is not None:
+            self._assign(best, req, cold=False)
+            return
+        if not self._start(fn, req):
+            self.pending.append(req)
+
+    def _assign(self, inst: Instance, req: int, cold: bool) -> None:
+        inst.busy += 1
+        inst.idle_token += 1
+        if inst.ready_at is None:
+            self.kind[req] = 1 if cold else 2
+            inst.waiting.append(req)
+        else:
+            self._serve(inst, req)
+
+    def _serve(self, inst: Instance, req: int) -> None:
+        fn = self.spec.functions[inst.fn]
+        start = max(self.now, inst.ready_at or self.now)
+        prefill = (fn.prefill_s or 0.0) * inst.rate
+        tpot = (fn.tpot_s or 0.0) * inst.rate
+        self.ttft[req] = start + prefill - float(self.arrivals.times[req])
+        self.tpot[req] = tpot
+        self.push(start + prefill + self.spec.output_tokens * tpot, DONE, inst)
+
+    def _done(self, inst: Instance) -> None:
+        inst.busy -= 1
+        if self._serve_pending(inst):
+            return
+        if inst.busy == 0:
+            inst.idle_token += 1
+            self.push(self.now + self.spec.keepalive_s, IDLE, (inst, inst.idle_token))
+
+    def _serve_pending(self, inst: Instance) -> bool:
+        for k, req in enumerate(self.pending):
+            if int(self.arrivals.functions[req]) == inst.fn:
+                del self.pending[k]
+                self._assign(inst, req, cold=False)
+                return True
+        return False
+
+    def _idle(self, payload: tuple[Instance, int]) -> None:
+        inst, token = payload
+        if inst.released or inst.busy or token != inst.idle_token:
+            return
+        inst.released = True
+        self.instances[inst.fn].remove(inst)
+        self.service.report(WorkerReport(plan_id=inst.plan.plan_id, event="released"), now=self.now)
+        self.mem_used -= inst.memory_gb
+        self._retry_pending()
+
+    # ---- cold starts -------------------------------------------------------------------------
+    def _start(self, fn_index: int, req: int) -> bool:
+        fn = self.spec.functions[fn_index]
+        try:
+            plan = self.service.plan(PlanRequest(function=fn), now=self.now)
+        except OverloadedError:
+            return False
+        self.cold_starts += 1
+        self.psizes[plan.pipeline_size] = self.psizes.get(plan.pipeline_size, 0) + 1
+        inst = Instance(fn=fn_index, plan=plan, started=self.now, rate=slowdown(plan.pipeline_size, plan.full_workers),
+                        memory_gb=sum(s.memory_gb for s in plan.stages))
+        self.mem_used += inst.memory_gb
+        self.instances[fn_index].append(inst)
+        for st in plan.stages:
+            if st.fetch_bytes > 0:
+                key = f"{plan.plan_id}/{st.stage.index}"
+                self.fetch_owner[key] = (inst, st.stage.index)
+                self.nics[st.node].add(key, st.fetch_bytes * 8.0, math.inf, self.now)
+                self._schedule_nic(st.node)
+            else:
+                inst.fetch_end[st.stage.index] = self.now
+        self._assign(inst, req, cold=True)
+        if len(inst.fetch_end) == len(plan.stages):
+            self._group_fetched(inst)
+        return True
+
+    def _schedule_nic(self, node: str) -> None:
+        self.nic_version[node] += 1
+        t = self.nics[node].next_finish(self.now)
+        if t is not None:
+            self.push(t, NIC, (node, self.nic_version[node]))
+
+    def _nic_event(self, payload: tuple[str, int]) -> None:
+        node, version = payload
+        if version != self.nic_version[node]:
+            return
+        nic = self.nics[node]
+        nic.advance(self.now)
+        for fetch, end in nic.drain_finished():
+            inst, stage = self.fetch_owner.pop(fetch.key)
+            inst.fetch_end[stage] = end
+            if len(inst.fetch_end) == len(inst.plan.stages):
+                self._group_fetched(inst)
+        self._schedule_nic(node)
+
+    def _group_fetched(self, inst: Instance) -> None:
+        """All stages fetched: each worker's ready time from the stage-time model; group = slowest."""
+        t = self.spec.times
+        fn = self.spec.functions[inst.fn]
+        ready = inst.started
+        for st in inst.plan.stages:
+            end = inst.fetch_end[st.stage.index]
+            size_gb = fn.model_size_bytes / GB
+            if self.policy.startup == "sequential":
+                r = end + t.seq_const_s + t.seq_per_gb_s * size_gb
+            elif self.policy.startup == "serverlessllm":
+                if st.fetch_bytes == 0:
+                    r = inst.started + t.sllm_hit_const_s + t.sllm_hit_per_gb_s * size_gb
+                else:
+                    r = end + t.sllm_miss_const_s + t.sllm_miss_per_gb_s * size_gb
+            else:
+                r = max(end, inst.started + t.overlap_s) + t.tail_s + st.stage_bytes / GB / t.pcie_gbps_bytes
+            ready = max(ready, r)
+        self.push(ready, READY, inst)
+
+    def _ready(self, inst: Instance) -> None:
+        inst.ready_at = self.now
+        plan = inst.plan
+        for st in plan.stages:
+            fetch_s = inst.fetch_end[st.stage.index] - inst.started
+            self.service.report(WorkerReport(
+                plan_id=plan.plan_id, event="ready", stage=st.stage.index, at=self.now,
+                timings=WorkerTimings(fetch_s=fetch_s, fetch_bytes=st.fetch_bytes,
+                                      cold_start_s=self.now - inst.started)), now=self.now)
+            if self.policy.keeps_cache:
+                self._cache_put(st.node, plan.model_uri, st.stage_bytes / GB)
+        for req in inst.waiting:
+            self._serve(inst, req)
+        inst.waiting.clear()
+        if plan.pipeline_size > 1 and plan.full_workers > 0:
+            missing = max(plan.stages[0].stage_bytes, 1)
+            fn = self.spec.functions[inst.fn]
+            missing = fn.model_size_bytes - min(s.stage_bytes for s in plan.stages if s.full)
+            slowest = min(self.nics[s.node].bps for s in plan.stages if s.full)
+            delay = missing * 8 / slowest + missing / GB / self.spec.times.pcie_gbps_bytes
+            self.push(self.now + delay, CONSOLIDATED, inst)
+
+    def _consolidated(self, inst: Instance) -> None:
+        if inst.released:
+            return
+        self.service.report(WorkerReport(plan_id=inst.plan.plan_id, event="consolidated"), now=self.now)
+        freed = sum(s.memory_gb for s in inst.plan.stages if not s.full)
+        self.mem_used -= freed
+        inst.memory_gb -= freed
+        inst.rate = 1.0
+        if self.policy.keeps_cache:
+            fn = self.spec.functions[inst.fn]
+            for st in inst.plan.stages:
+                if st.full:
+                    self._cache_put(st.node, inst.plan.model_uri, fn.model_size_bytes / GB)
+        self._retry_pending()
+
+    def _retry_pending(self) -> None:
+        """Resources were freed: start what waits, oldest first; stop at the first refusal."""
+        while self.pending:
+            req = self.pending[0]
+            fn = int(self.arrivals.functions[req])
+            free = [i for i in self.instances[fn] if i.busy < self.spec.capacity]
+            self.pending.popleft()
+            if free:
+                self._assign(free[0], req, cold=False)
+            elif not self._start(fn, req):
+                self.pending.appendleft(req)
+                break
+
+    # ---- host cache (loaderd residency) --------------------------------------------------------
+    def _cache_put(self, node: str, uri: str, gb: float) -> None:
+        lru = self.cache[node]
+        lru[uri] = max(gb, lru.get(uri, 0.0))
+        lru.move_to_end(uri)
+        budget = self.node_spec[node].cache_gb
+        while sum(lru.values()) > budget and len(lru) > 1:
+            old, _ = lru.popitem(last=False)
+            self.service.cluster.drop_residency(node, old)
+
+
+def _prefer(a: Instance, b: Instance) -> bool:
+    """Ready beats starting; then the less busy."""
+    if (a.ready_at is None) != (b.ready_at is None):
+        return a.ready_at is not None
+    return a.busy < b.busy
+
+
+def summarize(result: Result, functions: list[FunctionSpec]) -> dict[str, float]:
+    ok = ~np.isnan(result.ttft)
+    ttft = result.ttft[ok]
+    met = (result.ttft <= result.slo) & ok
+    n = len(result.ttft)
+    return {
+        "requests": int(n),
+        "served": int(ok.sum()),
+        "slo_attainment": float(met.sum() / n) if n else 0.0,
+        "ttft_p50_s": float(np.percentile(ttft, 50)) if len(ttft) else math.nan,
+        "ttft_p99_s": float(np.percentile(ttft, 99)) if len(ttft) else math.nan,
+        "tpot_mean_s": float(np.nanmean(result.tpot)) if ok.any() else math.nan,
+        "cost_gb_s": float(result.cost_gb_s),
+        "cold_starts": int(result.cold_starts),
+        "cold_attainment": float(met[result.kind == 1].mean()) if (result.kind == 1).any() else math.nan,
+    }

@@ -1,0 +1,78 @@
+"""Arrivals for the simulator: the Azure Functions 2021 trace format or a synthetic generator.
+
+As HydraServe did, the trace supplies which functions are popular, and the arrival process is
+rescaled: aggregate inter-arrival times are Gamma with the target rate and coefficient of
+variation (shape 1/CV^2), and each arrival goes to an LLM function with probability equal to its
+share of the trace's invocations. Trace functions are ranked by invocation count and mapped
+onto the LLM functions in rank order (the i-th most popular trace function is LLM function i).
+The trace CSV has a header with at least app, func, end_timestamp, duration.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    times: np.ndarray  # seconds from 0, sorted
+    functions: np.ndarray  # index into the function list per arrival
+
+
+def azure_popularity(path: str, n_functions: int) -> np.ndarray:
+    """Invocation shares of the ``n_functions`` most invoked (app, func) pairs of the trace."""
+    counts: Counter[tuple[str, str]] = Counter()
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"app", "func", "end_timestamp", "duration"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)} (Azure Functions 2021 format)")
+        for row in reader:
+            counts[(row["app"], row["func"])] += 1
+    if not counts:
+        raise ValueError(f"{path}: no invocations")
+    top = [c for _, c in counts.most_common(n_functions)]
+    top += [min(top)] * (n_functions - len(top))  # fewer trace functions than LLM functions
+    weights = np.asarray(top, dtype=float)
+    return weights / weights.sum()
+
+
+def zipf_popularity(n_functions: int, exponent: float = 1.0) -> np.ndarray:
+    """Synthetic skew: share of rank i proportional to 1/i^exponent."""
+    w = 1.0 / np.arange(1, n_functions + 1) ** exponent
+    return w / w.sum()
+
+
+def gamma_arrivals(popularity: np.ndarray, rate: float, cv: float, duration_s: float, seed: int) -> Arrivals:
+    """Gamma renewal process of ``rate`` req/s and ``cv`` over ``duration_s``; functions by popularity."""
+    if rate <= 0 or cv <= 0 or duration_s <= 0:
+        raise ValueError("rate, cv and duration must be positive")
+    rng = np.random.default_rng(seed)
+    shape = 1.0 / (cv * cv)
+    scale = 1.0 / (rate * shape)
+    n_guess = int(rate * duration_s * 1.2 + 50 * cv + 100)
+    gaps = rng.gamma(shape, scale, size=n_guess)
+    times = np.cumsum(gaps)
+    while times[-1] < duration_s:  # rare with the margin above
+        more = np.cumsum(rng.gamma(shape, scale, size=n_guess)) + times[-1]
+        times = np.concatenate([times, more])
+    times = times[times < duration_s]
+    funcs = rng.choice(len(popularity), size=len(times), p=popularity)
+    return Arrivals(times=times, functions=funcs)
+
+
+def write_sample_trace(path: str, n_funcs: int = 40, invocations: int = 2000, seed: int = 0) -> None:
+    """A small CSV in the Azure Functions 2021 format (tests and examples; not real data)."""
+    rng = np.random.default_rng(seed)
+    pop = zipf_popularity(n_funcs, 1.2)
+    which = rng.choice(n_funcs, size=invocations, p=pop)
+    ends = np.sort(rng.uniform(0, 3600, size=invocations))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["app", "func", "end_timestamp", "duration"])
+        for fn, end in zip(which, ends, strict=True):
+            w.writerow([f"app{fn % 7}", f"func{fn}", f"{end:.3f}", f"{rng.exponential(0.5):.3f}"])
