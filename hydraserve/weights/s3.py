@@ -465,3 +465,13 @@ class S3Client:
                 raise StorageError(f"upload to {uri} failed: {exc}") from exc
 
         self._retrying(uri, "PUT", attempt)
+
+    def delete(self, bucket: str, key: str) -> None:
+        """Delete an object (no error if it does not exist)."""
+        uri = str(S3Uri(bucket, key))
+
+        def attempt() -> None:
+            self._count(requests=1)
+            self._boto.delete_object(Bucket=bucket, Key=key)
+
+        self._retrying(uri, "DELETE", attempt)
