@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 MiB = 1024 * 1024
 DEFAULT_REGION = "us-east-1"
-_READ_PIECE = 1 * MiB  # progress granularity of a ranged GET (what a resume can keep)
+_READ_PIECE = 256 * 1024  # progress granularity of a ranged GET (what a resume can keep)
 
 # --------------------------------------------------------------------------- URIs
 
