@@ -22,7 +22,7 @@ from hydraserve.provider.cluster import MEM_EPS, ClusterState, NodeState
 from hydraserve.provider.policies import Policy
 from hydraserve.provider.stages import balanced_stage_plan, stage_bytes
 
-POOL_SIZE = 48  # nodes examined in detail per decision (plus every node holding the model)
+POOL_SIZE = 24  # nodes examined in detail per decision (plus every node holding the model)
 PIPELINE_STEP_S = 0.001  # TPOT cost per extra stage (HydraServe: 1 ms x (p - 1))
 
 
@@ -66,7 +66,7 @@ class Planner:
         model = self.cluster.calibration if pol.calibrated else None
         startup = model.model if model is not None else None
         max_p = min(pol.max_pipeline_size, spec.max_pipeline_size, spec.num_layers)
-        self._memo: dict[tuple[int, int], tuple[bool, float]] = {}
+        self._memo: dict[tuple[int, int, int], tuple[bool, int, float, str, list[str]]] = {}
         candidates: list[Candidate] = []
         feasible: list[tuple[Candidate, StagePlan, list[int], list[Option], int]] = []
         chosen = None
@@ -176,30 +176,35 @@ class Planner:
 
     def _option(self, spec: FunctionSpec, stage: StageSpec, nbytes: int, state: NodeState, gpu: int,
                 now: float) -> Option | None:
+        """The node's offer for this stage: bytes to fetch, from where, and when they would land."""
+        memo_key = (state.row, stage.num_stages, stage.index)
+        got = self._memo.get(memo_key)
+        if got is None:
+            got = self._fetch_offer(spec, stage, nbytes, state, now)
+            self._memo[memo_key] = got
+        ok, fetch, end, source, peers = got
+        if not ok:
+            return None
+        return Option(state, gpu, fetch, end, source, peers)
+
+    def _fetch_offer(self, spec: FunctionSpec, stage: StageSpec, nbytes: int, state: NodeState,
+                     now: float) -> tuple[bool, int, float, str, list[str]]:
         fetch = nbytes
         source = "s3"
         peers: list[str] = []
-        if self.policy.cache_aware:
+        if self.policy.cache_aware and self.cluster.holders.get(spec.model_uri):
             fetch = nbytes - _resident_bytes(state, spec, stage)
             if fetch <= 0:
-                return Option(state, gpu, 0, now, "cache", [])
+                return True, 0, now, "cache", []
             if self.policy.peers:
                 peers = self._peers(spec, stage, state)
                 source = "peer" if peers else "s3"
         bits = fetch * 8 / self.policy.link_efficiency
-        memo_key = (state.row, int(bits))
-        got = self._memo.get(memo_key)
-        if got is None:
-            if self.policy.contention_aware:
-                ok, end, _ = state.nic.admit(now, bits)
-            else:
-                ok, end = True, state.nic.finish_times(now, bits)[1] or now
-            got = (ok, end)
-            self._memo[memo_key] = got
-        ok, end = got
-        if not ok:
-            return None
-        return Option(state, gpu, fetch, end, source, peers)
+        if self.policy.contention_aware:
+            ok, end, _ = state.nic.admit(now, bits)
+        else:
+            ok, end = True, state.nic.finish_times(now, bits)[1] or now
+        return ok, fetch, end, source, peers
 
     def _peers(self, spec: FunctionSpec, stage: StageSpec, state: NodeState) -> list[str]:
         out = []

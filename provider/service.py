@@ -114,6 +114,6 @@ class PlacementService:
 
     def _gauges(self) -> None:
         self.metrics.active_plans.set(len(self.cluster.plans))
-        self.metrics.active_fetches.set(sum(len(s.nic) for s in self.cluster.nodes.values()))
+        self.metrics.active_fetches.set(float(self.cluster.nfetch[: self.cluster.size].sum()))
         self.metrics.startup_tail_s.set(self.cluster.calibration.model.tail_s)
         self.metrics.startup_overlap_s.set(self.cluster.calibration.model.overlap_s)
