@@ -162,14 +162,13 @@ class FetchEngine:
         if fill.failed:
             return
         try:
-            data = self._read(chunk)
-            fill.writer.write(chunk.offset, data)
+            self._fetch(chunk)
         except BaseException as exc:
             self._fail(fill, exc)
             return
         done = False
         with fill.lock:
-            fill.bytes_done += len(data)
+            fill.bytes_done += chunk.end - chunk.start
             ready = []
             for i in chunk.tensors:
                 fill.pending[i] -= 1
@@ -197,8 +196,9 @@ class FetchEngine:
         log.warning("segment fetch failed: %s", exc, extra={"group": fill.layout.group})
         fill.on_done(fill, exc)
 
-    def _read(self, chunk: _Chunk) -> bytes:
-        """Peers first (each skipped after its first failure), then S3 with retries."""
+    def _fetch(self, chunk: _Chunk) -> None:
+        """Peers first (each skipped after its first failure), then S3 with retries; the bytes
+        land in the segment (straight from the socket when the source can ``read_into``)."""
         want = chunk.end - chunk.start
         fill = chunk.fill
         for source in fill.sources:
@@ -209,17 +209,19 @@ class FetchEngine:
                     data = source.read(chunk.file, chunk.start, chunk.end)
                     if len(data) != want:
                         raise IntegrityError(f"peer sent {len(data)} B, expected {want}")
+                    fill.writer.write(chunk.offset, data)
                     self.observer.on_bytes(source.kind, want)
-                    return data
+                    return
                 except Exception as exc:
                     fill.bad_sources.add(source.label)
                     self.observer.on_error(source.kind, type(exc).__name__)
                     log.info("peer %s failed (%s); falling back", source.label, exc)
                     continue
-            return self._read_retrying(source, chunk)
+            self._read_retrying(source, chunk)
+            return
         raise PermanentError("no source left to read from")
 
-    def _read_retrying(self, source: RangeReader, chunk: _Chunk) -> bytes:
+    def _read_retrying(self, source: RangeReader, chunk: _Chunk) -> None:
         want = chunk.end - chunk.start
         deadline = time.monotonic() + self.retry_budget_s
         delay = 0.1
@@ -227,11 +229,16 @@ class FetchEngine:
         while True:
             attempt += 1
             try:
-                data = source.read(chunk.file, chunk.start, chunk.end)
-                if len(data) != want:
-                    raise IntegrityError(f"{chunk.file}[{chunk.start}:{chunk.end}]: got {len(data)} B")
+                read_into = getattr(source, "read_into", None)
+                if read_into is not None:
+                    read_into(chunk.file, chunk.start, chunk.fill.writer.view[chunk.offset:chunk.offset + want])
+                else:
+                    data = source.read(chunk.file, chunk.start, chunk.end)
+                    if len(data) != want:
+                        raise IntegrityError(f"{chunk.file}[{chunk.start}:{chunk.end}]: got {len(data)} B")
+                    chunk.fill.writer.write(chunk.offset, data)
                 self.observer.on_bytes(source.kind, want)
-                return data
+                return
             except HydraError as exc:
                 self.observer.on_error(source.kind, type(exc).__name__)
                 if not exc.retryable:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.errors import InvalidRequestError
@@ -40,6 +41,7 @@ class ModelIndex:
     group_of: Callable[[str], tuple[int, str]]  # tensor name -> (streaming order, group name)
     names_for_stage: Callable[[list[str], StageSpec], list[str]]
     read_header: Callable[[str], bytes] | None = None  # file -> its first data_start bytes
+    handle: Any = None  # what the range reader needs (for S3: the client and the prefix)
     key: str = ""
     _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
 

@@ -1,0 +1,108 @@
+"""Model indexes and ranged reads from S3, through hydraserve.weights (the only S3 client and
+safetensors parser). Used by the daemon (hydraserve.loaderd.daemon.default_backends) and by the
+runtime's direct-S3 fallback.
+
+``resolve_model`` reads the listing (sizes, ETags), each safetensors header (one ranged GET per
+file), the push manifest (sha256 per file) and config.json (tied embeddings), and checks that
+sizes agree: an object whose size no longer matches its manifest is refused before any byte is
+fetched. ``S3RangeReader`` streams each range straight into the segment (no extra copy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from hydraserve.errors import IntegrityError, StorageError
+from hydraserve.loaderd.model_index import FileMeta, ModelIndex
+from hydraserve.loaderd.segment import TensorSpec
+from hydraserve.weights.layout import FIRST_STAGE_ROLES, Role, names_for_stage, role_of
+from hydraserve.weights.manifest import read_manifest
+from hydraserve.weights.model_files import S3ModelFiles, open_model
+from hydraserve.weights.s3 import S3Client, S3Uri, parse_s3_uri
+
+log = logging.getLogger(__name__)
+
+HEAD_ORDER = 1_000_000
+
+
+def group_of(name: str) -> tuple[int, str]:
+    """Segment group of a tensor and its streaming order: embeddings, layer 0.., then head."""
+    role = role_of(name)
+    if role.role is Role.LAYER and role.layer is not None:
+        return 1 + role.layer, f"layer.{role.layer}"
+    if role.role in FIRST_STAGE_ROLES:
+        return 0, "embed"
+    if role.role is Role.OTHER:
+        return 0, "other"  # every stage takes these: their own group, shared by all stages
+    return HEAD_ORDER, "head"
+
+
+def resolve_model(uri: str, endpoint_url: str | None = None, *, client: S3Client | None = None) -> ModelIndex:
+    """The index of an ``s3://bucket/prefix`` model (validated URI; raises StorageError etc.)."""
+    location = parse_s3_uri(uri)
+    client = client or S3Client(endpoint_url)
+    model = open_model(str(location), client=client)
+    assert isinstance(model, S3ModelFiles)
+    headers = model.headers()
+    listing = {o.key.rsplit("/", 1)[-1]: o for o in client.list_prefix(location.bucket, location.key)}
+    manifest = read_manifest(model)
+    tie = False
+    try:
+        tie = bool(json.loads(model.read_bytes("config.json")).get("tie_word_embeddings", False))
+    except (StorageError, ValueError):
+        pass
+    files: dict[str, FileMeta] = {}
+    for name, header in headers.items():
+        obj = listing.get(name)
+        if obj is None:
+            raise StorageError(f"{uri}/{name} is listed in the index but not in the bucket", code="no_such_key")
+        sha = None
+        if manifest is not None:
+            try:
+                entry = manifest.file(name)
+            except KeyError:
+                entry = None
+            if entry is not None:
+                if entry.size != obj.size:
+                    raise IntegrityError(f"{uri}/{name}: {obj.size} B in S3, manifest says {entry.size} B")
+                sha = entry.sha256
+        if header.data_end > obj.size:
+            raise IntegrityError(f"{uri}/{name}: header needs {header.data_end} B, object has {obj.size}")
+        files[name] = FileMeta(name, obj.size, header.data_start, sha, obj.etag.strip('"') or None)
+    if manifest is None:
+        log.warning("no push manifest: sizes are checked, sha256 is not", extra={"model": uri})
+    specs = [TensorSpec(name, loc.entry.dtype, tuple(loc.entry.shape), loc.file, loc.entry.start, loc.entry.end)
+             for name, loc in model.tensor_index().items()]
+    specs.sort(key=lambda s: (s.file, s.start))
+
+    def read_header(file: str) -> bytes:
+        obj = location.child(file)
+        return bytes(client.get_range(obj.bucket, obj.key, 0, files[file].data_start))
+
+    index = ModelIndex(uri=str(location), endpoint_url=client.endpoint_url, files=files, tensors=specs,
+                       group_of=group_of,
+                       names_for_stage=lambda names, stage: names_for_stage(names, stage, tie),
+                       read_header=read_header)
+    index.handle = (client, location)
+    return index
+
+
+class S3RangeReader:
+    """RangeReader over one model's S3 prefix (the S3 client retries and resumes each range)."""
+
+    kind = "s3"
+
+    def __init__(self, index: ModelIndex) -> None:
+        client, location = index.handle
+        self._client: S3Client = client
+        self._location: S3Uri = location
+        self.label = str(location)
+
+    def read(self, file: str, start: int, end: int) -> bytes:
+        obj = self._location.child(file)
+        return bytes(self._client.get_range(obj.bucket, obj.key, start, end))
+
+    def read_into(self, file: str, start: int, out: memoryview) -> None:
+        obj = self._location.child(file)
+        self._client.get_range_into(obj.bucket, obj.key, start, out)

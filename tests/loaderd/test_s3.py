@@ -1,0 +1,243 @@
+"""loaderd against a real S3 server (moto over HTTP): the `hydraserve loaderd` process, byte-exact
+whole models, stage slices and shards, S3 killed and restarted mid-fetch, a corrupted object,
+and the runtime falling back to S3 when no daemon answers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hydraserve.contracts.loader import AttachRequest, PrefetchRequest
+from hydraserve.contracts.stage import StageSpec
+from hydraserve.errors import InvalidRequestError, PermanentError
+from hydraserve.loaderd.daemon import LoaderDaemon, new_token_file, spawn_loaderd
+from hydraserve.loaderd.segment import SegmentFailedError, SegmentReader
+from hydraserve.loaderd.service import LoaderConfig
+from hydraserve.runtime.shm_source import open_shm_source
+from hydraserve.weights.local import LocalTensorSource
+from hydraserve.weights.push import push_model
+
+from .conftest import llama_like, write_model
+
+BUCKET = "loaderd-tests"
+
+
+def push(s3: Any, local: Path, name: str) -> str:
+    """Push a model (manifest included) and make the server reload it after a restart."""
+    uri = f"s3://{BUCKET}/{name}"
+    manifest = push_model(local, uri, progress=False, create_bucket=True, client=s3.client())
+    for path in local.iterdir():
+        s3.remember(BUCKET, f"{name}/{path.name}", path)
+    mpath = local.parent / f"{name}-manifest.json"
+    mpath.write_text(manifest.model_dump_json())
+    s3.remember(BUCKET, f"{name}/hydraserve-manifest.json", mpath)
+    return uri
+
+
+def expected(local: Path) -> dict[str, torch.Tensor]:
+    src = LocalTensorSource(local)
+    return {n: src.get(n) for n in src.tensor_names()}
+
+
+def assert_same(source: Any, want: dict[str, torch.Tensor], names: list[str] | None = None) -> None:
+    names = names if names is not None else list(want)
+    assert sorted(source.tensor_names()) == sorted(names)
+    for n in names:
+        got = source.get(n)
+        assert got.dtype == want[n].dtype and got.shape == want[n].shape
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.bool else got, want[n]), n
+
+
+@pytest.fixture(scope="module")
+def models(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path]]:
+    from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
+
+    root = tmp_path_factory.mktemp("s3models")
+    tiny = make_tiny_model(root / "tiny", TinySpec(arch="llama", kv_heads=2))
+    sharded = make_tiny_model(root / "sharded", TinySpec(arch="llama", layers=4, shard_size="100KB"))
+    big = write_model(root / "big", llama_like(layers=6, hidden=128, vocab=1024))
+    out = {}
+    for name, path in (("tiny", tiny), ("sharded", sharded), ("big", big)):
+        out[name] = (push(s3_server, path, f"{name}-{uuid.uuid4().hex[:6]}"), path)
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    return out
+
+
+@pytest.fixture
+def s3_env(s3_server: Any) -> Iterator[dict[str, str]]:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.client_env().items():
+            mp.setenv(k, v)
+        yield s3_server.client_env()
+
+
+def daemon(node: str, **kw: Any) -> LoaderDaemon:
+    cfg = LoaderConfig(node_name=node, budget_bytes=256 << 20, **kw)
+    return LoaderDaemon(cfg, "s" * 32).start()
+
+
+def test_cli_daemon_serves_whole_sharded_and_stage_slices(s3_server: Any, models: dict, shm_guard: str,
+                                                          tmp_path: Path) -> None:
+    token, token_file = new_token_file(tmp_path)
+    from hydraserve.embedded.s3 import free_port
+
+    d = spawn_loaderd(port=free_port(), node_name=shm_guard, budget_bytes=64 << 20, token=token,
+                      token_file=token_file, endpoint_url=s3_server.endpoint_url, env=s3_server.client_env(),
+                      log_path=tmp_path / "loaderd.log")
+    try:
+        uri, local = models["tiny"]
+        source = open_shm_source(uri, loader_url=d.url, token=token)
+        assert getattr(source, "via", "") == "loaderd"
+        assert_same(source, expected(local))
+        for info in d.client().status().segments:
+            assert stat.S_IMODE(os.stat(info.path).st_mode) == 0o600
+        source.close()
+
+        uri, local = models["sharded"]
+        want = expected(local)
+        stage = StageSpec(index=1, num_stages=2, layer_start=2, layer_end=4, num_layers=4)
+        source = open_shm_source(uri, stage=stage, loader_url=d.url, token=token)
+        names = [n for n in want if ".layers.2." in n or ".layers.3." in n or n in ("model.norm.weight", "lm_head.weight")]
+        assert_same(source, want, names)
+        whole = open_shm_source(uri, loader_url=d.url, token=token)
+        assert_same(whole, want)
+        status = wait_complete(d.client())
+        model = next(m for m in status.models if m.model_uri == uri)
+        assert model.bytes_complete == model.model_bytes
+        source.close()
+        whole.close()
+    finally:
+        assert d.stop() == 0
+    log = (tmp_path / "loaderd.log").read_text()
+    assert s3_server.credentials.secret_access_key not in log and token not in log
+
+
+def test_s3_killed_and_restarted_mid_fetch(s3_server: Any, s3_env: dict, models: dict, shm_guard: str) -> None:
+    uri, local = models["big"]
+    d = daemon(shm_guard, concurrency=1, chunk_bytes=4096, retry_budget_s=60)
+    try:
+        lease = d.client().prefetch(PrefetchRequest(model_uri=uri))
+        first = SegmentReader(lease.segments[0].path)
+        first.wait_ready(0, timeout_s=30)
+        s3_server.kill()
+        time.sleep(0.5)
+        s3_server.start()
+        first.close()
+        source = open_shm_source(uri, loader_url=d.url, token=d.token)
+        assert_same(source, expected(local))
+        source.close()
+        errors = sum(s.value for m in d.service.metrics.errors.collect() for s in m.samples
+                     if s.name.endswith("_total"))
+        assert errors + s3_retries(d) > 0, "the kill did not interrupt the fetch"
+        assert all(s.state == "complete" for s in wait_complete(d.client()).segments)
+    finally:
+        if not s3_server.running:
+            s3_server.start()
+        d.stop()
+
+
+def wait_complete(client: Any, timeout_s: float = 30) -> Any:
+    """Status once no segment is filling (readers may finish before the state word turns)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.status()
+        if all(s.state != "filling" for s in status.segments) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.02)
+
+
+def s3_retries(d: LoaderDaemon) -> int:
+    index = next(iter(d.service._models.values()))
+    return int(index.handle[0].retries)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_corrupted_object_is_detected_and_not_served(s3_server: Any, s3_env: dict, shm_guard: str,
+                                                     tmp_path: Path, strict: bool) -> None:
+    local = write_model(tmp_path / "m", llama_like(layers=2, seed=5))
+    uri = push(s3_server, local, f"corrupt-{uuid.uuid4().hex[:6]}")
+    bad = tmp_path / "bad.safetensors"
+    raw = bytearray((local / "model.safetensors").read_bytes())
+    raw[-3] ^= 0x55  # same size, different content (in the last tensor)
+    bad.write_bytes(bytes(raw))
+    key = uri[len(f"s3://{BUCKET}/"):] + "/model.safetensors"
+    s3_server.client().put_file(BUCKET, key, bad)
+    d = daemon(shm_guard, strict_integrity=strict)
+    try:
+        lease = d.client().attach(AttachRequest(model_uri=uri))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(s.state == "failed" for s in d.client().status().segments):
+            time.sleep(0.05)
+        status = d.client().status()
+        assert {s.state for s in status.segments} == {"failed"}
+        assert d.service.metrics.integrity_failures._value.get() == 1
+        for info in lease.segments:
+            reader = SegmentReader(info.path)
+            if strict:  # nothing was ever published
+                assert all(reader.flag(i) != 1 for i in range(len(reader.tensors)))
+            with pytest.raises(SegmentFailedError):
+                reader.wait_ready(len(reader.tensors) - 1, timeout_s=5)
+            reader.close()
+        d.client().release(lease.lease_id)
+        s3_server.client().put_file(BUCKET, key, local / "model.safetensors")  # repaired
+        source = open_shm_source(uri, loader_url=d.url, token=d.token)
+        assert_same(source, expected(local))
+        source.close()
+    finally:
+        d.stop()
+
+
+def test_object_size_changed_since_push_is_refused(s3_server: Any, s3_env: dict, shm_guard: str,
+                                                   tmp_path: Path) -> None:
+    local = write_model(tmp_path / "m", llama_like(layers=1, seed=6))
+    uri = push(s3_server, local, f"resized-{uuid.uuid4().hex[:6]}")
+    longer = tmp_path / "longer.safetensors"
+    longer.write_bytes((local / "model.safetensors").read_bytes() + b"\0" * 16)
+    s3_server.client().put_file(BUCKET, uri[len(f"s3://{BUCKET}/"):] + "/model.safetensors", longer)
+    d = daemon(shm_guard)
+    try:
+        with pytest.raises(PermanentError, match="manifest says"):
+            d.client().prefetch(PrefetchRequest(model_uri=uri))
+        assert d.client().status().segments == []
+    finally:
+        d.stop()
+
+
+def test_bad_uris_get_clear_errors(s3_env: dict, shm_guard: str) -> None:
+    d = daemon(shm_guard)
+    try:
+        with pytest.raises(InvalidRequestError, match=r"URI|bucket|key"):
+            d.client().prefetch(PrefetchRequest(model_uri="s3://a/../../dev/shm"))
+        with pytest.raises(InvalidRequestError):
+            d.client().prefetch(PrefetchRequest(model_uri="file:///etc/passwd"))
+        with pytest.raises(PermanentError, match=r"does not exist|no model files"):
+            d.client().prefetch(PrefetchRequest(model_uri=f"s3://{BUCKET}/missing-{uuid.uuid4().hex[:6]}"))
+    finally:
+        d.stop()
+
+
+def test_runtime_falls_back_to_s3_when_no_daemon_answers(s3_env: dict, models: dict,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from hydraserve.embedded.s3 import free_port
+
+    uri, local = models["sharded"]
+    reasons: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="hydraserve.runtime.shm_source"):
+        source = open_shm_source(uri, loader_url=f"http://127.0.0.1:{free_port()}", token="x" * 32,
+                                 on_fallback=reasons.append)
+    try:
+        assert getattr(source, "via", "") == "s3"
+        assert reasons and "did not answer" in reasons[0]
+        assert any("falling back to direct S3" in r.getMessage() for r in caplog.records)
+        assert_same(source, expected(local))
+    finally:
+        source.close()
