@@ -185,18 +185,23 @@ class EmbeddedS3:
         self._seed["objects"].append({"bucket": bucket, "key": key,
                                       "path": str(Path(path).resolve())})
 
-    def upload_file(self, path: str | Path, bucket: str, key: str) -> None:
+    def upload_file(self, path: str | Path, bucket: str, key: str, *, client: S3Client | None = None,
+                    create_bucket: bool = True) -> None:
         """Put one local file and remember it across restarts."""
-        self.create_bucket(bucket)
-        self.client().put_file(bucket, key, Path(path))
+        if create_bucket:
+            self.create_bucket(bucket)
+        (client or self.client()).put_file(bucket, key, Path(path))
         self.remember(bucket, key, path)
 
     def upload_dir(self, local_dir: str | Path, bucket: str, prefix: str) -> str:
         """Put every file of a flat directory under ``prefix``; returns its s3:// URI."""
         prefix = prefix.strip("/")
+        self.create_bucket(bucket)
+        client = self.client()
         for path in sorted(Path(local_dir).iterdir()):
             if path.is_file():
-                self.upload_file(path, bucket, f"{prefix}/{path.name}" if prefix else path.name)
+                self.upload_file(path, bucket, f"{prefix}/{path.name}" if prefix else path.name,
+                                 client=client, create_bucket=False)
         return f"s3://{bucket}/{prefix}"
 
     def _enable_auth(self) -> None:

@@ -1,0 +1,298 @@
+"""open_model and the tensor sources, local and over real S3 (moto over HTTP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hydraserve.contracts.stage import StagePlan
+from hydraserve.embedded.s3 import EmbeddedS3
+from hydraserve.errors import InvalidRequestError, NotFoundError, StorageError
+from hydraserve.weights.layout import names_for_stage, stream_rank
+from hydraserve.weights.model_files import HEADER_PROBE_BYTES, open_model
+from hydraserve.weights.s3 import RetryPolicy, S3Client
+from hydraserve.weights.s3_source import S3TensorSource
+
+from .checkpoints import llama_tensors, opt_tensors, write_model
+
+
+def _reference(model_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out |= load_file(str(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("llama"), llama_tensors(layers=6, dtype=torch.bfloat16),
+                       config={"model_type": "llama", "num_hidden_layers": 6})
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("sharded"), opt_tensors(layers=5, project=True), shards=3,
+                       config={"model_type": "opt", "num_hidden_layers": 5})
+
+
+def _upload(s3_server: EmbeddedS3, bucket: str, local: Path, prefix: str) -> str:
+    return s3_server.upload_dir(local, bucket, prefix)
+
+
+# ------------------------------------------------------------------ local directories
+
+def test_local_model_files(llama_dir: Path) -> None:
+    model = open_model(str(llama_dir))
+    assert model.list_files() == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert model.config()["num_hidden_layers"] == 6
+    assert json.loads(model.read_text("tokenizer.json")) == {"model": {"vocab": {}}}
+    reference = _reference(llama_dir)
+    index = model.tensor_index()
+    assert set(index) == set(reference)
+    source = model.tensor_source(["lm_head.weight", "model.norm.weight"])
+    assert source.tensor_names() == ["lm_head.weight", "model.norm.weight"]
+    assert torch.equal(source.get("lm_head.weight"), reference["lm_head.weight"])
+    with pytest.raises(KeyError):
+        source.get("model.embed_tokens.weight")
+
+
+def test_local_rejects_traversal_and_missing(tmp_path: Path, llama_dir: Path) -> None:
+    model = open_model(str(llama_dir))
+    for name in ("../etc/passwd", "/etc/passwd", ".."):
+        with pytest.raises(InvalidRequestError):
+            model.read_bytes(name)
+    with pytest.raises(NotFoundError):
+        model.read_bytes("generation_config.json")
+    with pytest.raises(NotFoundError):
+        open_model(str(tmp_path / "nope"))
+    with pytest.raises(InvalidRequestError):
+        open_model("gs://bucket/model")
+
+
+def test_index_json_cannot_point_outside_the_model(tmp_path: Path) -> None:
+    model_dir = write_model(tmp_path / "m", llama_tensors(layers=1), shards=2)
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "../../outside.safetensors"
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidRequestError, match="unsafe model file name"):
+        open_model(str(model_dir)).tensor_index()
+
+
+# ------------------------------------------------------------------ S3: index and whole model
+
+def test_s3_tensors_are_byte_exact(s3_server: EmbeddedS3, s3_client: S3Client, bucket: str,
+                                   llama_dir: Path) -> None:
+    uri = _upload(s3_server, bucket, llama_dir, "org/llama")
+    model = open_model(uri, client=s3_client)
+    assert model.config()["model_type"] == "llama"
+    s3_client.reset_stats()
+    index = model.tensor_index()
+    assert s3_client.requests == 2  # one LIST + ONE ranged GET for the only header
+    assert s3_client.bytes_received <= HEADER_PROBE_BYTES
+
+    reference = _reference(llama_dir)
+    source = model.tensor_source(chunk_bytes=4096, concurrency=4)
+    try:
+        assert set(source.tensor_names()) == set(reference) == set(index)
+        for name, tensor in reference.items():
+            got = source.get(name)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+    finally:
+        source.close()
+
+
+def test_long_header_needs_exactly_a_second_get(s3_server: EmbeddedS3, s3_client: S3Client,
+                                                bucket: str, tmp_path: Path) -> None:
+    tensors = {f"model.layers.0.block_{i:05d}_{'x' * 60}.weight": torch.full((2,), float(i))
+               for i in range(1200)}
+    write_model(tmp_path / "m", tensors)
+    uri = _upload(s3_server, bucket, tmp_path / "m", "long")
+    model = open_model(uri, client=s3_client)
+    model.list_files()
+    s3_client.reset_stats()
+    header = model.headers()["model.safetensors"]
+    assert header.header_len > HEADER_PROBE_BYTES
+    assert s3_client.requests == 2
+    got = model.tensor_source(["model.layers.0.block_01199_" + "x" * 60 + ".weight"])
+    assert got.get(got.tensor_names()[0]).tolist() == [1199.0, 1199.0]
+
+
+def test_sharded_model_with_index(s3_server: EmbeddedS3, s3_client: S3Client, bucket: str,
+                                  sharded_dir: Path) -> None:
+    uri = _upload(s3_server, bucket, sharded_dir, "opt")
+    model = open_model(uri, client=s3_client)
+    assert model.safetensors_files() == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    reference = _reference(sharded_dir)
+    index = model.tensor_index()
+    assert {loc.file for loc in index.values()} == set(model.safetensors_files())
+    source = model.tensor_source(concurrency=3, chunk_bytes=4000)
+    for name, tensor in reference.items():
+        assert torch.equal(source.get(name), tensor), name
+    source.close()
+
+
+# ------------------------------------------------------------------ S3: stage slices
+
+@pytest.mark.parametrize("boundaries", [[0, 2, 5], [0, 1, 3, 4, 5], [0, 5]])
+def test_stage_slices_fetch_only_their_tensors(s3_server: EmbeddedS3, s3_client: S3Client,
+                                               bucket: str, sharded_dir: Path,
+                                               boundaries: list[int]) -> None:
+    uri = _upload(s3_server, bucket, sharded_dir, "opt-stages")
+    model = open_model(uri, client=s3_client)
+    index = model.tensor_index()
+    reference = _reference(sharded_dir)
+    fetched: set[str] = set()
+    for stage in StagePlan.from_boundaries(5, boundaries).stages:
+        names = names_for_stage(index, stage, tie_word_embeddings=True)
+        s3_client.reset_stats()
+        source = model.tensor_source(names, chunk_bytes=64 * 1024)
+        assert isinstance(source, S3TensorSource)
+        source.wait_all(timeout=30)
+
+        assert s3_client.bytes_received == sum(index[n].entry.nbytes for n in names)
+        assert s3_client.requests == len(source.chunks) and source.bytes_fetched == source.total_bytes
+        assert set(source.tensor_names()) == set(names)
+        for name in names:
+            assert torch.equal(source.get(name), reference[name])
+        with pytest.raises(KeyError):
+            source.get(next(n for n in index if n not in names) if len(names) < len(index) else "x")
+        fetched |= set(names)
+    assert fetched == set(index)
+
+
+def test_fetch_order_is_layer_order_and_adjacent_tensors_coalesce(
+        s3_server: EmbeddedS3, s3_client: S3Client, bucket: str, tmp_path: Path) -> None:
+    write_model(tmp_path / "m", llama_tensors(layers=12))  # file order: layers 0, 1, 10, 11, 2, ...
+    model = open_model(_upload(s3_server, bucket, tmp_path / "m", "order"), client=s3_client)
+    source = model.tensor_source(chunk_bytes=1 << 20, concurrency=1)
+    source.wait_all(timeout=30)
+    assert isinstance(source, S3TensorSource)
+    ranks = [stream_rank(run.tensors[0].name) for run in source.runs]
+    assert ranks == sorted(ranks)
+    layer_runs = [r for r in source.runs if stream_rank(r.tensors[0].name)[0] == 1]
+    assert len(layer_runs) == 12  # each layer's 9 contiguous tensors in one ranged GET
+    assert all(len(r.tensors) == 9 for r in layer_runs)
+    assert len(source.chunks) == len(source.runs)
+
+
+def test_big_tensor_is_split_into_chunks(s3_server: EmbeddedS3, s3_client: S3Client, bucket: str,
+                                         tmp_path: Path) -> None:
+    big = torch.arange(300_000, dtype=torch.float32)
+    save_file({"model.embed_tokens.weight": big, "model.layers.0.empty": torch.empty(0)},
+              str(tmp_path / "model.safetensors"))
+    s3_client.put_file(bucket, "big/model.safetensors", tmp_path / "model.safetensors")
+    source = open_model(f"s3://{bucket}/big", client=s3_client).tensor_source(chunk_bytes=100_000)
+    assert isinstance(source, S3TensorSource) and len(source.chunks) == 12
+    assert torch.equal(source.get("model.embed_tokens.weight"), big)
+    assert source.get("model.layers.0.empty").shape == (0,)
+
+
+# ------------------------------------------------------------------ S3: errors
+
+def test_s3_errors_name_the_object(s3_server: EmbeddedS3, s3_client: S3Client, bucket: str,
+                                   tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match=f"no model files under s3://{bucket}/absent"):
+        open_model(f"s3://{bucket}/absent", client=s3_client).safetensors_files()
+    with pytest.raises(StorageError, match=f"s3://{bucket}/absent/config.json does not exist"):
+        open_model(f"s3://{bucket}/absent", client=s3_client).config()
+    with pytest.raises(StorageError, match="bucket 'missing-bucket-y' does not exist"):
+        open_model("s3://missing-bucket-y/m", client=s3_client).config()
+    for bad in ("s3://models/../x", "s3://models//x", "s3://BAD/x", "s3://models/a\x01"):
+        with pytest.raises(InvalidRequestError):
+            open_model(bad, client=s3_client)
+
+    model_dir = write_model(tmp_path / "m", llama_tensors(layers=2), shards=2)
+    s3_server.upload_dir(model_dir, bucket, "partial")
+    s3_client.delete(bucket, "partial/model-00002-of-00002.safetensors")
+    with pytest.raises(StorageError, match=f"s3://{bucket}/partial/model-00002-of-00002.safetensors"):
+        open_model(f"s3://{bucket}/partial", client=s3_client).tensor_index()
+
+
+def test_truncated_file_is_rejected_at_index_time(s3_client: S3Client, bucket: str,
+                                                  tmp_path: Path) -> None:
+    save_file({"model.layers.0.w": torch.ones(1000)}, str(tmp_path / "model.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    s3_client.put_bytes(bucket, "trunc/model.safetensors", data[:-10])
+    with pytest.raises(InvalidRequestError, match="past the end of the file"):
+        open_model(f"s3://{bucket}/trunc", client=s3_client).tensor_index()
+
+
+def test_traversal_in_s3_index_is_rejected(s3_client: S3Client, bucket: str) -> None:
+    s3_client.put_bytes(bucket, "evil/model.safetensors.index.json", json.dumps(
+        {"weight_map": {"lm_head.weight": "../other-model/model.safetensors"}}).encode())
+    with pytest.raises(InvalidRequestError, match="unsafe model file name"):
+        open_model(f"s3://{bucket}/evil", client=s3_client).tensor_index()
+
+
+# ------------------------------------------------------------------ S3: server dies mid-fetch
+
+@pytest.fixture
+def private_server():
+    with EmbeddedS3() as server:
+        yield server
+
+
+def test_killed_mid_fetch_and_restarted_completes(private_server: EmbeddedS3, tmp_path: Path) -> None:
+    tensors = {f"model.layers.{i}.w": torch.randn(512, 1024) for i in range(12)}  # 24 MiB
+    write_model(tmp_path / "m", tensors)
+    uri = private_server.upload_dir(tmp_path / "m", "durable", "m")
+    client = private_server.client(retry=RetryPolicy(max_attempts=30, base_delay_s=0.05,
+                                                     max_delay_s=0.3, budget_s=30))
+    model = open_model(uri, client=client)
+    model.tensor_index()
+    client.reset_stats()
+    source = model.tensor_source(chunk_bytes=512 * 1024, concurrency=2)
+    assert isinstance(source, S3TensorSource)
+    deadline = time.monotonic() + 20
+    while source.bytes_fetched == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    private_server.kill()
+    assert source.finished_at is None, "fetch finished before the kill: test proves nothing"
+    time.sleep(0.3)
+    private_server.start()
+    source.wait_all(timeout=30)
+    for name, tensor in tensors.items():
+        assert torch.equal(source.get(name), tensor), name
+    assert client.retries >= 1
+    assert client.bytes_received == source.total_bytes  # dropped ranges resumed, nothing twice
+    source.close()
+
+
+def test_get_blocks_until_bytes_arrive(private_server: EmbeddedS3, tmp_path: Path) -> None:
+    tensors = {"model.layers.0.w": torch.randn(64, 64)}
+    write_model(tmp_path / "m", tensors)
+    uri = private_server.upload_dir(tmp_path / "m", "durable", "m")
+    client = private_server.client(retry=RetryPolicy(max_attempts=40, base_delay_s=0.05,
+                                                     max_delay_s=0.2, budget_s=30))
+    model = open_model(uri, client=client)
+    model.tensor_index()
+    private_server.kill()
+    source = model.tensor_source()
+    with pytest.raises(TimeoutError):
+        source.get("model.layers.0.w", timeout=0.3)
+    assert not source.ready("model.layers.0.w")
+    private_server.start()
+    assert torch.equal(source.get("model.layers.0.w", timeout=30), tensors["model.layers.0.w"])
+
+
+def test_fetch_error_surfaces_from_get(s3_client: S3Client, bucket: str, tmp_path: Path) -> None:
+    save_file({"model.layers.0.w": torch.ones(10)}, str(tmp_path / "model.safetensors"))
+    s3_client.put_file(bucket, "gone/model.safetensors", tmp_path / "model.safetensors")
+    model = open_model(f"s3://{bucket}/gone", client=s3_client)
+    model.tensor_index()
+    s3_client.delete(bucket, "gone/model.safetensors")
+    source = model.tensor_source()
+    with pytest.raises(StorageError, match=f"s3://{bucket}/gone/model.safetensors does not exist"):
+        source.get("model.layers.0.w", timeout=10)
+
+
+def test_random_bytes_are_not_a_model(s3_client: S3Client, bucket: str) -> None:
+    s3_client.put_bytes(bucket, "junk/model.safetensors", os.urandom(1000))
+    with pytest.raises(InvalidRequestError):
+        open_model(f"s3://{bucket}/junk", client=s3_client).tensor_index()
