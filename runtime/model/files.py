@@ -53,14 +53,14 @@ def open_model_files(uri: str | Path, endpoint_url: str | None = None) -> ModelF
 
 
 def read_optional(files: ModelFiles, name: str) -> str | None:
-    """A file's text, or None if the model does not have it."""
+    """A file's text, or None if the model does not have it (other storage errors propagate)."""
+    from hydraserve.errors import NotFoundError, StorageError
+
     try:
         return files.read_text(name)
-    except (FileNotFoundError, KeyError):
+    except (FileNotFoundError, KeyError, NotFoundError):
         return None
-    except Exception as exc:  # an S3 "no such key" arrives as the storage layer's error type
-        from hydraserve.errors import StorageError
-
-        if isinstance(exc, StorageError):
+    except StorageError as exc:  # S3: a missing key is "absent", a denied one is an error
+        if exc.code == "no_such_key":
             return None
         raise
