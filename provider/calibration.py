@@ -6,11 +6,13 @@ We keep two estimates, fed by worker reports (service) or simulated completions 
 * per-node NIC bandwidth: each report gives bits / fetch seconds; the fetch shared the NIC with
   m fetches on average (the cluster model integrates that), so the NIC's rate is about
   m x bits / seconds. An EWMA (alpha 0.3) starting from the configured value.
-* the start-up model T = max(F, W) + C: F the slowest stage's fetch, W the work that overlaps
-  the fetch (process start, imports, device init, KV allocation), C what follows the last byte.
-  Fit on the last 64 (F, T) pairs by least absolute deviations over a grid of W (every observed
-  F, and 0): for each W, C is the median of T - max(F, W). With fewer than ``min_samples`` the
-  prior (W = 0, C = 2 s: HydraServe's model) is used.
+* the start-up model T = max(F, W) + C + K x G: F the slowest stage's fetch, G its size in GB,
+  W the work that overlaps the fetch (process start, imports, device init, KV allocation), C
+  what follows the last byte, K the per-GB part of it (host-to-device copy of what is left).
+  Fit on the last 64 (F, G, T) triples over a grid of W (every observed F, and 0): for each W,
+  C and K by least squares on T - max(F, W) (K clamped at 0), and the W with the least sum of
+  absolute residuals wins. With fewer than ``min_samples`` the prior (W = 0, C = 2 s, K = 0:
+  HydraServe's model) is used.
 
 Owners: the service calls ``observe_*`` under its lock; the planner reads ``predict_startup``.
 """
@@ -28,13 +30,18 @@ PRIOR_TAIL_S = 2.0  # HydraServe's unmeasured post-fetch constant
 
 @dataclass
 class StartupModel:
-    """T = max(F, overlap_s) + tail_s."""
+    """T = max(F, overlap_s) + tail_s + per_gb_s x G."""
 
     overlap_s: float = PRIOR_OVERLAP_S
     tail_s: float = PRIOR_TAIL_S
+    per_gb_s: float = 0.0
 
-    def predict(self, fetch_s: float) -> float:
-        return max(fetch_s, self.overlap_s) + self.tail_s
+    def predict(self, fetch_s: float, stage_gb: float = 0.0) -> float:
+        return max(fetch_s, self.overlap_s) + self.tail_s + self.per_gb_s * stage_gb
+
+    def after_fetch_s(self, stage_gb: float) -> float:
+        """What follows the last byte (the fetch deadline leaves room for it)."""
+        return self.tail_s + self.per_gb_s * stage_gb
 
 
 @dataclass
@@ -49,7 +56,7 @@ class Calibration:
     model: StartupModel = field(default_factory=StartupModel)
     node_bps: dict[str, float] = field(default_factory=dict)
     node_samples: dict[str, int] = field(default_factory=dict)
-    samples: deque[tuple[float, float]] = field(default_factory=deque)
+    samples: deque[tuple[float, float, float]] = field(default_factory=deque)
     _since_fit: int = 0
 
     def bandwidth_bps(self, node: str, configured_bps: float) -> float:
@@ -68,11 +75,11 @@ class Calibration:
         self.node_samples[node] = self.node_samples.get(node, 0) + 1
         return True
 
-    def observe_cold_start(self, fetch_s: float, cold_start_s: float) -> bool:
-        """One cold start: slowest stage's fetch seconds and plan-to-ready seconds."""
+    def observe_cold_start(self, fetch_s: float, cold_start_s: float, stage_gb: float = 0.0) -> bool:
+        """One cold start: slowest stage's fetch seconds, largest stage's GB, plan-to-ready seconds."""
         if not self.enabled or cold_start_s <= 0:
             return False
-        self.samples.append((max(0.0, fetch_s), cold_start_s))
+        self.samples.append((max(0.0, fetch_s), max(0.0, stage_gb), cold_start_s))
         while len(self.samples) > self.window:
             self.samples.popleft()
         self._since_fit += 1
@@ -82,18 +89,22 @@ class Calibration:
             self.model = fit_startup(list(self.samples))
         return True
 
-    def predict_startup(self, fetch_s: float) -> float:
-        return self.model.predict(fetch_s)
+    def predict_startup(self, fetch_s: float, stage_gb: float = 0.0) -> float:
+        return self.model.predict(fetch_s, stage_gb)
 
 
-def fit_startup(samples: list[tuple[float, float]]) -> StartupModel:
-    """Least-absolute-deviation fit of T = max(F, W) + C over a grid of W (see module docstring)."""
+def fit_startup(samples: list[tuple[float, float, float]]) -> StartupModel:
+    """Fit T = max(F, W) + C + K x G over a grid of W (see module docstring); samples are (F, G, T)."""
     arr = np.asarray(samples, dtype=float)
-    f, t = arr[:, 0], arr[:, 1]
+    f, g, t = arr[:, 0], arr[:, 1], arr[:, 2]
     grid = np.unique(np.concatenate([[0.0], f]))
-    eff = np.maximum(f[None, :], grid[:, None])  # (grid, samples)
-    resid = t[None, :] - eff
-    tails = np.median(resid, axis=1)
-    err = np.abs(resid - tails[:, None]).sum(axis=1)
+    y = t[None, :] - np.maximum(f[None, :], grid[:, None])  # (grid, samples)
+    gm = g.mean()
+    var = float(((g - gm) ** 2).sum())
+    ym = y.mean(axis=1)
+    k = ((y - ym[:, None]) * (g - gm)[None, :]).sum(axis=1) / var if var > 1e-12 else np.zeros(len(grid))
+    k = np.maximum(k, 0.0)
+    c = ym - k * gm
+    err = np.abs(y - c[:, None] - k[:, None] * g[None, :]).sum(axis=1)
     best = int(np.argmin(err))
-    return StartupModel(overlap_s=float(grid[best]), tail_s=max(0.0, float(tails[best])))
+    return StartupModel(overlap_s=float(grid[best]), tail_s=max(0.0, float(c[best])), per_gb_s=float(k[best]))

@@ -22,8 +22,9 @@ def commit(cluster: ClusterState, policy: Policy, plan: Plan, ttft_slo_s: float,
            now: float) -> ActivePlan:
     """Reserve memory and bandwidth for ``plan`` (already decided against this state)."""
     rate = plan.pipeline_size - plan.full_workers + plan.full_workers / plan.pipeline_size
-    tail = cluster.calibration.model.tail_s if policy.calibrated else 2.0
-    slack = max(0.0, ttft_slo_s - tail - prefill_s * rate)
+    biggest_gb = max(st.stage_bytes for st in plan.stages) / 1e9
+    after = cluster.calibration.model.after_fetch_s(biggest_gb) if policy.calibrated else 2.0
+    slack = max(0.0, ttft_slo_s - after - prefill_s * rate)
     for st in plan.stages:
         cluster.allocate(st.node, st.gpu, st.memory_gb, (plan.plan_id, st.stage.index))
     for st in plan.stages:
@@ -69,7 +70,8 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
             if cold is None:
                 cold = at - active.created_at
             fetch = max(active.fetch_end.values(), default=0.0)
-            if cluster.calibration.observe_cold_start(fetch, cold):
+            biggest_gb = max(s.stage_bytes for s in plan.stages) / 1e9
+            if cluster.calibration.observe_cold_start(fetch, cold, biggest_gb):
                 calibrated.append("startup")
     elif report.event in ("failed", "released"):
         for st in stages:

@@ -84,8 +84,8 @@ class Planner:
                 if isinstance(opts, str):
                     candidates.append(Candidate(pipeline_size=p, full_workers=a, feasible=False, reason=opts))
                     continue
-                fetch_s = max(o.fetch_end for o in opts) - now
-                ready = startup.predict(fetch_s) if startup is not None else fetch_s + 2.0
+                ready = max((startup.predict(o.fetch_end - now, sbytes[s] / 1e9) if startup is not None
+                             else o.fetch_end - now + 2.0) for s, o in enumerate(opts))
                 ttft = ready + (spec.prefill_s or 0.0) * rate
                 meets = ttft <= spec.ttft_slo_s
                 cand = Candidate(pipeline_size=p, full_workers=a, nodes=[o.state.info.name for o in opts],

@@ -21,13 +21,13 @@ import numpy as np
 from hydraserve.contracts.plan import FunctionSpec, NodeInfo, Plan, PlanRequest, WorkerReport, WorkerTimings
 from hydraserve.errors import OverloadedError
 from hydraserve.provider.network import Nic
-from hydraserve.provider.planner import slowdown
 from hydraserve.provider.policies import Policy, get_policy
 from hydraserve.provider.service import PlacementService
 from hydraserve.provider.sim.spec import GB, GOODPUT, SimSpec
 from hydraserve.provider.sim.workload import Arrivals
 
 ARRIVAL, NIC, READY, DONE, IDLE, CONSOLIDATED, RETRY = range(7)
+RETRY_FUNCTIONS = 8  # waiting functions that retry after each release
 
 
 @dataclass
@@ -35,7 +35,8 @@ class Instance:
     fn: int
     plan: Plan
     started: float
-    rate: float
+    rate: float  # serving slowdown while pipelined (1 after consolidation)
+    hop_s: float
     ready_at: float | None = None
     busy: int = 0
     idle_token: int = 0
@@ -72,7 +73,8 @@ class Simulator:
         self.cache: dict[str, OrderedDict[str, float]] = {n.name: OrderedDict() for n in spec.nodes}
         self.fetch_owner: dict[str, tuple[Instance, int]] = {}
         self.instances: list[list[Instance]] = [[] for _ in spec.functions]
-        self.pending: deque[int] = deque()
+        # requests waiting for capacity, per function; functions in order of their oldest waiter
+        self.pending: OrderedDict[int, deque[int]] = OrderedDict()
         self.heap: list[tuple[float, int, int, object]] = []
         self.seq = itertools.count()
         n = len(arrivals.times)
@@ -135,7 +137,7 @@ class Simulator:
             self._assign(best, req, cold=False)
             return
         if not self._start(fn, req):
-            self.pending.append(req)
+            self.pending.setdefault(fn, deque()).append(req)
 
     def _assign(self, inst: Instance, req: int, cold: bool) -> None:
         inst.busy += 1
@@ -150,7 +152,7 @@ class Simulator:
         fn = self.spec.functions[inst.fn]
         start = max(self.now, inst.ready_at or self.now)
         prefill = (fn.prefill_s or 0.0) * inst.rate
-        tpot = (fn.tpot_s or 0.0) * inst.rate
+        tpot = (fn.tpot_s or 0.0) * inst.rate + inst.hop_s
         self.ttft[req] = start + prefill - float(self.arrivals.times[req])
         self.tpot[req] = tpot
         self.push(start + prefill + self.spec.output_tokens * tpot, DONE, inst)
@@ -164,12 +166,15 @@ class Simulator:
             self.push(self.now + self.spec.keepalive_s, IDLE, (inst, inst.idle_token))
 
     def _serve_pending(self, inst: Instance) -> bool:
-        for k, req in enumerate(self.pending):
-            if int(self.arrivals.functions[req]) == inst.fn:
-                del self.pending[k]
-                self._assign(inst, req, cold=False)
-                return True
-        return False
+        """Give ``inst`` its function's waiting requests up to capacity; True if any."""
+        queue = self.pending.get(inst.fn)
+        took = False
+        while queue and inst.busy < self.spec.capacity:
+            self._assign(inst, queue.popleft(), cold=False)
+            took = True
+        if queue is not None and not queue:
+            del self.pending[inst.fn]
+        return took
 
     def _idle(self, payload: tuple[Instance, int]) -> None:
         inst, token = payload
@@ -190,7 +195,9 @@ class Simulator:
             return False
         self.cold_starts += 1
         self.psizes[plan.pipeline_size] = self.psizes.get(plan.pipeline_size, 0) + 1
-        inst = Instance(fn=fn_index, plan=plan, started=self.now, rate=slowdown(plan.pipeline_size, plan.full_workers),
+        extra = plan.pipeline_size - 1
+        inst = Instance(fn=fn_index, plan=plan, started=self.now, rate=1.0 + self.spec.times.pipeline_overhead * extra,
+                        hop_s=self.spec.times.hop_s * extra,
                         memory_gb=sum(s.memory_gb for s in plan.stages))
         self.mem_used += inst.memory_gb
         self.instances[fn_index].append(inst)
@@ -203,6 +210,7 @@ class Simulator:
             else:
                 inst.fetch_end[st.stage.index] = self.now
         self._assign(inst, req, cold=True)
+        self._serve_pending(inst)
         if len(inst.fetch_end) == len(plan.stages):
             self._group_fetched(inst)
         return True
@@ -275,7 +283,7 @@ class Simulator:
         freed = sum(s.memory_gb for s in inst.plan.stages if not s.full)
         self.mem_used -= freed
         inst.memory_gb -= freed
-        inst.rate = 1.0
+        inst.rate, inst.hop_s = 1.0, 0.0
         if self.policy.keeps_cache:
             fn = self.spec.functions[inst.fn]
             for st in inst.plan.stages:
@@ -284,17 +292,22 @@ class Simulator:
         self._retry_pending()
 
     def _retry_pending(self) -> None:
-        """Resources were freed: start what waits, oldest first; stop at the first refusal."""
-        while self.pending:
-            req = self.pending[0]
-            fn = int(self.arrivals.functions[req])
-            free = [i for i in self.instances[fn] if i.busy < self.spec.capacity]
-            self.pending.popleft()
-            if free:
-                self._assign(free[0], req, cold=False)
-            elif not self._start(fn, req):
-                self.pending.appendleft(req)
+        """Resources were freed: each waiting function (oldest first, at most RETRY_FUNCTIONS of
+        them, like independent per-function activators) tries to start an instance."""
+        tried = 0
+        for fn in list(self.pending):
+            if tried >= RETRY_FUNCTIONS:
                 break
+            queue = self.pending.get(fn)
+            if not queue:
+                self.pending.pop(fn, None)
+                continue
+            tried += 1
+            req = queue.popleft()
+            if not self._start(fn, req):
+                queue.appendleft(req)
+            elif not queue:
+                self.pending.pop(fn, None)
 
     # ---- host cache (loaderd residency) --------------------------------------------------------
     def _cache_put(self, node: str, uri: str, gb: float) -> None:

@@ -14,8 +14,11 @@ F the stage's fetch on the node's NIC (fair-shared; 0.9 of the line rate is good
 * serverlessllm: miss: ready = F_end + 11.4 s + 0.072 s/GB x S (19.1 / 26.2 s);
   hit in its host cache: t0 + 9.0 s + 0.228 s/GB x S (12.1 / 15.1 s).
 
-Consolidation: the full workers fetch the missing layers at their NIC's rate and load them;
-then the partial workers are freed and TPOT returns to 1x.
+Serving on a p-stage group: prefill and each decode step take (1 + 0.05 (p - 1)) x the single
+worker's time plus 1 ms per extra hop (the stages run one after another on one request; the
+planner keeps HydraServe's more conservative p - a + a/p). Consolidation: the full workers
+fetch the missing layers at their NIC's rate and load them; then the partial workers are freed
+and the group serves like one worker.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class StageTimes:
     sllm_miss_per_gb_s: float = 0.072
     sllm_hit_const_s: float = 9.0
     sllm_hit_per_gb_s: float = 0.228
+    pipeline_overhead: float = 0.05  # per extra stage, on prefill and decode steps
+    hop_s: float = 0.001  # per extra stage, per decode step
 
 
 @dataclass(frozen=True)

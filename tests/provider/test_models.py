@@ -54,9 +54,13 @@ def test_admission_refuses_a_fetch_that_breaks_a_deadline() -> None:
 
 def test_startup_fit_recovers_overlap_and_tail() -> None:
     rng = random.Random(0)
-    samples = [(f, max(f, 4.5) + 1.8 + rng.gauss(0, 0.05)) for f in (rng.uniform(0.5, 12) for _ in range(60))]
+    samples = []
+    for _ in range(60):
+        f, g = rng.uniform(0.5, 12), rng.choice([3.4, 6.75, 13.5])
+        samples.append((f, g, max(f, 4.5) + 1.8 + 0.1 * g + rng.gauss(0, 0.05)))
     model = fit_startup(samples)
     assert model.overlap_s == pytest.approx(4.5, abs=0.35) and model.tail_s == pytest.approx(1.8, abs=0.2)
+    assert model.per_gb_s == pytest.approx(0.1, abs=0.03)
 
 
 def test_calibration_learns_bandwidth_and_keeps_prior_until_samples() -> None:

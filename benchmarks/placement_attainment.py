@@ -1,0 +1,76 @@
+"""TTFT SLO attainment on the paper's testbed (i), every policy, averaged over seeds, vs the paper.
+
+HydraServe (NSDI 2026) reports, for CV 2/4/8 and 0.6-0.8 req/s: serverless vLLM 44-54 %,
+ServerlessLLM 45-62 %, HydraServe 72-84 %, with cache 78-88 % (DESIGN.md §7). The target shape:
+hydraserve / serverless-vllm in 1.43-1.74x. Prints the table, then one JSON line last.
+Run: python benchmarks/placement_attainment.py [--seeds 3] [--skewed-nodes 4 --nic-skew 0.5] [--plot f.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+PAPER = {"serverless-vllm": "44-54", "serverlessllm": "45-62", "hydraserve": "72-84", "hydraserve-cache": "78-88",
+         "ours": "-"}
+
+
+def main() -> None:
+    from hydraserve.provider.policies import POLICIES
+    from hydraserve.provider.sim.report import sweep
+    from hydraserve.provider.sim.spec import paper_testbed
+    from hydraserve.provider.sim.workload import zipf_popularity
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rates", default="0.6,0.7,0.8")
+    ap.add_argument("--cvs", default="2,4,8")
+    ap.add_argument("--duration", type=float, default=3600.0)
+    ap.add_argument("--skewed-nodes", type=int, default=0)
+    ap.add_argument("--nic-skew", type=float, default=1.0)
+    ap.add_argument("--plot")
+    args = ap.parse_args()
+    rates = [float(x) for x in args.rates.split(",")]
+    cvs = [float(x) for x in args.cvs.split(",")]
+    spec = paper_testbed(64, args.nic_skew, args.skewed_nodes)
+    pop = zipf_popularity(len(spec.functions))
+    acc: dict[tuple[str, float, float], list[dict]] = defaultdict(list)
+    for seed in range(1, args.seeds + 1):
+        for row in sweep(spec, pop, list(POLICIES), rates, cvs, args.duration, seed):
+            acc[(str(row["policy"]), float(row["rate"]), float(row["cv"]))].append(row)
+    rows = []
+    for (pol, rate, cv), rs in acc.items():
+        mean = {k: sum(float(r[k]) for r in rs) / len(rs) for k in ("slo_attainment", "cold_attainment",
+                                                                 "ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "cost_gb_s")}
+        rows.append({"policy": pol, "rate": rate, "cv": cv, **mean})
+    by = {(r["policy"], r["rate"], r["cv"]): r for r in rows}
+    print(f"{'cv':>3} {'rate':>4}  " + "  ".join(f"{p:>16}" for p in POLICIES) + "  hydra/vllm  ours-hydra")
+    ratios, deltas = [], []
+    for cv in cvs:
+        for rate in rates:
+            att = {p: by[(p, rate, cv)]["slo_attainment"] for p in POLICIES}
+            ratio = att["hydraserve"] / max(att["serverless-vllm"], 1e-9)
+            delta = att["ours"] - att["hydraserve"]
+            ratios.append(ratio)
+            deltas.append(delta)
+            print(f"{cv:>3g} {rate:>4g}  " + "  ".join(f"{100 * att[p]:>15.1f}%" for p in POLICIES)
+                  + f"  {ratio:>10.2f}  {100 * delta:>+9.1f}pp")
+    print("paper (%):  " + "  ".join(f"{PAPER[p]:>16}" for p in POLICIES) + "  1.43-1.74")
+    for p in POLICIES:
+        vals = [r for r in rows if r["policy"] == p]
+        print(f"{p:>16}: attainment {100 * min(r['slo_attainment'] for r in vals):.1f}-"
+              f"{100 * max(r['slo_attainment'] for r in vals):.1f} %, TPOT mean "
+              f"{sum(r['tpot_mean_s'] for r in vals) / len(vals):.4f} s, cost "
+              f"{sum(r['cost_gb_s'] for r in vals) / len(vals):.3g} GB*s")
+    if args.plot:
+        from hydraserve.provider.sim.plot import plot_attainment
+        plot_attainment(rows, args.plot)
+    print(json.dumps({"seeds": args.seeds, "skewed_nodes": args.skewed_nodes, "nic_skew": args.nic_skew,
+                      "hydra_over_vllm_min": min(ratios), "hydra_over_vllm_max": max(ratios),
+                      "ours_minus_hydra_min_pp": 100 * min(deltas), "ours_minus_hydra_max_pp": 100 * max(deltas),
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
