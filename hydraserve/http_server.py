@@ -56,13 +56,13 @@ class DrainingServer:
     def close(self) -> None:
         """Stop listening, drop idle keep-alive connections, stop the worker threads."""
         server: Any = self._server
+        server.task_dispatcher.shutdown(timeout=5)  # running tasks finish while the trigger works
         server.close()
         for channel in list(server._map.values()):  # else the loop waits for channel_timeout
             try:
                 channel.close()
             except OSError:
                 pass
-        server.task_dispatcher.shutdown(timeout=5)
         self._thread.join(timeout=5)
 
 

@@ -49,7 +49,8 @@ def _load(settings: WorkerSettings, state: RuntimeState, metrics: RuntimeMetrics
 
 def run_worker(settings: WorkerSettings) -> int:
     state = RuntimeState(settings.function_name, settings.revision)
-    state.timeline.mark("process_started", at=process_start_time())
+    # /proc's start time has 10 ms ticks: never report a start before the spawn itself.
+    state.timeline.mark("process_started", at=max(process_start_time(), settings.spawned_at or 0.0))
     metrics = RuntimeMetrics()
     server = DrainingServer(create_app(state, metrics=metrics), settings.host, settings.port).start()
     state.timeline.mark("http_listening", port=server.port)

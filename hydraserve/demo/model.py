@@ -28,16 +28,16 @@ def prepare_and_push(s3: Any, workdir: Path, model_dir: Path | None, tiny: dict[
         model_dir = make_tiny_model(workdir, TinySpec(**tiny))
     s3.create_bucket(BUCKET)
     uri = f"s3://{BUCKET}/{name}"
-    push_model(model_dir, uri, endpoint_url=s3.endpoint_url, progress=progress)
+    push_model(model_dir, uri, progress=progress, client=s3.client())
     return uri
 
 
-def describe_model(function: FunctionConfig, endpoint_url: str | None) -> FunctionSpec:
+def describe_model(function: FunctionConfig, client: Any) -> FunctionSpec:
     """The FunctionSpec of ``function``: its model's real per-layer bytes and its SLOs."""
     from hydraserve.weights.layout import stage_byte_profile
     from hydraserve.weights.model_files import open_model
 
-    files = open_model(function.model_uri, endpoint_url=endpoint_url)
+    files = open_model(function.model_uri, client=client)
     config = json.loads(files.read_text("config.json"))
     sizes = {name: loc.entry.nbytes for name, loc in files.tensor_index().items()}
     profile = stage_byte_profile(sizes, bool(config.get("tie_word_embeddings", False)))

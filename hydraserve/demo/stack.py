@@ -109,14 +109,16 @@ class LocalStack:
         from hydraserve.demo.model import describe_model
 
         backend = LocalBackend(self.placement, nodes, run_dir=self.run_dir / "workers",
-                               describe_model=lambda fn: describe_model(fn, self.s3.endpoint_url),
+                               describe_model=lambda fn: describe_model(fn, self.s3.client()),
                                s3_endpoint_url=self.s3.endpoint_url, worker_env=s3_env)
         self._cleanups.append(("workers", backend.close))
         self.backend = backend
         self.gateway = Gateway(backend).start()
         self._cleanups.append(("gateway", self.gateway.close))
-        self.gateway.register(FunctionConfig(name=opts.function_name, model_uri=self.model_uri,
-                                             idle_timeout_s=opts.idle_timeout_s, ttft_slo_s=opts.ttft_slo_s))
+        function = FunctionConfig(name=opts.function_name, model_uri=self.model_uri,
+                                  idle_timeout_s=opts.idle_timeout_s, ttft_slo_s=opts.ttft_slo_s)
+        backend.prepare(function)  # read the model's sizes at deploy time
+        self.gateway.register(function)
         server = DrainingServer(create_gateway_app(self.gateway), opts.host, opts.gateway_port).start()
         self._cleanups.append(("gateway-http", server.close))
         self.gateway_url = server.url

@@ -147,6 +147,10 @@ class LocalBackend:
         for instance_id in ids:
             self.stop("", instance_id)
 
+    def prepare(self, function: FunctionConfig) -> FunctionSpec:
+        """Describe the function's model now (deploy time), not on its first cold start."""
+        return self._spec(function)
+
     # helpers -----------------------------------------------------------------------------
     def _spec(self, function: FunctionConfig) -> FunctionSpec:
         spec = self._specs.get(function.name)

@@ -1,0 +1,108 @@
+"""End to end on the embedded stack: real moto S3, loaderd and placement processes, worker
+processes spawned per cold start, the gateway over HTTP. The reference for the generated
+tokens is Hugging Face transformers' greedy generate() on the same weights."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from cloudevents.core.bindings import http as ce_http
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+from hydraserve.activator.functions import FunctionConfig
+from hydraserve.contracts import events
+from hydraserve.demo.client import stream_completion
+from hydraserve.demo.stack import LocalStack, StackOptions
+
+PROMPT = "Once upon a time"
+COLD_START_EVENTS = ["request_received", "plan_decided", "prefetch_started", "worker_spawned",
+                     "process_started", "http_listening", "libraries_imported", "weights_attached",
+                     "weights_loaded", "engine_ready", "instance_ready", "first_response_byte"]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_llama_dir: Path) -> Iterator[LocalStack]:
+    options = StackOptions(nodes=2, model_dir=tiny_llama_dir, idle_timeout_s=2.0, progress=False)
+    with LocalStack(options) as s:
+        yield s
+    assert s.leftovers == [], "shared memory segments left behind"
+
+
+def transformers_greedy(model_dir: Path, prompt: str, n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hydraserve.runtime.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(str(model_dir)).encode(prompt)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_cold_start_through_gateway_matches_transformers(stack: LocalStack, tiny_llama_dir: Path) -> None:
+    assert stack.gateway is not None
+    assert stack.gateway.scaler("tiny-llama").state.value == "zero"
+    result = stream_completion(stack.function_url() + "/v1/completions",
+                               {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    assert result.status == 200, result.error
+    expected = transformers_greedy(tiny_llama_dir, PROMPT, 12)
+    assert result.token_ids and result.token_ids == expected[:len(result.token_ids)]
+    assert len(result.token_ids) == 12 or result.finish_reason == "stop"
+
+    timeline = stack.gateway.cold_start_timeline("tiny-llama")
+    names = [e.name for e in sorted(timeline.events, key=lambda e: e.at)]
+    assert [n for n in names if n in COLD_START_EVENTS] == COLD_START_EVENTS
+    attached = timeline.first("weights_attached")
+    assert attached is not None and attached.detail.get("via") != "s3", "should load through loaderd"
+
+
+def test_cloudevent_through_gateway(stack: LocalStack) -> None:
+    event = CloudEvent(attributes={"type": events.COMPLETION_REQUEST, "source": "/e2e", "id": "e-1",
+                                   "datacontenttype": "application/json"},
+                       data={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+    message = ce_http.to_binary(event, JSONFormat())
+    r = requests.post(stack.function_url() + "/", data=message.body, headers=message.headers, timeout=120)
+    assert r.status_code == 200
+    reply = ce_http.from_http(ce_http.HTTPMessage(headers=dict(r.headers), body=r.content), JSONFormat())
+    assert reply.get_type() == events.COMPLETION_RESPONSE and reply.get_subject() == "e-1"
+
+
+def test_unknown_function_is_404(stack: LocalStack) -> None:
+    r = requests.post(stack.gateway_url + "/functions/nope/v1/completions", json={"prompt": "x"}, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_idle_function_scales_to_zero_and_cold_starts_from_cache(stack: LocalStack) -> None:
+    assert stack.gateway is not None
+    scaler = stack.gateway.scaler("tiny-llama")
+    stream_completion(stack.function_url() + "/v1/completions", {"prompt": "x", "max_tokens": 2})
+    deadline = time.monotonic() + 30
+    while scaler.state.value != "zero" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert scaler.state.value == "zero", "function did not scale to zero after its idle timeout"
+    before = scaler.cold_starts
+    result = stream_completion(stack.function_url() + "/v1/completions",
+                               {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+    assert result.status == 200 and scaler.cold_starts == before + 1
+    prefetch = stack.gateway.cold_start_timeline("tiny-llama").first("prefetch_started")
+    assert prefetch is not None
+    # The placement service prefers the node whose loaderd still holds the model: nothing new
+    # to download.
+    assert prefetch.detail["bytes_new"] == 0, prefetch.detail
+
+
+def test_worker_that_cannot_start_gives_503_with_reason_then_retries(stack: LocalStack) -> None:
+    assert stack.gateway is not None
+    stack.gateway.register(FunctionConfig(name="broken", model_uri="s3://models/does-not-exist"))
+    url = stack.gateway_url + "/functions/broken/v1/completions"
+    for _ in range(2):  # the second request tries again (and fails the same way)
+        r = requests.post(url, json={"prompt": "x"}, timeout=120)
+        assert r.status_code == 503
+        assert "does-not-exist" in r.json()["error"]["message"]
+    assert stack.gateway.scaler("broken").status()["state"] == "zero"
