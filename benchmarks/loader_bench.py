@@ -230,6 +230,8 @@ def run_loaderd(prefix: list[str], listen_ip: str, endpoint: str, uri: str, mode
         cpu0 = proc_cpu_s(daemon.proc.pid)
         t0 = time.perf_counter()
         lease = client.prefetch(PrefetchRequest(model_uri=uri))
+        answered = time.perf_counter() - t0
+        group_ready: dict[str, float] = {}
         readers = [SegmentReader(s.path) for s in lease.segments]
         first_groups = {"embed", "layer.0"} & {s.group for s in lease.segments} or {lease.segments[0].group}
         first_ready = None
@@ -239,6 +241,7 @@ def run_loaderd(prefix: list[str], listen_ip: str, endpoint: str, uri: str, mode
             for i in range(len(reader.tensors)):
                 reader.wait_ready(i, timeout_s=900)
             done.add(info.group)
+            group_ready[info.group] = round(time.perf_counter() - t0, 3)
             if first_ready is None and first_groups <= done:
                 first_ready = time.perf_counter() - t0
         wall = time.perf_counter() - t0
@@ -248,8 +251,10 @@ def run_loaderd(prefix: list[str], listen_ip: str, endpoint: str, uri: str, mode
         client.release(lease.lease_id)
         status = client.status()
         assert all(s.state == "complete" for s in status.segments), "partial segments after the fetch"
+        print(f"loaderd: prefetch answered in {answered:.3f} s; group ready at (s): {group_ready}",
+              file=sys.stderr)
         return {"bytes": lease.bytes_total, "seconds": wall, "cpu_s": cpu, "first_layer_ready_s": first_ready or wall,
-                "first_layer_bytes": first_bytes}
+                "first_layer_bytes": first_bytes, "prefetch_answer_s": answered}
     finally:
         daemon.stop()
         token_file.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from hydraserve.loaderd.fetcher import DEFAULT_CHUNK_BYTES, DEFAULT_CONCURRENCY
+from hydraserve.loaderd.fetcher import DEFAULT_CHUNK_BYTES, DEFAULT_CONCURRENCY, DEFAULT_MIN_CHUNK_BYTES
 
 
 def _read_token(args: argparse.Namespace) -> str:
@@ -36,7 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                         help="ranged GETs in flight")
-    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="bytes per ranged GET")
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                        help="largest ranged GET (a layer group is striped over all streams)")
+    parser.add_argument("--min-chunk-bytes", type=int, default=DEFAULT_MIN_CHUNK_BYTES,
+                        help="smallest ranged GET when striping a group")
     parser.add_argument("--retry-budget-s", type=float, default=60.0,
                         help="how long one range keeps retrying before the segment fails")
     parser.add_argument("--strict-integrity", action="store_true",
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("hydraserve.loaderd")
     config = LoaderConfig(node_name=args.node_name, budget_bytes=args.budget_bytes,
                           concurrency=args.concurrency, chunk_bytes=args.chunk_bytes,
+                          min_chunk_bytes=args.min_chunk_bytes,
                           retry_budget_s=args.retry_budget_s, shm_dir=args.shm_dir,
                           endpoint_url=args.endpoint_url, strict_integrity=args.strict_integrity)
     daemon = LoaderDaemon(config, _read_token(args), host=args.host, port=args.port).start()

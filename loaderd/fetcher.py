@@ -2,7 +2,8 @@
 
 Used by hydraserve.loaderd.service (the daemon) and by hydraserve.runtime.shm_source (the
 runtime's fallback when no daemon answers fills an anonymous-memory segment with the same code).
-Each segment's runs are cut into chunks of ``chunk_bytes``; a fixed pool of worker threads
+Each segment's runs are cut into chunks (its bytes striped over all streams, at most
+``chunk_bytes``, at least ``min_chunk_bytes``); a fixed pool of worker threads
 takes chunks from one priority queue ordered by (group order, request, offset), so the first
 layers of every cold start on the node land first. A tensor is published the moment its last
 chunk is written. Sources are tried in order (peers first, S3 last); a failing peer is skipped
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_CONCURRENCY = 16
+DEFAULT_MIN_CHUNK_BYTES = 1 << 20
 
 
 class RangeReader(Protocol):
@@ -87,11 +89,14 @@ class FetchEngine:
     """A pool of fetch threads shared by every segment of the node (or of one fallback reader)."""
 
     def __init__(self, *, concurrency: int = DEFAULT_CONCURRENCY,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, retry_budget_s: float = 60.0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES,
+                 retry_budget_s: float = 60.0,
                  observer: FetchObserver | None = None, name: str = "fetch") -> None:
         if concurrency < 1 or chunk_bytes < 4096:
             raise ValueError("concurrency >= 1 and chunk_bytes >= 4096 required")
         self.chunk_bytes = chunk_bytes
+        self.min_chunk_bytes = min(min_chunk_bytes, chunk_bytes)
+        self.concurrency = concurrency
         self.retry_budget_s = retry_budget_s
         self.observer: FetchObserver = observer or _NullObserver()
         self._heap: list[tuple[tuple[int, int, int], int, _Chunk]] = []
@@ -128,12 +133,21 @@ class FetchEngine:
                 heapq.heappush(self._heap, job)
             self._cv.notify_all()
 
+    def chunk_size(self, group_bytes: int) -> int:
+        """Bytes per ranged read for a group: the group striped over every stream (so its chunks
+        run side by side and finish together, with no slow last chunk sharing the link with the
+        next group's), between ``min_chunk_bytes`` and ``chunk_bytes``."""
+        striped = -(-group_bytes // self.concurrency)
+        striped = -(-striped // 65536) * 65536
+        return max(self.min_chunk_bytes, min(self.chunk_bytes, striped))
+
     def _chunks(self, fill: Fill) -> list[_Chunk]:
         out: list[_Chunk] = []
         tensors = fill.layout.tensors
+        size = self.chunk_size(fill.layout.tensor_bytes)
         for run in fill.layout.runs:
-            for start in range(run.file_start, run.file_end, self.chunk_bytes):
-                end = min(start + self.chunk_bytes, run.file_end)
+            for start in range(run.file_start, run.file_end, size):
+                end = min(start + size, run.file_end)
                 covered = tuple(i for i in run.tensors
                                 if tensors[i].file_start < end
                                 and tensors[i].file_start + tensors[i].nbytes > start)

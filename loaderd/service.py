@@ -31,6 +31,7 @@ from hydraserve.errors import HydraError, InvalidRequestError, NotFoundError
 from hydraserve.loaderd.fetcher import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CONCURRENCY,
+    DEFAULT_MIN_CHUNK_BYTES,
     FetchEngine,
     Fill,
     RangeReader,
@@ -55,6 +56,7 @@ class LoaderConfig:
     budget_bytes: int
     concurrency: int = DEFAULT_CONCURRENCY
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES
     retry_budget_s: float = 60.0
     shm_dir: str = "/dev/shm"
     endpoint_url: str | None = None
@@ -76,6 +78,7 @@ class LoaderService:
         if stale:
             log.info("removed %d stale segments of a previous run", stale)
         self.engine = FetchEngine(concurrency=config.concurrency, chunk_bytes=config.chunk_bytes,
+                                  min_chunk_bytes=config.min_chunk_bytes,
                                   retry_budget_s=config.retry_budget_s, observer=self.metrics)
         self._resolve = resolver
         self._s3_source = s3_source
