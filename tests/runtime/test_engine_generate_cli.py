@@ -43,11 +43,20 @@ def test_generate_cli_reports_context_error_as_json(tiny_llama_dir: Path) -> Non
     assert isinstance(error, dict) and error["code"] == "context_length_exceeded"
 
 
-def test_generate_cli_sampling_with_seed_is_reproducible(tiny_opt_dir: Path) -> None:
-    args = ("--prompt", "Hello", "--max-tokens", "10", "--temperature", "1.0", "--seed", "7", "--quiet")
-    first, _ = _generate(tiny_opt_dir, *args)
-    second, _ = _generate(tiny_opt_dir, *args)
-    assert first["token_ids"] == second["token_ids"] and len(first["token_ids"]) == 10  # type: ignore[arg-type]
+def test_generate_cli_sampling_with_seed_matches_the_engine(tiny_opt_dir: Path) -> None:
+    from hydraserve.runtime.engine.factory import load_engine
+    from hydraserve.runtime.engine.types import SamplingParams
+
+    result, _ = _generate(tiny_opt_dir, "--prompt", "Hello", "--max-tokens", "10", "--temperature", "1.0",
+                          "--top-p", "0.9", "--seed", "7", "--quiet")
+    engine = load_engine(tiny_opt_dir)
+    try:
+        ids = engine.tokenizer.encode("Hello")
+        same = engine.submit(ids, SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)).collect()
+        greedy = engine.submit(ids, SamplingParams(max_tokens=10, temperature=0.0)).collect()
+    finally:
+        engine.shutdown()
+    assert result["token_ids"] == same.token_ids != greedy.token_ids
 
 
 def test_generate_cli_chat_uses_the_models_template(tiny_llama_dir: Path) -> None:
