@@ -133,7 +133,15 @@ class LLMEngine:
                     self._cond.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # a bug outside the model call: fail everyone, keep serving
+                log.exception("engine loop step failed")
+                with self._cond:
+                    for request in self._scheduler.drain_all():
+                        request.finish_reason = "abort"
+                        request.stream.fail(EngineError(f"engine step failed: {exc}"))
+                    self._cond.notify_all()
 
     def step(self) -> bool:
         """One engine step; False if there was nothing to do. Called by the loop (or tests)."""
