@@ -2,9 +2,9 @@
 
 Pure planning, no I/O. Callers: the S3 tensor source (this process) and loaderd (which
 fetches the same chunks into shared memory). A *run* is a stretch of tensors that are
-contiguous in one file and belong to the same streaming group (the embeddings, one decoder
-layer, or the head), up to ``chunk_bytes`` (a larger tensor is a run of its own); one buffer
-holds a run. A *chunk* is one ranged GET of at most ``chunk_bytes`` inside a run. Runs come in
+contiguous in one file and in streaming order (the embeddings, layer 0, layer 1, ... as far
+as the file keeps that order), up to ``chunk_bytes`` (a larger tensor is a run of its own); one
+buffer holds a run and its tensors become ready together. A *chunk* is one ranged GET of at most ``chunk_bytes`` inside a run. Runs come in
 streaming order (embeddings, layer 0, 1, ..., head), so a loader can start on layer 0 while
 later layers download. Never a byte that no requested tensor needs.
 """
@@ -43,6 +43,14 @@ class FetchChunk:
     end: int
 
 
+def _may_follow(previous: str, name: str) -> bool:
+    """Whether ``name`` may share a run with ``previous`` (just before it in the file): same
+    streaming group, or the next one (embeddings -> layer 0, layer i -> layer i + 1), so a run
+    never makes a later layer wait for an unrelated one."""
+    a, b = stream_rank(previous), stream_rank(name)
+    return b == a or (b == (1, 0) and a[0] == 0) or (a[0] == b[0] == 1 and b[1] == a[1] + 1)
+
+
 def plan_fetch(locations: Iterable[TensorLocation], chunk_bytes: int = 16 * MiB
                ) -> tuple[list[FetchRun], list[FetchChunk]]:
     """Runs (streaming order) and the chunks that fetch them, in the order to issue them."""
@@ -57,7 +65,7 @@ def plan_fetch(locations: Iterable[TensorLocation], chunk_bytes: int = 16 * MiB
         current: list[TensorEntry] = []
         for entry in entries:
             if current and (entry.start != current[-1].end
-                            or stream_rank(entry.name) != stream_rank(current[0].name)
+                            or not _may_follow(current[-1].name, entry.name)
                             or entry.end - current[0].start > chunk_bytes):
                 runs.append(FetchRun(file, current[0].start, current[-1].end, tuple(current)))
                 current = []

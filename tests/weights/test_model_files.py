@@ -170,15 +170,24 @@ def test_fetch_order_is_layer_order_and_adjacent_tensors_coalesce(
         s3_server: EmbeddedS3, s3_client: S3Client, bucket: str, tmp_path: Path) -> None:
     write_model(tmp_path / "m", llama_tensors(layers=12))  # file order: layers 0, 1, 10, 11, 2, ...
     model = open_model(_upload(s3_server, bucket, tmp_path / "m", "order"), client=s3_client)
-    source = model.tensor_source(chunk_bytes=1 << 20, concurrency=1)
-    source.wait_all(timeout=30)
-    assert isinstance(source, S3TensorSource)
-    ranks = [stream_rank(run.tensors[0].name) for run in source.runs]
-    assert ranks == sorted(ranks)
-    layer_runs = [r for r in source.runs if stream_rank(r.tensors[0].name)[0] == 1]
-    assert len(layer_runs) == 12  # each layer's 9 contiguous tensors in one ranged GET
-    assert all(len(r.tensors) == 9 for r in layer_runs)
-    assert len(source.chunks) == len(source.runs)
+    reference = _reference(tmp_path / "m")
+    layer_bytes = sum(model.tensor_index()[n].entry.nbytes for n in reference
+                      if n.startswith("model.layers.0."))
+    for chunk_bytes, expected_layer_runs in ((layer_bytes, 12), (1 << 20, 2)):
+        source = model.tensor_source(chunk_bytes=chunk_bytes, concurrency=1)
+        source.wait_all(timeout=30)
+        assert isinstance(source, S3TensorSource)
+        ranks = [stream_rank(run.tensors[0].name) for run in source.runs]
+        assert ranks == sorted(ranks)
+        layer_runs = [r for r in source.runs if stream_rank(r.tensors[0].name)[0] == 1]
+        # one GET per layer (9 contiguous tensors); with big chunks, consecutive layers the
+        # file keeps adjacent share one: [embed, 0, 1], [2 .. 9], [10, 11] (alphabetical file)
+        assert len(layer_runs) == expected_layer_runs
+        for run in layer_runs:
+            layers = sorted({stream_rank(e.name)[1] for e in run.tensors})
+            assert layers == list(range(layers[0], layers[-1] + 1))
+        assert len(source.chunks) == len(source.runs)
+        assert all(torch.equal(source.get(n), reference[n]) for n in reference)
 
 
 def test_big_tensor_is_split_into_chunks(s3_server: EmbeddedS3, s3_client: S3Client, bucket: str,
