@@ -43,7 +43,7 @@ class StackOptions:
     model_dir: Path | None = None  # a local HF directory to push; default: generate one
     tiny: dict[str, Any] = field(default_factory=lambda: {
         "arch": "llama", "layers": 8, "hidden": 512, "heads": 8, "kv_heads": 4,
-        "intermediate": 1408, "vocab": 8192, "dtype": "float32"})
+        "intermediate": 1408, "vocab": 8192, "dtype": "float32", "shard_size": "24MB"})
     idle_timeout_s: float = 30.0
     ttft_slo_s: float = 10.0
     host: str = "127.0.0.1"

@@ -199,8 +199,10 @@ class _FetchWatcher:
         while not self._stop.is_set():
             try:
                 segments = [s for s in self._loader.status().segments if s.segment_id in self._segments]
-            except HydraError:
-                return
+            except HydraError as exc:  # a slow or busy daemon: keep watching
+                log.debug("loaderd status failed: %s", exc.message)
+                self._stop.wait(self._poll_s)
+                continue
             if segments and all(s.state == "complete" for s in segments):
                 now = time.time()
                 self.fetch_s = now - self._started
