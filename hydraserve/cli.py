@@ -33,7 +33,8 @@ COMMANDS: list[tuple[str, str, str]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hydraserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hydraserve", description="HydraServe on Knative: serverless LLM functions that cold-start in seconds.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, module_name in COMMANDS:
         try:
