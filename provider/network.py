@@ -73,6 +73,8 @@ class Nic:
         running have each received its remaining bits.
         """
         self.advance(now)
+        if not self.fetches:
+            return {}, (now + extra_bits / self.bps if extra_bits > 0 else None)
         items = [(f.remaining_bits, f.key) for f in self.fetches.values()]
         new_key = "\0new"
         if extra_bits > 0:
@@ -95,6 +97,9 @@ class Nic:
         """
         if bits <= 0:
             return True, now, None
+        if not self.fetches:  # the common case on a big cluster: an idle NIC
+            self.updated_at = max(self.updated_at, now)
+            return True, now + bits / self.bps, None
         ends, new_end = self.finish_times(now, bits)
         for key, end in ends.items():
             if end > self.fetches[key].deadline + EPS_S:

@@ -33,13 +33,14 @@ class PlacementService:
     """Thread-safe facade: register nodes, plan (and reserve), take reports, describe the cluster."""
 
     def __init__(self, policy: Policy | str = DEFAULT_POLICY, *, clock: Callable[[], float] = time.time,
-                 metrics: PlacementMetrics | None = None) -> None:
+                 metrics: PlacementMetrics | None = None, per_node_metrics: bool = True) -> None:
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.clock = clock
         self.cluster = ClusterState(Calibration(enabled=self.policy.calibrated))
         self.planner = Planner(self.cluster, self.policy)
         self.metrics = metrics or PlacementMetrics()
         self._lock = threading.Lock()
+        self.per_node_metrics = per_node_metrics  # the simulator turns these off (cost, not value)
 
     def register_node(self, info: NodeInfo, now: float | None = None) -> NodeStatus:
         with self._lock:
@@ -107,7 +108,7 @@ class PlacementService:
 
     def _node_metrics(self, name: str) -> None:
         s = self.cluster.nodes.get(name)
-        if s is None:
+        if s is None or not self.per_node_metrics:
             return
         self.metrics.gpu_free_gb.labels(name).set(sum(s.gpu_free))
         self.metrics.nic_estimate_gbps.labels(name).set(self.cluster.bandwidth_bps(s) / 1e9)

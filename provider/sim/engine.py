@@ -66,7 +66,7 @@ class Simulator:
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.arrivals = arrivals
         self.now = 0.0
-        self.service = PlacementService(self.policy, clock=lambda: self.now)
+        self.service = PlacementService(self.policy, clock=lambda: self.now, per_node_metrics=False)
         self.nics = {n.name: Nic(n.true_nic_gbps * 1e9 * GOODPUT) for n in spec.nodes}
         self.nic_version = dict.fromkeys(self.nics, 0)
         self.node_spec = {n.name: n for n in spec.nodes}
