@@ -1,0 +1,49 @@
+"""`hydraserve up` as a user runs it: a child process, the printed curl examples, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from hydraserve.provider.backends.process import free_port
+
+
+def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log = open(tmp_path / "up.log", "w+b")
+    proc = subprocess.Popen([sys.executable, "-m", "hydraserve.cli", "up", "--port", str(port),
+                             "--model-dir", str(tiny_llama_dir), "--nodes", "1", "--function", "fn"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            if b"Try:" in (tmp_path / "up.log").read_bytes():
+                break
+            time.sleep(0.2)
+        printed = (tmp_path / "up.log").read_text()
+        assert f"{base}/functions/fn/v1/completions" in printed
+        r = requests.post(f"{base}/functions/fn/v1/completions", timeout=120,
+                          json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        r = requests.post(f"{base}/functions/fn/", data=json.dumps({"prompt": "Hi", "max_tokens": 2}), timeout=60,
+                          headers={"ce-specversion": "1.0", "ce-type": "dev.hydraserve.completion.request",
+                                   "ce-source": "/curl", "ce-id": "1", "Content-Type": "application/json"})
+        assert r.status_code == 200 and r.headers["ce-type"] == "dev.hydraserve.completion.response"
+        functions = requests.get(f"{base}/v1/functions", timeout=5).json()["functions"]
+        assert functions[0]["state"] == "ready"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith("hsld-") and "node0-" in n]
+    assert leftovers == []
