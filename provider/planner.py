@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hydraserve.contracts.plan import Candidate, FunctionSpec, Plan, PlanRequest, StagePlacement
+from hydraserve.contracts.plan import Candidate, FetchSource, FunctionSpec, Plan, PlanRequest, StagePlacement
 from hydraserve.contracts.stage import StagePlan, StageSpec
 from hydraserve.errors import OverloadedError
 from hydraserve.provider.cluster import MEM_EPS, ClusterState, NodeState
@@ -45,8 +45,11 @@ class Option:
     gpu: int
     fetch_bytes: int
     fetch_end: float
-    source: str
+    source: FetchSource
     peers: list[str]
+
+
+Choice = tuple[Candidate, StagePlan, list[int], list[Option], int]  # candidate, split, stage bytes, nodes, a
 
 
 class Planner:
@@ -66,10 +69,10 @@ class Planner:
         model = self.cluster.calibration if pol.calibrated else None
         startup = model.model if model is not None else None
         max_p = min(pol.max_pipeline_size, spec.max_pipeline_size, spec.num_layers)
-        self._memo: dict[tuple[int, int, int], tuple[bool, int, float, str, list[str]]] = {}
+        self._memo: dict[tuple[int, int, int], tuple[bool, int, float, FetchSource, list[str]]] = {}
         candidates: list[Candidate] = []
-        feasible: list[tuple[Candidate, StagePlan, list[int], list[Option], int]] = []
-        chosen = None
+        feasible: list[Choice] = []
+        chosen: Choice | None = None
         for p in range(1, max_p + 1):
             splan = balanced_stage_plan(per_layer, spec.embed_bytes, spec.head_bytes, p)
             sbytes = stage_bytes(per_layer, spec.embed_bytes, spec.head_bytes, splan)
@@ -100,8 +103,8 @@ class Planner:
             if chosen is not None:
                 break
         fallback = chosen is None
-        if fallback:
-            chosen = self._fallback(spec, feasible, pool, now, per_layer)
+        if chosen is None:
+            chosen = self._fallback(feasible)
             if chosen is None:
                 raise OverloadedError(
                     f"no node can take {spec.name}: needs {memory_gb(spec, 1, True)} GB "
@@ -188,9 +191,9 @@ class Planner:
         return Option(state, gpu, fetch, end, source, peers)
 
     def _fetch_offer(self, spec: FunctionSpec, stage: StageSpec, nbytes: int, state: NodeState,
-                     now: float) -> tuple[bool, int, float, str, list[str]]:
+                     now: float) -> tuple[bool, int, float, FetchSource, list[str]]:
         fetch = nbytes
-        source = "s3"
+        source: FetchSource = "s3"
         peers: list[str] = []
         if self.policy.cache_aware and self.cluster.holders.get(spec.model_uri):
             fetch = nbytes - _resident_bytes(state, spec, stage)
@@ -217,16 +220,15 @@ class Planner:
         return out[:3]
 
     # ---- fallback and result -----------------------------------------------------------------
-    def _fallback(self, spec: FunctionSpec, feasible: list, pool: list[NodeState], now: float,
-                  per_layer: list[int]) -> tuple | None:
+    def _fallback(self, feasible: list[Choice]) -> Choice | None:
         if self.policy.fallback == "least_ttft" and feasible:
-            return min(feasible, key=lambda f: (f[0].predicted_ttft_s, f[0].pipeline_size))
+            return min(feasible, key=lambda f: (f[0].predicted_ttft_s or 0.0, f[0].pipeline_size))
         for entry in feasible:  # HydraServe: p = 1 on the node with the most free bandwidth
             if entry[0].pipeline_size == 1:
                 return entry
         return None
 
-    def _build(self, request: PlanRequest, chosen: tuple, candidates: list[Candidate], fallback: bool,
+    def _build(self, request: PlanRequest, chosen: Choice, candidates: list[Candidate], fallback: bool,
                now: float) -> Plan:
         cand, splan, sbytes, opts, a = chosen
         spec = request.function
@@ -245,8 +247,8 @@ class Planner:
             why = "first candidate meeting both SLOs: " + why
         return Plan(plan_id=plan_id, instance_id=request.instance_id or plan_id, function=spec.name,
                     model_uri=spec.model_uri, policy=self.policy.name, pipeline_size=p, full_workers=a,
-                    stages=stages, predicted_ttft_s=cand.predicted_ttft_s,
-                    predicted_tpot_s=cand.predicted_tpot_s, meets_slo=cand.meets_slo and not fallback,
+                    stages=stages, predicted_ttft_s=cand.predicted_ttft_s or 0.0,
+                    predicted_tpot_s=cand.predicted_tpot_s or 0.0, meets_slo=cand.meets_slo and not fallback,
                     fallback=fallback, created_at=now, explanation=why, candidates=candidates)
 
 
