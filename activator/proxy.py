@@ -30,7 +30,7 @@ class InstanceProxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         url = base_url.rstrip("/") + "/" + path.lstrip("/")
         try:
-            upstream = self._session.request(request.method, url, params=request.args,
+            upstream = self._session.request(request.method, url, params=list(request.args.items(multi=True)),
                                              data=request.get_data(), headers=headers, stream=True,
                                              timeout=(5.0, self._timeout_s))
         except requests.RequestException as exc:

@@ -26,7 +26,7 @@ class DrainingServer:
     def __init__(self, app: Any, host: str, port: int, *, threads: int = 32) -> None:
         self._server = waitress.create_server(app, host=host, port=port, threads=threads,
                                               channel_timeout=300, ident="hydraserve")
-        self.port: int = self._server.effective_port  # type: ignore[union-attr]
+        self.port: int = self._server.effective_port
         self.host = host
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
         self._stop = threading.Event()

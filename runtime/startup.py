@@ -32,11 +32,13 @@ def open_weights(settings: WorkerSettings, files: ModelFiles, cfg: ModelConfig, 
         return source
     from hydraserve.runtime.shm_source import open_shm_source
 
+    def on_fallback(reason: str) -> None:
+        timeline.mark("loaderd_fallback", reason=reason)
+
     source = open_shm_source(
         settings.model_uri, stage=None if stage.num_stages == 1 else stage,
         loader_url=settings.loaderd_url, token=settings.loaderd_token,
-        endpoint_url=settings.s3_endpoint_url,
-        on_fallback=lambda reason: timeline.mark("loaderd_fallback", reason=reason))
+        endpoint_url=settings.s3_endpoint_url, on_fallback=on_fallback)
     timeline.mark("weights_attached", via=getattr(source, "via", "loaderd"))
     return source
 

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import requests
 
@@ -49,12 +50,12 @@ class _Instance:
     node: LocalNode
 
 
-class PlacementPort:
+class PlacementPort(Protocol):
     """What this backend needs from the placement service (its HTTP client fits)."""
 
-    def plan(self, request: PlanRequest) -> Plan: ...  # pragma: no cover - protocol
+    def plan(self, request: PlanRequest) -> Plan: ...
 
-    def report(self, report: WorkerReport) -> object: ...  # pragma: no cover - protocol
+    def report(self, report: WorkerReport) -> object: ...
 
 
 class LocalBackend:

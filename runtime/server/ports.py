@@ -19,9 +19,14 @@ class PromptTokenizer(Protocol):
 
 
 class ServingEngine(Protocol):
-    model_name: str
-    max_model_len: int
-    tokenizer: PromptTokenizer
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def tokenizer(self) -> PromptTokenizer: ...
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
                request_id: str | None = None) -> GenerationStream: ...
