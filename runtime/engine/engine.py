@@ -117,7 +117,7 @@ class LLMEngine:
         """
         with self._step_lock:
             with self._cond:
-                cached = {r.slot: r.num_tokens - 1 for r in self._scheduler.running if r.slot is not None}
+                cached = {r.slot: r.num_computed for r in self._scheduler.running if r.slot is not None}
             self.executor = build(self.executor, cached)
 
     def _wake(self) -> None:
@@ -155,16 +155,24 @@ class LLMEngine:
                 request.abort()
         if out.empty:
             return False
-        if out.scheduled:
+        rows = out.rows
+        if rows:
+            sampled = [i for i, (_, samples) in enumerate(rows) if samples]
             try:
                 logits = self.executor.execute(self._step_input(out))
-                tokens = sample(logits, [r.params for r in out.scheduled], [r.generator for r in out.scheduled])
+                tokens = sample(logits[sampled], [rows[i][0].params for i in sampled],
+                                [rows[i][0].generator for i in sampled])
             except Exception as exc:  # a model failure must not hang callers
                 log.exception("engine step failed")
                 self._fail(out, exc)
                 return True
             with self._cond:
-                for request, token in zip(out.scheduled, tokens, strict=True):
+                for request in out.decode:
+                    request.num_computed += 1
+                for chunk in out.prefill:
+                    chunk.request.num_computed += chunk.length
+                for i, token in zip(sampled, tokens, strict=True):
+                    request = rows[i][0]
                     if request.finished:
                         continue
                     request.append_token(token)  # submit() checked prompt + max_tokens fits
@@ -180,18 +188,19 @@ class LLMEngine:
         for request in out.decode:
             assert request.slot is not None
             step.decode_tokens.append(request.last_token)
-            step.decode_positions.append(request.num_tokens - 1)
+            step.decode_positions.append(request.num_computed)
             step.decode_slots.append(request.slot)
-        for request in out.prefill:
-            assert request.slot is not None
-            step.prefill_tokens.append(request.prompt_token_ids)
-            step.prefill_slots.append(request.slot)
+        for chunk in out.prefill:
+            assert chunk.request.slot is not None
+            step.prefill_tokens.append(chunk.request.prompt_token_ids[chunk.start:chunk.start + chunk.length])
+            step.prefill_slots.append(chunk.request.slot)
+            step.prefill_starts.append(chunk.start)
         return step
 
     def _fail(self, out: SchedulerOutput, exc: Exception) -> None:
         error = EngineError(f"generation failed: {exc}")
         with self._cond:
-            for request in out.scheduled:
+            for request, _ in out.rows:
                 self._scheduler.finish(request)
                 request.finish_reason = "abort"
                 request.stream.fail(error)

@@ -57,6 +57,21 @@ class RequestStream:
                 self._done = True
             yield item
 
+    def poll(self) -> TokenDelta | None:
+        """The next delta if one is waiting, else None (never blocks)."""
+        if self._done:
+            return None
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finish_reason is not None:
+            self._done = True
+        return item
+
     def cancel(self) -> None:
         if not self.cancelled.is_set():
             self.cancelled.set()
@@ -85,6 +100,7 @@ class Request:
     eos_token_ids: frozenset[int]
     output_token_ids: list[int] = field(default_factory=list)
     slot: int | None = None
+    num_computed: int = 0  # tokens whose keys/values are in the KV cache
     finish_reason: FinishReason | None = None
     text: str = ""
     _sent_chars: int = 0
@@ -93,6 +109,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_computed >= len(self.prompt_token_ids)
 
     @property
     def last_token(self) -> int:

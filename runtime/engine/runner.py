@@ -28,16 +28,18 @@ class StepInput:
     decode_slots: list[int] = field(default_factory=list)
     prefill_tokens: list[list[int]] = field(default_factory=list)
     prefill_slots: list[int] = field(default_factory=list)
+    prefill_starts: list[int] = field(default_factory=list)  # empty: every prefill starts at 0
 
     def groups(self) -> list[tuple[list[list[int]], list[list[int]], list[int]]]:
-        """The forward calls of a step: the decode batch (if any), then one per prefill.
+        """The forward calls of a step: the decode batch (if any), then one per prefill chunk.
         Each is (token ids [B][T], positions [B][T], slots [B])."""
         calls = []
         if self.decode_tokens:
             calls.append(([[t] for t in self.decode_tokens], [[p] for p in self.decode_positions],
                           list(self.decode_slots)))
-        for tokens, slot in zip(self.prefill_tokens, self.prefill_slots, strict=True):
-            calls.append(([tokens], [list(range(len(tokens)))], [slot]))
+        starts = self.prefill_starts or [0] * len(self.prefill_tokens)
+        for tokens, slot, start in zip(self.prefill_tokens, self.prefill_slots, starts, strict=True):
+            calls.append(([tokens], [list(range(start, start + len(tokens)))], [slot]))
         return calls
 
 

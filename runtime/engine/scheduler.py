@@ -1,8 +1,10 @@
 """Continuous-batching scheduler: which requests run in the next engine step.
 
-Called by LLMEngine under its lock. Requests wait in FIFO order until a KV slot is free; each
-step decodes every running request and admits waiting ones for prefill while slots and the
-prefill token budget last (at least one, so a long prompt cannot starve). Finished and
+Called by LLMEngine under its lock. Requests wait in FIFO order until a KV slot is free. Each
+step decodes every running request whose prompt is in the cache, and spends a prefill token
+budget on prompts: first continuing the chunked prefills already running, then admitting
+waiting requests while slots last. A prompt longer than the budget is prefilled in chunks over
+several steps, so one long prompt never stalls the others' decoding for long. Finished and
 cancelled requests leave between steps and give their slot back (lowest slot first, so the
 batch tends to occupy contiguous slots and the KV cache can hand out views).
 """
@@ -17,9 +19,22 @@ from hydraserve.runtime.engine.request import Request
 
 
 @dataclass
+class PrefillChunk:
+    """Prompt tokens [start, start + length) of one request, computed this step."""
+
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.start + self.length >= len(self.request.prompt_token_ids)
+
+
+@dataclass
 class SchedulerOutput:
     decode: list[Request] = field(default_factory=list)
-    prefill: list[Request] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
     aborted: list[Request] = field(default_factory=list)
 
     @property
@@ -27,9 +42,10 @@ class SchedulerOutput:
         return not (self.decode or self.prefill or self.aborted)
 
     @property
-    def scheduled(self) -> list[Request]:
-        """Requests that get one new token this step, in logits-row order."""
-        return self.decode + self.prefill
+    def rows(self) -> list[tuple[Request, bool]]:
+        """(request, samples a token) per logits row: decodes, then prefill chunks; a chunk
+        samples only when it completes its prompt."""
+        return [(r, True) for r in self.decode] + [(c.request, c.completes_prompt) for c in self.prefill]
 
 
 class Scheduler:
@@ -56,18 +72,23 @@ class Scheduler:
         for request in [r for r in self.waiting if r.stream.cancelled.is_set()]:
             self.waiting.remove(request)
             out.aborted.append(request)
-        out.decode = list(self.running)
+        out.decode = [r for r in self.running if r.prefill_done]
         budget = self.max_prefill_tokens
-        while self.waiting and self._free_slots:
-            request = self.waiting[0]
-            if out.prefill and len(request.prompt_token_ids) > budget:
-                break
-            self.waiting.popleft()
+        for request in self.running:
+            if not request.prefill_done and budget > 0:
+                budget -= self._chunk(out, request, budget)
+        while self.waiting and self._free_slots and budget > 0:
+            request = self.waiting.popleft()
             request.slot = heapq.heappop(self._free_slots)
-            budget -= len(request.prompt_token_ids)
             self.running.append(request)
-            out.prefill.append(request)
+            budget -= self._chunk(out, request, budget)
         return out
+
+    @staticmethod
+    def _chunk(out: SchedulerOutput, request: Request, budget: int) -> int:
+        length = min(len(request.prompt_token_ids) - request.num_computed, budget)
+        out.prefill.append(PrefillChunk(request, request.num_computed, length))
+        return length
 
     def finish(self, request: Request) -> None:
         """Take a request out of the running set and free its slot."""

@@ -244,3 +244,27 @@ def test_failed_step_errors_its_requests_and_engine_keeps_serving(tiny_llama_dir
         assert len(eng.submit([1, 5, 9], GREEDY).collect().token_ids) == GREEDY.max_tokens
     finally:
         eng.shutdown()
+
+
+def test_long_prompts_are_prefilled_in_chunks_without_changing_tokens(tiny_llama_dir: Path) -> None:
+    cfg, model, tokenizer = load_model(LocalModelFiles(tiny_llama_dir))
+    eng = LLMEngine(ModelRunner(model, 4, 256), tokenizer, model_name="tiny", max_model_len=256,
+                    vocab_size=cfg.vocab_size, max_num_seqs=4, max_prefill_tokens=7)
+    long_ids = tokenizer.encode(" ".join(PROMPTS))
+    short_ids = tokenizer.encode(PROMPTS[0])
+    assert len(long_ids) > 40
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    short = eng.submit(short_ids, params)
+    eng.step()  # the short prompt is prefilled (7-token budget) and gets its first token
+    long = eng.submit(long_ids, params)
+    for _ in range(4):  # each step: one decode of the short request + a 6-7 token chunk of the long
+        eng.step()
+    short_tokens = [t for d in iter(short.poll, None) for t in d.token_ids]
+    assert len(short_tokens) == 5  # decoding went on while the long prompt was being prefilled
+    assert long.poll() is None  # 4 chunks of <= 7 tokens do not cover > 40 prompt tokens
+    eng.start()
+    short_tokens += short.collect().token_ids
+    got_long = long.collect()
+    eng.shutdown()
+    assert short_tokens == _alone(tiny_llama_dir, short_ids, params)
+    assert got_long.token_ids == _alone(tiny_llama_dir, long_ids, params)
