@@ -69,7 +69,7 @@ class Planner:
         model = self.cluster.calibration if pol.calibrated else None
         startup = model.model if model is not None else None
         max_p = min(pol.max_pipeline_size, spec.max_pipeline_size, spec.num_layers)
-        self._memo: dict[tuple[int, int, int], tuple[bool, int, float, FetchSource, list[str]]] = {}
+        self._memo: dict[tuple[int, int], list[Option]] = {}
         candidates: list[Candidate] = []
         feasible: list[Choice] = []
         chosen: Choice | None = None
@@ -144,51 +144,48 @@ class Planner:
     # ---- stage assignment --------------------------------------------------------------------
     def _assign(self, spec: FunctionSpec, splan: StagePlan, sbytes: list[int], a: int,
                 pool: list[NodeState], now: float) -> list[Option] | str:
+        """Stages 0..a-1 are full workers, placed first (HydraServe's masters); each stage takes
+        the best-ranked unused node with a device that fits it."""
         p = len(splan.stages)
         used: set[str] = set()
-        opts: list[Option | None] = [None] * p
-        for s in range(p):  # stages 0..a-1 are full workers, placed first (HydraServe's masters)
+        out: list[Option] = []
+        for s in range(p):
             need = memory_gb(spec, p, full=s < a)
-            best: Option | None = None
-            best_key: tuple[float, ...] | None = None
-            for state in pool:
-                if state.info.name in used:
+            chosen: Option | None = None
+            for offer in self._ranked(spec, splan.stages[s], sbytes[s], pool, now):
+                if offer.state.info.name in used:
                     continue
-                gpu = _best_fit_gpu(state.gpu_free, need)
-                if gpu < 0:
-                    continue
-                opt = self._option(spec, splan.stages[s], sbytes[s], state, gpu, now)
-                if opt is None:
-                    continue
-                if self.policy.node_choice == "first_fit":
-                    best = opt
+                gpu = _best_fit_gpu(offer.state.gpu_free, need)
+                if gpu >= 0:
+                    chosen = Option(offer.state, gpu, offer.fetch_bytes, offer.fetch_end, offer.source, offer.peers)
                     break
-                key = self._score(opt)
-                if best_key is None or key < best_key:
-                    best, best_key = opt, key
-            if best is None:
+            if chosen is None:
                 return f"stage {s}: no node with {need} GB free and NIC headroom"
-            opts[s] = best
-            used.add(best.state.info.name)
-        return [o for o in opts if o is not None]
+            out.append(chosen)
+            used.add(chosen.state.info.name)
+        return out
+
+    def _ranked(self, spec: FunctionSpec, stage: StageSpec, nbytes: int, pool: list[NodeState],
+                now: float) -> list[Option]:
+        """Pool nodes that can take this stage's fetch, best first; computed once per decision."""
+        key = (stage.num_stages, stage.index)
+        got = self._memo.get(key)
+        if got is None:
+            got = []
+            for state in pool:
+                ok, fetch, end, source, peers = self._fetch_offer(spec, stage, nbytes, state, now)
+                if ok:
+                    got.append(Option(state, -1, fetch, end, source, peers))
+            if self.policy.node_choice != "first_fit":
+                got.sort(key=self._score)
+            self._memo[key] = got
+        return got
 
     def _score(self, opt: Option) -> tuple[float, ...]:
+        """Earliest landing first (locality: fewest bytes to fetch first); then most free memory."""
         if self.policy.node_choice == "locality":
             return (float(opt.fetch_bytes), opt.fetch_end, float(opt.state.row))
-        return (opt.fetch_end, -opt.state.gpu_free[opt.gpu], float(opt.state.row))
-
-    def _option(self, spec: FunctionSpec, stage: StageSpec, nbytes: int, state: NodeState, gpu: int,
-                now: float) -> Option | None:
-        """The node's offer for this stage: bytes to fetch, from where, and when they would land."""
-        memo_key = (state.row, stage.num_stages, stage.index)
-        got = self._memo.get(memo_key)
-        if got is None:
-            got = self._fetch_offer(spec, stage, nbytes, state, now)
-            self._memo[memo_key] = got
-        ok, fetch, end, source, peers = got
-        if not ok:
-            return None
-        return Option(state, gpu, fetch, end, source, peers)
+        return (opt.fetch_end, -max(opt.state.gpu_free, default=0.0), float(opt.state.row))
 
     def _fetch_offer(self, spec: FunctionSpec, stage: StageSpec, nbytes: int, state: NodeState,
                      now: float) -> tuple[bool, int, float, FetchSource, list[str]]:
