@@ -53,8 +53,9 @@ def test_never_oversubscribes_gpu_memory(policy: str) -> None:
             assert all(u <= node.info.gpu_memory_gb + 1e-6 for u in per_gpu)
 
 
-def test_never_breaks_a_running_fetch_deadline() -> None:
-    svc = _service("hydraserve", [NodeInfo(name=f"n{i}", gpus=4, gpu_memory_gb=80, nic_gbps=16) for i in range(3)])
+@pytest.mark.parametrize("policy", ["hydraserve", "hydraserve-cache", "ours"])
+def test_never_breaks_a_running_fetch_deadline(policy: str) -> None:
+    svc = _service(policy, [NodeInfo(name=f"n{i}", gpus=4, gpu_memory_gb=80, nic_gbps=16) for i in range(3)])
     t = 0.0
     for i in range(40):
         t += 0.3
