@@ -18,6 +18,7 @@ check what a client does with rejected credentials.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -89,6 +90,7 @@ class EmbeddedS3:
             )
         finally:
             log.close()
+        atexit.register(self.stop)  # never leave a moto process behind a crashed caller
         self._wait_ready()
         if self.require_auth:
             self._enable_auth()
@@ -120,6 +122,7 @@ class EmbeddedS3:
     def close(self) -> None:
         """Stop the server and delete its state directory."""
         self.stop()
+        atexit.unregister(self.stop)
         shutil.rmtree(self._state_dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedS3:

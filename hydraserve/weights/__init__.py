@@ -1,6 +1,12 @@
 """Model files as users already have them (HF directory of config, tokenizer and safetensors).
 
-Safetensors header parsing, tensor-name -> layer mapping per architecture, byte ranges of a
-stage, the S3 ranged client (the only code that talks to S3), push manifests, and the tensor
-sources the runtime loads from (local directory, S3, loaderd shared memory).
+- ``model_files``: ``open_model(uri)`` for a local directory or ``s3://bucket/prefix``: files,
+  tensor index (file + absolute byte range of every tensor), tensor sources.
+- ``safetensors_format``: header parsing and validation; tensors as views of fetched buffers.
+- ``layout``: tensor name -> role/layer (llama family, OPT), stage slices, balanced stage plans.
+- ``ranges``: which byte ranges fetch a set of tensors (coalesced, chunked, layer order).
+- ``s3``: the only module that talks to S3 (URI validation, retries, resume, error mapping).
+- ``s3_source`` / ``local``: TensorSource implementations (``source`` is the protocol).
+- ``manifest`` / ``push``: push manifests (sha256) and ``hydraserve model push``.
+- ``throughput``: measure S3 fetch throughput for a chunk size and concurrency.
 """

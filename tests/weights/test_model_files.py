@@ -268,8 +268,10 @@ def test_killed_mid_fetch_and_restarted_completes(private_server: EmbeddedS3, tm
     source.wait_all(timeout=30)
     for name, tensor in tensors.items():
         assert torch.equal(source.get(name), tensor), name
-    assert client.retries >= 1
-    assert client.bytes_received == source.total_bytes  # dropped ranges resumed, nothing twice
+    stats = (f"retries={client.retries} requests={client.requests} chunks={len(source.chunks)} "
+             f"received={client.bytes_received} total={source.total_bytes}")
+    assert client.retries >= 1, stats
+    assert client.bytes_received == source.total_bytes, stats  # resumed ranges, nothing twice
     source.close()
 
 
