@@ -49,6 +49,9 @@ class LoaderDaemon:
             default_resolver, default_source = default_backends()
             resolver = resolver or default_resolver
             s3_source = s3_source or default_source
+            from hydraserve.loaderd.s3_model import client_for
+
+            client_for(config.endpoint_url)  # warm: the first prefetch should not pay for it
         self.token = token
         self.service = LoaderService(config, resolver=resolver, s3_source=s3_source,
                                      peer_source=peer_factory(token))

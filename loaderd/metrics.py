@@ -38,6 +38,9 @@ class LoaderMetrics:
                                    registry=r)
         self.throughput = Gauge("loaderd_fetch_throughput_bytes_per_second",
                                 "Fetch throughput over the last few seconds", registry=r)
+        self.hedges = Counter("loaderd_hedged_reads_total",
+                              "Duplicate reads of straggling chunks (started, won, failed)", ["outcome"],
+                              registry=r)
         self._window: list[tuple[float, int]] = []
 
     # FetchObserver
@@ -55,3 +58,6 @@ class LoaderMetrics:
 
     def on_inflight(self, delta: int) -> None:
         self.inflight.inc(delta)
+
+    def on_hedge(self, outcome: str) -> None:
+        self.hedges.labels(outcome=outcome).inc()
