@@ -44,7 +44,7 @@ class ActivePlan:
     plan: Plan
     created_at: float
     ready: set[int] = field(default_factory=set)
-    fetch_end: dict[int, float] = field(default_factory=dict)  # stage -> when its fetch ended
+    fetch_s: dict[int, float] = field(default_factory=dict)  # stage -> seconds its fetch took
 
 
 class ClusterState:
@@ -88,9 +88,9 @@ class ClusterState:
             state.info = info
             state.nic.advance(now)
             state.nic.bps = info.nic_gbps * 1e9
-        if info.residency or old is None:
-            self._set_residency(state, info.residency)
-        self._sync(state)
+        if info.residency is not None or old is None:
+            self._set_residency(state, info.residency or [])
+        self.sync(state)
         return state
 
     def _set_residency(self, state: NodeState, residency: list[Residency]) -> None:
@@ -126,7 +126,8 @@ class ClusterState:
         self.schedulable = sched
         self._cap = cap
 
-    def _sync(self, state: NodeState) -> None:
+    def sync(self, state: NodeState) -> None:
+        """Mirror one node's numbers into the arrays the planner scans."""
         r = state.row
         self.max_free[r] = max(state.gpu_free, default=0.0)
         self.configured_bps[r] = state.info.nic_gbps * 1e9
@@ -149,7 +150,7 @@ class ClusterState:
             raise ValueError(f"{node} gpu {gpu}: {gb} GB asked, {state.gpu_free[gpu]:.2f} GB free")
         state.gpu_free[gpu] -= gb
         state.workers[key] = (gpu, gb)
-        self._sync(state)
+        self.sync(state)
 
     def free(self, node: str, key: tuple[str, int]) -> float:
         state = self.nodes.get(node)
@@ -157,14 +158,14 @@ class ClusterState:
             return 0.0
         gpu, gb = state.workers.pop(key)
         state.gpu_free[gpu] = min(state.info.gpu_memory_gb, state.gpu_free[gpu] + gb)
-        self._sync(state)
+        self.sync(state)
         return gb
 
     def add_fetch(self, node: str, key: str, bits: float, deadline: float, now: float) -> None:
         state = self.nodes[node]
         state.nic.bps = self.bandwidth_bps(state)
         state.nic.add(key, bits, deadline, now)
-        self._sync(state)
+        self.sync(state)
 
     def end_fetch(self, node: str, key: str, now: float) -> float:
         """Drop a fetch (its worker reported); returns its mean NIC sharing for calibration."""
@@ -172,7 +173,7 @@ class ClusterState:
         if state is None:
             return 1.0
         fetch = state.nic.remove(key, now)
-        self._sync(state)
+        self.sync(state)
         return fetch.mean_sharing(now) if fetch else 1.0
 
     def refresh_nic(self, state: NodeState, now: float) -> None:

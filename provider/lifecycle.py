@@ -54,13 +54,13 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
             t = report.timings
             fetch_s = t.fetch_s
             if fetch_s is not None:
-                active.fetch_end[st.stage.index] = fetch_s
+                active.fetch_s[st.stage.index] = fetch_s
             if fetch_s is not None and st.fetch_bytes > 0:
                 nbytes = t.fetch_bytes if t.fetch_bytes is not None else st.fetch_bytes
                 state = cluster.nodes.get(st.node)
                 if state is not None and cluster.calibration.observe_fetch(
                         st.node, nbytes * 8, fetch_s, sharing, state.info.nic_gbps * 1e9):
-                    cluster._sync(state)
+                    cluster.sync(state)
                     calibrated.append(f"bandwidth:{st.node}")
             if policy.keeps_cache and st.node in cluster.nodes:
                 cluster.add_residency(st.node, plan.model_uri, range(st.stage.layer_start, st.stage.layer_end),
@@ -69,7 +69,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
             cold = report.timings.cold_start_s
             if cold is None:
                 cold = at - active.created_at
-            fetch = max(active.fetch_end.values(), default=0.0)
+            fetch = max(active.fetch_s.values(), default=0.0)
             biggest_gb = max(s.stage_bytes for s in plan.stages) / 1e9
             if cluster.calibration.observe_cold_start(fetch, cold, biggest_gb):
                 calibrated.append("startup")

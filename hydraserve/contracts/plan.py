@@ -48,7 +48,8 @@ class NodeInfo(_Strict):
     loaderd_url: str | None = Field(default=None, description="http://host:port of the node's loaderd")
     address: str | None = Field(default=None, description="where workers on this node listen")
     labels: dict[str, str] = Field(default_factory=dict)
-    residency: list[Residency] = Field(default_factory=list)
+    residency: list[Residency] | None = Field(
+        default=None, description="what the node's loaderd holds; None keeps what the service knows")
     schedulable: bool = True
 
     @model_validator(mode="after")

@@ -153,3 +153,18 @@ def test_planner_alone_matches_service() -> None:
         commit(cluster, policy, a, fn.ttft_slo_s, 0.0, float(i))
         b = svc.plan(PlanRequest(function=fn), now=float(i))
         assert a.model_dump() == b.model_dump()
+
+
+def test_reregistering_a_node_keeps_allocations_and_residency_unless_given() -> None:
+    fn = llama()
+    held = Residency(model_uri=fn.model_uri, layers=list(range(32)), embeddings=True, head=True)
+    node = NodeInfo(name="n", gpus=1, gpu_memory_gb=40, residency=[held])
+    svc = _service("ours", [node])
+    plan = svc.plan(PlanRequest(function=fn), now=0.0)
+    assert plan.stages[0].source == "cache"
+    svc.register_node(node.model_copy(update={"residency": None, "nic_gbps": 25.0}), now=1.0)
+    state = svc.cluster.nodes["n"]
+    assert state.gpu_free[0] == pytest.approx(40 - plan.stages[0].memory_gb)
+    assert fn.model_uri in state.residency
+    svc.register_node(node.model_copy(update={"residency": []}), now=2.0)
+    assert not state.residency and "n" not in svc.cluster.holders.get(fn.model_uri, set())
