@@ -168,3 +168,29 @@ def test_reregistering_a_node_keeps_allocations_and_residency_unless_given() -> 
     assert fn.model_uri in state.residency
     svc.register_node(node.model_copy(update={"residency": []}), now=2.0)
     assert not state.residency and "n" not in svc.cluster.holders.get(fn.model_uri, set())
+
+
+def test_concurrent_plans_never_share_memory() -> None:
+    """Many threads planning at once (the HTTP server's workers) get disjoint reservations."""
+    import threading
+
+    svc = PlacementService("ours")
+    for i in range(3):
+        svc.register_node(NodeInfo(name=f"n{i}", gpus=1, gpu_memory_gb=20))
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        try:
+            plan = svc.plan(PlanRequest(function=llama(f"f{i}", ttft_slo_s=60.0)))
+            with lock:
+                results.extend(plan.nodes)
+        except OverloadedError:
+            pass
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["n0", "n1", "n2"]  # 18.5 GB each: one per node, the rest refused
