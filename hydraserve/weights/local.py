@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hydraserve.weights.s3 import validate_file_name
+from hydraserve.weights.s3_uri import validate_file_name
 
 
 class LocalTensorSource:
