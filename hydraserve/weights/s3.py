@@ -434,3 +434,13 @@ class S3Client:
             self._boto.delete_object(Bucket=bucket, Key=key)
 
         self._retrying(uri, "DELETE", attempt)
+
+    def put(self, bucket: str, key: str, data: bytes | Path,
+            callback: Callable[[int], None] | None = None) -> None:
+        """Bytes in one PUT, or a file (multipart above the threshold)."""
+        if isinstance(data, Path):
+            self.put_file(bucket, key, data, callback)
+        else:
+            self.put_bytes(bucket, key, data)
+            if callback is not None:
+                callback(len(data))

@@ -64,7 +64,9 @@ def test_put_head_list_get_ranges(s3_client: S3Client, bucket: str, tmp_path: Pa
     data = os.urandom(300_000)
     s3_client.put_bytes(bucket, "m/a.bin", data)
     (tmp_path / "b.bin").write_bytes(b"xyz")
-    s3_client.put_file(bucket, "m/b.bin", tmp_path / "b.bin")
+    seen: list[int] = []
+    s3_client.put(bucket, "m/b.bin", tmp_path / "b.bin", callback=seen.append)
+    assert seen == [3]
 
     assert s3_client.head(bucket, "m/a.bin").size == len(data)
     assert [o.key for o in s3_client.list_prefix(bucket, "m")] == ["m/a.bin", "m/b.bin"]
