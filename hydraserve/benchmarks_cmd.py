@@ -42,4 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             _load(file).configure(p)
         else:
             p.set_defaults(func=lambda args, f=file: _load(f) and 2)
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    def usage(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=usage)

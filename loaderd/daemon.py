@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydraserve.http_server import DrainingServer
@@ -107,7 +107,6 @@ class DaemonProcess:
     url: str
     token: str
     log_path: Path | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def client(self) -> LoaderClient:
         return LoaderClient(self.url, self.token)

@@ -8,6 +8,7 @@ bytes are all resident, and reports residency.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -150,12 +151,9 @@ class LoaderService:
             sources.extend(self._peer_source(p, index) for p in peers)
         sources.append(self._s3_source(index))
         strict = self.config.strict_integrity
-        fills = []
-        for seg in segs:
-            fill = Fill(seg.layout, seg.writer, sources,
-                        on_done=lambda f, exc, s=seg: self._on_fill_done(index, s, f, exc),
-                        on_tensor=lambda f, i, s=seg: self._on_tensor(s, f, i), defer_publish=strict)
-            fills.append((seg.order, fill))
+        fills = [(seg.order, Fill(seg.layout, seg.writer, sources, on_done=functools.partial(self._on_fill_done, index, seg),
+                                  on_tensor=functools.partial(self._on_tensor, seg), defer_publish=strict))
+                 for seg in segs]
         self.engine.submit(fills)
 
     def _on_tensor(self, seg: Segment, fill: Fill, i: int) -> None:

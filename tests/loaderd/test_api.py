@@ -83,7 +83,7 @@ def test_client_round_trip_and_errors(daemon: LoaderDaemon) -> None:
         client.release(lease.lease_id)
     with pytest.raises(NotFoundError):
         client.read_range(lease.model_key, "model.safetensors", 0, 8)
-    r = requests.get(daemon.url + "/v1/range", params={"model_key": "k", "file": "f", "start": "x", "end": 1},
+    r = requests.get(daemon.url + "/v1/range", params={"model_key": "k", "file": "f", "start": "x", "end": "1"},
                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
     assert r.status_code == 400
     metrics = requests.get(daemon.url + "/metrics", timeout=5).text
