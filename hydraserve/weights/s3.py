@@ -228,7 +228,8 @@ class S3Client:
     # ---------------------------------------------------------------- retry loop
 
     def _retrying(self, uri: str, what: str, attempt_fn: Callable[[], T],
-                  made_progress: Callable[[], bool] = lambda: False) -> T:
+                  made_progress: Callable[[], bool] = lambda: False,
+                  cancel: threading.Event | None = None) -> T:
         """Run ``attempt_fn`` until it succeeds, fails permanently, or the budget is spent.
 
         ``made_progress`` (checked after a failure) resets the attempt count: a stream that
@@ -253,8 +254,13 @@ class S3Client:
                         f"(endpoint {self.endpoint_url}); last error: {_short(exc)}",
                         code="s3_unavailable", retry_after_s=max(1.0, self.retry.max_delay_s),
                     ) from exc
+                if cancel is not None and cancel.is_set():
+                    raise TemporaryError(f"S3 {what} {uri} cancelled", code="cancelled") from exc
                 self._count(retries=1)
-                self._sleep(delay)
+                if cancel is None:
+                    self._sleep(delay)
+                elif cancel.wait(delay):
+                    raise TemporaryError(f"S3 {what} {uri} cancelled", code="cancelled") from exc
 
     # ---------------------------------------------------------------- reads
 
@@ -309,11 +315,13 @@ class S3Client:
         self.get_range_into(bucket, key, start, memoryview(out))
         return out
 
-    def get_range_into(self, bucket: str, key: str, start: int, out: memoryview | bytearray) -> None:
+    def get_range_into(self, bucket: str, key: str, start: int, out: memoryview | bytearray,
+                       *, cancel: threading.Event | None = None) -> None:
         """Fill ``out`` with bytes [start, start + len(out)) of the object, no extra copy.
 
         If the stream drops mid-body, the next attempt asks only for the bytes still missing.
-        Raises StorageError if the object is shorter than the range.
+        Raises StorageError if the object is shorter than the range; setting ``cancel`` stops
+        retrying (TemporaryError) instead of waiting out the budget.
         """
         view = memoryview(out).cast("B")
         length = len(view)
@@ -352,7 +360,7 @@ class S3Client:
             at_last_failure = received
             return moved
 
-        self._retrying(uri, f"GET bytes={start}-{start + length - 1}", attempt, progressed)
+        self._retrying(uri, f"GET bytes={start}-{start + length - 1}", attempt, progressed, cancel)
 
     def list_prefix(self, bucket: str, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix`` (a directory-like prefix; '/' is added if missing)."""

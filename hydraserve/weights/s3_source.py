@@ -55,6 +55,7 @@ class S3TensorSource:
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
         self._remaining = len(chunks)
+        self._closed = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency),
                                         thread_name_prefix="s3-fetch")
         self._futures: list[Future[None]] = [self._pool.submit(self._fetch, c) for c in chunks]
@@ -73,7 +74,7 @@ class S3TensorSource:
         uri = self._files[run.file]
         try:
             view = memoryview(state.buffer)[chunk.start - run.start:chunk.end - run.start]
-            self._client.get_range_into(uri.bucket, uri.key, chunk.start, view)
+            self._client.get_range_into(uri.bucket, uri.key, chunk.start, view, cancel=self._closed)
         except BaseException as exc:
             state.error = exc
             state.done.set()
@@ -122,7 +123,13 @@ class S3TensorSource:
                 raise state.error
 
     def close(self) -> None:
-        """Cancel chunks not started; in-flight GETs finish in the background."""
+        """Cancel chunks not started and stop retries (a GET in progress finishes in the
+        background); a later get() of a tensor that had not arrived raises, never hangs."""
+        self._closed.set()  # in-flight chunks stop retrying
         for future in self._futures:
             future.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for state in self._states:
+            if not state.done.is_set():
+                state.error = RuntimeError("S3TensorSource closed before this tensor arrived")
+                state.done.set()

@@ -292,6 +292,23 @@ def test_get_blocks_until_bytes_arrive(private_server: EmbeddedS3, tmp_path: Pat
     assert torch.equal(source.get("model.layers.0.w", timeout=30), tensors["model.layers.0.w"])
 
 
+def test_closed_source_does_not_hang(private_server: EmbeddedS3, tmp_path: Path) -> None:
+    write_model(tmp_path / "m", {"model.layers.0.w": torch.ones(8)})
+    uri = private_server.upload_dir(tmp_path / "m", "durable", "m")
+    model = open_model(uri, client=private_server.client())
+    model.tensor_index()
+    private_server.kill()
+    source = model.tensor_source()
+    time.sleep(0.2)  # its GET is now retrying against the dead server (30 s budget)
+    started = time.monotonic()
+    source.close()
+    with pytest.raises(RuntimeError, match="closed before"):
+        source.get("model.layers.0.w", timeout=5)
+    assert isinstance(source, S3TensorSource)
+    source._pool.shutdown(wait=True)  # the retrying thread gives up at once
+    assert time.monotonic() - started < 2
+
+
 def test_fetch_error_surfaces_from_get(s3_client: S3Client, bucket: str, tmp_path: Path) -> None:
     save_file({"model.layers.0.w": torch.ones(10)}, str(tmp_path / "model.safetensors"))
     s3_client.put_file(bucket, "gone/model.safetensors", tmp_path / "model.safetensors")
