@@ -25,6 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="compute dtype (default: the checkpoint's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; 1 is much faster on a busy CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as one user chat message")
     parser.add_argument("--quiet", action="store_true", help="do not stream text to stderr")
     parser.set_defaults(func=run)
@@ -35,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from hydraserve.runtime.engine.factory import load_engine
     from hydraserve.runtime.engine.types import SamplingParams
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     try:
         engine = load_engine(args.model, endpoint_url=args.endpoint_url, dtype=args.dtype, max_num_seqs=1)

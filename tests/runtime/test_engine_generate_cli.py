@@ -62,7 +62,8 @@ def test_generate_cli_sampling_with_seed_matches_the_engine(tiny_opt_dir: Path) 
 def test_generate_cli_chat_uses_the_models_template(tiny_llama_dir: Path) -> None:
     from hydraserve.runtime.tokenizer import Tokenizer
 
-    result, proc = _generate(tiny_llama_dir, "--prompt", "Hi there", "--chat", "--max-tokens", "3", "--quiet")
+    result, proc = _generate(tiny_llama_dir, "--prompt", "Hi there", "--chat", "--max-tokens", "3", "--quiet",
+                             "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     tok = Tokenizer.from_dir(str(tiny_llama_dir))
     assert result["prompt_token_ids"] == tok.encode("<|user|>\nHi there</s>\n<|assistant|>\n")
