@@ -9,7 +9,9 @@ moto keeps its objects in memory: a killed server forgets them. Objects put with
 :meth:`create_bucket` are remembered in a seed file and loaded into the new process before it
 opens its port, so ``kill()`` + ``start()`` (or ``restart()``) brings back the same port with
 the same objects. Objects written by other clients (for example ``push_model``) are NOT
-remembered; call :meth:`remember` for them if a test restarts the server.
+remembered automatically: call :meth:`snapshot` before ``kill()`` (it remembers everything
+the server holds), or :meth:`remember` for single files. With ``require_auth`` a restart
+creates new credentials (moto's IAM state is in memory too).
 
 By default the server accepts any credentials (moto's default). With ``require_auth=True``
 IAM authentication is switched on and only :attr:`credentials` are accepted, so tests can
@@ -178,6 +180,22 @@ class EmbeddedS3:
         self.client().create_bucket(name, exist_ok=True)
         if name not in self._seed["buckets"]:
             self._seed["buckets"].append(name)
+
+    def snapshot(self) -> int:
+        """Remember every object the server holds now (from any client), replacing what was
+        remembered; returns how many. Call before kill() when a restart must bring back
+        objects written by other clients (push_model, loaderd tests). Copies the bytes to the
+        state directory, so keep it for test-sized data."""
+        client = self.client()
+        directory = Path(tempfile.mkdtemp(prefix="snapshot-", dir=self._state_dir))
+        seed: dict[str, list] = {"buckets": client.list_buckets(), "objects": []}
+        for bucket in seed["buckets"]:
+            for obj in client.list_prefix(bucket, ""):
+                path = directory / f"{len(seed['objects']):06d}"
+                path.write_bytes(client.get_object_bytes(bucket, obj.key))
+                seed["objects"].append({"bucket": bucket, "key": obj.key, "path": str(path)})
+        self._seed = seed
+        return len(seed["objects"])
 
     def remember(self, bucket: str, key: str, path: str | Path) -> None:
         """Reload ``path`` as s3://bucket/key whenever the server (re)starts."""

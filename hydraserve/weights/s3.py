@@ -362,6 +362,13 @@ class S3Client:
 
         self._retrying(uri, f"GET bytes={start}-{start + length - 1}", attempt, progressed, cancel)
 
+    def list_buckets(self) -> list[str]:
+        def attempt() -> list[str]:
+            self._count(requests=1)
+            return [b["Name"] for b in self._boto.list_buckets().get("Buckets", [])]
+
+        return self._retrying("s3://", "LIST BUCKETS", attempt)
+
     def list_prefix(self, bucket: str, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix`` (a directory-like prefix; '/' is added if missing)."""
         if prefix and not prefix.endswith("/"):

@@ -225,3 +225,17 @@ def test_server_that_stays_down_gives_temporary_error(private_server: EmbeddedS3
     assert info.value.retryable and info.value.retry_after_s
     assert private_server.endpoint_url in str(info.value)
     assert time.monotonic() - started < 3
+
+
+def test_snapshot_brings_back_objects_from_any_client(private_server: EmbeddedS3) -> None:
+    private_server.create_bucket("snap")
+    client = private_server.client()
+    client.put_bytes("snap", "a/one", b"1")
+    client.put_bytes("snap", "a/two", b"22")
+    client.create_bucket("snap-empty")
+    assert private_server.snapshot() == 2
+    client.put_bytes("snap", "after", b"lost")  # written after the snapshot
+    private_server.restart()
+    assert sorted(o.key for o in client.list_prefix("snap", "")) == ["a/one", "a/two"]
+    assert client.get_object_bytes("snap", "a/two") == b"22"
+    assert "snap-empty" in client.list_buckets()
