@@ -20,6 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, help="concurrent sequences (default 8)")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--name", help="function name reported by the API (else K_SERVICE)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (else HYDRASERVE_TORCH_THREADS)")
     parser.set_defaults(func=run)
 
 
@@ -31,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"HYDRASERVE_MODEL_URI": args.model, "PORT": args.port, "HYDRASERVE_HOST": args.host,
                  "HYDRASERVE_S3_ENDPOINT_URL": args.endpoint_url, "HYDRASERVE_LOADERD_URL": args.loaderd_url,
                  "HYDRASERVE_DTYPE": args.dtype, "HYDRASERVE_MAX_BATCH": args.max_batch,
-                 "HYDRASERVE_MAX_MODEL_LEN": args.max_model_len, "K_SERVICE": args.name}
+                 "HYDRASERVE_MAX_MODEL_LEN": args.max_model_len, "K_SERVICE": args.name,
+                 "HYDRASERVE_TORCH_THREADS": args.threads}
     env = {**os.environ, **{k: str(v) for k, v in overrides.items() if v is not None}}
     configure_logging("worker")
     return run_worker(WorkerSettings.from_env(env))

@@ -31,6 +31,7 @@ class WorkerSettings(BaseModel):
     dtype: str | None = None
     max_batch: int = Field(default=8, ge=1)
     max_model_len: int | None = None
+    torch_threads: int | None = Field(default=None, ge=1)  # None: torch's default (one per core)
     spawned_at: float | None = None
     drain_timeout_s: float = 30.0
 
@@ -57,6 +58,7 @@ class WorkerSettings(BaseModel):
             "dtype": env.get("HYDRASERVE_DTYPE"),
             "max_batch": int(env.get("HYDRASERVE_MAX_BATCH", "8")),
             "max_model_len": int(env["HYDRASERVE_MAX_MODEL_LEN"]) if env.get("HYDRASERVE_MAX_MODEL_LEN") else None,
+            "torch_threads": int(env["HYDRASERVE_TORCH_THREADS"]) if env.get("HYDRASERVE_TORCH_THREADS") else None,
             "spawned_at": float(env["HYDRASERVE_SPAWNED_AT"]) if env.get("HYDRASERVE_SPAWNED_AT") else None,
             "drain_timeout_s": float(env.get("HYDRASERVE_DRAIN_TIMEOUT_S", "30")),
         }
