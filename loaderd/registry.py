@@ -8,6 +8,7 @@ reader's pid dies. A segment with any lease, or still filling, is never evicted 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -100,6 +101,8 @@ class Registry:
         self.retired: dict[str, Segment] = {}  # failed but still leased: unlinked on release
         self._on_evict = on_evict
         self.evictions = 0
+        self._lock_fd: int | None = None
+        self._lock_path = ""
 
     @property
     def prefix(self) -> str:
@@ -108,6 +111,18 @@ class Registry:
     def path_for(self, segment_id: str) -> str:
         """A fresh file name: a refetched group never reuses the path of a failed segment."""
         return os.path.join(self.shm_dir, f"{self.prefix}{segment_id}-{uuid.uuid4().hex[:8]}")
+
+    def lock_node(self) -> None:
+        """Hold /dev/shm/hsld-<node>.lock so a second daemon with this node name refuses to start
+        (it would unlink the first one's segments as stale)."""
+        path = os.path.join(self.shm_dir, f"{SEGMENT_PREFIX}{self.node_name}.lock")
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InvalidRequestError(f"another loaderd already runs with node name {self.node_name!r}") from None
+        self._lock_fd, self._lock_path = fd, path
 
     def remove_stale(self) -> int:
         """Unlink segments a previous run of this node's daemon left behind (crash)."""
@@ -266,3 +281,7 @@ class Registry:
                     seg.writer.set_state(STATE_FAILED)  # wake readers still waiting on it
                 self._drop(seg)
             self.leases.clear()
+            if self._lock_fd is not None:
+                os.unlink(self._lock_path)
+                os.close(self._lock_fd)
+                self._lock_fd = None

@@ -75,6 +75,7 @@ class LoaderService:
         self.metrics = metrics or LoaderMetrics()
         self.registry = Registry(config.node_name, config.budget_bytes, shm_dir=config.shm_dir,
                                  clock=clock, on_evict=lambda s: self.metrics.evictions.inc())
+        self.registry.lock_node()
         stale = self.registry.remove_stale()
         if stale:
             log.info("removed %d stale segments of a previous run", stale)

@@ -3,6 +3,7 @@ peer ranges. Bytes come from local files through the same fetch engine (S3 runs 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,3 +289,23 @@ def test_peer_fetch_reads_from_the_peer_not_s3(shm_guard: str, model_dir: Path) 
     finally:
         asker.service.close()
         holder.stop()
+
+
+def test_second_daemon_with_the_same_node_name_is_refused(node: Node, model_dir: Path) -> None:
+    lease = node.service.prefetch(PrefetchRequest(model_uri=URI))
+    with pytest.raises(InvalidRequestError, match="already runs"):
+        Node(node.service.config.node_name, model_dir, budget=1 << 20)
+    assert all(os.path.exists(s.path) for s in lease.segments)  # not unlinked as "stale"
+    wait_done(node.service)
+
+
+def test_stale_segments_of_a_crashed_run_are_removed(shm_guard: str, model_dir: Path) -> None:
+    stale = f"/dev/shm/hsld-{shm_guard}-deadbeef-00000000"
+    with open(stale, "wb") as fh:
+        fh.write(b"x")
+    n = Node(shm_guard, model_dir, budget=1 << 20)
+    try:
+        assert not os.path.exists(stale)
+    finally:
+        n.service.close()
+    assert not os.path.exists(f"/dev/shm/hsld-{shm_guard}.lock")

@@ -1,0 +1,61 @@
+"""benchmarks/netns.py: emulated nodes come up reachable, and every trace goes away on exit,
+also when start-up fails half way. Needs root and iproute2 (skipped with the reason otherwise)."""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from netns import EmulatedCluster, NodeSpec, netns_available
+
+OK, WHY = netns_available()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(not OK, reason=WHY)]
+
+
+def _leftovers(cluster: EmulatedCluster) -> list[str]:
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return [n for n in (*[node.netns for node in cluster.nodes.values()], cluster.bridge) if n in names + links]
+
+
+def test_nodes_reach_the_host_and_vanish_on_exit() -> None:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with EmulatedCluster([NodeSpec("a", rate_mbit=100), NodeSpec("b")]) as cluster:
+        server = http.server.ThreadingHTTPServer((cluster.host_ip, 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            for node in cluster.nodes.values():
+                got = subprocess.run([*node.prefix, "curl", "-sf", f"http://{cluster.host_ip}:{server.server_port}/"],
+                                     capture_output=True, text=True, timeout=10)
+                assert got.stdout == "ok", got.stderr
+            qdisc = subprocess.run(["tc", "qdisc", "show", "dev", cluster.nodes["a"].veth_host],
+                                   capture_output=True, text=True).stdout
+            assert "tbf" in qdisc and "100Mbit" in qdisc
+            assert cluster.nodes["a"].link_mb_s == 12.5 and cluster.nodes["b"].link_mb_s is None
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert len(_leftovers(cluster)) == 3
+    assert _leftovers(cluster) == []
+
+
+def test_failed_start_cleans_up() -> None:
+    cluster = EmulatedCluster([NodeSpec("a"), NodeSpec("b", rate_mbit=10, burst="bogus")])  # tc rejects it
+    with pytest.raises(RuntimeError, match="tc"):
+        cluster.start()
+    assert _leftovers(cluster) == []
