@@ -42,6 +42,7 @@ class ModelIndex:
     names_for_stage: Callable[[list[str], StageSpec], list[str]]
     read_header: Callable[[str], bytes] | None = None  # file -> its first data_start bytes
     handle: Any = None  # what the range reader needs (for S3: the client and the prefix)
+    is_current: Callable[[], bool] | None = None  # False once the files changed (re-resolve)
     key: str = ""
     _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
 

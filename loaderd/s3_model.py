@@ -109,6 +109,13 @@ def resolve_model(uri: str, endpoint_url: str | None = None, *, client: S3Client
                        names_for_stage=lambda names, stage: names_for_stage(names, stage, tie),
                        read_header=read_header)
     index.handle = (client, location)
+
+    def is_current() -> bool:
+        now = {o.key.rsplit("/", 1)[-1]: o for o in client.list_prefix(location.bucket, location.key)}
+        return all(f in now and now[f].size == m.size and (now[f].etag.strip('"') or None) == m.etag
+                   for f, m in files.items())
+
+    index.is_current = is_current
     return index
 
 

@@ -85,7 +85,7 @@ class LoaderService:
         self._resolve = resolver
         self._s3_source = s3_source
         self._peer_source = peer_source
-        self._models: dict[str, ModelIndex] = {}
+        self._models: dict[tuple[str, str | None], ModelIndex] = {}
         self._models_by_key: dict[str, ModelIndex] = {}
         self._verified: set[tuple[str, str]] = set()  # (model key, file) whose sha256 matched
         self._lock = threading.Lock()
@@ -94,20 +94,26 @@ class LoaderService:
     # -- model resolution -------------------------------------------------------------------
 
     def model(self, uri: str, endpoint_url: str | None) -> ModelIndex:
-        """The model's index, read once per daemon lifetime (headers: one ranged GET per file)."""
+        """The model's index: read once (headers: one ranged GET per file), then revalidated on
+        every use with one LIST (sizes and ETags), so a re-pushed model is never served stale."""
+        endpoint = endpoint_url or self.config.endpoint_url
         with self._lock:
-            index = self._models.get(uri)
+            index = self._models.get((uri, endpoint))
+        if index is not None and index.is_current is not None and not index.is_current():
+            log.info("model changed in the store; re-reading its index", extra={"model": uri})
+            index = None
         if index is None:
-            index = self._resolve(uri, endpoint_url or self.config.endpoint_url)
+            index = self._resolve(uri, endpoint)
             with self._lock:
-                index = self._models.setdefault(uri, index)
+                self._models[(uri, endpoint)] = index
                 self._models_by_key[index.key] = index
         return index
 
     def forget_model(self, uri: str) -> None:
         """Drop the cached index (after an integrity failure: the object may have changed)."""
         with self._lock:
-            self._models.pop(uri, None)
+            for key in [k for k in self._models if k[0] == uri]:
+                del self._models[key]
 
     # -- operations -------------------------------------------------------------------------
 

@@ -241,3 +241,21 @@ def test_runtime_falls_back_to_s3_when_no_daemon_answers(s3_env: dict, models: d
         assert_same(source, expected(local))
     finally:
         source.close()
+
+
+def test_repushed_model_is_not_served_stale(s3_server: Any, s3_env: dict, shm_guard: str, tmp_path: Path) -> None:
+    name = f"repush-{uuid.uuid4().hex[:6]}"
+    first = write_model(tmp_path / "v1", llama_like(layers=1, seed=11))
+    second = write_model(tmp_path / "v2", llama_like(layers=1, seed=12))
+    uri = push(s3_server, first, name)
+    d = daemon(shm_guard)
+    try:
+        source = open_shm_source(uri, loader_url=d.url, token=d.token)
+        assert_same(source, expected(first))
+        source.close()
+        push(s3_server, second, name)
+        again = open_shm_source(uri, loader_url=d.url, token=d.token)
+        assert_same(again, expected(second))
+        again.close()
+    finally:
+        d.stop()
