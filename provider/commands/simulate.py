@@ -30,7 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nic-skew", type=float, default=1.0,
                         help="true/configured NIC bandwidth on the first --skewed-nodes nodes")
     parser.add_argument("--skewed-nodes", type=int, default=0)
-    parser.add_argument("--zipf", type=float, default=1.0, help="synthetic popularity exponent")
+    parser.add_argument("--zipf", type=float, default=1.5,
+                        help="synthetic popularity skew: share of rank i ~ 1/i^zipf (docs/PLACEMENT.md)")
     parser.add_argument("--plot", help="write attainment vs rate/CV to this PNG (needs matplotlib)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.set_defaults(func=run)
