@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hydraserve.contracts.loader import PrefetchRequest
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE, StagePlan, StageSpec
 
 KV_RESERVE_GB = 5.0  # HydraServe reserves 5 GB of KV cache per worker (DESIGN.md §4)
@@ -174,6 +175,14 @@ class Plan(_Strict):
     @property
     def nodes(self) -> list[str]:
         return [s.node for s in self.stages]
+
+    def prefetch_orders(self, endpoint_url: str | None = None,
+                        pin_s: float = 300.0) -> list[tuple[StagePlacement, PrefetchRequest]]:
+        """What to tell each chosen node's loaderd before its worker exists (stages already held
+        are still ordered: the lease pins them until the worker attaches)."""
+        return [(st, PrefetchRequest(model_uri=self.model_uri, endpoint_url=endpoint_url,
+                                     stage=st.stage if self.pipeline_size > 1 else None,
+                                     peers=st.peers, pin_s=pin_s)) for st in self.stages]
 
 
 ReportEvent = Literal["ready", "failed", "released", "consolidated"]

@@ -84,3 +84,17 @@ def test_no_capacity_raises_overloaded_through_client(service: PlacementService)
     finally:
         client.close()
         server.close()
+
+
+def test_prefetch_orders_name_each_stage_and_its_peers() -> None:
+    svc = PlacementService("ours", clock=lambda: 0.0)
+    for node in paper_nodes():
+        svc.register_node(node.model_copy(update={"loaderd_url": f"http://{node.name}:7070"}))
+    plan = svc.plan(PlanRequest(function=llama(ttft_slo_s=7.5)))
+    orders = plan.prefetch_orders("http://s3:9000")
+    assert len(orders) == plan.pipeline_size > 1
+    for st, order in orders:
+        assert order.stage == st.stage and order.model_uri == plan.model_uri
+        assert order.endpoint_url == "http://s3:9000" and st.loaderd_url == f"http://{st.node}:7070"
+    single = svc.plan(PlanRequest(function=llama("big-slo", ttft_slo_s=60)))
+    assert single.prefetch_orders()[0][1].stage is None  # whole model
