@@ -175,8 +175,8 @@ def test_corrupted_object_is_detected_and_not_served(s3_server: Any, s3_env: dic
     try:
         lease = d.client().attach(AttachRequest(model_uri=uri))
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(s.state == "failed" for s in d.client().status().segments):
-            time.sleep(0.05)
+        while time.monotonic() < deadline and any(s.state != "failed" for s in d.client().status().segments):
+            time.sleep(0.02)  # the file's segments are failed one after another
         status = d.client().status()
         assert {s.state for s in status.segments} == {"failed"}
         assert d.service.metrics.integrity_failures._value.get() == 1
