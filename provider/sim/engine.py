@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hydraserve.contracts.plan import FunctionSpec, NodeInfo, Plan, PlanRequest, WorkerReport, WorkerTimings
+from hydraserve.contracts.plan import (
+    FunctionSpec,
+    NodeInfo,
+    Plan,
+    PlanRequest,
+    Residency,
+    WorkerReport,
+    WorkerTimings,
+)
 from hydraserve.errors import OverloadedError
 from hydraserve.provider.network import Nic
 from hydraserve.provider.policies import Policy, get_policy
@@ -315,9 +323,15 @@ class Simulator:
         lru[uri] = max(gb, lru.get(uri, 0.0))
         lru.move_to_end(uri)
         budget = self.node_spec[node].cache_gb
+        evicted = False
         while sum(lru.values()) > budget and len(lru) > 1:
-            old, _ = lru.popitem(last=False)
-            self.service.cluster.drop_residency(node, old)
+            lru.popitem(last=False)
+            evicted = True
+        if evicted:  # the node's loaderd re-registers with what it still holds
+            state = self.service.cluster.nodes[node]
+            held = [Residency(model_uri=uri, layers=sorted(r.layers), embeddings=r.embeddings, head=r.head)
+                    for uri, r in state.residency.items() if uri in lru]
+            self.service.register_node(state.info.model_copy(update={"residency": held}), now=self.now)
 
 
 def _prefer(a: Instance, b: Instance) -> bool:
