@@ -161,10 +161,11 @@ class ClusterState:
         self.sync(state)
         return gb
 
-    def add_fetch(self, node: str, key: str, bits: float, deadline: float, now: float) -> None:
+    def add_fetch(self, node: str, key: str, bits: float, deadline: float, now: float,
+                  background: bool = False) -> None:
         state = self.nodes[node]
         state.nic.bps = self.bandwidth_bps(state)
-        state.nic.add(key, bits, deadline, now)
+        state.nic.add(key, bits, deadline, now, background=background)
         self.sync(state)
 
     def end_fetch(self, node: str, key: str, now: float) -> float:

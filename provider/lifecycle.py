@@ -8,6 +8,8 @@ plan still meets its TTFT SLO (or its predicted end, if later), so later plans c
 
 from __future__ import annotations
 
+import math
+
 from hydraserve.contracts.plan import Plan, ReportAck, WorkerReport
 from hydraserve.errors import NotFoundError
 from hydraserve.provider.cluster import ActivePlan, ClusterState
@@ -16,6 +18,30 @@ from hydraserve.provider.policies import Policy
 
 def fetch_key(plan_id: str, stage: int) -> str:
     return f"{plan_id}/{stage}"
+
+
+def consolidation_key(plan_id: str, stage: int) -> str:
+    """A full worker's fetch of the layers it lacks (after the group is ready)."""
+    return f"{plan_id}/c{stage}"
+
+
+def _start_consolidation(cluster: ClusterState, policy: Policy, plan: Plan, at: float) -> None:
+    """Model the full workers' complement fetches: background (low priority: they yield to
+    cold-start fetches, so they never break a deadline and never slow a prediction)."""
+    if plan.pipeline_size == 1:
+        return
+    size = sum(s.stage_bytes for s in plan.stages)
+    for st in plan.stages:
+        if st.full and st.node in cluster.nodes:
+            bits = (size - st.stage_bytes) * 8 / policy.link_efficiency
+            cluster.add_fetch(st.node, consolidation_key(plan.plan_id, st.stage.index), bits, math.inf, at,
+                              background=True)
+
+
+def _end_consolidation(cluster: ClusterState, plan: Plan, at: float) -> None:
+    for st in plan.stages:
+        if st.full:
+            cluster.end_fetch(st.node, consolidation_key(plan.plan_id, st.stage.index), at)
 
 
 def commit(cluster: ClusterState, policy: Policy, plan: Plan, ttft_slo_s: float, prefill_s: float,
@@ -66,6 +92,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
                 cluster.add_residency(st.node, plan.model_uri, range(st.stage.layer_start, st.stage.layer_end),
                                       st.stage.is_first, st.stage.is_last)
         if report.stage is None or len(active.ready) == len(plan.stages):
+            _start_consolidation(cluster, policy, plan, at)
             cold = report.timings.cold_start_s
             if cold is None:
                 cold = at - active.created_at
@@ -74,6 +101,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
             if cluster.calibration.observe_cold_start(fetch, cold, biggest_gb):
                 calibrated.append("startup")
     elif report.event in ("failed", "released"):
+        _end_consolidation(cluster, plan, at)
         for st in stages:
             cluster.end_fetch(st.node, fetch_key(plan.plan_id, st.stage.index), at)
             cluster.free(st.node, (plan.plan_id, st.stage.index))
@@ -81,6 +109,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
                                        for s in plan.stages if s.node in cluster.nodes):
             cluster.plans.pop(plan.plan_id, None)
     elif report.event == "consolidated":
+        _end_consolidation(cluster, plan, at)
         for st in plan.stages:
             if not st.full:
                 cluster.free(st.node, (plan.plan_id, st.stage.index))

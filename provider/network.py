@@ -1,5 +1,9 @@
 """A node's NIC as a processor-sharing queue of fetches (fair-share bandwidth).
 
+Cold-start fetches share the NIC equally. Background fetches (consolidation: a full worker
+fetching the layers it lacks) run at low priority: they get the NIC only while no cold-start
+fetch is running, so they never delay one.
+
 Used two ways with the same code: inside the cluster model, where the planner predicts when each
 fetch ends and refuses a new fetch that would push an existing one past its deadline
 (HydraServe's rule, DESIGN.md §4), and inside the simulator, where a Nic with the node's true
@@ -23,6 +27,7 @@ class Fetch:
     started_at: float
     bits_total: float
     shared_time: float = 0.0  # integral of (fetches sharing the NIC) dt, for calibration
+    background: bool = False
 
     def mean_sharing(self, now: float) -> float:
         """Average number of fetches this one shared the NIC with (itself included)."""
@@ -42,24 +47,32 @@ class Nic:
         self.finished: list[tuple[Fetch, float]] = []  # (fetch, end time) since last drain
 
     def __len__(self) -> int:
-        return len(self.fetches)
+        """Cold-start (foreground) fetches: the ones that share the NIC with a new one."""
+        return sum(1 for f in self.fetches.values() if not f.background)
+
+    def _active(self) -> list[Fetch]:
+        """Who has the NIC now: the foreground fetches, or else the background ones."""
+        fg = [f for f in self.fetches.values() if not f.background]
+        return fg or list(self.fetches.values())
 
     def advance(self, now: float) -> None:
-        """Move every fetch forward to ``now`` under fair sharing; finished ones go to ``finished``."""
+        """Move fetches forward to ``now`` under fair sharing; finished ones go to ``finished``."""
         t = self.updated_at
         if now <= t:
             return
         while self.fetches and t < now:
-            n = len(self.fetches)
+            active = self._active()
+            n = len(active)
             rate = self.bps / n
-            smallest = min(f.remaining_bits for f in self.fetches.values())
+            smallest = min(f.remaining_bits for f in active)
             step = min(now - t, smallest / rate)
-            for f in self.fetches.values():
+            for f in active:
                 f.remaining_bits -= rate * step
                 f.shared_time += n * step
             t += step
-            for key in [k for k, f in self.fetches.items() if f.remaining_bits <= rate * EPS_S]:
-                self.finished.append((self.fetches.pop(key), t))
+            for f in active:
+                if f.remaining_bits <= rate * EPS_S:
+                    self.finished.append((self.fetches.pop(f.key), t))
         self.updated_at = now
 
     def drain_finished(self) -> list[tuple[Fetch, float]]:
@@ -67,15 +80,16 @@ class Nic:
         return out
 
     def finish_times(self, now: float, extra_bits: float = 0.0) -> tuple[dict[str, float], float | None]:
-        """When each fetch ends if nothing else arrives; with ``extra_bits``, also a new fetch's end.
+        """When each foreground fetch ends if nothing else arrives (background ones yield); with
+        ``extra_bits``, also a new foreground fetch's end.
 
         Processor sharing: sort by bits left; the k-th smallest ends after the (n-k) still
         running have each received its remaining bits.
         """
         self.advance(now)
-        if not self.fetches:
+        items = [(f.remaining_bits, f.key) for f in self.fetches.values() if not f.background]
+        if not items:
             return {}, (now + extra_bits / self.bps if extra_bits > 0 else None)
-        items = [(f.remaining_bits, f.key) for f in self.fetches.values()]
         new_key = "\0new"
         if extra_bits > 0:
             items.append((extra_bits, new_key))
@@ -106,10 +120,10 @@ class Nic:
                 return False, float(new_end or now), key
         return True, float(new_end or now), None
 
-    def add(self, key: str, bits: float, deadline: float, now: float) -> None:
+    def add(self, key: str, bits: float, deadline: float, now: float, background: bool = False) -> None:
         self.advance(now)
         if bits > 0:
-            self.fetches[key] = Fetch(key, bits, deadline, now, bits)
+            self.fetches[key] = Fetch(key, bits, deadline, now, bits, background=background)
 
     def remove(self, key: str, now: float) -> Fetch | None:
         self.advance(now)
@@ -120,5 +134,5 @@ class Nic:
         self.advance(now)
         if not self.fetches:
             return None
-        smallest = min(f.remaining_bits for f in self.fetches.values())
-        return now + smallest * len(self.fetches) / self.bps
+        active = self._active()
+        return now + min(f.remaining_bits for f in active) * len(active) / self.bps

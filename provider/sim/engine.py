@@ -28,6 +28,7 @@ from hydraserve.contracts.plan import (
     WorkerTimings,
 )
 from hydraserve.errors import OverloadedError
+from hydraserve.provider.lifecycle import consolidation_key
 from hydraserve.provider.network import Nic
 from hydraserve.provider.policies import Policy, get_policy
 from hydraserve.provider.service import PlacementService
@@ -51,6 +52,7 @@ class Instance:
     fetch_end: dict[int, float] = field(default_factory=dict)
     released: bool = False
     waiting: list[int] = field(default_factory=list)  # request ids joined before ready
+    complement: set[str] = field(default_factory=set)  # consolidation fetches still running
     memory_gb: float = 0.0
 
 
@@ -80,6 +82,7 @@ class Simulator:
         self.node_spec = {n.name: n for n in spec.nodes}
         self.cache: dict[str, OrderedDict[str, float]] = {n.name: OrderedDict() for n in spec.nodes}
         self.fetch_owner: dict[str, tuple[Instance, int]] = {}
+        self.consolidating: dict[str, Instance] = {}  # complement fetch key -> instance
         self.instances: list[list[Instance]] = [[] for _ in spec.functions]
         # requests waiting for capacity, per function; functions in order of their oldest waiter
         self.pending: OrderedDict[int, deque[int]] = OrderedDict()
@@ -190,6 +193,12 @@ class Simulator:
             return
         inst.released = True
         self.instances[inst.fn].remove(inst)
+        for key in inst.complement:  # scaled to zero before consolidating: stop those fetches
+            self.consolidating.pop(key, None)
+            node = next(s.node for s in inst.plan.stages if consolidation_key(inst.plan.plan_id, s.stage.index) == key)
+            self.nics[node].remove(key, self.now)
+            self._schedule_nic(node)
+        inst.complement.clear()
         self.service.report(WorkerReport(plan_id=inst.plan.plan_id, event="released"), now=self.now)
         self.mem_used -= inst.memory_gb
         self._retry_pending()
@@ -236,6 +245,9 @@ class Simulator:
         nic = self.nics[node]
         nic.advance(self.now)
         for fetch, end in nic.drain_finished():
+            if fetch.key in self.consolidating:
+                self._complement_fetched(self.consolidating.pop(fetch.key), fetch.key, end)
+                continue
             inst, stage = self.fetch_owner.pop(fetch.key)
             inst.fetch_end[stage] = end
             if len(inst.fetch_end) == len(inst.plan.stages):
@@ -277,12 +289,22 @@ class Simulator:
             self._serve(inst, req)
         inst.waiting.clear()
         if plan.pipeline_size > 1 and plan.full_workers > 0:
-            missing = max(plan.stages[0].stage_bytes, 1)
-            fn = self.spec.functions[inst.fn]
-            missing = fn.model_size_bytes - min(s.stage_bytes for s in plan.stages if s.full)
-            slowest = min(self.nics[s.node].bps for s in plan.stages if s.full)
-            delay = missing * 8 / slowest + missing / GB / self.spec.times.pcie_gbps_bytes
-            self.push(self.now + delay, CONSOLIDATED, inst)
+            # full workers fetch the layers they lack on their (shared) NICs, then load them
+            size = self.spec.functions[inst.fn].model_size_bytes
+            for st in plan.stages:
+                if st.full:
+                    key = consolidation_key(plan.plan_id, st.stage.index)
+                    self.consolidating[key] = inst
+                    inst.complement.add(key)
+                    self.nics[st.node].add(key, (size - st.stage_bytes) * 8.0, math.inf, self.now, background=True)
+                    self._schedule_nic(st.node)
+
+    def _complement_fetched(self, inst: Instance, key: str, end: float) -> None:
+        inst.complement.discard(key)
+        if not inst.complement and not inst.released:
+            size = self.spec.functions[inst.fn].model_size_bytes
+            rest = size - min(s.stage_bytes for s in inst.plan.stages if s.full)
+            self.push(end + rest / GB / self.spec.times.pcie_gbps_bytes, CONSOLIDATED, inst)
 
     def _consolidated(self, inst: Instance) -> None:
         if inst.released:

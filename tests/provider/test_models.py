@@ -72,3 +72,16 @@ def test_calibration_learns_bandwidth_and_keeps_prior_until_samples() -> None:
     static = Calibration(enabled=False)
     static.observe_fetch("n1", bits=8e9, seconds=1.0, sharing=1.0, configured_bps=16e9)
     assert static.bandwidth_bps("n1", 16e9) == 16e9
+
+
+def test_background_fetches_yield_to_cold_start_fetches() -> None:
+    nic = Nic(bps=10.0)
+    nic.add("consolidate", 100.0, deadline=float("inf"), now=0.0, background=True)
+    nic.advance(2.0)  # alone: full rate
+    assert nic.fetches["consolidate"].remaining_bits == pytest.approx(80.0)
+    nic.add("cold", 20.0, deadline=4.0 + 1e-9, now=2.0)
+    assert nic.admit(2.0, 0.0)[0] and nic.finish_times(2.0)[0] == {"cold": pytest.approx(4.0)}
+    assert len(nic) == 1  # only the cold start counts for sharing
+    nic.advance(4.0)  # the cold start had the whole NIC; the background one waited
+    assert "cold" not in nic.fetches and nic.fetches["consolidate"].remaining_bits == pytest.approx(80.0)
+    assert nic.next_finish(4.0) == pytest.approx(12.0)
