@@ -210,10 +210,15 @@ class FetchEngine:
         if self.hedge_min_s is not None and self._running:
             now = time.monotonic()
             best: _Running | None = None
+            # only the earliest group in flight (the one a loader waits for next) is worth
+            # duplicate bytes on a shared link; later groups' stragglers usually catch up
+            earliest = min(r.chunk.priority[:2] for r in self._running.values())
             for run in self._running.values():
                 chunk = run.chunk
                 fill = chunk.fill
                 if run.hedged or fill.failed or chunk.seq in fill.done_chunks:
+                    continue
+                if chunk.priority[:2] != earliest and head is not None:
                     continue
                 if head is not None and head <= chunk.priority:
                     continue
