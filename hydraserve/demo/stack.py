@@ -21,10 +21,9 @@ from typing import Any
 
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import Gateway, create_gateway_app
-from hydraserve.demo.services import ServiceProcess
 from hydraserve.http_server import DrainingServer
+from hydraserve.processes import ChildProcess, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
-from hydraserve.provider.backends.process import free_port
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +92,9 @@ class LocalStack:
         nodes = [self._start_loaderd(name, token_file, token, s3_env) for name in self.node_names]
 
         placement_port = free_port(opts.host)
-        placement = ServiceProcess("placement", ["placement", "--host", opts.host, "--port", str(placement_port)],
-                                   health_url=f"http://{opts.host}:{placement_port}/healthz",
-                                   log_path=self.run_dir / "placement.log").wait_healthy()
+        placement = ChildProcess("placement", hydraserve_command(
+            "placement", "--host", opts.host, "--port", str(placement_port)), log_path=self.run_dir / "placement.log")
+        placement.wait_healthy(f"http://{opts.host}:{placement_port}/healthz")
         self._cleanups.append(("placement", placement.stop))
         from hydraserve.provider.client import PlacementClient
 
@@ -157,12 +156,11 @@ class LocalStack:
     def _start_loaderd(self, name: str, token_file: Path, token: str, env: dict[str, str]) -> LocalNode:
         opts = self.options
         port = free_port(opts.host)
-        proc = ServiceProcess(f"loaderd {name}", [
+        proc = ChildProcess(f"loaderd {name}", hydraserve_command(
             "loaderd", "--host", opts.host, "--port", str(port), "--token-file", str(token_file),
             "--budget-bytes", str(opts.loaderd_budget_bytes), "--node-name", name,
-            "--endpoint-url", self.s3.endpoint_url],
-            health_url=f"http://{opts.host}:{port}/healthz", log_path=self.run_dir / f"loaderd-{name}.log",
-            env=env).wait_healthy()
+            "--endpoint-url", self.s3.endpoint_url), log_path=self.run_dir / f"loaderd-{name}.log", env=env)
+        proc.wait_healthy(f"http://{opts.host}:{port}/healthz")
         self._cleanups.append((f"loaderd {name}", proc.stop))
         return LocalNode(name=name, loaderd_url=f"http://{opts.host}:{port}", loaderd_token=token,
                          gpu_memory_gb=opts.node_gpu_memory_gb, nic_gbps=opts.node_nic_gbps)

@@ -5,10 +5,6 @@ drain with SIGTERM. Used by the local backend; no placement logic here.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,57 +12,51 @@ from pathlib import Path
 import requests
 
 from hydraserve.errors import TemporaryError
+from hydraserve.processes import ChildProcess, free_port
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class WorkerProcess:
-    """A `python -m hydraserve.runtime.worker` child with its log file."""
+class WorkerProcess(ChildProcess):
+    """A `python -m hydraserve.runtime.worker` child; its 503 reasons come from its JSON log."""
 
     def __init__(self, env: dict[str, str], log_path: Path, host: str = "127.0.0.1") -> None:
         self.port = free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self.log_path = log_path
-        full_env = {**os.environ, **env, "PORT": str(self.port), "HYDRASERVE_HOST": host,
-                    "HYDRASERVE_SPAWNED_AT": repr(time.time())}
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "ab")
-        self.spawned_at = time.time()
-        self.proc = subprocess.Popen([sys.executable, "-m", "hydraserve.runtime.worker"], env=full_env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        # The worker clamps its /proc start time (10 ms ticks) to the spawn moment.
+        super().__init__("worker", [sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path,
+                         env={**env, "PORT": str(self.port), "HYDRASERVE_HOST": host,
+                              "HYDRASERVE_SPAWNED_AT": repr(time.time())})
 
     def wait_ready(self, timeout_s: float, poll_s: float = 0.02) -> None:
         """Return when /readyz says ready; raise TemporaryError with the reason otherwise."""
-        deadline = time.monotonic() + timeout_s
         session = requests.Session()
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                raise TemporaryError(f"worker exited with code {code}: {self.failure_reason()}")
+        failed: list[str] = []
+
+        def ready() -> bool:
             try:
                 r = session.get(self.url + "/readyz", timeout=1.0)
-                if r.status_code == 200:
-                    return
-                body = r.json()
-                if body.get("status") == "failed":
-                    self.stop(grace_s=2)
-                    raise TemporaryError(f"worker failed to start: {body.get('reason')}")
-            except (requests.ConnectionError, requests.Timeout, ValueError):
-                pass
-            time.sleep(poll_s)
-        self.stop(grace_s=2)
-        raise TemporaryError(f"worker not ready within {timeout_s:.0f} s (log: {self.log_path})")
+            except (requests.ConnectionError, requests.Timeout):
+                return False
+            if r.status_code == 200:
+                return True
+            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            if body.get("status") == "failed":
+                failed.append(str(body.get("reason")))
+                return True
+            return False
+
+        def exited(code: int) -> Exception:
+            return TemporaryError(f"worker exited with code {code}: {self.failure_reason()}")
+
+        if not self.wait_until(ready, timeout_s, poll_s=poll_s, on_exit=exited):
+            self.stop(grace_s=2)
+            raise TemporaryError(f"worker not ready within {timeout_s:.0f} s (log: {self.log_path})")
+        if failed:
+            self.stop(grace_s=2)
+            raise TemporaryError(f"worker failed to start: {failed[0]}")
 
     def failure_reason(self) -> str:
         """The last error the worker logged (its JSON log lines), for the 503 message."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()[-50:]
-        except OSError:
-            return "no log"
+        lines = self.log_tail(50).splitlines()
         for line in reversed(lines):
             try:
                 entry = json.loads(line)
@@ -78,15 +68,3 @@ class WorkerProcess:
                 exc = str(entry.get("exc", "")).strip().splitlines()
                 return exc[-1] if exc else str(entry.get("msg"))
         return lines[-1][-300:] if lines else "no output"
-
-    def stop(self, grace_s: float = 30.0) -> int | None:
-        """SIGTERM (the worker drains), then SIGKILL after ``grace_s``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode

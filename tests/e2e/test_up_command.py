@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from hydraserve.provider.backends.process import free_port
+from hydraserve.processes import free_port
 
 
 def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,90 @@
+"""Child processes of the platform (workers, loaderd, the placement service) with their logs.
+
+One place for the spawn / wait-until-healthy / SIGTERM-then-SIGKILL lifecycle, used by the
+local backend (workers), the embedded stack (services) and loaderd's spawner.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import requests
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def hydraserve_command(*args: str) -> list[str]:
+    """argv running `hydraserve ARGS` with this interpreter (no PATH lookup)."""
+    return [sys.executable, "-m", "hydraserve.cli", *args]
+
+
+class ChildProcess:
+    """A child in its own session, stdout+stderr appended to ``log_path``."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        self.spawned_at = time.time()
+        self.proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    def wait_until(self, probe: Callable[[], bool], timeout_s: float, *, poll_s: float = 0.05,
+                   on_exit: Callable[[int], Exception] | None = None) -> bool:
+        """Poll ``probe`` until it is true (True), the deadline passes (False) or the child
+        exits (raises ``on_exit(code)``, by default a RuntimeError with the log's tail)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                raise (on_exit(code) if on_exit else RuntimeError(
+                    f"{self.name} exited with code {code}; log {self.log_path}:\n{self.log_tail()}"))
+            if probe():
+                return True
+            time.sleep(poll_s)
+        return False
+
+    def wait_healthy(self, url: str, timeout_s: float = 60.0) -> None:
+        """Until GET ``url`` answers 2xx; RuntimeError (after stopping the child) otherwise."""
+        def healthy() -> bool:
+            try:
+                return requests.get(url, timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        if not self.wait_until(healthy, timeout_s):
+            self.stop(grace_s=2)
+            raise RuntimeError(f"{self.name} not healthy within {timeout_s:.0f} s; log {self.log_path}")
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM (the child drains), then SIGKILL to its whole session after ``grace_s``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
