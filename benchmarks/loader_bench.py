@@ -39,7 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=None, help="loaderd ranged GETs in flight")
-    parser.add_argument("--chunk-bytes", type=int, default=None, help="loaderd bytes per ranged GET")
+    parser.add_argument("--chunk-bytes", type=int, default=None, help="loaderd's largest ranged GET")
+    parser.add_argument("--min-chunk-bytes", type=int, default=None, help="loaderd's smallest ranged GET")
     parser.add_argument("--no-netns", action="store_true", help="loopback only, even as root")
     parser.add_argument("--skip-runai", action="store_true")
     parser.add_argument("--workdir", default=None, help="keep model and store files here")
@@ -221,6 +222,8 @@ def run_loaderd(prefix: list[str], listen_ip: str, endpoint: str, uri: str, mode
         extra += ["--concurrency", str(args.concurrency)]
     if args.chunk_bytes:
         extra += ["--chunk-bytes", str(args.chunk_bytes)]
+    if args.min_chunk_bytes:
+        extra += ["--min-chunk-bytes", str(args.min_chunk_bytes)]
     port = free_port("127.0.0.1") if not prefix else 7070
     daemon = spawn_loaderd(port=port, node_name=f"bench{os.getpid()}", budget_bytes=2 * model_bytes + (64 << 20),
                            token=token, token_file=token_file, host=listen_ip, endpoint_url=endpoint,
@@ -343,6 +346,7 @@ def _summary(results: dict[str, dict[str, float]], link: float | None, model_byt
         "cpu_cores": {k: round(v["cpu_cores"], 2) for k, v in results.items() if "cpu_cores" in v},
         "store_cpu_cores": {k: round(v.get("store_cpu_cores", v.get("store_cpu", 0.0)), 2) for k, v in results.items()},
         "loaderd_concurrency": args.concurrency, "loaderd_chunk_bytes": args.chunk_bytes,
+        "loaderd_min_chunk_bytes": args.min_chunk_bytes,
         "notes": notes,
     }
 
