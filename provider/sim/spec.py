@@ -17,8 +17,8 @@ F the stage's fetch on the node's NIC (fair-shared; 0.9 of the line rate is good
 Serving on a p-stage group: prefill and each decode step take (1 + 0.05 (p - 1)) x the single
 worker's time plus 1 ms per extra hop (the stages run one after another on one request; the
 planner keeps HydraServe's more conservative p - a + a/p). Consolidation: the full workers
-fetch the missing layers at their NIC's rate and load them; then the partial workers are freed
-and the group serves like one worker.
+fetch the missing layers as low-priority NIC fetches (yielding to cold starts) and load them at
+PCIe speed; then the partial workers are freed and the group serves like one worker.
 """
 
 from __future__ import annotations
