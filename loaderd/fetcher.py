@@ -2,10 +2,9 @@
 
 Used by hydraserve.loaderd.service (the daemon) and by hydraserve.runtime.shm_source (the
 runtime's fallback when no daemon answers fills an anonymous-memory segment with the same code).
-Each segment's runs are cut into chunks (its bytes striped over all streams, at most
-``chunk_bytes``, at least ``min_chunk_bytes``); a fixed pool of worker threads
-takes chunks from one priority queue ordered by (group order, request, offset), so the first
-layers of every cold start on the node land first. A tensor is published the moment its last
+A fixed pool of worker threads takes work from one priority queue of runs ordered by (group
+order, request, offset), so the first layers of every cold start on the node land first; each
+thread cuts its next chunk off the most urgent run when it is free (size: see chunk_size). A tensor is published the moment its last
 chunk is written. Sources are tried in order (peers first, S3 last); a failing peer is skipped
 for the rest of that segment; S3 failures are retried with backoff and jitter within a budget.
 """
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hydraserve.errors import HydraError, IntegrityError, PermanentError
-from hydraserve.loaderd.segment import SegmentLayout, SegmentWriter
+from hydraserve.loaderd.segment import Run, SegmentLayout, SegmentWriter
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,7 @@ DEFAULT_MIN_CHUNK_BYTES = 1 << 20
 # first layer; 1 chunk per stream let one slow TCP flow hold every layer back to the end.
 STRIPES_PER_STREAM = 3
 HEDGE_FACTOR = 1.5
+TARGET_CHUNK_S = 0.1  # a chunk should take about this long on one stream (per-request costs)
 
 
 class RangeReader(Protocol):
@@ -64,7 +64,7 @@ class _NullObserver:
 
 @dataclass
 class Fill:
-    """One segment being filled: per-tensor chunk counts and the completion callback."""
+    """One segment being filled: bytes left per tensor and the completion callback."""
 
     layout: SegmentLayout
     writer: SegmentWriter
@@ -72,17 +72,27 @@ class Fill:
     on_done: Callable[[Fill, BaseException | None], None]
     on_tensor: Callable[[Fill, int], None] | None = None
     defer_publish: bool = False  # the owner publishes readiness itself (after verification)
-    pending: list[int] = field(default_factory=list)
-    chunks_left: int = 0
     failed: bool = False
     bad_sources: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    tensor_left: list[int] = field(default_factory=list)  # bytes still to land, per tensor
+    bytes_total: int = 0
     bytes_done: int = 0
+    bytes_queued: int = 0  # not yet handed to a stream
     tensors_done: int = 0
-    chunks_total: int = 0
     done_chunks: set[int] = field(default_factory=set)
     durations: list[float] = field(default_factory=list)  # seconds of each chunk read so far
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Cursor:
+    """The not-yet-dispatched rest of one run; chunks are cut from it when a stream is free."""
+
+    fill: Fill
+    run: Run
+    next_start: int
+    order: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,6 @@ class _Chunk:
     start: int
     end: int
     offset: int
-    tensors: tuple[int, ...]
     seq: int
     priority: tuple[int, int, int] = (0, 0, 0)
 
@@ -121,11 +130,12 @@ class FetchEngine:
         self.hedges = 0
         self._running: dict[int, _Running] = {}
         self.observer: FetchObserver = observer or _NullObserver()
-        self._heap: list[tuple[tuple[int, int, int], int, _Chunk]] = []
+        self._heap: list[tuple[tuple[int, int, int], int, _Cursor]] = []
         self._seq = itertools.count()
         self._request_seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
+        self._recent: list[tuple[float, int]] = []  # (finished at, bytes) of recent chunks
         self.inflight = 0
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(concurrency)]
@@ -135,47 +145,60 @@ class FetchEngine:
     def submit(self, fills: list[tuple[int, Fill]]) -> None:
         """Queue segments (with their group order) of one request; returns at once."""
         request = next(self._request_seq)
-        jobs: list[tuple[tuple[int, int, int], int, _Chunk]] = []
+        cursors: list[_Cursor] = []
         for order, fill in fills:
-            chunks = self._chunks(fill, (order, request))
-            fill.pending = [0] * len(fill.layout.tensors)
-            for chunk in chunks:
-                for i in chunk.tensors:
-                    fill.pending[i] += 1
-            fill.chunks_left = fill.chunks_total = len(chunks)
-            for i, count in enumerate(fill.pending):
-                if count == 0:  # empty tensor: nothing to fetch
+            fill.tensor_left = [t.nbytes for t in fill.layout.tensors]
+            fill.bytes_total = fill.bytes_queued = sum(r.nbytes for r in fill.layout.runs)
+            for i, left in enumerate(fill.tensor_left):
+                if left == 0:  # empty tensor: nothing to fetch
                     self._publish(fill, i)
-            if not chunks:
+            if fill.bytes_total == 0:
                 fill.on_done(fill, None)
                 continue
-            jobs.extend((c.priority, c.seq, c) for c in chunks)
+            cursors.extend(_Cursor(fill, run, run.file_start, (order, request))
+                           for run in fill.layout.runs if run.nbytes)
         with self._cv:
-            for job in jobs:
-                heapq.heappush(self._heap, job)
+            for cursor in cursors:
+                heapq.heappush(self._heap, ((*cursor.order, cursor.next_start), next(self._seq), cursor))
             self._cv.notify_all()
 
-    def chunk_size(self, group_bytes: int) -> int:
-        """Bytes per ranged read for a group: the group striped over every stream (so its chunks
-        run side by side and finish together, with no slow last chunk sharing the link with the
-        next group's), between ``min_chunk_bytes`` and ``chunk_bytes``."""
+    def stream_rate(self) -> float | None:
+        """Bytes/s one stream is getting lately (None until ~0.5 s of history); caller locks."""
+        now = time.monotonic()
+        self._recent = [(t, n) for t, n in self._recent if t > now - 2.0]
+        if not self._recent or now - self._recent[0][0] < 0.5:
+            return None
+        span = now - self._recent[0][0]
+        return sum(n for _, n in self._recent) / span / self.concurrency
+
+    def chunk_size(self, group_bytes: int, stream_rate: float | None = None) -> int:
+        """Bytes per ranged read for a group: the group striped over the streams (3 chunks each,
+        so its chunks run side by side, fast flows take more of them, and none is left alone
+        sharing the link with the next group), no bigger than ``chunk_bytes`` and no smaller
+        than ~0.1 s of one stream's recent rate (``min_chunk_bytes`` before there is one):
+        small enough to balance, big enough that per-request costs stay small."""
+        floor = self.min_chunk_bytes
+        if stream_rate is not None:
+            floor = max(floor, min(self.chunk_bytes, int(stream_rate * TARGET_CHUNK_S)))
         striped = -(-group_bytes // (self.concurrency * STRIPES_PER_STREAM))
         striped = -(-striped // 65536) * 65536
-        return max(self.min_chunk_bytes, min(self.chunk_bytes, striped))
+        return max(floor, min(self.chunk_bytes, striped))
 
-    def _chunks(self, fill: Fill, rank: tuple[int, int]) -> list[_Chunk]:
-        out: list[_Chunk] = []
-        tensors = fill.layout.tensors
-        size = self.chunk_size(fill.layout.tensor_bytes)
-        for run in fill.layout.runs:
-            for start in range(run.file_start, run.file_end, size):
-                end = min(start + size, run.file_end)
-                covered = tuple(i for i in run.tensors
-                                if tensors[i].file_start < end
-                                and tensors[i].file_start + tensors[i].nbytes > start)
-                out.append(_Chunk(fill, run.file, start, end, run.offset + start - run.file_start, covered,
-                                  next(self._seq), (*rank, start)))
-        return out
+    def _cut(self) -> _Chunk:
+        """Cut the next chunk from the most urgent cursor (caller holds the lock)."""
+        _, _, cursor = heapq.heappop(self._heap)
+        fill, run = cursor.fill, cursor.run
+        size = self.chunk_size(fill.layout.tensor_bytes, self.stream_rate())
+        start = cursor.next_start
+        end = min(start + size, run.file_end)
+        if run.file_end - end < size // 4:
+            end = run.file_end  # no sliver of a chunk left over
+        fill.bytes_queued -= end - start
+        if end < run.file_end:
+            cursor.next_start = end
+            heapq.heappush(self._heap, ((*cursor.order, end), next(self._seq), cursor))
+        return _Chunk(fill, run.file, start, end, run.offset + start - run.file_start, next(self._seq),
+                      (*cursor.order, start))
 
     def _work(self) -> None:
         while True:
@@ -202,27 +225,25 @@ class FetchEngine:
                     self.inflight -= 1
 
     def _next_task(self) -> tuple[bool, _Chunk] | None:
-        """The most urgent work (caller holds the lock): a queued chunk, or a duplicate read of
-        a straggler. A chunk is a straggler when most of its group has landed and it has run
-        much longer than its siblings took (a starved TCP flow, a slow S3 node): the first of
-        the two reads to finish fills the segment, so one slow flow cannot hold a layer back."""
+        """The most urgent work (caller holds the lock): the next chunk of the most urgent run,
+        or a duplicate read of a straggler. A chunk is a straggler when the rest of its group
+        is dispatched, half of it has landed, and it has run much longer than its siblings took
+        (a starved TCP flow, a slow S3 node): the first of the two reads to finish fills the
+        segment, so one slow flow cannot hold a layer back. Only the earliest group in flight
+        (the one a loader waits for next) or the very last chunks are worth duplicate bytes."""
         head = self._heap[0][0] if self._heap else None
         if self.hedge_min_s is not None and self._running:
             now = time.monotonic()
             best: _Running | None = None
-            # only the earliest group in flight (the one a loader waits for next) is worth
-            # duplicate bytes on a shared link; later groups' stragglers usually catch up
             earliest = min(r.chunk.priority[:2] for r in self._running.values())
             for run in self._running.values():
                 chunk = run.chunk
                 fill = chunk.fill
                 if run.hedged or fill.failed or chunk.seq in fill.done_chunks:
                     continue
-                if chunk.priority[:2] != earliest and head is not None:
+                if head is not None and (chunk.priority[:2] != earliest or head <= chunk.priority):
                     continue
-                if head is not None and head <= chunk.priority:
-                    continue
-                if len(fill.durations) * 4 < fill.chunks_total * 3:
+                if fill.bytes_queued > 0 or fill.bytes_done * 2 < fill.bytes_total or not fill.durations:
                     continue
                 typical = sorted(fill.durations)[len(fill.durations) // 2]
                 if now - run.started < max(self.hedge_min_s, HEDGE_FACTOR * typical):
@@ -235,7 +256,7 @@ class FetchEngine:
                 self.observer.on_hedge("started")
                 return True, best.chunk
         if self._heap:
-            return False, heapq.heappop(self._heap)[2]
+            return False, self._cut()
         return None
 
     def _run(self, chunk: _Chunk, hedge: bool = False) -> None:
@@ -253,7 +274,7 @@ class FetchEngine:
                 return  # the original read is still going and decides
             self._fail(fill, exc)
             return
-        done = False
+        nbytes = chunk.end - chunk.start
         with fill.lock:
             if chunk.seq in fill.done_chunks or fill.failed:
                 return
@@ -262,14 +283,19 @@ class FetchEngine:
             fill.done_chunks.add(chunk.seq)
             if not hedge:
                 fill.durations.append(time.monotonic() - started)
-            fill.bytes_done += chunk.end - chunk.start
+            fill.bytes_done += nbytes
             ready = []
-            for i in chunk.tensors:
-                fill.pending[i] -= 1
-                if fill.pending[i] == 0:
-                    ready.append(i)
-            fill.chunks_left -= 1
-            done = fill.chunks_left == 0
+            for i, t in enumerate(fill.layout.tensors):
+                if t.file != chunk.file or not fill.tensor_left[i]:
+                    continue
+                overlap = min(chunk.end, t.file_start + t.nbytes) - max(chunk.start, t.file_start)
+                if overlap > 0:
+                    fill.tensor_left[i] -= overlap
+                    if fill.tensor_left[i] == 0:
+                        ready.append(i)
+            done = fill.bytes_done == fill.bytes_total
+        with self._cv:
+            self._recent.append((time.monotonic(), nbytes))
         if hedge:
             self.observer.on_hedge("won")
         if log.isEnabledFor(logging.DEBUG):

@@ -110,6 +110,7 @@ class LocalReader:
         self.root = root
         self.label = f"local:{root}"
         self.calls = 0
+        self.bytes = 0
         self.lock = threading.Lock()
         self.gate: threading.Event | None = None
         self.held: set[tuple[str, int]] = set()  # (file, offset) ranges the gate holds back
@@ -118,6 +119,7 @@ class LocalReader:
     def read(self, file: str, start: int, end: int) -> bytes:
         with self.lock:
             self.calls += 1
+            self.bytes += end - start
             if self.fail_next:
                 self.fail_next -= 1
                 raise ConnectionError("injected drop")
