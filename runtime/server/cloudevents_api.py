@@ -17,8 +17,9 @@ from flask import Blueprint, Response, request
 
 from hydraserve.contracts import events
 from hydraserve.errors import HydraError, InvalidRequestError
+from hydraserve.http_json import validate
 from hydraserve.runtime.server import generation
-from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, parse_request
+from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest
 from hydraserve.runtime.server.state import RuntimeState
 
 _FORMAT = JSONFormat()
@@ -48,10 +49,10 @@ def create_cloudevents_blueprint(state: RuntimeState, ready_wait_s: float) -> Bl
         try:
             data = _event_data(event)
             if event.get_type() == events.CHAT_REQUEST:
-                chat = parse_request(ChatCompletionRequest, data)
+                chat = validate(ChatCompletionRequest, data)
                 prepared = generation.prepare_chat(state.engine(ready_wait_s), chat)
             elif event.get_type() == events.COMPLETION_REQUEST:
-                completion = parse_request(CompletionRequest, data)
+                completion = validate(CompletionRequest, data)
                 prepared = generation.prepare_completion(state.engine(ready_wait_s), completion)
             else:
                 raise InvalidRequestError(

@@ -7,22 +7,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context
+from flask import Blueprint, Response, jsonify, stream_with_context
 
-from hydraserve.errors import InvalidRequestError
+from hydraserve.http_json import read_json, validate
 from hydraserve.runtime.server import generation
 from hydraserve.runtime.server.metrics import RuntimeMetrics
-from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, parse_request
+from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest
 from hydraserve.runtime.server.state import RuntimeState
-
-
-def read_json_body() -> Any:
-    """The request's JSON body, or a clear 400 if it is not JSON."""
-    raw = request.get_data(cache=True)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
 
 
 def create_openai_blueprint(state: RuntimeState, metrics: RuntimeMetrics,
@@ -30,13 +21,13 @@ def create_openai_blueprint(state: RuntimeState, metrics: RuntimeMetrics,
     bp = Blueprint("openai", __name__)
 
     def _run(kind: str) -> Response:
-        body = read_json_body()
+        body = read_json()
         if kind == "chat":  # validate before waiting for the engine: bad input fails fast
-            chat = parse_request(ChatCompletionRequest, body)
+            chat = validate(ChatCompletionRequest, body)
             engine = state.engine(ready_wait_s)
             prepared, stream = generation.prepare_chat(engine, chat), chat.stream
         else:
-            completion = parse_request(CompletionRequest, body)
+            completion = validate(CompletionRequest, body)
             engine = state.engine(ready_wait_s)
             prepared, stream = generation.prepare_completion(engine, completion), completion.stream
         if not stream:

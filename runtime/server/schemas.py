@@ -1,16 +1,15 @@
 """OpenAI request bodies, validated with pydantic into engine SamplingParams.
 
 Called by the OpenAI routes and the CloudEvents handler (whose event data uses the same
-shapes). Every rejection becomes an InvalidRequestError naming the offending parameter.
+shapes), through hydraserve.http_json.validate: every rejection is a 400 naming the parameter.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hydraserve.errors import InvalidRequestError
 from hydraserve.runtime.engine.types import SamplingParams
 
 MAX_STOP_STRINGS = 8
@@ -82,18 +81,3 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
 
-
-RequestT = TypeVar("RequestT", bound=BaseModel)
-
-
-def parse_request(model: type[RequestT], body: Any) -> RequestT:
-    """Validate a decoded JSON body; the first problem becomes an InvalidRequestError."""
-    if not isinstance(body, dict):
-        raise InvalidRequestError("request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequestError(f"{param}: {first['msg']}" if param else first["msg"],
-                                  param=param) from None

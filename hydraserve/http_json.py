@@ -1,0 +1,43 @@
+"""JSON request bodies in, validated pydantic models out, for every Flask app of the platform.
+
+Malformed JSON and validation failures become InvalidRequestError (400) naming the first
+offending field, so every component answers bad input the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from flask import request
+from pydantic import BaseModel, ValidationError
+
+from hydraserve.errors import InvalidRequestError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_json() -> Any:
+    """The request body decoded as JSON, or a 400 saying why it is not JSON."""
+    try:
+        return json.loads(request.get_data(cache=True))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+
+
+def validate(model: type[M], data: Any) -> M:
+    """``data`` as ``model``; the first problem becomes an InvalidRequestError with its param."""
+    if not isinstance(data, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequestError(f"{param}: {first['msg']}" if param else first["msg"],
+                                  param=param, code="validation_error") from None
+
+
+def json_body(model: type[M]) -> M:
+    """The request body validated as ``model``."""
+    return validate(model, read_json())
