@@ -13,32 +13,16 @@ with Retry-After (the caller retries), an unknown plan 404.
 
 from __future__ import annotations
 
-from typing import TypeVar
-
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
 
 from hydraserve.contracts.plan import NodeInfo, PlanRequest, WorkerReport
-from hydraserve.errors import InvalidRequestError, NotFoundError
+from hydraserve.errors import NotFoundError
 from hydraserve.http_errors import install_error_handlers
+from hydraserve.http_json import json_body
 from hydraserve.provider.service import PlacementService
 
-M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 4 << 20
-
-
-def _body(model: type[M]) -> M:
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequestError(f"{where or 'body'}: {first['msg']}", param=where,
-                                  code="validation_error") from exc
 
 
 def create_app(service: PlacementService) -> Flask:
@@ -57,15 +41,15 @@ def create_app(service: PlacementService) -> Flask:
 
     @app.post("/v1/nodes")
     def register_node() -> Response:
-        return jsonify(service.register_node(_body(NodeInfo)).model_dump(mode="json"))
+        return jsonify(service.register_node(json_body(NodeInfo)).model_dump(mode="json"))
 
     @app.post("/v1/plan")
     def plan() -> Response:
-        return jsonify(service.plan(_body(PlanRequest)).model_dump(mode="json"))
+        return jsonify(service.plan(json_body(PlanRequest)).model_dump(mode="json"))
 
     @app.post("/v1/reports")
     def report() -> Response:
-        return jsonify(service.report(_body(WorkerReport)).model_dump(mode="json"))
+        return jsonify(service.report(json_body(WorkerReport)).model_dump(mode="json"))
 
     @app.get("/v1/plans/<plan_id>")
     def get_plan(plan_id: str) -> Response:

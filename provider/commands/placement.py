@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +22,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hydraserve.contracts.plan import NodeInfo
     from hydraserve.http_server import DrainingServer
+    from hydraserve.logs import configure_logging
     from hydraserve.provider.api import create_app
     from hydraserve.provider.service import PlacementService
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("placement")
     service = PlacementService(args.policy)
     if args.nodes:
         with open(args.nodes) as f:
