@@ -175,6 +175,7 @@ class LoaderService:
             self.registry.mark(seg, "failed", f"{type(exc).__name__}: {exc}")
             log.error("segment failed", extra={"segment": seg.segment_id, "group": seg.group,
                                                "model": seg.model_uri, "error": str(exc)})
+            self._settle(index)  # strict mode: segments waiting for this file's hash move on
             self._update_gauges()
             return
         self.metrics.fill_seconds.observe(elapsed)
