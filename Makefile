@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench-loader clean
+S3RVER := benchmarks/.s3rver/node_modules/.bin/s3rver
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -20,8 +21,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check hydraserve provider runtime activator loaderd tests benchmarks
 	$(BIN)/mypy hydraserve
 
-test: lint
+# s3rver (npm) backs the loader benchmark and its smoke test; without npm that test is skipped.
+$(S3RVER):
+	@if command -v npm >/dev/null; then npm install --no-audit --no-fund --silent --prefix benchmarks/.s3rver s3rver@3; \
+	else echo "npm not found: the loader benchmark smoke test will be skipped"; fi
+
+test: lint $(S3RVER)
 	$(BIN)/pytest -q
+
+bench-loader: $(STAMP) $(S3RVER)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/hydraserve bench loader
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

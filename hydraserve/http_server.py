@@ -57,12 +57,13 @@ class DrainingServer:
         """Stop listening, drop idle keep-alive connections, stop the worker threads."""
         server: Any = self._server
         server.task_dispatcher.shutdown(timeout=5)  # running tasks finish while the trigger works
-        server.close()
         for channel in list(server._map.values()):  # else the loop waits for channel_timeout
-            try:
-                channel.close()
-            except OSError:
-                pass
+            if channel is not server and channel is not server.trigger:
+                try:
+                    channel.close()
+                except OSError:
+                    pass
+        server.close()  # the listening socket and the trigger last: nothing pulls it any more
         self._thread.join(timeout=5)
 
 

@@ -17,6 +17,7 @@ from hydraserve.processes import free_port
 
 def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Path, tmp_path: Path) -> None:
     port = free_port()
+    shm_before = set(os.listdir("/dev/shm"))
     log = open(tmp_path / "up.log", "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "hydraserve.cli", "up", "--port", str(port),
                              "--model-dir", str(tiny_llama_dir), "--nodes", "1", "--function", "fn"],
@@ -45,5 +46,5 @@ def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Pat
         code = proc.wait(60)
         log.close()
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
-    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith("hsld-") and "node0-" in n]
-    assert leftovers == []
+    leftovers = [n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("hsld-")]
+    assert leftovers == [], "loaderd segments left behind by `hydraserve up`"
