@@ -31,18 +31,19 @@ def hydraserve_command(*args: str) -> list[str]:
 
 
 class ChildProcess:
-    """A child in its own session, stdout+stderr appended to ``log_path``."""
+    """A child in its own session, stdout+stderr appended to ``log_path`` (or discarded)."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path,
+    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path | None,
                  env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "ab")
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab") if log_path else None  # lives as long as the child
         self.spawned_at = time.time()
-        self.proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})},
+                                     stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_until(self, probe: Callable[[], bool], timeout_s: float, *, poll_s: float = 0.05,
                    on_exit: Callable[[int], Exception] | None = None) -> bool:
@@ -72,6 +73,8 @@ class ChildProcess:
             raise RuntimeError(f"{self.name} not healthy within {timeout_s:.0f} s; log {self.log_path}")
 
     def log_tail(self, n: int = 20) -> str:
+        if self.log_path is None:
+            return "(no log)"
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
@@ -86,5 +89,6 @@ class ChildProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         return self.proc.returncode

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from hydraserve.http_server import DrainingServer
@@ -25,6 +20,7 @@ from hydraserve.loaderd.client import LoaderClient, PeerReader
 from hydraserve.loaderd.fetcher import RangeReader
 from hydraserve.loaderd.model_index import ModelIndex
 from hydraserve.loaderd.service import LoaderConfig, LoaderService, PeerFactory, Resolver, SourceFactory
+from hydraserve.processes import ChildProcess, hydraserve_command
 
 
 def default_backends() -> tuple[Resolver, SourceFactory]:
@@ -99,28 +95,17 @@ def new_token_file(directory: str | Path | None = None) -> tuple[str, Path]:
     return token, Path(path)
 
 
-@dataclass
-class DaemonProcess:
-    """A `hydraserve loaderd` child process."""
+class DaemonProcess(ChildProcess):
+    """A `hydraserve loaderd` child process (SIGTERM makes it unlink its segments)."""
 
-    proc: subprocess.Popen[bytes]
-    url: str
-    token: str
-    log_path: Path | None = None
+    def __init__(self, argv: Sequence[str], url: str, token: str, log_path: Path | None,
+                 env: dict[str, str] | None) -> None:
+        super().__init__("loaderd", argv, log_path=log_path, env=env)
+        self.url = url
+        self.token = token
 
     def client(self) -> LoaderClient:
         return LoaderClient(self.url, self.token)
-
-    def stop(self, timeout_s: float = 10.0) -> int:
-        """SIGTERM (the daemon unlinks its segments), SIGKILL after ``timeout_s``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def spawn_loaderd(*, port: int, node_name: str, budget_bytes: int, token: str, token_file: Path,
@@ -129,25 +114,11 @@ def spawn_loaderd(*, port: int, node_name: str, budget_bytes: int, token: str, t
                   prefix: Sequence[str] = (), env: dict[str, str] | None = None,
                   log_path: Path | None = None, wait_s: float = 30.0) -> DaemonProcess:
     """Run `hydraserve loaderd` (after ``prefix``, e.g. ``ip netns exec NS``) and wait for it."""
-    cmd = [*prefix, sys.executable, "-m", "hydraserve.cli", "loaderd", "--host", host,
-           "--port", str(port), "--token-file", str(token_file), "--budget-bytes", str(budget_bytes),
-           "--node-name", node_name, *extra_args]
+    args = ["loaderd", "--host", host, "--port", str(port), "--token-file", str(token_file),
+            "--budget-bytes", str(budget_bytes), "--node-name", node_name, *extra_args]
     if endpoint_url:
-        cmd += ["--endpoint-url", endpoint_url]
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env={**os.environ, **(env or {})})
-    finally:
-        if log_path:
-            out.close()  # type: ignore[union-attr]
-    daemon = DaemonProcess(proc, f"http://{connect_host or host}:{port}", token, log_path)
-    client = LoaderClient(daemon.url, token)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"loaderd exited with {proc.returncode} (log: {log_path})")
-        if client.healthy():
-            return daemon
-        time.sleep(0.1)
-    daemon.stop()
-    raise RuntimeError(f"loaderd did not answer at {daemon.url} within {wait_s} s")
+        args += ["--endpoint-url", endpoint_url]
+    daemon = DaemonProcess([*prefix, *hydraserve_command(*args)], f"http://{connect_host or host}:{port}",
+                           token, log_path, env)
+    daemon.wait_healthy(daemon.url + "/healthz", wait_s)
+    return daemon

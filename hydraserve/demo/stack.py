@@ -154,13 +154,13 @@ class LocalStack:
                                 self.options.tiny, self.options.function_name, progress=self.options.progress)
 
     def _start_loaderd(self, name: str, token_file: Path, token: str, env: dict[str, str]) -> LocalNode:
+        from hydraserve.loaderd.daemon import spawn_loaderd
+
         opts = self.options
-        port = free_port(opts.host)
-        proc = ChildProcess(f"loaderd {name}", hydraserve_command(
-            "loaderd", "--host", opts.host, "--port", str(port), "--token-file", str(token_file),
-            "--budget-bytes", str(opts.loaderd_budget_bytes), "--node-name", name,
-            "--endpoint-url", self.s3.endpoint_url), log_path=self.run_dir / f"loaderd-{name}.log", env=env)
-        proc.wait_healthy(f"http://{opts.host}:{port}/healthz")
-        self._cleanups.append((f"loaderd {name}", proc.stop))
-        return LocalNode(name=name, loaderd_url=f"http://{opts.host}:{port}", loaderd_token=token,
+        daemon = spawn_loaderd(port=free_port(opts.host), node_name=name, budget_bytes=opts.loaderd_budget_bytes,
+                               token=token, token_file=token_file, host=opts.host,
+                               endpoint_url=self.s3.endpoint_url, env=env,
+                               log_path=self.run_dir / f"loaderd-{name}.log")
+        self._cleanups.append((f"loaderd {name}", daemon.stop))
+        return LocalNode(name=name, loaderd_url=daemon.url, loaderd_token=token,
                          gpu_memory_gb=opts.node_gpu_memory_gb, nic_gbps=opts.node_nic_gbps)
