@@ -9,18 +9,16 @@ the routes.
 from __future__ import annotations
 
 import hmac
-from typing import TypeVar
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
 
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest, ReleaseRequest
 from hydraserve.errors import HydraError, InvalidRequestError
 from hydraserve.http_errors import install_error_handlers
+from hydraserve.http_json import json_body
 from hydraserve.loaderd.service import LoaderService
 
-M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 1 << 20
 
 
@@ -29,18 +27,6 @@ class UnauthorizedError(HydraError):
 
     status = 401
     error_type = "authentication_error"
-
-
-def _body(model: type[M]) -> M:
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequestError(f"{where or 'body'}: {first['msg']}", param=where) from exc
 
 
 def _int_arg(name: str) -> int:
@@ -76,15 +62,15 @@ def create_app(service: LoaderService, token: str) -> Flask:
 
     @app.post("/v1/prefetch")
     def prefetch() -> Response:
-        return jsonify(service.prefetch(_body(PrefetchRequest)).model_dump(mode="json"))
+        return jsonify(service.prefetch(json_body(PrefetchRequest)).model_dump(mode="json"))
 
     @app.post("/v1/attach")
     def attach() -> Response:
-        return jsonify(service.attach(_body(AttachRequest)).model_dump(mode="json"))
+        return jsonify(service.attach(json_body(AttachRequest)).model_dump(mode="json"))
 
     @app.post("/v1/release")
     def release() -> Response:
-        return jsonify(service.release(_body(ReleaseRequest)).model_dump(mode="json"))
+        return jsonify(service.release(json_body(ReleaseRequest)).model_dump(mode="json"))
 
     @app.get("/v1/status")
     def status() -> Response:

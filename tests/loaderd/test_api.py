@@ -50,7 +50,7 @@ def test_token_required(daemon: LoaderDaemon) -> None:
 
 
 @pytest.mark.parametrize(("body", "fragment"), [
-    ("not json", "JSON object"),
+    ("not json", "not valid JSON"),
     ({}, "model_uri"),
     ({"model_uri": URI, "bogus": 1}, "bogus"),
     ({"model_uri": URI, "tensors": ["a"], "stage": {"index": 0, "num_stages": 1, "layer_start": 0,
