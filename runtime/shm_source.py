@@ -31,17 +31,10 @@ from hydraserve.loaderd.segment import (
     SegmentWriter,
     plan_layout,
 )
+from hydraserve.weights.safetensors_format import DTYPES
 from hydraserve.weights.source import TensorSource
 
 log = logging.getLogger(__name__)
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
 
 class SegmentTensors:
     """Tensors of a set of segment readers by name; ``get`` blocks until a tensor is ready."""
@@ -64,9 +57,9 @@ class SegmentTensors:
         except SegmentFailedError as exc:
             raise TemporaryError(f"tensor {name}: {exc}", retry_after_s=1) from exc
         slot = reader.tensors[i]
-        dtype = DTYPES.get(slot.dtype)
-        if dtype is None:
+        if slot.dtype not in DTYPES:
             raise TypeError(f"tensor {name}: unsupported dtype {slot.dtype}")
+        dtype = DTYPES[slot.dtype][0]
         if slot.nbytes == 0:
             return torch.empty(slot.shape, dtype=dtype)
         with warnings.catch_warnings():  # read-only buffer: callers must not write (TensorSource)
