@@ -21,10 +21,12 @@ class WorkerProcess(ChildProcess):
     def __init__(self, env: dict[str, str], log_path: Path, host: str = "127.0.0.1") -> None:
         self.port = free_port(host)
         self.url = f"http://{host}:{self.port}"
-        # The worker clamps its /proc start time (10 ms ticks) to the spawn moment.
+        # The worker clamps its /proc start time (10 ms ticks) to this same spawn moment.
+        spawned_at = time.time()
         super().__init__("worker", [sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path,
                          env={**env, "PORT": str(self.port), "HYDRASERVE_HOST": host,
-                              "HYDRASERVE_SPAWNED_AT": repr(time.time())})
+                              "HYDRASERVE_SPAWNED_AT": repr(spawned_at)})
+        self.spawned_at = spawned_at
 
     def wait_ready(self, timeout_s: float, poll_s: float = 0.02) -> None:
         """Return when /readyz says ready; raise TemporaryError with the reason otherwise."""
