@@ -76,6 +76,14 @@ def create_app(service: LoaderService, token: str) -> Flask:
     def status() -> Response:
         return jsonify(service.status().model_dump(mode="json"))
 
+    @app.get("/v1/file")
+    def read_file() -> Response:
+        model_uri, name = request.args.get("model_uri", ""), request.args.get("name", "")
+        if not model_uri or not name:
+            raise InvalidRequestError("model_uri and name are required")
+        data = service.read_file(model_uri, request.args.get("endpoint_url") or None, name)
+        return Response(data, mimetype="application/octet-stream")
+
     @app.get("/v1/range")
     def read_range() -> Response:
         model_key = request.args.get("model_key", "")

@@ -88,6 +88,13 @@ class LoaderClient:
     def status(self) -> LoaderStatus:
         return LoaderStatus.model_validate(self._call("GET", "/v1/status").json())
 
+    def read_file(self, model_uri: str, name: str, endpoint_url: str | None = None) -> bytes:
+        """A small file of the model (config.json, tokenizer.json) through the daemon's S3 client."""
+        params = {"model_uri": model_uri, "name": name}
+        if endpoint_url:
+            params["endpoint_url"] = endpoint_url
+        return self._call("GET", "/v1/file", params=params).content
+
     def read_range(self, model_key: str, file: str, start: int, end: int) -> bytes:
         """Bytes a peer holds (404 -> NotFoundError if it does not hold them all)."""
         params = {"model_key": model_key, "file": file, "start": start, "end": end}

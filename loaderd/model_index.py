@@ -43,6 +43,7 @@ class ModelIndex:
     read_header: Callable[[str], bytes] | None = None  # file -> its first data_start bytes
     handle: Any = None  # what the range reader needs (for S3: the client and the prefix)
     is_current: Callable[[], bool] | None = None  # False once the files changed (re-resolve)
+    read_file: Callable[[str], bytes] | None = None  # a small whole file (config.json, tokenizer)
     key: str = ""
     _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
 

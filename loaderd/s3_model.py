@@ -21,7 +21,7 @@ from hydraserve.loaderd.segment import TensorSpec
 from hydraserve.weights.layout import FIRST_STAGE_ROLES, Role, names_for_stage, role_of
 from hydraserve.weights.manifest import read_manifest
 from hydraserve.weights.model_files import S3ModelFiles, open_model
-from hydraserve.weights.s3 import S3Client, S3Uri, parse_s3_uri
+from hydraserve.weights.s3 import S3Client, S3Uri, parse_s3_uri, validate_file_name
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,12 @@ def resolve_model(uri: str, endpoint_url: str | None = None, *, client: S3Client
                    for f, m in files.items())
 
     index.is_current = is_current
+
+    def read_file(name: str) -> bytes:
+        obj = location.child(validate_file_name(name))
+        return bytes(client.get_object_bytes(obj.bucket, obj.key))
+
+    index.read_file = read_file
     return index
 
 

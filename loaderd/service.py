@@ -28,7 +28,7 @@ from hydraserve.contracts.loader import (
     SegmentInfo,
     SliceRequest,
 )
-from hydraserve.errors import HydraError, InvalidRequestError, NotFoundError
+from hydraserve.errors import HydraError, InvalidRequestError, NotFoundError, StorageError
 from hydraserve.loaderd.fetcher import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CONCURRENCY,
@@ -43,6 +43,8 @@ from hydraserve.loaderd.registry import Registry, Segment, segment_id_for
 from hydraserve.loaderd.segment import plan_layout
 
 log = logging.getLogger(__name__)
+
+MAX_SMALL_FILE = 32 << 20  # tokenizer.json of big vocabularies is a few MB
 
 Resolver = Callable[[str, str | None], ModelIndex]
 SourceFactory = Callable[[ModelIndex], RangeReader]
@@ -88,6 +90,7 @@ class LoaderService:
         self._models: dict[tuple[str, str | None], ModelIndex] = {}
         self._models_by_key: dict[str, ModelIndex] = {}
         self._verified: set[tuple[str, str]] = set()  # (model key, file) whose sha256 matched
+        self._small_files: dict[tuple[str, str], bytes] = {}  # (model key, name) -> bytes
         self._lock = threading.Lock()
         self._settle_lock = threading.Lock()
 
@@ -253,6 +256,33 @@ class LoaderService:
             out.append((seg, run.offset + cursor - run.file_start, run.offset + run.nbytes))
             cursor = run.file_end
         return out if cursor >= size else None
+
+    # -- small files (config, tokenizer) for workers -----------------------------------------
+
+    def read_file(self, uri: str, endpoint_url: str | None, name: str) -> bytes:
+        """A small non-weight file of the model (config.json, tokenizer.json, ...), cached per
+        model version: workers then need no S3 client (boto3 import + client ~0.3 s of start-up)."""
+        if name.endswith(".safetensors"):
+            raise InvalidRequestError("weights are served through attach, not /v1/file", param="name")
+        index = self.model(uri, endpoint_url)
+        key = (index.key, name)
+        with self._lock:
+            data = self._small_files.get(key)
+        if data is None:
+            if index.read_file is None:
+                raise NotFoundError(f"{uri}: this model source cannot serve files")
+            try:
+                data = index.read_file(name)
+            except StorageError as exc:
+                if exc.code == "no_such_key":  # an optional file (generation_config.json): 404
+                    raise NotFoundError(exc.message, param="name") from None
+                raise
+            if len(data) > MAX_SMALL_FILE:
+                raise InvalidRequestError(f"{name} is {len(data)} B; /v1/file serves at most {MAX_SMALL_FILE} B",
+                                          param="name")
+            with self._lock:
+                self._small_files[key] = data
+        return data
 
     # -- peers ------------------------------------------------------------------------------
 

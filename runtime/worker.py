@@ -31,10 +31,21 @@ log = logging.getLogger("hydraserve.worker")
 
 def _load(settings: WorkerSettings, state: RuntimeState, metrics: RuntimeMetrics) -> None:
     try:
+        from hydraserve.runtime.loader_files import LoaderModelFiles
+
+        def fell_back(reason: str) -> None:
+            state.timeline.mark("loaderd_fallback", reason=reason)
+
+        early = None
+        if settings.model_uri.startswith("s3://") and settings.loaderd_url:
+            # config and tokenizer come from loaderd while torch imports (no S3 client here)
+            early = LoaderModelFiles(settings.model_uri, settings.loaderd_url, settings.loaderd_token or "",
+                                     endpoint_url=settings.s3_endpoint_url, stage=settings.stage,
+                                     on_fallback=fell_back)
         from hydraserve.runtime import startup  # imports torch: the "libraries" phase
 
         state.timeline.mark("libraries_imported")
-        engine = startup.load_engine(settings, state.timeline)
+        engine = startup.load_engine(settings, state.timeline, early)
         state.set_engine(engine)
         state.timeline.mark("engine_ready")
         t0 = state.timeline.events[0].at

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 HydraServe embedded stack is up (Ctrl-C to stop).
   gateway      {stack.gateway_url}   (functions: GET {stack.gateway_url}/v1/functions)
   function     {args.function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout:.0f} s idle)
+  nodes        {" ".join(stack.node_names)} (one loaderd each)
   S3           {stack.s3.endpoint_url}
   placement    {stack.placement.base_url}/v1/cluster
   logs         {stack.run_dir}

@@ -17,7 +17,6 @@ from hydraserve.processes import free_port
 
 def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Path, tmp_path: Path) -> None:
     port = free_port()
-    shm_before = set(os.listdir("/dev/shm"))
     log = open(tmp_path / "up.log", "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "hydraserve.cli", "up", "--port", str(port),
                              "--model-dir", str(tiny_llama_dir), "--nodes", "1", "--function", "fn"],
@@ -32,6 +31,8 @@ def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Pat
             time.sleep(0.2)
         printed = (tmp_path / "up.log").read_text()
         assert f"{base}/functions/fn/v1/completions" in printed
+        nodes = next(line.split()[1:-3] for line in printed.splitlines() if line.strip().startswith("nodes "))
+        assert nodes and all(n.startswith("node") for n in nodes)
         r = requests.post(f"{base}/functions/fn/v1/completions", timeout=120,
                           json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
@@ -46,5 +47,5 @@ def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Pat
         code = proc.wait(60)
         log.close()
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
-    leftovers = [n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("hsld-")]
+    leftovers = [n for n in os.listdir("/dev/shm") if any(n.startswith(f"hsld-{node}-") for node in nodes)]
     assert leftovers == [], "loaderd segments left behind by `hydraserve up`"

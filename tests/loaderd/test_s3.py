@@ -259,3 +259,34 @@ def test_repushed_model_is_not_served_stale(s3_server: Any, s3_env: dict, shm_gu
         again.close()
     finally:
         d.stop()
+
+
+def test_small_files_for_workers_through_the_daemon(s3_env: dict, models: dict, shm_guard: str) -> None:
+    """Workers read config and tokenizer through loaderd (no S3 client of their own)."""
+    from hydraserve.errors import NotFoundError
+    from hydraserve.runtime.loader_files import LoaderModelFiles
+
+    uri, local = models["tiny"]
+    d = daemon(shm_guard)
+    try:
+        client = d.client()
+        assert client.read_file(uri, "config.json") == (local / "config.json").read_bytes()
+        with pytest.raises(NotFoundError, match="does not exist"):
+            client.read_file(uri, "no-such-file.json")
+        with pytest.raises(InvalidRequestError, match="attach"):
+            client.read_file(uri, "model.safetensors")
+        with pytest.raises(InvalidRequestError, match="unsafe"):
+            client.read_file(uri, "../../etc/passwd")
+        files = LoaderModelFiles(uri, d.url, "s" * 32)
+        assert files.read_text("tokenizer.json") == (local / "tokenizer.json").read_text()
+        with pytest.raises(FileNotFoundError):
+            files.read_text("generation_config.json") if not (local / "generation_config.json").exists() \
+                else files.read_text("no-such-file.json")
+        source = files.tensor_source()
+        try:
+            assert getattr(source, "via", "") == "loaderd"
+            assert_same(source, expected(local))
+        finally:
+            source.close()
+    finally:
+        d.stop()
