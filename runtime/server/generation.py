@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hydraserve.errors import NotFoundError
 from hydraserve.runtime.engine.types import GenerationStream, SamplingParams
 from hydraserve.runtime.server.ports import ServingEngine
 from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -36,7 +37,15 @@ class PreparedRequest:
         return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.request_id
 
 
+def check_model(engine: ServingEngine, requested: str | None) -> None:
+    """A request naming another model is a 404 (as OpenAI and vLLM answer), not silently served."""
+    if requested is not None and requested != engine.model_name:
+        raise NotFoundError(f"model {requested!r} not found: this function serves {engine.model_name!r}",
+                            param="model", code="model_not_found")
+
+
 def prepare_completion(engine: ServingEngine, req: CompletionRequest) -> PreparedRequest:
+    check_model(engine, req.model)
     if isinstance(req.prompt, str):
         ids = engine.tokenizer.encode(req.prompt)
         echo = req.prompt if req.echo else ""
@@ -47,6 +56,7 @@ def prepare_completion(engine: ServingEngine, req: CompletionRequest) -> Prepare
 
 
 def prepare_chat(engine: ServingEngine, req: ChatCompletionRequest) -> PreparedRequest:
+    check_model(engine, req.model)
     text = engine.tokenizer.apply_chat_template([m.model_dump() for m in req.messages])
     ids = engine.tokenizer.encode(text)
     default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, engine.max_model_len - len(ids)))

@@ -103,6 +103,16 @@ def test_bad_parameters_are_400_with_param(client: FlaskClient, body: dict[str, 
     assert r.json["error"]["param"] == param
 
 
+def test_unknown_model_is_404_and_the_served_name_is_accepted(client: FlaskClient) -> None:
+    r = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 404 and r.json["error"]["code"] == "model_not_found"
+    assert "tiny-llama" in r.json["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    r = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 200
+
+
 def test_malformed_json_is_400(client: FlaskClient) -> None:
     r = client.post("/v1/completions", data=b'{"prompt": "x",', content_type="application/json")
     assert r.status_code == 400
