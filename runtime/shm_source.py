@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 
@@ -39,8 +40,10 @@ log = logging.getLogger(__name__)
 class SegmentTensors:
     """Tensors of a set of segment readers by name; ``get`` blocks until a tensor is ready."""
 
-    def __init__(self, readers: list[SegmentReader], *, wait_timeout_s: float | None = 600.0) -> None:
+    def __init__(self, readers: list[SegmentReader], *, wait_timeout_s: float | None = 600.0,
+                 alive: Callable[[], bool] | None = None) -> None:
         self._readers = readers
+        self._alive = alive  # is whoever fills the segments still there? (checked every second)
         self._where: dict[str, tuple[SegmentReader, int]] = {}
         for reader in readers:
             for i, slot in enumerate(reader.tensors):
@@ -52,10 +55,20 @@ class SegmentTensors:
 
     def get(self, name: str) -> torch.Tensor:
         reader, i = self._where[name]  # KeyError for a name outside the slice
-        try:
-            reader.wait_ready(i, timeout_s=self.wait_timeout_s)
-        except SegmentFailedError as exc:
-            raise TemporaryError(f"tensor {name}: {exc}", retry_after_s=1) from exc
+        deadline = None if self.wait_timeout_s is None else time.monotonic() + self.wait_timeout_s
+        while True:
+            step = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            try:
+                reader.wait_ready(i, timeout_s=step)
+                break
+            except SegmentFailedError as exc:
+                raise TemporaryError(f"tensor {name}: {exc}", retry_after_s=1) from exc
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                if self._alive is not None and not self._alive():
+                    raise TemporaryError(f"tensor {name}: loaderd stopped answering while its bytes were "
+                                         "still arriving", retry_after_s=1) from None
         slot = reader.tensors[i]
         if slot.dtype not in DTYPES:
             raise TypeError(f"tensor {name}: unsupported dtype {slot.dtype}")
@@ -84,7 +97,8 @@ class ShmTensorSource:
                  wait_timeout_s: float | None = 600.0) -> None:
         self._client = client
         self.lease_id = lease_id
-        self._tensors = SegmentTensors([SegmentReader(p) for p in paths], wait_timeout_s=wait_timeout_s)
+        self._tensors = SegmentTensors([SegmentReader(p) for p in paths], wait_timeout_s=wait_timeout_s,
+                                       alive=LoaderClient(client.url, "").healthy)
         self._names = names
         self.via = "loaderd"
 

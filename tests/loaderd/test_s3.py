@@ -18,7 +18,7 @@ import torch
 
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest
 from hydraserve.contracts.stage import StageSpec
-from hydraserve.errors import InvalidRequestError, PermanentError
+from hydraserve.errors import InvalidRequestError, PermanentError, TemporaryError
 from hydraserve.loaderd.daemon import LoaderDaemon, new_token_file, spawn_loaderd
 from hydraserve.loaderd.segment import SegmentFailedError, SegmentReader
 from hydraserve.loaderd.service import LoaderConfig
@@ -290,3 +290,37 @@ def test_small_files_for_workers_through_the_daemon(s3_env: dict, models: dict, 
             source.close()
     finally:
         d.stop()
+
+
+def test_worker_learns_when_the_daemon_dies_mid_fetch(s3_server: Any, models: dict, shm_guard: str,
+                                                       tmp_path: Path) -> None:
+    """A reader waiting for bytes a dead daemon will never write fails in seconds with a clear
+    reason (the cold start then 503s and the next one retries), instead of waiting 600 s."""
+    import signal
+
+    from hydraserve.embedded.s3 import free_port
+
+    uri, _ = models["big"]
+    token, token_file = new_token_file(tmp_path)
+    d = spawn_loaderd(port=free_port(), node_name=shm_guard, budget_bytes=64 << 20, token=token,
+                      token_file=token_file, endpoint_url=s3_server.endpoint_url, env=s3_server.client_env(),
+                      log_path=tmp_path / "loaderd.log", extra_args=["--concurrency", "1", "--chunk-bytes", "4096"])
+    try:
+        source = open_shm_source(uri, loader_url=d.url, token=token)
+        names = source.tensor_names()
+        source.get(names[0])  # the fetch is under way
+        s3_server.kill()  # the rest cannot arrive now ...
+        d.proc.send_signal(signal.SIGKILL)  # ... and nobody is left to write it
+        d.proc.wait(10)
+        start = time.monotonic()
+        with pytest.raises(TemporaryError, match="loaderd stopped answering"):
+            source.get(names[-1])
+        assert time.monotonic() - start < 10
+        source._tensors.close()  # type: ignore[attr-defined]
+    finally:
+        if not s3_server.running:
+            s3_server.start()
+        d.stop()
+        for f in os.listdir("/dev/shm"):  # a SIGKILLed daemon cannot unlink (its next start would)
+            if f.startswith(f"hsld-{shm_guard}-"):
+                os.unlink(os.path.join("/dev/shm", f))
