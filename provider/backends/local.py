@@ -117,6 +117,9 @@ class LocalBackend:
         except HydraError as exc:
             self._report(plan, "failed", reason=exc.message)
             raise
+        except Exception as exc:  # e.g. the worker could not be spawned: free the plan's memory too
+            self._report(plan, "failed", reason=f"{type(exc).__name__}: {exc}")
+            raise TemporaryError(f"cold start failed: {type(exc).__name__}: {exc}") from exc
         finally:
             if lease is not None:  # the worker holds its own lease (tied to its pid)
                 _quietly(lambda: loader.release(lease.lease_id))
