@@ -15,6 +15,8 @@ from types import ModuleType
 BENCHMARKS: list[tuple[str, str, str]] = [
     ("loader", "loaderd vs single-stream boto3 vs Run:ai streamer on a tc-capped emulated node",
      "loader_bench.py"),
+    ("coldstart", "cold start: baseline (no prefetch) vs ours vs ours on a warm node vs the bound",
+     "coldstart_bench.py"),
 ]
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -64,6 +64,7 @@ class LocalStack:
         self.gateway: Gateway | None = None
         self.gateway_url = ""
         self.leftovers: list[str] = []  # segments found after close (should stay empty)
+        self.nodes: list[LocalNode] = []
 
     # lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> LocalStack:
@@ -89,7 +90,7 @@ class LocalStack:
         token_file = self.run_dir / "loaderd.token"
         token_file.write_text(token)
         os.chmod(token_file, 0o600)
-        nodes = [self._start_loaderd(name, token_file, token, s3_env) for name in self.node_names]
+        nodes = self.nodes = [self._start_loaderd(name, token_file, token, s3_env) for name in self.node_names]
 
         placement_port = free_port(opts.host)
         placement = ChildProcess("placement", hydraserve_command(

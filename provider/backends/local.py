@@ -62,7 +62,7 @@ class LocalBackend:
     def __init__(self, placement: PlacementPort, nodes: list[LocalNode], *,
                  describe_model: Callable[[FunctionConfig], FunctionSpec], run_dir: Path,
                  s3_endpoint_url: str | None = None, worker_env: dict[str, str] | None = None,
-                 ready_timeout_s: float = 180.0) -> None:
+                 ready_timeout_s: float = 180.0, prefetch: bool = True) -> None:
         if not nodes:
             raise ValueError("the local backend needs at least one node")
         self._placement = placement
@@ -73,6 +73,9 @@ class LocalBackend:
         self._s3_endpoint_url = s3_endpoint_url
         self._worker_env = worker_env or {}
         self._ready_timeout_s = ready_timeout_s
+        # prefetch=False is the baseline the benchmarks compare against (serverless vLLM): no
+        # loaderd, the worker fetches from S3 itself once it has started.
+        self._prefetch = prefetch
         self._instances: dict[str, _Instance] = {}
         self._lock = threading.Lock()
 
@@ -95,11 +98,13 @@ class LocalBackend:
         watcher: _FetchWatcher | None = None
         try:
             try:
+                if not self._prefetch:
+                    raise LoaderUnavailableError("prefetch disabled (baseline)")
                 lease = loader.prefetch(PrefetchRequest(model_uri=function.model_uri,
                                                         endpoint_url=self._s3_endpoint_url, peers=stage.peers))
             except LoaderUnavailableError as exc:  # the worker will fetch from S3 itself
-                log.warning("loaderd down on %s, worker will fetch from S3: %s", node.name, exc.message)
-                timeline.mark("prefetch_skipped", component="backend", reason="loaderd unavailable")
+                log.warning("no prefetch on %s, worker will fetch from S3: %s", node.name, exc.message)
+                timeline.mark("prefetch_skipped", component="backend", reason=exc.message)
             else:
                 timeline.mark("prefetch_started", component="loaderd", node=node.name,
                               bytes=lease.bytes_total, bytes_new=lease.bytes_new)
@@ -170,10 +175,10 @@ class LocalBackend:
             "K_REVISION": f"{function.name}-00001",
             "K_CONFIGURATION": function.name,
             "HYDRASERVE_MODEL_URI": function.model_uri,
-            "HYDRASERVE_LOADERD_URL": node.loaderd_url,
-            "HYDRASERVE_LOADERD_TOKEN": node.loaderd_token,
             "HYDRASERVE_NODE": node.name,
         }
+        if self._prefetch:
+            env |= {"HYDRASERVE_LOADERD_URL": node.loaderd_url, "HYDRASERVE_LOADERD_TOKEN": node.loaderd_token}
         if self._s3_endpoint_url:
             env["HYDRASERVE_S3_ENDPOINT_URL"] = self._s3_endpoint_url
         return WorkerProcess(env, self._run_dir / f"{plan.instance_id}.log")

@@ -1,0 +1,128 @@
+"""Cold start side by side in one run, on the embedded stack (moto S3, loaderd, placement, workers):
+
+- baseline: no prefetch; the worker fetches its weights from S3 itself once it has started
+  (what serverless vLLM does; ours still streams tensor by tensor, so this baseline is kind);
+- ours: loaderd starts the fetch at placement, overlapped with the worker's start-up;
+- ours, warm node: the bytes are already in the node's loaderd (a function scaled to zero and
+  back on the same node);
+- bound: the model's bytes at the store's own throughput (one GET per file, no cap), next to
+  the start-up that needs no bytes at all (the warm-node run).
+
+Each mode is a real cold start (placement -> worker process -> ready) followed by one request;
+TTFT is from the start of the cold start to the first streamed token. Machine CPU utilisation
+during each run is reported (2 cores: everything shares them). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=3, help="cold starts per mode")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="a Hugging Face model directory (default: the demo's generated 122 MB Llama)")
+    parser.set_defaults(func=run)
+
+
+def cpu_busy_fraction(sample: tuple[int, int], now: tuple[int, int]) -> float:
+    busy = now[0] - sample[0]
+    total = now[1] - sample[1]
+    return round(busy / total, 3) if total else 0.0
+
+
+def cpu_sample() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def cold_start(backend: Any, function: Any) -> dict[str, Any]:
+    from hydraserve.contracts.timeline import Timeline
+    from hydraserve.demo.client import stream_completion
+
+    cpu0, t0 = cpu_sample(), time.time()
+    timeline = Timeline()
+    timeline.mark("request_received", component="bench", at=t0)
+    endpoint = backend.start(function, timeline)
+    ready = time.time()
+    result = stream_completion(endpoint.url + "/v1/completions",
+                               {"prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0})
+    assert result.status == 200 and result.ttft_s is not None, result.error
+    ttft = ready - t0 + result.ttft_s
+    worker = backend.worker_timeline(endpoint)
+    backend.stop(function.name, endpoint.instance_id)
+    events = {e.name: e.at - t0 for e in timeline.merged(worker).events}
+    return {"ttft_s": round(ttft, 3), "ready_s": round(ready - t0, 3), "cpu_busy": cpu_busy_fraction(cpu0, cpu_sample()),
+            "libraries_imported_s": round(events.get("libraries_imported", 0), 3),
+            "weights_loaded_s": round(events.get("weights_loaded", 0), 3),
+            "weights_fetched_s": round(events["weights_fetched"], 3) if "weights_fetched" in events else None}
+
+
+def store_throughput(stack: Any, uri: str) -> tuple[float, int]:
+    """MB/s of whole-file GETs of the model's safetensors (the store's own rate, uncapped)."""
+    from hydraserve.weights.model_files import open_model
+    from hydraserve.weights.s3 import parse_s3_uri
+
+    client = stack.s3.client()
+    files = open_model(uri, client=client)
+    loc = parse_s3_uri(uri)
+    total, start = 0, time.perf_counter()
+    for name in files.safetensors_files():
+        obj = loc.child(name)
+        total += len(client.get_object_bytes(obj.bucket, obj.key))
+    return total / (time.perf_counter() - start) / 1e6, total
+
+
+def run(args: argparse.Namespace) -> int:
+    from hydraserve.activator.functions import FunctionConfig
+    from hydraserve.demo.model import BUCKET, describe_model
+    from hydraserve.demo.stack import LocalStack, StackOptions
+    from hydraserve.logs import configure_logging
+    from hydraserve.provider.backends.local import LocalBackend
+    from hydraserve.weights.push import push_model
+
+    configure_logging("bench", "WARNING")
+    with LocalStack(StackOptions(nodes=1, model_dir=args.model_dir, progress=False)) as stack:
+        model_dir = args.model_dir or stack.run_dir / "model"
+        backends = {mode: LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / mode,
+                                       describe_model=lambda fn: describe_model(fn, stack.s3.client()),
+                                       s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
+                                       prefetch=mode != "baseline")
+                    for mode in ("baseline", "ours")}
+        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": [], "ours_warm_node": []}
+        for i in range(args.repeats):
+            # A fresh copy per repeat: nothing of it is on the node yet.
+            uri = f"s3://{BUCKET}/bench-{uuid.uuid4().hex[:8]}"
+            push_model(model_dir, uri, progress=False, client=stack.s3.client())
+            fn = FunctionConfig(name=f"bench-{i}", model_uri=uri)
+            print(f"repeat {i + 1}/{args.repeats}: baseline", flush=True)
+            runs["baseline"].append(cold_start(backends["baseline"], fn))
+            print(f"repeat {i + 1}/{args.repeats}: ours", flush=True)
+            runs["ours"].append(cold_start(backends["ours"], fn))
+            print(f"repeat {i + 1}/{args.repeats}: ours, warm node", flush=True)
+            runs["ours_warm_node"].append(cold_start(backends["ours"], fn))
+        raw_mb_s, model_bytes = store_throughput(stack, uri)
+    median = {mode: statistics.median(r["ttft_s"] for r in rs) for mode, rs in runs.items()}
+    fetch_bound = model_bytes / (raw_mb_s * 1e6)
+    bound = max(fetch_bound, median["ours_warm_node"])
+    print(f"\n{'mode':<16} {'TTFT median':>12} {'runs':>24} {'cpu busy':>9}")
+    for mode, rs in runs.items():
+        print(f"{mode:<16} {median[mode]:>11.2f}s {[r['ttft_s'] for r in rs]!s:>24} "
+              f"{statistics.mean(r['cpu_busy'] for r in rs):>9.2f}")
+    print(f"{'bound':<16} {bound:>11.2f}s  (fetch {model_bytes / 1e6:.0f} MB at the store's "
+          f"{raw_mb_s:.0f} MB/s = {fetch_bound:.2f} s; start-up without fetch {median['ours_warm_node']:.2f} s)")
+    print(json.dumps({"benchmark": "coldstart", "model_mb": round(model_bytes / 1e6, 1),
+                      "store_raw_mb_s": round(raw_mb_s, 1), "baseline_ttft_s": median["baseline"],
+                      "ours_ttft_s": median["ours"], "ours_warm_node_ttft_s": median["ours_warm_node"],
+                      "fetch_bound_s": round(fetch_bound, 3), "bound_ttft_s": round(bound, 3),
+                      "speedup_vs_baseline": round(median["baseline"] / median["ours"], 2),
+                      "ours_over_bound": round(median["ours"] / bound, 2), "runs": runs}))
+    return 0
