@@ -16,6 +16,7 @@ during each run is reported (2 cores: everything shares them). Last line: one JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -26,6 +27,9 @@ from typing import Any
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="cold starts per mode")
+    parser.add_argument("--rate-mbit", type=float, default=400.0,
+                        help="cap the S3 server's link with tc (it runs in its own network namespace; "
+                        "needs root, else uncapped loopback); 0 = uncapped")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="a Hugging Face model directory (default: the demo's generated 122 MB Llama)")
     parser.set_defaults(func=run)
@@ -82,44 +86,64 @@ def store_throughput(stack: Any, uri: str) -> tuple[float, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hydraserve.activator.functions import FunctionConfig
-    from hydraserve.demo.model import BUCKET, describe_model
     from hydraserve.demo.stack import LocalStack, StackOptions
     from hydraserve.logs import configure_logging
+
+    configure_logging("bench", "WARNING")
+    with contextlib.ExitStack() as exits:
+        options = StackOptions(nodes=1, model_dir=args.model_dir, progress=False)
+        link_mb_s, notes = None, []
+        if args.rate_mbit > 0:
+            from netns import EmulatedCluster, NodeSpec, netns_available
+
+            ok, why = netns_available()
+            if ok:
+                cluster = exits.enter_context(EmulatedCluster([NodeSpec("s3", rate_mbit=args.rate_mbit)]))
+                node = cluster.nodes["s3"]
+                options.s3_host, options.s3_prefix, link_mb_s = node.ip, node.prefix, node.link_mb_s
+            else:
+                notes.append(f"uncapped loopback: {why}")
+        stack = exits.enter_context(LocalStack(options))
+        return _measure(stack, args, link_mb_s, notes)
+    raise AssertionError("unreachable")
+
+
+def _measure(stack: Any, args: argparse.Namespace, link_mb_s: float | None, notes: list[str]) -> int:
+    from hydraserve.activator.functions import FunctionConfig
+    from hydraserve.demo.model import BUCKET, describe_model
     from hydraserve.provider.backends.local import LocalBackend
     from hydraserve.weights.push import push_model
 
-    configure_logging("bench", "WARNING")
-    with LocalStack(StackOptions(nodes=1, model_dir=args.model_dir, progress=False)) as stack:
-        model_dir = args.model_dir or stack.run_dir / "model"
-        backends = {mode: LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / mode,
-                                       describe_model=lambda fn: describe_model(fn, stack.s3.client()),
-                                       s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
-                                       prefetch=mode != "baseline")
-                    for mode in ("baseline", "ours")}
-        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": [], "ours_warm_node": []}
-        for i in range(args.repeats):
-            # A fresh copy per repeat: nothing of it is on the node yet.
-            uri = f"s3://{BUCKET}/bench-{uuid.uuid4().hex[:8]}"
-            push_model(model_dir, uri, progress=False, client=stack.s3.client())
-            fn = FunctionConfig(name=f"bench-{i}", model_uri=uri)
-            print(f"repeat {i + 1}/{args.repeats}: baseline", flush=True)
-            runs["baseline"].append(cold_start(backends["baseline"], fn))
-            print(f"repeat {i + 1}/{args.repeats}: ours", flush=True)
-            runs["ours"].append(cold_start(backends["ours"], fn))
-            print(f"repeat {i + 1}/{args.repeats}: ours, warm node", flush=True)
-            runs["ours_warm_node"].append(cold_start(backends["ours"], fn))
-        raw_mb_s, model_bytes = store_throughput(stack, uri)
+    model_dir = args.model_dir or stack.run_dir / "model"
+    backends = {mode: LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / mode,
+                                   describe_model=lambda fn: describe_model(fn, stack.s3.client()),
+                                   s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
+                                   prefetch=mode != "baseline")
+                for mode in ("baseline", "ours")}
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": [], "ours_warm_node": []}
+    for i in range(args.repeats):
+        # A fresh copy per repeat: nothing of it is on the node yet.
+        uri = f"s3://{BUCKET}/bench-{uuid.uuid4().hex[:8]}"
+        push_model(model_dir, uri, progress=False, client=stack.s3.client())
+        fn = FunctionConfig(name=f"bench-{i}", model_uri=uri)
+        print(f"repeat {i + 1}/{args.repeats}: baseline", flush=True)
+        runs["baseline"].append(cold_start(backends["baseline"], fn))
+        print(f"repeat {i + 1}/{args.repeats}: ours", flush=True)
+        runs["ours"].append(cold_start(backends["ours"], fn))
+        print(f"repeat {i + 1}/{args.repeats}: ours, warm node", flush=True)
+        runs["ours_warm_node"].append(cold_start(backends["ours"], fn))
+    raw_mb_s, model_bytes = store_throughput(stack, uri)
     median = {mode: statistics.median(r["ttft_s"] for r in rs) for mode, rs in runs.items()}
     fetch_bound = model_bytes / (raw_mb_s * 1e6)
-    bound = max(fetch_bound, median["ours_warm_node"])
+    bound = max(fetch_bound, median["ours_warm_node"])  # neither the bytes nor the start-up can be skipped
     print(f"\n{'mode':<16} {'TTFT median':>12} {'runs':>24} {'cpu busy':>9}")
     for mode, rs in runs.items():
         print(f"{mode:<16} {median[mode]:>11.2f}s {[r['ttft_s'] for r in rs]!s:>24} "
               f"{statistics.mean(r['cpu_busy'] for r in rs):>9.2f}")
     print(f"{'bound':<16} {bound:>11.2f}s  (fetch {model_bytes / 1e6:.0f} MB at the store's "
           f"{raw_mb_s:.0f} MB/s = {fetch_bound:.2f} s; start-up without fetch {median['ours_warm_node']:.2f} s)")
-    print(json.dumps({"benchmark": "coldstart", "model_mb": round(model_bytes / 1e6, 1),
+    print(json.dumps({"benchmark": "coldstart", "link_mb_s": link_mb_s, "notes": notes,
+                      "model_mb": round(model_bytes / 1e6, 1),
                       "store_raw_mb_s": round(raw_mb_s, 1), "baseline_ttft_s": median["baseline"],
                       "ours_ttft_s": median["ours"], "ours_warm_node_ttft_s": median["ours_warm_node"],
                       "fetch_bound_s": round(fetch_bound, 3), "bound_ttft_s": round(bound, 3),

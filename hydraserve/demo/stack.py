@@ -49,6 +49,8 @@ class StackOptions:
     gateway_port: int = 0
     run_dir: Path | None = None
     progress: bool = True
+    s3_host: str | None = None  # where the S3 server listens (default: host)
+    s3_prefix: list[str] = field(default_factory=list)  # command prefix, e.g. ip netns exec NS
 
 
 class LocalStack:
@@ -81,7 +83,7 @@ class LocalStack:
         from hydraserve.embedded.s3 import EmbeddedS3
 
         opts = self.options
-        self.s3 = EmbeddedS3(host=opts.host).start()
+        self.s3 = EmbeddedS3(host=opts.s3_host or opts.host, prefix=opts.s3_prefix).start()
         self._cleanups.append(("s3", self.s3.close))
         s3_env = self.s3.client_env()
         self.model_uri = self._prepare_model()

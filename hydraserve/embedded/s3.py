@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,9 +57,12 @@ class EmbeddedS3:
     """A moto S3 server subprocess with a stable endpoint across kill/start."""
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1",
-                 require_auth: bool = False, startup_timeout_s: float = 30.0) -> None:
+                 require_auth: bool = False, startup_timeout_s: float = 30.0,
+                 prefix: Sequence[str] = ()) -> None:
         self.host = host
-        self.port = port or free_port(host)
+        self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", NS]: serve from an emulated node
+        # In a namespace of its own (prefix) every port is free, and host is not ours to bind here.
+        self.port = port or (free_port(host) if not prefix else 20000 + secrets.randbelow(30000))
         self.require_auth = require_auth
         self.startup_timeout_s = startup_timeout_s
         self.credentials: S3Credentials = TEST_CREDENTIALS
@@ -85,7 +90,7 @@ class EmbeddedS3:
         log = open(self._log_path, "ab")  # the child keeps its own copy of the fd
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "hydraserve.embedded.moto_main", "--host", self.host,
+                [*self.prefix, sys.executable, "-m", "hydraserve.embedded.moto_main", "--host", self.host,
                  "--port", str(self.port), "--seed", str(self._seed_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, "MOTO_PORT": str(self.port)},
