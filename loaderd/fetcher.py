@@ -5,12 +5,14 @@ runtime's fallback when no daemon answers fills an anonymous-memory segment with
 A fixed pool of worker threads takes work from one priority queue of runs ordered by (group
 order, request, offset), so the first layers of every cold start on the node land first; each
 thread cuts its next chunk off the most urgent run when it is free (size: see chunk_size). A tensor is published the moment its last
-chunk is written. Sources are tried in order (peers first, S3 last); a failing peer is skipped
+chunk is written and, when the manifest has per-tensor hashes (format 2), its sha256 matched
+(a mismatch refetches that tensor's range; it is never published). Sources are tried in order (peers first, S3 last); a failing peer is skipped
 for the rest of that segment; S3 failures are retried with backoff and jitter within a budget.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import logging
@@ -72,6 +74,7 @@ class Fill:
     on_done: Callable[[Fill, BaseException | None], None]
     on_tensor: Callable[[Fill, int], None] | None = None
     defer_publish: bool = False  # the owner publishes readiness itself (after verification)
+    max_refetch: int = 1  # reads of a tensor whose sha256 did not match, before it is failed
     failed: bool = False
     bad_sources: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -83,6 +86,15 @@ class Fill:
     done_chunks: set[int] = field(default_factory=set)
     durations: list[float] = field(default_factory=list)  # seconds of each chunk read so far
     started: float = field(default_factory=time.monotonic)
+    order: tuple[int, int] = (0, 0)  # (group order, request): where refetches queue
+    verifying: int = 0  # tensors whose bytes landed and are being hashed
+    finished: bool = False  # on_done was called
+    refetches: dict[int, int] = field(default_factory=dict)
+    bad_tensors: list[int] = field(default_factory=list)  # failed verification for good
+    verify_seconds: float = 0.0  # time spent hashing tensors
+
+    def expected_sha256(self, i: int) -> str | None:
+        return self.layout.sha256[i] if self.layout.sha256 else None
 
 
 @dataclass
@@ -147,13 +159,14 @@ class FetchEngine:
         request = next(self._request_seq)
         cursors: list[_Cursor] = []
         for order, fill in fills:
+            fill.order = (order, request)
             fill.tensor_left = [t.nbytes for t in fill.layout.tensors]
             fill.bytes_total = fill.bytes_queued = sum(r.nbytes for r in fill.layout.runs)
             for i, left in enumerate(fill.tensor_left):
-                if left == 0:  # empty tensor: nothing to fetch
+                if left == 0 and self._verify(fill, i):  # empty tensor: nothing to fetch
                     self._publish(fill, i)
             if fill.bytes_total == 0:
-                fill.on_done(fill, None)
+                self._finish(fill)
                 continue
             cursors.extend(_Cursor(fill, run, run.file_start, (order, request))
                            for run in fill.layout.runs if run.nbytes)
@@ -293,7 +306,7 @@ class FetchEngine:
                     fill.tensor_left[i] -= overlap
                     if fill.tensor_left[i] == 0:
                         ready.append(i)
-            done = fill.bytes_done == fill.bytes_total
+            fill.verifying += len(ready)
         with self._cv:
             self._recent.append((time.monotonic(), nbytes))
         if hedge:
@@ -303,9 +316,59 @@ class FetchEngine:
                                            "seconds": round(time.monotonic() - started, 3),
                                            "since_fill": round(time.monotonic() - fill.started, 3)})
         for i in ready:
-            self._publish(fill, i)
-        if done:
+            if self._verify(fill, i):
+                self._publish(fill, i)
+        with fill.lock:
+            fill.verifying -= len(ready)
+        self._finish(fill)
+
+    def _finish(self, fill: Fill) -> None:
+        """Call on_done once: every byte landed and every tensor verified (or failed for good)."""
+        with fill.lock:
+            if fill.finished or fill.failed or fill.verifying or fill.bytes_done != fill.bytes_total:
+                return
+            fill.finished = True
+        if fill.bad_tensors:
+            names = [fill.layout.tensors[i].name for i in fill.bad_tensors]
+            fill.on_done(fill, IntegrityError(
+                f"sha256 mismatch in {len(names)} tensor(s) after {fill.max_refetch} refetch(es): {names[:3]}"))
+        else:
             fill.on_done(fill, None)
+
+    def _verify(self, fill: Fill, i: int) -> bool:
+        """True if tensor i's bytes match its manifest hash (or it has none). On a mismatch the
+        tensor is queued again (its whole range, ahead of later groups) until ``max_refetch``
+        reads failed, then flagged failed; it is never published."""
+        expected = fill.expected_sha256(i)
+        if expected is None:
+            return True
+        slot = fill.layout.tensors[i]
+        t0 = time.perf_counter()
+        actual = hashlib.sha256(fill.writer.view[slot.offset:slot.offset + slot.nbytes]).hexdigest()
+        fill.verify_seconds += time.perf_counter() - t0
+        if actual == expected:
+            return True
+        self.observer.on_error("verify", "IntegrityError")
+        with fill.lock:
+            tries = fill.refetches.get(i, 0)
+            if tries >= fill.max_refetch or fill.failed:
+                log.error("tensor %s failed verification %d times; not served", slot.name, tries + 1,
+                          extra={"group": fill.layout.group})
+                fill.bad_tensors.append(i)
+                fill.writer.mark_failed(i)
+                return False
+            fill.refetches[i] = tries + 1
+            fill.tensor_left[i] = slot.nbytes
+            fill.bytes_done -= slot.nbytes
+            fill.bytes_queued += slot.nbytes
+        log.warning("tensor %s: sha256 mismatch; refetching its range", slot.name,
+                    extra={"group": fill.layout.group})
+        run = Run(slot.file, slot.file_start, slot.file_start + slot.nbytes, slot.offset, (i,))
+        cursor = _Cursor(fill, run, run.file_start, fill.order)
+        with self._cv:
+            heapq.heappush(self._heap, ((*cursor.order, cursor.next_start), next(self._seq), cursor))
+            self._cv.notify_all()
+        return False
 
     def _publish(self, fill: Fill, i: int) -> None:
         if not fill.defer_publish:

@@ -28,6 +28,13 @@ class FileMeta:
     data_start: int  # 8 + header length
     sha256: str | None = None
     etag: str | None = None
+    header_sha256: str | None = None  # manifest format 2: bytes [0, data_start) of the file
+    tensor_sha256: dict[str, str] | None = None  # manifest format 2: tensor name -> sha256
+
+    @property
+    def per_tensor(self) -> bool:
+        """Every tensor of this file can be verified on its own (the whole-file hash is moot)."""
+        return self.tensor_sha256 is not None
 
 
 @dataclass

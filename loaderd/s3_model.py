@@ -3,13 +3,15 @@ safetensors parser). Used by the daemon (hydraserve.loaderd.daemon.default_backe
 runtime's direct-S3 fallback.
 
 ``resolve_model`` reads the listing (sizes, ETags), each safetensors header (one ranged GET per
-file), the push manifest (sha256 per file) and config.json (tied embeddings), and checks that
+file), the push manifest (sha256 per file; format 2 also per header and per tensor, the
+header's checked here) and config.json (tied embeddings), and checks that
 sizes agree: an object whose size no longer matches its manifest is refused before any byte is
 fetched. ``S3RangeReader`` streams each range straight into the segment (no extra copy).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -81,7 +83,8 @@ def resolve_model(uri: str, endpoint_url: str | None = None, *, client: S3Client
         obj = listing.get(name)
         if obj is None:
             raise StorageError(f"{uri}/{name} is listed in the index but not in the bucket", code="no_such_key")
-        sha = None
+        sha = head_sha = None
+        tensor_sha: dict[str, str] | None = None
         if manifest is not None:
             try:
                 entry = manifest.file(name)
@@ -91,18 +94,36 @@ def resolve_model(uri: str, endpoint_url: str | None = None, *, client: S3Client
                 if entry.size != obj.size:
                     raise IntegrityError(f"{uri}/{name}: {obj.size} B in S3, manifest says {entry.size} B")
                 sha = entry.sha256
+                head_sha, tensor_sha = entry.header_sha256, entry.tensors
+                if tensor_sha is not None and set(tensor_sha) != set(header.entries):
+                    raise IntegrityError(f"{uri}/{name}: header's tensors differ from the manifest's")
         if header.data_end > obj.size:
             raise IntegrityError(f"{uri}/{name}: header needs {header.data_end} B, object has {obj.size}")
-        files[name] = FileMeta(name, obj.size, header.data_start, sha, obj.etag.strip('"') or None)
+        files[name] = FileMeta(name, obj.size, header.data_start, sha, obj.etag.strip('"') or None,
+                               head_sha, tensor_sha)
     if manifest is None:
         log.warning("no push manifest: sizes are checked, sha256 is not", extra={"model": uri})
-    specs = [TensorSpec(name, loc.entry.dtype, tuple(loc.entry.shape), loc.file, loc.entry.start, loc.entry.end)
+    specs = [TensorSpec(name, loc.entry.dtype, tuple(loc.entry.shape), loc.file, loc.entry.start, loc.entry.end,
+                        (files[loc.file].tensor_sha256 or {}).get(name))
              for name, loc in model.tensor_index().items()]
     specs.sort(key=lambda s: (s.file, s.start))
+    raw_headers: dict[str, bytes] = {}
 
     def read_header(file: str) -> bytes:
+        if file in raw_headers:
+            return raw_headers[file]
         obj = location.child(file)
         return bytes(client.get_range(obj.bucket, obj.key, 0, files[file].data_start))
+
+    # Format 2 manifests: the header that gave every tensor its dtype, shape and range must be
+    # the pushed one (a tensor's hash covers its bytes, not how they are interpreted).
+    checked = [f for f, m in files.items() if m.header_sha256 is not None]
+    if checked:
+        with ThreadPoolExecutor(max_workers=min(8, len(checked))) as pool:
+            for f, raw in zip(checked, pool.map(read_header, checked), strict=True):
+                if hashlib.sha256(raw).hexdigest() != files[f].header_sha256:
+                    raise IntegrityError(f"{uri}/{f}: safetensors header does not match the manifest's sha256")
+                raw_headers[f] = raw
 
     index = ModelIndex(uri=str(location), endpoint_url=client.endpoint_url, files=files, tensors=specs,
                        group_of=group_of,

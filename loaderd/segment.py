@@ -78,6 +78,7 @@ class TensorSpec:
     file: str
     start: int
     end: int
+    sha256: str | None = None  # of bytes [start, end), from the push manifest (format 2)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class SegmentLayout:
     data_offset: int
     size: int
     index_bytes: bytes = field(repr=False, default=b"")
+    sha256: list[str | None] = field(default_factory=list)  # expected hash per tensor slot
 
     @property
     def tensor_bytes(self) -> int:
@@ -141,7 +143,8 @@ def plan_layout(model_key: str, group: str, specs: Sequence[TensorSpec]) -> Segm
                         s.file, s.start) for i, s in enumerate(ordered)]
     run_objs = [Run(f, fs, fe, data_offset + off, tuple(m)) for f, fs, fe, off, m in runs]
     size = max(data_offset + cursor, data_offset + 1)
-    return SegmentLayout(model_key, group, slots, run_objs, data_offset, size, index_bytes)
+    return SegmentLayout(model_key, group, slots, run_objs, data_offset, size, index_bytes,
+                         [s.sha256 for s in ordered])
 
 
 class SegmentWriter:
@@ -181,6 +184,10 @@ class SegmentWriter:
     def mark_ready(self, tensor_index: int) -> None:
         """Publish one tensor (after all its bytes are written)."""
         self._mm[HEADER.size + tensor_index] = FLAG_READY
+
+    def mark_failed(self, tensor_index: int) -> None:
+        """This tensor's bytes could not be verified: readers waiting on it get an error."""
+        self._mm[HEADER.size + tensor_index] = FLAG_FAILED
 
     def is_ready(self, tensor_index: int) -> bool:
         return self._mm[HEADER.size + tensor_index] == FLAG_READY

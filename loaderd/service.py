@@ -2,8 +2,9 @@
 
 Called by hydraserve.loaderd.api (HTTP) and directly by tests. It resolves a model (cached per
 URI), picks the slice, leases its segments (creating and fetching only the missing ones, so a
-second prefetch of held or in-flight bytes downloads nothing), checks integrity when a file's
-bytes are all resident, and reports residency.
+second prefetch of held or in-flight bytes downloads nothing), checks integrity (per tensor as
+it lands when the manifest has per-tensor hashes, else per file when all of a file's bytes are
+resident), and reports residency.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hydraserve.contracts.loader import (
     SegmentInfo,
     SliceRequest,
 )
-from hydraserve.errors import HydraError, InvalidRequestError, NotFoundError, StorageError
+from hydraserve.errors import HydraError, IntegrityError, InvalidRequestError, NotFoundError, StorageError
 from hydraserve.loaderd.fetcher import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CONCURRENCY,
@@ -63,8 +64,8 @@ class LoaderConfig:
     retry_budget_s: float = 60.0
     shm_dir: str = "/dev/shm"
     endpoint_url: str | None = None
-    strict_integrity: bool = False  # hold readiness of whole files until their sha256 matches
-    max_refetch: int = 1
+    strict_integrity: bool = False  # old manifests: hold whole files until their sha256 matches
+    max_refetch: int = 1  # rereads of a tensor whose sha256 did not match before it fails
 
 
 class LoaderService:
@@ -161,8 +162,12 @@ class LoaderService:
             sources.extend(self._peer_source(p, index) for p in peers)
         sources.append(self._s3_source(index))
         strict = self.config.strict_integrity
+        # Tensors with a manifest hash (format 2) are verified one by one before they are
+        # published, so strict mode only has to hold back segments without them.
         fills = [(seg.order, Fill(seg.layout, seg.writer, sources, on_done=functools.partial(self._on_fill_done, index, seg),
-                                  on_tensor=functools.partial(self._on_tensor, seg), defer_publish=strict))
+                                  on_tensor=functools.partial(self._on_tensor, seg),
+                                  defer_publish=strict and any(h is None for h in seg.layout.sha256),
+                                  max_refetch=self.config.max_refetch))
                  for seg in segs]
         self.engine.submit(fills)
 
@@ -175,6 +180,9 @@ class LoaderService:
         elapsed = time.monotonic() - fill.started
         if exc is not None:
             self.metrics.failures.inc()
+            if isinstance(exc, IntegrityError):  # a tensor's bytes never matched its sha256
+                self.metrics.integrity_failures.inc()
+                self.forget_model(index.uri)
             self.registry.mark(seg, "failed", f"{type(exc).__name__}: {exc}")
             log.error("segment failed", extra={"segment": seg.segment_id, "group": seg.group,
                                                "model": seg.model_uri, "error": str(exc)})
@@ -183,7 +191,8 @@ class LoaderService:
             return
         self.metrics.fill_seconds.observe(elapsed)
         log.info("segment filled", extra={"segment": seg.segment_id, "group": seg.group,
-                                          "bytes": seg.layout.tensor_bytes, "seconds": round(elapsed, 3)})
+                                          "bytes": seg.layout.tensor_bytes, "seconds": round(elapsed, 3),
+                                          "verify_seconds": round(fill.verify_seconds, 3)})
         with self.registry.lock:
             seg.state = "verifying"
         self._settle(index)
@@ -201,7 +210,7 @@ class LoaderService:
             bad: set[str] = set()
             for file in sorted({r.file for s in segs for r in s.layout.runs}):
                 meta = index.files[file]
-                if meta.sha256 is None or (index.key, file) in self._verified:
+                if meta.sha256 is None or meta.per_tensor or (index.key, file) in self._verified:
                     continue
                 runs = self._covering_runs(segs, file, meta.data_start, meta.size, {"verifying", "complete"})
                 if runs is None:
@@ -228,13 +237,14 @@ class LoaderService:
                 if seg.state != "verifying":
                     continue
                 waiting = self.config.strict_integrity and any(
-                    index.files[f].sha256 is not None and (index.key, f) not in self._verified
+                    index.files[f].sha256 is not None and not index.files[f].per_tensor
+                    and (index.key, f) not in self._verified
                     and self._covering_runs(segs, f, index.files[f].data_start, index.files[f].size,
                                             {"filling", "verifying", "complete"}) is not None
                     for f in {r.file for r in seg.layout.runs})
                 if waiting:
                     continue  # published once the rest of its file lands and verifies
-                if self.config.strict_integrity:
+                if self.config.strict_integrity and any(h is None for h in seg.layout.sha256):
                     for i in range(len(seg.layout.tensors)):
                         seg.writer.mark_ready(i)
                 self.registry.mark(seg, "complete")

@@ -32,6 +32,75 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     return digest.hexdigest()
 
 
+def hash_safetensors(path: Path, on_bytes: Callable[[int], None] | None = None
+                     ) -> tuple[str, str, dict[str, str]]:
+    """sha256 of the whole file, of its header (bytes [0, data_start)) and of each tensor's bytes,
+    in one read of the file (the file digest is fed the same memory the tensor digests are)."""
+    from hydraserve.weights.safetensors_format import PREFIX_BYTES, header_length, parse_header
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(PREFIX_BYTES)
+        n = header_length(prefix, str(path))
+        head = prefix + f.read(n)
+        header = parse_header(head, file_size=size, source=str(path))
+        data_start = header.data_start
+        whole = hashlib.sha256(head)
+        if on_bytes is not None:
+            on_bytes(len(head))
+        tensors: dict[str, str] = {}
+        pos = data_start
+        for entry in sorted(header.entries.values(), key=lambda e: e.start):
+            if entry.start > pos:  # padding between tensors (not written by safetensors itself)
+                gap = f.read(entry.start - pos)
+                whole.update(gap)
+                pos += len(gap)
+            digest = hashlib.sha256()
+            left = entry.end - entry.start
+            while left:
+                piece = f.read(min(left, _PIECE))
+                if not piece:
+                    raise IntegrityError(f"{path}: ends inside tensor {entry.name}")
+                digest.update(piece)
+                whole.update(piece)
+                left -= len(piece)
+                if on_bytes is not None:
+                    on_bytes(len(piece))
+            pos = entry.end
+            tensors[entry.name] = digest.hexdigest()
+        while piece := f.read(_PIECE):  # trailing bytes, if any
+            whole.update(piece)
+            if on_bytes is not None:
+                on_bytes(len(piece))
+    return whole.hexdigest(), hashlib.sha256(head).hexdigest(), tensors
+
+
+def _is_safetensors(path: Path) -> bool:
+    from hydraserve.weights.safetensors_format import (
+        PREFIX_BYTES,
+        SafetensorsFormatError,
+        header_length,
+        parse_header,
+    )
+
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(PREFIX_BYTES)
+            head = prefix + f.read(header_length(prefix, str(path)))
+        parse_header(head, file_size=path.stat().st_size, source=str(path))
+    except SafetensorsFormatError:
+        return False  # not a safetensors file after all: hashed whole only (format 1 entry)
+    return True
+
+
+def _entry(path: Path, on_bytes: Callable[[int], None] | None) -> ManifestFile:
+    size = path.stat().st_size
+    if path.name.endswith(".safetensors") and _is_safetensors(path):
+        whole, head, tensors = hash_safetensors(path, on_bytes)
+        return ManifestFile(name=path.name, size=size, sha256=whole, header_sha256=head, tensors=tensors)
+    return ManifestFile(name=path.name, size=size, sha256=sha256_file(path, on_bytes))
+
+
 def model_dir_files(local_dir: Path) -> list[Path]:
     """The files a push uploads: regular files directly in the directory, minus the manifest.
 
@@ -56,9 +125,9 @@ def model_dir_files(local_dir: Path) -> list[Path]:
 
 def compute_manifest(local_dir: str | Path, *, now: datetime | None = None,
                      on_bytes: Callable[[int], None] | None = None) -> ModelManifest:
-    """Sizes and sha256 of every file of the directory (``on_bytes`` reports hashing progress)."""
-    entries = [ManifestFile(name=p.name, size=p.stat().st_size, sha256=sha256_file(p, on_bytes))
-               for p in model_dir_files(Path(local_dir))]
+    """Sizes and sha256 of every file of the directory, plus (format 2) the sha256 of each
+    safetensors header and tensor (``on_bytes`` reports hashing progress)."""
+    entries = [_entry(p, on_bytes) for p in model_dir_files(Path(local_dir))]
     return ModelManifest(files=entries, total_bytes=sum(e.size for e in entries),
                          created_at=now or datetime.now(UTC))
 

@@ -76,7 +76,7 @@ def names_for_stage(names: list[str], stage: StageSpec) -> list[str]:
     return out
 
 
-def local_index(root: Path, *, sha: bool = True) -> ModelIndex:
+def local_index(root: Path, *, sha: bool = True, per_tensor: bool = False) -> ModelIndex:
     """Test-only index of a local model (the daemon itself uses hydraserve.weights)."""
     import hashlib
 
@@ -89,13 +89,17 @@ def local_index(root: Path, *, sha: bool = True) -> ModelIndex:
         header = json.loads(raw[8:8 + hlen])
         start = 8 + hlen
         headers[path.name] = raw[:start]
+        tensor_sha = {name: hashlib.sha256(raw[start + e["data_offsets"][0]:start + e["data_offsets"][1]]).hexdigest()
+                      for name, e in header.items() if name != "__metadata__"} if per_tensor else None
         files[path.name] = FileMeta(path.name, len(raw), start,
-                                    hashlib.sha256(raw).hexdigest() if sha else None)
+                                    hashlib.sha256(raw).hexdigest() if sha else None, None,
+                                    hashlib.sha256(raw[:start]).hexdigest() if per_tensor else None, tensor_sha)
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
             a, b = entry["data_offsets"]
-            specs.append(TensorSpec(name, entry["dtype"], tuple(entry["shape"]), path.name, start + a, start + b))
+            specs.append(TensorSpec(name, entry["dtype"], tuple(entry["shape"]), path.name, start + a, start + b,
+                                    tensor_sha[name] if tensor_sha else None))
     specs.sort(key=lambda s: (s.file, s.start))
     return ModelIndex(uri=f"file://{root}", endpoint_url=None, files=files, tensors=specs,
                       group_of=group_of, names_for_stage=names_for_stage, read_header=headers.__getitem__)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest
+from hydraserve.contracts.model import ModelManifest
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.errors import InvalidRequestError, PermanentError, TemporaryError
 from hydraserve.loaderd.daemon import LoaderDaemon, new_token_file, spawn_loaderd
@@ -160,11 +161,24 @@ def s3_retries(d: LoaderDaemon) -> int:
     return int(index.handle[0].retries)
 
 
+def downgrade_manifest(s3: Any, uri: str) -> None:
+    """Replace a pushed manifest by its format 1 form (sha256 per file only), as older pushes wrote."""
+    key = uri[len(f"s3://{BUCKET}/"):] + "/hydraserve-manifest.json"
+    manifest = ModelManifest.model_validate_json(bytes(s3.client().get_object_bytes(BUCKET, key)))
+    old = manifest.model_copy(update={"format_version": 1, "files": [
+        f.model_copy(update={"tensors": None, "header_sha256": None}) for f in manifest.files]})
+    data = old.model_dump_json(exclude={"files": {"__all__": {"tensors", "header_sha256"}}}).encode()
+    ModelManifest.model_validate_json(data)
+    s3.client().put_bytes(BUCKET, key, data, content_type="application/json")
+
+
 @pytest.mark.parametrize("strict", [True, False])
-def test_corrupted_object_is_detected_and_not_served(s3_server: Any, s3_env: dict, shm_guard: str,
-                                                     tmp_path: Path, strict: bool) -> None:
+def test_corrupted_object_is_detected_and_not_served_old_manifest(s3_server: Any, s3_env: dict, shm_guard: str,
+                                                                  tmp_path: Path, strict: bool) -> None:
+    """Format 1 manifest (sha256 per file): the whole file's hash decides."""
     local = write_model(tmp_path / "m", llama_like(layers=2, seed=5))
     uri = push(s3_server, local, f"corrupt-{uuid.uuid4().hex[:6]}")
+    downgrade_manifest(s3_server, uri)
     bad = tmp_path / "bad.safetensors"
     raw = bytearray((local / "model.safetensors").read_bytes())
     raw[-3] ^= 0x55  # same size, different content (in the last tensor)
@@ -196,6 +210,50 @@ def test_corrupted_object_is_detected_and_not_served(s3_server: Any, s3_env: dic
         d.stop()
 
 
+def test_corrupted_tensor_is_never_served_with_a_per_tensor_manifest(s3_server: Any, s3_env: dict, shm_guard: str,
+                                                                    tmp_path: Path) -> None:
+    """Format 2 manifest (as pushed today): only the corrupted tensor is held back (its reader
+    gets an error, never bad bytes); every other tensor is verified and served."""
+    local = write_model(tmp_path / "m", llama_like(layers=2, seed=5))
+    uri = push(s3_server, local, f"corrupt2-{uuid.uuid4().hex[:6]}")
+    bad = tmp_path / "bad.safetensors"
+    raw = bytearray((local / "model.safetensors").read_bytes())
+    raw[-3] ^= 0x55  # same size, different content (in the last tensor)
+    bad.write_bytes(bytes(raw))
+    key = uri[len(f"s3://{BUCKET}/"):] + "/model.safetensors"
+    s3_server.client().put_file(BUCKET, key, bad)
+    want = expected(local)
+    d = daemon(shm_guard)
+    try:
+        lease = d.client().attach(AttachRequest(model_uri=uri))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(s.state == "filling" for s in d.client().status().segments):
+            time.sleep(0.02)
+        states = [s.state for s in d.client().status().segments]
+        assert states.count("failed") == 1 and states.count("complete") == len(states) - 1
+        assert d.service.metrics.integrity_failures._value.get() == 1
+        bad_names = []
+        for info in lease.segments:
+            reader = SegmentReader(info.path)
+            for i, slot in enumerate(reader.tensors):
+                if reader.flag(i) == 1:
+                    got = bytes(reader.tensor_bytes(i))
+                    assert got == want[slot.name].contiguous().view(torch.uint8).numpy().tobytes(), slot.name
+                else:
+                    with pytest.raises(SegmentFailedError):
+                        reader.wait_ready(i, timeout_s=5)
+                    bad_names.append(slot.name)
+            reader.close()
+        assert len(bad_names) == 1
+        d.client().release(lease.lease_id)
+        s3_server.client().put_file(BUCKET, key, local / "model.safetensors")  # repaired
+        source = open_shm_source(uri, loader_url=d.url, token=d.token)
+        assert_same(source, want)
+        source.close()
+    finally:
+        d.stop()
+
+
 def test_object_size_changed_since_push_is_refused(s3_server: Any, s3_env: dict, shm_guard: str,
                                                    tmp_path: Path) -> None:
     local = write_model(tmp_path / "m", llama_like(layers=1, seed=6))
@@ -206,6 +264,26 @@ def test_object_size_changed_since_push_is_refused(s3_server: Any, s3_env: dict,
     d = daemon(shm_guard)
     try:
         with pytest.raises(PermanentError, match="manifest says"):
+            d.client().prefetch(PrefetchRequest(model_uri=uri))
+        assert d.client().status().segments == []
+    finally:
+        d.stop()
+
+
+def test_header_not_matching_the_manifest_is_refused(s3_server: Any, s3_env: dict, shm_guard: str,
+                                                    tmp_path: Path) -> None:
+    """A tensor's hash covers its bytes, not how they are read: the header (dtype, shape, range)
+    is checked against the manifest before any tensor is fetched."""
+    local = write_model(tmp_path / "m", llama_like(layers=1, seed=6))
+    uri = push(s3_server, local, f"header-{uuid.uuid4().hex[:6]}")
+    key = uri[len(f"s3://{BUCKET}/"):] + "/hydraserve-manifest.json"
+    manifest = ModelManifest.model_validate_json(bytes(s3_server.client().get_object_bytes(BUCKET, key)))
+    forged = manifest.model_copy(update={"files": [
+        f.model_copy(update={"header_sha256": "0" * 64}) if f.header_sha256 else f for f in manifest.files]})
+    s3_server.client().put_bytes(BUCKET, key, forged.model_dump_json().encode(), content_type="application/json")
+    d = daemon(shm_guard)
+    try:
+        with pytest.raises(PermanentError, match="header does not match"):
             d.client().prefetch(PrefetchRequest(model_uri=uri))
         assert d.client().status().segments == []
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +26,10 @@ URI = "s3://bucket/model"
 
 
 class Node:
-    def __init__(self, node: str, root: Path, budget: int, *, chunk: int = 4096, strict: bool = False) -> None:
+    def __init__(self, node: str, root: Path, budget: int, *, chunk: int = 4096, strict: bool = False,
+                 per_tensor: bool = False) -> None:
         self.root = root
-        self.index = local_index(root)
+        self.index = local_index(root, per_tensor=per_tensor)
         self.reader = LocalReader(root)
         self.service = LoaderService(
             LoaderConfig(node_name=node, budget_bytes=budget, concurrency=4, chunk_bytes=chunk,
@@ -238,6 +240,105 @@ def test_corrupted_file_is_detected_and_refetched_clean(shm_guard: str, model_di
         again = n.service.attach(AttachRequest(model_uri=URI))
         assert read_all(again.segments) == expected_bytes(model_dir)
         wait_done(n.service)
+    finally:
+        n.service.close()
+
+
+def _corrupt(path: Path, at: int) -> bytes:
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[at] ^= 0xFF
+    path.write_bytes(bytes(bad))  # same size, content no longer matches the manifest
+    return good
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_per_tensor_hashes_never_publish_a_corrupted_tensor(shm_guard: str, model_dir: Path, strict: bool) -> None:
+    """Format 2 manifest: the corrupted tensor is never marked ready (its reader gets an error,
+    never bad bytes) while every other tensor, of its segment too, is served verified."""
+    n = Node(shm_guard, model_dir, budget=64 << 20, per_tensor=True, strict=strict)
+    try:
+        victim = sorted(model_dir.glob("*.safetensors"))[0]
+        spec = next(t for t in n.index.tensors if t.file == victim.name and ".layers.1." in t.name)
+        want = expected_bytes(model_dir)
+        good = _corrupt(victim, spec.start + 3)
+        published: list[int] = []
+        lease = n.service.attach(AttachRequest(model_uri=URI))
+        bad_info = next(i for i in lease.segments if i.group == "layer.1")
+        reader = SegmentReader(bad_info.path)
+        pos = reader.position[spec.name]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and reader.state == 0:
+            published.append(reader.flag(pos))  # watched while the fill runs: never 1
+            time.sleep(0.0005)
+        assert 1 not in published and reader.flag(pos) == 2
+        with pytest.raises(SegmentFailedError):
+            reader.wait_ready(pos, timeout_s=5)
+        reader.close()
+        wait_done(n.service)
+        states = {s.group: s.state for s in n.service.status().segments}
+        assert states.pop("layer.1") == "failed" and set(states.values()) == {"complete"}
+        got = read_all([i for i in lease.segments if i.group != "layer.1"])
+        assert got == {k: want[k] for k in got}
+        reader = SegmentReader(bad_info.path)
+        for i, slot in enumerate(reader.tensors):  # the segment's other tensors are verified and served
+            if slot.name != spec.name:
+                reader.wait_ready(i, timeout_s=1)
+                assert bytes(reader.tensor_bytes(i)) == want[slot.name]
+        reader.close()
+        assert n.service.metrics.integrity_failures._value.get() == 1
+        assert n.service.metrics.errors.labels(source="verify", kind="IntegrityError")._value.get() == 2
+        n.service.release(ReleaseRequest(lease_id=lease.lease_id))
+        victim.write_bytes(good)
+        again = n.service.attach(AttachRequest(model_uri=URI))
+        assert read_all(again.segments) == want
+    finally:
+        n.service.close()
+
+
+def test_a_tensor_corrupted_in_transit_is_refetched_and_served(shm_guard: str, model_dir: Path) -> None:
+    n = Node(shm_guard, model_dir, budget=64 << 20, per_tensor=True)
+    try:
+        spec = next(t for t in n.index.tensors if ".layers.0." in t.name)
+        real_read = n.reader.read
+        flipped = []
+
+        def read_once_bad(file: str, start: int, end: int) -> bytes:
+            data = real_read(file, start, end)
+            if not flipped and file == spec.file and start <= spec.start < end:
+                flipped.append(1)
+                data = bytearray(data)
+                data[spec.start - start] ^= 1
+                return bytes(data)
+            return data
+
+        n.reader.read = read_once_bad  # type: ignore[method-assign]
+        lease = n.service.attach(AttachRequest(model_uri=URI))
+        assert read_all(lease.segments) == expected_bytes(model_dir)
+        wait_done(n.service)
+        assert flipped and {s.state for s in n.service.status().segments} == {"complete"}
+        assert n.service.metrics.integrity_failures._value.get() == 0
+    finally:
+        n.service.close()
+
+
+def test_stage_slice_is_verified_per_tensor(shm_guard: str, model_dir: Path) -> None:
+    """A stage slice holds part of a file (never hashable whole): with per-tensor hashes a
+    corrupted tensor in it is still caught."""
+    n = Node(shm_guard, model_dir, budget=64 << 20, per_tensor=True)
+    try:
+        spec = next(t for t in n.index.tensors if ".layers.0." in t.name)
+        _corrupt(model_dir / spec.file, spec.start)
+        stage = StageSpec(index=0, num_stages=2, layer_start=0, layer_end=2, num_layers=4)
+        lease = n.service.prefetch(PrefetchRequest(model_uri=URI, stage=stage))
+        wait_done(n.service)
+        states = {s.group: s.state for s in n.service.status().segments}
+        assert states == {"embed": "complete", "layer.0": "failed", "layer.1": "complete"}
+        info = next(i for i in lease.segments if i.group == "layer.0")
+        reader = SegmentReader(info.path)
+        with pytest.raises(SegmentFailedError):
+            reader.wait_ready(reader.position[spec.name], timeout_s=5)
+        reader.close()
     finally:
         n.service.close()
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from hydraserve.contracts.model import MANIFEST_FILE, ManifestFile, ModelManifest
@@ -48,6 +49,37 @@ def test_manifest_lists_every_file_with_its_sha256(model_dir: Path) -> None:
     assert parse_manifest(manifest.model_dump_json()) == manifest
 
 
+def test_manifest_has_a_sha256_per_safetensors_header_and_tensor(model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    manifest = compute_manifest(model_dir)
+    assert manifest.format_version == 2
+    shards = [e for e in manifest.files if e.name.endswith(".safetensors")]
+    assert len(shards) == 2
+    for entry in manifest.files:
+        if not entry.name.endswith(".safetensors"):
+            assert entry.tensors is None and entry.header_sha256 is None
+            continue
+        raw = (model_dir / entry.name).read_bytes()
+        data_start = 8 + int.from_bytes(raw[:8], "little")
+        assert entry.header_sha256 == hashlib.sha256(raw[:data_start]).hexdigest()
+        tensors = load_file(str(model_dir / entry.name))
+        assert entry.tensors is not None and set(entry.tensors) == set(tensors)
+        for name, t in tensors.items():  # the bytes safetensors itself hands out for the tensor
+            data = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            assert entry.tensors[name] == hashlib.sha256(data).hexdigest(), name
+
+
+def test_format_1_manifests_are_still_accepted() -> None:
+    doc = b'{"format_version": 1, "files": [{"name": "a.safetensors", "size": 3, "sha256": "' + b"0" * 64 + \
+        b'"}], "total_bytes": 3, "created_at": "2026-01-01T00:00:00Z"}'
+    manifest = parse_manifest(doc)
+    assert manifest.format_version == 1 and manifest.files[0].tensors is None
+    with pytest.raises(InvalidRequestError, match="format_version 2"):
+        parse_manifest(doc.replace(b'"size": 3,', b'"size": 3, "header_sha256": "' + b"1" * 64
+                                   + b'", "tensors": {"x": "' + b"2" * 64 + b'"},'))
+
+
 def test_verify_accepts_exact_bytes_and_rejects_anything_else(model_dir: Path) -> None:
     manifest = compute_manifest(model_dir)
     data = (model_dir / "config.json").read_bytes()
@@ -79,7 +111,7 @@ def test_manifest_contract_rejects_inconsistent_documents() -> None:
         with pytest.raises(ValidationError):
             ManifestFile(**bad)
     with pytest.raises(InvalidRequestError):
-        parse_manifest(b'{"format_version": 2, "files": [], "total_bytes": 0, "created_at": 0}')
+        parse_manifest(b'{"format_version": 3, "files": [], "total_bytes": 0, "created_at": 0}')
 
 
 def test_directories_with_subfolders_or_nothing_are_refused(tmp_path: Path) -> None:
