@@ -16,12 +16,15 @@ COLUMNS = ("policy", "rate", "cv", "slo_attainment", "cold_attainment", "ttft_p5
 
 
 def sweep(spec: SimSpec, popularity, policies: Iterable[str], rates: Iterable[float], cvs: Iterable[float],
-          duration_s: float, seed: int) -> list[dict[str, float | str]]:
-    """Same arrivals for every policy at a given (rate, cv): the comparison is paired."""
+          duration_s: float, seed: int, per_function: bool = True,
+          oversample: float = 1.0) -> list[dict[str, float | str]]:
+    """Same arrivals for every policy at a given (rate, cv): the comparison is paired.
+
+    ``per_function``: Gamma bursts per function (HydraServe's generator) or in aggregate."""
     rows: list[dict[str, float | str]] = []
     for rate in rates:
         for cv in cvs:
-            arrivals = gamma_arrivals(popularity, rate, cv, duration_s, seed)
+            arrivals = gamma_arrivals(popularity, rate, cv, duration_s, seed, per_function, oversample)
             for policy in policies:
                 summary = summarize(Simulator(spec, policy, arrivals).run(), spec.functions)
                 rows.append({"policy": policy, "rate": rate, "cv": cv, **summary})

@@ -64,9 +64,17 @@ def test_azure_trace_popularity_and_gamma_cv(tmp_path) -> None:
     write_sample_trace(str(path), n_funcs=30, invocations=3000)
     pop = azure_popularity(str(path), 16)
     assert pop.sum() == pytest.approx(1.0) and all(np.diff(pop) <= 1e-12)
+    # HydraServe's generator: each function its own Gamma process with the target CV
     arr = gamma_arrivals(pop, 2.0, 4.0, 20000, seed=1)
-    gaps = np.diff(arr.times)
     assert len(arr.times) / 20000 == pytest.approx(2.0, rel=0.15)
+    assert all(np.diff(arr.times) >= 0)
+    top = np.diff(arr.times[arr.functions == 0])
+    assert top.std() / top.mean() == pytest.approx(4.0, rel=0.25)
+    assert len(top) / 20000 == pytest.approx(2.0 * pop[0], rel=0.2)
+    # the older model: one aggregate Gamma stream split by popularity
+    agg = gamma_arrivals(pop, 2.0, 4.0, 20000, seed=1, per_function=False)
+    gaps = np.diff(agg.times)
+    assert len(agg.times) / 20000 == pytest.approx(2.0, rel=0.15)
     assert gaps.std() / gaps.mean() == pytest.approx(4.0, rel=0.25)
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
@@ -127,3 +135,19 @@ def test_replaying_a_simulation_through_the_http_api_gives_the_same_plans(small)
             assert r.status_code == 200
             got = Plan.model_validate(r.get_json())
             assert got.model_dump() == expected.model_dump()
+
+
+def test_paper_workload_applications_and_down_sampling() -> None:
+    from hydraserve.provider.sim.spec import paper_testbed as testbed
+
+    spec = testbed(64, applications=True)
+    assert len(spec.functions) == 384
+    slos = {(f.name.split("-")[0], f.model_size_bytes > 20e9): f.ttft_slo_s for f in spec.functions}
+    assert slos[("chatbot", False)] == 7.5 and slos[("code", True)] == 12.0
+    assert slos[("summarization", False)] == 37.5 and slos[("summarization", True)] == 60.0
+    pop = zipf_popularity(16)
+    arr = gamma_arrivals(pop, 2.0, 4.0, 20000, seed=3, oversample=10.0)
+    assert len(arr.times) / 20000 == pytest.approx(2.0, rel=0.15)
+    top = np.diff(arr.times[arr.functions == 0])
+    # thinning to 1/10 leaves a per-function CV^2 of about 0.1 x 16 + 0.9
+    assert top.std() / top.mean() < 2.5
