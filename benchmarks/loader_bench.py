@@ -142,9 +142,14 @@ def s3_client(endpoint: str) -> Any:
 
 
 def upload(endpoint: str, root: Path, prefix: str) -> None:
+    from hydraserve.contracts.model import MANIFEST_FILE
+    from hydraserve.weights.manifest import compute_manifest
+
     client = s3_client(endpoint)
+    manifest = compute_manifest(root)  # as `hydraserve model push` writes it: loaderd verifies
     for path in sorted(root.iterdir()):
         client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/{MANIFEST_FILE}", Body=manifest.model_dump_json().encode())
 
 
 def store_raw(endpoint: str, files: list[Path], prefix: str, streams: int = 8, chunk: int = 8 << 20) -> float:
@@ -248,7 +253,10 @@ def run_loaderd(prefix: list[str], listen_ip: str, endpoint: str, uri: str, mode
             if first_ready is None and first_groups <= done:
                 first_ready = time.perf_counter() - t0
         wall = time.perf_counter() - t0
-        cpu = proc_cpu_s(daemon.proc.pid) - cpu0
+        deadline = time.monotonic() + 60  # format 1 manifests: files are hashed after their last byte
+        while time.monotonic() < deadline and any(s.state == "filling" for s in client.status().segments):
+            time.sleep(0.01)
+        cpu = proc_cpu_s(daemon.proc.pid) - cpu0  # verification included
         for reader in readers:
             reader.close()
         client.release(lease.lease_id)
