@@ -2,7 +2,8 @@
 
 Wired into the ``model`` command group by hydraserve.modeltools.commands through
 :func:`configure_push`; the embedded demo and tests call :func:`push_model` directly. The
-manifest (sizes + sha256, hydraserve.contracts.model) is written after every file, and an
+manifest (sizes + sha256 per file, and, format 2, per safetensors header and tensor so
+loaderd can verify each tensor as it lands; hydraserve.contracts.model) is written after every file, and an
 old one is deleted before the first byte goes up, so a manifest present at the prefix always
 describes a complete upload. boto3 and tqdm are imported inside the handler only.
 """
@@ -57,7 +58,7 @@ def configure_push(subparsers: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "push", help="upload a model directory to S3 (manifest written last)",
         description="Upload a Hugging Face model directory to s3://bucket/prefix with a "
-                    "progress bar; write hydraserve-manifest.json (sizes, sha256) last.")
+                    "progress bar; write hydraserve-manifest.json (sizes, sha256 per file and per tensor) last.")
     p.add_argument("dir", help="local model directory (config.json, tokenizer, *.safetensors)")
     p.add_argument("uri", help="destination, s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None,
