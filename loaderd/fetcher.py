@@ -312,7 +312,7 @@ class FetchEngine:
         if hedge:
             self.observer.on_hedge("won")
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("chunk done", extra={"group": fill.layout.group, "start": chunk.start, "hedge": hedge,
+            log.debug("chunk done", extra={"group": fill.layout.group, "start": chunk.start, "bytes": nbytes, "hedge": hedge,
                                            "seconds": round(time.monotonic() - started, 3),
                                            "since_fill": round(time.monotonic() - fill.started, 3)})
         for i in ready:

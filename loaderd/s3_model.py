@@ -65,17 +65,17 @@ def _tied_embeddings(model: S3ModelFiles) -> bool:
 def resolve_model(uri: str, endpoint_url: str | None = None, *, client: S3Client | None = None) -> ModelIndex:
     """The index of an ``s3://bucket/prefix`` model (validated URI; raises StorageError etc.).
 
-    The listing, the headers, the manifest and config.json are read concurrently."""
+    The listing (with a speculative GET of the shard index), the headers, the manifest and
+    config.json are read concurrently: two round trips before the first tensor can be fetched."""
     location = parse_s3_uri(uri)
     client = client or client_for(endpoint_url)
     model = open_model(str(location), client=client)
     assert isinstance(model, S3ModelFiles)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        listed = pool.submit(client.list_prefix, location.bucket, location.key)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the LIST is shared: model.objects()
         manifest_f = pool.submit(read_manifest, model)
         tie_f = pool.submit(_tied_embeddings, model)
         headers = model.headers()
-        listing = {o.key.rsplit("/", 1)[-1]: o for o in listed.result()}
+        listing = model.objects()
         manifest = manifest_f.result()
         tie = tie_f.result()
     files: dict[str, FileMeta] = {}
@@ -107,28 +107,17 @@ def resolve_model(uri: str, endpoint_url: str | None = None, *, client: S3Client
                         (files[loc.file].tensor_sha256 or {}).get(name))
              for name, loc in model.tensor_index().items()]
     specs.sort(key=lambda s: (s.file, s.start))
-    raw_headers: dict[str, bytes] = {}
-
-    def read_header(file: str) -> bytes:
-        if file in raw_headers:
-            return raw_headers[file]
-        obj = location.child(file)
-        return bytes(client.get_range(obj.bucket, obj.key, 0, files[file].data_start))
-
     # Format 2 manifests: the header that gave every tensor its dtype, shape and range must be
-    # the pushed one (a tensor's hash covers its bytes, not how they are interpreted).
-    checked = [f for f, m in files.items() if m.header_sha256 is not None]
-    if checked:
-        with ThreadPoolExecutor(max_workers=min(8, len(checked))) as pool:
-            for f, raw in zip(checked, pool.map(read_header, checked), strict=True):
-                if hashlib.sha256(raw).hexdigest() != files[f].header_sha256:
-                    raise IntegrityError(f"{uri}/{f}: safetensors header does not match the manifest's sha256")
-                raw_headers[f] = raw
+    # the pushed one (a tensor's hash covers its bytes, not how they are interpreted). The bytes
+    # are the ones parsed above: no second GET.
+    for f, meta in files.items():
+        if meta.header_sha256 is not None and hashlib.sha256(model.header_bytes(f)).hexdigest() != meta.header_sha256:
+            raise IntegrityError(f"{uri}/{f}: safetensors header does not match the manifest's sha256")
 
     index = ModelIndex(uri=str(location), endpoint_url=client.endpoint_url, files=files, tensors=specs,
                        group_of=group_of,
                        names_for_stage=lambda names, stage: names_for_stage(names, stage, tie),
-                       read_header=read_header)
+                       read_header=model.header_bytes)
     index.handle = (client, location)
 
     def is_current() -> bool:

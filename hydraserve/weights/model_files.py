@@ -11,6 +11,7 @@ come through :class:`~hydraserve.weights.s3_source.S3TensorSource`.
 from __future__ import annotations
 
 import json
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from hydraserve.errors import InvalidRequestError, NotFoundError, StorageError
 from hydraserve.weights.local import LocalTensorSource
 from hydraserve.weights.ranges import MiB
 from hydraserve.weights.s3 import (
+    ObjectInfo,
     S3Client,
     S3Uri,
     is_s3_uri,
@@ -48,6 +50,9 @@ class ModelFiles(ABC):
     def __init__(self) -> None:
         self._index: dict[str, TensorLocation] | None = None
         self._headers: dict[str, SafetensorsHeader] = {}
+        self._raw_headers: dict[str, bytes] = {}  # exactly bytes [0, data_start) of each file
+        self._shards: list[str] | None = None
+        self._shards_lock = threading.Lock()
 
     @abstractmethod
     def read_bytes(self, name: str) -> bytes:
@@ -58,7 +63,24 @@ class ModelFiles(ABC):
         """File names directly in the model directory / prefix, sorted."""
 
     @abstractmethod
-    def _read_header(self, file: str) -> SafetensorsHeader: ...
+    def _read_header_bytes(self, file: str) -> tuple[bytes, int]:
+        """At least the first 8 + N bytes of a safetensors file, and the file's size."""
+
+    def _read_index(self) -> bytes | None:
+        """model.safetensors.index.json, or None when the model has no index."""
+        return self.read_bytes(INDEX_FILE) if self.exists(INDEX_FILE) else None
+
+    def _read_header(self, file: str) -> SafetensorsHeader:
+        data, size = self._read_header_bytes(file)
+        header = parse_header(data, file_size=size, source=f"{self.uri}/{file}")
+        self._raw_headers[file] = bytes(data[:header.data_start])
+        return header
+
+    def header_bytes(self, file: str) -> bytes:
+        """The file's 8-byte length and JSON header exactly as stored (for sha256 checks);
+        kept from the read that parsed it, so checking costs no second GET."""
+        self.headers()
+        return self._raw_headers[file]
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
@@ -73,9 +95,19 @@ class ModelFiles(ABC):
         return validate_file_name(name) in self.list_files()
 
     def safetensors_files(self) -> list[str]:
-        """Shard names from the index's weight_map, else every *.safetensors file."""
-        if self.exists(INDEX_FILE):
-            weight_map = self.read_json(INDEX_FILE).get("weight_map")
+        """Shard names from the index's weight_map, else every *.safetensors file (read once)."""
+        with self._shards_lock:
+            if self._shards is None:
+                self._shards = self._find_shards()
+            return list(self._shards)
+
+    def _find_shards(self) -> list[str]:
+        raw_index = self._read_index()
+        if raw_index is not None:
+            try:
+                weight_map = json.loads(raw_index).get("weight_map")
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise InvalidRequestError(f"{self.uri}/{INDEX_FILE} is not a JSON object: {exc}") from exc
             if not isinstance(weight_map, dict) or not weight_map:
                 raise InvalidRequestError(f"{self.uri}/{INDEX_FILE} has no weight_map")
             files = sorted({validate_file_name(str(f)) for f in weight_map.values()})
@@ -152,14 +184,12 @@ class LocalModelFiles(ModelFiles):
     def list_files(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir() if p.is_file())
 
-    def _read_header(self, file: str) -> SafetensorsHeader:
+    def _read_header_bytes(self, file: str) -> tuple[bytes, int]:
         path = self._file(file)
-        size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(PREFIX_BYTES)
             n = header_length(prefix, str(path))
-            data = prefix + f.read(n)
-        return parse_header(data, file_size=size, source=str(path))
+            return prefix + f.read(n), path.stat().st_size
 
     def tensor_source(self, names: list[str] | None = None, *, concurrency: int = 8,
                       chunk_bytes: int = 16 * MiB) -> TensorSource:
@@ -174,23 +204,52 @@ class S3ModelFiles(ModelFiles):
         self.location = uri
         self.client = client
         self.uri = str(uri)
-        self._listing: list[str] | None = None
+        self._objects: dict[str, ObjectInfo] | None = None
+        self._listing_lock = threading.Lock()
 
     def read_bytes(self, name: str) -> bytes:
         obj = self.location.child(name)
         return self.client.get_object_bytes(obj.bucket, obj.key)
 
-    def list_files(self) -> list[str]:
-        if self._listing is None:
-            prefix = f"{self.location.key}/" if self.location.key else ""
-            objects = self.client.list_prefix(self.location.bucket, self.location.key)
-            names = [o.key[len(prefix):] for o in objects]
-            self._listing = sorted(n for n in names if n and "/" not in n)
-            if not self._listing:
-                raise StorageError(f"no model files under {self.uri}", code="no_such_key")
-        return self._listing
+    def objects(self) -> dict[str, ObjectInfo]:
+        """File name -> size and ETag, from one LIST shared by every caller (thread-safe)."""
+        with self._listing_lock:
+            if self._objects is None:
+                prefix = f"{self.location.key}/" if self.location.key else ""
+                listed = self.client.list_prefix(self.location.bucket, self.location.key)
+                named = {o.key[len(prefix):]: o for o in listed}
+                objects = {n: o for n, o in sorted(named.items()) if n and "/" not in n}
+                if not objects:
+                    raise StorageError(f"no model files under {self.uri}", code="no_such_key")
+                self._objects = objects
+            return self._objects
 
-    def _read_header(self, file: str) -> SafetensorsHeader:
+    def list_files(self) -> list[str]:
+        return list(self.objects())
+
+    def _read_index(self) -> bytes | None:
+        """GET the index while the LIST runs (a 404 is cheap; a round trip on the cold path is not)."""
+        if self._objects is not None:
+            return super()._read_index()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            speculative = pool.submit(self._read_if_present, INDEX_FILE)
+            listed = INDEX_FILE in self.objects()
+            data = speculative.result()
+        if not listed:
+            return None
+        return data if data is not None else self.read_bytes(INDEX_FILE)
+
+    def _read_if_present(self, name: str) -> bytes | None:
+        try:
+            return self.read_bytes(name)
+        except NotFoundError:
+            return None
+        except StorageError as exc:
+            if exc.code == "no_such_key":
+                return None
+            raise
+
+    def _read_header_bytes(self, file: str) -> tuple[bytes, int]:
         obj = self.location.child(file)
         data, size = self.client.get_prefix(obj.bucket, obj.key, HEADER_PROBE_BYTES)
         n = header_length(data, str(obj))
@@ -199,7 +258,7 @@ class S3ModelFiles(ModelFiles):
                 raise InvalidRequestError(f"{obj}: header length {n} exceeds file size {size}")
             rest = self.client.get_range(obj.bucket, obj.key, len(data), PREFIX_BYTES + n)
             data = bytes(data) + bytes(rest)
-        return parse_header(data, file_size=size, source=str(obj))
+        return bytes(data), size
 
     def tensor_source(self, names: list[str] | None = None, *, concurrency: int = 8,
                       chunk_bytes: int = 16 * MiB) -> TensorSource:
