@@ -54,17 +54,26 @@ class DrainingServer:
         return self._stop.wait(timeout)
 
     def close(self) -> None:
-        """Stop listening, drop idle keep-alive connections, stop the worker threads."""
+        """Stop the worker threads (running tasks finish), then close every socket from inside
+        the event loop's own thread: closing them from here raced the loop's poll (EBADF)."""
         server: Any = self._server
-        server.task_dispatcher.shutdown(timeout=5)  # running tasks finish while the trigger works
-        for channel in list(server._map.values()):  # else the loop waits for channel_timeout
-            if channel is not server and channel is not server.trigger:
-                try:
-                    channel.close()
-                except OSError:
-                    pass
-        server.close()  # the listening socket and the trigger last: nothing pulls it any more
-        self._thread.join(timeout=5)
+        server.task_dispatcher.shutdown(timeout=5)
+
+        def close_all() -> None:
+            for channel in list(server._map.values()):  # idle keep-alives too: else the loop
+                if channel is not server and channel is not server.trigger:  # waits for them
+                    try:
+                        channel.close()
+                    except OSError:
+                        pass
+            server.close()  # the listening socket and the trigger: the loop's map is now empty
+
+        if self._thread.is_alive():
+            server.trigger.pull_trigger(close_all)
+            self._thread.join(timeout=5)
+        if self._thread.is_alive() or server._map:  # the loop never ran or is stuck: close here
+            close_all()
+            self._thread.join(timeout=5)
 
 
 def serve_until_signalled(server: DrainingServer, *, on_drain: Callable[[], None],
