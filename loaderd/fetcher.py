@@ -29,7 +29,12 @@ from hydraserve.loaderd.segment import Run, SegmentLayout, SegmentWriter
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 8 << 20
-DEFAULT_CONCURRENCY = 8  # best first-layer time on the emulated node; real S3 wants ~32 (Run:ai)
+# Measured on the emulated node (docs/LOADERD.md, 4 runs each of 4/6/8 at 400 and 1200 Mbit):
+# 4 streams fill a link of up to 150 MB/s (0.93-0.95 of it) with the earliest first layer and
+# the least CPU; 8 let TCP flows starve each other at the shaped link (first layer up to 0.3 s
+# late). Real S3 serves ~50-90 MB/s per connection with 20-50 ms to first byte: a 16 Gbps node
+# wants ~32 (Run:ai's default), set with --concurrency.
+DEFAULT_CONCURRENCY = 4
 DEFAULT_MIN_CHUNK_BYTES = 1 << 20
 # Measured on a 400 Mbit emulated node (hydraserve bench loader): striping each group into
 # 3 chunks per stream and hedging a chunk at 1.5x its siblings' median time gave the earliest
