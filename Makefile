@@ -20,6 +20,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check hydraserve provider runtime activator loaderd tests benchmarks
 	$(BIN)/mypy hydraserve
+	$(BIN)/lint-imports
 
 # s3rver (npm) backs the loader benchmark and its smoke test; without npm that test is skipped.
 $(S3RVER):
