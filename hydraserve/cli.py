@@ -21,6 +21,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      "hydraserve.runtime.generate_cmd"),
     ("serve", "run the function runtime server (one worker)", "hydraserve.runtime.serve_cmd"),
     ("loaderd", "run the per-node loader daemon", "hydraserve.loaderd.commands"),
+    ("loaderctl", "ask a running loaderd to prefetch (with progress), show what it holds, release",
+     "hydraserve.loaderd.ctl"),
     ("placement", "run the placement service", "hydraserve.provider.commands.placement"),
     ("plan", "show the placement plan for a function and why", "hydraserve.provider.commands.plan"),
     ("simulate", "trace-driven cold-start simulator", "hydraserve.provider.commands.simulate"),
@@ -53,10 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from hydraserve.errors import HydraError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except HydraError as exc:  # a clear one-line reason (the message names the object), no traceback
+        print(f"hydraserve {args.command}: {exc.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

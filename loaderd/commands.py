@@ -11,9 +11,10 @@ from pathlib import Path
 from hydraserve.loaderd.fetcher import DEFAULT_CHUNK_BYTES, DEFAULT_CONCURRENCY, DEFAULT_MIN_CHUNK_BYTES
 
 
-def _read_token(args: argparse.Namespace) -> str:
-    if args.token_file:
-        path = Path(args.token_file)
+def read_token(token_file: str | None) -> str:
+    """The API token from a 0600 file, else HYDRASERVE_LOADERD_TOKEN (the daemon and loaderctl)."""
+    if token_file:
+        path = Path(token_file)
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise SystemExit(f"{path}: token file must not be readable by group/others (chmod 600)")
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                           min_chunk_bytes=args.min_chunk_bytes,
                           retry_budget_s=args.retry_budget_s, shm_dir=args.shm_dir,
                           endpoint_url=args.endpoint_url, strict_integrity=args.strict_integrity)
-    daemon = LoaderDaemon(config, _read_token(args), host=args.host, port=args.port).start()
+    daemon = LoaderDaemon(config, read_token(args.token_file), host=args.host, port=args.port).start()
     log.info("loaderd listening", extra={"url": daemon.url, "node": args.node_name,
                                          "budget_bytes": args.budget_bytes})
     daemon.server.install_signal_handlers()
