@@ -94,18 +94,25 @@ def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(status.model_dump_json(indent=2))
         return 0
-    gib = 1 << 30
-    print(f"node {status.node_name}: {status.used_bytes / gib:.2f} of {status.budget_bytes / gib:.2f} GiB used, "
-          f"{status.pinned_bytes / gib:.2f} GiB pinned, {status.inflight_chunks} chunks in flight")
+    print(f"node {status.node_name}: {human(status.used_bytes)} of {human(status.budget_bytes)} used, "
+          f"{human(status.pinned_bytes)} pinned, {status.inflight_chunks} chunks in flight")
     print(f"{'model':48} {'complete':>10} {'filling':>10} {'of model':>10}")
     for m in status.models:
-        print(f"{m.model_uri[:48]:48} {m.bytes_complete / 1e6:9.1f}M {m.bytes_filling / 1e6:9.1f}M "
-              f"{m.model_bytes / 1e6:9.1f}M")
+        print(f"{m.model_uri[:48]:48} {human(m.bytes_complete):>10} {human(m.bytes_filling):>10} "
+              f"{human(m.model_bytes):>10}")
     states: dict[str, int] = {}
     for s in status.segments:
         states[s.state] = states.get(s.state, 0) + 1
     print("segments: " + (", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none"))
     return 0
+
+
+def human(n: int) -> str:
+    """Bytes for people: 612.0 KB, 13.5 GB (decimal units, like the benchmarks' MB/s)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def run_release(args: argparse.Namespace) -> int:

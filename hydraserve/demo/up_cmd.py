@@ -38,6 +38,7 @@ HydraServe embedded stack is up (Ctrl-C to stop).
   gateway      {stack.gateway_url}   (functions: GET {stack.gateway_url}/v1/functions)
   function     {args.function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout:.0f} s idle)
   nodes        {" ".join(stack.node_names)} (one loaderd each)
+  loaderd      {" ".join(n.loaderd_url for n in stack.nodes)}  (token: {stack.run_dir / "loaderd.token"})
   S3           {stack.s3.endpoint_url}
   placement    {stack.placement.base_url}/v1/cluster
   logs         {stack.run_dir}
@@ -50,6 +51,7 @@ Try:
   curl -s {fn}/ -H 'ce-specversion: 1.0' -H 'ce-type: dev.hydraserve.completion.request' \\
        -H 'ce-source: /curl' -H 'ce-id: 1' -H 'Content-Type: application/json' -d '{{"prompt": "Hi"}}'
   curl -s {stack.gateway_url}/v1/functions/{args.function}/timeline
+  hydraserve loaderctl --url {stack.nodes[0].loaderd_url} --token-file {stack.run_dir / "loaderd.token"} status
 """, flush=True)
         while not stop.wait(1.0):
             pass

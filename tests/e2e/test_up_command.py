@@ -42,6 +42,13 @@ def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Pat
         assert r.status_code == 200 and r.headers["ce-type"] == "dev.hydraserve.completion.response"
         functions = requests.get(f"{base}/v1/functions", timeout=5).json()["functions"]
         assert functions[0]["state"] == "ready"
+        # the printed loaderctl line works as given and shows the model the cold start fetched
+        ctl = next(line.split() for line in printed.splitlines() if line.strip().startswith("hydraserve loaderctl"))
+        model_uri = next(w.rstrip(":,)") for w in printed.split() if w.startswith("s3://"))
+        done = subprocess.run([sys.executable, "-m", "hydraserve.cli", *ctl[1:]], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert model_uri in done.stdout and "complete" in done.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)
