@@ -45,6 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="how long one range keeps retrying before the segment fails")
     parser.add_argument("--strict-integrity", action="store_true",
                         help="publish tensors of whole files only after their sha256 matched")
+    parser.add_argument("--no-etag-check", dest="etag_check", action="store_false",
+                        help="do not check files of models pushed without a manifest against their S3 "
+                             "ETags (needed when the bucket uses SSE-KMS/SSE-C: those ETags are not MD5s)")
     parser.add_argument("--shm-dir", default="/dev/shm")
     parser.set_defaults(func=run)
 
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                           concurrency=args.concurrency, chunk_bytes=args.chunk_bytes,
                           min_chunk_bytes=args.min_chunk_bytes,
                           retry_budget_s=args.retry_budget_s, shm_dir=args.shm_dir,
-                          endpoint_url=args.endpoint_url, strict_integrity=args.strict_integrity)
+                          endpoint_url=args.endpoint_url, strict_integrity=args.strict_integrity,
+                          etag_check=args.etag_check)
     daemon = LoaderDaemon(config, read_token(args.token_file), host=args.host, port=args.port).start()
     log.info("loaderd listening", extra={"url": daemon.url, "node": args.node_name,
                                          "budget_bytes": args.budget_bytes})

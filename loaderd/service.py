@@ -4,13 +4,12 @@ Called by hydraserve.loaderd.api (HTTP) and directly by tests. It resolves a mod
 URI), picks the slice, leases its segments (creating and fetching only the missing ones, so a
 second prefetch of held or in-flight bytes downloads nothing), checks integrity (per tensor as
 it lands when the manifest has per-tensor hashes, else per file when all of a file's bytes are
-resident), and reports residency.
+resident: the manifest's sha256, else an MD5 ETag), and reports residency.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import threading
 import time
@@ -38,6 +37,7 @@ from hydraserve.loaderd.fetcher import (
     Fill,
     RangeReader,
 )
+from hydraserve.loaderd.file_check import FileCheck, file_check
 from hydraserve.loaderd.metrics import LoaderMetrics
 from hydraserve.loaderd.model_index import ModelIndex
 from hydraserve.loaderd.registry import Registry, Segment, segment_id_for
@@ -66,6 +66,7 @@ class LoaderConfig:
     endpoint_url: str | None = None
     strict_integrity: bool = False  # old manifests: hold whole files until their sha256 matches
     max_refetch: int = 1  # rereads of a tensor whose sha256 did not match before it fails
+    etag_check: bool = True  # no manifest: check whole files against MD5 ETags (not for SSE-KMS)
 
 
 class LoaderService:
@@ -201,43 +202,47 @@ class LoaderService:
     # -- integrity --------------------------------------------------------------------------
 
     def _settle(self, index: ModelIndex) -> None:
-        """Hash files that are now wholly resident; complete (publish) segments whose files are
-        verified, or cannot be verified on this node (only part of them is held or in flight);
-        fail the segments of a file whose sha256 does not match the manifest."""
+        """Hash files that are now wholly resident (manifest sha256, else an MD5 ETag: see
+        file_check); complete (publish) segments whose files are verified, or cannot be verified
+        on this node (only part of them is held or in flight); fail the segments of a file that
+        does not match."""
         with self._settle_lock:
             with self.registry.lock:
                 segs = [s for s in self.registry.segments.values() if s.model_key == index.key]
-            bad: set[str] = set()
+            bad: dict[str, FileCheck] = {}
             for file in sorted({r.file for s in segs for r in s.layout.runs}):
-                meta = index.files[file]
-                if meta.sha256 is None or meta.per_tensor or (index.key, file) in self._verified:
+                check = self._file_check(index, file)
+                if check is None or (index.key, file) in self._verified:
                     continue
+                meta = index.files[file]
                 runs = self._covering_runs(segs, file, meta.data_start, meta.size, {"verifying", "complete"})
                 if runs is None:
                     continue
-                digest = hashlib.sha256(index.header_bytes(file))
-                for seg, lo, hi in runs:
-                    digest.update(seg.writer.view[lo:hi])
-                if digest.hexdigest() == meta.sha256:
+                pieces: list[bytes | memoryview] = [index.header_bytes(file)]
+                pieces += (seg.writer.view[lo:hi] for seg, lo, hi in runs)
+                if check.matches(pieces):
                     self._verified.add((index.key, file))
-                    log.info("file verified", extra={"model": index.uri, "file": file})
+                    log.info("file verified", extra={"model": index.uri, "file": file, "against": check.what})
                 else:
-                    bad.add(file)
-            for file in bad:
+                    bad[file] = check
+            for file, check in bad.items():
                 self.metrics.integrity_failures.inc()
-                log.error("integrity check failed: %s/%s does not match the manifest's sha256",
-                          index.uri, file, extra={"model": index.uri, "file": file})
+                hint = "" if check.algorithm == "sha256" else (
+                    " (objects encrypted with SSE-KMS/SSE-C have ETags that are not MD5s: "
+                    "run loaderd with --no-etag-check)")
+                log.error("integrity check failed: %s/%s does not match %s%s", index.uri, file, check.what, hint,
+                          extra={"model": index.uri, "file": file})
                 for seg in segs:
                     if seg.state != "failed" and any(r.file == file for r in seg.layout.runs):
                         seg.writer.unpublish()
-                        self.registry.mark(seg, "failed", f"sha256 mismatch in {file}")
+                        self.registry.mark(seg, "failed", f"{file} does not match {check.what}{hint}")
             if bad:
                 self.forget_model(index.uri)
             for seg in segs:
                 if seg.state != "verifying":
                     continue
                 waiting = self.config.strict_integrity and any(
-                    index.files[f].sha256 is not None and not index.files[f].per_tensor
+                    self._file_check(index, f) is not None
                     and (index.key, f) not in self._verified
                     and self._covering_runs(segs, f, index.files[f].data_start, index.files[f].size,
                                             {"filling", "verifying", "complete"}) is not None
@@ -249,6 +254,9 @@ class LoaderService:
                         seg.writer.mark_ready(i)
                 self.registry.mark(seg, "complete")
                 self.metrics.segments_completed.inc()
+
+    def _file_check(self, index: ModelIndex, file: str) -> FileCheck | None:
+        return file_check(index.files[file], use_etag=self.config.etag_check)
 
     @staticmethod
     def _covering_runs(segs: list[Segment], file: str, data_start: int, size: int,
