@@ -102,7 +102,8 @@ def resolve_model(uri: str, endpoint_url: str | None = None, *, client: S3Client
         files[name] = FileMeta(name, obj.size, header.data_start, sha, obj.etag.strip('"') or None,
                                head_sha, tensor_sha)
     if manifest is None:
-        log.warning("no push manifest: sizes are checked, sha256 is not", extra={"model": uri})
+        log.warning("no push manifest: sizes are checked, and whole files against their ETags where those "
+                    "are MD5s; no per-tensor sha256", extra={"model": uri})
     specs = [TensorSpec(name, loc.entry.dtype, tuple(loc.entry.shape), loc.file, loc.entry.start, loc.entry.end,
                         (files[loc.file].tensor_sha256 or {}).get(name))
              for name, loc in model.tensor_index().items()]
