@@ -13,6 +13,11 @@ We keep two estimates, fed by worker reports (service) or simulated completions 
   C and K by least squares on T - max(F, W) (K clamped at 0), and the W with the least sum of
   absolute residuals wins. With fewer than ``min_samples`` the prior (W = 0, C = 2 s, K = 0:
   HydraServe's model) is used.
+* the same model per node, from the reports of the workers that ran there (each worker's own
+  fetch, stage GB and plan-to-ready time): start-up differs between nodes (Figure 7: a V100
+  node's overlapped start-up is ~6.3 s, an A10 node's ~4.6 s), and one cluster-wide model
+  would hide that the faster nodes meet an SLO the slower ones cannot. A node without
+  ``min_samples`` of its own uses the cluster-wide model.
 
 Owners: the service calls ``observe_*`` under its lock; the planner reads ``predict_startup``.
 """
@@ -57,7 +62,10 @@ class Calibration:
     node_bps: dict[str, float] = field(default_factory=dict)
     node_samples: dict[str, int] = field(default_factory=dict)
     samples: deque[tuple[float, float, float]] = field(default_factory=deque)
+    node_models: dict[str, StartupModel] = field(default_factory=dict)
+    node_startups: dict[str, deque[tuple[float, float, float]]] = field(default_factory=dict)
     _since_fit: int = 0
+    _node_since_fit: dict[str, int] = field(default_factory=dict)
 
     def bandwidth_bps(self, node: str, configured_bps: float) -> float:
         if not self.enabled:
@@ -75,19 +83,38 @@ class Calibration:
         self.node_samples[node] = self.node_samples.get(node, 0) + 1
         return True
 
-    def observe_cold_start(self, fetch_s: float, cold_start_s: float, stage_gb: float = 0.0) -> bool:
-        """One cold start: slowest stage's fetch seconds, largest stage's GB, plan-to-ready seconds."""
+    def observe_cold_start(self, fetch_s: float, cold_start_s: float, stage_gb: float = 0.0,
+                           node: str | None = None) -> bool:
+        """One cold start: fetch seconds, stage GB, plan-to-ready seconds. ``node``: one worker's
+        own figures on that node (also fits the node's model); None: a whole group's."""
         if not self.enabled or cold_start_s <= 0:
             return False
-        self.samples.append((max(0.0, fetch_s), max(0.0, stage_gb), cold_start_s))
-        while len(self.samples) > self.window:
-            self.samples.popleft()
-        self._since_fit += 1
-        if len(self.samples) >= self.min_samples and (
-                self._since_fit >= self.refit_every or len(self.samples) == self.min_samples):
-            self._since_fit = 0
+        sample = (max(0.0, fetch_s), max(0.0, stage_gb), cold_start_s)
+        self._since_fit = self._add(self.samples, sample, self._since_fit)
+        if self._since_fit == 0:
             self.model = fit_startup(list(self.samples))
+        if node is not None:
+            window = self.node_startups.setdefault(node, deque())
+            since = self._add(window, sample, self._node_since_fit.get(node, 0))
+            self._node_since_fit[node] = since
+            if since == 0:
+                self.node_models[node] = fit_startup(list(window))
         return True
+
+    def _add(self, window: deque[tuple[float, float, float]], sample: tuple[float, float, float],
+             since_fit: int) -> int:
+        """Append to a bounded window; returns the new count since the last fit (0: refit now)."""
+        window.append(sample)
+        while len(window) > self.window:
+            window.popleft()
+        since_fit += 1
+        if len(window) >= self.min_samples and (since_fit >= self.refit_every or len(window) == self.min_samples):
+            return 0
+        return since_fit
+
+    def startup_for(self, node: str) -> StartupModel:
+        """The node's own start-up model once it has enough samples, else the cluster-wide one."""
+        return self.node_models.get(node, self.model)
 
     def predict_startup(self, fetch_s: float, stage_gb: float = 0.0) -> float:
         return self.model.predict(fetch_s, stage_gb)

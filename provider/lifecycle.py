@@ -48,14 +48,14 @@ def commit(cluster: ClusterState, policy: Policy, plan: Plan, ttft_slo_s: float,
            now: float) -> ActivePlan:
     """Reserve memory and bandwidth for ``plan`` (already decided against this state)."""
     rate = plan.pipeline_size - plan.full_workers + plan.full_workers / plan.pipeline_size
-    biggest_gb = max(st.stage_bytes for st in plan.stages) / 1e9
-    after = cluster.calibration.model.after_fetch_s(biggest_gb) if policy.calibrated else 2.0
-    slack = max(0.0, ttft_slo_s - after - prefill_s * rate)
     for st in plan.stages:
         cluster.allocate(st.node, st.gpu, st.memory_gb, (plan.plan_id, st.stage.index))
     for st in plan.stages:
         if st.fetch_bytes > 0:
             bits = st.fetch_bytes * 8 / policy.link_efficiency
+            after = (cluster.calibration.startup_for(st.node).after_fetch_s(st.stage_bytes / 1e9)
+                     if policy.calibrated else 2.0)
+            slack = max(0.0, ttft_slo_s - after - prefill_s * rate)
             deadline = now + max(st.predicted_fetch_s, slack)
             cluster.add_fetch(st.node, fetch_key(plan.plan_id, st.stage.index), bits, deadline, now)
     active = ActivePlan(plan=plan, created_at=now)
@@ -88,18 +88,23 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
                         st.node, nbytes * 8, fetch_s, sharing, state.info.nic_gbps * 1e9):
                     cluster.sync(state)
                     calibrated.append(f"bandwidth:{st.node}")
+            if report.stage is not None and t.cold_start_s is not None and cluster.calibration.observe_cold_start(
+                    fetch_s or 0.0, t.cold_start_s, st.stage_bytes / 1e9, node=st.node):
+                calibrated.append(f"startup:{st.node}")
             if policy.keeps_cache and st.node in cluster.nodes:
                 cluster.add_residency(st.node, plan.model_uri, range(st.stage.layer_start, st.stage.layer_end),
                                       st.stage.is_first, st.stage.is_last)
         if report.stage is None or len(active.ready) == len(plan.stages):
             _start_consolidation(cluster, policy, plan, at)
-            cold = report.timings.cold_start_s
-            if cold is None:
-                cold = at - active.created_at
-            fetch = max(active.fetch_s.values(), default=0.0)
-            biggest_gb = max(s.stage_bytes for s in plan.stages) / 1e9
-            if cluster.calibration.observe_cold_start(fetch, cold, biggest_gb):
-                calibrated.append("startup")
+            if report.stage is None or report.timings.cold_start_s is None:
+                # one figure for the whole group: a cluster-wide sample of its slowest worker
+                cold = report.timings.cold_start_s
+                if cold is None:
+                    cold = at - active.created_at
+                fetch = max(active.fetch_s.values(), default=0.0)
+                biggest_gb = max(s.stage_bytes for s in plan.stages) / 1e9
+                if cluster.calibration.observe_cold_start(fetch, cold, biggest_gb):
+                    calibrated.append("startup")
     elif report.event in ("failed", "released"):
         _end_consolidation(cluster, plan, at)
         for st in stages:

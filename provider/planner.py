@@ -47,6 +47,7 @@ class Option:
     fetch_end: float
     source: FetchSource
     peers: list[str]
+    ready: float = 0.0  # predicted seconds from now until this worker is ready
 
 
 Choice = tuple[Candidate, StagePlan, list[int], list[Option], int]  # candidate, split, stage bytes, nodes, a
@@ -66,8 +67,6 @@ class Planner:
         excluded = set(request.exclude_nodes)
         pool = self._pool(spec, excluded, now)
         per_layer = spec.per_layer_bytes()
-        model = self.cluster.calibration if pol.calibrated else None
-        startup = model.model if model is not None else None
         max_p = min(pol.max_pipeline_size, spec.max_pipeline_size, spec.num_layers)
         self._memo: dict[tuple[int, int], list[Option]] = {}
         candidates: list[Candidate] = []
@@ -87,8 +86,7 @@ class Planner:
                 if isinstance(opts, str):
                     candidates.append(Candidate(pipeline_size=p, full_workers=a, feasible=False, reason=opts))
                     continue
-                ready = max((startup.predict(o.fetch_end - now, sbytes[s] / 1e9) if startup is not None
-                             else o.fetch_end - now + 2.0) for s, o in enumerate(opts))
+                ready = max(o.ready for o in opts)
                 ttft = ready + (spec.prefill_s or 0.0) * rate
                 meets = ttft <= spec.ttft_slo_s
                 cand = Candidate(pipeline_size=p, full_workers=a, nodes=[o.state.info.name for o in opts],
@@ -104,7 +102,7 @@ class Planner:
                 break
         fallback = chosen is None
         if chosen is None:
-            chosen = self._fallback(feasible)
+            chosen = self._fallback(feasible, spec, pool, candidates, now)
             if chosen is None:
                 raise OverloadedError(
                     f"no node can take {spec.name}: needs {memory_gb(spec, 1, True)} GB "
@@ -157,7 +155,8 @@ class Planner:
                     continue
                 gpu = _best_fit_gpu(offer.state.gpu_free, need)
                 if gpu >= 0:
-                    chosen = Option(offer.state, gpu, offer.fetch_bytes, offer.fetch_end, offer.source, offer.peers)
+                    chosen = Option(offer.state, gpu, offer.fetch_bytes, offer.fetch_end, offer.source, offer.peers,
+                                    offer.ready)
                     break
             if chosen is None:
                 return f"stage {s}: no node with {need} GB free and NIC headroom"
@@ -175,17 +174,24 @@ class Planner:
             for state in pool:
                 ok, fetch, end, source, peers = self._fetch_offer(spec, stage, nbytes, state, now)
                 if ok:
-                    got.append(Option(state, -1, fetch, end, source, peers))
+                    got.append(Option(state, -1, fetch, end, source, peers, self._ready_s(state, end - now, nbytes)))
             if self.policy.node_choice != "first_fit":
                 got.sort(key=self._score)
             self._memo[key] = got
         return got
 
+    def _ready_s(self, state: NodeState, fetch_s: float, nbytes: int) -> float:
+        """Predicted start-up of one worker: the node's calibrated model, or HydraServe's fetch + 2 s."""
+        if self.policy.calibrated:
+            return self.cluster.calibration.startup_for(state.info.name).predict(fetch_s, nbytes / 1e9)
+        return fetch_s + 2.0
+
     def _score(self, opt: Option) -> tuple[float, ...]:
-        """Earliest landing first (locality: fewest bytes to fetch first); then most free memory."""
+        """Earliest predicted ready first (HydraServe: earliest landing, the same order as its
+        fetch + 2 s); locality: fewest bytes to fetch first; then most free memory."""
         if self.policy.node_choice == "locality":
             return (float(opt.fetch_bytes), opt.fetch_end, float(opt.state.row))
-        return (opt.fetch_end, -max(opt.state.gpu_free, default=0.0), float(opt.state.row))
+        return (opt.ready, opt.fetch_end, -max(opt.state.gpu_free, default=0.0), float(opt.state.row))
 
     def _fetch_offer(self, spec: FunctionSpec, stage: StageSpec, nbytes: int, state: NodeState,
                      now: float) -> tuple[bool, int, float, FetchSource, list[str]]:
@@ -217,13 +223,40 @@ class Planner:
         return out[:3]
 
     # ---- fallback and result -----------------------------------------------------------------
-    def _fallback(self, feasible: list[Choice]) -> Choice | None:
+    def _fallback(self, feasible: list[Choice], spec: FunctionSpec, pool: list[NodeState],
+                  candidates: list[Candidate], now: float) -> Choice | None:
+        """No candidate meets the SLOs. ``fastest_p1`` (HydraServe): p = 1 on the best-ranked node.
+        ``cheapest_p1`` (ours): the request misses whatever we pick, so take what costs the others
+        least: one worker (no partial workers, no consolidation traffic) on the node with the
+        fewest bytes to fetch (a cache hit fetches none), then the earliest ready; a split only
+        when no node can hold the whole model (serving late beats not serving)."""
+        p1 = next((entry for entry in feasible if entry[0].pipeline_size == 1), None)
+        if self.policy.fallback == "cheapest_p1":
+            if p1 is None:
+                return min(feasible, key=lambda f: (f[0].predicted_ttft_s or 0.0, f[0].pipeline_size), default=None)
+            return self._cheapest_p1(p1, spec, pool, candidates, now)
         if self.policy.fallback == "least_ttft" and feasible:
             return min(feasible, key=lambda f: (f[0].predicted_ttft_s or 0.0, f[0].pipeline_size))
-        for entry in feasible:  # HydraServe: p = 1 on the node with the most free bandwidth
-            if entry[0].pipeline_size == 1:
-                return entry
-        return None
+        return p1  # HydraServe: p = 1 on the node with the most free bandwidth
+
+    def _cheapest_p1(self, p1: Choice, spec: FunctionSpec, pool: list[NodeState], candidates: list[Candidate],
+                     now: float) -> Choice:
+        cand, splan, sbytes, _, a = p1
+        need = memory_gb(spec, 1, True)
+        best: Option | None = None
+        for offer in self._ranked(spec, splan.stages[0], sbytes[0], pool, now):
+            gpu = _best_fit_gpu(offer.state.gpu_free, need)
+            if gpu >= 0 and (best is None or (offer.fetch_bytes, offer.ready) < (best.fetch_bytes, best.ready)):
+                best = Option(offer.state, gpu, offer.fetch_bytes, offer.fetch_end, offer.source, offer.peers,
+                              offer.ready)
+        if best is None:
+            return p1
+        ttft = best.ready + (spec.prefill_s or 0.0)
+        cheap = cand.model_copy(update={"nodes": [best.state.info.name], "predicted_ttft_s": round(ttft, 4),
+                                        "reason": "fallback: fewest bytes to fetch, then earliest ready"})
+        if cheap.nodes != cand.nodes:
+            candidates.append(cheap)
+        return cheap, splan, sbytes, [best], a
 
     def _build(self, request: PlanRequest, chosen: Choice, candidates: list[Candidate], fallback: bool,
                now: float) -> Plan:

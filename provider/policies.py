@@ -13,7 +13,7 @@ from typing import Literal
 
 NodeChoice = Literal["first_fit", "locality", "fastest"]
 Startup = Literal["sequential", "serverlessllm", "overlapped"]
-Fallback = Literal["fastest_p1", "least_ttft"]
+Fallback = Literal["fastest_p1", "least_ttft", "cheapest_p1"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ POLICIES: dict[str, Policy] = {p.name: p for p in [
     Policy("hydraserve", description="HydraServe: SLO-driven p, static bandwidth, fetch + 2 s"),
     Policy("hydraserve-cache", cache_aware=True, keeps_cache=True,
            description="HydraServe with loaderd residency counted as fetched"),
-    Policy("ours", cache_aware=True, keeps_cache=True, calibrated=True, peers=True, fallback="least_ttft",
+    Policy("ours", cache_aware=True, keeps_cache=True, calibrated=True, peers=True, fallback="cheapest_p1",
            description="HydraServe + calibrated bandwidth and start-up model + cache/peer awareness"),
 ]}
 

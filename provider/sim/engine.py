@@ -50,10 +50,12 @@ class Instance:
     busy: int = 0
     idle_token: int = 0
     fetch_end: dict[int, float] = field(default_factory=dict)
+    worker_ready: dict[int, float] = field(default_factory=dict)  # each stage's own ready time
     released: bool = False
     waiting: list[int] = field(default_factory=list)  # request ids joined before ready
     complement: set[str] = field(default_factory=set)  # consolidation fetches still running
     memory_gb: float = 0.0
+    capacity: int = 8  # requests batched at once: 8 per worker while pipelined, per full worker after
 
 
 @dataclass
@@ -142,7 +144,7 @@ class Simulator:
         fn = int(self.arrivals.functions[req])
         best = None
         for inst in self.instances[fn]:
-            if inst.busy < self.spec.capacity and (best is None or _prefer(inst, best)):
+            if inst.busy < inst.capacity and (best is None or _prefer(inst, best)):
                 best = inst
         if best is not None:
             self._assign(best, req, cold=False)
@@ -180,7 +182,7 @@ class Simulator:
         """Give ``inst`` its function's waiting requests up to capacity; True if any."""
         queue = self.pending.get(inst.fn)
         took = False
-        while queue and inst.busy < self.spec.capacity:
+        while queue and inst.busy < inst.capacity:
             self._assign(inst, queue.popleft(), cold=False)
             took = True
         if queue is not None and not queue:
@@ -206,6 +208,9 @@ class Simulator:
     # ---- cold starts -------------------------------------------------------------------------
     def _start(self, fn_index: int, req: int) -> bool:
         fn = self.spec.functions[fn_index]
+        waited = self.now - float(self.arrivals.times[req])
+        if waited > 0:  # HydraServe plans with the SLO left: ttft_slo - max_waiting_time (scheduler.py)
+            fn = fn.model_copy(update={"ttft_slo_s": max(fn.ttft_slo_s - waited, 1e-3)})
         try:
             plan = self.service.plan(PlanRequest(function=fn), now=self.now)
         except OverloadedError:
@@ -215,7 +220,8 @@ class Simulator:
         extra = plan.pipeline_size - 1
         inst = Instance(fn=fn_index, plan=plan, started=self.now, rate=1.0 + self.spec.times.pipeline_overhead * extra,
                         hop_s=self.spec.times.hop_s * extra,
-                        memory_gb=sum(s.memory_gb for s in plan.stages))
+                        memory_gb=sum(s.memory_gb for s in plan.stages),
+                        capacity=self.spec.capacity * plan.pipeline_size)
         self.mem_used += inst.memory_gb
         self.instances[fn_index].append(inst)
         for st in plan.stages:
@@ -256,10 +262,10 @@ class Simulator:
 
     def _group_fetched(self, inst: Instance) -> None:
         """All stages fetched: each worker's ready time from the stage-time model; group = slowest."""
-        t = self.spec.times
         fn = self.spec.functions[inst.fn]
         ready = inst.started
         for st in inst.plan.stages:
+            t = self.spec.gpu_times[self.node_spec[st.node].gpu_kind]
             end = inst.fetch_end[st.stage.index]
             size_gb = fn.model_size_bytes / GB
             if self.policy.startup == "sequential":
@@ -270,7 +276,8 @@ class Simulator:
                 else:
                     r = end + t.sllm_miss_const_s + t.sllm_miss_per_gb_s * size_gb
             else:
-                r = max(end, inst.started + t.overlap_s) + t.tail_s + st.stage_bytes / GB / t.pcie_gbps_bytes
+                r = max(end, inst.started + t.overlap_s) + t.tail_s + t.tail_per_gb_s * st.stage_bytes / GB
+            inst.worker_ready[st.stage.index] = r
             ready = max(ready, r)
         self.push(ready, READY, inst)
 
@@ -282,7 +289,7 @@ class Simulator:
             self.service.report(WorkerReport(
                 plan_id=plan.plan_id, event="ready", stage=st.stage.index, at=self.now,
                 timings=WorkerTimings(fetch_s=fetch_s, fetch_bytes=st.fetch_bytes,
-                                      cold_start_s=self.now - inst.started)), now=self.now)
+                                      cold_start_s=inst.worker_ready[st.stage.index] - inst.started)), now=self.now)
             if self.policy.keeps_cache:
                 self._cache_put(st.node, plan.model_uri, st.stage_bytes / GB)
         for req in inst.waiting:
@@ -314,6 +321,8 @@ class Simulator:
         self.mem_used -= freed
         inst.memory_gb -= freed
         inst.rate, inst.hop_s = 1.0, 0.0
+        inst.capacity = self.spec.capacity * max(1, inst.plan.full_workers)  # each full worker serves on
+        self._serve_pending(inst)
         if self.policy.keeps_cache:
             fn = self.spec.functions[inst.fn]
             for st in inst.plan.stages:

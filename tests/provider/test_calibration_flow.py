@@ -46,3 +46,34 @@ def test_learned_startup_changes_the_predicted_ttft() -> None:
     after = ours.plan(PlanRequest(function=llama("g", ttft_slo_s=60.0), dry_run=True,
                                   exclude_nodes=["a"]), now=1e4).predicted_ttft_s
     assert after > before + 4
+
+
+def test_per_node_startup_sends_a_tight_slo_to_the_node_that_starts_fast() -> None:
+    """Two nodes with the same NIC; 'slow' really starts in 8 s after its fetch, 'fast' in 1 s
+    (like V100 vs A10 in Figure 7). Once each has reported its own workers, ours places a function
+    whose SLO only the fast node meets there; HydraServe (fetch + 2 s for every node) cannot tell
+    them apart and takes the node with more free memory."""
+    def cluster(policy: str) -> PlacementService:
+        svc = PlacementService(policy, clock=lambda: 0.0)
+        svc.register_node(NodeInfo(name="slow", gpus=1, gpu_memory_gb=48, nic_gbps=16), now=0.0)
+        svc.register_node(NodeInfo(name="fast", gpus=1, gpu_memory_gb=40, nic_gbps=16), now=0.0)
+        return svc
+
+    ours, static = cluster("ours"), cluster("hydraserve")
+    t = 0.0
+    for i in range(6):
+        for node, after in (("slow", 8.0), ("fast", 1.0)):
+            fn = llama(f"f{node}{i}", size_gb=4.0, ttft_slo_s=60.0)
+            plan = ours.plan(PlanRequest(function=fn, exclude_nodes=["fast" if node == "slow" else "slow"]), now=t)
+            fetch_s = plan.stages[0].fetch_bytes * 8 / 16e9
+            t += fetch_s + after
+            ours.report(WorkerReport(plan_id=plan.plan_id, event="ready", stage=0, at=t,
+                                     timings=WorkerTimings(fetch_s=fetch_s, fetch_bytes=plan.stages[0].fetch_bytes,
+                                                           cold_start_s=fetch_s + after)), now=t)
+            ours.report(WorkerReport(plan_id=plan.plan_id, event="released"), now=t)
+    cal = ours.cluster.calibration
+    assert cal.startup_for("slow").predict(1.0) > cal.startup_for("fast").predict(1.0) + 5
+    fn = llama("g", size_gb=4.0, ttft_slo_s=5.0)
+    chosen = ours.plan(PlanRequest(function=fn, dry_run=True), now=t + 100)
+    assert chosen.nodes == ["fast"] and chosen.meets_slo
+    assert static.plan(PlanRequest(function=fn, dry_run=True), now=t + 100).nodes == ["slow"]

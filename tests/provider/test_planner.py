@@ -101,9 +101,15 @@ def test_fallback_when_nothing_meets_the_slo() -> None:
     svc = _service("hydraserve")
     plan = svc.plan(PlanRequest(function=llama(ttft_slo_s=0.5)), now=0.0)
     assert plan.fallback and not plan.meets_slo and plan.pipeline_size == 1
-    ours = _service("ours").plan(PlanRequest(function=llama(ttft_slo_s=0.5)), now=0.0)
-    feasible = [c.predicted_ttft_s for c in ours.candidates if c.feasible and c.predicted_ttft_s is not None]
-    assert ours.fallback and ours.predicted_ttft_s == min(feasible)
+    fn = llama(ttft_slo_s=0.5)
+    ours = _service("ours").plan(PlanRequest(function=fn), now=0.0)
+    # the request misses whatever is chosen: one worker, never partial workers on other nodes
+    assert ours.fallback and ours.pipeline_size == 1 and ours.stages[0].memory_gb == memory_gb(fn, 1, True)
+    nodes = paper_nodes()
+    nodes[6] = nodes[6].model_copy(update={"residency": [Residency(model_uri=fn.model_uri, layers=list(range(32)),
+                                                                   embeddings=True, head=True)]})
+    cached = _service("ours", nodes).plan(PlanRequest(function=fn), now=0.0)
+    assert cached.fallback and cached.nodes == [nodes[6].name] and cached.stages[0].fetch_bytes == 0
 
 
 def test_no_capacity_is_a_retryable_error() -> None:
