@@ -3,8 +3,10 @@
 HydraServe (NSDI 2026) reports, for CV 2/4/8 and 0.6-0.8 req/s: serverless vLLM 44-54 %,
 ServerlessLLM 45-62 %, HydraServe 72-84 %, with cache 78-88 % (DESIGN.md §7). The target shape:
 hydraserve / serverless-vllm in 1.43-1.74x. Prints the table, then one JSON line last.
-Run: python benchmarks/placement_attainment.py [--seeds 3] [--zipf 1.5] [--skewed-nodes 4 --nic-skew 0.5]
-     [--aggregate-bursts] [--plot f.png]
+Run: python benchmarks/placement_attainment.py [--seeds 3] [--applications --oversample 800] [--zipf 1.5]
+     [--skewed-nodes 4 --nic-skew 0.5] [--aggregate-bursts] [--plot f.png]
+The paper's workload is --applications --oversample 800 (docs/PLACEMENT.md: HydraServe compresses
+the whole 14-day trace into the hour and keeps ~0.13 % of it).
 Arrivals: each function an independent Gamma process with the target CV (HydraServe's generator);
 --aggregate-bursts gives the older model (one aggregate Gamma stream split by popularity).
 """
@@ -38,9 +40,11 @@ def main() -> None:
                     help="one aggregate Gamma stream split by popularity (the older model)")
     ap.add_argument("--oversample", type=float, default=1.0,
                     help="generate each function's Gamma process at this multiple of its rate, then keep "
-                         "each request with probability 1/oversample (HydraServe's down-sampling)")
+                         "each request with probability 1/oversample (HydraServe's down-sampling; ~800 for "
+                         "the paper's ~2 M generated requests at 0.6-0.8 req/s)")
     ap.add_argument("--applications", action="store_true",
-                    help="HydraServe's three applications: 3 x 64 copies of each model, summarization with 5x SLO")
+                    help="HydraServe's three applications: 3 x 64 copies of each model, summarization with 5x "
+                         "TTFT SLO, code and summarization with 84/116 ms TPOT SLOs")
     ap.add_argument("--plot")
     args = ap.parse_args()
     rates = [float(x) for x in args.rates.split(",")]
