@@ -16,7 +16,12 @@ def _floats(text: str) -> list[float]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default="synthetic",
-                        help="Azure Functions 2021 CSV (app,func,end_timestamp,duration) or 'synthetic'")
+                        help="Azure Functions 2021 CSV (app,func,end_timestamp,duration) or 'synthetic' "
+                        "(a stand-in of the same size: 424 functions, 1.98 M invocations in 14 days)")
+    parser.add_argument("--workload", choices=("replay", "gamma"), default="replay",
+                        help="replay: HydraServe's generator over the trace (Gamma fits per 10-minute "
+                        "interval, CV x --cv, 14 days compressed into --duration, sampled to --rate); "
+                        "gamma: stationary per-function Gamma processes over Zipf shares")
     parser.add_argument("--rate", default="0.7", help="aggregate req/s; comma list for a sweep")
     parser.add_argument("--cv", default="4", help="coefficient of variation of inter-arrivals; comma list")
     parser.add_argument("--policy", default="ours",
@@ -30,8 +35,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nic-skew", type=float, default=1.0,
                         help="true/configured NIC bandwidth on the first --skewed-nodes nodes")
     parser.add_argument("--skewed-nodes", type=int, default=0)
-    parser.add_argument("--zipf", type=float, default=1.5,
+    parser.add_argument("--zipf", type=float, default=1.0,
                         help="synthetic popularity skew: share of rank i ~ 1/i^zipf (docs/PLACEMENT.md)")
+    parser.add_argument("--applications", action="store_true",
+                        help="HydraServe's three applications (chatbot, code, summarization) x --copies")
     parser.add_argument("--plot", help="write attainment vs rate/CV to this PNG (needs matplotlib)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.set_defaults(func=run)
@@ -39,9 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hydraserve.provider.policies import POLICIES
-    from hydraserve.provider.sim.report import sweep, table
+    from hydraserve.provider.sim.report import build_workload, sweep, table
     from hydraserve.provider.sim.spec import paper_testbed, scale_cluster
-    from hydraserve.provider.sim.workload import azure_popularity, zipf_popularity
 
     policies = list(POLICIES) if args.policy == "all" else [p for p in args.policy.split(",") if p]
     for p in policies:
@@ -50,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
     if args.nodes:
         spec = scale_cluster(args.nodes, 2 * args.copies)
     else:
-        spec = paper_testbed(args.copies, args.nic_skew, args.skewed_nodes)
-    n = len(spec.functions)
-    pop = zipf_popularity(n, args.zipf) if args.trace == "synthetic" else azure_popularity(args.trace, n)
-    rows = sweep(spec, pop, policies, _floats(args.rate), _floats(args.cv), args.duration, args.seed)
+        spec = paper_testbed(args.copies, args.nic_skew, args.skewed_nodes, applications=args.applications)
+    trace = None if args.trace == "synthetic" else args.trace
+    try:
+        workload = build_workload(args.workload, len(spec.functions), trace, args.zipf)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"hydraserve simulate: {exc}") from None
+    rows = sweep(spec, workload, policies, _floats(args.rate), _floats(args.cv), args.duration, args.seed)
     if not args.json:
         print(table(rows))
     if args.plot:

@@ -387,4 +387,5 @@ def summarize(result: Result, functions: list[FunctionSpec]) -> dict[str, float]
         "cost_gb_s": float(result.cost_gb_s),
         "cold_starts": int(result.cold_starts),
         "cold_attainment": float(met[result.kind == 1].mean()) if (result.kind == 1).any() else math.nan,
+        "warm_fraction": float((result.kind == 0).mean()) if n else math.nan,  # found a ready instance
     }

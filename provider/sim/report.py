@@ -5,26 +5,42 @@ Called by `hydraserve simulate` and benchmarks/placement_attainment.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from hydraserve.provider.sim.engine import Simulator, summarize
+from hydraserve.provider.sim.replay import ReplayWorkload, read_azure_trace, synthetic_trace
 from hydraserve.provider.sim.spec import SimSpec
-from hydraserve.provider.sim.workload import gamma_arrivals
+from hydraserve.provider.sim.workload import Arrivals, GammaWorkload, zipf_popularity
+
+# (rate req/s, cv, duration s, seed) -> arrivals: GammaWorkload or replay.ReplayWorkload
+Workload = Callable[[float, float, float, int], Arrivals]
 
 COLUMNS = ("policy", "rate", "cv", "slo_attainment", "cold_attainment", "ttft_p50_s", "ttft_p99_s",
-           "tpot_mean_s", "cost_gb_s", "cold_starts")
+           "tpot_mean_s", "cost_gb_s", "cold_starts", "warm_fraction")
 
 
-def sweep(spec: SimSpec, popularity, policies: Iterable[str], rates: Iterable[float], cvs: Iterable[float],
-          duration_s: float, seed: int, per_function: bool = True,
-          oversample: float = 1.0) -> list[dict[str, float | str]]:
-    """Same arrivals for every policy at a given (rate, cv): the comparison is paired.
+def build_workload(kind: str, n_functions: int, trace_path: str | None = None, zipf: float = 1.0,
+                   per_function: bool = True, oversample: float = 1.0) -> Workload:
+    """``replay``: HydraServe's generator over the trace at ``trace_path`` or, without one, over a
+    synthetic trace of the real one's size with Zipf(``zipf``) totals; ``gamma``: stationary
+    Gamma processes over Zipf(``zipf``) shares (per function, or one aggregate stream)."""
+    if kind == "replay":
+        trace = read_azure_trace(trace_path) if trace_path else synthetic_trace(zipf=zipf)
+        return ReplayWorkload.from_trace(trace, n_functions)
+    if kind == "gamma":
+        if trace_path:
+            raise ValueError("--trace goes with the replay workload (the gamma workload is synthetic)")
+        return GammaWorkload(zipf_popularity(n_functions, zipf), per_function, oversample)
+    raise ValueError(f"unknown workload {kind!r}: replay or gamma")
 
-    ``per_function``: Gamma bursts per function (HydraServe's generator) or in aggregate."""
+
+def sweep(spec: SimSpec, workload: Workload, policies: Iterable[str], rates: Iterable[float],
+          cvs: Iterable[float], duration_s: float, seed: int) -> list[dict[str, float | str]]:
+    """Same arrivals for every policy at a given (rate, cv): the comparison is paired."""
     rows: list[dict[str, float | str]] = []
     for rate in rates:
         for cv in cvs:
-            arrivals = gamma_arrivals(popularity, rate, cv, duration_s, seed, per_function, oversample)
+            arrivals = workload(rate, cv, duration_s, seed)
             for policy in policies:
                 summary = summarize(Simulator(spec, policy, arrivals).run(), spec.functions)
                 rows.append({"policy": policy, "rate": rate, "cv": cv, **summary})

@@ -1,24 +1,17 @@
-"""Arrivals for the simulator: the Azure Functions 2021 trace format or a synthetic generator.
+"""Synthetic arrivals: stationary Gamma processes over Zipf shares (the simpler workload).
 
-As HydraServe did, the trace supplies which functions are popular, and the arrival process is
-rescaled. HydraServe's generator (its artifact, scripts/kubernetes/vllm/trace: trace.py
-``Trace.replay(..., arrival_distribution="gamma")``, from AlpaServe) fits a Gamma process *per
-function* and samples each function independently; the CV is that of each function's own
-inter-arrival times, and the merged stream is then thinned uniformly to the target aggregate
-rate. So by default (``per_function=True``) each LLM function i is an independent Gamma renewal
-process of rate ``rate x share_i`` and the target CV (shape 1/CV^2): a burst is many requests to
-one function, not one burst spread over all functions. ``per_function=False`` keeps the older
-model (one aggregate Gamma stream, each arrival assigned a function by popularity), which
-dilutes each function's CV towards 1 and synchronises bursts across functions.
-Trace functions are ranked by invocation count and mapped onto the LLM functions in rank order
-(the i-th most popular trace function is LLM function i). The trace CSV has a header with at
-least app, func, end_timestamp, duration.
+HydraServe's own workload is its trace replay (``replay.py``): per-interval Gamma fits of the
+Azure trace, restarted every 10 trace minutes, compressed and sampled. This module is the
+simpler model kept beside it: each LLM function i an independent, stationary Gamma renewal
+process of rate ``rate x share_i`` and the target CV (``per_function=True``), or one aggregate
+Gamma stream whose arrivals are given functions by popularity (``per_function=False``, which
+dilutes each function's CV towards 1 and synchronises bursts across functions). Optionally
+generated at ``oversample`` times the rate and thinned back, as HydraServe's sampling does.
 """
 
 from __future__ import annotations
 
 import csv
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,24 +21,6 @@ import numpy as np
 class Arrivals:
     times: np.ndarray  # seconds from 0, sorted
     functions: np.ndarray  # index into the function list per arrival
-
-
-def azure_popularity(path: str, n_functions: int) -> np.ndarray:
-    """Invocation shares of the ``n_functions`` most invoked (app, func) pairs of the trace."""
-    counts: Counter[tuple[str, str]] = Counter()
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"app", "func", "end_timestamp", "duration"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)} (Azure Functions 2021 format)")
-        for row in reader:
-            counts[(row["app"], row["func"])] += 1
-    if not counts:
-        raise ValueError(f"{path}: no invocations")
-    top = [c for _, c in counts.most_common(n_functions)]
-    top += [min(top)] * (n_functions - len(top))  # fewer trace functions than LLM functions
-    weights = np.asarray(top, dtype=float)
-    return weights / weights.sum()
 
 
 def zipf_popularity(n_functions: int, exponent: float = 1.0) -> np.ndarray:
@@ -101,6 +76,18 @@ def gamma_arrivals(popularity: np.ndarray, rate: float, cv: float, duration_s: f
     funcs = np.concatenate(parts_f) if parts_f else np.zeros(0, dtype=np.int64)
     order = np.argsort(times, kind="stable")
     return Arrivals(times=times[order], functions=funcs[order])
+
+
+@dataclass(frozen=True)
+class GammaWorkload:
+    """Per-function (or aggregate) Gamma arrivals over a popularity vector; see ``gamma_arrivals``."""
+
+    popularity: np.ndarray
+    per_function: bool = True
+    oversample: float = 1.0
+
+    def __call__(self, rate: float, cv: float, duration_s: float, seed: int) -> Arrivals:
+        return gamma_arrivals(self.popularity, rate, cv, duration_s, seed, self.per_function, self.oversample)
 
 
 def write_sample_trace(path: str, n_funcs: int = 40, invocations: int = 2000, seed: int = 0) -> None:

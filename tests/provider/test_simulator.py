@@ -10,12 +10,7 @@ from hydraserve.contracts.plan import PlanRequest
 from hydraserve.provider.service import PlacementService
 from hydraserve.provider.sim.engine import Simulator, summarize
 from hydraserve.provider.sim.spec import paper_testbed
-from hydraserve.provider.sim.workload import (
-    azure_popularity,
-    gamma_arrivals,
-    write_sample_trace,
-    zipf_popularity,
-)
+from hydraserve.provider.sim.workload import gamma_arrivals, zipf_popularity
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +54,8 @@ def test_simulator_and_live_service_decide_the_same(small) -> None:
     assert sim_plan.model_dump() == live_plan.model_dump()
 
 
-def test_azure_trace_popularity_and_gamma_cv(tmp_path) -> None:
-    path = tmp_path / "trace.csv"
-    write_sample_trace(str(path), n_funcs=30, invocations=3000)
-    pop = azure_popularity(str(path), 16)
+def test_gamma_workload_cv_per_function_and_in_aggregate() -> None:
+    pop = zipf_popularity(16, 1.2)
     assert pop.sum() == pytest.approx(1.0) and all(np.diff(pop) <= 1e-12)
     # HydraServe's generator: each function its own Gamma process with the target CV
     arr = gamma_arrivals(pop, 2.0, 4.0, 20000, seed=1)
@@ -76,10 +69,6 @@ def test_azure_trace_popularity_and_gamma_cv(tmp_path) -> None:
     gaps = np.diff(agg.times)
     assert len(agg.times) / 20000 == pytest.approx(2.0, rel=0.15)
     assert gaps.std() / gaps.mean() == pytest.approx(4.0, rel=0.25)
-    bad = tmp_path / "bad.csv"
-    bad.write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="missing columns"):
-        azure_popularity(str(bad), 4)
 
 
 def test_replaying_a_simulation_through_the_http_api_gives_the_same_plans(small) -> None:
