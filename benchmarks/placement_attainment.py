@@ -3,12 +3,10 @@
 HydraServe (NSDI 2026) reports, for CV 2/4/8 and 0.6-0.8 req/s: serverless vLLM 44-54 %,
 ServerlessLLM 45-62 %, HydraServe 72-84 %, with cache 78-88 % (DESIGN.md §7). The target shape:
 hydraserve / serverless-vllm in 1.43-1.74x. Prints the table, then one JSON line last.
-Run: python benchmarks/placement_attainment.py [--seeds 3] [--applications --oversample 800] [--zipf 1.5]
-     [--skewed-nodes 4 --nic-skew 0.5] [--aggregate-bursts] [--plot f.png]
-The paper's workload is --applications --oversample 800 (docs/PLACEMENT.md: HydraServe compresses
-the whole 14-day trace into the hour and keeps ~0.13 % of it).
-Arrivals: each function an independent Gamma process with the target CV (HydraServe's generator);
---aggregate-bursts gives the older model (one aggregate Gamma stream split by popularity).
+Run: python benchmarks/placement_attainment.py [--seeds 3] [--applications] [--trace FILE | --zipf 1.0]
+     [--rates 0.7] [--skewed-nodes 4 --nic-skew 0.5] [--workload gamma [--oversample 800]] [--plot f.png]
+The default workload is HydraServe's generator replayed over a trace (provider/sim/replay.py); without
+--trace, over a synthetic stand-in of the Azure 2021 trace's size (docs/PLACEMENT.md explains both).
 """
 
 from __future__ import annotations
@@ -57,7 +55,7 @@ def main() -> None:
     cvs = [float(x) for x in args.cvs.split(",")]
     spec = paper_testbed(64, args.nic_skew, args.skewed_nodes, applications=args.applications)
     spec.output_tokens = args.output_tokens
-    workload = build_workload(args.workload, len(spec.functions), args.trace, args.zipf,
+    workload = build_workload(args.workload, spec, args.trace, args.zipf,
                               not args.aggregate_bursts, args.oversample)
     acc: dict[tuple[str, float, float], list[dict]] = defaultdict(list)
     for seed in range(1, args.seeds + 1):

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         spec = paper_testbed(args.copies, args.nic_skew, args.skewed_nodes, applications=args.applications)
     trace = None if args.trace == "synthetic" else args.trace
     try:
-        workload = build_workload(args.workload, len(spec.functions), trace, args.zipf)
+        workload = build_workload(args.workload, spec, trace, args.zipf)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"hydraserve simulate: {exc}") from None
     rows = sweep(spec, workload, policies, _floats(args.rate), _floats(args.cv), args.duration, args.seed)

@@ -6,10 +6,11 @@ does the same way:
 
 1. Read the trace keyed by ``func`` (not (app, func)), arrivals = end_timestamp - duration,
    functions in order of first appearance in the file.
-2. Map trace functions onto the LLM functions in blocks: trace function i goes to LLM function
-   ``n_models * i // n_functions`` (what its ``map_model(..., "round_robin")`` computes), so
-   functions that appear early in the trace (the frequent ones) land on the first LLM functions
-   of its list: chatbot 13B copies, then chatbot 7B, code, summarization.
+2. Map trace functions onto the LLM functions in blocks: trace function i goes to entry
+   ``n_models * i // n_functions`` of the model list (what its ``map_model(..., "round_robin")``
+   computes; the list is ``SimSpec.trace_order``: per application, the 13B copies then the 7B
+   copies), so functions that appear early in the trace (the frequent ones) land on chatbot 13B,
+   the late, rare ones on summarization.
 3. Cut each LLM function's merged arrivals into 600 s intervals of the 14-day trace; in every
    interval with at least two inter-arrival gaps fit a Gamma by maximum likelihood (scipy's
    ``gamma.fit(gaps + 1e-6, floc=0)``: rate = 1/mean gap, shape from ln k - digamma(k) =
@@ -18,8 +19,8 @@ does the same way:
    process per interval: its first arrival is one gap after the interval's start. With a
    large CV most gaps are near zero, so every active interval starts with a burst; this, not
    a stationary process, is the paper's workload.
-5. Compress the 14 days into the simulated duration (the artifact: /14 into a day, /24 into
-   the hour) and keep a uniform random sample of rate x duration requests.
+5. Compress the trace's span (14 days) into the simulated duration (the artifact: /14 into a
+   day, /24 into the hour) and keep a uniform random sample of rate x duration requests.
 
 The trace itself is not shipped (it is not reachable from here); ``synthetic_trace`` builds
 one with the same shape of data (per-function Poisson arrivals over 14 days, Zipf totals) so
@@ -79,7 +80,7 @@ def read_azure_trace(path: str) -> TraceFunctions:
 def synthetic_trace(n_functions: int = 424, invocations: int = 1_980_951, zipf: float = 1.0,
                     seed: int = 0, span_s: float = TRACE_SPAN_S) -> TraceFunctions:
     """A stand-in with the trace's shape of data: each function a Poisson process over the span,
-    totals Zipf over functions (defaults: the 2021 trace's size, 1,980,951 invocations in 14
+    totals Zipf over functions (defaults: the 2021 trace's reported size, 1,980,951 invocations in 14
     days). Not real data: the real per-function shares and time patterns are unknown here."""
     rng = np.random.default_rng(seed)
     totals = rng.poisson(zipf_popularity(n_functions, zipf) * invocations)
@@ -142,12 +143,19 @@ class IntervalFits:
     cv: np.ndarray
 
 
-def fit_intervals(trace: TraceFunctions, n_models: int, interval_s: float = FIT_INTERVAL_S) -> IntervalFits:
-    """Steps 2-3: block-map, bucket into intervals, MLE Gamma per interval with >= 2 gaps."""
+def fit_intervals(trace: TraceFunctions, n_models: int, order: list[int] | None = None,
+                  interval_s: float = FIT_INTERVAL_S) -> IntervalFits:
+    """Steps 2-3: block-map, bucket into intervals, MLE Gamma per interval with >= 2 gaps.
+
+    ``order``: the LLM function indices in the order of HydraServe's model list (block b of the
+    trace goes to ``order[b]``); default: index order."""
     mapping = block_mapping(n_models, len(trace.arrivals))
+    order = list(range(n_models)) if not order else order
+    if sorted(order) != list(range(n_models)):
+        raise ValueError(f"order must be a permutation of the {n_models} function indices")
     fns, starts, rates, cvs = [], [], [], []
-    for model in range(n_models):
-        parts = [trace.arrivals[i] for i in np.flatnonzero(mapping == model)]
+    for block, model in enumerate(order):
+        parts = [trace.arrivals[i] for i in np.flatnonzero(mapping == block)]
         t = np.sort(np.concatenate(parts))
         bucket = np.floor(t / interval_s).astype(np.int64)
         same = bucket[1:] == bucket[:-1]
@@ -225,8 +233,8 @@ class ReplayWorkload:
     span_s: float = TRACE_SPAN_S
 
     @classmethod
-    def from_trace(cls, trace: TraceFunctions, n_models: int) -> ReplayWorkload:
-        return cls(fit_intervals(trace, n_models), trace.span_s)
+    def from_trace(cls, trace: TraceFunctions, n_models: int, order: list[int] | None = None) -> ReplayWorkload:
+        return cls(fit_intervals(trace, n_models, order), trace.span_s)
 
     def __call__(self, rate: float, cv: float, duration_s: float, seed: int) -> Arrivals:
         return replay(self.fits, cv, rate, duration_s, seed, self.span_s)

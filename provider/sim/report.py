@@ -19,14 +19,16 @@ COLUMNS = ("policy", "rate", "cv", "slo_attainment", "cold_attainment", "ttft_p5
            "tpot_mean_s", "cost_gb_s", "cold_starts", "warm_fraction")
 
 
-def build_workload(kind: str, n_functions: int, trace_path: str | None = None, zipf: float = 1.0,
+def build_workload(kind: str, spec: SimSpec, trace_path: str | None = None, zipf: float = 1.0,
                    per_function: bool = True, oversample: float = 1.0) -> Workload:
     """``replay``: HydraServe's generator over the trace at ``trace_path`` or, without one, over a
-    synthetic trace of the real one's size with Zipf(``zipf``) totals; ``gamma``: stationary
-    Gamma processes over Zipf(``zipf``) shares (per function, or one aggregate stream)."""
+    synthetic trace of the real one's size with Zipf(``zipf``) totals, mapped onto the functions
+    in ``spec.trace_order``; ``gamma``: stationary Gamma processes over Zipf(``zipf``) shares in
+    function order (per function, or one aggregate stream)."""
+    n_functions = len(spec.functions)
     if kind == "replay":
         trace = read_azure_trace(trace_path) if trace_path else synthetic_trace(zipf=zipf)
-        return ReplayWorkload.from_trace(trace, n_functions)
+        return ReplayWorkload.from_trace(trace, n_functions, spec.trace_order)
     if kind == "gamma":
         if trace_path:
             raise ValueError("--trace goes with the replay workload (the gamma workload is synthetic)")

@@ -104,6 +104,9 @@ class SimSpec:
     keepalive_s: float = 30.0
     capacity: int = 8  # concurrent requests one worker batches (the artifact's Model.batch_size)
     output_tokens: int = 128
+    # function indices in the order of HydraServe's model list (generate_trace.py: per application,
+    # the 13B copies then the 7B copies), which its trace replay maps trace functions onto
+    trace_order: list[int] = field(default_factory=list)
 
 
 # HydraServe's end-to-end workload (artifact scripts/kubernetes/vllm/src/ModelInfo.py, MODEL_SET 3):
@@ -143,12 +146,13 @@ def paper_testbed(copies: int = 64, nic_skew: float = 1.0, skewed_nodes: int = 0
         gpus, mem, name = (4, 32.0, f"v100-{i}") if i < 4 else (1, 24.0, f"a10-{i - 4}")
         true = 16.0 * (nic_skew if i < skewed_nodes else 1.0)
         nodes.append(NodeSpec(name, gpus, mem, 16.0, true, cache_gb, "v100" if i < 4 else "a10"))
-    if applications:  # popularity ranks cycle over (application, model) like the trace's mapping
-        fns = [function_spec(k, c, app, scale, tpot) for c in range(copies) for app, scale, tpot in APPLICATIONS
-               for k in (LLAMA2_7B, LLAMA2_13B)]
-    else:
-        fns = [function_spec(k, c) for c in range(copies) for k in (LLAMA2_7B, LLAMA2_13B)]
-    return SimSpec(nodes=nodes, functions=fns)
+    kinds = (LLAMA2_7B, LLAMA2_13B)
+    apps = APPLICATIONS if applications else (("", 1.0, None),)
+    # Zipf ranks (the gamma workload) cycle over (application, model); the replay uses trace_order
+    keys = [(c, a, k) for c in range(copies) for a in range(len(apps)) for k in range(len(kinds))]
+    fns = [function_spec(kinds[k], c, *apps[a]) for c, a, k in keys]
+    order = sorted(range(len(keys)), key=lambda i: (keys[i][1], -keys[i][2], keys[i][0]))
+    return SimSpec(nodes=nodes, functions=fns, trace_order=order)
 
 
 def scale_cluster(n_nodes: int, n_functions: int) -> SimSpec:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -54,9 +56,13 @@ def test_fits_need_two_gaps_in_an_interval_and_cap_the_rate() -> None:
     assert fits.cv[0] == pytest.approx(np.sqrt(1 / shape), rel=1e-6)
 
 
-def test_identical_gaps_without_jitter_are_skipped_not_a_crash() -> None:
-    fits = fit_intervals(trace_of([0.0, 0.0, 0.0, 0.0]), n_models=1)
-    assert len(fits.rate) == 0  # no finite MLE: the artifact gets nan from scipy and skips it
+def test_identical_gaps_are_skipped_as_the_artifact_skips_them() -> None:
+    # no finite MLE: scipy raises (after RuntimeWarnings); the artifact catches it, drops the interval
+    with pytest.raises(ValueError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stats.gamma.fit(np.array([5.0, 5.0, 5.0]) + GAP_EPS, floc=0)
+    fits = fit_intervals(trace_of([0.0, 5.0, 10.0, 15.0], [1.0, 1.0, 1.0]), n_models=2)
+    assert len(fits.rate) == 0
 
 
 def test_replay_starts_each_interval_with_a_burst_and_samples_to_the_rate() -> None:
@@ -119,3 +125,18 @@ def test_synthetic_trace_has_the_real_ones_size_and_first_appearance_order() -> 
     assert trace.invocations == pytest.approx(1_980_951, rel=0.01)
     firsts = [a[0] for a in trace.arrivals]
     assert firsts == sorted(firsts)
+
+
+def test_blocks_go_to_the_functions_in_the_artifacts_model_list_order() -> None:
+    from hydraserve.provider.sim.spec import paper_testbed
+    spec = paper_testbed(copies=3, applications=True)
+    names = [spec.functions[i].name for i in spec.trace_order]
+    # generate_trace.py: per application, the 13B copies, then the 7B copies
+    assert names[:6] == ["chatbot-llama2-13b-0", "chatbot-llama2-13b-1", "chatbot-llama2-13b-2",
+                         "chatbot-llama2-7b-0", "chatbot-llama2-7b-1", "chatbot-llama2-7b-2"]
+    assert names[-1] == "summarization-llama2-7b-2" and sorted(spec.trace_order) == list(range(18))
+    busy, quiet = [1.0, 2.5, 4.5, 7.0], [100.0, 103.0, 104.0]
+    fits = fit_intervals(trace_of(busy, quiet), n_models=2, order=[1, 0])
+    assert fits.function.tolist() == [1, 0]  # the first trace function lands on order[0] = 1
+    with pytest.raises(ValueError, match="permutation"):
+        fit_intervals(trace_of(busy, quiet), n_models=2, order=[1, 1])
