@@ -17,7 +17,7 @@ def _floats(text: str) -> list[float]:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default="synthetic",
                         help="Azure Functions 2021 CSV (app,func,end_timestamp,duration) or 'synthetic' "
-                        "(a stand-in of the same size: 424 functions, 1.98 M invocations in 14 days)")
+                        "(a stand-in of its reported size: 424 functions, 1.98 M invocations in 14 days)")
     parser.add_argument("--workload", choices=("replay", "gamma"), default="replay",
                         help="replay: HydraServe's generator over the trace (Gamma fits per 10-minute "
                         "interval, CV x --cv, 14 days compressed into --duration, sampled to --rate); "

@@ -170,7 +170,7 @@ def fit_intervals(trace: TraceFunctions, n_models: int, order: list[int] | None 
         ids, counts, sum_gap, sum_log = ids[keep], counts[keep], sum_gap[keep], sum_log[keep]
         mean = sum_gap / counts
         s = np.log(mean) - sum_log / counts
-        ok = s > 1e-12  # identical gaps: no finite MLE (scipy gives nan; the artifact skips it)
+        ok = s > 1e-12  # identical gaps: no finite MLE (scipy raises; the artifact skips the interval)
         ids, counts, mean, s = ids[ok], counts[ok], mean[ok], s[ok]
         shape = gamma_shape_mle(s)
         rate = 1.0 / mean
