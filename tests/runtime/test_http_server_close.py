@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import errno
 import socket
 
 import requests
@@ -30,6 +30,7 @@ def test_close_after_serving_frees_port_and_thread() -> None:
     session = requests.Session()  # keeps an idle keep-alive connection open across close()
     assert session.get(server.url, timeout=5).text == "hi"
     server.close()
+    session.close()
     assert not server._thread.is_alive()
     assert port_is_free(server.port)
 
@@ -38,8 +39,12 @@ def test_close_survives_a_dead_trigger() -> None:
     """Seen once in CI: the trigger's pipe was already closed when close() pulled it (EBADF)."""
     server = DrainingServer(hello, "127.0.0.1", 0, threads=2).start()
     assert requests.get(server.url, timeout=5).text == "hi"
-    trigger = server._server.trigger
-    os.close(trigger.trigger)  # the write end: pulling the trigger now raises OSError
+
+    def dead_pipe() -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    # not a real os.close: a closed fd number can be reused by another test's socket at once
+    server._server.trigger._physical_pull = dead_pipe
     server.close()
     assert not server._thread.is_alive()
     assert port_is_free(server.port)
