@@ -29,6 +29,9 @@ class Policy:
     fallback: Fallback = "fastest_p1"
     startup: Startup = "overlapped"
     link_efficiency: float = 0.9  # HydraServe registers S x 8 / p / 0.9 bits per fetch
+    # HydraServe checks the TPOT SLO only once it has profiled the function (algs.py: no check
+    # while num_profile_points == 0, i.e. before a request ran on a one-stage instance)
+    tpot_after_profile: bool = False
     description: str = ""
 
 
@@ -38,8 +41,9 @@ POLICIES: dict[str, Policy] = {p.name: p for p in [
     Policy("serverlessllm", max_pipeline_size=1, node_choice="locality", contention_aware=False,
            cache_aware=True, keeps_cache=True, startup="serverlessllm",
            description="one worker, prefer a node caching the checkpoint in host memory"),
-    Policy("hydraserve", description="HydraServe: SLO-driven p, static bandwidth, fetch + 2 s"),
-    Policy("hydraserve-cache", cache_aware=True, keeps_cache=True,
+    Policy("hydraserve", tpot_after_profile=True,
+           description="HydraServe: SLO-driven p, static bandwidth, fetch + 2 s"),
+    Policy("hydraserve-cache", cache_aware=True, keeps_cache=True, tpot_after_profile=True,
            description="HydraServe with loaderd residency counted as fetched"),
     Policy("ours", cache_aware=True, keeps_cache=True, calibrated=True, peers=True, fallback="cheapest_p1",
            description="HydraServe + calibrated bandwidth and start-up model + cache/peer awareness"),

@@ -56,6 +56,7 @@ class Instance:
     complement: set[str] = field(default_factory=set)  # consolidation fetches still running
     memory_gb: float = 0.0
     capacity: int = 8  # requests batched at once: 8 per worker while pipelined, per full worker after
+    whole: bool = False  # one stage from the start, or consolidated: what HydraServe profiles TPOT on
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Result:
     ttft: np.ndarray
     slo: np.ndarray
     tpot: np.ndarray
+    tpot_slo: np.ndarray
     kind: np.ndarray  # 0 warm, 1 cold (started it), 2 joined a starting instance
     cost_gb_s: float
     cold_starts: int
@@ -94,6 +96,7 @@ class Simulator:
         self.ttft = np.full(n, np.nan)
         self.tpot = np.full(n, np.nan)
         self.kind = np.zeros(n, dtype=np.int8)
+        self.profiled = np.zeros(len(spec.functions), dtype=bool)  # a request ran on a one-stage instance
         self.cost = 0.0
         self.mem_used = 0.0
         self.cost_at = 0.0
@@ -130,8 +133,10 @@ class Simulator:
                 self._consolidated(payload)  # type: ignore[arg-type]
             elif kind == RETRY:
                 self._retry_pending()
-        slo = np.array([self.spec.functions[f].ttft_slo_s for f in self.arrivals.functions])
-        return Result(ttft=self.ttft, slo=slo, tpot=self.tpot, kind=self.kind, cost_gb_s=self.cost,
+        fns = self.spec.functions
+        slo = np.array([fns[f].ttft_slo_s for f in self.arrivals.functions])
+        tpot_slo = np.array([fns[f].tpot_slo_s for f in self.arrivals.functions])
+        return Result(ttft=self.ttft, slo=slo, tpot=self.tpot, tpot_slo=tpot_slo, kind=self.kind, cost_gb_s=self.cost,
                       cold_starts=self.cold_starts, pipeline_sizes=self.psizes, sim_end_s=self.now)
 
     def _advance(self, t: float) -> None:
@@ -172,6 +177,8 @@ class Simulator:
 
     def _done(self, inst: Instance) -> None:
         inst.busy -= 1
+        if inst.whole:
+            self.profiled[inst.fn] = True
         if self._serve_pending(inst):
             return
         if inst.busy == 0:
@@ -211,6 +218,8 @@ class Simulator:
         waited = self.now - float(self.arrivals.times[req])
         if waited > 0:  # HydraServe plans with the SLO left: ttft_slo - max_waiting_time (scheduler.py)
             fn = fn.model_copy(update={"ttft_slo_s": max(fn.ttft_slo_s - waited, 1e-3)})
+        if self.policy.tpot_after_profile and not self.profiled[fn_index]:
+            fn = fn.model_copy(update={"tpot_s": None})  # TPOT unknown: no TPOT check yet
         try:
             plan = self.service.plan(PlanRequest(function=fn), now=self.now)
         except OverloadedError:
@@ -221,7 +230,7 @@ class Simulator:
         inst = Instance(fn=fn_index, plan=plan, started=self.now, rate=1.0 + self.spec.times.pipeline_overhead * extra,
                         hop_s=self.spec.times.hop_s * extra,
                         memory_gb=sum(s.memory_gb for s in plan.stages),
-                        capacity=self.spec.capacity * plan.pipeline_size)
+                        capacity=self.spec.capacity * plan.pipeline_size, whole=plan.pipeline_size == 1)
         self.mem_used += inst.memory_gb
         self.instances[fn_index].append(inst)
         for st in plan.stages:
@@ -320,7 +329,7 @@ class Simulator:
         freed = sum(s.memory_gb for s in inst.plan.stages if not s.full)
         self.mem_used -= freed
         inst.memory_gb -= freed
-        inst.rate, inst.hop_s = 1.0, 0.0
+        inst.rate, inst.hop_s, inst.whole = 1.0, 0.0, True
         inst.capacity = self.spec.capacity * max(1, inst.plan.full_workers)  # each full worker serves on
         self._serve_pending(inst)
         if self.policy.keeps_cache:
@@ -388,4 +397,5 @@ def summarize(result: Result, functions: list[FunctionSpec]) -> dict[str, float]
         "cold_starts": int(result.cold_starts),
         "cold_attainment": float(met[result.kind == 1].mean()) if (result.kind == 1).any() else math.nan,
         "warm_fraction": float((result.kind == 0).mean()) if n else math.nan,  # found a ready instance
+        "tpot_attainment": float((result.tpot[ok] <= result.tpot_slo[ok] + 1e-12).mean()) if ok.any() else math.nan,
     }

@@ -16,7 +16,7 @@ from hydraserve.provider.sim.workload import Arrivals, GammaWorkload, zipf_popul
 Workload = Callable[[float, float, float, int], Arrivals]
 
 COLUMNS = ("policy", "rate", "cv", "slo_attainment", "cold_attainment", "ttft_p50_s", "ttft_p99_s",
-           "tpot_mean_s", "cost_gb_s", "cold_starts", "warm_fraction")
+           "tpot_mean_s", "tpot_attainment", "cost_gb_s", "cold_starts", "warm_fraction")
 
 
 def build_workload(kind: str, spec: SimSpec, trace_path: str | None = None, zipf: float = 1.0,

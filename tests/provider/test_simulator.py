@@ -163,3 +163,33 @@ def test_one_cold_start_alone_takes_figure7s_time(kind: str, model: str) -> None
     for policy, paper in FIGURE7[(kind, model)].items():
         ttft = float(Simulator(spec, policy, one).run().ttft[0])
         assert ttft == pytest.approx(paper, rel=0.1), policy
+
+
+def test_hydraserve_checks_tpot_only_after_profiling_ours_always() -> None:
+    """algs.py skips the TPOT check until a request has run on a one-stage instance; so its
+    first cold start of a function may take a split whose predicted TPOT breaks the SLO."""
+    from hydraserve.provider.planner import slowdown
+    from hydraserve.provider.sim.spec import LLAMA2_13B, function_spec
+    from hydraserve.provider.sim.workload import Arrivals
+
+    spec = paper_testbed(copies=1)
+    # TTFT needs a split (one 13B worker on one NIC: ~16 s > 12 s); TPOT 50 ms rules out one
+    # full worker + a partial one (45 ms x 1.5 + 1 ms), not two full workers (45 + 1 ms)
+    spec.functions = [function_spec(LLAMA2_13B, 0).model_copy(update={"tpot_slo_s": 0.05})]
+    spec.trace_order = [0]
+    # 0: first cold start; 40: served by the consolidated instance (profiles TPOT); 300: cold again
+    arrivals = Arrivals(times=np.array([0.0, 40.0, 300.0]), functions=np.zeros(3, dtype=np.int64))
+    for policy, first_ok in (("hydraserve", False), ("ours", True)):
+        sim = Simulator(spec, policy, arrivals)
+        plans: list = []
+
+        def record(req, now=None, _plan=sim.service.plan, _out=plans):
+            _out.append(_plan(req, now=now))
+            return _out[-1]
+
+        sim.service.plan = record  # type: ignore[method-assign]
+        sim.run()
+        assert len(plans) == 2 and sim.profiled[0]
+        tpot_ok = [0.045 * slowdown(p.pipeline_size, p.full_workers) + 0.001 * (p.pipeline_size - 1) <= 0.05
+                   for p in plans]  # HydraServe's TPOT model with the function's real TPOT
+        assert tpot_ok == [first_ok, True], (policy, [(p.pipeline_size, p.full_workers) for p in plans])
