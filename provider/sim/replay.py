@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hydraserve.provider.sim.workload import Arrivals, zipf_popularity
+from hydraserve.provider.sim.workload import Arrivals, concat, gamma_renewal, zipf_popularity
 
 TRACE_DAYS = 14
 TRACE_SPAN_S = TRACE_DAYS * 86400.0
@@ -165,8 +165,9 @@ def fit_intervals(trace: TraceFunctions, n_models: int, order: list[int] | None 
         keep = counts >= 2
         if not keep.any():
             continue
-        sum_gap = np.bincount(np.searchsorted(ids, gap_bucket), weights=gaps)
-        sum_log = np.bincount(np.searchsorted(ids, gap_bucket), weights=np.log(gaps))
+        slot = np.searchsorted(ids, gap_bucket)
+        sum_gap = np.bincount(slot, weights=gaps)
+        sum_log = np.bincount(slot, weights=np.log(gaps))
         ids, counts, sum_gap, sum_log = ids[keep], counts[keep], sum_gap[keep], sum_log[keep]
         mean = sum_gap / counts
         s = np.log(mean) - sum_log / counts
@@ -181,26 +182,7 @@ def fit_intervals(trace: TraceFunctions, n_models: int, order: list[int] | None 
         starts.append(ids * interval_s)
         rates.append(rate)
         cvs.append(np.sqrt(1.0 / shape))
-    return IntervalFits(_concat(fns, np.int64), _concat(starts, float), _concat(rates, float), _concat(cvs, float))
-
-
-def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-
-def _fresh_gamma(rng: np.random.Generator, rate: float, cv: float, length: float) -> np.ndarray:
-    """Arrival offsets in [0, length) of a Gamma process started at 0 (first arrival one gap in)."""
-    shape = 1.0 / (cv * cv)
-    scale = cv * cv / rate
-    batch = max(int(rate * length * 1.2), 16)
-    out, base = [], 0.0
-    while True:
-        t = base + np.cumsum(rng.gamma(shape, scale, size=batch))
-        inside = t[t < length]
-        out.append(inside)
-        if len(inside) < batch:
-            return np.concatenate(out)
-        base = float(t[-1])
+    return IntervalFits(concat(fns, np.int64), concat(starts, float), concat(rates, float), concat(cvs, float))
 
 
 def replay(fits: IntervalFits, cv_scale: float, rate: float, duration_s: float, seed: int,
@@ -212,11 +194,12 @@ def replay(fits: IntervalFits, cv_scale: float, rate: float, duration_s: float, 
     rng = np.random.default_rng(seed)
     times, funcs = [], []
     for fn, start, r, cv in zip(fits.function, fits.start_s, fits.rate, fits.cv, strict=True):
-        t = _fresh_gamma(rng, float(r), float(cv) * cv_scale, interval_s)
+        t = gamma_renewal(rng, float(r), float(cv) * cv_scale, interval_s, stationary=False,
+                          batch=max(int(r * interval_s * 1.2), 16))
         times.append(start + t)
         funcs.append(np.full(len(t), fn, dtype=np.int64))
-    all_t = _concat(times, float) * (duration_s / span_s)
-    all_f = _concat(funcs, np.int64)
+    all_t = concat(times, float) * (duration_s / span_s)
+    all_f = concat(funcs, np.int64)
     want = int(rate * duration_s)
     if len(all_t) > want:  # get_requests: random.sample of the generated requests
         pick = rng.choice(len(all_t), size=want, replace=False)

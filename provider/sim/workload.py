@@ -29,24 +29,33 @@ def zipf_popularity(n_functions: int, exponent: float = 1.0) -> np.ndarray:
     return w / w.sum()
 
 
-def _gamma_renewal(rng: np.random.Generator, rate: float, cv: float, duration_s: float) -> np.ndarray:
-    """Arrival times in [0, duration_s) of a stationary Gamma renewal process.
+def gamma_renewal(rng: np.random.Generator, rate: float, cv: float, duration_s: float,
+                  stationary: bool = True, batch: int | None = None) -> np.ndarray:
+    """Arrival times in [0, duration_s) of a Gamma renewal process (shape 1/CV^2), gaps drawn
+    ``batch`` at a time.
 
-    Stationary: the first arrival is the residual of a length-biased gap (U x Gamma(shape + 1)),
-    so the hour is a window of a process already running. Starting with a fresh gap instead
-    would add (CV^2 - 1)/2 arrivals per process at t = 0 (31 per function at CV 8, more than
-    the rate itself for most of 128 functions).
+    ``stationary``: the first arrival is the residual of a length-biased gap (U x Gamma(shape + 1)),
+    so the window is part of a process already running; starting with a fresh gap instead adds
+    (CV^2 - 1)/2 arrivals at t = 0 (31 at CV 8). HydraServe's replay wants exactly that: it
+    starts a fresh process every fitted interval (``replay.py``).
     """
     shape = 1.0 / (cv * cv)
     scale = 1.0 / (rate * shape)
-    n_guess = int(rate * duration_s * 1.2 + 50 * cv + 100)
-    gaps = rng.gamma(shape, scale, size=n_guess)
-    gaps[0] = rng.uniform() * rng.gamma(shape + 1.0, scale)
+    if batch is None:
+        batch = int(rate * duration_s * 1.2 + 50 * cv + 100)  # rarely needs a second draw
+    gaps = rng.gamma(shape, scale, size=batch)
+    if stationary:
+        gaps[0] = rng.uniform() * rng.gamma(shape + 1.0, scale)
     times = np.cumsum(gaps)
-    while times[-1] < duration_s:  # rare with the margin above
-        more = np.cumsum(rng.gamma(shape, scale, size=n_guess)) + times[-1]
+    while times[-1] < duration_s:
+        more = np.cumsum(rng.gamma(shape, scale, size=batch)) + times[-1]
         times = np.concatenate([times, more])
     return times[times < duration_s]
+
+
+def concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    """np.concatenate that also takes no parts."""
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 def gamma_arrivals(popularity: np.ndarray, rate: float, cv: float, duration_s: float, seed: int,
@@ -60,20 +69,20 @@ def gamma_arrivals(popularity: np.ndarray, rate: float, cv: float, duration_s: f
         raise ValueError("rate, cv and duration must be positive")
     rng = np.random.default_rng(seed)
     if not per_function:
-        times = _gamma_renewal(rng, rate, cv, duration_s)
+        times = gamma_renewal(rng, rate, cv, duration_s)
         funcs = rng.choice(len(popularity), size=len(times), p=popularity)
         return Arrivals(times=times, functions=funcs)
     parts_t, parts_f = [], []
     for fn, share in enumerate(popularity):
         if share <= 0:
             continue
-        t = _gamma_renewal(rng, rate * oversample * float(share), cv, duration_s)
+        t = gamma_renewal(rng, rate * oversample * float(share), cv, duration_s)
         if oversample > 1.0:  # HydraServe samples the generated requests down to the target rate
             t = t[rng.uniform(size=len(t)) < 1.0 / oversample]
         parts_t.append(t)
         parts_f.append(np.full(len(t), fn, dtype=np.int64))
-    times = np.concatenate(parts_t) if parts_t else np.zeros(0)
-    funcs = np.concatenate(parts_f) if parts_f else np.zeros(0, dtype=np.int64)
+    times = concat(parts_t, float)
+    funcs = concat(parts_f, np.int64)
     order = np.argsort(times, kind="stable")
     return Arrivals(times=times[order], functions=funcs[order])
 
