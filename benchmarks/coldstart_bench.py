@@ -110,13 +110,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _measure(stack: Any, args: argparse.Namespace, link_mb_s: float | None, notes: list[str]) -> int:
     from hydraserve.activator.functions import FunctionConfig
-    from hydraserve.demo.model import BUCKET, describe_model
+    from hydraserve.demo.model import BUCKET
     from hydraserve.provider.backends.local import LocalBackend
     from hydraserve.weights.push import push_model
 
     model_dir = args.model_dir or stack.run_dir / "model"
     backends = {mode: LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / mode,
-                                   describe_model=lambda fn: describe_model(fn, stack.s3.client()),
+                                   describe_model=stack.describe_model,
                                    s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
                                    prefetch=mode != "baseline")
                 for mode in ("baseline", "ours")}

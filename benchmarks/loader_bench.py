@@ -219,7 +219,7 @@ def run_loaderd(prefix: list[str], listen_ip: str, endpoint: str, uri: str, mode
     """Prefetch the whole model through a loaderd in the node; time the first layer and the end."""
     from hydraserve.contracts.loader import PrefetchRequest
     from hydraserve.loaderd.daemon import new_token_file, spawn_loaderd
-    from hydraserve.loaderd.segment import SegmentReader
+    from hydraserve.weights.segment import SegmentReader
 
     token, token_file = new_token_file(workdir)
     extra = []

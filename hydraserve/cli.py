@@ -26,7 +26,6 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("placement", "run the placement service", "hydraserve.provider.commands.placement"),
     ("plan", "show the placement plan for a function and why", "hydraserve.provider.commands.plan"),
     ("simulate", "trace-driven cold-start simulator", "hydraserve.provider.commands.simulate"),
-    ("gateway", "run the activator gateway", "hydraserve.activator.commands"),
     ("demo", "start everything locally, cold-start one request, print the timeline, exit",
      "hydraserve.demo.commands"),
     ("up", "start everything locally and keep it running", "hydraserve.demo.up_cmd"),
@@ -38,14 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraserve", description="HydraServe on Knative: serverless LLM functions that cold-start in seconds.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text, module_name in COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module_name.startswith(exc.name):
-                raise
-            continue  # command not built yet in this checkout
-        module.configure(sub.add_parser(name, help=help_text, description=help_text))
+    for name, help_text, module_name in COMMANDS:  # a missing or broken module fails loudly here
+        importlib.import_module(module_name).configure(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 

@@ -1,32 +1,55 @@
-"""Error types that carry their own retry decision and HTTP status.
+"""Error types that carry their own retry decision and HTTP status, the same on both sides of a wire.
 
-Every component raises these (or subclasses); the servers map them to responses in one place
-(OpenAI's error shape: {"error": {"message", "type", "param", "code"}}). ``retryable`` tells a
-caller whether trying again can help; ``retry_after_s`` says when.
+Every component raises these; the servers turn them into responses in one place
+(hydraserve.http_errors: OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``
+plus ``"retryable"``), and every client turns a response back into the same class with
+:func:`error_from_response`, so a retryable integrity failure stays retryable after crossing
+HTTP. Each class is identified on the wire by its ``error_type`` (and ``error_code`` where it
+shares OpenAI's ``invalid_request_error`` type); every subclass must declare one of them, so
+no two classes can be confused. ``retryable`` tells a caller whether trying again can help;
+``retry_after_s`` says when.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+_BY_WIRE_NAME: dict[tuple[str, str | None], type[HydraError]] = {}
 
 
 class HydraError(Exception):
     """Base error: an HTTP status, an OpenAI error type and a retry decision."""
 
-    status = 500
-    error_type = "internal_error"
-    retryable = False
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "internal_error"
+    error_code: ClassVar[str | None] = None  # fixed code of classes that share an OpenAI type
+    retryable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "error_type" not in cls.__dict__ and "error_code" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must declare error_type or error_code (its name on the wire)")
+        key = (cls.error_type, cls.error_code)
+        if key in _BY_WIRE_NAME:
+            raise TypeError(f"{cls.__name__} and {_BY_WIRE_NAME[key].__name__} share the wire name {key}")
+        _BY_WIRE_NAME[key] = cls
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code or self.error_code
         self.retry_after_s = retry_after_s
 
     def to_openai(self) -> dict[str, object]:
-        """The body OpenAI clients expect for an error."""
-        return {"error": {"message": self.message, "type": self.error_type,
-                          "param": self.param, "code": self.code}}
+        """The response body: OpenAI's error shape, plus whether retrying can help."""
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.code, "retryable": self.retryable}}
+
+
+_BY_WIRE_NAME[(HydraError.error_type, None)] = HydraError
 
 
 class InvalidRequestError(HydraError):
@@ -39,21 +62,44 @@ class InvalidRequestError(HydraError):
 class ContextLengthError(InvalidRequestError):
     """The prompt (plus max_tokens) does not fit the model's context."""
 
-    def __init__(self, message: str, *, param: str | None = "prompt") -> None:
-        super().__init__(message, param=param, code="context_length_exceeded")
+    error_code = "context_length_exceeded"
 
-
-class NotFoundError(HydraError):
-    """Unknown function, model or route."""
-
-    status = 404
-    error_type = "not_found_error"
+    def __init__(self, message: str, *, param: str | None = "prompt", **kwargs: Any) -> None:
+        super().__init__(message, param=param, **kwargs)
 
 
 class PayloadTooLargeError(InvalidRequestError):
     """The request body is larger than the server accepts."""
 
     status = 413
+    error_code = "payload_too_large"
+
+
+class SafetensorsFormatError(InvalidRequestError):
+    """The bytes are not a valid safetensors header (names the file)."""
+
+    error_type = "safetensors_format_error"
+
+
+class UnsupportedModelError(InvalidRequestError):
+    """config.json describes an architecture or option this runtime cannot run, or a checkpoint
+    holds a tensor its architecture does not have (the message names it)."""
+
+    error_type = "unsupported_model_error"
+
+
+class UnauthorizedError(HydraError):
+    """Missing or wrong bearer token."""
+
+    status = 401
+    error_type = "authentication_error"
+
+
+class NotFoundError(HydraError):
+    """Unknown function, model, file, lease or route."""
+
+    status = 404
+    error_type = "not_found_error"
 
 
 class TemporaryError(HydraError):
@@ -65,9 +111,15 @@ class TemporaryError(HydraError):
 
 
 class OverloadedError(TemporaryError):
-    """A bounded queue is full or a deadline passed while waiting."""
+    """A bounded queue or budget is full, or a deadline passed while waiting."""
 
-    status = 503
+    error_type = "overloaded_error"
+
+
+class UnreachableError(TemporaryError):
+    """Nothing answered at a service's address (down, not started yet, or the wrong address)."""
+
+    error_type = "unreachable_error"
 
 
 class PermanentError(HydraError):
@@ -80,10 +132,63 @@ class PermanentError(HydraError):
 class StorageError(PermanentError):
     """S3 answered with an error for a named object (missing key, access denied, bad bucket)."""
 
+    error_type = "storage_error"
+
 
 class IntegrityError(HydraError):
-    """Fetched bytes do not match the manifest (size or sha256); they are never handed out."""
+    """Fetched bytes do not match the manifest (size or sha256); they are never handed out.
+    Retryable: the next fetch may get good bytes (a corrupted transfer, a repaired object)."""
 
     status = 502
     error_type = "integrity_error"
     retryable = True
+
+
+class EngineError(HydraError):
+    """A step failed inside the model; the affected requests end with this error."""
+
+    status = 500
+    error_type = "engine_error"
+
+
+def error_class(error_type: str | None, code: str | None = None) -> type[HydraError] | None:
+    """The class a wire name stands for (``code`` first picks a class that shares its type)."""
+    if error_type is None:
+        return None
+    return _BY_WIRE_NAME.get((error_type, code)) or _BY_WIRE_NAME.get((error_type, None))
+
+
+def _class_for_status(status: int, retryable: object) -> type[HydraError]:
+    """For bodies that name no known class (another server, a proxy): the status decides."""
+    if status == 401 or status == 403:
+        return UnauthorizedError
+    if status == 404:
+        return NotFoundError
+    if status == 413:
+        return PayloadTooLargeError
+    if 400 <= status < 500:
+        return OverloadedError if status == 429 else InvalidRequestError
+    if status == 503 or retryable is True:
+        return TemporaryError
+    return PermanentError if status in (502, 504) else HydraError
+
+
+def error_from_response(status: int, body: object, *, source: str,
+                        retry_after: str | None = None) -> HydraError:
+    """The error a JSON response carries, as the class that raised it on the other side.
+
+    ``body`` is the decoded JSON (or the raw text when it was not JSON); ``source`` prefixes the
+    message ("loaderd /v1/prefetch"); ``retry_after`` is the Retry-After header, if any.
+    """
+    error = body.get("error") if isinstance(body, Mapping) else None
+    if not isinstance(error, Mapping):
+        error = {"message": str(body)[:300]}
+    code = error.get("code") if isinstance(error.get("code"), str) else None
+    cls = error_class(error.get("type") if isinstance(error.get("type"), str) else None, code)
+    cls = cls or _class_for_status(status, error.get("retryable"))
+    try:
+        after = float(retry_after) if retry_after else None
+    except ValueError:
+        after = None
+    param = error.get("param") if isinstance(error.get("param"), str) else None
+    return cls(f"{source}: {error.get('message')}", param=param, code=code, retry_after_s=after)

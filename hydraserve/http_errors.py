@@ -1,5 +1,6 @@
-"""The one place where exceptions become HTTP responses (OpenAI's error shape), for every Flask app
-(runtime, gateway, placement service, loaderd)."""
+"""The one place where exceptions become HTTP responses (OpenAI's error shape plus ``retryable``),
+for every Flask app (runtime, gateway, placement service, loaderd). Clients read them back
+with hydraserve.errors.error_from_response."""
 
 from __future__ import annotations
 
@@ -8,25 +9,19 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from hydraserve.errors import HydraError
+from hydraserve.errors import HydraError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 
 log = logging.getLogger(__name__)
 
-_HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+# Flask's own refusals (unknown route, wrong method, body over MAX_CONTENT_LENGTH) as our classes
+_HTTP_CLASSES: dict[int, type[HydraError]] = {404: NotFoundError, 413: PayloadTooLargeError}
 
 
-def error_response(exc: HydraError) -> Response:
+def error_response(exc: HydraError, status: int | None = None) -> Response:
     response = jsonify(exc.to_openai())
-    response.status_code = exc.status
+    response.status_code = status or exc.status
     if exc.retry_after_s is not None:
         response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    return response
-
-
-def http_error_response(status: int, message: str, error_type: str | None = None) -> Response:
-    response = jsonify({"error": {"message": message, "type": error_type or _HTTP_TYPES.get(status, "error"),
-                                  "param": None, "code": None}})
-    response.status_code = status
     return response
 
 
@@ -39,9 +34,11 @@ def install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
-        return http_error_response(exc.code or 500, exc.description or exc.name)
+        status = exc.code or 500
+        cls = _HTTP_CLASSES.get(status, InvalidRequestError if status < 500 else HydraError)
+        return error_response(cls(exc.description or exc.name), status)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
-        return http_error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+        return error_response(HydraError(f"internal error: {type(exc).__name__}"))

@@ -14,19 +14,12 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest, ReleaseRequest
-from hydraserve.errors import HydraError, InvalidRequestError
+from hydraserve.errors import InvalidRequestError, UnauthorizedError
 from hydraserve.http_errors import install_error_handlers
 from hydraserve.http_json import json_body
 from hydraserve.loaderd.service import LoaderService
 
 MAX_BODY = 1 << 20
-
-
-class UnauthorizedError(HydraError):
-    """Missing or wrong bearer token."""
-
-    status = 401
-    error_type = "authentication_error"
 
 
 def _int_arg(name: str) -> int:
@@ -75,6 +68,14 @@ def create_app(service: LoaderService, token: str) -> Flask:
     @app.get("/v1/status")
     def status() -> Response:
         return jsonify(service.status().model_dump(mode="json"))
+
+    @app.get("/v1/index")
+    def index() -> Response:
+        model_uri = request.args.get("model_uri", "")
+        if not model_uri:
+            raise InvalidRequestError("model_uri is required", param="model_uri")
+        answer = service.index(model_uri, request.args.get("endpoint_url") or None)
+        return jsonify(answer.model_dump(mode="json"))
 
     @app.get("/v1/file")
     def read_file() -> Response:

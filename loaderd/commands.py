@@ -8,7 +8,9 @@ import os
 import stat
 from pathlib import Path
 
-from hydraserve.loaderd.fetcher import DEFAULT_CHUNK_BYTES, DEFAULT_CONCURRENCY, DEFAULT_MIN_CHUNK_BYTES
+from hydraserve.loaderd.models import DEFAULT_REVALIDATE_S
+from hydraserve.weights.fetch import DEFAULT_CHUNK_BYTES, DEFAULT_CONCURRENCY, DEFAULT_MIN_CHUNK_BYTES
+from hydraserve.weights.retry import DEFAULT_BUDGET_S
 
 
 def read_token(token_file: str | None) -> str:
@@ -41,8 +43,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="largest ranged GET (a layer group is striped over all streams)")
     parser.add_argument("--min-chunk-bytes", type=int, default=DEFAULT_MIN_CHUNK_BYTES,
                         help="smallest ranged GET when striping a group")
-    parser.add_argument("--retry-budget-s", type=float, default=60.0,
-                        help="how long one range keeps retrying before the segment fails")
+    parser.add_argument("--retry-budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="how long one S3 request keeps retrying before it fails (a dead S3 fails "
+                             "a cold start in about this long)")
+    parser.add_argument("--revalidate-s", type=float, default=DEFAULT_REVALIDATE_S,
+                        help="recheck a resolved model version (one HEAD of its manifest) at most this often")
     parser.add_argument("--strict-integrity", action="store_true",
                         help="publish tensors of whole files only after their sha256 matched")
     parser.add_argument("--no-etag-check", dest="etag_check", action="store_false",
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     config = LoaderConfig(node_name=args.node_name, budget_bytes=args.budget_bytes,
                           concurrency=args.concurrency, chunk_bytes=args.chunk_bytes,
                           min_chunk_bytes=args.min_chunk_bytes,
-                          retry_budget_s=args.retry_budget_s, shm_dir=args.shm_dir,
+                          retry_budget_s=args.retry_budget_s, revalidate_s=args.revalidate_s, shm_dir=args.shm_dir,
                           endpoint_url=args.endpoint_url, strict_integrity=args.strict_integrity,
                           etag_check=args.etag_check)
     daemon = LoaderDaemon(config, read_token(args.token_file), host=args.host, port=args.port).start()

@@ -17,22 +17,15 @@ from pathlib import Path
 from hydraserve.http_server import DrainingServer
 from hydraserve.loaderd.api import create_app
 from hydraserve.loaderd.client import LoaderClient, PeerReader
-from hydraserve.loaderd.fetcher import RangeReader
-from hydraserve.loaderd.model_index import ModelIndex
-from hydraserve.loaderd.service import LoaderConfig, LoaderService, PeerFactory, Resolver, SourceFactory
+from hydraserve.loaderd.models import Opener
+from hydraserve.loaderd.service import LoaderConfig, LoaderService, PeerFactory
 from hydraserve.processes import ChildProcess, hydraserve_command
-
-
-def default_backends() -> tuple[Resolver, SourceFactory]:
-    """Model resolution and ranged reads through hydraserve.weights (the S3 client)."""
-    from hydraserve.loaderd.s3_model import S3RangeReader, resolve_model
-
-    return resolve_model, S3RangeReader
+from hydraserve.weights.fetch import RangeReader
 
 
 def peer_factory(token: str) -> PeerFactory:
-    def make(url: str, index: ModelIndex) -> RangeReader:
-        return PeerReader(url, token, index.key)
+    def make(url: str, model_key: str) -> RangeReader:
+        return PeerReader(url, token, model_key)
     return make
 
 
@@ -40,17 +33,9 @@ class LoaderDaemon:
     """One node's daemon in this process: ``with LoaderDaemon(config, token) as d: d.url``."""
 
     def __init__(self, config: LoaderConfig, token: str, *, host: str = "127.0.0.1", port: int = 0,
-                 resolver: Resolver | None = None, s3_source: SourceFactory | None = None) -> None:
-        if resolver is None or s3_source is None:
-            default_resolver, default_source = default_backends()
-            resolver = resolver or default_resolver
-            s3_source = s3_source or default_source
-            from hydraserve.loaderd.s3_model import client_for
-
-            client_for(config.endpoint_url)  # warm: the first prefetch should not pay for it
+                 open_model: Opener | None = None) -> None:
         self.token = token
-        self.service = LoaderService(config, resolver=resolver, s3_source=s3_source,
-                                     peer_source=peer_factory(token))
+        self.service = LoaderService(config, open_model=open_model, peer_source=peer_factory(token))
         self.server = DrainingServer(create_app(self.service, token), host, port, threads=16)
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="loaderd-reaper", daemon=True)

@@ -17,7 +17,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from hydraserve.loaderd.model_index import FileMeta
+from hydraserve.weights.model_version import FileMeta
 
 MiB = 1 << 20
 MAX_PART_GUESSES = 4

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from hydraserve.errors import InvalidRequestError, OverloadedError
-from hydraserve.loaderd.segment import STATE_COMPLETE, STATE_FAILED, SegmentLayout, SegmentWriter
+from hydraserve.weights.segment import STATE_COMPLETE, STATE_FAILED, SegmentLayout, SegmentWriter
 
 log = logging.getLogger(__name__)
 

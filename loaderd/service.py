@@ -1,7 +1,7 @@
 """loaderd's core: prefetch / attach / release / status / peer reads over the registry and engine.
 
-Called by hydraserve.loaderd.api (HTTP) and directly by tests. It resolves a model (cached per
-URI), picks the slice, leases its segments (creating and fetching only the missing ones, so a
+Called by hydraserve.loaderd.api (HTTP) and directly by tests. It resolves a model version once
+(hydraserve.loaderd.models; revalidated cheaply), picks the slice with the stage slicer, leases its segments (creating and fetching only the missing ones, so a
 second prefetch of held or in-flight bytes downloads nothing), checks integrity (per tensor as
 it lands when the manifest has per-tensor hashes, else per file when all of a file's bytes are
 resident: the manifest's sha256, else an MD5 ETag), and reports residency.
@@ -21,6 +21,7 @@ from hydraserve.contracts.loader import (
     FileRange,
     LeaseResponse,
     LoaderStatus,
+    ModelIndexResponse,
     ModelResidency,
     PrefetchRequest,
     ReleaseRequest,
@@ -29,7 +30,11 @@ from hydraserve.contracts.loader import (
     SliceRequest,
 )
 from hydraserve.errors import HydraError, IntegrityError, InvalidRequestError, NotFoundError, StorageError
-from hydraserve.loaderd.fetcher import (
+from hydraserve.loaderd.file_check import FileCheck, file_check
+from hydraserve.loaderd.metrics import LoaderMetrics
+from hydraserve.loaderd.models import DEFAULT_REVALIDATE_S, HeldModel, ModelCache, Opener, S3Opener
+from hydraserve.loaderd.registry import Registry, Segment, segment_id_for
+from hydraserve.weights.fetch import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CONCURRENCY,
     DEFAULT_MIN_CHUNK_BYTES,
@@ -37,19 +42,15 @@ from hydraserve.loaderd.fetcher import (
     Fill,
     RangeReader,
 )
-from hydraserve.loaderd.file_check import FileCheck, file_check
-from hydraserve.loaderd.metrics import LoaderMetrics
-from hydraserve.loaderd.model_index import ModelIndex
-from hydraserve.loaderd.registry import Registry, Segment, segment_id_for
-from hydraserve.loaderd.segment import plan_layout
+from hydraserve.weights.model_version import ModelVersion
+from hydraserve.weights.retry import DEFAULT_BUDGET_S
+from hydraserve.weights.segment import plan_layout
 
 log = logging.getLogger(__name__)
 
 MAX_SMALL_FILE = 32 << 20  # tokenizer.json of big vocabularies is a few MB
 
-Resolver = Callable[[str, str | None], ModelIndex]
-SourceFactory = Callable[[ModelIndex], RangeReader]
-PeerFactory = Callable[[str, ModelIndex], RangeReader]
+PeerFactory = Callable[[str, str], RangeReader]  # (peer loaderd URL, model key) -> its reader
 
 
 @dataclass
@@ -61,7 +62,8 @@ class LoaderConfig:
     concurrency: int = DEFAULT_CONCURRENCY
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES
-    retry_budget_s: float = 60.0
+    retry_budget_s: float = DEFAULT_BUDGET_S  # how long one S3 operation keeps retrying
+    revalidate_s: float = DEFAULT_REVALIDATE_S  # a model version is rechecked at most this often
     shm_dir: str = "/dev/shm"
     endpoint_url: str | None = None
     strict_integrity: bool = False  # old manifests: hold whole files until their sha256 matches
@@ -72,7 +74,7 @@ class LoaderConfig:
 class LoaderService:
     """The daemon's state and operations (thread-safe)."""
 
-    def __init__(self, config: LoaderConfig, *, resolver: Resolver, s3_source: SourceFactory,
+    def __init__(self, config: LoaderConfig, *, open_model: Opener | None = None,
                  peer_source: PeerFactory | None = None, metrics: LoaderMetrics | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -84,13 +86,12 @@ class LoaderService:
         if stale:
             log.info("removed %d stale segments of a previous run", stale)
         self.engine = FetchEngine(concurrency=config.concurrency, chunk_bytes=config.chunk_bytes,
-                                  min_chunk_bytes=config.min_chunk_bytes,
-                                  retry_budget_s=config.retry_budget_s, observer=self.metrics)
-        self._resolve = resolver
-        self._s3_source = s3_source
+                                  min_chunk_bytes=config.min_chunk_bytes, observer=self.metrics)
+        self.opener = S3Opener(config.retry_budget_s, on_retry=lambda kind: self.metrics.on_error("s3", kind))
+        self.models = ModelCache(open_model or self.opener, revalidate_s=config.revalidate_s)
+        if open_model is None:
+            self.opener.client(config.endpoint_url)  # made now: the first prefetch should not pay for it
         self._peer_source = peer_source
-        self._models: dict[tuple[str, str | None], ModelIndex] = {}
-        self._models_by_key: dict[str, ModelIndex] = {}
         self._verified: set[tuple[str, str]] = set()  # (model key, file) whose sha256 matched
         self._small_files: dict[tuple[str, str], bytes] = {}  # (model key, name) -> bytes
         self._lock = threading.Lock()
@@ -98,27 +99,14 @@ class LoaderService:
 
     # -- model resolution -------------------------------------------------------------------
 
-    def model(self, uri: str, endpoint_url: str | None) -> ModelIndex:
-        """The model's index: read once (headers: one ranged GET per file), then revalidated on
-        every use with one LIST (sizes and ETags), so a re-pushed model is never served stale."""
-        endpoint = endpoint_url or self.config.endpoint_url
-        with self._lock:
-            index = self._models.get((uri, endpoint))
-        if index is not None and index.is_current is not None and not index.is_current():
-            log.info("model changed in the store; re-reading its index", extra={"model": uri})
-            index = None
-        if index is None:
-            index = self._resolve(uri, endpoint)
-            with self._lock:
-                self._models[(uri, endpoint)] = index
-                self._models_by_key[index.key] = index
-        return index
+    def model(self, uri: str, endpoint_url: str | None) -> HeldModel:
+        """The model's current version: resolved once, then revalidated cheaply (models.py)."""
+        return self.models.get(uri, endpoint_url or self.config.endpoint_url)
 
-    def forget_model(self, uri: str) -> None:
-        """Drop the cached index (after an integrity failure: the object may have changed)."""
-        with self._lock:
-            for key in [k for k in self._models if k[0] == uri]:
-                del self._models[key]
+    def index(self, uri: str, endpoint_url: str | None) -> ModelIndexResponse:
+        """Every tensor of the model with its byte range: what a worker slices its stage from."""
+        version = self.model(uri, endpoint_url).version
+        return ModelIndexResponse(model_key=version.key, tensors=list(version.tensors.values()))
 
     # -- operations -------------------------------------------------------------------------
 
@@ -137,35 +125,36 @@ class LoaderService:
         return ReleaseResponse(released=True)
 
     def _lease(self, req: SliceRequest, *, pin_s: float | None, pid: int | None) -> LeaseResponse:
-        index = self.model(req.model_uri, req.endpoint_url)
-        specs = index.select(req.stage, req.tensors)
-        if not specs:
+        held = self.model(req.model_uri, req.endpoint_url)
+        version = held.version
+        entries = version.select(req.stage, req.tensors)
+        if not entries:
             raise InvalidRequestError("the slice selects no tensors", param="stage")
         groups = []
-        for order, group, members in index.groups(specs):
-            seg_id = segment_id_for(index.key, group, (m.name for m in members))
-            groups.append((seg_id, order, group, plan_layout(index.key, group, members)))
-        lease, segs, created = self.registry.acquire(index.uri, index.key, groups, pin_s=pin_s, pid=pid)
+        for order, group, members in version.groups(entries):
+            seg_id = segment_id_for(version.key, group, (m.name for m in members))
+            groups.append((seg_id, order, group, plan_layout(version.key, group, members, version.tensor_sha256)))
+        lease, segs, created = self.registry.acquire(req.model_uri, version.key, groups, pin_s=pin_s, pid=pid)
         if created:
-            self._start_fill(index, created, req.peers)
+            self._start_fill(held, created, req.peers)
         bytes_new = sum(s.layout.tensor_bytes for s in created)
-        log.info("lease", extra={"lease": lease.lease_id, "model": index.uri, "groups": len(segs),
+        log.info("lease", extra={"lease": lease.lease_id, "model": req.model_uri, "groups": len(segs),
                                  "bytes_new": bytes_new, "pinned_s": pin_s, "pid": pid})
         self._update_gauges()
-        return LeaseResponse(lease_id=lease.lease_id, model_key=index.key,
+        return LeaseResponse(lease_id=lease.lease_id, model_key=version.key,
                              segments=[self._info(s) for s in segs],
                              bytes_total=sum(s.layout.tensor_bytes for s in segs), bytes_new=bytes_new,
-                             tensor_names=[t.name for t in specs])
+                             tensor_names=[t.name for t in entries])
 
-    def _start_fill(self, index: ModelIndex, segs: list[Segment], peers: list[str]) -> None:
+    def _start_fill(self, held: HeldModel, segs: list[Segment], peers: list[str]) -> None:
         sources: list[RangeReader] = []
         if self._peer_source is not None:
-            sources.extend(self._peer_source(p, index) for p in peers)
-        sources.append(self._s3_source(index))
+            sources.extend(self._peer_source(p, held.version.key) for p in peers)
+        sources.append(held.files)
         strict = self.config.strict_integrity
         # Tensors with a manifest hash (format 2) are verified one by one before they are
         # published, so strict mode only has to hold back segments without them.
-        fills = [(seg.order, Fill(seg.layout, seg.writer, sources, on_done=functools.partial(self._on_fill_done, index, seg),
+        fills = [(seg.order, Fill(seg.layout, seg.writer, sources, on_done=functools.partial(self._on_fill_done, held, seg),
                                   on_tensor=functools.partial(self._on_tensor, seg),
                                   defer_publish=strict and any(h is None for h in seg.layout.sha256),
                                   max_refetch=self.config.max_refetch))
@@ -177,17 +166,17 @@ class LoaderService:
             seg.tensors_ready += 1
             seg.bytes_ready += seg.layout.tensors[i].nbytes
 
-    def _on_fill_done(self, index: ModelIndex, seg: Segment, fill: Fill, exc: BaseException | None) -> None:
+    def _on_fill_done(self, held: HeldModel, seg: Segment, fill: Fill, exc: BaseException | None) -> None:
         elapsed = time.monotonic() - fill.started
         if exc is not None:
             self.metrics.failures.inc()
             if isinstance(exc, IntegrityError):  # a tensor's bytes never matched its sha256
                 self.metrics.integrity_failures.inc()
-                self.forget_model(index.uri)
+                self.models.forget(seg.model_uri)
             self.registry.mark(seg, "failed", f"{type(exc).__name__}: {exc}")
             log.error("segment failed", extra={"segment": seg.segment_id, "group": seg.group,
                                                "model": seg.model_uri, "error": str(exc)})
-            self._settle(index)  # strict mode: segments waiting for this file's hash move on
+            self._settle(held)  # strict mode: segments waiting for this file's hash move on
             self._update_gauges()
             return
         self.metrics.fill_seconds.observe(elapsed)
@@ -196,16 +185,17 @@ class LoaderService:
                                           "verify_seconds": round(fill.verify_seconds, 3)})
         with self.registry.lock:
             seg.state = "verifying"
-        self._settle(index)
+        self._settle(held)
         self._update_gauges()
 
     # -- integrity --------------------------------------------------------------------------
 
-    def _settle(self, index: ModelIndex) -> None:
+    def _settle(self, held: HeldModel) -> None:
         """Hash files that are now wholly resident (manifest sha256, else an MD5 ETag: see
         file_check); complete (publish) segments whose files are verified, or cannot be verified
         on this node (only part of them is held or in flight); fail the segments of a file that
         does not match."""
+        index = held.version
         with self._settle_lock:
             with self.registry.lock:
                 segs = [s for s in self.registry.segments.values() if s.model_key == index.key]
@@ -218,11 +208,11 @@ class LoaderService:
                 runs = self._covering_runs(segs, file, meta.data_start, meta.size, {"verifying", "complete"})
                 if runs is None:
                     continue
-                pieces: list[bytes | memoryview] = [index.header_bytes(file)]
+                pieces: list[bytes | memoryview] = [held.files.header_bytes(file)]
                 pieces += (seg.writer.view[lo:hi] for seg, lo, hi in runs)
                 if check.matches(pieces):
                     self._verified.add((index.key, file))
-                    log.info("file verified", extra={"model": index.uri, "file": file, "against": check.what})
+                    log.info("file verified", extra={"model": held.uri, "file": file, "against": check.what})
                 else:
                     bad[file] = check
             for file, check in bad.items():
@@ -230,14 +220,14 @@ class LoaderService:
                 hint = "" if check.algorithm == "sha256" else (
                     " (objects encrypted with SSE-KMS/SSE-C have ETags that are not MD5s: "
                     "run loaderd with --no-etag-check)")
-                log.error("integrity check failed: %s/%s does not match %s%s", index.uri, file, check.what, hint,
-                          extra={"model": index.uri, "file": file})
+                log.error("integrity check failed: %s/%s does not match %s%s", held.uri, file, check.what, hint,
+                          extra={"model": held.uri, "file": file})
                 for seg in segs:
                     if seg.state != "failed" and any(r.file == file for r in seg.layout.runs):
                         seg.writer.unpublish()
                         self.registry.mark(seg, "failed", f"{file} does not match {check.what}{hint}")
             if bad:
-                self.forget_model(index.uri)
+                self.models.forget(held.uri)
             for seg in segs:
                 if seg.state != "verifying":
                     continue
@@ -255,7 +245,7 @@ class LoaderService:
                 self.registry.mark(seg, "complete")
                 self.metrics.segments_completed.inc()
 
-    def _file_check(self, index: ModelIndex, file: str) -> FileCheck | None:
+    def _file_check(self, index: ModelVersion, file: str) -> FileCheck | None:
         return file_check(index.files[file], use_etag=self.config.etag_check)
 
     @staticmethod
@@ -282,15 +272,13 @@ class LoaderService:
         model version: workers then need no S3 client (boto3 import + client ~0.3 s of start-up)."""
         if name.endswith(".safetensors"):
             raise InvalidRequestError("weights are served through attach, not /v1/file", param="name")
-        index = self.model(uri, endpoint_url)
-        key = (index.key, name)
+        held = self.model(uri, endpoint_url)
+        key = (held.version.key, name)
         with self._lock:
             data = self._small_files.get(key)
         if data is None:
-            if index.read_file is None:
-                raise NotFoundError(f"{uri}: this model source cannot serve files")
             try:
-                data = index.read_file(name)
+                data = held.files.read_bytes(name)
             except StorageError as exc:
                 if exc.code == "no_such_key":  # an optional file (generation_config.json): 404
                     raise NotFoundError(exc.message, param="name") from None
@@ -313,8 +301,7 @@ class LoaderService:
                 for run in seg.layout.runs:
                     if run.file == file and run.file_start <= start and end <= run.file_end:
                         if all(seg.writer.is_ready(i) for i in run.tensors
-                               if seg.layout.tensors[i].file_start < end
-                               and seg.layout.tensors[i].file_start + seg.layout.tensors[i].nbytes > start):
+                               if seg.layout.tensors[i].start < end and seg.layout.tensors[i].end > start):
                             off = run.offset + start - run.file_start
                             seg.last_used = self.registry.clock()
                             data = bytes(seg.writer.view[off:off + end - start])
@@ -341,10 +328,10 @@ class LoaderService:
             for seg in segs:
                 if seg.state == "failed":
                     continue
-                index = self._models_by_key.get(seg.model_key)
+                held = self.models.by_key(seg.model_key)
                 res = models.setdefault(seg.model_key, ModelResidency(
                     model_uri=seg.model_uri, model_key=seg.model_key,
-                    model_bytes=index.model_bytes if index else 0, bytes_complete=0, bytes_filling=0,
+                    model_bytes=held.version.model_bytes if held else 0, bytes_complete=0, bytes_filling=0,
                     groups_complete=[], groups_filling=[], ranges=[]))
                 done = seg.state == "complete"
                 if done:

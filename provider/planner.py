@@ -74,7 +74,7 @@ class Planner:
         chosen: Choice | None = None
         for p in range(1, max_p + 1):
             splan = balanced_stage_plan(per_layer, spec.embed_bytes, spec.head_bytes, p)
-            sbytes = stage_bytes(per_layer, spec.embed_bytes, spec.head_bytes, splan)
+            sbytes = stage_bytes(per_layer, spec.embed_bytes, spec.head_bytes, splan, spec.tied_bytes)
             for a in range(min(p, spec.min_full_workers), p + 1):
                 rate = slowdown(p, a)
                 tpot = (spec.tpot_s or 0.0) * rate + PIPELINE_STEP_S * (p - 1)
@@ -301,4 +301,6 @@ def _resident_bytes(state: NodeState, spec: FunctionSpec, stage: StageSpec) -> i
         held += spec.embed_bytes
     if stage.is_last and res.head:
         held += spec.head_bytes
+    if stage.is_first and stage.is_last and res.embeddings and res.head:
+        held -= spec.tied_bytes
     return held

@@ -29,8 +29,10 @@ def balanced_stage_plan(per_layer: list[int], first_extra: int, last_extra: int,
     return _cached(tuple(per_layer), first_extra, last_extra, p)
 
 
-def stage_bytes(per_layer: list[int], first_extra: int, last_extra: int, plan: StagePlan) -> list[int]:
-    """Bytes each stage of ``plan`` holds."""
+def stage_bytes(per_layer: list[int], first_extra: int, last_extra: int, plan: StagePlan,
+                tied: int = 0) -> list[int]:
+    """Bytes each stage of ``plan`` holds (a stage that is first and last holds the ``tied``
+    embedding, counted in both extras, once), as the stage slicer decides them."""
     out = []
     for st in plan.stages:
         size = sum(per_layer[st.layer_start:st.layer_end])
@@ -38,5 +40,7 @@ def stage_bytes(per_layer: list[int], first_extra: int, last_extra: int, plan: S
             size += first_extra
         if st.is_last:
             size += last_extra
+        if st.is_first and st.is_last:
+            size -= tied
         out.append(size)
     return out

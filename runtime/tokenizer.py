@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from hydraserve.errors import InvalidRequestError
+from hydraserve.weights.model_files import ModelFiles
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -84,21 +85,19 @@ class Tokenizer:
         self._compiled = self._env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
 
     @classmethod
-    def from_files(cls, files: Any, eos_token_ids: Sequence[int] = ()) -> Tokenizer:
-        """From a ModelFiles (hydraserve.runtime.model.files): tokenizer.json is required."""
-        from hydraserve.runtime.model.files import read_optional
-
-        config_text = read_optional(files, "tokenizer_config.json")
+    def from_files(cls, files: ModelFiles, eos_token_ids: Sequence[int] = ()) -> Tokenizer:
+        """From a model's files (hydraserve.weights.model_files): tokenizer.json is required."""
+        config_text = files.read_optional("tokenizer_config.json")
         return cls(
             files.read_text("tokenizer.json"),
             json.loads(config_text) if config_text else None,
-            chat_template=read_optional(files, "chat_template.jinja"),
+            chat_template=files.read_optional("chat_template.jinja"),
             eos_token_ids=eos_token_ids,
         )
 
     @classmethod
     def from_dir(cls, model_dir: str, eos_token_ids: Sequence[int] = ()) -> Tokenizer:
-        from hydraserve.runtime.model.files import LocalModelFiles
+        from hydraserve.weights.model_files import LocalModelFiles
 
         return cls.from_files(LocalModelFiles(model_dir), eos_token_ids)
 

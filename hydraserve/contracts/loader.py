@@ -2,7 +2,7 @@
 
 Shared by the daemon (hydraserve.loaderd.api), its client (hydraserve.loaderd.client), the
 placement backends that call prefetch before a worker exists, and the runtime, which attaches
-to the segments and reads tensors straight out of shared memory (hydraserve.runtime.shm_source).
+to the segments and reads tensors straight out of shared memory (hydraserve.runtime.loader_files).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hydraserve.contracts.stage import StageSpec
+from hydraserve.contracts.tensors import TensorEntry
 
 SegmentState = Literal["filling", "complete", "failed"]
 
@@ -88,6 +89,14 @@ class LeaseResponse(BaseModel):
 
 class ReleaseResponse(BaseModel):
     released: bool
+
+
+class ModelIndexResponse(BaseModel):
+    """GET /v1/index: every tensor of a model version with its byte range (a worker slices its
+    stage from it and attaches by name, so it needs no S3 client of its own)."""
+
+    model_key: str
+    tensors: list[TensorEntry]
 
 
 class FileRange(BaseModel):

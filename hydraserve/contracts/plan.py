@@ -74,6 +74,8 @@ class FunctionSpec(_Strict):
         default=None, description="bytes of each decoder layer; default: the remainder split evenly")
     embed_bytes: int = Field(default=0, ge=0, description="bytes stage 0 holds beyond its layers")
     head_bytes: int = Field(default=0, ge=0, description="bytes the last stage holds beyond its layers")
+    tied_bytes: int = Field(default=0, ge=0, description="bytes counted in both embed_bytes and head_bytes "
+                            "(an LM head tied to the token embedding): a one-stage model holds them once")
     ttft_slo_s: float = Field(default=10.0, gt=0)
     tpot_slo_s: float = Field(default=0.2, gt=0)
     prompt_len: int = Field(default=512, ge=1)
@@ -90,8 +92,10 @@ class FunctionSpec(_Strict):
     def _check_sizes(self) -> FunctionSpec:
         if self.layer_bytes is not None and len(self.layer_bytes) != self.num_layers:
             raise ValueError(f"layer_bytes has {len(self.layer_bytes)} entries for {self.num_layers} layers")
-        if self.embed_bytes + self.head_bytes > self.model_size_bytes:
-            raise ValueError("embed_bytes + head_bytes exceed model_size_bytes")
+        if self.tied_bytes > min(self.embed_bytes, self.head_bytes):
+            raise ValueError("tied_bytes exceed embed_bytes or head_bytes")
+        if self.embed_bytes + self.head_bytes - self.tied_bytes > self.model_size_bytes:
+            raise ValueError("embed_bytes + head_bytes - tied_bytes exceed model_size_bytes")
         return self
 
     @property
@@ -102,7 +106,7 @@ class FunctionSpec(_Strict):
         """Decoder layer sizes, given or derived by spreading the non-embedding bytes evenly."""
         if self.layer_bytes is not None:
             return list(self.layer_bytes)
-        rest = self.model_size_bytes - self.embed_bytes - self.head_bytes
+        rest = self.model_size_bytes - self.embed_bytes - self.head_bytes + self.tied_bytes
         base, extra = divmod(rest, self.num_layers)
         return [base + (1 if i < extra else 0) for i in range(self.num_layers)]
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import Gateway, create_gateway_app
+from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.http_server import DrainingServer
 from hydraserve.processes import ChildProcess, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
@@ -108,10 +109,8 @@ class LocalStack:
             self.placement.register_node(NodeInfo(name=node.name, gpus=1, gpu_memory_gb=node.gpu_memory_gb,
                                                   nic_gbps=node.nic_gbps, loaderd_url=node.loaderd_url))
 
-        from hydraserve.demo.model import describe_model
-
         backend = LocalBackend(self.placement, nodes, run_dir=self.run_dir / "workers",
-                               describe_model=lambda fn: describe_model(fn, self.s3.client()),
+                               describe_model=self.describe_model,
                                s3_endpoint_url=self.s3.endpoint_url, worker_env=s3_env)
         self._cleanups.append(("workers", backend.close))
         self.backend = backend
@@ -145,6 +144,13 @@ class LocalStack:
     def leftover_segments(self) -> list[str]:
         return [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm")
                 if any(n.startswith(f"{SEGMENT_PREFIX}{node}-") for node in self.node_names)]
+
+    def describe_model(self, function: FunctionConfig) -> FunctionSpec:
+        """The function's FunctionSpec, from its model in the embedded S3."""
+        from hydraserve.provider.model_spec import describe_model
+        from hydraserve.weights.model_files import open_model
+
+        return describe_model(function, open_model(function.model_uri, client=self.s3.client()))
 
     def function_url(self, name: str | None = None) -> str:
         return f"{self.gateway_url}/functions/{name or self.options.function_name}"

@@ -1,166 +1,120 @@
-"""Tensor names -> roles (embedding, decoder layer i, final norm, head) and stage slicing.
+"""The stage slicer: which checkpoint tensors a pipeline stage holds, in the order to stream them.
 
-Knows the checkpoint naming of the llama family (``model.layers.{i}.``, ``model.embed_tokens``,
-``model.norm``, ``lm_head``) and of OPT (``model.decoder.layers.{i}.``,
-``model.decoder.embed_tokens``, ``model.decoder.embed_positions``,
-``model.decoder.final_layer_norm``, ``model.decoder.project_in/out``, ``lm_head`` absent when
-tied). Callers: the placement service (:func:`stage_byte_profile` + :func:`balanced_stage_plan`
-choose layer ranges), loaderd and the S3 tensor source (:func:`names_for_stage`,
-:func:`order_for_streaming` decide what to fetch and in which order), the runtime's loader.
+:func:`stage_parameters` is the one decision of what a stage holds, used by loaderd (what to
+prefetch and serve), the runtime (what to load, into which parameter) and, through
+:func:`stage_byte_profile`, the placement service's byte counts. Stage 0 holds the embeddings
+(and OPT's positions and project_in), stage s decoder layers [a_s, b_s), the last stage the
+final norm, project_out and the LM head; when the head is tied to the token embedding (config
+says so, or the checkpoint has no lm_head) the last stage holds the embedding as its head, the
+only tensor two stages share. Names come from hydraserve.weights.architectures, which refuses
+tensors it does not know. Also here: segment groups in streaming order, and the byte-balanced
+split of layers into p stages.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Protocol, TypeVar
 
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE, StagePlan, StageSpec
+from hydraserve.weights.architectures import HEAD_PARAM, Architecture, Part, TensorRole
+
+HEAD_ORDER = 1_000_000  # segment order of the final norm + head group (after any layer)
 
 
-class Role(StrEnum):
-    EMBEDDING = "embedding"
-    POSITION_EMBEDDING = "position_embedding"
-    PROJECT_IN = "project_in"
-    LAYER = "layer"
-    FINAL_NORM = "final_norm"
-    PROJECT_OUT = "project_out"
-    LM_HEAD = "lm_head"
-    OTHER = "other"  # unknown non-layer tensors (e.g. rotary buffers): every stage gets them
+def stream_rank(role: TensorRole) -> int:
+    """Streaming order of a tensor's group: embeddings first, then layers 0, 1, ..., then the head."""
+    if role.part in (Part.EMBEDDING, Part.FIRST):
+        return 0
+    if role.part is Part.LAYER:
+        return 1 + (role.layer or 0)
+    return HEAD_ORDER
 
 
-FIRST_STAGE_ROLES = frozenset({Role.EMBEDDING, Role.POSITION_EMBEDDING, Role.PROJECT_IN})
-LAST_STAGE_ROLES = frozenset({Role.FINAL_NORM, Role.PROJECT_OUT, Role.LM_HEAD})
+def segment_group(role: TensorRole) -> tuple[int, str]:
+    """The loaderd segment group of a tensor and the group's streaming order: "embed",
+    "layer.<i>" or "head" (a stage is a set of whole groups, so stages share segments)."""
+    order = stream_rank(role)
+    if role.part is Part.LAYER:
+        return order, f"layer.{role.layer}"
+    return order, "embed" if order == 0 else "head"
 
 
-@dataclass(frozen=True)
-class TensorRole:
-    role: Role
-    layer: int | None = None
+def head_is_embedding(names: Iterable[str], arch: Architecture) -> bool:
+    """Whether the LM head is the token embedding: config says tied, or there is no lm_head."""
+    return arch.tie_word_embeddings or not any(arch.role(n).part is Part.HEAD for n in names)
 
 
-_LAYER_RE = re.compile(r"^(?:model\.decoder\.layers|model\.layers)\.(\d+)\.")
-_FIXED: list[tuple[str, Role]] = [
-    ("model.embed_tokens.", Role.EMBEDDING),
-    ("model.decoder.embed_tokens.", Role.EMBEDDING),
-    ("model.decoder.embed_positions.", Role.POSITION_EMBEDDING),
-    ("model.decoder.project_in.", Role.PROJECT_IN),
-    ("model.norm.", Role.FINAL_NORM),
-    ("model.decoder.final_layer_norm.", Role.FINAL_NORM),
-    ("model.decoder.project_out.", Role.PROJECT_OUT),
-    ("lm_head.", Role.LM_HEAD),
-]
-
-
-def role_of(name: str) -> TensorRole:
-    """The role of one checkpoint tensor (``Role.OTHER`` if the name is not recognised)."""
-    match = _LAYER_RE.match(name)
-    if match:
-        return TensorRole(Role.LAYER, int(match.group(1)))
-    for prefix, role in _FIXED:
-        if name.startswith(prefix):
-            return TensorRole(role)
-    return TensorRole(Role.OTHER)
-
-
-def num_layers_in(names: Iterable[str]) -> int:
-    """1 + the highest decoder layer index among ``names`` (0 if there are none)."""
-    layers = [r.layer for r in map(role_of, names) if r.layer is not None]
-    return max(layers) + 1 if layers else 0
-
-
-def names_for_stage(names: Iterable[str], stage: StageSpec, tie_word_embeddings: bool) -> list[str]:
-    """The tensors stage ``stage`` needs, in the order given.
-
-    Stage 0 gets the embeddings (and OPT's position embeddings and project_in); the last stage
-    the final norm, project_out and lm_head; with tied embeddings and no ``lm_head`` tensor the
-    last stage also gets the token embedding (it is the head's weight).
-    """
+def stage_parameters(names: Iterable[str], stage: StageSpec, arch: Architecture) -> dict[str, tuple[str, ...]]:
+    """Every checkpoint tensor ``stage`` holds -> the parameters of our model it fills, in
+    streaming order (file order within a group). ``names`` is the whole checkpoint's tensors."""
     names = list(names)
-    roles = {n: role_of(n) for n in names}
-    has_head = any(r.role is Role.LM_HEAD for r in roles.values())
-    needs_embedding_as_head = stage.is_last and (tie_word_embeddings or not has_head)
-    selected = []
-    for name in names:
-        r = roles[name]
-        if r.role is Role.LAYER:
-            keep = r.layer is not None and stage.layer_start <= r.layer < stage.layer_end
-        elif r.role in FIRST_STAGE_ROLES:
-            keep = stage.is_first or (r.role is Role.EMBEDDING and needs_embedding_as_head)
-        elif r.role in LAST_STAGE_ROLES:
-            keep = stage.is_last
-        else:
-            keep = True
-        if keep:
-            selected.append(name)
-    return selected
+    roles = {n: arch.role(n) for n in names}  # refuses unknown names before anything is chosen
+    tied = head_is_embedding(names, arch)
+    held: list[tuple[str, tuple[str, ...]]] = []
+    for name, role in roles.items():
+        params: tuple[str, ...] = ()
+        if role.part is Part.LAYER:
+            assert role.layer is not None
+            if stage.layer_start <= role.layer < stage.layer_end:
+                params = (role.param,)
+        elif role.part is Part.EMBEDDING:
+            params = ((role.param,) if stage.is_first else ()) + ((HEAD_PARAM,) if stage.is_last and tied else ())
+        elif role.part is Part.FIRST:
+            params = (role.param,) if stage.is_first else ()
+        elif role.part in (Part.LAST, Part.HEAD):
+            params = (role.param,) if stage.is_last else ()
+        if params:
+            held.append((name, params))
+    held.sort(key=lambda item: stream_rank(roles[item[0]]))  # stable: file order within a group
+    return dict(held)
 
 
-class _Named(Protocol):
-    @property
-    def name(self) -> str: ...
+def stage_tensors(names: Iterable[str], stage: StageSpec, arch: Architecture) -> list[str]:
+    """The checkpoint tensors ``stage`` holds, in streaming order (see :func:`stage_parameters`)."""
+    return list(stage_parameters(names, stage, arch))
 
 
-N = TypeVar("N", bound="str | _Named")
-
-
-def stream_rank(name: str) -> tuple[int, int]:
-    """Sort key of a tensor for streaming: (0, 0) embeddings, (1, i) layer i, (2, 0) head."""
-    r = role_of(name)
-    if r.role in FIRST_STAGE_ROLES or r.role is Role.OTHER:
-        return (0, 0)
-    if r.role is Role.LAYER:
-        return (1, r.layer or 0)
-    return (2, 0)
-
-
-def order_for_streaming(entries: Sequence[N]) -> list[N]:
-    """Entries (names or objects with ``.name``) in the order a loader consumes them:
-    embeddings first, then decoder layers 0, 1, ..., then the final norm and head; file order
-    within each group (stable sort).
-    """
-    def key(entry: N) -> tuple[int, int]:
-        return stream_rank(entry if isinstance(entry, str) else entry.name)
-
-    return sorted(entries, key=key)
+def num_layers_in(names: Iterable[str], arch: Architecture) -> int:
+    """1 + the highest decoder layer among ``names`` (0 if there are none)."""
+    layers = [r.layer for r in map(arch.role, names) if r.part is Part.LAYER and r.layer is not None]
+    return max(layers) + 1 if layers else 0
 
 
 @dataclass(frozen=True)
 class StageByteProfile:
-    """Bytes per decoder layer, plus the bytes only the first / last stage holds."""
+    """Bytes per decoder layer, plus the bytes only the first / last stage holds. With a tied
+    head both extras count the embedding (``tied_bytes``): a one-stage model holds it once."""
 
     per_layer_bytes: list[int]
     first_extra_bytes: int
     last_extra_bytes: int
+    tied_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.per_layer_bytes) + self.first_extra_bytes + self.last_extra_bytes
+        return sum(self.per_layer_bytes) + self.first_extra_bytes + self.last_extra_bytes - self.tied_bytes
 
 
-def stage_byte_profile(sizes: Mapping[str, int], tie_word_embeddings: bool) -> StageByteProfile:
-    """Group tensor sizes (name -> bytes) by layer; embeddings count for the first stage and the
-    head for the last (with tied embeddings the last stage holds the embedding too)."""
-    per_layer = [0] * num_layers_in(sizes)
-    first = last = embedding = 0
-    has_head = False
-    for name, nbytes in sizes.items():
-        r = role_of(name)
-        if r.role is Role.LAYER and r.layer is not None:
-            per_layer[r.layer] += nbytes
-        elif r.role in FIRST_STAGE_ROLES:
-            first += nbytes
-            embedding += nbytes if r.role is Role.EMBEDDING else 0
-        elif r.role in LAST_STAGE_ROLES:
-            last += nbytes
-            has_head = has_head or r.role is Role.LM_HEAD
-        else:
-            first += nbytes
-    if tie_word_embeddings or not has_head:
-        last += embedding
-    return StageByteProfile(per_layer, first, last)
+def stage_byte_profile(sizes: Mapping[str, int], arch: Architecture) -> StageByteProfile:
+    """Tensor sizes (name -> bytes) as the planner counts them, by the slicer's rules."""
+    n = num_layers_in(sizes, arch)
+    whole = StageSpec.whole(max(n, 1))
+    per_layer = [0] * n
+    first = last = tied = 0
+    for name, params in stage_parameters(sizes, whole, arch).items():
+        role = arch.role(name)
+        if role.part is Part.LAYER:
+            assert role.layer is not None
+            per_layer[role.layer] += sizes[name]
+            continue
+        if role.part in (Part.EMBEDDING, Part.FIRST) and params[0] != HEAD_PARAM:
+            first += sizes[name]
+        if role.part in (Part.LAST, Part.HEAD) or HEAD_PARAM in params:
+            last += sizes[name]
+        if len(params) == 2:  # the tied embedding: stage 0's input and the last stage's head
+            tied += sizes[name]
+    return StageByteProfile(per_layer, first, last, tied)
 
 
 def balanced_stage_plan(per_layer_bytes: Sequence[int], first_extra_bytes: int,

@@ -17,7 +17,7 @@ from hydraserve.contracts.model import MANIFEST_FILE, SAFE_NAME_RE, ManifestFile
 from hydraserve.errors import IntegrityError, InvalidRequestError, NotFoundError, StorageError
 
 if TYPE_CHECKING:
-    from hydraserve.weights.model_files import ModelFiles
+    from hydraserve.weights.model_files import StoredModelFiles
 
 _PIECE = 4 * 1024 * 1024
 
@@ -172,7 +172,7 @@ def parse_manifest(data: bytes | str) -> ModelManifest:
         raise InvalidRequestError(f"invalid {MANIFEST_FILE}: {exc}") from exc
 
 
-def read_manifest(model: ModelFiles) -> ModelManifest | None:
+def read_manifest(model: StoredModelFiles) -> ModelManifest | None:
     """The model's manifest, or None if it has none (not pushed by us, or upload unfinished)."""
     try:
         if MANIFEST_FILE not in model.list_files():

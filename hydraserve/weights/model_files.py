@@ -1,70 +1,166 @@
-"""One model directory, local or ``s3://bucket/prefix``: its files, tensor index and tensors.
+"""One model, wherever it is read from: its small files, tensor index and tensors.
 
-``open_model(uri)`` is how every component reads a model as users already have it (HF layout:
-config.json, tokenizer files, *.safetensors, optional model.safetensors.index.json). Callers:
-the runtime (config, tokenizer, tensors), loaderd (tensor index -> byte ranges), the placement
-service (bytes per layer), ``hydraserve generate``. For S3 each safetensors header is read
-with one ranged GET of the file's first 64 KiB (a second only for a longer header); tensors
-come through :class:`~hydraserve.weights.s3_source.S3TensorSource`.
+:class:`ModelFiles` is what every reader of a model offers: config and tokenizer files, the
+tensor index, and a tensor source of exactly the tensors asked for. Three kinds exist: a
+local directory and an ``s3://bucket/prefix`` (:class:`StoredModelFiles`: the HF layout as
+users have it, config.json, tokenizer files, *.safetensors, optional
+model.safetensors.index.json), and the node's loaderd (hydraserve.runtime.loader_files).
+``open_model(uri)`` opens the stored kinds. Callers: the runtime, loaderd (index, byte
+ranges, checks), the placement's model description, ``hydraserve generate``. In S3 each
+safetensors header is read with one ranged GET of the file's first 64 KiB (a second only for
+a longer header); tensors come through the fetch engine (hydraserve.weights.fetched_source).
+A stored model is also a range reader for that engine (``read_into``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hydraserve.contracts.model import MANIFEST_FILE
+from hydraserve.contracts.stage import StageSpec
+from hydraserve.contracts.tensors import TensorEntry
 from hydraserve.errors import InvalidRequestError, NotFoundError, StorageError
-from hydraserve.weights.local import LocalTensorSource
-from hydraserve.weights.ranges import MiB
-from hydraserve.weights.s3 import (
-    ObjectInfo,
-    S3Client,
-    S3Uri,
-    is_s3_uri,
-    parse_s3_uri,
-    validate_file_name,
-)
+from hydraserve.weights.architectures import Architecture
+from hydraserve.weights.layout import num_layers_in, stage_tensors
+from hydraserve.weights.s3_uri import ObjectInfo, S3Uri, is_s3_uri, parse_s3_uri, validate_file_name
 from hydraserve.weights.safetensors_format import (
     PREFIX_BYTES,
     SafetensorsHeader,
-    TensorLocation,
     header_length,
     parse_header,
 )
-from hydraserve.weights.source import TensorSource
+
+if TYPE_CHECKING:  # boto3 (hydraserve.weights.s3) is imported only when an s3:// model is opened
+    import threading as _threading
+
+    from hydraserve.weights.model_version import ModelVersion
+    from hydraserve.weights.s3 import S3Client
+    from hydraserve.weights.source import TensorSource
 
 INDEX_FILE = "model.safetensors.index.json"
 HEADER_PROBE_BYTES = 64 * 1024
 
 
 class ModelFiles(ABC):
-    """Files of one model; tensor index computed once and cached."""
+    """The files of one model as a worker reads them."""
 
     uri: str
 
+    @abstractmethod
+    def read_bytes(self, name: str) -> bytes:
+        """A whole small file (config, tokenizer, index); NotFoundError or StorageError
+        (code no_such_key) if the model has no such file."""
+
+    @abstractmethod
+    def tensor_index(self) -> dict[str, TensorEntry]:
+        """Every tensor of the checkpoint (all shards) with its byte range, in file order."""
+
+    @abstractmethod
+    def tensor_source(self, names: Sequence[str]) -> TensorSource:
+        """A source of exactly ``names`` (KeyError for others); fetching starts at once."""
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+    def read_optional(self, name: str) -> str | None:
+        """A file's text, or None if the model does not have it (other errors propagate)."""
+        try:
+            return self.read_text(name)
+        except NotFoundError:
+            return None
+        except StorageError as exc:  # S3: a missing key is "absent", a denied one is an error
+            if exc.code == "no_such_key":
+                return None
+            raise
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(name))
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"{self.uri}/{name} is not valid JSON: {exc}") from exc
+
+    def config(self) -> dict[str, Any]:
+        """config.json (read once)."""
+        config = self.__dict__.get("_config")
+        if config is None:
+            config = self.read_json("config.json")
+            if not isinstance(config, dict):
+                raise InvalidRequestError(f"{self.uri}/config.json is not an object")
+            self.__dict__["_config"] = config
+        return dict(config)
+
+    def architecture(self) -> Architecture:
+        return Architecture.from_config(self.config())
+
+    def stage_tensor_names(self, stage: StageSpec | None = None) -> list[str]:
+        """The tensors ``stage`` (default: the whole model) holds, by the stage slicer."""
+        index = self.tensor_index()
+        arch = self.architecture()
+        return stage_tensors(index, stage or StageSpec.whole(max(1, num_layers_in(index, arch))), arch)
+
+
+class StoredModelFiles(ModelFiles):
+    """A model stored as files (a directory, an S3 prefix); index and headers read once."""
+
+    kind = "s3"  # as a range reader of the fetch engine (metrics label)
+
     def __init__(self) -> None:
-        self._index: dict[str, TensorLocation] | None = None
+        self._index: dict[str, TensorEntry] | None = None
         self._headers: dict[str, SafetensorsHeader] = {}
         self._raw_headers: dict[str, bytes] = {}  # exactly bytes [0, data_start) of each file
         self._shards: list[str] | None = None
         self._shards_lock = threading.Lock()
+        self._version: ModelVersion | None = None
+        self._version_lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        return self.uri
+
+    def version(self) -> ModelVersion:
+        """The version these files hold, resolved and checked on first use (then cached)."""
+        with self._version_lock:
+            if self._version is None:
+                from hydraserve.weights.model_version import resolve_version
+
+                self._version = resolve_version(self)
+            return self._version
 
     @abstractmethod
-    def read_bytes(self, name: str) -> bytes:
-        """A whole file (config, tokenizer, index). Raises NotFoundError/StorageError."""
-
-    @abstractmethod
-    def list_files(self) -> list[str]:
-        """File names directly in the model directory / prefix, sorted."""
+    def objects(self) -> dict[str, ObjectInfo]:
+        """File name -> size and ETag of the files directly in the model directory, sorted."""
 
     @abstractmethod
     def _read_header_bytes(self, file: str) -> tuple[bytes, int]:
         """At least the first 8 + N bytes of a safetensors file, and the file's size."""
+
+    @abstractmethod
+    def read_into(self, file: str, start: int, out: memoryview,
+                  cancel: _threading.Event | None = None) -> None:
+        """Bytes [start, start + len(out)) of a model file into ``out`` (retried where it can be)."""
+
+    @abstractmethod
+    def fingerprint(self, fresh: bool = False) -> str:
+        """A digest that changes whenever the model's files do, from what was read already, or
+        (``fresh``) asked of the store now at the least cost it allows."""
+
+    def read(self, file: str, start: int, end: int, cancel: _threading.Event | None = None) -> bytes:
+        out = bytearray(end - start)
+        self.read_into(file, start, memoryview(out), cancel)
+        return bytes(out)
+
+    def list_files(self) -> list[str]:
+        return list(self.objects())
+
+    def exists(self, name: str) -> bool:
+        return validate_file_name(name) in self.objects()
 
     def _read_index(self) -> bytes | None:
         """model.safetensors.index.json, or None when the model has no index."""
@@ -72,7 +168,7 @@ class ModelFiles(ABC):
 
     def _read_header(self, file: str) -> SafetensorsHeader:
         data, size = self._read_header_bytes(file)
-        header = parse_header(data, file_size=size, source=f"{self.uri}/{file}")
+        header = parse_header(data, file=file, file_size=size, source=f"{self.uri}/{file}")
         self._raw_headers[file] = bytes(data[:header.data_start])
         return header
 
@@ -81,18 +177,6 @@ class ModelFiles(ABC):
         kept from the read that parsed it, so checking costs no second GET."""
         self.headers()
         return self._raw_headers[file]
-
-    def read_text(self, name: str) -> str:
-        return self.read_bytes(name).decode("utf-8")
-
-    def read_json(self, name: str) -> Any:
-        try:
-            return json.loads(self.read_bytes(name))
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(f"{self.uri}/{name} is not valid JSON: {exc}") from exc
-
-    def exists(self, name: str) -> bool:
-        return validate_file_name(name) in self.list_files()
 
     def safetensors_files(self) -> list[str]:
         """Shard names from the index's weight_map, else every *.safetensors file (read once)."""
@@ -112,7 +196,7 @@ class ModelFiles(ABC):
                 raise InvalidRequestError(f"{self.uri}/{INDEX_FILE} has no weight_map")
             files = sorted({validate_file_name(str(f)) for f in weight_map.values()})
         else:
-            files = [f for f in self.list_files() if f.endswith(".safetensors")]
+            files = [f for f in self.objects() if f.endswith(".safetensors")]
         if not files:
             raise NotFoundError(f"no *.safetensors files in {self.uri}")
         return files
@@ -127,43 +211,29 @@ class ModelFiles(ABC):
                     self._headers[f] = header
         return {f: self._headers[f] for f in files}
 
-    def tensor_index(self) -> dict[str, TensorLocation]:
-        """Tensor name -> (file, entry with absolute byte range), in file then offset order."""
+    def tensor_index(self) -> dict[str, TensorEntry]:
         if self._index is None:
-            index: dict[str, TensorLocation] = {}
+            index: dict[str, TensorEntry] = {}
             for file, header in self.headers().items():
                 for name, entry in header.entries.items():
                     if name in index:
                         raise InvalidRequestError(
                             f"tensor {name} appears in both {index[name].file} and {file} ({self.uri})")
-                    index[name] = TensorLocation(file, entry)
+                    index[name] = entry
             self._index = index
         return self._index
 
-    def config(self) -> dict[str, Any]:
-        config = self.read_json("config.json")
-        if not isinstance(config, dict):
-            raise InvalidRequestError(f"{self.uri}/config.json is not an object")
-        return config
-
-    def _locations(self, names: Iterable[str] | None) -> dict[str, TensorLocation]:
-        index = self.tensor_index()
-        if names is None:
-            return dict(index)
-        wanted = list(names)
-        missing = [n for n in wanted if n not in index]
-        if missing:
-            raise KeyError(f"tensors not in {self.uri}: {missing[:5]}")
-        return {n: index[n] for n in wanted}
-
-    @abstractmethod
-    def tensor_source(self, names: list[str] | None = None, *, concurrency: int = 8,
-                      chunk_bytes: int = 16 * MiB) -> TensorSource:
-        """A source of ``names`` (all tensors if None); S3 starts fetching right away."""
+    def _listing_digest(self, objects: dict[str, ObjectInfo]) -> str:
+        digest = hashlib.sha256()
+        for name, obj in sorted(objects.items()):
+            digest.update(f"{name}:{obj.size}:{obj.etag}\0".encode())
+        return digest.hexdigest()[:16]
 
 
-class LocalModelFiles(ModelFiles):
-    """A model directory on the local file system."""
+class LocalModelFiles(StoredModelFiles):
+    """A model directory on the local file system (tensors memory-mapped, no copy)."""
+
+    kind = "local"
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
@@ -181,8 +251,14 @@ class LocalModelFiles(ModelFiles):
     def read_bytes(self, name: str) -> bytes:
         return self._file(name).read_bytes()
 
-    def list_files(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir() if p.is_file())
+    def objects(self) -> dict[str, ObjectInfo]:
+        return {p.name: ObjectInfo(p.name, p.stat().st_size) for p in sorted(self.path.iterdir()) if p.is_file()}
+
+    def fingerprint(self, fresh: bool = False) -> str:
+        """Names, sizes and modification times (a stat of the directory: always fresh)."""
+        stamps = {p.name: ObjectInfo(p.name, p.stat().st_size, str(p.stat().st_mtime_ns))
+                  for p in self.path.iterdir() if p.is_file()}
+        return self._listing_digest(stamps)
 
     def _read_header_bytes(self, file: str) -> tuple[bytes, int]:
         path = self._file(file)
@@ -191,12 +267,20 @@ class LocalModelFiles(ModelFiles):
             n = header_length(prefix, str(path))
             return prefix + f.read(n), path.stat().st_size
 
-    def tensor_source(self, names: list[str] | None = None, *, concurrency: int = 8,
-                      chunk_bytes: int = 16 * MiB) -> TensorSource:
+    def read_into(self, file: str, start: int, out: memoryview,
+                  cancel: _threading.Event | None = None) -> None:
+        with open(self._file(file), "rb") as f:
+            f.seek(start)
+            if f.readinto(out) != len(out):
+                raise StorageError(f"{self.path / file} is shorter than [{start}, {start + len(out)})")
+
+    def tensor_source(self, names: Sequence[str]) -> TensorSource:
+        from hydraserve.weights.local import LocalTensorSource
+
         return LocalTensorSource(self.path, names)
 
 
-class S3ModelFiles(ModelFiles):
+class S3ModelFiles(StoredModelFiles):
     """A model under ``s3://bucket/prefix``, read through :class:`S3Client`."""
 
     def __init__(self, uri: S3Uri, client: S3Client) -> None:
@@ -212,20 +296,37 @@ class S3ModelFiles(ModelFiles):
         return self.client.get_object_bytes(obj.bucket, obj.key)
 
     def objects(self) -> dict[str, ObjectInfo]:
-        """File name -> size and ETag, from one LIST shared by every caller (thread-safe)."""
+        """From one LIST shared by every caller (thread-safe)."""
         with self._listing_lock:
             if self._objects is None:
-                prefix = f"{self.location.key}/" if self.location.key else ""
-                listed = self.client.list_prefix(self.location.bucket, self.location.key)
-                named = {o.key[len(prefix):]: o for o in listed}
-                objects = {n: o for n, o in sorted(named.items()) if n and "/" not in n}
-                if not objects:
-                    raise StorageError(f"no model files under {self.uri}", code="no_such_key")
-                self._objects = objects
+                self._objects = self._list()
             return self._objects
 
-    def list_files(self) -> list[str]:
-        return list(self.objects())
+    def _list(self) -> dict[str, ObjectInfo]:
+        prefix = f"{self.location.key}/" if self.location.key else ""
+        listed = self.client.list_prefix(self.location.bucket, self.location.key)
+        named = {o.key[len(prefix):]: o for o in listed}
+        objects = {n: o for n, o in sorted(named.items()) if n and "/" not in n}
+        if not objects:
+            raise StorageError(f"no model files under {self.uri}", code="no_such_key")
+        return objects
+
+    def fingerprint(self, fresh: bool = False) -> str:
+        """The manifest's ETag when the model has one (a push deletes it first and writes it
+        last, so it changes with any file): one HEAD when ``fresh``. Without a manifest, the
+        listing's sizes and ETags: one LIST when ``fresh``."""
+        objects = self.objects()
+        if MANIFEST_FILE in objects:
+            if not fresh:
+                return f"manifest:{objects[MANIFEST_FILE].etag}"
+            obj = self.location.child(MANIFEST_FILE)
+            try:
+                return f"manifest:{self.client.head(obj.bucket, obj.key).etag}"
+            except StorageError as exc:
+                if exc.code == "no_such_key":
+                    return "manifest:gone"
+                raise
+        return self._listing_digest(self._list() if fresh else objects)
 
     def _read_index(self) -> bytes | None:
         """GET the index while the LIST runs (a 404 is cheap; a round trip on the cold path is not)."""
@@ -242,8 +343,6 @@ class S3ModelFiles(ModelFiles):
     def _read_if_present(self, name: str) -> bytes | None:
         try:
             return self.read_bytes(name)
-        except NotFoundError:
-            return None
         except StorageError as exc:
             if exc.code == "no_such_key":
                 return None
@@ -260,20 +359,26 @@ class S3ModelFiles(ModelFiles):
             data = bytes(data) + bytes(rest)
         return bytes(data), size
 
-    def tensor_source(self, names: list[str] | None = None, *, concurrency: int = 8,
-                      chunk_bytes: int = 16 * MiB) -> TensorSource:
-        from hydraserve.weights.s3_source import S3TensorSource
+    def read_into(self, file: str, start: int, out: memoryview,
+                  cancel: _threading.Event | None = None) -> None:
+        obj = self.location.child(file)
+        self.client.get_range_into(obj.bucket, obj.key, start, out, cancel=cancel)
 
-        locations = self._locations(names)
-        files = {loc.file: self.location.child(loc.file) for loc in locations.values()}
-        return S3TensorSource(self.client, files, locations, concurrency=concurrency,
-                              chunk_bytes=chunk_bytes)
+    def tensor_source(self, names: Sequence[str], *, concurrency: int | None = None,
+                      chunk_bytes: int | None = None) -> TensorSource:
+        """Fetched by this process with the fetch engine (each tensor checked against the
+        manifest's sha256 as it lands), into anonymous memory, first layers first."""
+        from hydraserve.weights.fetched_source import FetchedTensorSource
+
+        return FetchedTensorSource(self.version(), self, names, concurrency=concurrency, chunk_bytes=chunk_bytes)
 
 
 def open_model(uri: str, endpoint_url: str | None = None, *,
-               client: S3Client | None = None) -> ModelFiles:
+               client: S3Client | None = None) -> StoredModelFiles:
     """A local directory or ``s3://bucket/prefix`` (validated: no traversal, valid bucket)."""
     if is_s3_uri(uri):
+        from hydraserve.weights.s3 import S3Client
+
         location = parse_s3_uri(uri)
         return S3ModelFiles(location, client or S3Client(endpoint_url))
     if "://" in uri:

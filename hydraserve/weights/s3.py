@@ -8,8 +8,15 @@ Error mapping, in one place (:func:`classify`): a missing object, a missing buck
 rejected credentials are :class:`~hydraserve.errors.StorageError` (permanent, naming the
 ``s3://bucket/key``, never the credentials); timeouts, dropped connections, 5xx and
 throttling are retried with exponential backoff and full jitter, and once the retry budget is
-spent they become :class:`~hydraserve.errors.TemporaryError`. A ranged GET whose stream drops
-mid-body resumes from the first byte not yet received.
+spent they become :class:`~hydraserve.errors.TemporaryError` naming the endpoint. A ranged GET
+whose stream drops mid-body resumes from the first byte not yet received.
+
+This client is the only layer that retries S3 (the fetch engine above it never does), so one
+budget bounds every operation: no attempt starts later than ``RetryPolicy.budget_s`` (15 s by
+default) after the first, and each attempt is bounded by the connect timeout (3 s) or, for a
+stream that stalls, the read timeout (10 s between bytes). A dead S3 (connection refused,
+5xx) fails an operation in about 15 s; a black hole in at most 15 + 3 s. Clock, sleep and
+randomness are injected, so the budget is tested exactly.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from hydraserve.errors import HydraError, StorageError, TemporaryError
+from hydraserve.weights.retry import RetryPolicy
 from hydraserve.weights.s3_uri import (
+    ObjectInfo,
     S3Uri,
     is_s3_uri,
     parse_s3_uri,
@@ -63,27 +72,6 @@ class S3Credentials:
 
     def __repr__(self) -> str:
         return f"S3Credentials(access_key_id={self.access_key_id!r}, secret_access_key=***)"
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter, bounded by attempts and by total time."""
-
-    max_attempts: int = 8
-    base_delay_s: float = 0.1
-    max_delay_s: float = 2.0
-    budget_s: float = 30.0
-
-    def delay(self, attempt: int, rand: float) -> float:
-        """Sleep before retry number ``attempt`` (1-based); ``rand`` in [0, 1)."""
-        return rand * min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-    etag: str = ""
 
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -157,9 +145,13 @@ def _new_session() -> boto3.session.Session:
     return boto3.session.Session(botocore_session=core)
 
 
+CONNECT_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 10.0
+
+
 def make_boto_client(endpoint_url: str | None = None, *, credentials: S3Credentials | None = None,
                      region: str | None = None, max_pool_connections: int = 64,
-                     connect_timeout_s: float = 5.0, read_timeout_s: float = 30.0,
+                     connect_timeout_s: float = CONNECT_TIMEOUT_S, read_timeout_s: float = READ_TIMEOUT_S,
                      addressing_style: str = "path") -> Any:
     """A boto3 S3 client: endpoint from the argument or AWS_ENDPOINT_URL(_S3), path-style.
 
@@ -194,11 +186,13 @@ class S3Client:
 
     def __init__(self, endpoint_url: str | None = None, *, credentials: S3Credentials | None = None,
                  region: str | None = None, max_pool_connections: int = 64,
-                 connect_timeout_s: float = 5.0, read_timeout_s: float = 30.0,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, read_timeout_s: float = READ_TIMEOUT_S,
                  retry: RetryPolicy | None = None, multipart_threshold: int = 64 * MiB,
                  multipart_chunk: int = 16 * MiB,
+                 clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 on_retry: Callable[[str], None] | None = None) -> None:
         self._boto = make_boto_client(endpoint_url, credentials=credentials, region=region,
                                       max_pool_connections=max_pool_connections,
                                       connect_timeout_s=connect_timeout_s,
@@ -208,8 +202,10 @@ class S3Client:
         self.max_pool_connections = max_pool_connections
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
                                         multipart_chunksize=multipart_chunk, max_concurrency=4)
+        self._clock = clock
         self._sleep = sleep
         self._rand = rand
+        self._on_retry = on_retry  # called with the error's type name before each retry (metrics)
         self._lock = threading.Lock()
         self.requests = 0
         self.retries = 0
@@ -235,7 +231,7 @@ class S3Client:
         ``made_progress`` (checked after a failure) resets the attempt count: a stream that
         keeps delivering bytes between drops is not failing; the time budget still bounds it.
         """
-        started = time.monotonic()
+        started = self._clock()
         attempt = 0
         while True:
             try:
@@ -247,7 +243,7 @@ class S3Client:
                 attempt = 0 if made_progress() else attempt
                 attempt += 1
                 delay = self.retry.delay(attempt, self._rand())
-                elapsed = time.monotonic() - started
+                elapsed = self._clock() - started
                 if attempt >= self.retry.max_attempts or elapsed + delay > self.retry.budget_s:
                     raise TemporaryError(
                         f"S3 {what} {uri} failed {attempt} times in {elapsed:.1f} s "
@@ -257,6 +253,8 @@ class S3Client:
                 if cancel is not None and cancel.is_set():
                     raise TemporaryError(f"S3 {what} {uri} cancelled", code="cancelled") from exc
                 self._count(retries=1)
+                if self._on_retry is not None:
+                    self._on_retry(type(exc).__name__)
                 if cancel is None:
                     self._sleep(delay)
                 elif cancel.wait(delay):
@@ -309,10 +307,11 @@ class S3Client:
 
         return self._retrying(uri, "GET", attempt)
 
-    def get_range(self, bucket: str, key: str, start: int, end_exclusive: int) -> bytearray:
+    def get_range(self, bucket: str, key: str, start: int, end_exclusive: int, *,
+                  cancel: threading.Event | None = None) -> bytearray:
         """Bytes [start, end_exclusive) of an object, retried and resumed (see module doc)."""
         out = bytearray(end_exclusive - start)
-        self.get_range_into(bucket, key, start, memoryview(out))
+        self.get_range_into(bucket, key, start, memoryview(out), cancel=cancel)
         return out
 
     def get_range_into(self, bucket: str, key: str, start: int, out: memoryview | bytearray,

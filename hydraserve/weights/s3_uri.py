@@ -1,6 +1,7 @@
 """S3 URIs and object-key safety: ``s3://bucket/prefix`` parsing and file-name validation.
 
-Pure string checks, no boto3 (so argument parsing and contracts can use them cheaply);
+Pure string checks and records, no boto3 (so argument parsing, contracts and the worker's
+loaderd path can use them without importing it);
 re-exported by :mod:`hydraserve.weights.s3`. Rejects path traversal (``..``), empty or ``.``
 segments (absolute paths), control characters, backslashes and invalid bucket names; model
 file names (which come from untrusted index files) must be one flat, safe segment.
@@ -56,6 +57,15 @@ def validate_file_name(name: str) -> str:
     if not _FILE_NAME_RE.match(name) or name in (".", ".."):
         raise InvalidRequestError(f"unsafe model file name {name!r}", param="model")
     return name
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a listing (or a HEAD): its key, size and ETag."""
+
+    key: str
+    size: int
+    etag: str = ""
 
 
 @dataclass(frozen=True)

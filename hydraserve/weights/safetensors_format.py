@@ -1,11 +1,11 @@
-"""The safetensors file format, from bytes: header parsing, validation, tensors from buffers.
+"""The safetensors file format, from bytes: header parsing and validation (no torch).
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`` and then
 the raw tensor bytes; offsets are relative to the end of the header. Parsing only needs the
 first 8 + N bytes, so one ranged GET of a file's start gives every tensor's absolute byte
-range. Callers: :mod:`hydraserve.weights.model_files` (tensor index), the tensor sources and
-loaderd (which turn fetched bytes into tensors with :func:`tensor_from_buffer`).
+range. Callers: :mod:`hydraserve.weights.model_files` (tensor index), push manifests, loaderd.
+No torch here (loaderd never imports it): :mod:`hydraserve.weights.tensors` turns bytes into tensors.
 """
 
 from __future__ import annotations
@@ -15,54 +15,17 @@ import math
 import struct
 from dataclasses import dataclass
 
-import torch
-
-from hydraserve.errors import InvalidRequestError
+from hydraserve.contracts.tensors import TensorEntry
+from hydraserve.errors import SafetensorsFormatError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PREFIX_BYTES = 8
 
-# safetensors dtype string -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "U16": (torch.uint16, 2),
-    "U32": (torch.uint32, 4),
-    "U64": (torch.uint64, 8),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+# safetensors dtype name -> bytes per element (hydraserve.weights.tensors has the torch dtypes)
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
-
-
-class SafetensorsFormatError(InvalidRequestError):
-    """The bytes are not a valid safetensors header (names the file)."""
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a file: dtype, shape and absolute byte range [start, end) in the file."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
 
 
 @dataclass(frozen=True)
@@ -94,13 +57,13 @@ def header_length(prefix: bytes, source: str = "safetensors file") -> int:
     return int(n)
 
 
-def parse_header(data: bytes | bytearray | memoryview, *, file_size: int | None = None,
-                 source: str = "safetensors file") -> SafetensorsHeader:
+def parse_header(data: bytes | bytearray | memoryview, *, file: str = "model.safetensors",
+                 file_size: int | None = None, source: str = "safetensors file") -> SafetensorsHeader:
     """Parse and validate the header from the file's first bytes (at least 8 + N of them).
 
     Checks: JSON object; known dtypes; non-negative integer shapes; each range's size equals
     prod(shape) x itemsize; ranges do not overlap; and, if ``file_size`` is known, every range
-    lies inside the file.
+    lies inside the file. Entries name ``file`` (the shard's name in the model directory).
     """
     raw = bytes(data[: PREFIX_BYTES + MAX_HEADER_BYTES])
     n = header_length(raw, source)
@@ -120,7 +83,7 @@ def parse_header(data: bytes | bytearray | memoryview, *, file_size: int | None 
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise SafetensorsFormatError(f"{source}: __metadata__ must map strings to strings")
     data_start = PREFIX_BYTES + n
-    entries = [_entry(name, spec, data_start, source) for name, spec in obj.items()]
+    entries = [_entry(name, spec, file, data_start, source) for name, spec in obj.items()]
     entries.sort(key=lambda e: (e.start, e.end))
     previous_end = data_start
     for entry in entries:
@@ -134,43 +97,21 @@ def parse_header(data: bytes | bytearray | memoryview, *, file_size: int | None 
     return SafetensorsHeader(header_len=n, entries={e.name: e for e in entries}, metadata=metadata)
 
 
-def _entry(name: str, spec: object, data_start: int, source: str) -> TensorEntry:
+def _entry(name: str, spec: object, file: str, data_start: int, source: str) -> TensorEntry:
     where = f"{source}: tensor {name!r}"
     if not isinstance(spec, dict):
         raise SafetensorsFormatError(f"{where}: entry is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_SIZES:
         raise SafetensorsFormatError(f"{where}: unsupported dtype {dtype!r}")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise SafetensorsFormatError(f"{where}: shape {shape!r} is not a list of sizes")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
         raise SafetensorsFormatError(f"{where}: bad data_offsets {offsets!r}")
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         raise SafetensorsFormatError(
             f"{where}: {offsets[1] - offsets[0]} bytes for shape {shape} {dtype} "
             f"(expected {expected})")
-    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
-
-
-def tensor_from_buffer(entry: TensorEntry, buffer: bytearray | memoryview, offset: int = 0) -> torch.Tensor:
-    """A tensor viewing ``entry``'s bytes at ``offset`` in a writable buffer (no copy).
-
-    The view shares memory with ``buffer``: it stays valid while the tensor lives.
-    """
-    numel = math.prod(entry.shape)
-    if numel == 0:
-        return torch.empty(entry.shape, dtype=entry.torch_dtype)
-    if len(buffer) < offset + entry.nbytes:
-        raise ValueError(f"buffer too small for {entry.name}")
-    flat = torch.frombuffer(buffer, dtype=entry.torch_dtype, count=numel, offset=offset)
-    return flat.view(entry.shape)
-
-
-@dataclass(frozen=True)
-class TensorLocation:
-    """Where one tensor of a (possibly sharded) checkpoint lives: file name + its entry."""
-
-    file: str
-    entry: TensorEntry
+    return TensorEntry(name, dtype, tuple(shape), file, data_start + offsets[0], data_start + offsets[1])

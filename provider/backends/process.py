@@ -1,5 +1,6 @@
-"""One worker as a local child process: spawn with settings in the env, wait for readiness,
-drain with SIGTERM. Used by the local backend; no placement logic here.
+"""The process launcher: workers as local child processes (the WorkerLauncher of the embedded
+default). A worker is spawned with its environment (hydraserve.contracts.worker), waited for
+until /readyz answers, drained with SIGTERM. Used by the local backend; no placement here.
 """
 
 from __future__ import annotations
@@ -11,21 +12,35 @@ from pathlib import Path
 
 import requests
 
+from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import TemporaryError
 from hydraserve.processes import ChildProcess, free_port
+
+
+class ProcessLauncher:
+    """Launches workers as children of this process, on loopback (every emulated node shares it)."""
+
+    def __init__(self, run_dir: Path, *, extra_env: dict[str, str] | None = None, host: str = "127.0.0.1") -> None:
+        self.run_dir = run_dir
+        self._extra_env = dict(extra_env or {})  # e.g. S3 credentials for the direct-S3 path
+        self._host = host
+
+    def reserve(self, node: str) -> str:
+        return f"http://{self._host}:{free_port(self._host)}"
+
+    def launch(self, node: str, env: WorkerEnvironment) -> WorkerProcess:
+        name = f"{env.instance_id or env.function}-{env.stage.index if env.stage else 0}"
+        return WorkerProcess({**self._extra_env, **env.to_env()}, self.run_dir / f"{name}.log",
+                             env.spawned_at or time.time(), f"http://{env.host}:{env.port}")
 
 
 class WorkerProcess(ChildProcess):
     """A `python -m hydraserve.runtime.worker` child; its 503 reasons come from its JSON log."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, host: str = "127.0.0.1") -> None:
-        self.port = free_port(host)
-        self.url = f"http://{host}:{self.port}"
-        # The worker clamps its /proc start time (10 ms ticks) to this same spawn moment.
-        spawned_at = time.time()
-        super().__init__("worker", [sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path,
-                         env={**env, "PORT": str(self.port), "HYDRASERVE_HOST": host,
-                              "HYDRASERVE_SPAWNED_AT": repr(spawned_at)})
+    def __init__(self, env: dict[str, str], log_path: Path, spawned_at: float, url: str) -> None:
+        super().__init__("worker", [sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path, env=env)
+        self.url = url
+        # The worker clamps its /proc start time (10 ms ticks) to the spawn moment its env says.
         self.spawned_at = spawned_at
 
     def wait_ready(self, timeout_s: float, poll_s: float = 0.02) -> None:

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from hydraserve.errors import HydraError, TemporaryError
+from hydraserve.errors import EngineError, HydraError, TemporaryError
 from hydraserve.runtime.engine.request import Request, RequestStream
 from hydraserve.runtime.engine.runner import Executor, StepInput
 from hydraserve.runtime.engine.sampling import make_generator, sample
@@ -25,13 +25,6 @@ from hydraserve.runtime.engine.validate import validate_request
 from hydraserve.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class EngineError(HydraError):
-    """A step failed inside the model; the affected requests end with this error."""
-
-    status = 500
-    error_type = "engine_error"
 
 
 class LLMEngine:

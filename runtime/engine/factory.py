@@ -1,65 +1,100 @@
-"""load_engine: model directory or s3:// URI -> a started LLMEngine (the convenience path).
+"""Model files -> a loaded stage -> an LLMEngine: the one way the runtime builds an engine.
 
-Used by ``hydraserve generate``, the single-worker server and tests. Reads config.json and the
-tokenizer files through the ModelFiles seam (local or S3), opens a TensorSource asking for
-only the tensors the model needs, builds the model with the meta-device loader and wraps it
-in a ModelRunner. Pipelined workers build their stage with loader.load_stage directly.
+``load_model`` loads a stage (default: the whole model) through the ModelFiles seam (a local
+directory, S3, or the node's loaderd), asking the files for exactly the tensors the stage
+slicer gives it; ``load_tokenizer`` reads the tokenizer; ``build_engine`` wraps a whole model
+in a ModelRunner and an LLMEngine. The worker's head role (hydraserve.runtime.roles) calls
+these three with its timeline; ``load_engine`` is the same three in one call, for
+``hydraserve generate`` and tests.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from hydraserve.contracts.stage import StageSpec
 from hydraserve.runtime.engine.engine import LLMEngine
 from hydraserve.runtime.engine.runner import ModelRunner
 from hydraserve.runtime.model.config import ModelConfig
-from hydraserve.runtime.model.files import ModelFiles, open_model_files, read_optional
 from hydraserve.runtime.model.layers import StageModel
 from hydraserve.runtime.model.loader import load_stage
-from hydraserve.runtime.model.names import stage_tensor_names
 from hydraserve.runtime.tokenizer import Tokenizer
+from hydraserve.weights.model_files import ModelFiles, open_model
+from hydraserve.weights.source import TensorSource
 
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the KV cache of long-context models unless asked otherwise
 
 
+@dataclass
+class LoadedStage:
+    """A stage built from a model's files, and the source its weights are views of. Keep the
+    source open while the weights are used: through loaderd its lease keeps the segments."""
+
+    config: ModelConfig
+    model: StageModel
+    source: TensorSource
+
+
 def generation_eos_ids(files: ModelFiles) -> list[int]:
     """EOS ids from generation_config.json (Llama 3 lists several)."""
-    text = read_optional(files, "generation_config.json")
+    text = files.read_optional("generation_config.json")
     if not text:
         return []
     eos = json.loads(text).get("eos_token_id")
     return [int(e) for e in eos] if isinstance(eos, list) else ([int(eos)] if eos is not None else [])
 
 
-def load_model(files: ModelFiles, *, dtype: str | torch.dtype | None = None,
-               device: str = "cpu") -> tuple[ModelConfig, StageModel, Tokenizer]:
-    """Config, whole model and tokenizer of a model, through the ModelFiles seam."""
-    cfg = ModelConfig.from_json(files.read_text("config.json"))
-    tokenizer = Tokenizer.from_files(files, eos_token_ids=[*cfg.eos_token_ids, *generation_eos_ids(files)])
-    source = files.tensor_source(stage_tensor_names(cfg))
+def load_tokenizer(files: ModelFiles, cfg: ModelConfig) -> Tokenizer:
+    return Tokenizer.from_files(files, eos_token_ids=[*cfg.eos_token_ids, *generation_eos_ids(files)])
+
+
+def load_model(files: ModelFiles, stage: StageSpec | None = None, *, config: ModelConfig | None = None,
+               dtype: str | torch.dtype | None = None, device: str = "cpu",
+               on_tensor: Callable[[str, float], None] | None = None,
+               on_attached: Callable[[TensorSource], None] | None = None) -> LoadedStage:
+    """``stage`` (default: the whole model) with its weights (``config``: config.json already
+    parsed); ``on_attached`` is told when the source exists (its bytes may still be arriving),
+    ``on_tensor`` after each tensor."""
+    cfg = config or ModelConfig.from_json(files.read_text("config.json"))
+    stage = stage or StageSpec.whole(cfg.num_layers)
+    source = files.tensor_source(files.stage_tensor_names(stage))
+    if on_attached is not None:
+        on_attached(source)
     try:
-        model = load_stage(cfg, source, dtype=dtype, device=device)
-    finally:
-        # Local memory-mapped tensors stay valid after close; shared-memory sources keep the
-        # segment mapped for the lifetime of the tensors they returned.
+        model = load_stage(cfg, source, stage, dtype=dtype, device=device, on_tensor=on_tensor)
+    except BaseException:
         source.close()
-    return cfg, model, tokenizer
+        raise
+    return LoadedStage(cfg, model, source)
+
+
+def context_limit(cfg: ModelConfig, max_model_len: int | None) -> int:
+    """Tokens per sequence the KV cache holds: ``max_model_len`` (default 4096), at most the model's context."""
+    return min(cfg.max_position_embeddings, max_model_len or DEFAULT_MAX_MODEL_LEN)
+
+
+def build_engine(loaded: LoadedStage, tokenizer: Tokenizer, *, max_num_seqs: int = 8,
+                 max_model_len: int | None = None, model_name: str = "model") -> LLMEngine:
+    """An engine (not started) over a whole model; the KV cache holds ``max_num_seqs``
+    sequences of up to :func:`context_limit` tokens."""
+    cfg = loaded.config
+    limit = context_limit(cfg, max_model_len)
+    return LLMEngine(ModelRunner(loaded.model, max_num_seqs, limit), tokenizer, model_name=model_name,
+                     max_model_len=limit, vocab_size=cfg.vocab_size, max_num_seqs=max_num_seqs)
 
 
 def load_engine(model: str | Path | ModelFiles, *, endpoint_url: str | None = None,
                 dtype: str | torch.dtype | None = None, max_model_len: int | None = None,
                 max_num_seqs: int = 8, model_name: str | None = None, start: bool = True) -> LLMEngine:
     """Load a model (local dir, s3:// URI or ModelFiles) into an engine, started by default."""
-    files = open_model_files(model, endpoint_url) if isinstance(model, str | Path) else model
-    cfg, stage_model, tokenizer = load_model(files, dtype=dtype)
-    limit = min(cfg.max_position_embeddings, max_model_len or DEFAULT_MAX_MODEL_LEN)
-    engine = LLMEngine(
-        ModelRunner(stage_model, max_num_seqs, limit), tokenizer,
-        model_name=model_name or (str(model).rstrip("/").rsplit("/", 1)[-1] if isinstance(model, str | Path)
-                                  else "model"),
-        max_model_len=limit, vocab_size=cfg.vocab_size, max_num_seqs=max_num_seqs,
-    )
+    files = open_model(str(model), endpoint_url) if isinstance(model, str | Path) else model
+    loaded = load_model(files, dtype=dtype)
+    name = model_name or (str(model).rstrip("/").rsplit("/", 1)[-1] if isinstance(model, str | Path) else "model")
+    engine = build_engine(loaded, load_tokenizer(files, loaded.config), max_num_seqs=max_num_seqs,
+                          max_model_len=max_model_len, model_name=name)
     return engine.start() if start else engine

@@ -1,7 +1,8 @@
 """ModelConfig: the one description of a decoder the model code needs, parsed from HF config.json.
 
-Called by the loader, the engine factory and the stage planner's byte accounting. Supports the
-Llama family (llama, mistral, qwen2: RMSNorm + RoPE + SwiGLU) and OPT; anything else raises
+Called by the loader and the engine factory. Supports the Llama family (llama, mistral, qwen2:
+RMSNorm + RoPE + SwiGLU) and OPT, the families hydraserve.weights.architectures names (the
+checkpoint naming lives there; ``architecture`` carries it); anything else raises
 UnsupportedModelError naming the model_type. Derived sizes are computed after construction.
 """
 
@@ -11,16 +12,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hydraserve.errors import InvalidRequestError
+from hydraserve.errors import UnsupportedModelError
+from hydraserve.weights.architectures import Architecture
 
-LLAMA_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
-OPT_TYPES = {"opt": "opt"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
-
-class UnsupportedModelError(InvalidRequestError):
-    """config.json describes an architecture or option this runtime cannot run."""
+__all__ = ["ModelConfig", "UnsupportedModelError"]
 
 
 @dataclass
@@ -29,6 +27,7 @@ class ModelConfig:
 
     family: Literal["llama", "opt"]
     model_type: str
+    architecture: Architecture  # checkpoint naming: which tensor is which part, tied head or not
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -82,22 +81,18 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Parse a Hugging Face config.json dict (transformers 4.x and 5.x spellings)."""
         model_type = str(hf.get("model_type", ""))
+        architecture = Architecture.from_config(hf)  # UnsupportedModelError for other model types
         dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").removeprefix("torch.")
         eos = hf.get("eos_token_id")
         eos_ids = [int(e) for e in eos] if isinstance(eos, list) else ([int(eos)] if eos is not None else [])
         common: dict[str, Any] = dict(
-            model_type=model_type, vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            model_type=model_type, architecture=architecture, tie_word_embeddings=architecture.tie_word_embeddings,
+            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
             num_layers=int(hf["num_hidden_layers"]), num_heads=int(hf["num_attention_heads"]),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)), dtype=dtype,
             bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
         )
-        if model_type in LLAMA_TYPES:
-            return cls._llama(hf, common)
-        if model_type in OPT_TYPES:
-            return cls._opt(hf, common)
-        raise UnsupportedModelError(
-            f"unsupported model_type {model_type!r}: supported are "
-            f"{', '.join(sorted({*LLAMA_TYPES, *OPT_TYPES}))}", param="model")
+        return cls._llama(hf, common) if architecture.family.name == "llama" else cls._opt(hf, common)
 
     @classmethod
     def _llama(cls, hf: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
@@ -120,7 +115,6 @@ class ModelConfig:
             num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
             intermediate_size=int(hf["intermediate_size"]),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             head_dim=int(hf.get("head_dim") or 0),
             rope_theta=theta,
             rope_scaling={**rope, "rope_type": rope_type} if rope_type != "default" else None,
@@ -142,7 +136,6 @@ class ModelConfig:
             num_kv_heads=int(hf["num_attention_heads"]),
             intermediate_size=int(hf["ffn_dim"]),
             norm_eps=1e-5,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
             do_layer_norm_before=pre_ln,
             word_embed_proj_dim=int(hf.get("word_embed_proj_dim") or hf["hidden_size"]),
             enable_bias=bool(hf.get("enable_bias", True)),

@@ -1,10 +1,12 @@
 """Build one pipeline stage on the meta device and pull in only its own tensors.
 
 Called by the engine factory (hydraserve.runtime.engine.factory), the stage workers and the
-consolidation path. Tensors are requested from the TensorSource in load order (embeddings,
-layers a..b-1, head), so a source still streaming bytes (loaderd shared memory, S3) is read in
-the order it arrives. A tensor whose dtype and device already match is used as is: no copy, and
-it may be a read-only view of shared memory (the model never writes its weights).
+consolidation path. Which tensors a stage holds and which parameter each fills is the stage
+slicer's decision (hydraserve.weights.layout.stage_parameters, the same one loaderd prefetches
+by); tensors are requested in its streaming order (embeddings, layers a..b-1, head), so a
+source still streaming bytes (loaderd shared memory, S3) is read in the order it arrives. A
+tensor whose dtype and device already match is used as is: no copy, and it may be a read-only
+view of shared memory (the model never writes its weights).
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from hydraserve.contracts.stage import StageSpec
 from hydraserve.runtime.model.config import ModelConfig
 from hydraserve.runtime.model.layers import StageModel
 from hydraserve.runtime.model.llama import LlamaStage
-from hydraserve.runtime.model.names import resolve, stage_param_map
+from hydraserve.weights.layout import stage_parameters
 from hydraserve.weights.source import TensorSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class WeightMismatchError(ValueError):
-    """A checkpoint tensor does not have the shape config.json implies."""
+    """A checkpoint tensor does not fit the model config.json describes (shape, or no such parameter)."""
 
 
 def resolve_dtype(cfg: ModelConfig, dtype: str | torch.dtype | None) -> torch.dtype:
@@ -51,13 +53,18 @@ def build_stage(cfg: ModelConfig, stage: StageSpec | None = None) -> StageModel:
         return cls(cfg, stage)
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, checkpoint_name: str) -> None:
     module_path, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_path)
-    current = module._parameters[leaf]
-    if current is None or tuple(current.shape) != tuple(tensor.shape):
-        shape = None if current is None else tuple(current.shape)
-        raise WeightMismatchError(f"{name}: checkpoint shape {tuple(tensor.shape)}, expected {shape}")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        module = None
+    current = None if module is None else module._parameters.get(leaf)
+    if module is None or current is None:
+        raise WeightMismatchError(f"checkpoint tensor {checkpoint_name} fills {name}, which the model "
+                                  "config.json describes does not have")
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise WeightMismatchError(f"{name}: checkpoint shape {tuple(tensor.shape)}, expected {tuple(current.shape)}")
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
@@ -85,9 +92,8 @@ def grow_stage(model: StageModel, source: TensorSource, target: StageSpec, *,
         raise ValueError(f"target layers [{target.layer_start}, {target.layer_end}) do not contain "
                          f"[{model.stage.layer_start}, {model.stage.layer_end})")
     held = dict(model.named_parameters())
-    available = set(source.tensor_names())
-    loaded = {resolve(theirs, available): held[ours].detach()
-              for ours, theirs in stage_param_map(cfg, model.stage).items()}
+    loaded = {ckpt: held[ours[0]].detach()
+              for ckpt, ours in stage_parameters(source.tensor_names(), model.stage, cfg.architecture).items()}
     first = next(iter(held.values()))
     grown = build_stage(cfg, target)
     _fill(grown, source, loaded, first.dtype, first.device, on_tensor)
@@ -96,11 +102,10 @@ def grow_stage(model: StageModel, source: TensorSource, target: StageSpec, *,
 
 def _fill(model: StageModel, source: TensorSource, loaded: dict[str, torch.Tensor], dtype: torch.dtype,
           device: torch.device, on_tensor: Callable[[str, float], None] | None) -> None:
-    """Assign every parameter in load order; ``loaded`` (by checkpoint name) is reused, so tied
-    weights and tensors a previous stage already held are read once."""
-    available = set(source.tensor_names())
-    for ours, theirs in stage_param_map(model.config, model.stage).items():
-        ckpt_name = resolve(theirs, available)
+    """Assign every parameter in load order; ``loaded`` (by checkpoint name) is reused, so tensors
+    a previous stage already held are read once (a tied head's embedding is read once anyway)."""
+    plan = stage_parameters(source.tensor_names(), model.stage, model.config.architecture)
+    for ckpt_name, params in plan.items():
         tensor = loaded.get(ckpt_name)
         if tensor is None:
             start = time.perf_counter()
@@ -111,7 +116,8 @@ def _fill(model: StageModel, source: TensorSource, loaded: dict[str, torch.Tenso
             loaded[ckpt_name] = tensor
             if on_tensor is not None:
                 on_tensor(ckpt_name, waited)
-        _assign(model, ours, tensor)
+        for name in params:
+            _assign(model, name, tensor, ckpt_name)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise WeightMismatchError(f"parameters left unloaded: {missing[:5]}")

@@ -22,15 +22,17 @@ MAX_BODY_BYTES = 1 << 20
 _UNCOUNTED = {"/healthz", "/readyz", "/metrics"}
 
 
-def create_app(state: RuntimeState, *, metrics: RuntimeMetrics | None = None,
+def create_app(state: RuntimeState, *, metrics: RuntimeMetrics | None = None, api: bool = True,
                ready_wait_s: float = 120.0, max_body_bytes: int = MAX_BODY_BYTES) -> Flask:
+    """The worker's app; ``api`` (the head) adds the OpenAI and CloudEvents routes."""
     app = Flask("hydraserve.runtime")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     metrics = metrics or RuntimeMetrics()
     app.extensions["hydraserve.metrics"] = metrics
     install_error_handlers(app)
-    app.register_blueprint(create_openai_blueprint(state, metrics, ready_wait_s))
-    app.register_blueprint(create_cloudevents_blueprint(state, ready_wait_s))
+    if api:
+        app.register_blueprint(create_openai_blueprint(state, metrics, ready_wait_s))
+        app.register_blueprint(create_cloudevents_blueprint(state, ready_wait_s))
 
     @app.before_request
     def _enter() -> None:

@@ -22,6 +22,8 @@ class RuntimeState:
         self.revision = revision
         self.timeline = Timeline()
         self._engine: ServingEngine | None = None
+        self.stage_runner: object | None = None  # an inner stage serves its layers, not the API
+        self._serving = False
         self._ready = threading.Event()
         self._failed: str | None = None
         self._draining = False
@@ -30,7 +32,15 @@ class RuntimeState:
 
     # lifecycle -------------------------------------------------------------------------
     def set_engine(self, engine: ServingEngine) -> None:
+        """The head's engine is up: the API can serve."""
         self._engine = engine
+        self._serving = True
+        self._ready.set()
+
+    def set_stage(self, runner: object) -> None:
+        """An inner stage's layers and KV cache are up (it serves the group, not the API)."""
+        self.stage_runner = runner
+        self._serving = True
         self._ready.set()
 
     def set_failed(self, reason: str) -> None:
@@ -46,7 +56,7 @@ class RuntimeState:
 
     @property
     def is_ready(self) -> bool:
-        return self._engine is not None and self._failed is None and not self._draining
+        return self._serving and self._failed is None and not self._draining
 
     @property
     def is_draining(self) -> bool:
@@ -54,7 +64,7 @@ class RuntimeState:
 
     def status(self) -> dict[str, object]:
         state = ("failed" if self._failed else "draining" if self._draining
-                 else "ready" if self._engine is not None else "starting")
+                 else "ready" if self._serving else "starting")
         return {"status": state, "reason": self._failed, "inflight": self._inflight,
                 "function": self.function_name, "revision": self.revision}
 

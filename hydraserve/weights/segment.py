@@ -1,9 +1,10 @@
 """The shared-memory segment format: one file under /dev/shm holding a group of tensors.
 
-Written by loaderd (SegmentWriter, also used over anonymous memory by the runtime's S3
-fallback) and read by workers (SegmentReader: os.open + read-only mmap, never
-multiprocessing.SharedMemory, whose resource tracker would unlink the daemon's segment when the
-reader exits, DESIGN §8).
+Written by loaderd (SegmentWriter) and by the runtime's direct-S3 path (the same writer over
+anonymous memory, filled by the same fetch engine); read by workers (SegmentReader: os.open +
+read-only mmap, never multiprocessing.SharedMemory, whose resource tracker would unlink the
+daemon's segment when the reader exits: docs/LOADERD.md). It lives below loaderd so a reader
+needs nothing of the daemon. No torch here.
 
 Layout (little endian)::
 
@@ -28,8 +29,10 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from hydraserve.contracts.tensors import TensorEntry
 
 MAGIC = b"HSLDSEG1"
 VERSION = 1
@@ -38,19 +41,6 @@ STATE_FILLING, STATE_COMPLETE, STATE_FAILED = 0, 1, 2
 FLAG_PENDING, FLAG_READY, FLAG_FAILED = 0, 1, 2
 PAGE = 4096
 ALIGN = 64
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where one tensor lives in the segment and where its bytes come from in the model."""
-
-    name: str
-    dtype: str  # safetensors dtype name (F32, BF16, ...)
-    shape: tuple[int, ...]
-    offset: int  # from the start of the segment
-    nbytes: int
-    file: str
-    file_start: int  # absolute offset in the model file
 
 
 @dataclass(frozen=True)
@@ -68,26 +58,14 @@ class Run:
         return self.file_end - self.file_start
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Input to plan_layout: a tensor and its absolute byte range [start, end) in a file."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: str
-    start: int
-    end: int
-    sha256: str | None = None  # of bytes [start, end), from the push manifest (format 2)
-
-
 @dataclass
 class SegmentLayout:
     """Placement of a group's tensors in one segment; computed once, written into the header."""
 
     model_key: str
     group: str
-    tensors: list[TensorSlot]
+    tensors: list[TensorEntry]  # file order
+    offsets: list[int]  # where each tensor starts, from the start of the segment
     runs: list[Run]
     data_offset: int
     size: int
@@ -103,9 +81,11 @@ def _align_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
 
-def plan_layout(model_key: str, group: str, specs: Sequence[TensorSpec]) -> SegmentLayout:
-    """Lay out tensors in file order; file-adjacent tensors share one run (one ranged read)."""
-    ordered = sorted(specs, key=lambda s: (s.file, s.start))
+def plan_layout(model_key: str, group: str, tensors: Sequence[TensorEntry],
+                sha256: Mapping[str, str] | None = None) -> SegmentLayout:
+    """Lay out tensors in file order; file-adjacent tensors share one run (one ranged read).
+    ``sha256`` (tensor name -> digest of its bytes, from the push manifest) is checked as they land."""
+    ordered = sorted(tensors, key=lambda s: (s.file, s.start))
     # Index offsets depend on the data offset, which depends on the index length: the index
     # is sized with placeholder offsets first (offsets are fixed-width below).
     cursor = 0
@@ -139,12 +119,10 @@ def plan_layout(model_key: str, group: str, specs: Sequence[TensorSpec]) -> Segm
 
     data_offset = _align_up(index_offset + len(index_json(0)), PAGE)
     index_bytes = index_json(data_offset)
-    slots = [TensorSlot(s.name, s.dtype, tuple(s.shape), data_offset + rel[i], s.end - s.start,
-                        s.file, s.start) for i, s in enumerate(ordered)]
     run_objs = [Run(f, fs, fe, data_offset + off, tuple(m)) for f, fs, fe, off, m in runs]
     size = max(data_offset + cursor, data_offset + 1)
-    return SegmentLayout(model_key, group, slots, run_objs, data_offset, size, index_bytes,
-                         [s.sha256 for s in ordered])
+    return SegmentLayout(model_key, group, ordered, [data_offset + r for r in rel], run_objs, data_offset, size,
+                         index_bytes, [(sha256 or {}).get(s.name) for s in ordered])
 
 
 class SegmentWriter:
@@ -188,6 +166,10 @@ class SegmentWriter:
     def mark_failed(self, tensor_index: int) -> None:
         """This tensor's bytes could not be verified: readers waiting on it get an error."""
         self._mm[HEADER.size + tensor_index] = FLAG_FAILED
+
+    @property
+    def state(self) -> int:
+        return int(struct.unpack_from("<I", self._mm, 12)[0])
 
     def is_ready(self, tensor_index: int) -> bool:
         return self._mm[HEADER.size + tensor_index] == FLAG_READY
@@ -250,9 +232,9 @@ class SegmentReader:
         index = json.loads(bytes(self._mm[index_offset:index_offset + index_len]))
         self.model_key: str = index["model_key"]
         self.group: str = index["group"]
-        self.tensors = [TensorSlot(t["name"], t["dtype"], tuple(t["shape"]), int(t["offset"]),
-                                   t["nbytes"], t["file"], t["file_start"])
-                        for t in index["tensors"]]
+        self.tensors = [TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["file"], t["file_start"],
+                                    t["file_start"] + t["nbytes"]) for t in index["tensors"]]
+        self.offsets = [int(t["offset"]) for t in index["tensors"]]
         self.position = {t.name: i for i, t in enumerate(self.tensors)}
         self.view = memoryview(self._mm)
 
@@ -279,8 +261,7 @@ class SegmentReader:
             pause = min(pause * 2, 0.005)
 
     def tensor_bytes(self, i: int) -> memoryview:
-        slot = self.tensors[i]
-        return self.view[slot.offset:slot.offset + slot.nbytes]
+        return self.view[self.offsets[i]:self.offsets[i] + self.tensors[i].nbytes]
 
     def close(self) -> None:
         self.view.release()

@@ -1,13 +1,16 @@
 """The fetch engine: many concurrent ranged reads into segments, first layers first.
 
-Used by hydraserve.loaderd.service (the daemon) and by hydraserve.runtime.shm_source (the
-runtime's fallback when no daemon answers fills an anonymous-memory segment with the same code).
-A fixed pool of worker threads takes work from one priority queue of runs ordered by (group
+The one fetch path of the platform: loaderd (hydraserve.loaderd.service) fills its shared-memory
+segments with it, and a process without a daemon (the runtime's direct-S3 fallback, ``hydraserve
+generate`` on an s3:// model) fills anonymous-memory segments with it through
+hydraserve.weights.fetched_source. A fixed pool of worker threads takes work from one priority queue of runs ordered by (group
 order, request, offset), so the first layers of every cold start on the node land first; each
 thread cuts its next chunk off the most urgent run when it is free (size: see chunk_size). A tensor is published the moment its last
 chunk is written and, when the manifest has per-tensor hashes (format 2), its sha256 matched
-(a mismatch refetches that tensor's range; it is never published). Sources are tried in order (peers first, S3 last); a failing peer is skipped
-for the rest of that segment; S3 failures are retried with backoff and jitter within a budget.
+(a mismatch refetches that tensor's range; it is never published). Sources are tried in order
+(peers first, S3 last); a failing peer is skipped for the rest of that segment. The engine never
+retries a read itself: a source owns its retries (S3: the client's one retry budget,
+hydraserve.weights.s3), so a dead store fails a chunk once, within that budget.
 """
 
 from __future__ import annotations
@@ -16,15 +19,14 @@ import hashlib
 import heapq
 import itertools
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hydraserve.errors import HydraError, IntegrityError, PermanentError
-from hydraserve.loaderd.segment import Run, SegmentLayout, SegmentWriter
+from hydraserve.errors import IntegrityError, PermanentError
+from hydraserve.weights.segment import Run, SegmentLayout, SegmentWriter
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,21 @@ TARGET_CHUNK_S = 0.1  # a chunk should take about this long on one stream (per-r
 
 
 class RangeReader(Protocol):
-    """Reads [start, end) of a model file. ``kind`` is "s3" or "peer" (metrics, fallback)."""
+    """Reads [start, end) of a model file, retrying what it can itself. ``kind`` is "s3" (the
+    store, tried last), "peer" or "local" (metrics); ``label`` names it in logs."""
 
-    kind: str
-    label: str
+    @property
+    def kind(self) -> str: ...
 
-    def read(self, file: str, start: int, end: int) -> bytes: ...
+    @property
+    def label(self) -> str: ...
+
+    def read(self, file: str, start: int, end: int, cancel: threading.Event | None = None) -> bytes: ...
+
+    def read_into(self, file: str, start: int, out: memoryview, cancel: threading.Event | None = None) -> None:
+        """Fill ``out`` with bytes [start, start + len(out)) (straight from the socket for S3);
+        ``cancel`` set means stop retrying now."""
+        ...
 
 
 class FetchObserver(Protocol):
@@ -135,14 +146,13 @@ class FetchEngine:
 
     def __init__(self, *, concurrency: int = DEFAULT_CONCURRENCY,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES,
-                 retry_budget_s: float = 60.0, hedge_min_s: float | None = 0.25,
-                 observer: FetchObserver | None = None, name: str = "fetch") -> None:
+                 hedge_min_s: float | None = 0.25, observer: FetchObserver | None = None,
+                 name: str = "fetch") -> None:
         if concurrency < 1 or chunk_bytes < 4096:
             raise ValueError("concurrency >= 1 and chunk_bytes >= 4096 required")
         self.chunk_bytes = chunk_bytes
         self.min_chunk_bytes = min(min_chunk_bytes, chunk_bytes)
         self.concurrency = concurrency
-        self.retry_budget_s = retry_budget_s
         self.hedge_min_s = hedge_min_s  # None: never hedge
         self.hedges = 0
         self._running: dict[int, _Running] = {}
@@ -152,6 +162,7 @@ class FetchEngine:
         self._request_seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
+        self._cancel = threading.Event()  # set by close(): sources stop retrying at once
         self._recent: list[tuple[float, int]] = []  # (finished at, bytes) of recent chunks
         self.inflight = 0
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
@@ -306,7 +317,7 @@ class FetchEngine:
             for i, t in enumerate(fill.layout.tensors):
                 if t.file != chunk.file or not fill.tensor_left[i]:
                     continue
-                overlap = min(chunk.end, t.file_start + t.nbytes) - max(chunk.start, t.file_start)
+                overlap = min(chunk.end, t.end) - max(chunk.start, t.start)
                 if overlap > 0:
                     fill.tensor_left[i] -= overlap
                     if fill.tensor_left[i] == 0:
@@ -348,8 +359,9 @@ class FetchEngine:
         if expected is None:
             return True
         slot = fill.layout.tensors[i]
+        offset = fill.layout.offsets[i]
         t0 = time.perf_counter()
-        actual = hashlib.sha256(fill.writer.view[slot.offset:slot.offset + slot.nbytes]).hexdigest()
+        actual = hashlib.sha256(fill.writer.view[offset:offset + slot.nbytes]).hexdigest()
         fill.verify_seconds += time.perf_counter() - t0
         if actual == expected:
             return True
@@ -368,7 +380,7 @@ class FetchEngine:
             fill.bytes_queued += slot.nbytes
         log.warning("tensor %s: sha256 mismatch; refetching its range", slot.name,
                     extra={"group": fill.layout.group})
-        run = Run(slot.file, slot.file_start, slot.file_start + slot.nbytes, slot.offset, (i,))
+        run = Run(slot.file, slot.start, slot.end, offset, (i,))
         cursor = _Cursor(fill, run, run.file_start, fill.order)
         with self._cv:
             heapq.heappush(self._heap, ((*cursor.order, cursor.next_start), next(self._seq), cursor))
@@ -391,74 +403,44 @@ class FetchEngine:
         fill.on_done(fill, exc)
 
     def _fetch(self, chunk: _Chunk, *, into_segment: bool = True) -> bytes | None:
-        """Peers first (each skipped after its first failure), then S3 with retries; the bytes
-        land in the segment (straight from the socket when the source can ``read_into``)."""
+        """Peers first (each skipped after its first failure), then S3 (which retries within its
+        own budget); the bytes land in the segment straight from the source, or come back
+        (hedges never write until they win)."""
         want = chunk.end - chunk.start
         fill = chunk.fill
         for source in fill.sources:
             if source.label in fill.bad_sources:
                 continue
-            if source.kind != "s3":
-                try:
-                    data = source.read(chunk.file, chunk.start, chunk.end)
+            try:
+                if into_segment:
+                    source.read_into(chunk.file, chunk.start, fill.writer.view[chunk.offset:chunk.offset + want],
+                                     self._cancel)
+                    data = None
+                else:
+                    data = source.read(chunk.file, chunk.start, chunk.end, self._cancel)
                     if len(data) != want:
-                        raise IntegrityError(f"peer sent {len(data)} B, expected {want}")
-                    self.observer.on_bytes(source.kind, want)
-                    return data
-                except Exception as exc:
-                    fill.bad_sources.add(source.label)
-                    self.observer.on_error(source.kind, type(exc).__name__)
-                    log.info("peer %s failed (%s); falling back", source.label, exc)
-                    continue
-            return self._read_retrying(source, chunk, into_segment)
+                        raise IntegrityError(f"{source.label} sent {len(data)} B of {chunk.file}"
+                                             f"[{chunk.start}:{chunk.end}], expected {want}")
+            except Exception as exc:
+                self.observer.on_error(source.kind, type(exc).__name__)
+                if source is fill.sources[-1] or self._closed:
+                    raise
+                fill.bad_sources.add(source.label)
+                log.info("source %s failed (%s); falling back", source.label, exc)
+                continue
+            self.observer.on_bytes(source.kind, want)
+            return data
         raise PermanentError("no source left to read from")
 
-    def _read_retrying(self, source: RangeReader, chunk: _Chunk, into_segment: bool) -> bytes | None:
-        """The chunk from ``source`` with retries: written straight into the segment when
-        possible (returns None), else returned (hedges never write until they win)."""
-        want = chunk.end - chunk.start
-        deadline = time.monotonic() + self.retry_budget_s
-        delay = 0.1
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                read_into = getattr(source, "read_into", None)
-                if read_into is not None and into_segment:
-                    read_into(chunk.file, chunk.start, chunk.fill.writer.view[chunk.offset:chunk.offset + want])
-                    self.observer.on_bytes(source.kind, want)
-                    return None
-                data = source.read(chunk.file, chunk.start, chunk.end)
-                if len(data) != want:
-                    raise IntegrityError(f"{chunk.file}[{chunk.start}:{chunk.end}]: got {len(data)} B")
-                self.observer.on_bytes(source.kind, want)
-                return data
-            except HydraError as exc:
-                self.observer.on_error(source.kind, type(exc).__name__)
-                if not exc.retryable:
-                    raise
-                last: BaseException = exc
-            except (OSError, ConnectionError, TimeoutError) as exc:
-                self.observer.on_error(source.kind, type(exc).__name__)
-                last = exc
-            if fill_failed(chunk) or time.monotonic() + delay > deadline or self._closed:
-                raise PermanentError(
-                    f"{chunk.file}[{chunk.start}:{chunk.end}] failed after {attempt} attempts "
-                    f"in {self.retry_budget_s:.0f} s: {last}") from last
-            log.info("range read failed (%s); retry %d in %.2f s", last, attempt, delay)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
-
-    def close(self) -> None:
-        """Stop the threads (queued chunks are dropped; in-flight ones finish their read)."""
+    def close(self, wait_s: float = 5.0) -> None:
+        """Stop the threads: queued chunks are dropped, sources stop retrying, and reads in
+        progress are waited for up to ``wait_s`` in all (then left to finish in the background)."""
         with self._cv:
             self._closed = True
             self._heap.clear()
             self._cv.notify_all()
+        self._cancel.set()
+        deadline = time.monotonic() + wait_s
         for t in self._threads:
             if t is not threading.current_thread():
-                t.join(timeout=5)
-
-
-def fill_failed(chunk: _Chunk) -> bool:
-    return chunk.fill.failed
+                t.join(timeout=max(0.0, deadline - time.monotonic()))

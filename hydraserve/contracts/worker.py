@@ -1,0 +1,128 @@
+"""The worker's environment: everything a launcher tells a function worker, as env variables.
+
+Written by launchers (the local process launcher today, the pod launcher next) with
+``to_env()`` and read by the worker with ``from_env()``, so the two sides cannot drift apart.
+Knative's own keys (PORT, K_SERVICE, K_REVISION, K_CONFIGURATION) are part of it; the rest are
+HYDRASERVE_*. The worker binds 127.0.0.1 unless HYDRASERVE_HOST says otherwise, also under
+Knative, whose queue-proxy dials the user container at 127.0.0.1:$PORT. The loaderd token is a
+secret: it comes in HYDRASERVE_LOADERD_TOKEN or in the file HYDRASERVE_LOADERD_TOKEN_FILE names,
+and never appears in repr() or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from hydraserve.contracts.stage import StageSpec
+
+# field -> environment variable
+ENV_KEYS: dict[str, str] = {
+    "port": "PORT",
+    "host": "HYDRASERVE_HOST",
+    "function": "HYDRASERVE_FUNCTION",
+    "revision": "K_REVISION",
+    "configuration": "K_CONFIGURATION",
+    "instance_id": "HYDRASERVE_INSTANCE_ID",
+    "model_uri": "HYDRASERVE_MODEL_URI",
+    "s3_endpoint_url": "HYDRASERVE_S3_ENDPOINT_URL",
+    "s3_retry_budget_s": "HYDRASERVE_S3_RETRY_BUDGET_S",
+    "stage": "HYDRASERVE_STAGE",
+    "full": "HYDRASERVE_FULL",
+    "peers": "HYDRASERVE_PEERS",
+    "loaderd_url": "HYDRASERVE_LOADERD_URL",
+    "loaderd_token": "HYDRASERVE_LOADERD_TOKEN",
+    "dtype": "HYDRASERVE_DTYPE",
+    "max_batch": "HYDRASERVE_MAX_BATCH",
+    "max_model_len": "HYDRASERVE_MAX_MODEL_LEN",
+    "torch_threads": "HYDRASERVE_TORCH_THREADS",
+    "spawned_at": "HYDRASERVE_SPAWNED_AT",
+    "drain_timeout_s": "HYDRASERVE_DRAIN_TIMEOUT_S",
+}
+TOKEN_FILE_KEY = "HYDRASERVE_LOADERD_TOKEN_FILE"
+KNATIVE_SERVICE_KEY = "K_SERVICE"
+
+
+class WorkerEnvironment(BaseModel):
+    """One worker of one function instance: what it serves, its stage, and whom it talks to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int = Field(default=8080, ge=0, le=65535)
+    host: str = "127.0.0.1"
+    function: str = Field(default="", description="the function's name (Knative: K_SERVICE)")
+    revision: str = ""
+    configuration: str = ""
+    instance_id: str = Field(default="", description="the cold start (pipeline group) it belongs to")
+    model_uri: str = Field(min_length=1, description="model directory or s3://bucket/prefix")
+    s3_endpoint_url: str | None = None
+    s3_retry_budget_s: float = Field(default=15.0, gt=0, description="how long one S3 request retries")
+    stage: StageSpec | None = Field(default=None, description="layers it holds; None: the whole model")
+    full: bool = Field(default=True, description="given memory for the whole model (it will consolidate)")
+    peers: list[str] = Field(default_factory=list,
+                             description="every stage worker's address, in stage order (this one included)")
+    loaderd_url: str | None = Field(default=None, description="the node's loaderd")
+    loaderd_token: SecretStr | None = None
+    dtype: str | None = None
+    max_batch: int = Field(default=8, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1, description="None: torch's default (one per core)")
+    spawned_at: float | None = Field(default=None, description="when the launcher spawned it (unix s)")
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+
+    @property
+    def is_head(self) -> bool:
+        """Stage 0 (or a whole model): the worker with the tokenizer, API server and scheduler."""
+        return self.stage is None or self.stage.is_first
+
+    def to_env(self) -> dict[str, str]:
+        """The variables a launcher sets (unset fields are left out; Knative's K_SERVICE too)."""
+        out: dict[str, str] = {}
+        for name, key in ENV_KEYS.items():
+            value = getattr(self, name)
+            if value is None or value == "" or (name == "peers" and not value):
+                continue
+            if isinstance(value, SecretStr):
+                out[key] = value.get_secret_value()
+            elif isinstance(value, BaseModel):
+                out[key] = value.model_dump_json()
+            elif isinstance(value, list):
+                out[key] = json.dumps(value)
+            elif isinstance(value, bool):
+                out[key] = "1" if value else "0"
+            else:
+                out[key] = str(value)
+        if self.function:
+            out[KNATIVE_SERVICE_KEY] = self.function
+        return out
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerEnvironment:
+        """Parse the environment (pydantic checks every value; a bad one names its field)."""
+        env = os.environ if env is None else env
+        raw: dict[str, Any] = {}
+        for name, key in ENV_KEYS.items():
+            value = env.get(key)
+            if value is None or value == "":
+                continue
+            if name == "stage":
+                raw[name] = StageSpec.model_validate_json(value)
+            elif name == "peers":
+                raw[name] = json.loads(value)
+            elif name == "full":
+                raw[name] = value.lower() in ("1", "true", "yes")
+            else:
+                raw[name] = value
+        raw.setdefault("function", env.get(KNATIVE_SERVICE_KEY, ""))
+        raw.setdefault("s3_endpoint_url", env.get("AWS_ENDPOINT_URL") or None)
+        token_file = env.get(TOKEN_FILE_KEY)
+        if token_file:
+            raw["loaderd_token"] = Path(token_file).read_text().strip()
+        if not raw.get("model_uri"):
+            raise ValueError("HYDRASERVE_MODEL_URI is not set: the worker needs a model directory or s3:// URI")
+        return cls.model_validate(raw)

@@ -1,0 +1,152 @@
+"""Each supported architecture's checkpoint naming: which tensor is which part of the network.
+
+One table per family (the Llama family: llama, mistral, qwen2; OPT) of the tensor names a
+Hugging Face checkpoint uses, the part of the network each belongs to (embeddings, decoder
+layer i, final norm, head) and the parameter of our model it becomes. The stage slicer
+(hydraserve.weights.layout) reads the part and layer; the runtime's loader reads the parameter
+(its modules are named after this table), so slicing and loading cannot disagree. A name the
+table does not know is an UnsupportedModelError naming the tensor and the architecture: a
+checkpoint we do not understand is refused, never loaded half right.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from hydraserve.errors import UnsupportedModelError
+
+
+class Part(StrEnum):
+    EMBEDDING = "embedding"  # token embeddings: stage 0, and the last stage when the head is tied
+    FIRST = "first"  # other tensors only stage 0 holds (OPT's positions and project_in)
+    LAYER = "layer"  # decoder layer ``layer``
+    LAST = "last"  # tensors only the last stage holds (final norm, OPT's project_out)
+    HEAD = "head"  # the LM head (the last stage), when it is not tied to the embeddings
+    UNUSED = "unused"  # in some checkpoints, loaded by nobody (rotary inv_freq, a tied lm_head)
+
+
+HEAD_PARAM = "head.weight"
+HEAD_TENSOR = "lm_head.weight"
+_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """Where a checkpoint tensor belongs and which parameter of our model it fills."""
+
+    part: Part
+    layer: int | None = None
+    param: str = ""  # "" for unused tensors
+
+
+@dataclass(frozen=True)
+class Family:
+    """The checkpoint naming of one architecture family."""
+
+    name: str
+    model_types: frozenset[str]
+    root: str  # prefix of every tensor but the LM head ("model.", "model.decoder.")
+    fixed: Mapping[str, tuple[Part, str]]  # name under root -> (part, our parameter)
+    layer_params: Mapping[str, str]  # name under root + "layers.{i}." -> our name under "layers.{i}."
+    unused_layer_tensors: frozenset[str] = frozenset()
+    tie_by_default: bool = False  # config.json's tie_word_embeddings when it does not say
+
+
+def _linear(ours: str, theirs: str) -> dict[str, str]:
+    return {f"{theirs}.weight": f"{ours}.weight", f"{theirs}.bias": f"{ours}.bias"}
+
+
+LLAMA = Family(
+    name="llama", model_types=frozenset({"llama", "mistral", "qwen2"}), root="model.",
+    fixed={"embed_tokens.weight": (Part.EMBEDDING, "embed.weight"), "norm.weight": (Part.LAST, "norm.weight")},
+    layer_params={
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "mlp_norm.weight",
+        **_linear("attn.wq", "self_attn.q_proj"), **_linear("attn.wk", "self_attn.k_proj"),
+        **_linear("attn.wv", "self_attn.v_proj"), **_linear("attn.wo", "self_attn.o_proj"),
+        **_linear("mlp.gate", "mlp.gate_proj"), **_linear("mlp.up", "mlp.up_proj"),
+        **_linear("mlp.down", "mlp.down_proj"),
+    },
+    unused_layer_tensors=frozenset({"self_attn.rotary_emb.inv_freq"}),
+)
+
+OPT = Family(
+    name="opt", model_types=frozenset({"opt"}), root="model.decoder.",
+    fixed={
+        "embed_tokens.weight": (Part.EMBEDDING, "embed.weight"),
+        "embed_positions.weight": (Part.FIRST, "pos_embed.weight"),
+        "project_in.weight": (Part.FIRST, "project_in.weight"),
+        "final_layer_norm.weight": (Part.LAST, "final_norm.weight"),
+        "final_layer_norm.bias": (Part.LAST, "final_norm.bias"),
+        "project_out.weight": (Part.LAST, "project_out.weight"),
+    },
+    layer_params={
+        **_linear("attn_norm", "self_attn_layer_norm"), **_linear("mlp_norm", "final_layer_norm"),
+        **_linear("attn.wq", "self_attn.q_proj"), **_linear("attn.wk", "self_attn.k_proj"),
+        **_linear("attn.wv", "self_attn.v_proj"), **_linear("attn.wo", "self_attn.out_proj"),
+        **_linear("fc1", "fc1"), **_linear("fc2", "fc2"),
+    },
+    tie_by_default=True,
+)
+
+FAMILIES = (LLAMA, OPT)
+
+
+def family_of(model_type: str) -> Family:
+    """The family of a config.json ``model_type``; UnsupportedModelError for any other."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for f in FAMILIES for t in f.model_types)
+    raise UnsupportedModelError(f"unsupported model_type {model_type!r}: supported are {', '.join(supported)}",
+                                param="model")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model's naming: its family, model_type and whether its LM head is the embedding."""
+
+    family: Family
+    model_type: str
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Architecture:
+        """From a parsed config.json."""
+        model_type = str(config.get("model_type", ""))
+        family = family_of(model_type)
+        tie = config.get("tie_word_embeddings")
+        return cls(family, model_type, family.tie_by_default if tie is None else bool(tie))
+
+    def role(self, name: str) -> TensorRole:
+        """The role of checkpoint tensor ``name``; UnsupportedModelError if this architecture has none."""
+        if name == HEAD_TENSOR:
+            return TensorRole(Part.UNUSED) if self.tie_word_embeddings else TensorRole(Part.HEAD, param=HEAD_PARAM)
+        rest = self._under_root(name)
+        if rest is not None:
+            fixed = self.family.fixed.get(rest)
+            if fixed is not None:
+                return TensorRole(fixed[0], param=fixed[1])
+            match = _LAYER.fullmatch(rest)
+            if match is not None:
+                layer, suffix = int(match.group(1)), match.group(2)
+                ours = self.family.layer_params.get(suffix)
+                if ours is not None:
+                    return TensorRole(Part.LAYER, layer, f"layers.{layer}.{ours}")
+                if suffix in self.family.unused_layer_tensors:
+                    return TensorRole(Part.UNUSED, layer)
+        raise UnsupportedModelError(
+            f"tensor {name!r} is not part of a {self.family.name} checkpoint (model_type "
+            f"{self.model_type!r}): this runtime does not know where it belongs", param="model")
+
+    def _under_root(self, name: str) -> str | None:
+        """``name`` without the family's root; old checkpoints omit its leading "model."."""
+        root = self.family.root
+        for prefix in (root, root.removeprefix("model.")):
+            if name.startswith(prefix):
+                return name[len(prefix):]
+        return None

@@ -1,0 +1,270 @@
+"""The cold start, backend-neutral: plan -> prefetch on every chosen node -> launch each stage's
+worker -> wait until the group is ready -> report -> release the prefetch leases.
+
+Used by every backend that brings functions up (the local backend today, the Kubernetes one
+next) through the port declared here, :class:`WorkerLauncher`: how a worker comes to exist (a
+child process, a pod) is the launcher's business; what happens around it is this module's. Each
+worker learns its part from one typed environment (hydraserve.contracts.worker): function,
+model, its stage, the addresses of every stage, full or partial, its node's loaderd. Every step
+is marked on the cold start's timeline; docs/PROTOCOLS.md walks them.
+
+A failure anywhere stops the workers already launched, reports the plan failed (the placement
+service frees its memory) and raises the HydraError that says why; prefetch leases are released
+in every case (a worker holds its own lease once it attached).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hydraserve.contracts.loader import LeaseResponse
+from hydraserve.contracts.plan import (
+    FunctionSpec,
+    Plan,
+    PlanRequest,
+    StagePlacement,
+    WorkerReport,
+    WorkerTimings,
+)
+from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.errors import HydraError, TemporaryError, UnreachableError
+from hydraserve.loaderd.client import LoaderClient
+
+log = logging.getLogger(__name__)
+
+
+class PlacementPort(Protocol):
+    """What the cold start needs from the placement service (its HTTP client fits)."""
+
+    def plan(self, request: PlanRequest) -> Plan: ...
+
+    def report(self, report: WorkerReport) -> object: ...
+
+
+class NodeAccess(Protocol):
+    """How to reach one node's loaderd."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def loaderd_url(self) -> str: ...
+
+    @property
+    def loaderd_token(self) -> str: ...
+
+
+class LaunchedWorker(Protocol):
+    """One worker a launcher started."""
+
+    url: str
+    spawned_at: float
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once it serves; raise a HydraError with its reason if it cannot."""
+        ...
+
+    def stop(self, grace_s: float = 10.0) -> object:
+        """Drain and stop it; must not raise for a worker that is already gone."""
+        ...
+
+
+class WorkerLauncher(Protocol):
+    """The port: makes workers exist on nodes (child processes, pods)."""
+
+    def reserve(self, node: str) -> str:
+        """The address a worker about to be launched on ``node`` will answer at."""
+        ...
+
+    def launch(self, node: str, env: WorkerEnvironment) -> LaunchedWorker:
+        """Start a worker with this environment (``env.host``/``env.port`` from ``reserve``)."""
+        ...
+
+
+@dataclass
+class Group:
+    """A running instance: its plan and one worker per stage (index 0 is the head)."""
+
+    plan: Plan
+    workers: list[LaunchedWorker] = field(default_factory=list)
+
+    @property
+    def head(self) -> LaunchedWorker:
+        return self.workers[0]
+
+
+@dataclass
+class ColdStartOptions:
+    s3_endpoint_url: str | None = None
+    prefetch: bool = True  # False: the baseline (serverless vLLM): each worker fetches from S3 itself
+    ready_timeout_s: float = 180.0
+    pin_s: float = 300.0  # how long a prefetched slice waits for its worker to attach
+    max_pipeline_size: int = 1  # groups serve once the stage transport exists (the pipeline runtime)
+    worker: Mapping[str, object] = field(default_factory=dict)  # more WorkerEnvironment fields
+
+
+class ColdStart:
+    """Carries cold starts out against one placement service, set of nodes and launcher."""
+
+    def __init__(self, placement: PlacementPort, launcher: WorkerLauncher, nodes: Mapping[str, NodeAccess],
+                 options: ColdStartOptions | None = None) -> None:
+        self._placement = placement
+        self._launcher = launcher
+        self._nodes = dict(nodes)
+        self.options = options or ColdStartOptions()
+
+    def run(self, spec: FunctionSpec, timeline: Timeline, *, revision: str = "") -> Group:
+        """One cold start of ``spec``'s function, ready when this returns."""
+        opts = self.options
+        plan = self._placement.plan(PlanRequest(
+            function=spec.model_copy(update={"max_pipeline_size": min(spec.max_pipeline_size, opts.max_pipeline_size),
+                                             "min_full_workers": min(spec.min_full_workers, opts.max_pipeline_size)}),
+            instance_id=f"{spec.name}-{uuid.uuid4().hex[:8]}"))
+        unknown = [st.node for st in plan.stages if st.node not in self._nodes]
+        if unknown:
+            self._report(plan, "failed", reason=f"unknown nodes {unknown}")
+            raise TemporaryError(f"placement chose unknown node(s) {unknown}")
+        timeline.mark("plan_decided", component="placement", nodes=plan.nodes, pipeline_size=plan.pipeline_size,
+                      predicted_ttft_s=round(plan.predicted_ttft_s, 2), sources=[s.source for s in plan.stages])
+        group = Group(plan)
+        prefetches: list[_Prefetch] = []
+        try:
+            prefetches = self._prefetch(plan, timeline) if opts.prefetch else []
+            if not opts.prefetch:
+                timeline.mark("prefetch_skipped", component="backend", reason="prefetch disabled (baseline)")
+            addresses = [self._launcher.reserve(st.node) for st in plan.stages]
+            for st, address in zip(plan.stages, addresses, strict=True):
+                env = self._environment(plan, st, address, addresses, revision)
+                worker = self._launcher.launch(st.node, env)
+                group.workers.append(worker)
+                timeline.mark("worker_spawned", component="backend", at=worker.spawned_at, node=st.node,
+                              stage=st.stage.index)
+            for worker in group.workers:
+                worker.wait_ready(opts.ready_timeout_s)
+        except Exception as exc:
+            self._stop_workers(group)
+            reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
+            self._report(plan, "failed", reason=reason)
+            if isinstance(exc, HydraError):
+                raise
+            raise TemporaryError(f"cold start failed: {reason}") from exc
+        finally:
+            for prefetch in prefetches:
+                prefetch.finish()
+        fetched = [p.fetch_s for p in prefetches if p.fetch_s is not None]
+        self._report(plan, "ready", timings=WorkerTimings(
+            fetch_s=max(fetched) if fetched else None,
+            fetch_bytes=sum(p.lease.bytes_new for p in prefetches) if prefetches else None,
+            cold_start_s=time.time() - timeline.events[0].at))
+        return group
+
+    def stop(self, group: Group) -> None:
+        """Scale the group down: every worker drained and stopped, the plan's memory freed."""
+        self._stop_workers(group)
+        self._report(group.plan, "released")
+
+    # steps -------------------------------------------------------------------------------
+    def _prefetch(self, plan: Plan, timeline: Timeline) -> list[_Prefetch]:
+        """Tell every chosen node's loaderd to fetch its stage now, before any worker exists.
+        A node whose loaderd does not answer is skipped: its worker fetches from S3 itself."""
+        started: list[_Prefetch] = []
+        for st, request in plan.prefetch_orders(self.options.s3_endpoint_url, self.options.pin_s):
+            node = self._nodes[st.node]
+            loader = LoaderClient(node.loaderd_url, node.loaderd_token)
+            try:
+                lease = loader.prefetch(request)
+            except UnreachableError as exc:
+                log.warning("no prefetch on %s, its worker will fetch from S3: %s", node.name, exc.message)
+                timeline.mark("prefetch_skipped", component="backend", node=node.name, reason=exc.message)
+                loader.close()
+                continue
+            except BaseException:
+                loader.close()
+                for prefetch in started:
+                    prefetch.finish()
+                raise
+            timeline.mark("prefetch_started", component="loaderd", node=node.name, stage=st.stage.index,
+                          bytes=lease.bytes_total, bytes_new=lease.bytes_new)
+            started.append(_Prefetch(loader, lease, timeline, node.name))
+        return started
+
+    def _environment(self, plan: Plan, st: StagePlacement, address: str, addresses: list[str],
+                     revision: str) -> WorkerEnvironment:
+        node = self._nodes[st.node]
+        host, _, port = address.removeprefix("http://").rpartition(":")
+        values: dict[str, object] = {
+            "host": host, "port": int(port), "function": plan.function, "revision": revision or f"{plan.function}-00001",
+            "configuration": plan.function, "instance_id": plan.instance_id, "model_uri": plan.model_uri,
+            "s3_endpoint_url": self.options.s3_endpoint_url,
+            "stage": st.stage if plan.pipeline_size > 1 else None, "full": st.full, "peers": addresses,
+            "spawned_at": time.time(), **self.options.worker,
+        }
+        if self.options.prefetch:
+            values |= {"loaderd_url": node.loaderd_url, "loaderd_token": node.loaderd_token}
+        return WorkerEnvironment.model_validate(values)
+
+    def _stop_workers(self, group: Group) -> None:
+        for worker in reversed(group.workers):
+            _quietly(functools.partial(worker.stop, grace_s=2))
+
+    def _report(self, plan: Plan, event: str, *, reason: str | None = None,
+                timings: WorkerTimings | None = None) -> None:
+        _quietly(lambda: self._placement.report(WorkerReport(
+            plan_id=plan.plan_id, event=event, reason=reason,  # type: ignore[arg-type]
+            timings=timings or WorkerTimings())))
+
+
+class _Prefetch:
+    """One stage's prefetch lease, and when loaderd held every byte of it: marks
+    'weights_fetched' (polls the daemon's status with its own client, ~20 ms resolution)."""
+
+    def __init__(self, loader: LoaderClient, lease: LeaseResponse, timeline: Timeline, node: str,
+                 poll_s: float = 0.02) -> None:
+        self.loader, self.lease = loader, lease
+        self._timeline, self._node, self._poll_s = timeline, node, poll_s
+        self._segments = {s.segment_id for s in lease.segments}
+        self._stop = threading.Event()
+        self._started = time.time()
+        self.fetch_s: float | None = None
+        self._thread = threading.Thread(target=self._watch, name="fetch-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                segments = [s for s in self.loader.status().segments if s.segment_id in self._segments]
+            except HydraError as exc:  # a slow or busy daemon: keep watching
+                log.debug("loaderd status failed: %s", exc.message)
+                self._stop.wait(self._poll_s)
+                continue
+            if segments and all(s.state == "complete" for s in segments):
+                now = time.time()
+                self.fetch_s = now - self._started
+                self._timeline.mark("weights_fetched", component="loaderd", at=now, node=self._node,
+                                    bytes=sum(s.tensor_bytes for s in segments))
+                return
+            if any(s.state == "failed" for s in segments):
+                return
+            self._stop.wait(self._poll_s)
+
+    def finish(self) -> None:
+        """Stop watching and drop the prefetch's pin (the worker holds its own lease by now)."""
+        self._stop.set()
+        self._thread.join(timeout=2)
+        _quietly(lambda: self.loader.release(self.lease.lease_id))
+        self.loader.close()
+
+
+def _quietly(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except Exception as exc:  # bookkeeping must not fail a cold start or a stop
+        log.warning("bookkeeping call failed: %s", exc)

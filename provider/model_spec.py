@@ -1,0 +1,25 @@
+"""A function's model as the placement service sees it: its FunctionSpec, read from the model.
+
+Every backend needs it once per function (at deploy time, not on a cold start): the real bytes
+of each decoder layer, of what only stage 0 holds and of what only the last stage holds, by the
+stage slicer's own rules (hydraserve.weights.layout), so the planner's byte counts are the
+bytes loaderd will fetch. Reads config.json and the safetensors headers (one ranged GET each).
+"""
+
+from __future__ import annotations
+
+from hydraserve.activator.functions import FunctionConfig
+from hydraserve.contracts.plan import FunctionSpec
+from hydraserve.weights.layout import stage_byte_profile
+from hydraserve.weights.model_files import ModelFiles
+
+
+def describe_model(function: FunctionConfig, files: ModelFiles) -> FunctionSpec:
+    """The FunctionSpec of ``function`` (whose model ``files`` opens) with its SLOs."""
+    sizes = {name: entry.nbytes for name, entry in files.tensor_index().items()}
+    profile = stage_byte_profile(sizes, files.architecture())
+    return FunctionSpec(
+        name=function.name, model_uri=function.model_uri, model_size_bytes=profile.total_bytes,
+        num_layers=len(profile.per_layer_bytes), layer_bytes=profile.per_layer_bytes,
+        embed_bytes=profile.first_extra_bytes, head_bytes=profile.last_extra_bytes,
+        tied_bytes=profile.tied_bytes, ttft_slo_s=function.ttft_slo_s, tpot_slo_s=function.tpot_slo_s)
