@@ -191,4 +191,4 @@ def error_from_response(status: int, body: object, *, source: str,
     except ValueError:
         after = None
     param = error.get("param") if isinstance(error.get("param"), str) else None
-    return cls(f"{source}: {error.get('message')}", param=param, code=code, retry_after_s=after)
+    return cls(f"{source}: {status} {error.get('message')}", param=param, code=code, retry_after_s=after)

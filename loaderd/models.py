@@ -1,14 +1,14 @@
 """The daemon's model versions: opened through one S3 client per endpoint, resolved once, then
 revalidated cheaply instead of re-listed on every call.
 
-Used by hydraserve.loaderd.service. A cold start calls the daemon about six times for one model
-(prefetch, four small files, attach); the first resolves the version (listing, headers,
-manifest, config: two round trips), the rest reuse it. A version is revalidated when it was last
-checked more than ``revalidate_s`` ago (default 1 s, so the calls of one cold start share one
-check) with one HEAD of the push manifest (a push deletes it first and writes it last, so its
-ETag changes with any file), or one LIST for a model pushed without one. A re-push is therefore
-seen within ``revalidate_s``; bytes fetched at stale offsets in that window fail their sha256
-(or the file's ETag) and make the daemon forget the version, so they are never served.
+Used by hydraserve.loaderd.service. A cold start calls the daemon about seven times for one
+model (prefetch, four small files, the tensor index, attach); the first resolves the version
+(listing, headers, manifest, config: two round trips), the rest reuse it. Validating a version
+costs one HEAD of the push manifest (a push deletes it first and writes it last, so its ETag
+changes with any file), or one LIST for a model pushed without one. Leases (prefetch, attach)
+always validate, so a finished re-push is never served from the old version's segments; reads
+of small files and the index validate only when the last check is older than ``revalidate_s``
+(default 1 s): a cold start costs its resolution plus one HEAD at attach, not a LIST per call.
 """
 
 from __future__ import annotations
@@ -82,12 +82,13 @@ class ModelCache:
         self._by_key: dict[str, HeldModel] = {}
         self._lock = threading.Lock()
 
-    def get(self, uri: str, endpoint_url: str | None) -> HeldModel:
-        """The model's current version (resolved on first use; re-resolved once it changed)."""
+    def get(self, uri: str, endpoint_url: str | None, *, validate: bool = False) -> HeldModel:
+        """The model's current version (resolved on first use; re-resolved once it changed).
+        ``validate``: check it now, however recently it was checked (leases do)."""
         with self._lock:
             held = self._held.get((uri, endpoint_url))
         now = self._clock()
-        if held is not None and now - held.validated_at >= self.revalidate_s:
+        if held is not None and (validate or now - held.validated_at >= self.revalidate_s):
             if held.files.fingerprint(fresh=True) == held.version.fingerprint:
                 held.validated_at = now
             else:

@@ -99,9 +99,9 @@ class LoaderService:
 
     # -- model resolution -------------------------------------------------------------------
 
-    def model(self, uri: str, endpoint_url: str | None) -> HeldModel:
+    def model(self, uri: str, endpoint_url: str | None, *, validate: bool = False) -> HeldModel:
         """The model's current version: resolved once, then revalidated cheaply (models.py)."""
-        return self.models.get(uri, endpoint_url or self.config.endpoint_url)
+        return self.models.get(uri, endpoint_url or self.config.endpoint_url, validate=validate)
 
     def index(self, uri: str, endpoint_url: str | None) -> ModelIndexResponse:
         """Every tensor of the model with its byte range: what a worker slices its stage from."""
@@ -125,7 +125,7 @@ class LoaderService:
         return ReleaseResponse(released=True)
 
     def _lease(self, req: SliceRequest, *, pin_s: float | None, pid: int | None) -> LeaseResponse:
-        held = self.model(req.model_uri, req.endpoint_url)
+        held = self.model(req.model_uri, req.endpoint_url, validate=True)
         version = held.version
         entries = version.select(req.stage, req.tensors)
         if not entries:

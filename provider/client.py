@@ -28,6 +28,7 @@ class PlacementClient:
     def __init__(self, base_url: str, *, timeout_s: float = 10.0, session: requests.Session | None = None) -> None:
         self._http = ServiceClient("placement", base_url, timeout_s=timeout_s, session=session)
         self.base_url = self._http.url
+        self.session = self._http.session
 
     def register_node(self, node: NodeInfo) -> NodeStatus:
         return self._call("POST", "/v1/nodes", node, NodeStatus)

@@ -1,7 +1,11 @@
-"""Fixtures shared by every test folder: an embedded S3 server, generated tiny models."""
+"""Fixtures shared by every test folder: an embedded S3 server, generated tiny models, a guard
+that no shared-memory segment is left behind."""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,3 +40,20 @@ def s3_server():  # -> hydraserve.embedded.s3.EmbeddedS3
 
     with EmbeddedS3() as server:
         yield server
+
+
+# ---- shared memory: segments named after a per-test node name, checked at the end ----
+
+@pytest.fixture
+def node_name() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def shm_guard(node_name: str) -> Iterator[str]:
+    """Yields the node name; afterwards asserts nothing is left in /dev/shm and removes leftovers."""
+    yield node_name
+    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"hsld-{node_name}-")]
+    for f in left:
+        os.unlink(os.path.join("/dev/shm", f))
+    assert not left, f"segments left behind: {left}"

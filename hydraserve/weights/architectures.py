@@ -140,7 +140,7 @@ class Architecture:
                 if suffix in self.family.unused_layer_tensors:
                     return TensorRole(Part.UNUSED, layer)
         raise UnsupportedModelError(
-            f"tensor {name!r} is not part of a {self.family.name} checkpoint (model_type "
+            f"tensor {name!r} is not part of the {self.family.name} architecture (model_type "
             f"{self.model_type!r}): this runtime does not know where it belongs", param="model")
 
     def _under_root(self, name: str) -> str | None:

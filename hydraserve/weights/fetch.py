@@ -44,6 +44,7 @@ DEFAULT_MIN_CHUNK_BYTES = 1 << 20
 STRIPES_PER_STREAM = 3
 HEDGE_FACTOR = 1.5
 TARGET_CHUNK_S = 0.1  # a chunk should take about this long on one stream (per-request costs)
+DEFAULT_HEDGE_MIN_S = 0.25  # a straggler is hedged no sooner than this
 
 
 class RangeReader(Protocol):
@@ -146,7 +147,7 @@ class FetchEngine:
 
     def __init__(self, *, concurrency: int = DEFAULT_CONCURRENCY,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES,
-                 hedge_min_s: float | None = 0.25, observer: FetchObserver | None = None,
+                 hedge_min_s: float | None = DEFAULT_HEDGE_MIN_S, observer: FetchObserver | None = None,
                  name: str = "fetch") -> None:
         if concurrency < 1 or chunk_bytes < 4096:
             raise ValueError("concurrency >= 1 and chunk_bytes >= 4096 required")

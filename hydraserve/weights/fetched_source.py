@@ -16,7 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
-from hydraserve.weights.fetch import DEFAULT_CHUNK_BYTES, DEFAULT_CONCURRENCY, FetchEngine, Fill, RangeReader
+from hydraserve.errors import TemporaryError
+from hydraserve.weights.fetch import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_HEDGE_MIN_S,
+    FetchEngine,
+    Fill,
+    RangeReader,
+)
 from hydraserve.weights.model_version import ModelVersion
 from hydraserve.weights.segment import STATE_COMPLETE, STATE_FAILED, SegmentReader, SegmentWriter, plan_layout
 from hydraserve.weights.segment_tensors import DEFAULT_WAIT_S, SegmentTensors
@@ -31,17 +39,23 @@ class FetchedTensorSource:
 
     def __init__(self, version: ModelVersion, reader: RangeReader, names: Sequence[str], *,
                  concurrency: int | None = None, chunk_bytes: int | None = None,
+                 hedge_min_s: float | None = DEFAULT_HEDGE_MIN_S,
                  wait_timeout_s: float | None = DEFAULT_WAIT_S) -> None:
         entries = version.select(names=names)
         self._names = [e.name for e in entries]
+        self.reads = 0  # ranged reads that delivered their bytes (hedges included)
         self._engine = FetchEngine(concurrency=concurrency or DEFAULT_CONCURRENCY,
-                                   chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES, name="direct-fetch")
+                                   chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES, hedge_min_s=hedge_min_s,
+                                   observer=_ReadCounter(self), name="direct-fetch")
         self._fills: list[Fill] = []
+        self._errors: dict[str, BaseException] = {}  # group -> why its fetch failed
+        self._group_of: dict[str, str] = {}
         self._left = 0
         self._done = threading.Event()
         self._lock = threading.Lock()
         orders, writers = [], []
         for order, group, members in version.groups(entries):
+            self._group_of.update((m.name, group) for m in members)
             writer = SegmentWriter(plan_layout(version.key, group, members, version.tensor_sha256), None)
             orders.append(order)
             writers.append(writer)
@@ -58,9 +72,10 @@ class FetchedTensorSource:
         self._engine.submit(list(zip(orders, self._fills, strict=True)))
 
     def _fill_done(self, fill: Fill, exc: BaseException | None) -> None:
-        fill.writer.set_state(STATE_FAILED if exc is not None else STATE_COMPLETE)
         if exc is not None:
+            self._errors[fill.layout.group] = exc
             log.error("direct fetch of %s failed: %s", fill.layout.group, exc)
+        fill.writer.set_state(STATE_FAILED if exc is not None else STATE_COMPLETE)
         with self._lock:
             self._left -= 1
             last = self._left == 0
@@ -82,8 +97,15 @@ class FetchedTensorSource:
 
     def get(self, name: str, timeout: float | None = None) -> torch.Tensor:
         """The tensor (a view of its segment); blocks until its bytes arrived. KeyError for a
-        name outside this source; TemporaryError if its fetch failed; TimeoutError."""
-        return self._tensors.get(name, timeout)
+        name outside this source; the fetch's own error (StorageError naming the object, ...)
+        if it failed; TimeoutError."""
+        try:
+            return self._tensors.get(name, timeout)
+        except TemporaryError:
+            cause = self._errors.get(self._group_of[name])
+            if cause is not None:
+                raise cause from None
+            raise
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Block until every segment is filled; raises TimeoutError, or the first failure."""
@@ -101,3 +123,19 @@ class FetchedTensorSource:
         self._tensors.close()
         for writer in self._writers:
             writer.close()
+
+
+class _ReadCounter:
+    """FetchObserver of one source: counts the reads that delivered their bytes."""
+
+    def __init__(self, source: FetchedTensorSource) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+
+    def on_bytes(self, kind: str, n: int) -> None:
+        with self._lock:
+            self._source.reads += 1
+
+    def on_error(self, kind: str, error: str) -> None: ...
+    def on_inflight(self, delta: int) -> None: ...
+    def on_hedge(self, outcome: str) -> None: ...

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from hydraserve.errors import EngineError, HydraError, TemporaryError
+from hydraserve.errors import EngineError, TemporaryError
 from hydraserve.runtime.engine.request import Request, RequestStream
 from hydraserve.runtime.engine.runner import Executor, StepInput
 from hydraserve.runtime.engine.sampling import make_generator, sample

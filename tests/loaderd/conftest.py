@@ -1,26 +1,19 @@
-"""Fixtures for loaderd tests: small safetensors models on disk, a local range reader, and
-clean-up of any shared-memory segment a test leaves behind (also on failure)."""
+"""Fixtures for loaderd tests: small safetensors models on disk (with the manifest a push
+writes), a local directory standing in for S3, and clean-up of any shared-memory segment a
+test leaves behind (also on failure)."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import struct
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
-from hydraserve.contracts.stage import StageSpec
-from hydraserve.loaderd.model_index import FileMeta, ModelIndex
-from hydraserve.loaderd.segment import TensorSpec
-
-LAYER = re.compile(r"layers\.(\d+)\.")
+from hydraserve.contracts.model import MANIFEST_FILE
+from hydraserve.weights.manifest import compute_manifest
+from hydraserve.weights.model_files import LocalModelFiles
 
 
 def llama_like(layers: int = 4, hidden: int = 64, vocab: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -37,6 +30,7 @@ def llama_like(layers: int = 4, hidden: int = 64, vocab: int = 256, seed: int = 
 
 def write_model(root: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
     root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"model_type": "llama"}))
     names = list(tensors)
     if shards == 1:
         save_file(tensors, str(root / "model.safetensors"))
@@ -52,98 +46,49 @@ def write_model(root: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -
     return root
 
 
-def group_of(name: str) -> tuple[int, str]:
-    m = LAYER.search(name)
-    if m:
-        return 1 + int(m.group(1)), f"layer.{int(m.group(1))}"
-    if "embed" in name:
-        return 0, "embed"
-    return 10_000, "head"
+def write_manifest(root: Path, *, per_tensor: bool) -> None:
+    """The push manifest `hydraserve model push` writes (format 2: sha256 per tensor), or its
+    format 1 form (sha256 per file only) as older pushes wrote it."""
+    manifest = compute_manifest(root)
+    if not per_tensor:
+        manifest = manifest.model_copy(update={"format_version": 1, "files": [
+            f.model_copy(update={"tensors": None, "header_sha256": None}) for f in manifest.files]})
+    (root / MANIFEST_FILE).write_text(manifest.model_dump_json())
 
 
-def names_for_stage(names: list[str], stage: StageSpec) -> list[str]:
-    out = []
-    for n in names:
-        m = LAYER.search(n)
-        if m:
-            if stage.layer_start <= int(m.group(1)) < stage.layer_end:
-                out.append(n)
-        elif "embed" in n:
-            if stage.is_first:
-                out.append(n)
-        elif stage.is_last:
-            out.append(n)
-    return out
-
-
-def local_index(root: Path, *, sha: bool = True, per_tensor: bool = False) -> ModelIndex:
-    """Test-only index of a local model (the daemon itself uses hydraserve.weights)."""
-    import hashlib
-
-    files: dict[str, FileMeta] = {}
-    specs: list[TensorSpec] = []
-    headers: dict[str, bytes] = {}
-    for path in sorted(root.glob("*.safetensors")):
-        raw = path.read_bytes()
-        (hlen,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + hlen])
-        start = 8 + hlen
-        headers[path.name] = raw[:start]
-        tensor_sha = {name: hashlib.sha256(raw[start + e["data_offsets"][0]:start + e["data_offsets"][1]]).hexdigest()
-                      for name, e in header.items() if name != "__metadata__"} if per_tensor else None
-        files[path.name] = FileMeta(path.name, len(raw), start,
-                                    hashlib.sha256(raw).hexdigest() if sha else None, None,
-                                    hashlib.sha256(raw[:start]).hexdigest() if per_tensor else None, tensor_sha)
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            a, b = entry["data_offsets"]
-            specs.append(TensorSpec(name, entry["dtype"], tuple(entry["shape"]), path.name, start + a, start + b,
-                                    tensor_sha[name] if tensor_sha else None))
-    specs.sort(key=lambda s: (s.file, s.start))
-    return ModelIndex(uri=f"file://{root}", endpoint_url=None, files=files, tensors=specs,
-                      group_of=group_of, names_for_stage=names_for_stage, read_header=headers.__getitem__)
-
-
-class LocalReader:
-    """RangeReader over local files; ``gate`` lets a test hold back reads past an offset."""
+class LocalStore(LocalModelFiles):
+    """A model directory standing in for an S3 prefix (named ``uri``): the daemon resolves,
+    checks and reads it with the real code. ``gate`` holds back reads of the (file, offset)
+    pairs in ``held``; ``calls`` and ``bytes`` count what was read."""
 
     kind = "s3"
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.label = f"local:{root}"
+    def __init__(self, root: Path, uri: str) -> None:
+        super().__init__(root)
+        self.uri = uri
         self.calls = 0
         self.bytes = 0
         self.lock = threading.Lock()
         self.gate: threading.Event | None = None
-        self.held: set[tuple[str, int]] = set()  # (file, offset) ranges the gate holds back
-        self.fail_next = 0
+        self.held: set[tuple[str, int]] = set()
 
-    def read(self, file: str, start: int, end: int) -> bytes:
+    def read_into(self, file: str, start: int, out: memoryview, cancel: threading.Event | None = None) -> None:
         with self.lock:
             self.calls += 1
-            self.bytes += end - start
-            if self.fail_next:
-                self.fail_next -= 1
-                raise ConnectionError("injected drop")
-        if self.gate is not None and any(f == file and start <= o < end for f, o in self.held):
+            self.bytes += len(out)
+        if self.gate is not None and any(f == file and start <= o < start + len(out) for f, o in self.held):
             self.gate.wait(30)
-        with open(self.root / file, "rb") as fh:
-            fh.seek(start)
-            return fh.read(end - start)
+        super().read_into(file, start, out, cancel)
 
 
-@pytest.fixture
-def node_name() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
+class LocalStores:
+    """The daemon's model opener in tests: URI -> a LocalStore of a directory (made once)."""
 
+    def __init__(self, roots: dict[str, Path] | None = None) -> None:
+        self.roots = dict(roots or {})
+        self.opened: dict[str, LocalStore] = {}
 
-@pytest.fixture
-def shm_guard(node_name: str) -> Iterator[str]:
-    """Yields the node name; afterwards asserts nothing is left in /dev/shm and removes leftovers."""
-    yield node_name
-    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"hsld-{node_name}-")]
-    for f in left:
-        os.unlink(os.path.join("/dev/shm", f))
-    assert not left, f"segments left behind: {left}"
+    def __call__(self, uri: str, endpoint_url: str | None) -> LocalStore:
+        if uri not in self.opened:
+            self.opened[uri] = LocalStore(self.roots[uri], uri)
+        return self.opened[uri]

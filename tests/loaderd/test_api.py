@@ -11,13 +11,13 @@ import pytest
 import requests
 
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest
-from hydraserve.errors import InvalidRequestError, NotFoundError
-from hydraserve.loaderd.client import LoaderClient, LoaderUnavailableError
+from hydraserve.errors import InvalidRequestError, NotFoundError, UnreachableError
+from hydraserve.loaderd.client import LoaderClient
 from hydraserve.loaderd.daemon import LoaderDaemon
 from hydraserve.loaderd.service import LoaderConfig
-from hydraserve.runtime.shm_source import open_shm_source
+from hydraserve.runtime.loader_files import LoaderModelFiles
 
-from .conftest import LocalReader, llama_like, local_index, write_model
+from .conftest import LocalStores, llama_like, write_manifest, write_model
 
 TOKEN = "t" * 32
 URI = "s3://bucket/model"
@@ -27,10 +27,9 @@ URI = "s3://bucket/model"
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoaderDaemon]:
     node = f"api{uuid.uuid4().hex[:8]}"
     root = write_model(tmp_path_factory.mktemp("api") / "m", llama_like(layers=2))
-    index = local_index(root)
-    reader = LocalReader(root)
+    write_manifest(root, per_tensor=True)
     d = LoaderDaemon(LoaderConfig(node_name=node, budget_bytes=64 << 20, chunk_bytes=4096),
-                     TOKEN, resolver=lambda uri, ep: index, s3_source=lambda i: reader).start()
+                     TOKEN, open_model=LocalStores({URI: root})).start()
     d.root = root  # type: ignore[attr-defined]
     yield d
     d.stop()
@@ -93,7 +92,8 @@ def test_client_round_trip_and_errors(daemon: LoaderDaemon) -> None:
 def test_runtime_reads_through_the_daemon(daemon: LoaderDaemon) -> None:
     from safetensors.torch import load_file
 
-    source = open_shm_source(URI, loader_url=daemon.url, token=TOKEN)
+    files = LoaderModelFiles(URI, daemon.url, TOKEN)
+    source = files.tensor_source(files.stage_tensor_names())
     try:
         assert getattr(source, "via", "") == "loaderd"
         expected = load_file(str(daemon.root / "model.safetensors"))  # type: ignore[attr-defined]
@@ -113,5 +113,6 @@ def test_runtime_reads_through_the_daemon(daemon: LoaderDaemon) -> None:
 def test_unreachable_daemon_is_reported_as_unavailable() -> None:
     client = LoaderClient("http://127.0.0.1:9", TOKEN, timeout_s=2)
     assert not client.healthy()
-    with pytest.raises(LoaderUnavailableError):
+    with pytest.raises(UnreachableError, match="did not answer") as info:
         client.status()
+    assert info.value.retryable

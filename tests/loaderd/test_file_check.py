@@ -19,29 +19,28 @@ from boto3.s3.transfer import TransferConfig
 
 from hydraserve.contracts.loader import PrefetchRequest
 from hydraserve.loaderd.file_check import MiB, file_check, multipart_etag, part_size_guesses
-from hydraserve.loaderd.model_index import FileMeta
-from hydraserve.loaderd.s3_model import S3RangeReader, resolve_model
+from hydraserve.loaderd.models import S3Opener
 from hydraserve.loaderd.service import LoaderConfig, LoaderService
+from hydraserve.weights.model_files import S3ModelFiles
+from hydraserve.weights.model_version import FileMeta
+from hydraserve.weights.s3_uri import parse_s3_uri
 
 from .conftest import llama_like, write_model
 
 BUCKET = "etag-tests"
 
 
-class CorruptingReader:
-    """Passes S3 reads through, flipping one byte of the file at ``at`` (damage in transit)."""
+class CorruptingFiles(S3ModelFiles):
+    """The real S3 model, flipping one byte of ``file`` at ``at`` as it is read (damage in transit)."""
 
-    kind = "s3"
+    def __init__(self, uri: str, opener: S3Opener, endpoint: str | None, file: str, at: int | None) -> None:
+        super().__init__(parse_s3_uri(uri), opener.client(endpoint))
+        self.file, self.at = file, at
 
-    def __init__(self, inner: S3RangeReader, file: str, at: int | None) -> None:
-        self.inner, self.file, self.at = inner, file, at
-        self.label = inner.label
-
-    def read(self, file: str, start: int, end: int) -> bytes:
-        data = bytearray(self.inner.read(file, start, end))
-        if self.at is not None and file == self.file and start <= self.at < end:
-            data[self.at - start] ^= 0xFF
-        return bytes(data)
+    def read_into(self, file: str, start: int, out: memoryview, cancel: Any = None) -> None:
+        super().read_into(file, start, out, cancel)
+        if self.at is not None and file == self.file and start <= self.at < start + len(out):
+            out[self.at - start] ^= 0xFF
 
 
 @pytest.fixture(autouse=True)
@@ -103,9 +102,9 @@ def test_part_size_guesses_are_few_or_none() -> None:
 
 def _service(node: str, corrupt: tuple[str, int] | None, etag_check: bool = True) -> LoaderService:
     file, at = corrupt if corrupt else ("", None)
+    opener = S3Opener(retry_budget_s=5)
     return LoaderService(LoaderConfig(node_name=node, budget_bytes=64 << 20, retry_budget_s=5, etag_check=etag_check),
-                         resolver=lambda uri, endpoint: resolve_model(uri, endpoint),
-                         s3_source=lambda index: CorruptingReader(S3RangeReader(index), file, at))
+                         open_model=lambda uri, endpoint: CorruptingFiles(uri, opener, endpoint, file, at))
 
 
 def _prefetch_and_wait(service: LoaderService, uri: str, endpoint: str) -> dict[str, str]:
@@ -122,7 +121,7 @@ def test_a_model_without_manifest_is_verified_against_its_etags(
     try:
         states = _prefetch_and_wait(service, uri, s3_server.endpoint_url)
         assert set(states.values()) == {"complete"}
-        key = service.model(uri, s3_server.endpoint_url).key
+        key = service.model(uri, s3_server.endpoint_url).version.key
         shards = {f for f in etags if f.endswith(".safetensors")}
         assert {f for k, f in service._verified if k == key} == shards
         assert service.metrics.integrity_failures._value.get() == 0

@@ -1,6 +1,6 @@
 """loaderd against a real S3 server (moto over HTTP): the `hydraserve loaderd` process, byte-exact
-whole models, stage slices and shards, S3 killed and restarted mid-fetch, a corrupted object,
-and the runtime falling back to S3 when no daemon answers."""
+whole models, stage slices and shards, S3 killed and restarted mid-fetch, connections cut
+mid-response, a corrupted object, and the runtime falling back to S3 when no daemon answers."""
 
 from __future__ import annotations
 
@@ -19,13 +19,20 @@ import torch
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest
 from hydraserve.contracts.model import ModelManifest
 from hydraserve.contracts.stage import StageSpec
-from hydraserve.errors import InvalidRequestError, PermanentError, TemporaryError
+from hydraserve.errors import (
+    IntegrityError,
+    InvalidRequestError,
+    NotFoundError,
+    PermanentError,
+    TemporaryError,
+)
 from hydraserve.loaderd.daemon import LoaderDaemon, new_token_file, spawn_loaderd
-from hydraserve.loaderd.segment import SegmentFailedError, SegmentReader
 from hydraserve.loaderd.service import LoaderConfig
-from hydraserve.runtime.shm_source import open_shm_source
+from hydraserve.runtime.loader_files import LoaderModelFiles
 from hydraserve.weights.local import LocalTensorSource
 from hydraserve.weights.push import push_model
+from hydraserve.weights.segment import SegmentFailedError, SegmentReader
+from tests.faults import CuttingProxy
 
 from .conftest import llama_like, write_model
 
@@ -47,6 +54,12 @@ def push(s3: Any, local: Path, name: str) -> str:
 def expected(local: Path) -> dict[str, torch.Tensor]:
     src = LocalTensorSource(local)
     return {n: src.get(n) for n in src.tensor_names()}
+
+
+def open_through(uri: str, url: str, token: str, stage: StageSpec | None = None, **kw: Any) -> Any:
+    """A worker's tensor source for ``stage`` (default: the whole model) through the daemon at ``url``."""
+    files = LoaderModelFiles(uri, url, token, **kw)
+    return files.tensor_source(files.stage_tensor_names(stage))
 
 
 def assert_same(source: Any, want: dict[str, torch.Tensor], names: list[str] | None = None) -> None:
@@ -96,7 +109,7 @@ def test_cli_daemon_serves_whole_sharded_and_stage_slices(s3_server: Any, models
                       log_path=tmp_path / "loaderd.log")
     try:
         uri, local = models["tiny"]
-        source = open_shm_source(uri, loader_url=d.url, token=token)
+        source = open_through(uri, d.url, token)
         assert getattr(source, "via", "") == "loaderd"
         assert_same(source, expected(local))
         for info in d.client().status().segments:
@@ -106,10 +119,10 @@ def test_cli_daemon_serves_whole_sharded_and_stage_slices(s3_server: Any, models
         uri, local = models["sharded"]
         want = expected(local)
         stage = StageSpec(index=1, num_stages=2, layer_start=2, layer_end=4, num_layers=4)
-        source = open_shm_source(uri, stage=stage, loader_url=d.url, token=token)
+        source = open_through(uri, d.url, token, stage)
         names = [n for n in want if ".layers.2." in n or ".layers.3." in n or n in ("model.norm.weight", "lm_head.weight")]
         assert_same(source, want, names)
-        whole = open_shm_source(uri, loader_url=d.url, token=token)
+        whole = open_through(uri, d.url, token)
         assert_same(whole, want)
         status = wait_complete(d.client())
         model = next(m for m in status.models if m.model_uri == uri)
@@ -124,7 +137,7 @@ def test_cli_daemon_serves_whole_sharded_and_stage_slices(s3_server: Any, models
 
 def test_s3_killed_and_restarted_mid_fetch(s3_server: Any, s3_env: dict, models: dict, shm_guard: str) -> None:
     uri, local = models["big"]
-    d = daemon(shm_guard, concurrency=1, chunk_bytes=4096, retry_budget_s=60)
+    d = daemon(shm_guard, concurrency=1, chunk_bytes=4096, retry_budget_s=30)
     try:
         lease = d.client().prefetch(PrefetchRequest(model_uri=uri))
         first = SegmentReader(lease.segments[0].path)
@@ -133,7 +146,7 @@ def test_s3_killed_and_restarted_mid_fetch(s3_server: Any, s3_env: dict, models:
         time.sleep(0.5)
         s3_server.start()
         first.close()
-        source = open_shm_source(uri, loader_url=d.url, token=d.token)
+        source = open_through(uri, d.url, d.token)
         assert_same(source, expected(local))
         source.close()
         errors = sum(s.value for m in d.service.metrics.errors.collect() for s in m.samples
@@ -157,8 +170,28 @@ def wait_complete(client: Any, timeout_s: float = 30) -> Any:
 
 
 def s3_retries(d: LoaderDaemon) -> int:
-    index = next(iter(d.service._models.values()))
-    return int(index.handle[0].retries)
+    return int(d.service.opener.client(d.service.config.endpoint_url).retries)
+
+
+def test_connections_cut_mid_response_are_retried_by_the_s3_client_and_counted(
+        s3_server: Any, s3_env: dict, models: dict, shm_guard: str) -> None:
+    """The S3 client is the one layer that retries: cut streams resume, every retry is counted
+    in the daemon's metrics, and the bytes come out exact."""
+    uri, local = models["big"]
+    proxy = CuttingProxy(s3_server.port, cut_after=100_000, cuts=1000)  # every longer response
+    d = daemon(shm_guard, endpoint_url=proxy.endpoint_url)
+    try:
+        source = open_through(uri, d.url, d.token)
+        assert_same(source, expected(local))
+        source.close()
+        retries = s3_retries(d)
+        counted = sum(s.value for m in d.service.metrics.errors.collect() for s in m.samples
+                      if s.name.endswith("_total") and s.labels.get("source") == "s3")
+        assert retries >= 1 and counted == retries
+        assert all(s.state == "complete" for s in wait_complete(d.client()).segments)
+    finally:
+        d.stop()
+        proxy.close()
 
 
 def downgrade_manifest(s3: Any, uri: str) -> None:
@@ -203,7 +236,7 @@ def test_corrupted_object_is_detected_and_not_served_old_manifest(s3_server: Any
             reader.close()
         d.client().release(lease.lease_id)
         s3_server.client().put_file(BUCKET, key, local / "model.safetensors")  # repaired
-        source = open_shm_source(uri, loader_url=d.url, token=d.token)
+        source = open_through(uri, d.url, d.token)
         assert_same(source, expected(local))
         source.close()
     finally:
@@ -247,7 +280,7 @@ def test_corrupted_tensor_is_never_served_with_a_per_tensor_manifest(s3_server: 
         assert len(bad_names) == 1
         d.client().release(lease.lease_id)
         s3_server.client().put_file(BUCKET, key, local / "model.safetensors")  # repaired
-        source = open_shm_source(uri, loader_url=d.url, token=d.token)
+        source = open_through(uri, d.url, d.token)
         assert_same(source, want)
         source.close()
     finally:
@@ -263,8 +296,9 @@ def test_object_size_changed_since_push_is_refused(s3_server: Any, s3_env: dict,
     s3_server.client().put_file(BUCKET, uri[len(f"s3://{BUCKET}/"):] + "/model.safetensors", longer)
     d = daemon(shm_guard)
     try:
-        with pytest.raises(PermanentError, match="manifest says"):
+        with pytest.raises(IntegrityError, match="manifest says") as info:
             d.client().prefetch(PrefetchRequest(model_uri=uri))
+        assert info.value.retryable  # across HTTP too: a repaired object will do
         assert d.client().status().segments == []
     finally:
         d.stop()
@@ -283,8 +317,9 @@ def test_header_not_matching_the_manifest_is_refused(s3_server: Any, s3_env: dic
     s3_server.client().put_bytes(BUCKET, key, forged.model_dump_json().encode(), content_type="application/json")
     d = daemon(shm_guard)
     try:
-        with pytest.raises(PermanentError, match="header does not match"):
+        with pytest.raises(IntegrityError, match="header does not match") as info:
             d.client().prefetch(PrefetchRequest(model_uri=uri))
+        assert info.value.retryable
         assert d.client().status().segments == []
     finally:
         d.stop()
@@ -309,9 +344,8 @@ def test_runtime_falls_back_to_s3_when_no_daemon_answers(s3_env: dict, models: d
 
     uri, local = models["sharded"]
     reasons: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="hydraserve.runtime.shm_source"):
-        source = open_shm_source(uri, loader_url=f"http://127.0.0.1:{free_port()}", token="x" * 32,
-                                 on_fallback=reasons.append)
+    with caplog.at_level(logging.WARNING, logger="hydraserve.runtime.loader_files"):
+        source = open_through(uri, f"http://127.0.0.1:{free_port()}", "x" * 32, on_fallback=reasons.append)
     try:
         assert getattr(source, "via", "") == "s3"
         assert reasons and "did not answer" in reasons[0]
@@ -328,11 +362,11 @@ def test_repushed_model_is_not_served_stale(s3_server: Any, s3_env: dict, shm_gu
     uri = push(s3_server, first, name)
     d = daemon(shm_guard)
     try:
-        source = open_shm_source(uri, loader_url=d.url, token=d.token)
+        source = open_through(uri, d.url, d.token)
         assert_same(source, expected(first))
         source.close()
         push(s3_server, second, name)
-        again = open_shm_source(uri, loader_url=d.url, token=d.token)
+        again = open_through(uri, d.url, d.token)
         assert_same(again, expected(second))
         again.close()
     finally:
@@ -340,10 +374,7 @@ def test_repushed_model_is_not_served_stale(s3_server: Any, s3_env: dict, shm_gu
 
 
 def test_small_files_for_workers_through_the_daemon(s3_env: dict, models: dict, shm_guard: str) -> None:
-    """Workers read config and tokenizer through loaderd (no S3 client of their own)."""
-    from hydraserve.errors import NotFoundError
-    from hydraserve.runtime.loader_files import LoaderModelFiles
-
+    """Workers read config, tokenizer and the tensor index through loaderd (no S3 client of their own)."""
     uri, local = models["tiny"]
     d = daemon(shm_guard)
     try:
@@ -357,10 +388,11 @@ def test_small_files_for_workers_through_the_daemon(s3_env: dict, models: dict, 
             client.read_file(uri, "../../etc/passwd")
         files = LoaderModelFiles(uri, d.url, "s" * 32)
         assert files.read_text("tokenizer.json") == (local / "tokenizer.json").read_text()
-        with pytest.raises(FileNotFoundError):
-            files.read_text("generation_config.json") if not (local / "generation_config.json").exists() \
-                else files.read_text("no-such-file.json")
-        source = files.tensor_source()
+        with pytest.raises(NotFoundError):
+            files.read_text("no-such-file.json")
+        assert files.read_optional("no-such-file.json") is None
+        assert set(files.tensor_index()) == set(expected(local))
+        source = files.tensor_source(files.stage_tensor_names())
         try:
             assert getattr(source, "via", "") == "loaderd"
             assert_same(source, expected(local))
@@ -384,7 +416,7 @@ def test_worker_learns_when_the_daemon_dies_mid_fetch(s3_server: Any, models: di
                       token_file=token_file, endpoint_url=s3_server.endpoint_url, env=s3_server.client_env(),
                       log_path=tmp_path / "loaderd.log", extra_args=["--concurrency", "1", "--chunk-bytes", "4096"])
     try:
-        source = open_shm_source(uri, loader_url=d.url, token=token)
+        source = open_through(uri, d.url, token)
         names = source.tensor_names()
         source.get(names[0])  # the fetch is under way
         s3_server.kill()  # the rest cannot arrive now ...

@@ -1,5 +1,6 @@
 """The daemon's core without HTTP: fills, dedup, readiness order, budget/LRU, leases, integrity,
-peer ranges. Bytes come from local files through the same fetch engine (S3 runs in test_e2e)."""
+peer ranges. Bytes come from local files standing in for S3, resolved and read by the real code
+and the same fetch engine (S3 itself runs in test_s3)."""
 
 from __future__ import annotations
 
@@ -15,29 +16,43 @@ from safetensors.torch import load_file
 
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest, ReleaseRequest
 from hydraserve.contracts.stage import StageSpec
+from hydraserve.contracts.tensors import TensorEntry
 from hydraserve.errors import InvalidRequestError, NotFoundError, OverloadedError
-from hydraserve.loaderd.model_index import ModelIndex
-from hydraserve.loaderd.segment import SegmentFailedError, SegmentReader
 from hydraserve.loaderd.service import LoaderConfig, LoaderService
+from hydraserve.weights.segment import SegmentFailedError, SegmentReader
 
-from .conftest import LocalReader, llama_like, local_index, write_model
+from .conftest import LocalStore, LocalStores, llama_like, write_manifest, write_model
 
 URI = "s3://bucket/model"
 
 
 class Node:
+    """One daemon whose "S3" is local directories: ``URI`` is ``root`` (with a manifest)."""
+
     def __init__(self, node: str, root: Path, budget: int, *, chunk: int = 4096, strict: bool = False,
                  per_tensor: bool = False) -> None:
         self.root = root
-        self.index = local_index(root, per_tensor=per_tensor)
-        self.reader = LocalReader(root)
+        self.per_tensor = per_tensor
+        write_manifest(root, per_tensor=per_tensor)
+        self.stores = LocalStores({URI: root})
         self.service = LoaderService(
             LoaderConfig(node_name=node, budget_bytes=budget, concurrency=4, chunk_bytes=chunk,
-                         retry_budget_s=5, strict_integrity=strict),
-            resolver=self._resolve, s3_source=lambda index: self.reader)
+                         strict_integrity=strict),
+            open_model=self.stores)
 
-    def _resolve(self, uri: str, endpoint: str | None) -> ModelIndex:
-        return self.index
+    def add(self, uri: str, root: Path) -> None:
+        write_manifest(root, per_tensor=self.per_tensor)
+        self.stores.roots[uri] = root
+
+    @property
+    def store(self) -> LocalStore:
+        return self.stores(URI, None)
+
+    def tensors(self, uri: str = URI) -> list[TensorEntry]:
+        return list(self.stores(uri, None).tensor_index().values())
+
+    def key(self, uri: str) -> str:
+        return self.service.model(uri, None).version.key
 
 
 @pytest.fixture
@@ -104,14 +119,14 @@ def test_duplicate_prefetch_shares_one_download(node: Node) -> None:
     assert second.bytes_new == 0 and third.bytes_new == 0
     assert [s.segment_id for s in third.segments] == [s.segment_id for s in first.segments]
     total = sum(r.nbytes for s in node.service.registry.segments.values() for r in s.layout.runs)
-    assert node.reader.bytes == total  # every byte read exactly once
-    assert node.reader.calls >= total // 4096
+    assert node.store.bytes == total  # every byte read exactly once
+    assert node.store.calls >= total // 4096
 
 
 def test_reader_takes_first_layer_while_later_ones_are_held_back(node: Node) -> None:
     gate = threading.Event()
-    node.reader.gate = gate  # hold back every read that touches a layer-3 tensor
-    node.reader.held = {(t.file, t.start) for t in node.index.tensors if "layers.3." in t.name}
+    node.store.gate = gate  # hold back every read that touches a layer-3 tensor
+    node.store.held = {(t.file, t.start) for t in node.tensors() if "layers.3." in t.name}
     lease = node.service.prefetch(PrefetchRequest(model_uri=URI))
     layer3 = next(s for s in lease.segments if s.group == "layer.3")
     first = next(s for s in lease.segments if s.group == "embed")
@@ -137,7 +152,7 @@ def test_eviction_never_touches_a_referenced_segment(shm_guard: str, tmp_path: P
         wait_done(n.service)
         used = n.service.status().used_bytes
         n.service.registry.budget_bytes = used + 4096  # room for nothing else
-        n.index = local_index(write_model(tmp_path / "b", llama_like(layers=2, seed=2)))
+        n.add("s3://bucket/other", write_model(tmp_path / "b", llama_like(layers=2, seed=2)))
         with pytest.raises(OverloadedError, match="evictable"):
             n.service.prefetch(PrefetchRequest(model_uri="s3://bucket/other"))
         assert all(s.state == "complete" for s in n.service.status().segments)
@@ -167,9 +182,9 @@ def test_lru_evicts_least_recently_used_first(shm_guard: str, tmp_path: Path) ->
         n.service.release(ReleaseRequest(lease_id=leases[0].lease_id))  # stage 0 last used at 1002
         sizes = {s.group: s.size_bytes for s in n.service.status().segments}
         n.service.registry.budget_bytes = sum(sizes.values()) + 1  # any new bytes force eviction
-        n.index = local_index(write_model(tmp_path / "b", llama_like(layers=1, hidden=8, vocab=8, seed=3)))
+        n.add("s3://bucket/small", write_model(tmp_path / "b", llama_like(layers=1, hidden=8, vocab=8, seed=3)))
         n.service.prefetch(PrefetchRequest(model_uri="s3://bucket/small"))
-        left = {s.group for s in n.service.status().segments if s.model_key != n.index.key}
+        left = {s.group for s in n.service.status().segments if s.model_key != n.key("s3://bucket/small")}
         assert {"embed", "layer.0"} <= left  # stage 0, used more recently, survives
         assert not {"layer.1", "head"} <= left  # stage 1 paid for the room
         assert n.service.status().used_bytes <= n.service.registry.budget_bytes
@@ -207,11 +222,26 @@ def test_bad_requests(node: Node) -> None:
         node.service.release(ReleaseRequest(lease_id="missing"))
 
 
-def test_transient_drops_are_retried(node: Node) -> None:
-    node.reader.fail_next = 3
-    lease = node.service.attach(AttachRequest(model_uri=URI))
-    assert read_all(lease.segments) == expected_bytes(node.root)
-    assert node.service.metrics.errors.labels(source="s3", kind="ConnectionError")._value.get() == 3
+def test_a_failed_read_fails_its_segment_once_and_the_next_attach_refetches(node: Node) -> None:
+    """The engine never retries a read: the store does (S3: its one retry budget, test_s3), so
+    a read that fails for good fails its segment once, and the next attach fetches it afresh."""
+    real_read = node.store.read_into
+    failed = []
+
+    def fail_once(file: str, start: int, out: memoryview, cancel: object = None) -> None:
+        if not failed:
+            failed.append(start)
+            raise ConnectionError("injected: the store gave up")
+        real_read(file, start, out)
+
+    node.store.read_into = fail_once  # type: ignore[method-assign]
+    first = node.service.attach(AttachRequest(model_uri=URI))
+    wait_done(node.service)
+    assert [s.state for s in node.service.status().segments].count("failed") == 1
+    assert node.service.metrics.errors.labels(source="s3", kind="ConnectionError")._value.get() == 1
+    node.service.release(ReleaseRequest(lease_id=first.lease_id))
+    again = node.service.attach(AttachRequest(model_uri=URI))
+    assert read_all(again.segments) == expected_bytes(node.root)
 
 
 def test_corrupted_file_is_detected_and_refetched_clean(shm_guard: str, model_dir: Path) -> None:
@@ -259,7 +289,7 @@ def test_per_tensor_hashes_never_publish_a_corrupted_tensor(shm_guard: str, mode
     n = Node(shm_guard, model_dir, budget=64 << 20, per_tensor=True, strict=strict)
     try:
         victim = sorted(model_dir.glob("*.safetensors"))[0]
-        spec = next(t for t in n.index.tensors if t.file == victim.name and ".layers.1." in t.name)
+        spec = next(t for t in n.tensors() if t.file == victim.name and ".layers.1." in t.name)
         want = expected_bytes(model_dir)
         good = _corrupt(victim, spec.start + 3)
         published: list[int] = []
@@ -299,20 +329,17 @@ def test_per_tensor_hashes_never_publish_a_corrupted_tensor(shm_guard: str, mode
 def test_a_tensor_corrupted_in_transit_is_refetched_and_served(shm_guard: str, model_dir: Path) -> None:
     n = Node(shm_guard, model_dir, budget=64 << 20, per_tensor=True)
     try:
-        spec = next(t for t in n.index.tensors if ".layers.0." in t.name)
-        real_read = n.reader.read
+        spec = next(t for t in n.tensors() if ".layers.0." in t.name)
+        real_read = n.store.read_into
         flipped = []
 
-        def read_once_bad(file: str, start: int, end: int) -> bytes:
-            data = real_read(file, start, end)
-            if not flipped and file == spec.file and start <= spec.start < end:
+        def read_once_bad(file: str, start: int, out: memoryview, cancel: object = None) -> None:
+            real_read(file, start, out)
+            if not flipped and file == spec.file and start <= spec.start < start + len(out):
                 flipped.append(1)
-                data = bytearray(data)
-                data[spec.start - start] ^= 1
-                return bytes(data)
-            return data
+                out[spec.start - start] ^= 1
 
-        n.reader.read = read_once_bad  # type: ignore[method-assign]
+        n.store.read_into = read_once_bad  # type: ignore[method-assign]
         lease = n.service.attach(AttachRequest(model_uri=URI))
         assert read_all(lease.segments) == expected_bytes(model_dir)
         wait_done(n.service)
@@ -327,7 +354,7 @@ def test_stage_slice_is_verified_per_tensor(shm_guard: str, model_dir: Path) -> 
     corrupted tensor in it is still caught."""
     n = Node(shm_guard, model_dir, budget=64 << 20, per_tensor=True)
     try:
-        spec = next(t for t in n.index.tensors if ".layers.0." in t.name)
+        spec = next(t for t in n.tensors() if ".layers.0." in t.name)
         _corrupt(model_dir / spec.file, spec.start)
         stage = StageSpec(index=0, num_stages=2, layer_start=0, layer_end=2, num_layers=4)
         lease = n.service.prefetch(PrefetchRequest(model_uri=URI, stage=stage))
@@ -363,28 +390,26 @@ def test_peer_fetch_reads_from_the_peer_not_s3(shm_guard: str, model_dir: Path) 
     from hydraserve.loaderd.daemon import LoaderDaemon
 
     token = "p" * 24
-    index = local_index(model_dir)
-    holder_reader = LocalReader(model_dir)
-    holder = LoaderDaemon(LoaderConfig(node_name=shm_guard + "a", budget_bytes=64 << 20, chunk_bytes=4096),
-                          token, resolver=lambda u, e: index, s3_source=lambda i: holder_reader).start()
     asker = Node(shm_guard, model_dir, budget=64 << 20)
-    asker.service._peer_source = lambda url, idx: PeerReader(url, token, idx.key)
+    holder = LoaderDaemon(LoaderConfig(node_name=shm_guard + "a", budget_bytes=64 << 20, chunk_bytes=4096),
+                          token, open_model=LocalStores({URI: model_dir})).start()
+    asker.service._peer_source = lambda url, key: PeerReader(url, token, key)
     try:
         holder.service.attach(AttachRequest(model_uri=URI))
         wait_done(holder.service)
         lease = asker.service.attach(AttachRequest(model_uri=URI, peers=[holder.url]))
         assert read_all(lease.segments) == expected_bytes(model_dir)
         wait_done(asker.service)
-        assert asker.reader.calls == 0  # nothing from "S3"
+        assert asker.store.calls == 0  # nothing from "S3"
         assert asker.service.metrics.bytes_fetched.labels(source="peer")._value.get() == lease.bytes_total
         # a peer that holds nothing (or is gone) -> S3
         fresh = Node(shm_guard + "c", write_model(model_dir.parent / "o", llama_like(layers=1, seed=9)),
                      budget=64 << 20)
-        fresh.service._peer_source = lambda url, idx: PeerReader(url, token, idx.key)
+        fresh.service._peer_source = lambda url, key: PeerReader(url, token, key)
         try:
             got = fresh.service.attach(AttachRequest(model_uri=URI, peers=[holder.url, "http://127.0.0.1:9"]))
             assert read_all(got.segments) == expected_bytes(fresh.root)
-            assert fresh.reader.calls > 0
+            assert fresh.store.calls > 0
             wait_done(fresh.service)
         finally:
             fresh.service.close()

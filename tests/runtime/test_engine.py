@@ -11,12 +11,12 @@ import torch
 
 from hydraserve.errors import ContextLengthError, InvalidRequestError, TemporaryError
 from hydraserve.runtime.engine.engine import EngineError, LLMEngine
-from hydraserve.runtime.engine.factory import load_engine, load_model
+from hydraserve.runtime.engine.factory import load_engine, load_model, load_tokenizer
 from hydraserve.runtime.engine.runner import ModelRunner, StepInput
 from hydraserve.runtime.engine.sampling import filter_logits
 from hydraserve.runtime.engine.types import SamplingParams
-from hydraserve.runtime.model.files import LocalModelFiles
 from hydraserve.runtime.tokenizer import Tokenizer
+from hydraserve.weights.model_files import LocalModelFiles
 
 PROMPTS = ["The", "Hello! How are you today? I am fine", "One, two, three, four, five, six, seven",
            "Dear friend, I hope this letter finds you well. The garden is full", "A", "The quick brown"]
@@ -124,7 +124,8 @@ def test_stop_string_is_trimmed_and_never_streamed(engine: LLMEngine) -> None:
 
 def test_max_tokens_and_eos_finish(tiny_llama_dir: Path) -> None:
     files = LocalModelFiles(tiny_llama_dir)
-    cfg, model, tokenizer = load_model(files)
+    loaded = load_model(files)
+    cfg, model, tokenizer = loaded.config, loaded.model, load_tokenizer(files, loaded.config)
     ids = tokenizer.encode(PROMPTS[2])
 
     def run(tok: Tokenizer, max_tokens: int) -> tuple[list[int], str | None]:
@@ -234,7 +235,9 @@ class FailingOnceExecutor:
 
 
 def test_failed_step_errors_its_requests_and_engine_keeps_serving(tiny_llama_dir: Path) -> None:
-    cfg, model, tokenizer = load_model(LocalModelFiles(tiny_llama_dir))
+    files = LocalModelFiles(tiny_llama_dir)
+    loaded = load_model(files)
+    cfg, model, tokenizer = loaded.config, loaded.model, load_tokenizer(files, loaded.config)
     eng = LLMEngine(FailingOnceExecutor(ModelRunner(model, 2, 64)), tokenizer, model_name="tiny",
                     max_model_len=64, vocab_size=cfg.vocab_size).start()
     try:
@@ -247,7 +250,9 @@ def test_failed_step_errors_its_requests_and_engine_keeps_serving(tiny_llama_dir
 
 
 def test_long_prompts_are_prefilled_in_chunks_without_changing_tokens(tiny_llama_dir: Path) -> None:
-    cfg, model, tokenizer = load_model(LocalModelFiles(tiny_llama_dir))
+    files = LocalModelFiles(tiny_llama_dir)
+    loaded = load_model(files)
+    cfg, model, tokenizer = loaded.config, loaded.model, load_tokenizer(files, loaded.config)
     eng = LLMEngine(ModelRunner(model, 4, 256), tokenizer, model_name="tiny", max_model_len=256,
                     vocab_size=cfg.vocab_size, max_num_seqs=4, max_prefill_tokens=7)
     long_ids = tokenizer.encode(" ".join(PROMPTS))

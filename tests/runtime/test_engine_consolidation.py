@@ -16,8 +16,8 @@ from hydraserve.runtime.engine.runner import Executor, ModelRunner, PipelineExec
 from hydraserve.runtime.engine.types import SamplingParams
 from hydraserve.runtime.model.config import ModelConfig
 from hydraserve.runtime.model.loader import grow_stage, load_stage
-from hydraserve.runtime.model.names import stage_tensor_names
 from hydraserve.runtime.tokenizer import Tokenizer
+from hydraserve.weights.layout import stage_tensors
 from hydraserve.weights.local import LocalTensorSource
 
 PROMPTS = ["The lighthouse keeper", "Hello! How are you today?", "One, two"]
@@ -65,8 +65,9 @@ def test_consolidate_pipeline_mid_generation(tmp_path: Path, tied: bool) -> None
     engine.reconfigure(consolidate)
     assert sorted(migrated.values()) == sorted(len(p) + 5 for p in prompts)  # 6 tokens, 5 cached
     # only the retired stage's tensors were read; stage 0's are shared, not reloaded
-    assert sorted(source.requested) == sorted(set(stage_tensor_names(cfg, plan.stages[1]))
-                                              - set(stage_tensor_names(cfg, plan.stages[0])))
+    names = source.tensor_names()
+    assert sorted(source.requested) == sorted(set(stage_tensors(names, plan.stages[1], cfg.architecture))
+                                              - set(stage_tensors(names, plan.stages[0], cfg.architecture)))
     whole_model = engine.executor.model  # type: ignore[attr-defined]
     assert whole_model.layers["0"].attn.wq.weight.data_ptr() == r0.model.layers["0"].attn.wq.weight.data_ptr()
 

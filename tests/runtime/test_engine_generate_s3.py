@@ -42,17 +42,17 @@ def test_stage_loads_from_s3_like_from_local(s3_server: Any, tiny_llama_dir: Pat
 
     from hydraserve.contracts.stage import StagePlan
     from hydraserve.runtime.model.config import ModelConfig
-    from hydraserve.runtime.model.files import LocalModelFiles, open_model_files
     from hydraserve.runtime.model.loader import load_stage
-    from hydraserve.runtime.model.names import stage_tensor_names
+    from hydraserve.weights.model_files import LocalModelFiles, open_model
 
     for key, value in s3_server.client_env().items():
         monkeypatch.setenv(key, value)
     uri = s3_server.upload_dir(tiny_llama_dir, "runtime-stage", "tiny-llama")
-    remote, local = open_model_files(uri, s3_server.endpoint_url), LocalModelFiles(tiny_llama_dir)
+    remote, local = open_model(uri, s3_server.endpoint_url), LocalModelFiles(tiny_llama_dir)
     cfg = ModelConfig.from_json(remote.read_text("config.json"))
     last = StagePlan.from_boundaries(cfg.num_layers, [0, 1, 2]).stages[1]
-    names = stage_tensor_names(cfg, last)
+    names = remote.stage_tensor_names(last)
+    assert names == local.stage_tensor_names(last)
     from_s3 = load_stage(cfg, remote.tensor_source(names), last)
     from_disk = load_stage(cfg, local.tensor_source(names), last)
     hidden = torch.randn(1, 4, cfg.hidden_size)

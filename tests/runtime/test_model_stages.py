@@ -16,7 +16,7 @@ from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 from hydraserve.runtime.engine.kv_cache import KVCache
 from hydraserve.runtime.model.config import ModelConfig, UnsupportedModelError
 from hydraserve.runtime.model.loader import WeightMismatchError, load_stage
-from hydraserve.runtime.model.names import stage_tensor_names
+from hydraserve.weights.layout import stage_tensors
 from hydraserve.weights.local import LocalTensorSource
 
 
@@ -124,7 +124,7 @@ def test_each_stage_requests_only_its_own_tensors(four_layer_dirs: dict[str, Pat
     for spec in plan.stages:
         source = RecordingSource(tensors)
         load_stage(cfg, source, spec)
-        assert sorted(source.requested) == sorted(stage_tensor_names(cfg, spec))
+        assert sorted(source.requested) == sorted(stage_tensors(tensors, spec, cfg.architecture))
         assert len(source.requested) == len(set(source.requested))  # tied weights fetched once
         layers = {int(n.split("layers.")[1].split(".")[0]) for n in source.requested if "layers." in n}
         assert layers == set(range(spec.layer_start, spec.layer_end))
@@ -158,7 +158,7 @@ def test_requested_dtype_converts_and_order_is_layer_by_layer(four_layer_dirs: d
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     layer_of = [int(n.split("layers.")[1].split(".")[0]) for n in order if "layers." in n]
     assert layer_of == sorted(layer_of)
-    assert "embed_tokens" in order[0] and order.index("model.decoder.project_out.weight") > order.index(
+    assert "embed" in order[0] and order.index("model.decoder.project_out.weight") > order.index(
         "model.decoder.layers.3.fc2.weight")
 
 
@@ -181,7 +181,7 @@ def test_unsupported_architecture_and_bad_shapes_are_clear_errors(four_layer_dir
     with pytest.raises(UnsupportedModelError, match="rope type"):
         ModelConfig.from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
     wrong = ModelConfig.from_hf({**hf, "intermediate_size": 96})
-    with pytest.raises(WeightMismatchError, match="gate"):
+    with pytest.raises(WeightMismatchError, match=r"layers\.0\.mlp\.(gate|up|down)\.weight: checkpoint shape"):
         load_stage(wrong, LocalTensorSource(four_layer_dirs["llama"]))
 
 

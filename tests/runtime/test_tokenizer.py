@@ -85,7 +85,7 @@ def test_generation_config_eos_ids_are_stop_tokens(tiny_llama_dir: Path, tmp_pat
     import shutil
 
     from hydraserve.runtime.engine.factory import generation_eos_ids
-    from hydraserve.runtime.model.files import LocalModelFiles
+    from hydraserve.weights.model_files import LocalModelFiles
 
     copy = Path(shutil.copytree(tiny_llama_dir, tmp_path / "m"))
     (copy / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')

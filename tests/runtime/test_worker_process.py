@@ -5,21 +5,30 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import requests
 
+from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import TemporaryError
-from hydraserve.provider.backends.process import WorkerProcess
+from hydraserve.provider.backends.process import ProcessLauncher, WorkerProcess
+
+
+def launch(run_dir: Path, **env: object) -> WorkerProcess:
+    """One worker through the process launcher, as the cold start launches it."""
+    launcher = ProcessLauncher(run_dir)
+    host, _, port = launcher.reserve("node").removeprefix("http://").rpartition(":")
+    return launcher.launch("node", WorkerEnvironment.model_validate(
+        {"host": host, "port": int(port), "spawned_at": time.time(), **env}))
 
 STARTUP_ORDER = ["process_started", "http_listening", "libraries_imported", "config_loaded",
                  "weights_attached", "first_tensor_loaded", "weights_loaded", "warmed_up", "engine_ready"]
 
 
 def test_worker_serves_reports_timeline_and_drains_on_sigterm(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    worker = WorkerProcess({"HYDRASERVE_MODEL_URI": str(tiny_llama_dir), "K_SERVICE": "tiny"},
-                           tmp_path / "worker.log")
+    worker = launch(tmp_path, model_uri=str(tiny_llama_dir), function="tiny")
     try:
         worker.wait_ready(timeout_s=120)
         events = requests.get(worker.url + "/v1/hydraserve/timeline", timeout=5).json()["events"]
@@ -55,7 +64,7 @@ def test_worker_serves_reports_timeline_and_drains_on_sigterm(tiny_llama_dir: Pa
 
 
 def test_worker_failure_reason_reaches_the_caller(tmp_path: Path) -> None:
-    worker = WorkerProcess({"HYDRASERVE_MODEL_URI": str(tmp_path / "no-such-model")}, tmp_path / "w.log")
+    worker = launch(tmp_path, model_uri=str(tmp_path / "no-such-model"))
     try:
         with pytest.raises(TemporaryError, match="no-such-model"):
             worker.wait_ready(timeout_s=60)

@@ -1,76 +1,105 @@
-"""Tensor roles, stage slices for llama and OPT (tied embeddings), balanced stage plans."""
+"""Tensor roles, the stage slicer for llama and OPT (tied embeddings), byte profiles, balanced
+stage plans. (Slicer coverage of every architecture, with loaderd and the runtime: tests/e2e.)"""
 
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from hydraserve.contracts.stage import StagePlan, StageSpec
+from hydraserve.errors import UnsupportedModelError
+from hydraserve.weights.architectures import Architecture, Part
 from hydraserve.weights.layout import (
-    Role,
     balanced_stage_plan,
-    names_for_stage,
     num_layers_in,
-    order_for_streaming,
-    role_of,
+    segment_group,
     stage_byte_profile,
+    stage_parameters,
+    stage_tensors,
 )
 
 from .checkpoints import llama_tensors, opt_tensors
+
+LLAMA = Architecture.from_config({"model_type": "llama"})
+LLAMA_TIED = Architecture.from_config({"model_type": "llama", "tie_word_embeddings": True})
+OPT = Architecture.from_config({"model_type": "opt"})  # OPT ties by default
 
 
 def _stages(num_layers: int, boundaries: list[int]) -> list[StageSpec]:
     return StagePlan.from_boundaries(num_layers, boundaries).stages
 
 
-@pytest.mark.parametrize(("name", "role", "layer"), [
-    ("model.embed_tokens.weight", Role.EMBEDDING, None),
-    ("model.layers.0.self_attn.q_proj.weight", Role.LAYER, 0),
-    ("model.layers.31.mlp.down_proj.weight", Role.LAYER, 31),
-    ("model.norm.weight", Role.FINAL_NORM, None),
-    ("lm_head.weight", Role.LM_HEAD, None),
-    ("model.decoder.embed_tokens.weight", Role.EMBEDDING, None),
-    ("model.decoder.embed_positions.weight", Role.POSITION_EMBEDDING, None),
-    ("model.decoder.project_in.weight", Role.PROJECT_IN, None),
-    ("model.decoder.layers.11.fc1.bias", Role.LAYER, 11),
-    ("model.decoder.final_layer_norm.bias", Role.FINAL_NORM, None),
-    ("model.decoder.project_out.weight", Role.PROJECT_OUT, None),
-    ("model.rotary_emb.inv_freq", Role.OTHER, None),
-    ("model.layersX.1.w", Role.OTHER, None),
-    ("model.normalizer.weight", Role.OTHER, None),
+@pytest.mark.parametrize(("arch", "name", "part", "layer", "param"), [
+    (LLAMA, "model.embed_tokens.weight", Part.EMBEDDING, None, "embed.weight"),
+    (LLAMA, "model.layers.0.self_attn.q_proj.weight", Part.LAYER, 0, "layers.0.attn.wq.weight"),
+    (LLAMA, "model.layers.31.mlp.down_proj.weight", Part.LAYER, 31, "layers.31.mlp.down.weight"),
+    (LLAMA, "model.layers.2.self_attn.rotary_emb.inv_freq", Part.UNUSED, 2, ""),
+    (LLAMA, "model.norm.weight", Part.LAST, None, "norm.weight"),
+    (LLAMA, "lm_head.weight", Part.HEAD, None, "head.weight"),
+    (LLAMA_TIED, "lm_head.weight", Part.UNUSED, None, ""),  # a tied head is the embedding
+    (OPT, "model.decoder.embed_tokens.weight", Part.EMBEDDING, None, "embed.weight"),
+    (OPT, "model.decoder.embed_positions.weight", Part.FIRST, None, "pos_embed.weight"),
+    (OPT, "model.decoder.project_in.weight", Part.FIRST, None, "project_in.weight"),
+    (OPT, "model.decoder.layers.11.fc1.bias", Part.LAYER, 11, "layers.11.fc1.bias"),
+    (OPT, "model.decoder.layers.1.final_layer_norm.weight", Part.LAYER, 1, "layers.1.mlp_norm.weight"),
+    (OPT, "model.decoder.final_layer_norm.bias", Part.LAST, None, "final_norm.bias"),
+    (OPT, "model.decoder.project_out.weight", Part.LAST, None, "project_out.weight"),
+    (OPT, "decoder.layers.0.fc2.weight", Part.LAYER, 0, "layers.0.fc2.weight"),  # old checkpoints: no "model."
 ])
-def test_role_of(name: str, role: Role, layer: int | None) -> None:
-    r = role_of(name)
-    assert (r.role, r.layer) == (role, layer)
+def test_roles(arch: Architecture, name: str, part: Part, layer: int | None, param: str) -> None:
+    role = arch.role(name)
+    assert (role.part, role.layer, role.param) == (part, layer, param)
+
+
+@pytest.mark.parametrize(("arch", "name"), [
+    (LLAMA, "model.rotary_emb.inv_freq"), (LLAMA, "model.layersX.1.w"), (LLAMA, "model.normalizer.weight"),
+    (LLAMA, "model.layers.0.w"), (LLAMA, "model.decoder.layers.0.fc1.weight"), (OPT, "model.layers.0.mlp.up_proj.weight"),
+])
+def test_an_unknown_tensor_is_refused_naming_it_and_the_architecture(arch: Architecture, name: str) -> None:
+    named = rf"{re.escape(repr(name))}.* {arch.family.name} architecture \(model_type {re.escape(repr(arch.model_type))}"
+    with pytest.raises(UnsupportedModelError, match=named):
+        arch.role(name)
+    known = f"{arch.family.root}embed_tokens.weight"
+    with pytest.raises(UnsupportedModelError, match=named):
+        stage_tensors([known, name], StageSpec.whole(1), arch)
+
+
+def test_unsupported_model_types_are_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match="gpt_neox"):
+        Architecture.from_config({"model_type": "gpt_neox"})
 
 
 def test_llama_stages_partition_the_checkpoint() -> None:
     names = list(llama_tensors(layers=6))
     stages = _stages(6, [0, 2, 5, 6])
-    slices = [names_for_stage(names, s, tie_word_embeddings=False) for s in stages]
+    slices = [stage_tensors(names, s, LLAMA) for s in stages]
 
     assert sorted(n for s in slices for n in s) == sorted(names)  # each tensor exactly once
     assert "model.embed_tokens.weight" in slices[0]
     assert {"model.norm.weight", "lm_head.weight"} <= set(slices[2])
-    assert {role_of(n).layer for n in slices[1]} == {2, 3, 4}
-    assert {role_of(n).layer for n in slices[2] if role_of(n).layer is not None} == {5}
+    assert {LLAMA.role(n).layer for n in slices[1]} == {2, 3, 4}
+    assert {LLAMA.role(n).layer for n in slices[2] if LLAMA.role(n).layer is not None} == {5}
 
 
 def test_tied_llama_last_stage_also_gets_the_embedding() -> None:
     names = list(llama_tensors(layers=4, tie=True))
     first, last = _stages(4, [0, 2, 4])
-    assert "model.embed_tokens.weight" in names_for_stage(names, last, tie_word_embeddings=True)
-    assert "model.embed_tokens.weight" in names_for_stage(names, first, tie_word_embeddings=True)
-    assert "model.norm.weight" not in names_for_stage(names, first, tie_word_embeddings=True)
+    assert "model.embed_tokens.weight" in stage_tensors(names, last, LLAMA_TIED)
+    assert "model.embed_tokens.weight" in stage_tensors(names, first, LLAMA_TIED)
+    assert "model.norm.weight" not in stage_tensors(names, first, LLAMA_TIED)
+    assert stage_parameters(names, last, LLAMA_TIED)["model.embed_tokens.weight"] == ("head.weight",)
+    whole = stage_parameters(names, StageSpec.whole(4), LLAMA_TIED)
+    assert whole["model.embed_tokens.weight"] == ("embed.weight", "head.weight")  # read once, used twice
 
 
 def test_opt_stages_with_projections_and_no_lm_head() -> None:
     names = list(opt_tensors(layers=4, project=True))
     first, middle, last = _stages(4, [0, 1, 3, 4])
-    s0 = set(names_for_stage(names, first, tie_word_embeddings=True))
-    s1 = set(names_for_stage(names, middle, tie_word_embeddings=True))
-    s2 = set(names_for_stage(names, last, tie_word_embeddings=True))
+    s0 = set(stage_tensors(names, first, OPT))
+    s1 = set(stage_tensors(names, middle, OPT))
+    s2 = set(stage_tensors(names, last, OPT))
     assert {"model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
             "model.decoder.project_in.weight"} <= s0
     assert not any("embed" in n or "project" in n for n in s1)
@@ -78,30 +107,34 @@ def test_opt_stages_with_projections_and_no_lm_head() -> None:
             "model.decoder.embed_tokens.weight"} <= s2  # tied head = the embedding
     assert "model.decoder.embed_positions.weight" not in s2
     # no lm_head in the file means the head is the embedding, even if the flag says untied
-    assert "model.decoder.embed_tokens.weight" in names_for_stage(names, last, False)
+    untied = Architecture.from_config({"model_type": "opt", "tie_word_embeddings": False})
+    assert "model.decoder.embed_tokens.weight" in stage_tensors(names, last, untied)
 
 
 def test_whole_model_stage_takes_everything_once() -> None:
     names = list(opt_tensors(layers=3))
-    assert names_for_stage(names, StageSpec.whole(3), True) == names
-    assert num_layers_in(names) == 3
+    assert sorted(stage_tensors(names, StageSpec.whole(3), OPT)) == sorted(names)
+    assert num_layers_in(names, OPT) == 3
 
 
-def test_order_for_streaming_puts_layers_in_numeric_order() -> None:
+def test_streaming_order_puts_layers_in_numeric_order() -> None:
     names = sorted(llama_tensors(layers=12))  # file order is alphabetical: 0, 1, 10, 11, 2...
-    ordered = order_for_streaming(names)
-    layers = [role_of(n).layer for n in ordered if role_of(n).layer is not None]
+    ordered = stage_tensors(names, StageSpec.whole(12), LLAMA)
+    layers = [LLAMA.role(n).layer for n in ordered if LLAMA.role(n).layer is not None]
     assert layers == sorted(layers)
     assert ordered[0] == "model.embed_tokens.weight"
     assert set(ordered[-2:]) == {"model.norm.weight", "lm_head.weight"}
+    groups = [segment_group(LLAMA.role(n)) for n in ordered]
+    assert groups == sorted(groups, key=lambda g: g[0]) and groups[0] == (0, "embed") and groups[-1][1] == "head"
 
 
 def test_profile_counts_embedding_first_and_head_last() -> None:
     sizes = {n: t.numel() * t.element_size() for n, t in llama_tensors(layers=3, tie=True).items()}
-    profile = stage_byte_profile(sizes, tie_word_embeddings=True)
+    profile = stage_byte_profile(sizes, LLAMA_TIED)
     emb = sizes["model.embed_tokens.weight"]
     assert profile.first_extra_bytes == emb
     assert profile.last_extra_bytes == emb + sizes["model.norm.weight"]
+    assert profile.tied_bytes == emb and profile.total_bytes == sum(sizes.values())  # held once whole
     assert len(profile.per_layer_bytes) == 3
     assert sum(profile.per_layer_bytes) == sum(v for n, v in sizes.items() if ".layers." in n)
 

@@ -1,4 +1,5 @@
-"""open_model and the tensor sources, local and over real S3 (moto over HTTP)."""
+"""open_model and the tensor sources, local and over real S3 (moto over HTTP): for s3:// models
+the tensors come through the one fetch path (the fetch engine into anonymous segments)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hydraserve.contracts.stage import StagePlan
+from hydraserve.contracts.stage import StagePlan, StageSpec
 from hydraserve.embedded.s3 import EmbeddedS3
 from hydraserve.errors import InvalidRequestError, NotFoundError, StorageError
-from hydraserve.weights.layout import names_for_stage, stream_rank
-from hydraserve.weights.model_files import HEADER_PROBE_BYTES, open_model
+from hydraserve.weights.fetched_source import FetchedTensorSource
+from hydraserve.weights.layout import segment_group, stage_tensors
+from hydraserve.weights.model_files import HEADER_PROBE_BYTES, S3ModelFiles, StoredModelFiles, open_model
 from hydraserve.weights.s3 import RetryPolicy, S3Client
-from hydraserve.weights.s3_source import S3TensorSource
 
 from .checkpoints import llama_tensors, opt_tensors, write_model
 
@@ -98,7 +99,7 @@ def test_s3_tensors_are_byte_exact(s3_server: EmbeddedS3, s3_client: S3Client, b
     assert s3_client.bytes_received <= HEADER_PROBE_BYTES
 
     reference = _reference(llama_dir)
-    source = model.tensor_source(chunk_bytes=4096, concurrency=4)
+    source = model.tensor_source(list(index), chunk_bytes=4096, concurrency=4)
     try:
         assert set(source.tensor_names()) == set(reference) == set(index)
         for name, tensor in reference.items():
@@ -110,7 +111,7 @@ def test_s3_tensors_are_byte_exact(s3_server: EmbeddedS3, s3_client: S3Client, b
 
 def test_long_header_needs_exactly_a_second_get(s3_server: EmbeddedS3, s3_client: S3Client,
                                                 bucket: str, tmp_path: Path) -> None:
-    tensors = {f"model.layers.0.block_{i:05d}_{'x' * 60}.weight": torch.full((2,), float(i))
+    tensors = {f"model.layers.{i}.post_attention_layernorm.weight": torch.full((2,), float(i))
                for i in range(1200)}
     write_model(tmp_path / "m", tensors)
     uri = _upload(s3_server, bucket, tmp_path / "m", "long")
@@ -120,7 +121,7 @@ def test_long_header_needs_exactly_a_second_get(s3_server: EmbeddedS3, s3_client
     header = model.headers()["model.safetensors"]
     assert header.header_len > HEADER_PROBE_BYTES
     assert s3_client.requests == 2
-    got = model.tensor_source(["model.layers.0.block_01199_" + "x" * 60 + ".weight"])
+    got = model.tensor_source(["model.layers.1199.post_attention_layernorm.weight"])
     assert got.get(got.tensor_names()[0]).tolist() == [1199.0, 1199.0]
 
 
@@ -131,8 +132,8 @@ def test_sharded_model_with_index(s3_server: EmbeddedS3, s3_client: S3Client, bu
     assert model.safetensors_files() == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     reference = _reference(sharded_dir)
     index = model.tensor_index()
-    assert {loc.file for loc in index.values()} == set(model.safetensors_files())
-    source = model.tensor_source(concurrency=3, chunk_bytes=4000)
+    assert {entry.file for entry in index.values()} == set(model.safetensors_files())
+    source = model.tensor_source(list(index), concurrency=3, chunk_bytes=4096)
     for name, tensor in reference.items():
         assert torch.equal(source.get(name), tensor), name
     source.close()
@@ -147,17 +148,18 @@ def test_stage_slices_fetch_only_their_tensors(s3_server: EmbeddedS3, s3_client:
     uri = _upload(s3_server, bucket, sharded_dir, "opt-stages")
     model = open_model(uri, client=s3_client)
     index = model.tensor_index()
+    arch = model.version().architecture  # resolved once, before any counting
     reference = _reference(sharded_dir)
     fetched: set[str] = set()
     for stage in StagePlan.from_boundaries(5, boundaries).stages:
-        names = names_for_stage(index, stage, tie_word_embeddings=True)
+        names = stage_tensors(index, stage, arch)
         s3_client.reset_stats()
         source = model.tensor_source(names, chunk_bytes=64 * 1024)
-        assert isinstance(source, S3TensorSource)
+        assert isinstance(source, FetchedTensorSource)
         source.wait_all(timeout=30)
 
-        assert s3_client.bytes_received == sum(index[n].entry.nbytes for n in names)
-        assert s3_client.requests == len(source.chunks) and source.bytes_fetched == source.total_bytes
+        assert s3_client.bytes_received == sum(index[n].nbytes for n in names)
+        assert s3_client.requests == source.reads and source.bytes_fetched == source.total_bytes
         assert set(source.tensor_names()) == set(names)
         for name in names:
             assert torch.equal(source.get(name), reference[name])
@@ -167,40 +169,57 @@ def test_stage_slices_fetch_only_their_tensors(s3_server: EmbeddedS3, s3_client:
     assert fetched == set(index)
 
 
+class RecordingFiles(S3ModelFiles):
+    """The real S3 model, remembering every ranged read (file, start, end) in issue order."""
+
+    def __init__(self, model: StoredModelFiles) -> None:
+        assert isinstance(model, S3ModelFiles)
+        super().__init__(model.location, model.client)
+        self.reads: list[tuple[str, int, int]] = []
+
+    def read_into(self, file: str, start: int, out: memoryview, cancel: object = None) -> None:
+        self.reads.append((file, start, start + len(out)))
+        super().read_into(file, start, out)
+
+
 def test_fetch_order_is_layer_order_and_adjacent_tensors_coalesce(
         s3_server: EmbeddedS3, s3_client: S3Client, bucket: str, tmp_path: Path) -> None:
     write_model(tmp_path / "m", llama_tensors(layers=12))  # file order: layers 0, 1, 10, 11, 2, ...
     model = open_model(_upload(s3_server, bucket, tmp_path / "m", "order"), client=s3_client)
     reference = _reference(tmp_path / "m")
-    layer_bytes = sum(model.tensor_index()[n].entry.nbytes for n in reference
-                      if n.startswith("model.layers.0."))
-    for chunk_bytes, expected_layer_runs in ((layer_bytes, 12), (1 << 20, 2)):
-        source = model.tensor_source(chunk_bytes=chunk_bytes, concurrency=1)
-        source.wait_all(timeout=30)
-        assert isinstance(source, S3TensorSource)
-        ranks = [stream_rank(run.tensors[0].name) for run in source.runs]
-        assert ranks == sorted(ranks)
-        layer_runs = [r for r in source.runs if stream_rank(r.tensors[0].name)[0] == 1]
-        # one GET per layer (9 contiguous tensors); with big chunks, consecutive layers the
-        # file keeps adjacent share one: [embed, 0, 1], [2 .. 9], [10, 11] (alphabetical file)
-        assert len(layer_runs) == expected_layer_runs
-        for run in layer_runs:
-            layers = sorted({stream_rank(e.name)[1] for e in run.tensors})
-            assert layers == list(range(layers[0], layers[-1] + 1))
-        assert len(source.chunks) == len(source.runs)
-        assert all(torch.equal(source.get(n), reference[n]) for n in reference)
+    version = model.version()
+    names = stage_tensors(version.tensors, StageSpec.whole(12), version.architecture)
+    recording = RecordingFiles(model)
+    source = FetchedTensorSource(version, recording, names, concurrency=1, hedge_min_s=None)
+    source.wait_all(timeout=30)
+    group_of_read = []
+    for file, start, end in recording.reads:
+        inside = [e for e in version.tensors.values() if e.file == file and start <= e.start < end]
+        groups = {segment_group(version.architecture.role(e.name)) for e in inside}
+        assert len(groups) == 1, "a GET never mixes segment groups"
+        group_of_read.append(groups.pop())
+    # one stream: the GETs come embeddings, layer 0, 1, ..., 11, then the head, whatever the file order
+    assert group_of_read == sorted(group_of_read, key=lambda g: g[0])
+    assert [g for g in dict.fromkeys(group_of_read)] == [(0, "embed"), *[(1 + i, f"layer.{i}") for i in range(12)],
+                                                         (1_000_000, "head")]
+    # a layer's nine tensors are contiguous in the file: one GET fetches them all (the head's two
+    # are not: lm_head.weight sorts first in the file, model.norm.weight last)
+    assert all(group_of_read.count((1 + i, f"layer.{i}")) == 1 for i in range(12))
+    assert group_of_read.count((1_000_000, "head")) == 2 and len(recording.reads) == 15
+    assert all(torch.equal(source.get(n), reference[n]) for n in reference)
 
 
 def test_big_tensor_is_split_into_chunks(s3_server: EmbeddedS3, s3_client: S3Client, bucket: str,
                                          tmp_path: Path) -> None:
     big = torch.arange(300_000, dtype=torch.float32)
-    save_file({"model.embed_tokens.weight": big, "model.layers.0.empty": torch.empty(0)},
-              str(tmp_path / "model.safetensors"))
-    s3_client.put_file(bucket, "big/model.safetensors", tmp_path / "model.safetensors")
-    source = open_model(f"s3://{bucket}/big", client=s3_client).tensor_source(chunk_bytes=100_000)
-    assert isinstance(source, S3TensorSource) and len(source.chunks) == 12
+    empty = "model.layers.0.input_layernorm.weight"
+    write_model(tmp_path / "m", {"model.embed_tokens.weight": big, empty: torch.empty(0)})
+    uri = _upload(s3_server, bucket, tmp_path / "m", "big")
+    source = open_model(uri, client=s3_client).tensor_source(["model.embed_tokens.weight", empty],
+                                                              chunk_bytes=100_000)
     assert torch.equal(source.get("model.embed_tokens.weight"), big)
-    assert source.get("model.layers.0.empty").shape == (0,)
+    assert source.get(empty).shape == (0,)
+    assert isinstance(source, FetchedTensorSource) and source.reads == 12  # 1.2 MB in 100 kB ranges
 
 
 # ------------------------------------------------------------------ S3: errors
@@ -249,16 +268,17 @@ def private_server():
 
 
 def test_killed_mid_fetch_and_restarted_completes(private_server: EmbeddedS3, tmp_path: Path) -> None:
-    tensors = {f"model.layers.{i}.w": torch.randn(512, 1024) for i in range(12)}  # 24 MiB
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(512, 1024) for i in range(12)}  # 24 MiB
     write_model(tmp_path / "m", tensors)
     uri = private_server.upload_dir(tmp_path / "m", "durable", "m")
     client = private_server.client(retry=RetryPolicy(max_attempts=30, base_delay_s=0.05,
                                                      max_delay_s=0.3, budget_s=30))
     model = open_model(uri, client=client)
-    model.tensor_index()
+    version = model.version()
     client.reset_stats()
-    source = model.tensor_source(chunk_bytes=512 * 1024, concurrency=2)
-    assert isinstance(source, S3TensorSource)
+    # no hedged duplicates: this test counts every byte received
+    source = FetchedTensorSource(version, model, list(tensors), chunk_bytes=512 * 1024, concurrency=2,
+                                 hedge_min_s=None)
     deadline = time.monotonic() + 20
     while source.bytes_fetched == 0 and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -269,7 +289,7 @@ def test_killed_mid_fetch_and_restarted_completes(private_server: EmbeddedS3, tm
     source.wait_all(timeout=30)
     for name, tensor in tensors.items():
         assert torch.equal(source.get(name), tensor), name
-    stats = (f"retries={client.retries} requests={client.requests} chunks={len(source.chunks)} "
+    stats = (f"retries={client.retries} requests={client.requests} reads={source.reads} "
              f"received={client.bytes_received} total={source.total_bytes}")
     assert client.retries >= 1, stats
     assert client.bytes_received == source.total_bytes, stats  # resumed ranges, nothing twice
@@ -277,48 +297,54 @@ def test_killed_mid_fetch_and_restarted_completes(private_server: EmbeddedS3, tm
 
 
 def test_get_blocks_until_bytes_arrive(private_server: EmbeddedS3, tmp_path: Path) -> None:
-    tensors = {"model.layers.0.w": torch.randn(64, 64)}
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors = {name: torch.randn(64, 64)}
     write_model(tmp_path / "m", tensors)
     uri = private_server.upload_dir(tmp_path / "m", "durable", "m")
     client = private_server.client(retry=RetryPolicy(max_attempts=40, base_delay_s=0.05,
                                                      max_delay_s=0.2, budget_s=30))
     model = open_model(uri, client=client)
-    model.tensor_index()
+    model.version()
     private_server.kill()
-    source = model.tensor_source()
+    source = model.tensor_source([name])
+    assert isinstance(source, FetchedTensorSource)
     with pytest.raises(TimeoutError):
-        source.get("model.layers.0.w", timeout=0.3)
-    assert not source.ready("model.layers.0.w")
+        source.get(name, timeout=0.3)
+    assert not source.ready(name)
     private_server.start()
-    assert torch.equal(source.get("model.layers.0.w", timeout=30), tensors["model.layers.0.w"])
+    assert torch.equal(source.get(name, timeout=30), tensors[name])
 
 
 def test_closed_source_does_not_hang(private_server: EmbeddedS3, tmp_path: Path) -> None:
-    write_model(tmp_path / "m", {"model.layers.0.w": torch.ones(8)})
+    name = "model.layers.0.input_layernorm.weight"
+    write_model(tmp_path / "m", {name: torch.ones(8)})
     uri = private_server.upload_dir(tmp_path / "m", "durable", "m")
     model = open_model(uri, client=private_server.client())
-    model.tensor_index()
+    model.version()
     private_server.kill()
-    source = model.tensor_source()
-    time.sleep(0.2)  # its GET is now retrying against the dead server (30 s budget)
+    source = model.tensor_source([name])
+    time.sleep(0.2)  # its GET is now retrying against the dead server (15 s budget)
     started = time.monotonic()
     source.close()
     with pytest.raises(RuntimeError, match="closed before"):
-        source.get("model.layers.0.w", timeout=5)
-    assert isinstance(source, S3TensorSource)
-    source._pool.shutdown(wait=True)  # the retrying thread gives up at once
+        source.get(name, timeout=5)
+    assert isinstance(source, FetchedTensorSource)
+    threads = source._engine._threads  # the retrying threads give up at once
+    while any(t.is_alive() for t in threads) and time.monotonic() - started < 5:
+        time.sleep(0.01)
     assert time.monotonic() - started < 2
 
 
-def test_fetch_error_surfaces_from_get(s3_client: S3Client, bucket: str, tmp_path: Path) -> None:
-    save_file({"model.layers.0.w": torch.ones(10)}, str(tmp_path / "model.safetensors"))
-    s3_client.put_file(bucket, "gone/model.safetensors", tmp_path / "model.safetensors")
-    model = open_model(f"s3://{bucket}/gone", client=s3_client)
-    model.tensor_index()
+def test_fetch_error_surfaces_from_get(s3_server: EmbeddedS3, s3_client: S3Client, bucket: str,
+                                      tmp_path: Path) -> None:
+    name = "model.layers.0.input_layernorm.weight"
+    write_model(tmp_path / "m", {name: torch.ones(10)})
+    model = open_model(_upload(s3_server, bucket, tmp_path / "m", "gone"), client=s3_client)
+    model.version()
     s3_client.delete(bucket, "gone/model.safetensors")
-    source = model.tensor_source()
+    source = model.tensor_source([name])
     with pytest.raises(StorageError, match=f"s3://{bucket}/gone/model.safetensors does not exist"):
-        source.get("model.layers.0.w", timeout=10)
+        source.get(name, timeout=10)
 
 
 def test_random_bytes_are_not_a_model(s3_client: S3Client, bucket: str) -> None:

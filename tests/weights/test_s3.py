@@ -20,8 +20,7 @@ from hydraserve.weights.s3 import (
     classify,
     parse_s3_uri,
 )
-
-from .faults import CuttingProxy
+from tests.faults import CuttingProxy
 
 # ------------------------------------------------------------------ URIs
 

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hydraserve.weights.safetensors_format import (
-    DTYPES,
+    DTYPE_SIZES,
     SafetensorsFormatError,
     header_length,
     parse_header,
-    tensor_from_buffer,
 )
+from hydraserve.weights.tensors import TORCH_DTYPES, tensor_view
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (1, 1, 1, 9), (0, 4)]
 DTYPES_UNDER_TEST = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8,
@@ -40,7 +40,7 @@ def test_every_tensor_matches_safetensors_loader(tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
     data = path.read_bytes()
 
-    header = parse_header(data, file_size=len(data))
+    header = parse_header(data, file="m.safetensors", file_size=len(data))
 
     assert header.metadata == {"format": "pt"}
     assert set(header.entries) == set(tensors)
@@ -48,9 +48,9 @@ def test_every_tensor_matches_safetensors_loader(tmp_path: Path) -> None:
     reference = load_file(str(path))
     buf = bytearray(data)
     for name, entry in header.entries.items():
-        assert entry.shape == tuple(reference[name].shape)
-        assert entry.torch_dtype == reference[name].dtype
-        got = tensor_from_buffer(entry, buf, entry.start)
+        assert entry.shape == tuple(reference[name].shape) and entry.file == "m.safetensors"
+        assert TORCH_DTYPES[entry.dtype] == reference[name].dtype
+        got = tensor_view(entry, buf, entry.start)
         assert got.dtype == reference[name].dtype and got.shape == reference[name].shape
         assert torch.equal(got, reference[name]), name
 
@@ -100,5 +100,6 @@ def test_bad_lengths_and_json() -> None:
 
 
 def test_all_declared_dtypes_map_to_matching_item_sizes() -> None:
-    for name, (dtype, itemsize) in DTYPES.items():
-        assert torch.empty((), dtype=dtype).element_size() == itemsize, name
+    assert set(DTYPE_SIZES) == set(TORCH_DTYPES)
+    for name, itemsize in DTYPE_SIZES.items():
+        assert torch.empty((), dtype=TORCH_DTYPES[name]).element_size() == itemsize, name

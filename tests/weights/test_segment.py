@@ -11,16 +11,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hydraserve.loaderd.segment import (
+from hydraserve.contracts.tensors import TensorEntry
+from hydraserve.weights.model_files import LocalModelFiles
+from hydraserve.weights.segment import (
     STATE_FAILED,
     SegmentFailedError,
     SegmentReader,
     SegmentWriter,
-    TensorSpec,
     plan_layout,
 )
 
-from .conftest import llama_like, local_index, write_model
+from .checkpoints import llama_tensors, write_model
+
+
+def _tensors(root: Path) -> list[TensorEntry]:
+    return list(LocalModelFiles(root).tensor_index().values())
 
 
 def _fill(writer: SegmentWriter, root: Path) -> None:
@@ -33,22 +38,20 @@ def _fill(writer: SegmentWriter, root: Path) -> None:
 
 
 def test_layout_keeps_file_neighbours_in_one_run_and_alignment() -> None:
-    specs = [TensorSpec("a", "F32", (4,), "f", 100, 116), TensorSpec("b", "F32", (2,), "f", 116, 124),
-             TensorSpec("c", "F32", (2,), "f", 200, 208), TensorSpec("d", "F32", (1,), "g", 8, 12)]
+    specs = [TensorEntry("a", "F32", (4,), "f", 100, 116), TensorEntry("b", "F32", (2,), "f", 116, 124),
+             TensorEntry("c", "F32", (2,), "f", 200, 208), TensorEntry("d", "F32", (1,), "g", 8, 12)]
     layout = plan_layout("k", "grp", specs)
     assert [(r.file, r.file_start, r.file_end) for r in layout.runs] == [("f", 100, 124), ("f", 200, 208),
                                                                          ("g", 8, 12)]
     assert layout.data_offset % 4096 == 0
     for run in layout.runs:
         assert run.offset % 64 == run.file_start % 64
-    a, b = layout.tensors[0], layout.tensors[1]
-    assert b.offset == a.offset + 16  # contiguous inside the run
+    assert layout.offsets[1] == layout.offsets[0] + 16  # contiguous inside the run
 
 
 def test_round_trip_byte_exact_and_private(tmp_path: Path, shm_guard: str) -> None:
-    root = write_model(tmp_path / "m", llama_like(layers=2))
-    index = local_index(root)
-    layout = plan_layout(index.key, "all", index.tensors)
+    root = write_model(tmp_path / "m", llama_tensors(layers=2))
+    layout = plan_layout("key", "all", _tensors(root))
     path = f"/dev/shm/hsld-{shm_guard}-x"
     writer = SegmentWriter(layout, path)
     try:
@@ -59,7 +62,8 @@ def test_round_trip_byte_exact_and_private(tmp_path: Path, shm_guard: str) -> No
         for i, slot in enumerate(reader.tensors):
             reader.wait_ready(i, timeout_s=1)
             assert bytes(reader.tensor_bytes(i)) == expected[slot.name].contiguous().view(torch.uint8).numpy().tobytes()
-        assert reader.group == "all" and reader.model_key == index.key
+        assert reader.group == "all" and reader.model_key == "key"
+        assert reader.tensors == layout.tensors and reader.offsets == layout.offsets
         reader.close()
     finally:
         writer.close()
@@ -67,16 +71,16 @@ def test_round_trip_byte_exact_and_private(tmp_path: Path, shm_guard: str) -> No
 
 
 def test_reader_sees_tensor_ready_before_the_rest(tmp_path: Path, shm_guard: str) -> None:
-    root = write_model(tmp_path / "m", llama_like(layers=1))
-    layout = plan_layout("k", "g", local_index(root).tensors)
+    root = write_model(tmp_path / "m", llama_tensors(layers=1))
+    layout = plan_layout("k", "g", _tensors(root))
     path = f"/dev/shm/hsld-{shm_guard}-y"
     writer = SegmentWriter(layout, path)
     reader = SegmentReader(path)
     try:
         first = layout.tensors[0]
         with open(root / first.file, "rb") as fh:
-            fh.seek(first.file_start)
-            writer.write(first.offset, fh.read(first.nbytes))
+            fh.seek(first.start)
+            writer.write(layout.offsets[0], fh.read(first.nbytes))
         writer.mark_ready(0)
         reader.wait_ready(0, timeout_s=1)
         assert reader.flag(1) == 0
