@@ -1,5 +1,5 @@
 """Emulated cluster nodes: one network namespace per node, joined by veth to a bridge in the
-root namespace, each node's link capped with tc in both directions (DESIGN §6).
+root namespace, each node's link capped with tc in both directions.
 
 Used by the loader benchmark and reusable by any other benchmark or demo that needs nodes with
 a real bandwidth cap. Needs root and iproute2; ``netns_available()`` says why not otherwise.

@@ -1,7 +1,7 @@
 """TTFT SLO attainment on the paper's testbed (i), every policy, averaged over seeds, vs the paper.
 
 HydraServe (NSDI 2026) reports, for CV 2/4/8 and 0.6-0.8 req/s: serverless vLLM 44-54 %,
-ServerlessLLM 45-62 %, HydraServe 72-84 %, with cache 78-88 % (DESIGN.md §7). The target shape:
+ServerlessLLM 45-62 %, HydraServe 72-84 %, with cache 78-88 % (its Figure 8). The target shape:
 hydraserve / serverless-vllm in 1.43-1.74x. Prints the table, then one JSON line last.
 Run: python benchmarks/placement_attainment.py [--seeds 3] [--applications] [--trace FILE | --zipf 1.0]
      [--rates 0.7] [--skewed-nodes 4 --nic-skew 0.5] [--workload gamma [--oversample 800]] [--plot f.png]

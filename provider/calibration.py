@@ -1,6 +1,6 @@
 """Learn the cold-start model from observed cold starts instead of HydraServe's fixed numbers.
 
-HydraServe predicts a cold start as fetch + 2 s with a static bandwidth table (DESIGN.md §4).
+HydraServe predicts a cold start as fetch + 2 s with a static bandwidth table (its artifact's algs.py; docs/PLACEMENT.md).
 We keep two estimates, fed by worker reports (service) or simulated completions (simulator):
 
 * per-node NIC bandwidth: each report gives bits / fetch seconds; the fetch shared the NIC with

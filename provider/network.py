@@ -6,7 +6,7 @@ fetch is running, so they never delay one.
 
 Used two ways with the same code: inside the cluster model, where the planner predicts when each
 fetch ends and refuses a new fetch that would push an existing one past its deadline
-(HydraServe's rule, DESIGN.md §4), and inside the simulator, where a Nic with the node's true
+(HydraServe's rule, docs/PLACEMENT.md step 3), and inside the simulator, where a Nic with the node's true
 bandwidth decides when simulated fetches really end. Times are the caller's clock (``now``).
 """
 

@@ -2,7 +2,7 @@
 
 Called by the service (POST /v1/plan, `hydraserve plan`) and by the simulator with the same
 ClusterState type, so a decision depends only on (state, request, now, policy). The search is
-HydraServe's (DESIGN.md §4): p = 1..4, a = min(p, required)..p full workers, first candidate
+HydraServe's (its artifact's algs.py; docs/PLACEMENT.md walks the steps): p = 1..4, a = min(p, required)..p full workers, first candidate
 whose predicted TTFT and TPOT meet the SLOs wins; otherwise a fallback. What we add: stage
 fetch times from a processor-sharing NIC model with deadlines, loaderd residency, peers, and the
 calibrated start-up model. ``plan`` decides only; ``hydraserve.provider.lifecycle`` commits.

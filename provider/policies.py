@@ -1,7 +1,7 @@
 """Named placement policies: the knobs that tell the planner which system it is imitating.
 
 The planner, the service and the simulator take a Policy by name. `hydraserve` is HydraServe's
-algorithm as its code has it (DESIGN.md §4); `ours` adds calibration, cache awareness and
+algorithm as its code has it (scripts/kubernetes/vllm/src/algs.py; docs/PLACEMENT.md, The decision); `ours` adds calibration, cache awareness and
 peers; the rest are the paper's baselines. The simulator also reads ``startup`` to know which
 cold-start mechanism the policy's system has (sequential, ServerlessLLM loading, overlapped).
 """

@@ -1,7 +1,7 @@
 """The worker's start-up, second half: wire my role around the stage I loaded.
 
-A pipeline group has one head and up to three inner stages (DESIGN's stage plan: stage 0 holds
-the embeddings, the last stage the head). The head (stage 0, or a whole model) owns the
+A pipeline group has one head and up to three inner stages (docs/PROTOCOLS.md, the stage plan:
+stage 0 holds the embeddings, the last stage the LM head). The head (stage 0, or a whole model) owns the
 tokenizer, the scheduler and sampling, and serves the OpenAI and CloudEvents API; an inner
 stage holds its layers and their KV cache, reads no tokenizer and serves no API (only health,
 readiness, metrics and its timeline). ``prepare`` runs before the weights load, overlapping the

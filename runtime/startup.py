@@ -59,7 +59,7 @@ def load_my_stage(settings: WorkerEnvironment, files: ModelFiles, timeline: Time
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    cfg = ModelConfig.from_json(files.read_text("config.json"))
+    cfg = ModelConfig.from_hf(files.config())
     prepare(files, cfg)
     timeline.mark("config_loaded")
     waited = [0.0]

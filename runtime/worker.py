@@ -66,7 +66,9 @@ def run_worker(settings: WorkerEnvironment) -> int:
     server = DrainingServer(create_app(state, metrics=metrics, api=settings.is_head), settings.host,
                             settings.port).start()
     state.timeline.mark("http_listening", port=server.port)
-    log.info("listening", extra={"url": server.url, "model": settings.model_uri})
+    log.info("listening", extra={"url": server.url, "model": settings.model_uri, "instance": settings.instance_id,
+                                 "stage": settings.stage.model_dump() if settings.stage else "whole",
+                                 "full": settings.full, "peers": settings.peers})
     threading.Thread(target=_load, args=(settings, state, metrics), name="loader", daemon=True).start()
 
     def stop_engine() -> None:

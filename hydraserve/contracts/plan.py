@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hydraserve.contracts.loader import PrefetchRequest
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE, StagePlan, StageSpec
 
-KV_RESERVE_GB = 5.0  # HydraServe reserves 5 GB of KV cache per worker (DESIGN.md §4)
+KV_RESERVE_GB = 5.0  # HydraServe reserves 5 GB of KV cache per worker (its artifact's algs.py)
 
 
 class _Strict(BaseModel):

@@ -1,7 +1,8 @@
 """Pipeline stage plan: which decoder layers (and embeddings / head) each stage holds.
 
 Shared by the placement service (which chooses it), loaderd (which prefetches the byte ranges
-of a stage) and the runtime (which builds only its stage's modules). See DESIGN.md §3.
+of a stage) and the runtime (which builds only its stage's modules). docs/PROTOCOLS.md describes
+it; hydraserve.weights.layout decides which tensors each stage holds.
 """
 
 from __future__ import annotations

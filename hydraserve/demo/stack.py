@@ -23,12 +23,11 @@ from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import Gateway, create_gateway_app
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.http_server import DrainingServer
+from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
 
 log = logging.getLogger(__name__)
-
-SEGMENT_PREFIX = "hsld-"  # loaderd's /dev/shm name prefix (loaderd.registry)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from hydraserve.contracts.model import MANIFEST_FILE
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.contracts.tensors import TensorEntry
-from hydraserve.errors import InvalidRequestError, NotFoundError, StorageError
+from hydraserve.errors import HydraError, InvalidRequestError, NotFoundError, StorageError
 from hydraserve.weights.architectures import Architecture
 from hydraserve.weights.layout import num_layers_in, stage_tensors
 from hydraserve.weights.s3_uri import ObjectInfo, S3Uri, is_s3_uri, parse_s3_uri, validate_file_name
@@ -289,6 +289,7 @@ class S3ModelFiles(StoredModelFiles):
         self.client = client
         self.uri = str(uri)
         self._objects: dict[str, ObjectInfo] | None = None
+        self._list_error: HydraError | None = None
         self._listing_lock = threading.Lock()
 
     def read_bytes(self, name: str) -> bytes:
@@ -296,10 +297,17 @@ class S3ModelFiles(StoredModelFiles):
         return self.client.get_object_bytes(obj.bucket, obj.key)
 
     def objects(self) -> dict[str, ObjectInfo]:
-        """From one LIST shared by every caller (thread-safe)."""
+        """From one LIST shared by every caller (thread-safe). A LIST that failed (its retry
+        budget spent) fails every caller the same way: none starts a budget of its own."""
         with self._listing_lock:
+            if self._list_error is not None:
+                raise self._list_error
             if self._objects is None:
-                self._objects = self._list()
+                try:
+                    self._objects = self._list()
+                except HydraError as exc:
+                    self._list_error = exc
+                    raise
             return self._objects
 
     def _list(self) -> dict[str, ObjectInfo]:

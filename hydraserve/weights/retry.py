@@ -16,7 +16,7 @@ DEFAULT_BUDGET_S = 15.0
 class RetryPolicy:
     """Exponential backoff with full jitter, bounded by attempts and by total time."""
 
-    max_attempts: int = 12
+    max_attempts: int = 50  # a secondary cap: the time budget is what ends retries
     base_delay_s: float = 0.1
     max_delay_s: float = 2.0
     budget_s: float = DEFAULT_BUDGET_S

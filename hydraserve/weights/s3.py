@@ -21,6 +21,7 @@ randomness are injected, so the budget is tested exactly.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import threading
@@ -208,18 +209,22 @@ class S3Client:
         self._on_retry = on_retry  # called with the error's type name before each retry (metrics)
         self._lock = threading.Lock()
         self.requests = 0
+        self.requests_by_op: collections.Counter[str] = collections.Counter()  # "GET", "HEAD", "LIST", ...
         self.retries = 0
         self.bytes_received = 0
 
-    def _count(self, requests: int = 0, nbytes: int = 0, retries: int = 0) -> None:
+    def _count(self, requests: int = 0, nbytes: int = 0, retries: int = 0, op: str = "") -> None:
         with self._lock:
             self.requests += requests
             self.bytes_received += nbytes
             self.retries += retries
+            if op:
+                self.requests_by_op[op] += requests
 
     def reset_stats(self) -> None:
         with self._lock:
             self.requests = self.retries = self.bytes_received = 0
+            self.requests_by_op.clear()
 
     # ---------------------------------------------------------------- retry loop
 
@@ -266,7 +271,7 @@ class S3Client:
         uri = str(S3Uri(bucket, key))
 
         def attempt() -> ObjectInfo:
-            self._count(requests=1)
+            self._count(requests=1, op="HEAD")
             resp = self._boto.head_object(Bucket=bucket, Key=key)
             return ObjectInfo(key, int(resp["ContentLength"]), str(resp.get("ETag", "")))
 
@@ -277,7 +282,7 @@ class S3Client:
         uri = str(S3Uri(bucket, key))
 
         def attempt() -> bytes:
-            self._count(requests=1)
+            self._count(requests=1, op="GET")
             body = self._boto.get_object(Bucket=bucket, Key=key)["Body"]
             try:
                 data: bytes = body.read()
@@ -293,7 +298,7 @@ class S3Client:
         uri = str(S3Uri(bucket, key))
 
         def attempt() -> tuple[bytes, int]:
-            self._count(requests=1)
+            self._count(requests=1, op="GET")
             resp = self._boto.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{length - 1}")
             body = resp["Body"]
             try:
@@ -333,7 +338,7 @@ class S3Client:
         def attempt() -> None:
             nonlocal received
             begin = start + received
-            self._count(requests=1)
+            self._count(requests=1, op="GET")
             resp = self._boto.get_object(Bucket=bucket, Key=key,
                                          Range=f"bytes={begin}-{start + length - 1}")
             body = resp["Body"]
@@ -363,7 +368,7 @@ class S3Client:
 
     def list_buckets(self) -> list[str]:
         def attempt() -> list[str]:
-            self._count(requests=1)
+            self._count(requests=1, op="LIST")
             return [b["Name"] for b in self._boto.list_buckets().get("Buckets", [])]
 
         return self._retrying("s3://", "LIST BUCKETS", attempt)
@@ -378,7 +383,7 @@ class S3Client:
             found: list[ObjectInfo] = []
             for page in self._boto.get_paginator("list_objects_v2").paginate(
                     Bucket=bucket, Prefix=prefix):
-                self._count(requests=1)
+                self._count(requests=1, op="LIST")
                 found.extend(ObjectInfo(o["Key"], int(o["Size"]), str(o.get("ETag", "")))
                              for o in page.get("Contents", []))
             return found
@@ -391,7 +396,7 @@ class S3Client:
         validate_bucket(bucket)
 
         def attempt() -> None:
-            self._count(requests=1)
+            self._count(requests=1, op="PUT")
             try:
                 self._boto.create_bucket(Bucket=bucket)
             except bexc.ClientError as exc:
@@ -406,7 +411,7 @@ class S3Client:
         uri = str(S3Uri(bucket, key))
 
         def attempt() -> None:
-            self._count(requests=1)
+            self._count(requests=1, op="PUT")
             self._boto.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
 
         self._retrying(uri, "PUT", attempt)
@@ -418,7 +423,7 @@ class S3Client:
 
         if path.stat().st_size < self._transfer.multipart_threshold:
             def put_small() -> None:  # one PUT: the transfer manager costs ~0.4 s per file
-                self._count(requests=1)
+                self._count(requests=1, op="PUT")
                 with open(path, "rb") as f:
                     self._boto.put_object(Bucket=bucket, Key=key, Body=f)
                 if callback is not None:
@@ -427,7 +432,7 @@ class S3Client:
             return self._retrying(uri, "PUT", put_small)
 
         def attempt() -> None:
-            self._count(requests=1)
+            self._count(requests=1, op="PUT")
             try:
                 self._boto.upload_file(str(path), bucket, key, Config=self._transfer,
                                        Callback=callback)
@@ -444,7 +449,7 @@ class S3Client:
         uri = str(S3Uri(bucket, key))
 
         def attempt() -> None:
-            self._count(requests=1)
+            self._count(requests=1, op="DELETE")
             self._boto.delete_object(Bucket=bucket, Key=key)
 
         self._retrying(uri, "DELETE", attempt)

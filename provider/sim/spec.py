@@ -1,6 +1,6 @@
 """What the simulator simulates: nodes (true NICs, GPU kind), model functions, and stage times.
 
-Stage times are fitted to HydraServe's Figure 7 (DESIGN.md §7; the per-model values are in the
+Stage times are fitted to HydraServe's Figure 7 (cold-start TTFT per system and model; the per-model values are in the
 artifact's ae_scripts/figure7.py), separately for V100 and A10 nodes, by least squares over all
 seven models of the figure (OPT-2.7B/6.7B/13B, Llama2-7B/13B, Llama3-8B, Falcon-7B; fp16 sizes),
 with F the fetch on the simulator's NIC (16 Gbps x 0.9 goodput = 1.8 GB/s when alone), S in GB:

@@ -60,7 +60,7 @@ def load_model(files: ModelFiles, stage: StageSpec | None = None, *, config: Mod
     """``stage`` (default: the whole model) with its weights (``config``: config.json already
     parsed); ``on_attached`` is told when the source exists (its bytes may still be arriving),
     ``on_tensor`` after each tensor."""
-    cfg = config or ModelConfig.from_json(files.read_text("config.json"))
+    cfg = config or ModelConfig.from_hf(files.config())
     stage = stage or StageSpec.whole(cfg.num_layers)
     source = files.tensor_source(files.stage_tensor_names(stage))
     if on_attached is not None:

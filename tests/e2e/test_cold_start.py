@@ -106,3 +106,31 @@ def test_worker_that_cannot_start_gives_503_with_reason_then_retries(stack: Loca
         assert r.status_code == 503
         assert "does-not-exist" in r.json()["error"]["message"]
     assert stack.gateway.scaler("broken").status()["state"] == "zero"
+
+
+def test_cold_start_against_an_unreachable_s3_fails_within_the_retry_budget(stack: LocalStack) -> None:
+    """S3 down when a cold start needs it: the one retry budget (15 s by default) bounds it, and
+    the 503 names the endpoint; the function stays at zero and nothing is left behind."""
+    from hydraserve.weights.push import push_model
+
+    assert stack.gateway is not None
+    uri = f"{stack.model_uri}-unreachable"  # a copy no loaderd holds yet
+    push_model(stack.run_dir / "model" if stack.options.model_dir is None else stack.options.model_dir, uri,
+               progress=False, client=stack.s3.client())
+    function = FunctionConfig(name="unreachable", model_uri=uri)
+    stack.backend.prepare(function)  # described at deploy time, while S3 is up
+    stack.gateway.register(function)
+    stack.s3.snapshot()  # the restarted server must hold what the other tests pushed
+    stack.s3.kill()
+    try:
+        started = time.monotonic()
+        r = requests.post(stack.gateway_url + "/functions/unreachable/v1/completions",
+                          json={"prompt": "x", "max_tokens": 2}, timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        stack.s3.start()
+    assert r.status_code == 503, r.text
+    message = r.json()["error"]["message"]
+    assert stack.s3.endpoint_url in message and "failed" in message, message
+    assert 10.0 < elapsed < 15.0 + 5.0, elapsed  # retried for the budget, then gave up (plus the cold start's own steps)
+    assert stack.gateway.scaler("unreachable").status()["state"] == "zero"

@@ -116,3 +116,15 @@ def test_unreachable_daemon_is_reported_as_unavailable() -> None:
     with pytest.raises(UnreachableError, match="did not answer") as info:
         client.status()
     assert info.value.retryable
+
+
+def test_the_index_lists_every_tensor_with_its_byte_range(daemon: LoaderDaemon) -> None:
+    from hydraserve.weights.model_files import LocalModelFiles
+
+    answer = daemon.client().index(URI)
+    local = LocalModelFiles(daemon.root).tensor_index()  # type: ignore[attr-defined]
+    assert {t.name: t for t in answer.tensors} == local
+    assert answer.model_key == daemon.client().prefetch(PrefetchRequest(model_uri=URI)).model_key
+    r = requests.get(daemon.url + "/v1/index", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model_uri"
+    assert requests.get(daemon.url + "/v1/index", params={"model_uri": URI}, timeout=5).status_code == 401

@@ -129,6 +129,9 @@ def test_cli_daemon_serves_whole_sharded_and_stage_slices(s3_server: Any, models
         assert model.bytes_complete == model.model_bytes
         source.close()
         whole.close()
+        # a byte mover: the daemon served all this without importing torch (or safetensors' torch half)
+        maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+        assert "libtorch" not in maps and "torch/_C" not in maps
     finally:
         assert d.stop() == 0
     log = (tmp_path / "loaderd.log").read_text()
@@ -434,3 +437,32 @@ def test_worker_learns_when_the_daemon_dies_mid_fetch(s3_server: Any, models: di
         for f in os.listdir("/dev/shm"):  # a SIGKILLed daemon cannot unlink (its next start would)
             if f.startswith(f"hsld-{shm_guard}-"):
                 os.unlink(os.path.join("/dev/shm", f))
+
+
+def test_one_resolution_per_model_version_and_one_head_per_lease_not_a_list_per_call(
+        s3_env: dict, models: dict, shm_guard: str) -> None:
+    """A cold start calls the daemon for one model seven times (prefetch, four small files, the
+    index, attach). The version is resolved once (one LIST); reads reuse it; each lease checks
+    it with one HEAD of the push manifest, never a LIST."""
+    uri, local = models["tiny"]
+    d = daemon(shm_guard, revalidate_s=60)
+    s3 = d.service.opener.client(None)
+    try:
+        def cold_start() -> None:
+            lease = d.client().prefetch(PrefetchRequest(model_uri=uri))
+            files = LoaderModelFiles(uri, d.url, d.token)  # config, tokenizer files and index, read ahead
+            assert files.read_text("config.json") == (local / "config.json").read_text()
+            source = files.tensor_source(files.stage_tensor_names())
+            assert_same(source, expected(local))
+            source.close()
+            d.client().release(lease.lease_id)
+
+        s3.reset_stats()
+        cold_start()
+        first = dict(s3.requests_by_op)
+        assert first["LIST"] == 1 and first["HEAD"] == 1  # the resolution; the attach's check
+        cold_start()  # the model is held: its version is only checked
+        second = {op: n - first.get(op, 0) for op, n in s3.requests_by_op.items()}
+        assert second == {"HEAD": 2, "LIST": 0, "GET": 0}  # prefetch and attach; files from memory
+    finally:
+        d.stop()

@@ -167,6 +167,46 @@ def test_classify_retries_throttling_and_5xx_only() -> None:
     assert isinstance(classify(err("InvalidRange", 416), "s3://b/k"), StorageError)
 
 
+class FakeClock:
+    """Time that passes only when the client sleeps: the retry budget is checked exactly."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.mark.parametrize("budget", [15.0, 3.0])
+def test_one_retry_budget_bounds_an_operation_against_a_dead_endpoint(budget: float) -> None:
+    """Connection refused on every attempt: the client retries with capped, jittered backoff until
+    the next pause would end past the budget, then gives up naming the endpoint."""
+    from hydraserve.processes import free_port
+
+    clock = FakeClock()
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    policy = RetryPolicy(max_attempts=1000, budget_s=budget)
+    client = S3Client(endpoint, credentials=S3Credentials("k", "s"), retry=policy, clock=clock,
+                      sleep=clock.sleep, rand=lambda: 0.999)
+    with pytest.raises(TemporaryError, match="failed") as info:
+        client.get_object_bytes("bucket", "model/config.json")
+    assert endpoint in info.value.message and "s3://bucket/model/config.json" in info.value.message
+    attempts = len(clock.sleeps) + 1
+    assert f"failed {attempts} times" in info.value.message and client.requests == attempts
+    assert clock.now <= budget  # no attempt started after the budget
+    assert clock.now + policy.delay(attempts, 0.999) > budget  # and it stopped because of the budget
+    assert max(clock.sleeps) <= policy.max_delay_s and clock.sleeps == sorted(clock.sleeps)
+
+
+def test_the_default_budget_is_fifteen_seconds() -> None:
+    assert RetryPolicy().budget_s == 15.0
+
+
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     policy = RetryPolicy(base_delay_s=0.1, max_delay_s=1.0)
     assert [policy.delay(a, 0.999) for a in (1, 2, 3, 4, 5, 9)] == pytest.approx(

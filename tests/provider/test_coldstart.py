@@ -1,0 +1,219 @@
+"""The backend-neutral cold start against its launcher port: a fake launcher (no processes), the
+real placement service in-process and real loaderds (local directories standing in for S3).
+Every step in order, the worker environment written through the contract, and every failure
+path leaving no plan, lease or worker behind."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from hydraserve.activator.functions import FunctionConfig
+from hydraserve.contracts.plan import FunctionSpec, NodeInfo
+from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.errors import TemporaryError
+from hydraserve.loaderd.daemon import LoaderDaemon
+from hydraserve.loaderd.service import LoaderConfig
+from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
+from hydraserve.provider.backends.local import LocalNode
+from hydraserve.provider.coldstart import ColdStart, ColdStartOptions
+from hydraserve.provider.model_spec import describe_model
+from hydraserve.provider.service import PlacementService
+from hydraserve.weights.model_files import LocalModelFiles
+from tests.loaderd.conftest import LocalStores, write_manifest
+
+URI = "s3://models/tiny"
+TOKEN = "c" * 32
+
+
+@dataclass
+class FakeWorker:
+    url: str
+    env: WorkerEnvironment
+    spawned_at: float
+    fail: str | None = None
+    stopped: bool = False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        if self.fail:
+            raise TemporaryError(self.fail)
+
+    def stop(self, grace_s: float = 10.0) -> object:
+        self.stopped = True
+        return 0
+
+
+@dataclass
+class FakeLauncher:
+    """Records what it was asked to start; the environment crosses the contract both ways."""
+
+    fail_ready: str | None = None
+    fail_launch: Exception | None = None
+    workers: list[FakeWorker] = field(default_factory=list)
+    ports: int = 40000
+
+    def reserve(self, node: str) -> str:
+        self.ports += 1
+        return f"http://127.0.0.1:{self.ports}"
+
+    def launch(self, node: str, env: WorkerEnvironment) -> FakeWorker:
+        if self.fail_launch is not None:
+            raise self.fail_launch
+        written = env.to_env()  # what a child process or a pod would be given
+        assert WorkerEnvironment.from_env(written) == env
+        worker = FakeWorker(f"http://{env.host}:{env.port}", env, env.spawned_at or 0.0, self.fail_ready)
+        self.workers.append(worker)
+        return worker
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_tiny_model(tmp_path_factory.mktemp("coldstart") / "tiny", TinySpec(arch="llama", layers=4))
+    write_manifest(root, per_tensor=True)
+    return root
+
+
+@pytest.fixture
+def loaderds(model_dir: Path, node_name: str) -> Iterator[list[LoaderDaemon]]:
+    daemons = [LoaderDaemon(LoaderConfig(node_name=f"{node_name}{i}", budget_bytes=256 << 20), TOKEN,
+                            open_model=LocalStores({URI: model_dir})).start() for i in range(2)]
+    yield daemons
+    for d in daemons:
+        d.stop()
+
+
+def spec(model_dir: Path, scale: int = 1, ttft_slo_s: float = 10.0) -> FunctionSpec:
+    """The tiny model's real description; ``scale`` multiplies its bytes (to make fetches slow)."""
+    s = describe_model(FunctionConfig(name="tiny", model_uri=URI, ttft_slo_s=ttft_slo_s), LocalModelFiles(model_dir))
+    return s.model_copy(update={"model_size_bytes": s.model_size_bytes * scale,
+                                "layer_bytes": [b * scale for b in s.layer_bytes or []],
+                                "embed_bytes": s.embed_bytes * scale, "head_bytes": s.head_bytes * scale,
+                                "tied_bytes": s.tied_bytes * scale})
+
+
+def setup(loaderds: list[LoaderDaemon], launcher: FakeLauncher, *, nic_gbps: float = 16.0,
+          urls: list[str] | None = None, **options: object) -> tuple[ColdStart, PlacementService]:
+    placement = PlacementService()
+    nodes = {}
+    for i, url in enumerate(urls or [d.url for d in loaderds]):
+        name = f"node{i}"
+        placement.register_node(NodeInfo(name=name, gpus=1, gpu_memory_gb=40, nic_gbps=nic_gbps, loaderd_url=url))
+        nodes[name] = LocalNode(name, url, TOKEN)
+    return ColdStart(placement, launcher, nodes, ColdStartOptions(**options)), placement  # type: ignore[arg-type]
+
+
+def leases(d: LoaderDaemon) -> int:
+    return len(d.service.registry.leases)
+
+
+def test_the_protocol_runs_in_order_and_writes_the_worker_environment(loaderds: list[LoaderDaemon],
+                                                                       model_dir: Path) -> None:
+    launcher = FakeLauncher()
+    coldstart, placement = setup(loaderds, launcher, s3_endpoint_url="http://s3:9000")
+    timeline = Timeline()
+    timeline.mark("request_received", component="test")
+    group = coldstart.run(spec(model_dir), timeline)
+
+    names = [e.name for e in timeline.events]
+    assert names[:4] == ["request_received", "plan_decided", "prefetch_started", "worker_spawned"]
+    (worker,) = launcher.workers
+    assert group.head is worker and group.plan.pipeline_size == 1
+    env = worker.env
+    node = next(n for n in group.plan.stages).node
+    daemon = loaderds[int(node.removeprefix("node"))]
+    assert (env.function, env.model_uri, env.instance_id) == ("tiny", URI, group.plan.instance_id)
+    assert env.stage is None and env.full and env.is_head and env.peers == [worker.url]
+    assert env.loaderd_url == daemon.url and env.loaderd_token is not None
+    assert env.loaderd_token.get_secret_value() == TOKEN and TOKEN not in repr(env)
+    assert env.s3_endpoint_url == "http://s3:9000" and env.host == "127.0.0.1"
+    assert placement.status().active_plans == 1
+    assert placement.plan_of(group.plan.plan_id) is not None
+    assert leases(daemon) == 0  # the prefetch pin is dropped once the worker is ready (it holds its own)
+    coldstart.stop(group)
+    assert worker.stopped and placement.status().active_plans == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_group_and_frees_plan_and_leases(
+        loaderds: list[LoaderDaemon], model_dir: Path) -> None:
+    launcher = FakeLauncher(fail_ready="worker failed to start: no GPU")
+    coldstart, placement = setup(loaderds, launcher)
+    with pytest.raises(TemporaryError, match="no GPU"):
+        coldstart.run(spec(model_dir), Timeline())
+    assert [w.stopped for w in launcher.workers] == [True]
+    assert placement.status().active_plans == 0
+    assert all(leases(d) == 0 for d in loaderds)
+
+
+def test_a_launcher_that_raises_becomes_a_clear_temporary_error(loaderds: list[LoaderDaemon],
+                                                                model_dir: Path) -> None:
+    launcher = FakeLauncher(fail_launch=OSError("exec format error"))
+    coldstart, placement = setup(loaderds, launcher)
+    with pytest.raises(TemporaryError, match="cold start failed: OSError: exec format error"):
+        coldstart.run(spec(model_dir), Timeline())
+    assert placement.status().active_plans == 0 and all(leases(d) == 0 for d in loaderds)
+
+
+def test_an_unreachable_loaderd_skips_the_prefetch_and_the_worker_fetches_itself(
+        loaderds: list[LoaderDaemon], model_dir: Path) -> None:
+    launcher = FakeLauncher()
+    dead = "http://127.0.0.1:9"
+    coldstart, _ = setup(loaderds, launcher, urls=[dead, dead])
+    timeline = Timeline()
+    coldstart.run(spec(model_dir), timeline)
+    skipped = timeline.first("prefetch_skipped")
+    assert skipped is not None and "did not answer" in str(skipped.detail["reason"])
+    assert timeline.first("prefetch_started") is None
+    assert launcher.workers[0].env.loaderd_url == dead  # the worker tries, then falls back to S3
+
+
+def test_the_baseline_prefetches_nothing_and_gives_no_loaderd(loaderds: list[LoaderDaemon],
+                                                              model_dir: Path) -> None:
+    launcher = FakeLauncher()
+    coldstart, _ = setup(loaderds, launcher, prefetch=False)
+    timeline = Timeline()
+    coldstart.run(spec(model_dir), timeline)
+    assert timeline.first("prefetch_skipped") is not None and timeline.first("prefetch_started") is None
+    assert launcher.workers[0].env.loaderd_url is None
+    assert all(not d.service.registry.segments for d in loaderds)
+
+
+def test_a_pipeline_group_prefetches_each_stage_on_its_node_and_tells_each_worker_its_part(
+        loaderds: list[LoaderDaemon], model_dir: Path) -> None:
+    """On slow NICs the planner splits the model over both nodes; each node's loaderd is told to
+    fetch only its stage before any worker exists, and each worker learns its stage and peers."""
+    launcher = FakeLauncher()
+    coldstart, _ = setup(loaderds, launcher, nic_gbps=1.0, max_pipeline_size=2)
+    big = spec(model_dir, scale=16_000, ttft_slo_s=80.0)  # ~15 GB: over one 1 Gbit/s NIC, 130 s
+    group = coldstart.run(big, Timeline())
+    assert group.plan.pipeline_size == 2 and len(set(group.plan.nodes)) == 2
+    addresses = [w.url for w in launcher.workers]
+    for st, worker in zip(group.plan.stages, launcher.workers, strict=True):
+        env = worker.env
+        assert env.stage == st.stage and env.full == st.full and env.peers == addresses
+        assert env.is_head == (st.stage.index == 0)
+        daemon = loaderds[int(st.node.removeprefix("node"))]
+        groups = {s.group for s in daemon.service.registry.segments.values()}
+        layers = {f"layer.{i}" for i in range(st.stage.layer_start, st.stage.layer_end)}
+        assert layers <= groups and not {f"layer.{i}" for i in range(4)} - layers & groups  # only its stage
+
+
+def test_cold_starts_run_concurrently_without_sharing_state(loaderds: list[LoaderDaemon], model_dir: Path) -> None:
+    launcher = FakeLauncher()
+    coldstart, placement = setup(loaderds, launcher)
+    groups = []
+    threads = [threading.Thread(target=lambda: groups.append(coldstart.run(spec(model_dir), Timeline())))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(groups) == 4 and len({g.plan.instance_id for g in groups}) == 4
+    assert len({w.url for w in launcher.workers}) == 4
+    for g in groups:
+        coldstart.stop(g)
+    assert placement.status().active_plans == 0
