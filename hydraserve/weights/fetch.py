@@ -1,14 +1,15 @@
 """The fetch engine: many concurrent ranged reads into segments, first layers first.
 
-The one fetch path of the platform: loaderd (hydraserve.loaderd.service) fills its shared-memory
-segments with it, and a process without a daemon (the runtime's direct-S3 fallback, ``hydraserve
-generate`` on an s3:// model) fills anonymous-memory segments with it through
-hydraserve.weights.fetched_source. A fixed pool of worker threads takes work from one priority queue of runs ordered by (group
-order, request, offset), so the first layers of every cold start on the node land first; each
-thread cuts its next chunk off the most urgent run when it is free (size: see chunk_size). A tensor is published the moment its last
-chunk is written and, when the manifest has per-tensor hashes (format 2), its sha256 matched
-(a mismatch refetches that tensor's range; it is never published). Sources are tried in order
-(peers first, S3 last); a failing peer is skipped for the rest of that segment. The engine never
+The one fetch path of the platform: loaderd (hydraserve.loaderd.service) fills its
+shared-memory segments with it, and a process without a daemon (the runtime's direct-S3
+fallback, ``hydraserve generate`` on an s3:// model) fills anonymous-memory segments with it
+through hydraserve.weights.fetched_source. A fixed pool of worker threads takes work from one
+priority queue of runs ordered by (group order, request, offset), so the first layers of every
+cold start on the node land first; each thread cuts its next chunk off the most urgent run when
+it is free (size: see chunk_size). A tensor is published the moment its last chunk is written
+and, when the manifest has per-tensor hashes (format 2), its sha256 matched (a mismatch
+refetches that tensor's range; it is never published). Sources are tried in order (peers
+first, S3 last); a failing peer is skipped for the rest of that segment. The engine never
 retries a read itself: a source owns its retries (S3: the client's one retry budget,
 hydraserve.weights.s3), so a dead store fails a chunk once, within that budget.
 """
@@ -74,7 +75,9 @@ class FetchObserver(Protocol):
     def on_hedge(self, outcome: str) -> None: ...
 
 
-class _NullObserver:
+class NullObserver:
+    """Reports nothing (subclass it to count one thing)."""
+
     def on_bytes(self, kind: str, n: int) -> None: ...
     def on_error(self, kind: str, error: str) -> None: ...
     def on_inflight(self, delta: int) -> None: ...
@@ -157,7 +160,7 @@ class FetchEngine:
         self.hedge_min_s = hedge_min_s  # None: never hedge
         self.hedges = 0
         self._running: dict[int, _Running] = {}
-        self.observer: FetchObserver = observer or _NullObserver()
+        self.observer: FetchObserver = observer or NullObserver()
         self._heap: list[tuple[tuple[int, int, int], int, _Cursor]] = []
         self._seq = itertools.count()
         self._request_seq = itertools.count()

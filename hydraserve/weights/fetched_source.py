@@ -23,6 +23,7 @@ from hydraserve.weights.fetch import (
     DEFAULT_HEDGE_MIN_S,
     FetchEngine,
     Fill,
+    NullObserver,
     RangeReader,
 )
 from hydraserve.weights.model_version import ModelVersion
@@ -35,13 +36,12 @@ log = logging.getLogger(__name__)
 class FetchedTensorSource:
     """Exactly ``names`` of ``version``, read from ``reader`` (the model's store)."""
 
-    via = "s3"
-
     def __init__(self, version: ModelVersion, reader: RangeReader, names: Sequence[str], *,
                  concurrency: int | None = None, chunk_bytes: int | None = None,
                  hedge_min_s: float | None = DEFAULT_HEDGE_MIN_S,
                  wait_timeout_s: float | None = DEFAULT_WAIT_S) -> None:
         entries = version.select(names=names)
+        self.via = reader.kind  # "s3": what the start-up timeline says the weights came through
         self._names = [e.name for e in entries]
         self.reads = 0  # ranged reads that delivered their bytes (hedges included)
         self._engine = FetchEngine(concurrency=concurrency or DEFAULT_CONCURRENCY,
@@ -50,7 +50,6 @@ class FetchedTensorSource:
         self._fills: list[Fill] = []
         self._errors: dict[str, BaseException] = {}  # group -> why its fetch failed
         self._group_of: dict[str, str] = {}
-        self._left = 0
         self._done = threading.Event()
         self._lock = threading.Lock()
         orders, writers = [], []
@@ -125,7 +124,7 @@ class FetchedTensorSource:
             writer.close()
 
 
-class _ReadCounter:
+class _ReadCounter(NullObserver):
     """FetchObserver of one source: counts the reads that delivered their bytes."""
 
     def __init__(self, source: FetchedTensorSource) -> None:
@@ -135,7 +134,3 @@ class _ReadCounter:
     def on_bytes(self, kind: str, n: int) -> None:
         with self._lock:
             self._source.reads += 1
-
-    def on_error(self, kind: str, error: str) -> None: ...
-    def on_inflight(self, delta: int) -> None: ...
-    def on_hedge(self, outcome: str) -> None: ...

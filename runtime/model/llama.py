@@ -2,7 +2,7 @@
 
 Built by loader.py from a ModelConfig and a StageSpec. RMSNorm, RoPE (default, linear or
 Llama-3 scaling), grouped-query attention, SwiGLU MLP, tied or untied LM head, optional q/k/v
-bias (Qwen2). Parameter names are ours; names.py maps them to checkpoint names.
+bias (Qwen2). Parameter names are ours; hydraserve.weights.architectures maps checkpoint names to them.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ import itertools
 from pathlib import Path
 
 import pytest
-import torch
 
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.contracts.loader import PrefetchRequest
@@ -22,26 +21,14 @@ from hydraserve.runtime.model.config import ModelConfig
 from hydraserve.runtime.model.loader import load_stage
 from hydraserve.weights.architectures import Part
 from hydraserve.weights.layout import head_is_embedding, stage_tensors
-from hydraserve.weights.local import LocalTensorSource
 from hydraserve.weights.model_files import LocalModelFiles
 from hydraserve.weights.segment import SegmentReader
 from tests.loaderd.conftest import LocalStores, write_manifest
+from tests.sources import CountingSource
 from tests.variants import VARIANTS
 
 LAYERS = 4  # room for four stages
 URI = "s3://models/sliced"
-
-
-class RecordingSource(LocalTensorSource):
-    """The real local source, remembering what the loader asked for."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.requested: list[str] = []
-
-    def get(self, name: str) -> torch.Tensor:
-        self.requested.append(name)
-        return super().get(name)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +64,7 @@ def test_every_user_of_the_slicer_agrees(model_dirs: dict[str, Path], name: str,
                 # the placement service counts exactly these bytes
                 assert nbytes == sum(index[n].nbytes for n in names), (p, st.index)
                 # the runtime asks for exactly these tensors
-                source = RecordingSource(root)
+                source = CountingSource(root)
                 load_stage(cfg, source, st)
                 assert sorted(source.requested) == sorted(names), (p, st.index)
                 # loaderd's segments hold exactly these tensors

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from hydraserve.contracts.stage import StagePlan, StageSpec
 from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
@@ -19,20 +18,9 @@ from hydraserve.runtime.model.loader import grow_stage, load_stage
 from hydraserve.runtime.tokenizer import Tokenizer
 from hydraserve.weights.layout import stage_tensors
 from hydraserve.weights.local import LocalTensorSource
+from tests.sources import CountingSource
 
 PROMPTS = ["The lighthouse keeper", "Hello! How are you today?", "One, two"]
-
-
-class CountingSource(LocalTensorSource):
-    """The real local source, remembering which tensors were read."""
-
-    def __init__(self, model_dir: Path) -> None:
-        super().__init__(model_dir)
-        self.requested: list[str] = []
-
-    def get(self, name: str) -> torch.Tensor:
-        self.requested.append(name)
-        return super().get(name)
 
 
 @pytest.mark.parametrize("tied", [False, True])
