@@ -17,6 +17,7 @@ BENCHMARKS: list[tuple[str, str, str]] = [
      "loader_bench.py"),
     ("coldstart", "cold start: baseline (no prefetch) vs ours vs ours on a warm node vs the bound",
      "coldstart_bench.py"),
+    ("loaderd-startup", "how fast loaderd starts and how much memory it holds (no torch)", "loaderd_startup.py"),
 ]
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"

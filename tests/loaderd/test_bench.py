@@ -27,3 +27,13 @@ def test_bench_loader_smoke() -> None:
     assert result["loaderd_mb_s"] > 0 and result["single_stream_mb_s"] > 0
     assert result["netns"] is False and result["link_mb_s"] is None
     assert 0 < result["first_layer_ready_s"]
+
+
+def test_bench_loaderd_startup_smoke() -> None:
+    """The daemon starts, holds tens of MB, and never maps torch (a byte mover)."""
+    done = subprocess.run([sys.executable, "-m", "hydraserve.cli", "bench", "loaderd-startup", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["torch_imported"] is False
+    assert 0 < result["startup_s"] < 30 and 0 < result["rss_mb"] < 200
