@@ -81,13 +81,14 @@ class WorkerEnvironment(BaseModel):
         return self.stage is None or self.stage.is_first
 
     def to_env(self) -> dict[str, str]:
-        """The variables a launcher sets (unset fields are left out; Knative's K_SERVICE too)."""
-        out: dict[str, str] = {}
+        """Every variable of the contract (and Knative's K_SERVICE); unset fields are written
+        empty, which reads as unset, so nothing the launcher's own environment holds leaks in."""
+        out: dict[str, str] = {TOKEN_FILE_KEY: "", KNATIVE_SERVICE_KEY: self.function}
         for name, key in ENV_KEYS.items():
             value = getattr(self, name)
             if value is None or value == "" or (name == "peers" and not value):
-                continue
-            if isinstance(value, SecretStr):
+                out[key] = ""
+            elif isinstance(value, SecretStr):
                 out[key] = value.get_secret_value()
             elif isinstance(value, BaseModel):
                 out[key] = value.model_dump_json()
@@ -97,8 +98,6 @@ class WorkerEnvironment(BaseModel):
                 out[key] = "1" if value else "0"
             else:
                 out[key] = str(value)
-        if self.function:
-            out[KNATIVE_SERVICE_KEY] = self.function
         return out
 
     @classmethod

@@ -74,3 +74,9 @@ def test_serve_name_sets_the_function_not_the_bind_address(monkeypatch: pytest.M
     args = parser.parse_args(["--model", "/models/x", "--name", "my-fn"])
     assert args.func(args) == 0
     assert seen[0].function == "my-fn" and seen[0].host == "127.0.0.1"
+
+
+def test_nothing_the_launchers_own_environment_holds_leaks_into_the_worker() -> None:
+    stale = {**FULL.to_env(), "HYDRASERVE_LOADERD_TOKEN_FILE": "/no/such/file"}  # e.g. the parent's shell
+    mine = WorkerEnvironment(model_uri="/models/x")
+    assert WorkerEnvironment.from_env({**stale, **mine.to_env()}) == mine
