@@ -52,6 +52,7 @@ class ModelFiles(ABC):
     """The files of one model as a worker reads them."""
 
     uri: str
+    _config: dict[str, Any] | None = None  # config.json, once read
 
     @abstractmethod
     def read_bytes(self, name: str) -> bytes:
@@ -88,13 +89,12 @@ class ModelFiles(ABC):
 
     def config(self) -> dict[str, Any]:
         """config.json (read once)."""
-        config = self.__dict__.get("_config")
-        if config is None:
+        if self._config is None:
             config = self.read_json("config.json")
             if not isinstance(config, dict):
                 raise InvalidRequestError(f"{self.uri}/config.json is not an object")
-            self.__dict__["_config"] = config
-        return dict(config)
+            self._config = config
+        return dict(self._config)
 
     def architecture(self) -> Architecture:
         return Architecture.from_config(self.config())
