@@ -122,6 +122,13 @@ class UnreachableError(TemporaryError):
     error_type = "unreachable_error"
 
 
+class StageTransportError(TemporaryError):
+    """The link between two stages of a pipeline group broke or carried a malformed frame: the
+    group cannot serve (a fresh cold start can)."""
+
+    error_type = "stage_transport_error"
+
+
 class PermanentError(HydraError):
     """Something failed that will fail the same way again (bad credentials, missing object)."""
 

@@ -2,9 +2,13 @@
 
 Used by the OpenAI/CloudEvents server, the worker and ``hydraserve generate``. Callers submit
 from any thread; one background thread runs steps, each step = schedule (scheduler.py) ->
-execute (an Executor: runner.py in-process, or a pipeline of stages) -> update (sample,
-detokenize, stop checks, deltas to streams). The engine knows nothing about where the model
-came from: it is built from an executor, a tokenizer and a few sizes (factory.py loads them).
+execute (an Executor: runner.py in-process, or a pipeline group's head:
+hydraserve.runtime.transport.group) -> update (sample, detokenize, stop checks, deltas to
+streams). An executor with ``max_inflight`` > 1 (a group of p stages) takes up to that many
+steps at once, each over requests none of the others holds, so every stage is busy with its
+own micro-batch; results are applied in the order the steps were issued. The engine knows
+nothing about where the model came from: it is built from an executor, a tokenizer and a few
+sizes (factory.py loads them).
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
-from hydraserve.errors import EngineError, TemporaryError
+import torch
+
+from hydraserve.errors import EngineError, HydraError, TemporaryError
 from hydraserve.runtime.engine.request import Request, RequestStream
 from hydraserve.runtime.engine.runner import Executor, StepInput
 from hydraserve.runtime.engine.sampling import make_generator, sample
@@ -42,6 +50,7 @@ class LLMEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._step_lock = threading.Lock()  # held for a whole step: reconfigure() waits for it
+        self._inflight: deque[tuple[SchedulerOutput, Future[torch.Tensor]]] = deque()
         self.steps = 0
         self.aborted_at_shutdown = 0
 
@@ -109,6 +118,8 @@ class LLMEngine:
         positions (migrated from the stages being retired). Running requests then continue.
         """
         with self._step_lock:
+            while self._inflight:
+                self._complete_oldest()
             with self._cond:
                 cached = {r.slot: r.num_computed for r in self._scheduler.running if r.slot is not None}
             self.executor = build(self.executor, cached)
@@ -137,43 +148,73 @@ class LLMEngine:
                     self._cond.notify_all()
 
     def step(self) -> bool:
-        """One engine step; False if there was nothing to do. Called by the loop (or tests)."""
+        """One engine step; False if there was nothing to do. Called by the loop (or tests).
+        Issues steps while the executor has room (one at a time in-process), then applies the
+        oldest one's result."""
         with self._step_lock:
-            return self._step()
+            issued = False
+            depth = max(1, getattr(self.executor, "max_inflight", 1))
+            while len(self._inflight) < depth:
+                if not self._issue(None if depth == 1 else -(-self.max_num_seqs // depth)):
+                    break
+                issued = True
+            if self._inflight:
+                self._complete_oldest()
+                return True
+            return issued
 
-    def _step(self) -> bool:
+    def _issue(self, max_rows: int | None) -> bool:
+        """Schedule a step over requests not already in flight and hand it to the executor."""
         with self._cond:
-            out = self._scheduler.schedule()
+            out = self._scheduler.schedule(max_rows)
             for request in out.aborted:
                 request.abort()
-        if out.empty:
-            return False
-        rows = out.rows
-        if rows:
-            sampled = [i for i, (_, samples) in enumerate(rows) if samples]
-            try:
-                logits = self.executor.execute(self._step_input(out))
-                tokens = sample(logits[sampled], [rows[i][0].params for i in sampled],
-                                [rows[i][0].generator for i in sampled])
-            except Exception as exc:  # a model failure must not hang callers
-                log.exception("engine step failed")
-                self._fail(out, exc)
-                return True
-            with self._cond:
-                for request in out.decode:
-                    request.num_computed += 1
-                for chunk in out.prefill:
-                    chunk.request.num_computed += chunk.length
-                for i, token in zip(sampled, tokens, strict=True):
-                    request = rows[i][0]
-                    if request.finished:
-                        continue
-                    request.append_token(token)  # submit() checked prompt + max_tokens fits
-                    if request.finished:
-                        self._scheduler.finish(request)
-                self.steps += 1
-                self._cond.notify_all()
+            for request, _ in out.rows:
+                request.in_flight = True
+        if not out.rows:
+            return bool(out.aborted)
+        step = self._step_input(out)
+        submit = getattr(self.executor, "submit", None)  # a group's head; in-process runners compute now
+        future: Future[torch.Tensor] = Future()
+        try:
+            if submit is not None:
+                future = submit(step)
+            else:
+                future.set_result(self.executor.execute(step))
+        except Exception as exc:  # a model failure must not hang callers
+            future = Future()
+            future.set_exception(exc)
+        self._inflight.append((out, future))
         return True
+
+    def _complete_oldest(self) -> None:
+        out, future = self._inflight.popleft()
+        rows = out.rows
+        sampled = [i for i, (_, samples) in enumerate(rows) if samples]
+        try:
+            logits = future.result()
+            tokens = sample(logits[sampled], [rows[i][0].params for i in sampled],
+                            [rows[i][0].generator for i in sampled])
+        except Exception as exc:  # a model failure must not hang callers
+            log.exception("engine step failed")
+            self._fail(out, exc)
+            return
+        with self._cond:
+            for request, _ in rows:
+                request.in_flight = False
+            for request in out.decode:
+                request.num_computed += 1
+            for chunk in out.prefill:
+                chunk.request.num_computed += chunk.length
+            for i, token in zip(sampled, tokens, strict=True):
+                request = rows[i][0]
+                if request.finished:
+                    continue
+                request.append_token(token)  # submit() checked prompt + max_tokens fits
+                if request.finished:
+                    self._scheduler.finish(request)
+            self.steps += 1
+            self._cond.notify_all()
 
     @staticmethod
     def _step_input(out: SchedulerOutput) -> StepInput:
@@ -191,9 +232,10 @@ class LLMEngine:
         return step
 
     def _fail(self, out: SchedulerOutput, exc: Exception) -> None:
-        error = EngineError(f"generation failed: {exc}")
+        error = exc if isinstance(exc, HydraError) and exc.retryable else EngineError(f"generation failed: {exc}")
         with self._cond:
             for request, _ in out.rows:
+                request.in_flight = False
                 self._scheduler.finish(request)
                 request.finish_reason = "abort"
                 request.stream.fail(error)

@@ -62,7 +62,7 @@ class StageRunner:
     def __init__(self, model: StageModel, num_slots: int, max_model_len: int) -> None:
         self.model = model
         first = next(model.parameters())
-        self.device = first.device
+        self.device, self.dtype = first.device, first.dtype
         self.kv = KVCache.for_stage(model.config, model.stage, num_slots, max_model_len, first.dtype, self.device)
 
     def run(self, step: StepInput, inputs: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:

@@ -6,7 +6,9 @@ budget on prompts: first continuing the chunked prefills already running, then a
 waiting requests while slots last. A prompt longer than the budget is prefilled in chunks over
 several steps, so one long prompt never stalls the others' decoding for long. Finished and
 cancelled requests leave between steps and give their slot back (lowest slot first, so the
-batch tends to occupy contiguous slots and the KV cache can hand out views).
+batch tends to occupy contiguous slots and the KV cache can hand out views). A request in a
+step still in flight (a pipeline group runs several micro-batches at once) is left out of the
+next: its next token depends on that step's result.
 """
 
 from __future__ import annotations
@@ -61,27 +63,38 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def can_schedule(self) -> bool:
+        """Something could go into a step now (work that is not already in flight)."""
+        return bool(self.waiting) or any(not r.in_flight for r in self.running)
+
     def num_active(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_rows: int | None = None) -> SchedulerOutput:
+        """The next step; at most ``max_rows`` requests in it (a pipeline group splits its
+        requests over one micro-batch per stage)."""
         out = SchedulerOutput()
-        for request in [r for r in self.running if r.stream.cancelled.is_set()]:
+        for request in [r for r in self.running if r.stream.cancelled.is_set() and not r.in_flight]:
             self.finish(request)
             out.aborted.append(request)
         for request in [r for r in self.waiting if r.stream.cancelled.is_set()]:
             self.waiting.remove(request)
             out.aborted.append(request)
-        out.decode = [r for r in self.running if r.prefill_done]
+        ready = [r for r in self.running if not r.in_flight and not r.stream.cancelled.is_set()]
+        rows = len(self.running) + len(self.waiting) if max_rows is None else max_rows
+        out.decode = [r for r in ready if r.prefill_done][:rows]
+        rows -= len(out.decode)
         budget = self.max_prefill_tokens
-        for request in self.running:
-            if not request.prefill_done and budget > 0:
+        for request in ready:
+            if not request.prefill_done and budget > 0 and rows > 0:
                 budget -= self._chunk(out, request, budget)
-        while self.waiting and self._free_slots and budget > 0:
+                rows -= 1
+        while self.waiting and self._free_slots and budget > 0 and rows > 0:
             request = self.waiting.popleft()
             request.slot = heapq.heappop(self._free_slots)
             self.running.append(request)
             budget -= self._chunk(out, request, budget)
+            rows -= 1
         return out
 
     @staticmethod

@@ -1,0 +1,127 @@
+"""The head's executor over a pipeline group: stage 0 in this process, the other stages round
+the ring, up to one micro-batch per stage in flight.
+
+Used by the head role (hydraserve.runtime.roles) for a worker whose stage is part of a model,
+and by ``hydraserve generate --pipeline-size``. ``submit(step)`` runs stage 0's layers in the
+caller's thread (the engine loop), sends the step on and returns a future of the logits the
+last stage sends back; while stages 1..p-1 work on it the engine computes the next micro-batch,
+so with p in flight every stage stays busy (``max_inflight``). A receiver thread completes
+futures in order. A stage's model failure fails that step (EngineError); a broken or garbled
+ring fails every step in flight and every later one (StageTransportError) and marks the group
+broken, with the reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+from concurrent.futures import Future
+
+import torch
+
+from hydraserve.errors import EngineError, StageTransportError
+from hydraserve.runtime.engine.runner import StageRunner, StepInput
+from hydraserve.runtime.transport import frames
+from hydraserve.runtime.transport.messages import ERROR, PING, RESULT, seq_of, step_frame
+
+log = logging.getLogger(__name__)
+
+
+class GroupExecutor:
+    """Executor of the engine (runner.Executor) for a head over ``stages`` stages."""
+
+    def __init__(self, runner: StageRunner, outbound: socket.socket, inbound: socket.socket, stages: int) -> None:
+        if not runner.model.stage.is_first:
+            raise ValueError("the group executor runs on stage 0")
+        self.runner = runner
+        self.max_inflight = stages
+        self._out, self._in = outbound, inbound
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, Future[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+        self.broken: str | None = None
+        self._receiver = threading.Thread(target=self._receive, name="group-receiver", daemon=True)
+        self._receiver.start()
+
+    def submit(self, step: StepInput) -> Future[torch.Tensor]:
+        future: Future[torch.Tensor] = Future()
+        activations = self.runner.run(step, None)
+        seq = self._register(future)
+        self._send(step_frame(seq, step, activations), seq)
+        return future
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        return self.submit(step).result()
+
+    def ping(self, timeout_s: float) -> None:
+        """Return once a ping went round the whole ring (every stage serves)."""
+        future: Future[torch.Tensor] = Future()
+        seq = self._register(future)
+        self._send(frames.Frame(PING, {"seq": seq}), seq)
+        try:
+            future.result(timeout_s)
+        except TimeoutError:
+            raise StageTransportError(f"the pipeline group did not answer a ping within {timeout_s:.0f} s") from None
+
+    def _register(self, future: Future[torch.Tensor]) -> int:
+        with self._lock:
+            if self.broken is not None:
+                raise StageTransportError(f"the pipeline group is broken: {self.broken}")
+            seq = next(self._seq)
+            self._pending[seq] = future
+            return seq
+
+    def _send(self, frame: frames.Frame, seq: int) -> None:
+        try:
+            with self._send_lock:
+                frames.send(self._out, frame)
+        except (OSError, StageTransportError) as exc:
+            self._break(f"sending to stage 1 failed: {exc}")
+            raise StageTransportError(f"the pipeline group is broken: {self.broken}") from exc
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                frame = frames.recv(self._in)
+                if frame is None:
+                    self._break("the last stage closed its link")
+                    return
+                seq = seq_of(frame)
+                with self._lock:
+                    future = self._pending.pop(seq, None)
+                if future is None:
+                    raise StageTransportError(f"{frame.kind} frame for unknown step {seq}")
+                if frame.kind == RESULT:
+                    future.set_result(torch.cat(frame.tensors).float())
+                elif frame.kind == ERROR:
+                    future.set_exception(EngineError(str(frame.fields.get("message", "a stage failed"))))
+                elif frame.kind == PING:
+                    future.set_result(torch.empty(0))
+                else:
+                    raise StageTransportError(f"unexpected {frame.kind!r} frame from the last stage")
+        except (OSError, StageTransportError) as exc:
+            self._break(exc.message if isinstance(exc, StageTransportError) else f"the ring broke: {exc}")
+
+    def _break(self, reason: str) -> None:
+        with self._lock:
+            if self.broken is None:
+                self.broken = reason
+                log.error("pipeline group broken: %s", reason)
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(StageTransportError(f"the pipeline group is broken: {reason}"))
+
+    def close(self) -> None:
+        """Close both links (the inner stages see the ring end and stop)."""
+        self._break("closed")
+        for sock in (self._out, self._in):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self._receiver.join(timeout=5)

@@ -1,0 +1,241 @@
+"""The stage transport: frames (checked, never pickle), and pipeline groups over real TCP links on
+loopback: a group of p = 2, 3, 4 stages gives exactly a standalone worker's tokens (greedy,
+concurrent, seeded sampling) with up to p micro-batches in flight; a stage's failure fails its
+step only; a broken ring or a malformed frame fails cleanly with the reason."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydraserve.contracts.stage import StagePlan
+from hydraserve.errors import EngineError, StageTransportError
+from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
+from hydraserve.runtime.engine.engine import LLMEngine
+from hydraserve.runtime.engine.factory import load_engine
+from hydraserve.runtime.engine.runner import StageRunner, StepInput
+from hydraserve.runtime.engine.types import SamplingParams
+from hydraserve.runtime.model.config import ModelConfig
+from hydraserve.runtime.model.loader import load_stage
+from hydraserve.runtime.tokenizer import Tokenizer
+from hydraserve.runtime.transport import frames
+from hydraserve.runtime.transport.group import GroupExecutor
+from hydraserve.runtime.transport.link import StageLink, accept, connect, listen
+from hydraserve.runtime.transport.messages import step_frame, step_of
+from hydraserve.weights.local import LocalTensorSource
+
+PROMPTS = ["The lighthouse keeper", "Dear friend, I hope this letter finds you well.", "One", "Hello! How are you",
+           "Once upon a time there was", "A B C"]
+
+
+# ------------------------------------------------------------------ frames
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_frames_round_trip_bytes_exactly(dtype: torch.dtype) -> None:
+    a, b = pair()
+    tensors = [torch.randn(2, 3, 5).to(dtype), torch.empty(0, 4).to(dtype), torch.arange(7).to(dtype)]
+    frames.send(a, frames.Frame("step", {"seq": 3, "note": "x"}, tensors))
+    got = frames.recv(b)
+    assert got is not None and got.kind == "step" and got.fields == {"seq": 3, "note": "x"}
+    assert all(g.dtype == t.dtype and torch.equal(g, t) for g, t in zip(got.tensors, tensors, strict=True))
+    a.close()
+    assert frames.recv(b) is None  # closed between frames: the end, not an error
+
+
+def raw(header: object, payload: bytes = b"", magic: bytes = b"HSPF", length: int | None = None) -> bytes:
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<4sI", magic, len(body) if length is None else length) + body + payload
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (raw({"kind": "step"}, magic=b"PICK"), "not a stage-transport frame"),
+    (raw({"kind": "step"}, length=(1 << 20) + 1), "exceeds"),
+    (raw(b"\xff\xfe not json"), "not JSON"),
+    (raw([1, 2]), "not an object with a kind"),
+    (raw({"kind": "step", "tensors": [{"dtype": "Q4", "shape": [1]}]}), "unknown dtype"),
+    (raw({"kind": "step", "tensors": [{"dtype": "F32", "shape": [-1]}]}), "bad shape"),
+    (raw({"kind": "step", "tensors": [{"dtype": "F32", "shape": [1 << 40]}]}), "payload exceeds"),
+    (raw({"kind": "step", "tensors": [{"dtype": "F32", "shape": [4]}]}, b"\0" * 7), "after 7 of the 16 B of a tensor"),
+    (raw({"kind": "step"})[:-3], "of a frame header"),
+    (b"HSP", "after 3 of the 8 B of a frame prefix"),
+])
+def test_malformed_or_truncated_frames_are_clear_errors(data: bytes, reason: str) -> None:
+    a, b = pair()
+    a.sendall(data)
+    a.close()
+    with pytest.raises(StageTransportError, match=reason):
+        frames.recv(b)
+
+
+def test_steps_are_checked_before_any_layer_sees_them() -> None:
+    good = StepInput(decode_tokens=[5], decode_positions=[3], decode_slots=[1])
+    frame = step_frame(0, good, [torch.zeros(1, 1, 8)])
+    assert step_of(frame, num_slots=2, max_len=16, hidden_size=8).decode_slots == [1]
+    for change, reason in [({"decode_slots": [2]}, "decode_slots"), ({"decode_positions": [16]}, "decode_positions"),
+                           ({"decode_tokens": [5, 6]}, "disagree"), ({"prefill_tokens": [[]]}, "prefill_tokens"),
+                           ({"decode_tokens": ["5"]}, "decode_tokens")]:
+        bad = frames.Frame("step", {**frame.fields, **change}, frame.tensors)
+        with pytest.raises(StageTransportError, match=reason):
+            step_of(bad, num_slots=2, max_len=16, hidden_size=8)
+    with pytest.raises(StageTransportError, match="does not fit"):
+        step_of(frames.Frame("step", frame.fields, [torch.zeros(1, 1, 9)]), num_slots=2, max_len=16, hidden_size=8)
+
+
+# ------------------------------------------------------------------ groups on loopback
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("group") / "m", TinySpec(arch="llama", layers=4, kv_heads=2))
+
+
+class Group:
+    """A pipeline group of in-process stages linked by real TCP sockets on loopback."""
+
+    def __init__(self, model_dir: Path, boundaries: list[int], slots: int = 4, max_len: int = 128) -> None:
+        cfg = ModelConfig.from_json((model_dir / "config.json").read_text())
+        plan = StagePlan.from_boundaries(cfg.num_layers, boundaries)
+        self.runners = [StageRunner(load_stage(cfg, LocalTensorSource(model_dir), s), slots, max_len)
+                        for s in plan.stages]
+        self.listeners = [listen("127.0.0.1:0") for _ in plan.stages]
+        addresses = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in self.listeners]
+        p = len(plan.stages)
+        self.links = [StageLink(self.runners[i], self.listeners[i], addresses[(i + 1) % p], link_timeout_s=30)
+                      for i in range(1, p)]
+        self.threads = [threading.Thread(target=link.run, daemon=True) for link in self.links]
+        for t in self.threads:
+            t.start()
+        outbound = connect(addresses[1], 30)
+        inbound = accept(self.listeners[0], 30)
+        self.executor = GroupExecutor(self.runners[0], outbound, inbound, p)
+        self.executor.ping(30)
+        self.engine = LLMEngine(self.executor, Tokenizer.from_dir(str(model_dir)), model_name="group",
+                                max_model_len=max_len, vocab_size=cfg.vocab_size, max_num_seqs=slots)
+
+    def close(self) -> None:
+        self.engine.shutdown(drain=False)
+        self.executor.close()
+        for t in self.threads:
+            t.join(10)
+        self.listeners[0].close()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Iterator[LLMEngine]:
+    engine = load_engine(model_dir, max_num_seqs=4, max_model_len=128)
+    yield engine
+    engine.shutdown()
+
+
+def outputs(engine: LLMEngine, params: list[SamplingParams]) -> list[list[int]]:
+    tok = engine.tokenizer
+    streams = [engine.submit(tok.encode(p), sp) for p, sp in zip(PROMPTS, params, strict=True)]
+    return [s.collect().token_ids for s in streams]
+
+
+@pytest.mark.parametrize("boundaries", [[0, 2, 4], [0, 1, 3, 4], [0, 1, 2, 3, 4]], ids=["p2", "p3", "p4"])
+def test_a_group_gives_a_standalone_workers_tokens(model_dir: Path, reference: LLMEngine,
+                                                    boundaries: list[int]) -> None:
+    group = Group(model_dir, boundaries)
+    try:
+        group.engine.start()
+        greedy = [SamplingParams(max_tokens=14, temperature=0.0)] * len(PROMPTS)
+        seeded = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=100 + i) for i in range(len(PROMPTS))]
+        for params in (greedy, seeded):
+            assert outputs(group.engine, params) == outputs(reference, params)  # 6 concurrent, 4 slots
+        assert group.executor.max_inflight == len(boundaries) - 1
+        assert all(link.steps > 0 and link.failed is None for link in group.links)
+    finally:
+        group.close()
+
+
+def test_micro_batches_really_overlap(model_dir: Path) -> None:
+    """With 4 slots over 4 requests and p = 2, steps go out two at a time."""
+    group = Group(model_dir, [0, 2, 4])
+    most = [0]
+    real_submit = group.executor.submit
+
+    def counting(step: StepInput):  # type: ignore[no-untyped-def]
+        future = real_submit(step)
+        with group.executor._lock:
+            most[0] = max(most[0], len(group.executor._pending))
+        return future
+
+    group.executor.submit = counting  # type: ignore[method-assign]
+    try:
+        group.engine.start()
+        outputs(group.engine, [SamplingParams(max_tokens=8, temperature=0.0)] * len(PROMPTS))
+        assert most[0] == 2
+    finally:
+        group.close()
+
+
+def test_a_stages_model_failure_fails_its_step_and_the_group_serves_on(model_dir: Path) -> None:
+    group = Group(model_dir, [0, 2, 4])
+    real_run = group.runners[1].run
+    failed: list[int] = []
+
+    def fail_once(step: StepInput, inputs: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("boom on stage 1")
+        return real_run(step, inputs)
+
+    group.runners[1].run = fail_once  # type: ignore[method-assign]
+    try:
+        group.engine.start()
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        with pytest.raises(EngineError, match="stage 1: boom on stage 1"):
+            group.engine.submit([1, 5, 9], params).collect()
+        assert len(group.engine.submit([1, 5, 9], params).collect().token_ids) == 4
+        assert group.executor.broken is None
+    finally:
+        group.close()
+
+
+def test_a_stage_that_dies_mid_request_fails_the_request_and_breaks_the_group(model_dir: Path) -> None:
+    group = Group(model_dir, [0, 1, 3, 4])
+    try:
+        group.engine.start()
+        stream = group.engine.submit([1, 5, 9], SamplingParams(max_tokens=100, temperature=0.0))
+        first = next(iter(stream))  # generating
+        assert first.token_ids
+        group.links[0].close()  # stage 1's links go away, as when its process is killed
+        with pytest.raises(StageTransportError, match="broken"):
+            stream.collect()
+        assert group.executor.broken is not None
+        with pytest.raises(StageTransportError, match="broken"):
+            group.engine.submit([1, 2], SamplingParams(max_tokens=2)).collect()
+    finally:
+        group.close()
+
+
+def test_a_malformed_frame_ends_the_stage_link_with_the_reason(model_dir: Path) -> None:
+    cfg = ModelConfig.from_json((model_dir / "config.json").read_text())
+    stage = StagePlan.from_boundaries(4, [0, 2, 4]).stages[1]
+    runner = StageRunner(load_stage(cfg, LocalTensorSource(model_dir), stage), 2, 32)
+    listener, head = listen("127.0.0.1:0"), listen("127.0.0.1:0")
+    link = StageLink(runner, listener, f"127.0.0.1:{head.getsockname()[1]}", link_timeout_s=10)
+    thread = threading.Thread(target=link.run)
+    thread.start()
+    out = connect(f"127.0.0.1:{listener.getsockname()[1]}", 10)
+    back = accept(head, 10)
+    bad = StepInput(decode_tokens=[1], decode_positions=[40], decode_slots=[0])  # position past its cache
+    frames.send(out, step_frame(0, bad, [torch.zeros(1, 1, cfg.hidden_size)]))
+    thread.join(10)
+    assert not thread.is_alive() and link.failed is not None and "decode_positions" in link.failed
+    assert frames.recv(back) is None  # it closed its links instead of guessing
+    out.close()
+    back.close()
+    head.close()
