@@ -33,6 +33,7 @@ from hydraserve.contracts.plan import (
     WorkerReport,
     WorkerTimings,
 )
+from hydraserve.contracts.stage import MAX_PIPELINE_SIZE
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import HydraError, TemporaryError, UnreachableError
@@ -77,15 +78,28 @@ class LaunchedWorker(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Where a worker about to be launched will answer: its HTTP port and its stage link's."""
+
+    host: str
+    port: int
+    transport_port: int
+
+    @property
+    def transport_address(self) -> str:
+        return f"{self.host}:{self.transport_port}"
+
+
 class WorkerLauncher(Protocol):
     """The port: makes workers exist on nodes (child processes, pods)."""
 
-    def reserve(self, node: str) -> str:
-        """The address a worker about to be launched on ``node`` will answer at."""
+    def reserve(self, node: str) -> WorkerSlot:
+        """Where a worker about to be launched on ``node`` will answer."""
         ...
 
     def launch(self, node: str, env: WorkerEnvironment) -> LaunchedWorker:
-        """Start a worker with this environment (``env.host``/``env.port`` from ``reserve``)."""
+        """Start a worker with this environment (host and ports from ``reserve``)."""
         ...
 
 
@@ -107,7 +121,7 @@ class ColdStartOptions:
     prefetch: bool = True  # False: the baseline (serverless vLLM): each worker fetches from S3 itself
     ready_timeout_s: float = 180.0
     pin_s: float = 300.0  # how long a prefetched slice waits for its worker to attach
-    max_pipeline_size: int = 1  # groups serve once the stage transport exists (the pipeline runtime)
+    max_pipeline_size: int = MAX_PIPELINE_SIZE  # the planner picks p up to this
     worker: Mapping[str, object] = field(default_factory=dict)  # more WorkerEnvironment fields
 
 
@@ -140,9 +154,9 @@ class ColdStart:
             prefetches = self._prefetch(plan, timeline) if opts.prefetch else []
             if not opts.prefetch:
                 timeline.mark("prefetch_skipped", component="backend", reason="prefetch disabled (baseline)")
-            addresses = [self._launcher.reserve(st.node) for st in plan.stages]
-            for st, address in zip(plan.stages, addresses, strict=True):
-                env = self._environment(plan, st, address, addresses, revision)
+            slots = [self._launcher.reserve(st.node) for st in plan.stages]
+            for st, slot in zip(plan.stages, slots, strict=True):
+                env = self._environment(plan, st, slot, [s.transport_address for s in slots], revision)
                 worker = self._launcher.launch(st.node, env)
                 group.workers.append(worker)
                 timeline.mark("worker_spawned", component="backend", at=worker.spawned_at, node=st.node,
@@ -196,15 +210,14 @@ class ColdStart:
             started.append(_Prefetch(loader, lease, timeline, node.name))
         return started
 
-    def _environment(self, plan: Plan, st: StagePlacement, address: str, addresses: list[str],
+    def _environment(self, plan: Plan, st: StagePlacement, slot: WorkerSlot, peers: list[str],
                      revision: str) -> WorkerEnvironment:
         node = self._nodes[st.node]
-        host, _, port = address.removeprefix("http://").rpartition(":")
         values: dict[str, object] = {
-            "host": host, "port": int(port), "function": plan.function, "revision": revision or f"{plan.function}-00001",
+            "host": slot.host, "port": slot.port, "transport_port": slot.transport_port, "function": plan.function, "revision": revision or f"{plan.function}-00001",
             "configuration": plan.function, "instance_id": plan.instance_id, "model_uri": plan.model_uri,
             "s3_endpoint_url": self.options.s3_endpoint_url,
-            "stage": st.stage if plan.pipeline_size > 1 else None, "full": st.full, "peers": addresses,
+            "stage": st.stage if plan.pipeline_size > 1 else None, "full": st.full, "peers": peers,
             "spawned_at": time.time(), **self.options.worker,
         }
         if self.options.prefetch:

@@ -28,6 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's; 1 is much faster on a busy CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as one user chat message")
+    parser.add_argument("--pipeline-size", type=int, default=1, choices=[1, 2, 3, 4],
+                        help="serve through a pipeline group of this many stage processes on loopback")
     parser.add_argument("--quiet", action="store_true", help="do not stream text to stderr")
     parser.set_defaults(func=run)
 
@@ -42,8 +44,16 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    group = None
     try:
-        engine = load_engine(args.model, endpoint_url=args.endpoint_url, dtype=args.dtype, max_num_seqs=1)
+        if args.pipeline_size > 1:
+            from hydraserve.runtime.local_group import LocalGroup
+
+            group = LocalGroup(args.model, args.pipeline_size, endpoint_url=args.endpoint_url, dtype=args.dtype)
+            assert group.engine is not None
+            engine = group.engine
+        else:
+            engine = load_engine(args.model, endpoint_url=args.endpoint_url, dtype=args.dtype, max_num_seqs=1)
     except (FileNotFoundError, HydraError, ValueError) as exc:
         print(f"error: cannot load {args.model}: {exc}", file=sys.stderr)
         return 1
@@ -72,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(exc.to_openai()))
         return 1
     finally:
-        engine.shutdown(drain=False)
+        if group is not None:
+            group.close()
+        else:
+            engine.shutdown(drain=False)
     done = time.perf_counter()
     if not args.quiet:
         print(file=sys.stderr)

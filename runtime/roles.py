@@ -1,18 +1,19 @@
 """The worker's start-up, second half: wire my role around the stage I loaded.
 
 A pipeline group has one head and up to three inner stages (docs/PROTOCOLS.md, the stage plan:
-stage 0 holds the embeddings, the last stage the LM head). The head (stage 0, or a whole model) owns the
-tokenizer, the scheduler and sampling, and serves the OpenAI and CloudEvents API; an inner
-stage holds its layers and their KV cache, reads no tokenizer and serves no API (only health,
-readiness, metrics and its timeline). ``prepare`` runs before the weights load, overlapping the
-fetch; ``wire`` runs after. Called by runtime/worker.py.
-
-Groups do not serve yet: a head over part of the model refuses until the stage transport exists
-(the pipeline runtime); the inner role is built and tested, and serves nothing but its health.
+stage 0 holds the embeddings, the last stage the LM head). The head (stage 0, or a whole model)
+owns the tokenizer, the scheduler and sampling, and serves the OpenAI and CloudEvents API; for
+a group it runs stage 0 itself and the rest round the ring (hydraserve.runtime.transport.group),
+and is ready only once a ping has gone round every stage. An inner stage holds its layers and
+their KV cache, reads no tokenizer and serves no API (only health, readiness, metrics and its
+timeline): its stage link (hydraserve.runtime.transport.link) serves the ring. ``prepare`` runs
+before the weights load, overlapping the fetch; ``wire`` runs after. Called by runtime/worker.py.
 """
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from typing import Protocol
 
 from hydraserve.contracts.timeline import Timeline
@@ -23,6 +24,8 @@ from hydraserve.runtime.engine.runner import StageRunner
 from hydraserve.runtime.engine.types import SamplingParams
 from hydraserve.runtime.model.config import ModelConfig
 from hydraserve.runtime.tokenizer import Tokenizer
+from hydraserve.runtime.transport.group import GroupExecutor
+from hydraserve.runtime.transport.link import StageLink, accept, connect
 from hydraserve.weights.model_files import ModelFiles
 
 
@@ -33,7 +36,7 @@ class Role(Protocol):
         """Work that needs no weights (runs while they are still arriving)."""
         ...
 
-    def wire(self, loaded: LoadedStage, timeline: Timeline) -> LLMEngine | StageRunner:
+    def wire(self, loaded: LoadedStage, timeline: Timeline) -> LLMEngine | StageLink:
         """What this worker serves, from its loaded stage."""
         ...
 
@@ -43,28 +46,40 @@ class HeadRole:
 
     name = "head"
 
-    def __init__(self, settings: WorkerEnvironment) -> None:
+    def __init__(self, settings: WorkerEnvironment, listener: socket.socket | None = None,
+                 on_broken: Callable[[str], None] | None = None) -> None:
         self._settings = settings
+        self._listener = listener  # the last stage links back here (groups only)
+        self._on_broken = on_broken
         self.tokenizer: Tokenizer | None = None
 
     def prepare(self, files: ModelFiles, config: ModelConfig) -> None:
         self.tokenizer = load_tokenizer(files, config)
 
     def wire(self, loaded: LoadedStage, timeline: Timeline) -> LLMEngine:
-        stage = loaded.model.stage
-        if stage.num_stages != 1:
-            raise ValueError("a pipeline group's head needs the stage transport, which is not built yet: "
-                             "this worker serves whole models only")
         assert self.tokenizer is not None, "prepare() first"
         settings = self._settings
+        executor = self._link_group(loaded, timeline) if loaded.model.stage.num_stages > 1 else None
         engine = build_engine(loaded, self.tokenizer, max_num_seqs=settings.max_batch,
-                              max_model_len=settings.max_model_len,
+                              max_model_len=settings.max_model_len, executor=executor,
                               model_name=settings.function or settings.model_uri.rstrip("/").rsplit("/", 1)[-1])
         engine.start()
         for _ in engine.submit([0], SamplingParams(max_tokens=1, temperature=0.0)):
-            pass  # one tiny forward: the first user request should not pay page faults and setup
+            pass  # one tiny forward (through every stage): the first request should not pay set-up
         timeline.mark("warmed_up")
         return engine
+
+    def _link_group(self, loaded: LoadedStage, timeline: Timeline) -> GroupExecutor:
+        settings = self._settings
+        if self._listener is None:
+            raise ValueError("the head of a pipeline group needs its stage-link listener")
+        runner = StageRunner(loaded.model, settings.max_batch, context_limit(loaded.config, settings.max_model_len))
+        outbound = connect(settings.peers[1], settings.link_timeout_s)
+        inbound = accept(self._listener, settings.link_timeout_s)
+        executor = GroupExecutor(runner, outbound, inbound, loaded.model.stage.num_stages, on_broken=self._on_broken)
+        executor.ping(settings.link_timeout_s)  # every stage serves: the group is ready
+        timeline.mark("group_linked", stages=loaded.model.stage.num_stages)
+        return executor
 
 
 class InnerStageRole:
@@ -72,19 +87,29 @@ class InnerStageRole:
 
     name = "stage"
 
-    def __init__(self, settings: WorkerEnvironment) -> None:
+    def __init__(self, settings: WorkerEnvironment, listener: socket.socket | None = None) -> None:
         self._settings = settings
+        self._listener = listener
 
     def prepare(self, files: ModelFiles, config: ModelConfig) -> None:
         """Nothing: an inner stage never tokenizes."""
 
-    def wire(self, loaded: LoadedStage, timeline: Timeline) -> StageRunner:
-        limit = context_limit(loaded.config, self._settings.max_model_len)
-        runner = StageRunner(loaded.model, self._settings.max_batch, limit)
-        timeline.mark("kv_cache_allocated", slots=self._settings.max_batch, max_model_len=limit)
-        return runner
+    def wire(self, loaded: LoadedStage, timeline: Timeline) -> StageLink:
+        """Its runner and KV cache, and the link that will serve them (``run()`` it)."""
+        settings = self._settings
+        stage = loaded.model.stage
+        if self._listener is None:
+            raise ValueError("an inner stage needs its stage-link listener")
+        limit = context_limit(loaded.config, settings.max_model_len)
+        runner = StageRunner(loaded.model, settings.max_batch, limit)
+        timeline.mark("kv_cache_allocated", slots=settings.max_batch, max_model_len=limit)
+        return StageLink(runner, self._listener, settings.peers[(stage.index + 1) % stage.num_stages],
+                         link_timeout_s=settings.link_timeout_s)
 
 
-def role_for(settings: WorkerEnvironment) -> HeadRole | InnerStageRole:
+def role_for(settings: WorkerEnvironment, listener: socket.socket | None = None,
+             on_broken: Callable[[str], None] | None = None) -> HeadRole | InnerStageRole:
     """The head for stage 0 (or a whole model), an inner stage otherwise."""
-    return HeadRole(settings) if settings.is_head else InnerStageRole(settings)
+    if settings.is_head:
+        return HeadRole(settings, listener, on_broken)
+    return InnerStageRole(settings, listener)

@@ -17,8 +17,10 @@ hydraserve.contracts.worker) or by `hydraserve serve`.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.http_server import DrainingServer, serve_until_signalled
@@ -28,10 +30,14 @@ from hydraserve.runtime.server.app import create_app
 from hydraserve.runtime.server.metrics import RuntimeMetrics
 from hydraserve.runtime.server.state import RuntimeState
 
+if TYPE_CHECKING:
+    from hydraserve.runtime.transport.link import StageLink
+
 log = logging.getLogger("hydraserve.worker")
 
 
-def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetrics) -> None:
+def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetrics,
+          listener: socket.socket | None) -> None:
     try:
         from hydraserve.runtime.startup import load_my_stage, open_files
 
@@ -40,13 +46,14 @@ def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetr
         from hydraserve.runtime.roles import role_for
 
         state.timeline.mark("libraries_imported")
-        role = role_for(settings)
+        role = role_for(settings, listener, on_broken=lambda reason: state.set_failed(f"pipeline group: {reason}"))
         loaded = load_my_stage(settings, files, state.timeline, role.prepare)
         serving = role.wire(loaded, state.timeline)
         if isinstance(serving, LLMEngine):
             state.set_engine(serving)
-        else:
+        else:  # an inner stage: its link serves the ring until the group ends
             state.set_stage(serving)
+            threading.Thread(target=_serve_link, args=(serving, state), name="stage-link", daemon=True).start()
         state.timeline.mark("engine_ready", role=role.name)
         t0 = state.timeline.events[0].at
         for event in state.timeline.events:
@@ -58,6 +65,11 @@ def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetr
         state.set_failed(f"{type(exc).__name__}: {exc}")
 
 
+def _serve_link(link: StageLink, state: RuntimeState) -> None:
+    link.run()
+    state.set_failed(f"pipeline group: {link.failed or 'the ring was closed'}")
+
+
 def run_worker(settings: WorkerEnvironment) -> int:
     state = RuntimeState(settings.function, settings.revision)
     # /proc's start time has 10 ms ticks: never report a start before the spawn itself.
@@ -66,15 +78,23 @@ def run_worker(settings: WorkerEnvironment) -> int:
     server = DrainingServer(create_app(state, metrics=metrics, api=settings.is_head), settings.host,
                             settings.port).start()
     state.timeline.mark("http_listening", port=server.port)
+    listener = None
+    if settings.stage is not None and settings.stage.num_stages > 1 and settings.transport_port:
+        from hydraserve.runtime.transport.link import listen  # peers may link before the model is in
+
+        listener = listen(f"{settings.host}:{settings.transport_port}")
     log.info("listening", extra={"url": server.url, "model": settings.model_uri, "instance": settings.instance_id,
                                  "stage": settings.stage.model_dump() if settings.stage else "whole",
                                  "full": settings.full, "peers": settings.peers})
-    threading.Thread(target=_load, args=(settings, state, metrics), name="loader", daemon=True).start()
+    threading.Thread(target=_load, args=(settings, state, metrics, listener), name="loader", daemon=True).start()
 
     def stop_engine() -> None:
         engine = state.engine_or_none()
         if engine is not None:
             engine.shutdown(drain=False, timeout=5)
+            close = getattr(getattr(engine, "executor", None), "close", None)
+            if close is not None:  # a group's head: the ring ends, the inner stages see it
+                close()
 
     serve_until_signalled(server, on_drain=state.start_draining, wait_idle=state.wait_idle,
                           drain_timeout_s=settings.drain_timeout_s, on_stop=stop_engine)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from hydraserve.contracts.stage import StageSpec
 
@@ -25,6 +25,7 @@ from hydraserve.contracts.stage import StageSpec
 ENV_KEYS: dict[str, str] = {
     "port": "PORT",
     "host": "HYDRASERVE_HOST",
+    "transport_port": "HYDRASERVE_TRANSPORT_PORT",
     "function": "HYDRASERVE_FUNCTION",
     "revision": "K_REVISION",
     "configuration": "K_CONFIGURATION",
@@ -42,6 +43,7 @@ ENV_KEYS: dict[str, str] = {
     "max_model_len": "HYDRASERVE_MAX_MODEL_LEN",
     "torch_threads": "HYDRASERVE_TORCH_THREADS",
     "spawned_at": "HYDRASERVE_SPAWNED_AT",
+    "link_timeout_s": "HYDRASERVE_LINK_TIMEOUT_S",
     "drain_timeout_s": "HYDRASERVE_DRAIN_TIMEOUT_S",
 }
 TOKEN_FILE_KEY = "HYDRASERVE_LOADERD_TOKEN_FILE"
@@ -55,6 +57,8 @@ class WorkerEnvironment(BaseModel):
 
     port: int = Field(default=8080, ge=0, le=65535)
     host: str = "127.0.0.1"
+    transport_port: int | None = Field(default=None, ge=1, le=65535,
+                                       description="where its stage link listens (pipeline groups)")
     function: str = Field(default="", description="the function's name (Knative: K_SERVICE)")
     revision: str = ""
     configuration: str = ""
@@ -65,7 +69,7 @@ class WorkerEnvironment(BaseModel):
     stage: StageSpec | None = Field(default=None, description="layers it holds; None: the whole model")
     full: bool = Field(default=True, description="given memory for the whole model (it will consolidate)")
     peers: list[str] = Field(default_factory=list,
-                             description="every stage worker's address, in stage order (this one included)")
+                             description="every stage's link address host:port, in stage order (this one's too)")
     loaderd_url: str | None = Field(default=None, description="the node's loaderd")
     loaderd_token: SecretStr | None = None
     dtype: str | None = None
@@ -73,7 +77,16 @@ class WorkerEnvironment(BaseModel):
     max_model_len: int | None = Field(default=None, ge=1)
     torch_threads: int | None = Field(default=None, ge=1, description="None: torch's default (one per core)")
     spawned_at: float | None = Field(default=None, description="when the launcher spawned it (unix s)")
+    link_timeout_s: float = Field(default=180.0, gt=0, description="how long to wait for the group's other stages")
     drain_timeout_s: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _group_needs_links(self) -> WorkerEnvironment:
+        if self.stage is not None and self.stage.num_stages > 1:
+            if len(self.peers) != self.stage.num_stages or self.transport_port is None:
+                raise ValueError(f"stage {self.stage.index} of {self.stage.num_stages} needs transport_port and "
+                                 f"one peer address per stage (got {len(self.peers)})")
+        return self
 
     @property
     def is_head(self) -> bool:

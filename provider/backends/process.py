@@ -15,6 +15,7 @@ import requests
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import TemporaryError
 from hydraserve.processes import ChildProcess, free_port
+from hydraserve.provider.coldstart import WorkerSlot
 
 
 class ProcessLauncher:
@@ -25,8 +26,8 @@ class ProcessLauncher:
         self._extra_env = dict(extra_env or {})  # e.g. S3 credentials for the direct-S3 path
         self._host = host
 
-    def reserve(self, node: str) -> str:
-        return f"http://{self._host}:{free_port(self._host)}"
+    def reserve(self, node: str) -> WorkerSlot:
+        return WorkerSlot(self._host, free_port(self._host), free_port(self._host))
 
     def launch(self, node: str, env: WorkerEnvironment) -> WorkerProcess:
         name = f"{env.instance_id or env.function}-{env.stage.index if env.stage else 0}"

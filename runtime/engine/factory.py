@@ -19,7 +19,7 @@ import torch
 
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.runtime.engine.engine import LLMEngine
-from hydraserve.runtime.engine.runner import ModelRunner
+from hydraserve.runtime.engine.runner import Executor, ModelRunner
 from hydraserve.runtime.model.config import ModelConfig
 from hydraserve.runtime.model.layers import StageModel
 from hydraserve.runtime.model.loader import load_stage
@@ -79,12 +79,14 @@ def context_limit(cfg: ModelConfig, max_model_len: int | None) -> int:
 
 
 def build_engine(loaded: LoadedStage, tokenizer: Tokenizer, *, max_num_seqs: int = 8,
-                 max_model_len: int | None = None, model_name: str = "model") -> LLMEngine:
-    """An engine (not started) over a whole model; the KV cache holds ``max_num_seqs``
-    sequences of up to :func:`context_limit` tokens."""
+                 max_model_len: int | None = None, model_name: str = "model",
+                 executor: Executor | None = None) -> LLMEngine:
+    """An engine (not started) over a whole model, or over ``executor`` (a pipeline group's,
+    built on this stage); the KV caches hold ``max_num_seqs`` sequences of up to
+    :func:`context_limit` tokens."""
     cfg = loaded.config
     limit = context_limit(cfg, max_model_len)
-    return LLMEngine(ModelRunner(loaded.model, max_num_seqs, limit), tokenizer, model_name=model_name,
+    return LLMEngine(executor or ModelRunner(loaded.model, max_num_seqs, limit), tokenizer, model_name=model_name,
                      max_model_len=limit, vocab_size=cfg.vocab_size, max_num_seqs=max_num_seqs)
 
 

@@ -3,8 +3,9 @@
 The engine talks to the model only through the Executor protocol, so where the layers live is
 not its concern. ``StageRunner`` runs one pipeline stage's share of a step on the activations
 it is given and owns the KV cache of that stage's layers; ``ModelRunner`` is the whole model
-in-process; ``PipelineExecutor`` chains stages (in-process here; a remote stage is any object
-with StageRunner's ``run`` that ships the activations over the stage transport).
+in-process; ``PipelineExecutor`` chains stages in one process (tests, consolidation). A group
+whose stages are other processes is driven from its head by
+hydraserve.runtime.transport.group.GroupExecutor, which also keeps several steps in flight.
 """
 
 from __future__ import annotations

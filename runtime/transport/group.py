@@ -17,6 +17,7 @@ import itertools
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 class GroupExecutor:
     """Executor of the engine (runner.Executor) for a head over ``stages`` stages."""
 
-    def __init__(self, runner: StageRunner, outbound: socket.socket, inbound: socket.socket, stages: int) -> None:
+    def __init__(self, runner: StageRunner, outbound: socket.socket, inbound: socket.socket, stages: int, *,
+                 on_broken: Callable[[str], None] | None = None) -> None:
         if not runner.model.stage.is_first:
             raise ValueError("the group executor runs on stage 0")
         self.runner = runner
@@ -43,6 +45,7 @@ class GroupExecutor:
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self.broken: str | None = None
+        self._on_broken = on_broken  # the worker turns unready with the reason
         self._receiver = threading.Thread(target=self._receive, name="group-receiver", daemon=True)
         self._receiver.start()
 
@@ -107,10 +110,14 @@ class GroupExecutor:
 
     def _break(self, reason: str) -> None:
         with self._lock:
-            if self.broken is None:
+            first = self.broken is None
+            if first:
                 self.broken = reason
-                log.error("pipeline group broken: %s", reason)
             pending, self._pending = self._pending, {}
+        if first and reason != "closed":
+            log.error("pipeline group broken: %s", reason)
+            if self._on_broken is not None:
+                self._on_broken(reason)
         for future in pending.values():
             if not future.done():
                 future.set_exception(StageTransportError(f"the pipeline group is broken: {reason}"))

@@ -11,10 +11,10 @@ from hydraserve.contracts.stage import StageSpec
 from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment
 
 FULL = WorkerEnvironment(
-    port=9123, host="10.0.0.7", function="llama", revision="llama-00003", configuration="llama",
+    port=9123, host="10.0.0.7", transport_port=9124, function="llama", revision="llama-00003", configuration="llama",
     instance_id="llama-1a2b", model_uri="s3://models/llama", s3_endpoint_url="http://s3:9000",
     s3_retry_budget_s=4.5, stage=StageSpec(index=1, num_stages=2, layer_start=16, layer_end=32, num_layers=32),
-    full=False, peers=["http://10.0.0.6:9001", "http://10.0.0.7:9123"], loaderd_url="http://127.0.0.1:7070",
+    full=False, peers=["10.0.0.6:9002", "10.0.0.7:9124"], loaderd_url="http://127.0.0.1:7070",
     loaderd_token="t" * 32, dtype="bfloat16", max_batch=4, max_model_len=2048, torch_threads=1,
     spawned_at=1700000000.25, drain_timeout_s=12.0)
 
@@ -52,6 +52,12 @@ def test_knative_keys_and_defaults() -> None:
 def test_a_bad_value_is_refused_naming_its_field(key: str, value: str, field: str) -> None:
     with pytest.raises((ValidationError, ValueError), match=field if field != "stage" else "stage index"):
         WorkerEnvironment.from_env({"HYDRASERVE_MODEL_URI": "m", key: value})
+
+
+def test_a_stage_of_a_group_needs_its_links() -> None:
+    stage = StageSpec(index=0, num_stages=2, layer_start=0, layer_end=1, num_layers=2)
+    with pytest.raises(ValidationError, match="needs transport_port and one peer address per stage"):
+        WorkerEnvironment(model_uri="m", stage=stage, transport_port=9000, peers=["a:1"])
 
 
 def test_no_model_is_a_clear_error() -> None:

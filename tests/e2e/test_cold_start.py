@@ -134,3 +134,34 @@ def test_cold_start_against_an_unreachable_s3_fails_within_the_retry_budget(stac
     assert stack.s3.endpoint_url in message and "failed" in message, message
     assert 10.0 < elapsed < 15.0 + 5.0, elapsed  # retried for the budget, then gave up (plus the cold start's own steps)
     assert stack.gateway.scaler("unreachable").status()["state"] == "zero"
+
+
+def test_a_pipeline_group_cold_starts_serves_and_scales_to_zero(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Nodes declared with slow NICs (50 Mbit/s) make the planner split the model over both:
+    each node's loaderd prefetches its stage, a head and an inner stage start, link, and serve
+    transformers' tokens through the gateway; at zero both stop and nothing is left."""
+    from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "m", TinySpec(arch="llama", layers=4, hidden=256, intermediate=512,
+                                                         vocab=4096, kv_heads=2))
+    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=4.5, idle_timeout_s=1.0,
+                           progress=False, function_name="grouped")
+    with LocalStack(options) as stack:
+        assert stack.gateway is not None
+        result = stream_completion(stack.function_url() + "/v1/completions",
+                                   {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+        assert result.status == 200, result.error
+        assert result.token_ids == transformers_greedy(model_dir, PROMPT, 8)[:len(result.token_ids)]
+        timeline = stack.gateway.cold_start_timeline("grouped")
+        plan = timeline.first("plan_decided")
+        assert plan is not None and plan.detail["pipeline_size"] == 2 and len(set(plan.detail["nodes"])) == 2
+        assert len([e for e in timeline.events if e.name == "prefetch_started"]) == 2
+        assert len([e for e in timeline.events if e.name == "worker_spawned"]) == 2
+        assert timeline.first("group_linked") is not None
+        scaler = stack.gateway.scaler("grouped")
+        deadline = time.monotonic() + 30
+        while scaler.state.value != "zero" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert scaler.state.value == "zero"
+        assert stack.placement.cluster().active_plans == 0
+    assert stack.leftovers == []

@@ -21,7 +21,7 @@ from hydraserve.loaderd.daemon import LoaderDaemon
 from hydraserve.loaderd.service import LoaderConfig
 from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 from hydraserve.provider.backends.local import LocalNode
-from hydraserve.provider.coldstart import ColdStart, ColdStartOptions
+from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, WorkerSlot
 from hydraserve.provider.model_spec import describe_model
 from hydraserve.provider.service import PlacementService
 from hydraserve.weights.model_files import LocalModelFiles
@@ -57,9 +57,9 @@ class FakeLauncher:
     workers: list[FakeWorker] = field(default_factory=list)
     ports: int = 40000
 
-    def reserve(self, node: str) -> str:
-        self.ports += 1
-        return f"http://127.0.0.1:{self.ports}"
+    def reserve(self, node: str) -> WorkerSlot:
+        self.ports += 2
+        return WorkerSlot("127.0.0.1", self.ports, self.ports + 1)
 
     def launch(self, node: str, env: WorkerEnvironment) -> FakeWorker:
         if self.fail_launch is not None:
@@ -127,7 +127,7 @@ def test_the_protocol_runs_in_order_and_writes_the_worker_environment(loaderds: 
     node = next(n for n in group.plan.stages).node
     daemon = loaderds[int(node.removeprefix("node"))]
     assert (env.function, env.model_uri, env.instance_id) == ("tiny", URI, group.plan.instance_id)
-    assert env.stage is None and env.full and env.is_head and env.peers == [worker.url]
+    assert env.stage is None and env.full and env.is_head and env.peers == [f"127.0.0.1:{env.transport_port}"]
     assert env.loaderd_url == daemon.url and env.loaderd_token is not None
     assert env.loaderd_token.get_secret_value() == TOKEN and TOKEN not in repr(env)
     assert env.s3_endpoint_url == "http://s3:9000" and env.host == "127.0.0.1"
@@ -191,7 +191,7 @@ def test_a_pipeline_group_prefetches_each_stage_on_its_node_and_tells_each_worke
     big = spec(model_dir, scale=16_000, ttft_slo_s=80.0)  # ~15 GB: over one 1 Gbit/s NIC, 130 s
     group = coldstart.run(big, Timeline())
     assert group.plan.pipeline_size == 2 and len(set(group.plan.nodes)) == 2
-    addresses = [w.url for w in launcher.workers]
+    addresses = [f"{w.env.host}:{w.env.transport_port}" for w in launcher.workers]
     for st, worker in zip(group.plan.stages, launcher.workers, strict=True):
         env = worker.env
         assert env.stage == st.stage and env.full == st.full and env.peers == addresses

@@ -1,5 +1,6 @@
 """Worker roles: the head wires tokenizer, engine and the API; an inner stage holds its layers
-and their KV cache, reads no tokenizer and serves no API. Load my stage, then wire my role."""
+and their KV cache, reads no tokenizer and serves no API (its stage link serves the ring).
+Load my stage, then wire my role."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from hydraserve.runtime.roles import HeadRole, InnerStageRole, role_for
 from hydraserve.runtime.server.app import create_app
 from hydraserve.runtime.server.state import RuntimeState
 from hydraserve.runtime.startup import load_my_stage
+from hydraserve.runtime.transport.link import listen
 from hydraserve.weights.model_files import LocalModelFiles, ModelFiles
 from hydraserve.weights.source import TensorSource
 
@@ -74,24 +76,31 @@ def test_the_head_of_a_whole_model_serves_like_the_engine_factory(model_dir: Pat
         engine.shutdown()
 
 
-def test_a_head_over_part_of_the_model_refuses_until_groups_serve(model_dir: Path) -> None:
+GROUP = {"peers": ["127.0.0.1:1", "127.0.0.1:2"], "transport_port": 1}
+
+
+def test_a_head_over_part_of_the_model_links_its_group_or_says_why(model_dir: Path) -> None:
     stage = StagePlan.from_boundaries(4, [0, 2, 4]).stages[0]
-    settings = WorkerEnvironment(model_uri=str(model_dir), stage=stage)
+    settings = WorkerEnvironment(model_uri=str(model_dir), stage=stage, **GROUP)  # type: ignore[arg-type]
     role = role_for(settings)
     assert isinstance(role, HeadRole)
     loaded = load_my_stage(settings, LocalModelFiles(model_dir), Timeline(), role.prepare)
-    with pytest.raises(ValueError, match="stage transport"):
-        role.wire(loaded, Timeline())
+    with pytest.raises(ValueError, match="needs its stage-link listener"):
+        role.wire(loaded, Timeline())  # (a linked group: test_transport.py, test_worker_process.py)
 
 
 def test_an_inner_stage_loads_its_layers_and_a_kv_cache_but_no_tokenizer(model_dir: Path) -> None:
     plan = StagePlan.from_boundaries(4, [0, 2, 4])
-    settings = WorkerEnvironment(model_uri=str(model_dir), stage=plan.stages[1], full=False, max_batch=3)
-    role = role_for(settings)
+    settings = WorkerEnvironment(model_uri=str(model_dir), stage=plan.stages[1], full=False, max_batch=3,
+                                 **GROUP)  # type: ignore[arg-type]
+    listener = listen("127.0.0.1:0")
+    role = role_for(settings, listener)
     assert isinstance(role, InnerStageRole) and not settings.is_head
     files, timeline = SpyFiles(model_dir), Timeline()
     loaded = load_my_stage(settings, files, timeline, role.prepare)
-    runner = role.wire(loaded, timeline)
+    link = role.wire(loaded, timeline)
+    link.close()
+    runner = link.runner
     assert files.read == ["config.json"]  # no tokenizer, no generation config
     assert isinstance(runner, StageRunner) and set(runner.model.layers) == {"2", "3"}
     assert runner.kv.num_slots == 3 and timeline.first("kv_cache_allocated") is not None

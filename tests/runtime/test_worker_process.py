@@ -19,9 +19,10 @@ from hydraserve.provider.backends.process import ProcessLauncher, WorkerProcess
 def launch(run_dir: Path, **env: object) -> WorkerProcess:
     """One worker through the process launcher, as the cold start launches it."""
     launcher = ProcessLauncher(run_dir)
-    host, _, port = launcher.reserve("node").removeprefix("http://").rpartition(":")
+    slot = launcher.reserve("node")
     return launcher.launch("node", WorkerEnvironment.model_validate(
-        {"host": host, "port": int(port), "spawned_at": time.time(), **env}))
+        {"host": slot.host, "port": slot.port, "transport_port": slot.transport_port, "spawned_at": time.time(),
+         **env}))
 
 STARTUP_ORDER = ["process_started", "http_listening", "libraries_imported", "config_loaded",
                  "weights_attached", "first_tensor_loaded", "weights_loaded", "warmed_up", "engine_ready"]
@@ -70,3 +71,61 @@ def test_worker_failure_reason_reaches_the_caller(tmp_path: Path) -> None:
             worker.wait_ready(timeout_s=60)
     finally:
         worker.stop(grace_s=5)
+
+
+def test_a_group_of_worker_processes_is_ready_only_whole_and_notices_a_dead_stage(tmp_path: Path) -> None:
+    """Head and inner stage as real workers: the head's /readyz stays 503 until the inner stage
+    serves; then completions through the head equal a standalone worker's; the inner stage
+    serves no API; SIGKILL on the inner stage turns the head failed with the reason."""
+    import os
+    import signal
+
+    from hydraserve.contracts.stage import StagePlan
+    from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
+    from hydraserve.runtime.engine.factory import load_engine
+    from hydraserve.runtime.engine.types import SamplingParams
+
+    model_dir = make_tiny_model(tmp_path / "m", TinySpec(arch="llama", layers=4, kv_heads=2))
+    launcher = ProcessLauncher(tmp_path)
+    slots = [launcher.reserve("node") for _ in range(2)]
+    peers = [s.transport_address for s in slots]
+    plan = StagePlan.from_boundaries(4, [0, 2, 4])
+
+    def start(i: int) -> WorkerProcess:
+        return launcher.launch("node", WorkerEnvironment(
+            model_uri=str(model_dir), function="grp", instance_id="grp-1", host=slots[i].host, port=slots[i].port,
+            transport_port=slots[i].transport_port, stage=plan.stages[i], peers=peers, full=i == 0,
+            max_batch=2, link_timeout_s=60, spawned_at=time.time()))
+
+    head = start(0)
+    inner = None
+    try:
+        time.sleep(4)  # the head has loaded and waits for its group
+        assert requests.get(head.url + "/readyz", timeout=5).status_code == 503
+        inner = start(1)
+        head.wait_ready(timeout_s=120)
+        inner.wait_ready(timeout_s=60)
+        body = {"prompt": "The lighthouse keeper", "max_tokens": 8, "temperature": 0}
+        got = requests.post(head.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["token_ids"]
+        alone = load_engine(model_dir)
+        try:
+            want = alone.submit(alone.tokenizer.encode(body["prompt"]),
+                                SamplingParams(max_tokens=8, temperature=0.0)).collect().token_ids
+        finally:
+            alone.shutdown()
+        assert got == want
+        assert requests.post(inner.url + "/v1/completions", json=body, timeout=5).status_code == 404
+        names = [e["name"] for e in requests.get(head.url + "/v1/hydraserve/timeline", timeout=5).json()["events"]]
+        assert "group_linked" in names and names.index("group_linked") < names.index("engine_ready")
+
+        os.kill(inner.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and requests.get(head.url + "/healthz", timeout=5).status_code == 200:
+            time.sleep(0.1)
+        health = requests.get(head.url + "/healthz", timeout=5)
+        assert health.status_code == 500 and "pipeline group" in health.json()["reason"]
+        assert requests.get(head.url + "/readyz", timeout=5).status_code == 503
+    finally:
+        head.stop(grace_s=5)
+        if inner is not None:
+            inner.stop(grace_s=5)
