@@ -136,7 +136,7 @@ class LoaderService:
             groups.append((seg_id, order, group, plan_layout(version.key, group, members, version.tensor_sha256)))
         lease, segs, created = self.registry.acquire(req.model_uri, version.key, groups, pin_s=pin_s, pid=pid)
         if created:
-            self._start_fill(held, created, req.peers)
+            self._start_fill(held, created, req.peers, req.background)
         bytes_new = sum(s.layout.tensor_bytes for s in created)
         log.info("lease", extra={"lease": lease.lease_id, "model": req.model_uri, "groups": len(segs),
                                  "bytes_new": bytes_new, "pinned_s": pin_s, "pid": pid})
@@ -146,7 +146,7 @@ class LoaderService:
                              bytes_total=sum(s.layout.tensor_bytes for s in segs), bytes_new=bytes_new,
                              tensor_names=[t.name for t in entries])
 
-    def _start_fill(self, held: HeldModel, segs: list[Segment], peers: list[str]) -> None:
+    def _start_fill(self, held: HeldModel, segs: list[Segment], peers: list[str], background: bool) -> None:
         sources: list[RangeReader] = []
         if self._peer_source is not None:
             sources.extend(self._peer_source(p, held.version.key) for p in peers)
@@ -159,7 +159,7 @@ class LoaderService:
                                   defer_publish=strict and any(h is None for h in seg.layout.sha256),
                                   max_refetch=self.config.max_refetch))
                  for seg in segs]
-        self.engine.submit(fills)
+        self.engine.submit(fills, background=background)
 
     def _on_tensor(self, seg: Segment, fill: Fill, i: int) -> None:
         with self.registry.lock:

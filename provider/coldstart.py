@@ -10,7 +10,9 @@ is marked on the cold start's timeline; docs/PROTOCOLS.md walks them.
 
 A failure anywhere stops the workers already launched, reports the plan failed (the placement
 service frees its memory) and raises the HydraError that says why; prefetch leases are released
-in every case (a worker holds its own lease once it attached).
+in every case (a worker holds its own lease once it attached). A group whose head was given
+memory for the whole model is watched: once the head says it consolidated, the other stages'
+workers are stopped and the placement service frees their memory.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ class LaunchedWorker(Protocol):
         """Drain and stop it; must not raise for a worker that is already gone."""
         ...
 
+    def status(self) -> dict[str, object]:
+        """What it says of itself (its /readyz body: status, reason, consolidated); raises
+        HydraError when it does not answer."""
+        ...
+
+    def timeline(self) -> Timeline:
+        """Its own start-up timeline; raises HydraError when it does not answer."""
+        ...
+
 
 @dataclass(frozen=True)
 class WorkerSlot:
@@ -105,10 +116,14 @@ class WorkerLauncher(Protocol):
 
 @dataclass
 class Group:
-    """A running instance: its plan and one worker per stage (index 0 is the head)."""
+    """A running instance: its plan and one worker per stage (index 0 is the head). Once the
+    head consolidated, only it remains."""
 
     plan: Plan
     workers: list[LaunchedWorker] = field(default_factory=list)
+    stage_timelines: Timeline = field(default_factory=Timeline)  # the inner stages' start-ups, kept
+    stopping: threading.Event = field(default_factory=threading.Event)
+    consolidated: threading.Event = field(default_factory=threading.Event)
 
     @property
     def head(self) -> LaunchedWorker:
@@ -121,6 +136,7 @@ class ColdStartOptions:
     prefetch: bool = True  # False: the baseline (serverless vLLM): each worker fetches from S3 itself
     ready_timeout_s: float = 180.0
     pin_s: float = 300.0  # how long a prefetched slice waits for its worker to attach
+    watch_s: float = 0.2  # how often a group's head is asked whether it consolidated
     max_pipeline_size: int = MAX_PIPELINE_SIZE  # the planner picks p up to this
     worker: Mapping[str, object] = field(default_factory=dict)  # more WorkerEnvironment fields
 
@@ -134,6 +150,7 @@ class ColdStart:
         self._launcher = launcher
         self._nodes = dict(nodes)
         self.options = options or ColdStartOptions()
+        self._lock = threading.Lock()  # a group's worker list: consolidation vs scale to zero
 
     def run(self, spec: FunctionSpec, timeline: Timeline, *, revision: str = "") -> Group:
         """One cold start of ``spec``'s function, ready when this returns."""
@@ -163,6 +180,7 @@ class ColdStart:
                               stage=st.stage.index)
             for worker in group.workers:
                 worker.wait_ready(opts.ready_timeout_s)
+            group.stage_timelines = self._inner_timelines(group)
         except Exception as exc:
             self._stop_workers(group)
             reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
@@ -178,12 +196,39 @@ class ColdStart:
             fetch_s=max(fetched) if fetched else None,
             fetch_bytes=sum(p.lease.bytes_new for p in prefetches) if prefetches else None,
             cold_start_s=time.time() - timeline.events[0].at))
+        if plan.pipeline_size > 1 and plan.stages[0].full:
+            threading.Thread(target=self._watch_consolidation, args=(group, timeline), name="consolidation-watch",
+                             daemon=True).start()
         return group
 
     def stop(self, group: Group) -> None:
         """Scale the group down: every worker drained and stopped, the plan's memory freed."""
+        group.stopping.set()
         self._stop_workers(group)
         self._report(group.plan, "released")
+
+    def _watch_consolidation(self, group: Group, timeline: Timeline) -> None:
+        """Once the head says it consolidated: stop the other stages' workers, free their memory
+        in the placement service (released per stage, then consolidated)."""
+        while not group.stopping.wait(self.options.watch_s):
+            try:
+                consolidated = group.head.status().get("consolidated") is True
+            except HydraError:
+                continue  # a slow or restarting head: ask again
+            if not consolidated:
+                continue
+            with self._lock:
+                if group.stopping.is_set():
+                    return
+                retired = list(zip(group.plan.stages[1:], group.workers[1:], strict=True))
+                group.workers = group.workers[:1]
+            for st, worker in retired:
+                _quietly(functools.partial(worker.stop, grace_s=2))
+                self._report(group.plan, "released", stage=st.stage.index)
+            self._report(group.plan, "consolidated")
+            timeline.mark("group_consolidated", component="backend", stopped=[st.node for st, _ in retired])
+            group.consolidated.set()
+            return
 
     # steps -------------------------------------------------------------------------------
     def _prefetch(self, plan: Plan, timeline: Timeline) -> list[_Prefetch]:
@@ -224,14 +269,31 @@ class ColdStart:
             values |= {"loaderd_url": node.loaderd_url, "loaderd_token": node.loaderd_token}
         return WorkerEnvironment.model_validate(values)
 
+    @staticmethod
+    def _inner_timelines(group: Group) -> Timeline:
+        """The inner stages' start-up timelines, each event labelled with its stage (kept: those
+        workers go away when the head consolidates)."""
+        merged = Timeline()
+        for index, worker in enumerate(group.workers[1:], start=1):
+            try:
+                own = worker.timeline()
+            except HydraError as exc:
+                log.warning("no timeline from stage %d: %s", index, exc.message)
+                continue
+            merged = merged.merged(Timeline(events=[e.model_copy(update={"component": f"stage{index}"})
+                                                    for e in own.events]))
+        return merged
+
     def _stop_workers(self, group: Group) -> None:
-        for worker in reversed(group.workers):
+        with self._lock:
+            workers = list(group.workers)
+        for worker in reversed(workers):
             _quietly(functools.partial(worker.stop, grace_s=2))
 
-    def _report(self, plan: Plan, event: str, *, reason: str | None = None,
+    def _report(self, plan: Plan, event: str, *, reason: str | None = None, stage: int | None = None,
                 timings: WorkerTimings | None = None) -> None:
         _quietly(lambda: self._placement.report(WorkerReport(
-            plan_id=plan.plan_id, event=event, reason=reason,  # type: ignore[arg-type]
+            plan_id=plan.plan_id, event=event, reason=reason, stage=stage,  # type: ignore[arg-type]
             timings=timings or WorkerTimings())))
 
 

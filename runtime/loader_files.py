@@ -93,10 +93,10 @@ class LoaderModelFiles(ModelFiles):
             lambda: {t.name: t for t in self._index_ahead.result().tensors}, lambda files: files.tensor_index())
         return index
 
-    def tensor_source(self, names: Sequence[str]) -> TensorSource:
+    def tensor_source(self, names: Sequence[str], *, background: bool = False) -> TensorSource:
         """Zero-copy views of the daemon's segments holding exactly ``names`` (S3 if it is down)."""
         request = AttachRequest(model_uri=self.uri, endpoint_url=self._endpoint_url, tensors=list(names),
-                                pid=os.getpid())
+                                pid=os.getpid(), background=background)
         source: TensorSource = self._through_loaderd(lambda: self._attach(request),
                                                      lambda files: files.tensor_source(names))
         return source

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.runtime.consolidation import Consolidator
 from hydraserve.runtime.engine.engine import LLMEngine
 from hydraserve.runtime.engine.factory import LoadedStage, build_engine, context_limit, load_tokenizer
 from hydraserve.runtime.engine.runner import StageRunner
@@ -47,13 +48,18 @@ class HeadRole:
     name = "head"
 
     def __init__(self, settings: WorkerEnvironment, listener: socket.socket | None = None,
-                 on_broken: Callable[[str], None] | None = None) -> None:
+                 on_broken: Callable[[str], None] | None = None,
+                 on_consolidated: Callable[[], None] | None = None) -> None:
         self._settings = settings
         self._listener = listener  # the last stage links back here (groups only)
         self._on_broken = on_broken
+        self._on_consolidated = on_consolidated
         self.tokenizer: Tokenizer | None = None
+        self.files: ModelFiles | None = None
+        self.consolidator: Consolidator | None = None
 
     def prepare(self, files: ModelFiles, config: ModelConfig) -> None:
+        self.files = files
         self.tokenizer = load_tokenizer(files, config)
 
     def wire(self, loaded: LoadedStage, timeline: Timeline) -> LLMEngine:
@@ -67,6 +73,10 @@ class HeadRole:
         for _ in engine.submit([0], SamplingParams(max_tokens=1, temperature=0.0)):
             pass  # one tiny forward (through every stage): the first request should not pay set-up
         timeline.mark("warmed_up")
+        if isinstance(executor, GroupExecutor) and settings.full:
+            assert self.files is not None
+            self.consolidator = Consolidator(engine, executor, self.files, timeline,
+                                             on_done=self._on_consolidated or (lambda: None)).start()
         return engine
 
     def _link_group(self, loaded: LoadedStage, timeline: Timeline) -> GroupExecutor:
@@ -108,8 +118,9 @@ class InnerStageRole:
 
 
 def role_for(settings: WorkerEnvironment, listener: socket.socket | None = None,
-             on_broken: Callable[[str], None] | None = None) -> HeadRole | InnerStageRole:
+             on_broken: Callable[[str], None] | None = None,
+             on_consolidated: Callable[[], None] | None = None) -> HeadRole | InnerStageRole:
     """The head for stage 0 (or a whole model), an inner stage otherwise."""
     if settings.is_head:
-        return HeadRole(settings, listener, on_broken)
+        return HeadRole(settings, listener, on_broken, on_consolidated)
     return InnerStageRole(settings, listener)

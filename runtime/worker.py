@@ -46,7 +46,8 @@ def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetr
         from hydraserve.runtime.roles import role_for
 
         state.timeline.mark("libraries_imported")
-        role = role_for(settings, listener, on_broken=lambda reason: state.set_failed(f"pipeline group: {reason}"))
+        role = role_for(settings, listener, on_broken=lambda reason: state.set_failed(f"pipeline group: {reason}"),
+                        on_consolidated=state.mark_consolidated)
         loaded = load_my_stage(settings, files, state.timeline, role.prepare)
         serving = role.wire(loaded, state.timeline)
         if isinstance(serving, LLMEngine):
@@ -67,7 +68,10 @@ def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetr
 
 def _serve_link(link: StageLink, state: RuntimeState) -> None:
     link.run()
-    state.set_failed(f"pipeline group: {link.failed or 'the ring was closed'}")
+    if link.released:  # the head consolidated: this worker's part is over
+        state.start_draining()
+    else:
+        state.set_failed(f"pipeline group: {link.failed or 'the ring was closed'}")
 
 
 def run_worker(settings: WorkerEnvironment) -> int:

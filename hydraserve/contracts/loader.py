@@ -28,6 +28,8 @@ class SliceRequest(BaseModel):
     tensors: list[str] | None = Field(default=None, min_length=1)
     peers: list[str] = Field(default_factory=list,
                              description="other loaderds (http://host:port) to try before S3")
+    background: bool = Field(default=False, description="fetch only when no other slice's bytes wait "
+                             "(a consolidating worker's missing layers, behind every cold start)")
 
     @model_validator(mode="after")
     def _one_selector(self) -> SliceRequest:

@@ -46,6 +46,7 @@ STRIPES_PER_STREAM = 3
 HEDGE_FACTOR = 1.5
 TARGET_CHUNK_S = 0.1  # a chunk should take about this long on one stream (per-request costs)
 DEFAULT_HEDGE_MIN_S = 0.25  # a straggler is hedged no sooner than this
+BACKGROUND = 1 << 30  # added to a background request's group order: after every cold start's bytes
 
 
 class RangeReader(Protocol):
@@ -174,11 +175,13 @@ class FetchEngine:
         for t in self._threads:
             t.start()
 
-    def submit(self, fills: list[tuple[int, Fill]]) -> None:
-        """Queue segments (with their group order) of one request; returns at once."""
+    def submit(self, fills: list[tuple[int, Fill]], *, background: bool = False) -> None:
+        """Queue segments (with their group order) of one request; returns at once. A
+        ``background`` request (consolidation) is served only when no other bytes are queued."""
         request = next(self._request_seq)
         cursors: list[_Cursor] = []
         for order, fill in fills:
+            order += BACKGROUND if background else 0
             fill.order = (order, request)
             fill.tensor_left = [t.nbytes for t in fill.layout.tensors]
             fill.bytes_total = fill.bytes_queued = sum(r.nbytes for r in fill.layout.runs)

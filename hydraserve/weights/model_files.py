@@ -64,8 +64,9 @@ class ModelFiles(ABC):
         """Every tensor of the checkpoint (all shards) with its byte range, in file order."""
 
     @abstractmethod
-    def tensor_source(self, names: Sequence[str]) -> TensorSource:
-        """A source of exactly ``names`` (KeyError for others); fetching starts at once."""
+    def tensor_source(self, names: Sequence[str], *, background: bool = False) -> TensorSource:
+        """A source of exactly ``names`` (KeyError for others); fetching starts at once
+        (``background``: behind every cold start's bytes, where the source can tell them apart)."""
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
@@ -274,7 +275,7 @@ class LocalModelFiles(StoredModelFiles):
             if f.readinto(out) != len(out):
                 raise StorageError(f"{self.path / file} is shorter than [{start}, {start + len(out)})")
 
-    def tensor_source(self, names: Sequence[str]) -> TensorSource:
+    def tensor_source(self, names: Sequence[str], *, background: bool = False) -> TensorSource:
         from hydraserve.weights.local import LocalTensorSource
 
         return LocalTensorSource(self.path, names)
@@ -372,7 +373,7 @@ class S3ModelFiles(StoredModelFiles):
         obj = self.location.child(file)
         self.client.get_range_into(obj.bucket, obj.key, start, out, cancel=cancel)
 
-    def tensor_source(self, names: Sequence[str], *, concurrency: int | None = None,
+    def tensor_source(self, names: Sequence[str], *, background: bool = False, concurrency: int | None = None,
                       chunk_bytes: int | None = None) -> TensorSource:
         """Fetched by this process with the fetch engine (each tensor checked against the
         manifest's sha256 as it lands), into anonymous memory, first layers first."""

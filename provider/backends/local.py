@@ -14,12 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.ports import Endpoint
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.timeline import Timeline
+from hydraserve.errors import TemporaryError
 from hydraserve.provider.backends.process import ProcessLauncher
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
 
@@ -71,9 +70,12 @@ class LocalBackend:
         log.info("instance stopped", extra={"function": function_name, "instance": instance_id})
 
     def worker_timeline(self, endpoint: Endpoint) -> Timeline:
-        response = requests.get(endpoint.url + "/v1/hydraserve/timeline", timeout=5)
-        response.raise_for_status()
-        return Timeline.model_validate(response.json())
+        """The head's timeline (consolidation included), merged with its group's inner stages'."""
+        with self._lock:
+            group = self._groups.get(endpoint.instance_id)
+        if group is None:
+            raise TemporaryError(f"no running instance {endpoint.instance_id}")
+        return group.head.timeline().merged(group.stage_timelines)
 
     def close(self) -> None:
         with self._lock:

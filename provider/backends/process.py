@@ -12,6 +12,7 @@ from pathlib import Path
 
 import requests
 
+from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import TemporaryError
 from hydraserve.processes import ChildProcess, free_port
@@ -71,6 +72,22 @@ class WorkerProcess(ChildProcess):
         if failed:
             self.stop(grace_s=2)
             raise TemporaryError(f"worker failed to start: {failed[0]}")
+
+    def status(self) -> dict[str, object]:
+        """The worker's /readyz body (status, reason, consolidated)."""
+        try:
+            body = requests.get(self.url + "/readyz", timeout=2).json()
+        except (requests.RequestException, ValueError) as exc:
+            raise TemporaryError(f"worker at {self.url} did not answer: {exc}") from exc
+        return dict(body) if isinstance(body, dict) else {}
+
+    def timeline(self) -> Timeline:
+        try:
+            response = requests.get(self.url + "/v1/hydraserve/timeline", timeout=5)
+            response.raise_for_status()
+        except requests.RequestException as exc:
+            raise TemporaryError(f"worker at {self.url} did not answer: {exc}") from exc
+        return Timeline.model_validate(response.json())
 
     def failure_reason(self) -> str:
         """The last error the worker logged (its JSON log lines), for the 503 message."""

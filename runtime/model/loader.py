@@ -12,7 +12,7 @@ view of shared memory (the model never writes its weights).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -82,29 +82,35 @@ def load_stage(cfg: ModelConfig, source: TensorSource, stage: StageSpec | None =
 
 
 def grow_stage(model: StageModel, source: TensorSource, target: StageSpec, *,
+               checkpoint_names: Iterable[str] | None = None,
                on_tensor: Callable[[str, float], None] | None = None) -> StageModel:
     """A model for ``target`` (usually the whole model) that reuses every tensor ``model``
     already holds and reads only the rest from ``source``: pipeline consolidation, where a
     worker with memory for the whole model loads the other stages' layers in the background.
+    ``checkpoint_names`` (default: the source's) is the whole checkpoint's tensor names, for a
+    source that holds only the missing ones.
     """
     cfg = model.config
     if not (target.layer_start <= model.stage.layer_start and model.stage.layer_end <= target.layer_end):
         raise ValueError(f"target layers [{target.layer_start}, {target.layer_end}) do not contain "
                          f"[{model.stage.layer_start}, {model.stage.layer_end})")
+    names = list(checkpoint_names) if checkpoint_names is not None else source.tensor_names()
     held = dict(model.named_parameters())
     loaded = {ckpt: held[ours[0]].detach()
-              for ckpt, ours in stage_parameters(source.tensor_names(), model.stage, cfg.architecture).items()}
+              for ckpt, ours in stage_parameters(names, model.stage, cfg.architecture).items()}
     first = next(iter(held.values()))
     grown = build_stage(cfg, target)
-    _fill(grown, source, loaded, first.dtype, first.device, on_tensor)
+    _fill(grown, source, loaded, first.dtype, first.device, on_tensor, names)
     return grown
 
 
 def _fill(model: StageModel, source: TensorSource, loaded: dict[str, torch.Tensor], dtype: torch.dtype,
-          device: torch.device, on_tensor: Callable[[str, float], None] | None) -> None:
+          device: torch.device, on_tensor: Callable[[str, float], None] | None,
+          names: Iterable[str] | None = None) -> None:
     """Assign every parameter in load order; ``loaded`` (by checkpoint name) is reused, so tensors
     a previous stage already held are read once (a tied head's embedding is read once anyway)."""
-    plan = stage_parameters(source.tensor_names(), model.stage, model.config.architecture)
+    plan = stage_parameters(source.tensor_names() if names is None else names, model.stage,
+                            model.config.architecture)
     for ckpt_name, params in plan.items():
         tensor = loaded.get(ckpt_name)
         if tensor is None:

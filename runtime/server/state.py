@@ -24,6 +24,7 @@ class RuntimeState:
         self._engine: ServingEngine | None = None
         self.stage_runner: object | None = None  # an inner stage serves its layers, not the API
         self._serving = False
+        self.consolidated = False  # a group's head that became the whole model
         self._ready = threading.Event()
         self._failed: str | None = None
         self._draining = False
@@ -42,6 +43,9 @@ class RuntimeState:
         self.stage_runner = runner
         self._serving = True
         self._ready.set()
+
+    def mark_consolidated(self) -> None:
+        self.consolidated = True
 
     def set_failed(self, reason: str) -> None:
         self._failed = reason
@@ -66,7 +70,7 @@ class RuntimeState:
         state = ("failed" if self._failed else "draining" if self._draining
                  else "ready" if self._serving else "starting")
         return {"status": state, "reason": self._failed, "inflight": self._inflight,
-                "function": self.function_name, "revision": self.revision}
+                "function": self.function_name, "revision": self.revision, "consolidated": self.consolidated}
 
     def engine_or_none(self) -> ServingEngine | None:
         return self._engine

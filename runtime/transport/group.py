@@ -19,13 +19,14 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 import torch
 
 from hydraserve.errors import EngineError, StageTransportError
 from hydraserve.runtime.engine.runner import StageRunner, StepInput
 from hydraserve.runtime.transport import frames
-from hydraserve.runtime.transport.messages import ERROR, PING, RESULT, seq_of, step_frame
+from hydraserve.runtime.transport.messages import ERROR, KV_EXPORT, PING, RELEASE, RESULT, seq_of, step_frame
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,11 @@ class GroupExecutor:
         self.max_inflight = stages
         self._out, self._in = outbound, inbound
         self._send_lock = threading.Lock()
-        self._pending: dict[int, Future[torch.Tensor]] = {}
+        self._pending: dict[int, Future[Any]] = {}
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self.broken: str | None = None
+        self._releasing = False
         self._on_broken = on_broken  # the worker turns unready with the reason
         self._receiver = threading.Thread(target=self._receive, name="group-receiver", daemon=True)
         self._receiver.start()
@@ -61,15 +63,42 @@ class GroupExecutor:
 
     def ping(self, timeout_s: float) -> None:
         """Return once a ping went round the whole ring (every stage serves)."""
-        future: Future[torch.Tensor] = Future()
-        seq = self._register(future)
-        self._send(frames.Frame(PING, {"seq": seq}), seq)
-        try:
-            future.result(timeout_s)
-        except TimeoutError:
-            raise StageTransportError(f"the pipeline group did not answer a ping within {timeout_s:.0f} s") from None
+        self._round_trip(frames.Frame(PING, {}), timeout_s, "a ping")
 
-    def _register(self, future: Future[torch.Tensor]) -> int:
+    def export_kv(self, slots: dict[int, int], timeout_s: float = 60.0) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Keys and values of ``slots`` ({slot: cached length}) from every inner stage, in stage
+        order, each [(k, v) per slot]; call with no step in flight (consolidation)."""
+        pairs = sorted(slots.items())
+        if not pairs:
+            return [[] for _ in range(self.max_inflight - 1)]
+        frame = self._round_trip(frames.Frame(KV_EXPORT, {"slots": [list(p) for p in pairs]}), timeout_s, "a KV export")
+        per_stage = 2 * len(pairs)
+        if len(frame.tensors) != per_stage * (self.max_inflight - 1):
+            raise StageTransportError(f"KV export came back with {len(frame.tensors)} tensors, "
+                                      f"expected {per_stage * (self.max_inflight - 1)}")
+        return [[(frame.tensors[i + 2 * j], frame.tensors[i + 2 * j + 1]) for j in range(len(pairs))]
+                for i in range(0, len(frame.tensors), per_stage)]
+
+    def release(self, timeout_s: float = 10.0) -> None:
+        """End the group: every inner stage stops serving (released, not failed); then close."""
+        self._releasing = True
+        try:
+            self._round_trip(frames.Frame(RELEASE, {}), timeout_s, "the release")
+        finally:
+            self.close()
+
+    def _round_trip(self, frame: frames.Frame, timeout_s: float, what: str) -> frames.Frame:
+        future: Future[Any] = Future()
+        seq = self._register(future)
+        frame.fields["seq"] = seq
+        self._send(frame, seq)
+        try:
+            result: frames.Frame = future.result(timeout_s)
+        except TimeoutError:
+            raise StageTransportError(f"the pipeline group did not answer {what} within {timeout_s:.0f} s") from None
+        return result
+
+    def _register(self, future: Future[Any]) -> int:
         with self._lock:
             if self.broken is not None:
                 raise StageTransportError(f"the pipeline group is broken: {self.broken}")
@@ -90,7 +119,7 @@ class GroupExecutor:
             while True:
                 frame = frames.recv(self._in)
                 if frame is None:
-                    self._break("the last stage closed its link")
+                    self._break("closed" if self._releasing else "the last stage closed its link")
                     return
                 seq = seq_of(frame)
                 with self._lock:
@@ -101,8 +130,8 @@ class GroupExecutor:
                     future.set_result(torch.cat(frame.tensors).float())
                 elif frame.kind == ERROR:
                     future.set_exception(EngineError(str(frame.fields.get("message", "a stage failed"))))
-                elif frame.kind == PING:
-                    future.set_result(torch.empty(0))
+                elif frame.kind in (PING, KV_EXPORT, RELEASE):
+                    future.set_result(frame)
                 else:
                     raise StageTransportError(f"unexpected {frame.kind!r} frame from the last stage")
         except (OSError, StageTransportError) as exc:

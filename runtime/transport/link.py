@@ -20,7 +20,17 @@ from collections.abc import Callable
 from hydraserve.errors import StageTransportError
 from hydraserve.runtime.engine.runner import StageRunner
 from hydraserve.runtime.transport import frames
-from hydraserve.runtime.transport.messages import ERROR, PING, RESULT, STEP, seq_of, step_of
+from hydraserve.runtime.transport.messages import (
+    ERROR,
+    KV_EXPORT,
+    PING,
+    RELEASE,
+    RESULT,
+    STEP,
+    kv_request_of,
+    seq_of,
+    step_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,7 @@ class StageLink:
         self._timeout_s = link_timeout_s
         self._on_frame = on_frame
         self.failed: str | None = None
+        self.released = False  # the head ended the group (consolidated): not a failure
         self.steps = 0
         self._inbound: socket.socket | None = None
         self._outbound: socket.socket | None = None
@@ -94,6 +105,16 @@ class StageLink:
                 if self._on_frame is not None:
                     self._on_frame(frame.kind)
                 if frame.kind in (PING, ERROR):
+                    frames.send(self._outbound, frame)
+                    continue
+                if frame.kind == RELEASE:
+                    frames.send(self._outbound, frame)
+                    self.released = True
+                    log.info("released by the head", extra={"steps": self.steps})
+                    return
+                if frame.kind == KV_EXPORT:  # consolidation: this stage's keys and values join the frame
+                    for slot, length in kv_request_of(frame, num_slots=num_slots, max_len=max_len):
+                        frame.tensors.extend(self.runner.kv.export_slot(slot, length))
                     frames.send(self._outbound, frame)
                     continue
                 if frame.kind != STEP:

@@ -5,7 +5,10 @@ output activations, one tensor per forward call); each inner stage runs its laye
 ``step`` on with its own activations; the last stage sends ``result`` (the logits) back to the
 head. A stage whose model call failed sends ``error`` on instead (the head fails that step's
 requests, the group keeps serving). ``ping`` goes round the ring once every stage is serving:
-its return is the group's readiness. Steps are checked here before any layer sees them.
+its return is the group's readiness. ``kv_export`` (consolidation) asks every inner stage to
+append the keys and values of some KV slots, so the head gets all of them in one round trip;
+``release`` tells the inner stages the group is over (they stop serving, not failed). Steps
+are checked here before any layer sees them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from hydraserve.errors import StageTransportError
 from hydraserve.runtime.engine.runner import StepInput
 from hydraserve.runtime.transport.frames import Frame
 
-STEP, RESULT, ERROR, PING = "step", "result", "error", "ping"
+STEP, RESULT, ERROR, PING, KV_EXPORT, RELEASE = "step", "result", "error", "ping", "kv_export", "release"
 _INT_LISTS = ("decode_tokens", "decode_positions", "decode_slots", "prefill_slots", "prefill_starts")
 
 
@@ -24,6 +27,16 @@ def step_frame(seq: int, step: StepInput, activations: list[Any]) -> Frame:
     fields = {"seq": seq, **{name: getattr(step, name) for name in _INT_LISTS},
               "prefill_tokens": step.prefill_tokens}
     return Frame(STEP, fields, list(activations))
+
+
+def kv_request_of(frame: Frame, *, num_slots: int, max_len: int) -> list[tuple[int, int]]:
+    """The (slot, cached length) pairs a kv_export frame asks for, checked."""
+    pairs = frame.fields.get("slots")
+    if not (isinstance(pairs, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p)
+            and 0 <= p[0] < num_slots and 0 <= p[1] <= max_len for p in pairs)):
+        raise StageTransportError("kv_export frame's slots are not [slot, length] pairs within this cache")
+    return [(slot, length) for slot, length in pairs]
 
 
 def seq_of(frame: Frame) -> int:

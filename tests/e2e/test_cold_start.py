@@ -15,6 +15,7 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 from hydraserve.activator.functions import FunctionConfig
+from hydraserve.activator.ports import Endpoint
 from hydraserve.contracts import events
 from hydraserve.demo.client import stream_completion
 from hydraserve.demo.stack import LocalStack, StackOptions
@@ -136,15 +137,18 @@ def test_cold_start_against_an_unreachable_s3_fails_within_the_retry_budget(stac
     assert stack.gateway.scaler("unreachable").status()["state"] == "zero"
 
 
-def test_a_pipeline_group_cold_starts_serves_and_scales_to_zero(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(tiny_llama_dir: Path,
+                                                                             tmp_path: Path) -> None:
     """Nodes declared with slow NICs (50 Mbit/s) make the planner split the model over both:
     each node's loaderd prefetches its stage, a head and an inner stage start, link, and serve
-    transformers' tokens through the gateway; at zero both stop and nothing is left."""
+    transformers' tokens through the gateway; the head (given memory for the whole model)
+    then loads the rest through its loaderd and takes over, the inner stage's worker is stopped
+    and its memory freed; at zero the head stops too and nothing is left."""
     from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "m", TinySpec(arch="llama", layers=4, hidden=256, intermediate=512,
                                                          vocab=4096, kv_heads=2))
-    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=4.5, idle_timeout_s=1.0,
+    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=4.5, idle_timeout_s=5.0,
                            progress=False, function_name="grouped")
     with LocalStack(options) as stack:
         assert stack.gateway is not None
@@ -158,6 +162,20 @@ def test_a_pipeline_group_cold_starts_serves_and_scales_to_zero(tiny_llama_dir: 
         assert len([e for e in timeline.events if e.name == "prefetch_started"]) == 2
         assert len([e for e in timeline.events if e.name == "worker_spawned"]) == 2
         assert timeline.first("group_linked") is not None
+        (group,) = stack.backend._groups.values()  # type: ignore[attr-defined]
+        assert group.consolidated.wait(60), "the head did not consolidate"
+        assert len(group.workers) == 1
+        free = {n.name: sum(n.gpu_free_gb) for n in stack.placement.cluster().nodes}
+        assert free[group.plan.stages[1].node] == options.node_gpu_memory_gb  # the inner stage's memory is back
+        again = stream_completion(stack.function_url() + "/v1/completions",
+                                  {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+        assert again.status == 200 and again.token_ids == result.token_ids  # the whole model answers the same
+        merged = stack.backend.worker_timeline(Endpoint(url=group.head.url, instance_id=group.plan.instance_id))
+        head_events = [e.name for e in merged.events if e.component == "worker"]
+        assert head_events.index("consolidation_fetch_started") < head_events.index("consolidated")
+        inner_events = [e.name for e in merged.events if e.component == "stage1"]  # kept after it stopped
+        assert {"weights_attached", "kv_cache_allocated", "engine_ready"} <= set(inner_events)
+        assert "tokenizer" not in " ".join(inner_events)
         scaler = stack.gateway.scaler("grouped")
         deadline = time.monotonic() + 30
         while scaler.state.value != "zero" and time.monotonic() < deadline:

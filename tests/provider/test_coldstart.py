@@ -38,10 +38,17 @@ class FakeWorker:
     spawned_at: float
     fail: str | None = None
     stopped: bool = False
+    consolidated: bool = False
 
     def wait_ready(self, timeout_s: float) -> None:
         if self.fail:
             raise TemporaryError(self.fail)
+
+    def status(self) -> dict[str, object]:
+        return {"status": "ready", "consolidated": self.consolidated}
+
+    def timeline(self) -> Timeline:
+        return Timeline()
 
     def stop(self, grace_s: float = 10.0) -> object:
         self.stopped = True
@@ -200,6 +207,25 @@ def test_a_pipeline_group_prefetches_each_stage_on_its_node_and_tells_each_worke
         groups = {s.group for s in daemon.service.registry.segments.values()}
         layers = {f"layer.{i}" for i in range(st.stage.layer_start, st.stage.layer_end)}
         assert layers <= groups and not {f"layer.{i}" for i in range(4)} - layers & groups  # only its stage
+
+
+def test_once_the_head_consolidated_the_other_stages_go_and_their_memory_is_freed(
+        loaderds: list[LoaderDaemon], model_dir: Path) -> None:
+    launcher = FakeLauncher()
+    coldstart, placement = setup(loaderds, launcher, nic_gbps=1.0, max_pipeline_size=2, watch_s=0.02)
+    timeline = Timeline()
+    group = coldstart.run(spec(model_dir, scale=16_000, ttft_slo_s=80.0), timeline)
+    head, inner = launcher.workers
+    assert group.plan.stages[0].full and not group.consolidated.wait(0.2)  # not before the head says so
+    head.consolidated = True
+    assert group.consolidated.wait(5)
+    assert inner.stopped and not head.stopped and group.workers == [head]
+    freed = {n.name: sum(n.gpu_free_gb) for n in placement.status().nodes}
+    assert freed[group.plan.stages[1].node] == 40  # the inner stage's node: all free again
+    assert freed[group.plan.stages[0].node] < 40  # the head keeps its whole-model memory
+    assert placement.status().active_plans == 1 and timeline.first("group_consolidated") is not None
+    coldstart.stop(group)
+    assert head.stopped and placement.status().active_plans == 0
 
 
 def test_cold_starts_run_concurrently_without_sharing_state(loaderds: list[LoaderDaemon], model_dir: Path) -> None:

@@ -239,3 +239,71 @@ def test_a_malformed_frame_ends_the_stage_link_with_the_reason(model_dir: Path) 
     out.close()
     back.close()
     head.close()
+
+
+@pytest.mark.parametrize("boundaries", [[0, 2, 4], [0, 1, 2, 4]], ids=["p2", "p3"])
+def test_consolidation_under_load_loses_nothing_and_changes_no_token(model_dir: Path, reference: LLMEngine,
+                                                                     boundaries: list[int]) -> None:
+    """Six streams run through the group while the head grows into the whole model and takes
+    the inner stages' KV over: every stream finishes with a standalone worker's tokens, the
+    executor is the whole model afterwards, and the inner stages were released, not failed."""
+    from hydraserve.contracts.timeline import Timeline
+    from hydraserve.runtime.consolidation import Consolidator
+    from hydraserve.runtime.engine.runner import ModelRunner
+    from hydraserve.weights.model_files import LocalModelFiles
+
+    group = Group(model_dir, boundaries)
+    timeline = Timeline()
+    done = threading.Event()
+    try:
+        group.engine.start()
+        consolidator = Consolidator(group.engine, group.executor, LocalModelFiles(model_dir), timeline,
+                                    on_done=done.set).start()
+        params = [SamplingParams(max_tokens=40, temperature=0.0)] * 3 + [
+            SamplingParams(max_tokens=40, temperature=0.8, seed=7 + i) for i in range(3)]
+        tok = group.engine.tokenizer
+        streams = [group.engine.submit(tok.encode(p), sp) for p, sp in zip(PROMPTS, params, strict=True)]
+        got = [s.collect().token_ids for s in streams]
+        assert done.wait(30) and consolidator.consolidated and consolidator.failed is None
+        assert got == outputs(reference, params)
+        assert isinstance(group.engine.executor, ModelRunner)
+        for t in group.threads:
+            t.join(10)
+        assert all(link.released and link.failed is None for link in group.links)
+        names = [e.name for e in timeline.events]
+        assert names == ["consolidation_fetch_started", "consolidation_loaded", "consolidated"]
+        # it really switched mid-generation: sequences were running, and their KV moved
+        assert consolidator.migrated > 0 and any(link.steps > 0 for link in group.links)
+        after = group.engine.submit(tok.encode("Dear friend"), params[0]).collect().token_ids
+        assert after == reference.submit(tok.encode("Dear friend"), params[0]).collect().token_ids
+    finally:
+        group.close()
+
+
+def test_a_failure_during_consolidation_leaves_the_group_serving(model_dir: Path, reference: LLMEngine) -> None:
+    from hydraserve.contracts.timeline import Timeline
+    from hydraserve.errors import StorageError
+    from hydraserve.runtime.consolidation import Consolidator
+    from hydraserve.weights.model_files import LocalModelFiles
+
+    class Vanishing(LocalModelFiles):
+        """The model's store loses the bytes the head still lacks."""
+
+        def tensor_source(self, names, *, background=False):  # type: ignore[no-untyped-def]
+            raise StorageError("s3://models/m/model.safetensors does not exist", code="no_such_key")
+
+    group = Group(model_dir, [0, 2, 4])
+    timeline = Timeline()
+    try:
+        group.engine.start()
+        consolidator = Consolidator(group.engine, group.executor, Vanishing(model_dir), timeline,
+                                    on_done=lambda: None).start()
+        params = [SamplingParams(max_tokens=12, temperature=0.0)] * len(PROMPTS)
+        assert outputs(group.engine, params) == outputs(reference, params)
+        assert consolidator.done.wait(10) and not consolidator.consolidated
+        assert "does not exist" in (consolidator.failed or "")
+        assert timeline.first("consolidation_failed") is not None
+        assert isinstance(group.engine.executor, GroupExecutor) and group.executor.broken is None
+        assert outputs(group.engine, params) == outputs(reference, params)  # still the group, still right
+    finally:
+        group.close()

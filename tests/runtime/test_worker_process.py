@@ -74,9 +74,10 @@ def test_worker_failure_reason_reaches_the_caller(tmp_path: Path) -> None:
 
 
 def test_a_group_of_worker_processes_is_ready_only_whole_and_notices_a_dead_stage(tmp_path: Path) -> None:
-    """Head and inner stage as real workers: the head's /readyz stays 503 until the inner stage
-    serves; then completions through the head equal a standalone worker's; the inner stage
-    serves no API; SIGKILL on the inner stage turns the head failed with the reason."""
+    """Head and inner stage as real workers, neither given memory for the whole model: the head's
+    /readyz stays 503 until the inner stage serves; then completions through the head equal a
+    standalone worker's; the inner stage serves no API; the group stays a group (no full
+    worker); SIGKILL on the inner stage turns the head failed with the reason."""
     import os
     import signal
 
@@ -94,7 +95,7 @@ def test_a_group_of_worker_processes_is_ready_only_whole_and_notices_a_dead_stag
     def start(i: int) -> WorkerProcess:
         return launcher.launch("node", WorkerEnvironment(
             model_uri=str(model_dir), function="grp", instance_id="grp-1", host=slots[i].host, port=slots[i].port,
-            transport_port=slots[i].transport_port, stage=plan.stages[i], peers=peers, full=i == 0,
+            transport_port=slots[i].transport_port, stage=plan.stages[i], peers=peers, full=False,
             max_batch=2, link_timeout_s=60, spawned_at=time.time()))
 
     head = start(0)
@@ -117,6 +118,8 @@ def test_a_group_of_worker_processes_is_ready_only_whole_and_notices_a_dead_stag
         assert requests.post(inner.url + "/v1/completions", json=body, timeout=5).status_code == 404
         names = [e["name"] for e in requests.get(head.url + "/v1/hydraserve/timeline", timeout=5).json()["events"]]
         assert "group_linked" in names and names.index("group_linked") < names.index("engine_ready")
+        assert "consolidation_fetch_started" not in names
+        assert requests.get(head.url + "/readyz", timeout=5).json()["consolidated"] is False
 
         os.kill(inner.proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 20

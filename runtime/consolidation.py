@@ -1,0 +1,124 @@
+"""Consolidation: a full head grows into the whole model and takes its group's sequences over.
+
+Started by the head role of a pipeline group whose worker was given memory for the whole model
+(``full``). In order, each step on the timeline:
+1. once the group has served a request, the layers the head lacks are fetched through its files
+   (loaderd: at background priority, behind any cold start's bytes) and the whole model is built
+   reusing stage 0's tensors (``grow_stage``): all outside the engine's step lock, so decoding
+   goes on meanwhile;
+2. under the step lock, with no step in flight (``engine.reconfigure``): one ``kv_export`` round
+   trip brings every inner stage's keys and values of the running sequences, which go into a
+   whole-model KV cache beside stage 0's own; the executor becomes the whole model. No request
+   is restarted: each continues from the position it had reached;
+3. the ring is released (the inner stages stop serving, not failed) and ``on_done`` tells the
+   worker, whose status says ``consolidated`` (its launcher then stops the partial workers and
+   the placement service frees their memory).
+Any failure before the switch leaves the group serving as it was (logged, on the timeline).
+
+Why migrate the KV rather than recompute it: a recompute is a prefill of every running
+sequence's tokens on the whole model, under the step lock, growing with context length and
+stalling every stream; the migration moves the same K/V bytes the inner stages already hold
+over a link that is idle by then (measured side by side by ``hydraserve bench pipeline``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from hydraserve.contracts.stage import StageSpec
+from hydraserve.contracts.timeline import Timeline
+from hydraserve.runtime.engine.engine import LLMEngine
+from hydraserve.runtime.engine.runner import Executor, ModelRunner
+from hydraserve.runtime.model.layers import StageModel
+from hydraserve.runtime.model.loader import grow_stage
+from hydraserve.runtime.transport.group import GroupExecutor
+from hydraserve.weights.model_files import ModelFiles
+from hydraserve.weights.source import TensorSource
+
+log = logging.getLogger(__name__)
+
+
+class Consolidator:
+    """Runs steps 1-3 above in its own thread (``start``); ``done`` is set when it ended."""
+
+    def __init__(self, engine: LLMEngine, group: GroupExecutor, files: ModelFiles, timeline: Timeline, *,
+                 on_done: Callable[[], None], poll_s: float = 0.05) -> None:
+        self._engine = engine
+        self._group = group
+        self._files = files
+        self._timeline = timeline
+        self._on_done = on_done
+        self._poll_s = poll_s
+        self._start_steps = engine.steps  # the warm-up's
+        self._stop = threading.Event()
+        self.done = threading.Event()
+        self.consolidated = False
+        self.migrated = 0  # sequences whose KV moved to the whole model
+        self.failed: str | None = None
+        self.source: TensorSource | None = None  # the missing layers' bytes (kept open: views of loaderd's memory)
+        self._thread = threading.Thread(target=self._run, name="consolidation", daemon=True)
+
+    def start(self) -> Consolidator:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            while self._engine.steps <= self._start_steps:  # wait for the group's first request
+                if self._stop.wait(self._poll_s):
+                    return
+            whole = self._grow()
+            if self._stop.is_set():
+                return
+            started = time.monotonic()
+            self._engine.reconfigure(lambda old, cached: self._switch(whole, cached))
+            self._timeline.mark("consolidated", switch_s=round(time.monotonic() - started, 4),
+                                migrated=self.migrated)
+            self.consolidated = True
+            try:
+                self._group.release()
+            except Exception as exc:  # the whole model serves already: a failed release is only logged
+                log.warning("releasing the group after consolidation failed: %s", exc)
+            self._on_done()
+        except Exception as exc:  # the group keeps serving
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("consolidation failed; the group keeps serving")
+            self._timeline.mark("consolidation_failed", reason=self.failed)
+        finally:
+            self.done.set()
+
+    def _grow(self) -> StageModel:
+        model = self._group.runner.model
+        whole = StageSpec.whole(model.stage.num_layers)
+        held = set(self._files.stage_tensor_names(model.stage))
+        missing = [n for n in self._files.stage_tensor_names(whole) if n not in held]
+        self._timeline.mark("consolidation_fetch_started", tensors=len(missing))
+        self.source = self._files.tensor_source(missing, background=True)
+        grown = grow_stage(model, self.source, whole, checkpoint_names=self._files.tensor_index())
+        self._timeline.mark("consolidation_loaded")
+        return grown
+
+    def _switch(self, whole: StageModel, cached: dict[int, int]) -> Executor:
+        """Under the step lock: the whole model with every running sequence's KV in place."""
+        head = self._group.runner
+        runner = ModelRunner(whole, head.kv.num_slots, head.kv.max_len)
+        for slot, length in cached.items():
+            runner.kv.import_slot(slot, *head.kv.export_slot(slot, length))
+        layer = head.model.stage.layer_end
+        for stage_kv in self._group.export_kv(cached):
+            layers = 0
+            for slot, (k, v) in zip(sorted(cached), stage_kv, strict=True):
+                runner.kv.import_slot(slot, k, v, first_layer=layer)
+                layers = k.shape[0]
+            layer += layers
+        if cached and layer != whole.stage.num_layers:
+            raise RuntimeError(f"the group's KV covers layers up to {layer} of {whole.stage.num_layers}")
+        self.migrated = len(cached)
+        return runner
