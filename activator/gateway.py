@@ -3,8 +3,11 @@ forward it, and scale idle functions to zero.
 
 Request path, in order: resolve the function (path prefix /functions/<name>/ or Host
 <name>.<domain>) -> scaler.acquire (buffers at zero; bounded queue and deadline) -> proxy to
-the instance (streaming) -> scaler.release when the body is done. A reaper thread scales idle
-functions down with the injected clock.
+the instance (streaming) -> scaler.release when the body is done. A request the instance
+failed before answering (it has no token yet) fails the instance and is sent again to a fresh
+one, up to MAX_INSTANCE_RETRIES times; a stream the instance broke off ends with an error
+event. A reaper thread scales idle functions down with the injected clock and fails instances
+whose workers the backend lost.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from hydraserve.activator.functions import FunctionConfig
-from hydraserve.activator.ports import FunctionBackend
+from hydraserve.activator.ports import Endpoint, FunctionBackend
 from hydraserve.activator.proxy import InstanceProxy
 from hydraserve.activator.scaler import FunctionScaler
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import NotFoundError
+from hydraserve.errors import InstanceFailedError, NotFoundError
 from hydraserve.http_errors import install_error_handlers
 
 log = logging.getLogger(__name__)
+
+MAX_INSTANCE_RETRIES = 2  # a request is sent to at most three instances
 
 
 class Gateway:
@@ -46,6 +51,12 @@ class Gateway:
                                 ["function", "status"], registry=self.registry)
         self.cold_starts = Counter("hydraserve_gateway_cold_starts_total", "Cold starts begun",
                                    ["function"], registry=self.registry)
+        self.instance_failures = Counter("hydraserve_gateway_instance_failures_total",
+                                         "Instances failed while serving (lost worker, broken group)",
+                                         ["function"], registry=self.registry)
+        self.retries = Counter("hydraserve_gateway_request_retries_total",
+                               "Requests sent again to a fresh instance after theirs failed",
+                               ["function"], registry=self.registry)
         self.ready = Gauge("hydraserve_gateway_function_ready", "1 while the function has an instance",
                            ["function"], registry=self.registry)
 
@@ -79,9 +90,11 @@ class Gateway:
         while not self._stop.wait(self._reap_interval_s):
             for scaler in self.functions():
                 try:
+                    if scaler.check_instance():
+                        self.instance_failures.labels(scaler.config.name).inc()
                     scaler.scale_down_if_idle(self._clock())
                 except Exception:
-                    log.exception("scale-down of %s failed", scaler.config.name)
+                    log.exception("reaping %s failed", scaler.config.name)
                 self.ready.labels(scaler.config.name).set(1 if scaler.state.value == "ready" else 0)
 
     def cold_start_timeline(self, name: str) -> Timeline:
@@ -103,14 +116,30 @@ def create_gateway_app(gateway: Gateway) -> Flask:
 
     def _forward(name: str, path: str) -> Response:
         scaler = gateway.scaler(name)
-        before = scaler.cold_starts
-        endpoint = scaler.acquire()
-        if scaler.cold_starts != before:
-            gateway.cold_starts.labels(name).inc()
-        response = gateway.proxy.forward(endpoint.url, path, request,
-                                         on_first_byte=scaler.first_response, on_done=scaler.release)
-        gateway.requests.labels(name, str(response.status_code)).inc()
-        return response
+        for attempt in range(MAX_INSTANCE_RETRIES + 1):
+            before = scaler.cold_starts
+            endpoint = scaler.acquire()
+            if scaler.cold_starts != before:
+                gateway.cold_starts.labels(name).inc()
+
+            def broken(reason: str, endpoint: Endpoint = endpoint) -> None:
+                if scaler.instance_failed(endpoint, reason):
+                    gateway.instance_failures.labels(name).inc()
+
+            try:
+                response = gateway.proxy.forward(endpoint.url, path, request, on_first_byte=scaler.first_response,
+                                                 on_done=scaler.release, on_broken=broken)
+            except InstanceFailedError as exc:
+                broken(exc.message)
+                if attempt == MAX_INSTANCE_RETRIES:
+                    gateway.requests.labels(name, str(exc.status)).inc()
+                    raise
+                gateway.retries.labels(name).inc()
+                log.warning("request to %s sent again after its instance failed: %s", name, exc.message)
+                continue
+            gateway.requests.labels(name, str(response.status_code)).inc()
+            return response
+        raise AssertionError("unreachable")
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
 

@@ -6,6 +6,7 @@ and for Kubernetes pods.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,15 +23,27 @@ class Endpoint:
 
 
 class FunctionBackend(Protocol):
-    def start(self, function: FunctionConfig, timeline: Timeline) -> Endpoint:
-        """Bring one instance up and return once it is ready; raise HydraError on failure.
+    def start(self, function: FunctionConfig, timeline: Timeline,
+              exclude_nodes: Sequence[str] = ()) -> Endpoint:
+        """Bring one instance up, avoiding ``exclude_nodes``, and return once it is ready.
 
-        Implementations mark their steps on ``timeline`` (plan, prefetch, worker spawn, ...).
+        Raises HydraError on failure: InstanceFailedError (with ``nodes``) when workers were
+        lost, so a retry can avoid their nodes. Implementations mark their steps on
+        ``timeline`` (plan, prefetch, worker spawn, ...).
         """
         ...
 
     def stop(self, function_name: str, instance_id: str) -> None:
         """Scale the instance down (drain, then stop); must not raise for a dead instance."""
+        ...
+
+    def fail(self, function_name: str, instance_id: str, reason: str) -> tuple[str, ...]:
+        """The instance cannot serve: stop what is left of it, free its placement, and return
+        the nodes where its workers were lost; must not raise for an unknown instance."""
+        ...
+
+    def lost_nodes(self, instance_id: str) -> tuple[str, ...]:
+        """Nodes where the instance lost a worker (cheap; asked every reaper tick)."""
         ...
 
     def worker_timeline(self, endpoint: Endpoint) -> Timeline:

@@ -3,8 +3,12 @@
 The gateway calls ``acquire`` for every request: at zero it starts one cold start (in a
 thread) and the request waits in a bounded queue until the instance is ready or its deadline
 passes; a failed start wakes every waiter with the reason (503) and leaves the function at
-zero, so the next request tries again. ``scale_down_if_idle`` takes ``now`` so the reaper
-and tests decide with an injected clock.
+zero, so the next request tries again. A start that lost a worker is tried again at once on a
+plan avoiding that node (up to ``max_start_attempts``), the waiters still waiting. An instance
+that fails while serving (``instance_failed``: the gateway saw it, or the reaper found a
+worker lost) is failed in the backend and the function goes back to zero, its next start
+avoiding the lost nodes. ``scale_down_if_idle`` takes ``now`` so the reaper and tests decide
+with an injected clock.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from enum import StrEnum
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.ports import Endpoint, FunctionBackend
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import HydraError, OverloadedError, TemporaryError
+from hydraserve.errors import HydraError, InstanceFailedError, OverloadedError, TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class FunctionScaler:
         self.last_timeline: Timeline | None = None
         self._first_response_pending = False
         self._closed = False
+        self._avoid_next: tuple[str, ...] = ()  # nodes the next cold start avoids (lost workers)
+        self.instance_failures = 0
 
     # request path ------------------------------------------------------------------------
     def acquire(self) -> Endpoint:
@@ -109,12 +115,27 @@ class FunctionScaler:
         timeline = Timeline()
         timeline.mark("request_received", component="gateway")
         self.last_timeline = timeline
-        threading.Thread(target=self._cold_start, args=(self._attempt, timeline),
+        avoid, self._avoid_next = self._avoid_next, ()
+        threading.Thread(target=self._cold_start, args=(self._attempt, timeline, avoid),
                          name=f"cold-start-{self.config.name}", daemon=True).start()
 
-    def _cold_start(self, attempt: int, timeline: Timeline) -> None:
+    def _start_avoiding_lost_nodes(self, timeline: Timeline, avoid: tuple[str, ...]) -> Endpoint:
+        """backend.start, tried again on a fresh plan while attempts lose workers."""
+        for attempt in range(1, self.config.max_start_attempts + 1):
+            try:
+                return self._backend.start(self.config, timeline, avoid)
+            except InstanceFailedError as exc:
+                if not exc.nodes or attempt == self.config.max_start_attempts or self._closed:
+                    raise
+                avoid = tuple(dict.fromkeys((*avoid, *exc.nodes)))
+                log.warning("cold start of %s lost a worker, starting again without %s: %s",
+                            self.config.name, ", ".join(avoid), exc.message)
+                timeline.mark("cold_start_retry", component="gateway", avoid=list(avoid), reason=exc.message[:200])
+        raise AssertionError("unreachable")
+
+    def _cold_start(self, attempt: int, timeline: Timeline, avoid: tuple[str, ...]) -> None:
         try:
-            endpoint = self._backend.start(self.config, timeline)
+            endpoint = self._start_avoiding_lost_nodes(timeline, avoid)
         except Exception as exc:  # any failure must wake the waiters
             reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
             log.warning("cold start of %s failed: %s", self.config.name, reason)
@@ -143,6 +164,39 @@ class FunctionScaler:
             self._first_response_pending = True
             self._last_active = self._clock()
             self._cond.notify_all()
+
+    # failures while serving ---------------------------------------------------------------
+    def instance_failed(self, endpoint: Endpoint, reason: str) -> bool:
+        """``endpoint``'s instance cannot serve: fail it in the backend (its lost nodes are
+        avoided by the next start) and go back to zero. True if this call did it (the first
+        of several requests that saw the same failure)."""
+        with self._cond:
+            current = self.endpoint is not None and self.endpoint.instance_id == endpoint.instance_id
+            if not (current and self.state == ScaleState.READY):
+                return False
+            self.endpoint = None
+            self.state = ScaleState.STOPPING
+            self.instance_failures += 1
+            self.last_failure = reason
+        log.warning("instance %s of %s failed: %s", endpoint.instance_id, self.config.name, reason)
+        lost: tuple[str, ...] = ()
+        try:
+            lost = self._backend.fail(self.config.name, endpoint.instance_id, reason)
+        finally:
+            with self._cond:
+                self._avoid_next = lost
+                self.state = ScaleState.ZERO
+                self._cond.notify_all()
+        return True
+
+    def check_instance(self) -> bool:
+        """Reaper tick: fail the instance if the backend lost one of its workers."""
+        with self._cond:
+            endpoint = self.endpoint if self.state == ScaleState.READY else None
+        if endpoint is None:
+            return False
+        lost = self._backend.lost_nodes(endpoint.instance_id)
+        return bool(lost) and self.instance_failed(endpoint, f"worker lost on {', '.join(lost)}")
 
     # scale to zero -----------------------------------------------------------------------
     def scale_down_if_idle(self, now: float) -> bool:
@@ -178,5 +232,5 @@ class FunctionScaler:
         with self._cond:
             return {"name": self.config.name, "state": self.state.value, "inflight": self._inflight,
                     "waiting": self._waiting, "cold_starts": self.cold_starts,
-                    "last_failure": self.last_failure,
+                    "instance_failures": self.instance_failures, "last_failure": self.last_failure,
                     "endpoint": self.endpoint.url if self.endpoint else None}

@@ -122,7 +122,19 @@ class UnreachableError(TemporaryError):
     error_type = "unreachable_error"
 
 
-class StageTransportError(TemporaryError):
+class InstanceFailedError(TemporaryError):
+    """A function instance can no longer serve (a stage died, its ring broke, a worker was
+    lost): a request that has no token yet can be tried again on a fresh instance. ``nodes``
+    names the nodes whose workers were lost (a fresh plan avoids them), when known."""
+
+    error_type = "instance_failed"
+
+    def __init__(self, message: str, *, nodes: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.nodes = nodes
+
+
+class StageTransportError(InstanceFailedError):
     """The link between two stages of a pipeline group broke or carried a malformed frame: the
     group cannot serve (a fresh cold start can)."""
 

@@ -41,6 +41,7 @@ class ChildProcess:
             log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab") if log_path else None  # lives as long as the child
         self.spawned_at = time.time()
+        self._stop_asked = False
         self.proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})},
                                      stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
@@ -80,8 +81,13 @@ class ChildProcess:
         except OSError:
             return ""
 
+    def lost(self) -> bool:
+        """Whether the child is gone without stop() having been asked (killed, crashed)."""
+        return not self._stop_asked and self.proc.poll() is not None
+
     def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM (the child drains), then SIGKILL to its whole session after ``grace_s``."""
+        self._stop_asked = True
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -9,8 +9,10 @@ model, its stage, the addresses of every stage, full or partial, its node's load
 is marked on the cold start's timeline; docs/PROTOCOLS.md walks them.
 
 A failure anywhere stops the workers already launched, reports the plan failed (the placement
-service frees its memory) and raises the HydraError that says why; prefetch leases are released
-in every case (a worker holds its own lease once it attached). A group whose head was given
+service frees its memory) and raises the HydraError that says why (InstanceFailedError naming
+the nodes whose workers were lost, so the caller can try a plan without them); prefetch leases
+are released in every case (a worker holds its own lease once it attached). A group that fails
+while serving is failed the same way (``fail``). A group whose head was given
 memory for the whole model is watched: once the head says it consolidated, the other stages'
 workers are stopped and the placement service frees their memory.
 """
@@ -22,7 +24,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +41,7 @@ from hydraserve.contracts.plan import (
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
-from hydraserve.errors import HydraError, TemporaryError, UnreachableError
+from hydraserve.errors import HydraError, InstanceFailedError, TemporaryError, UnreachableError
 from hydraserve.loaderd.client import LoaderClient
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,11 @@ class LaunchedWorker(Protocol):
 
     def timeline(self) -> Timeline:
         """Its own start-up timeline; raises HydraError when it does not answer."""
+        ...
+
+    def lost(self) -> bool:
+        """Whether it is gone without having been stopped (killed, its node down); cheap, no
+        network call. A worker that failed with a reason is not lost: it says why."""
         ...
 
 
@@ -152,13 +160,15 @@ class ColdStart:
         self.options = options or ColdStartOptions()
         self._lock = threading.Lock()  # a group's worker list: consolidation vs scale to zero
 
-    def run(self, spec: FunctionSpec, timeline: Timeline, *, revision: str = "") -> Group:
-        """One cold start of ``spec``'s function, ready when this returns."""
+    def run(self, spec: FunctionSpec, timeline: Timeline, *, revision: str = "",
+            exclude_nodes: Sequence[str] = ()) -> Group:
+        """One cold start of ``spec``'s function, ready when this returns; ``exclude_nodes``:
+        nodes the plan must avoid (where an earlier attempt lost a worker)."""
         opts = self.options
         plan = self._placement.plan(PlanRequest(
             function=spec.model_copy(update={"max_pipeline_size": min(spec.max_pipeline_size, opts.max_pipeline_size),
                                              "min_full_workers": min(spec.min_full_workers, opts.max_pipeline_size)}),
-            instance_id=f"{spec.name}-{uuid.uuid4().hex[:8]}"))
+            instance_id=f"{spec.name}-{uuid.uuid4().hex[:8]}", exclude_nodes=list(exclude_nodes)))
         unknown = [st.node for st in plan.stages if st.node not in self._nodes]
         if unknown:
             self._report(plan, "failed", reason=f"unknown nodes {unknown}")
@@ -178,13 +188,15 @@ class ColdStart:
                 group.workers.append(worker)
                 timeline.mark("worker_spawned", component="backend", at=worker.spawned_at, node=st.node,
                               stage=st.stage.index)
-            for worker in group.workers:
-                worker.wait_ready(opts.ready_timeout_s)
+            _wait_all_ready(group.workers, opts.ready_timeout_s)
             group.stage_timelines = self._inner_timelines(group)
         except Exception as exc:
-            self._stop_workers(group)
             reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
-            self._report(plan, "failed", reason=reason)
+            lost = self.fail(group, reason)
+            if lost:
+                timeline.mark("cold_start_failed", component="backend", lost=list(lost), reason=reason[:200])
+                raise InstanceFailedError(f"cold start failed, worker lost on {', '.join(lost)}: {reason}",
+                                          nodes=lost, retry_after_s=1.0) from exc
             if isinstance(exc, HydraError):
                 raise
             raise TemporaryError(f"cold start failed: {reason}") from exc
@@ -206,6 +218,23 @@ class ColdStart:
         group.stopping.set()
         self._stop_workers(group)
         self._report(group.plan, "released")
+
+    def fail(self, group: Group, reason: str) -> tuple[str, ...]:
+        """The group cannot serve: stop what is left of it, report the plan failed (its memory
+        freed) and return the nodes whose workers were lost (a fresh plan should avoid them)."""
+        group.stopping.set()
+        lost = self.lost_nodes(group)
+        self._stop_workers(group)
+        self._report(group.plan, "failed", reason=reason[:2000])
+        if lost:
+            log.warning("instance %s failed, worker lost on %s: %s", group.plan.instance_id, ", ".join(lost), reason)
+        return lost
+
+    def lost_nodes(self, group: Group) -> tuple[str, ...]:
+        """Nodes of the group's workers that are gone without having been stopped (cheap)."""
+        with self._lock:
+            pairs = list(zip(group.plan.stages, group.workers, strict=False))
+        return tuple(dict.fromkeys(st.node for st, worker in pairs if worker.lost()))
 
     def _watch_consolidation(self, group: Group, timeline: Timeline) -> None:
         """Once the head says it consolidated: stop the other stages' workers, free their memory
@@ -336,6 +365,22 @@ class _Prefetch:
         self._thread.join(timeout=2)
         _quietly(lambda: self.loader.release(self.lease.lease_id))
         self.loader.close()
+
+
+def _wait_all_ready(workers: Sequence[LaunchedWorker], timeout_s: float) -> None:
+    """Wait for every worker at once: the first to fail ends the wait with its error (a stage
+    lost early must not wait behind a head that keeps trying to link to it)."""
+    if len(workers) == 1:
+        workers[0].wait_ready(timeout_s)
+        return
+    pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="wait-ready")
+    try:
+        futures = [pool.submit(worker.wait_ready, timeout_s) for worker in workers]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in done:
+            future.result()  # raises the first failure
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _quietly(call: Callable[[], object]) -> None:

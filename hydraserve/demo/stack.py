@@ -45,6 +45,7 @@ class StackOptions:
         "intermediate": 1408, "vocab": 8192, "dtype": "float32", "shard_size": "24MB"})
     idle_timeout_s: float = 30.0
     ttft_slo_s: float = 10.0
+    function: dict[str, Any] = field(default_factory=dict)  # more FunctionConfig fields (consolidate, ...)
     host: str = "127.0.0.1"
     gateway_port: int = 0
     run_dir: Path | None = None
@@ -116,7 +117,7 @@ class LocalStack:
         self.gateway = Gateway(backend).start()
         self._cleanups.append(("gateway", self.gateway.close))
         function = FunctionConfig(name=opts.function_name, model_uri=self.model_uri,
-                                  idle_timeout_s=opts.idle_timeout_s, ttft_slo_s=opts.ttft_slo_s)
+                                  idle_timeout_s=opts.idle_timeout_s, ttft_slo_s=opts.ttft_slo_s, **opts.function)
         backend.prepare(function)  # read the model's sizes at deploy time
         self.gateway.register(function)
         server = DrainingServer(create_gateway_app(self.gateway), opts.host, opts.gateway_port).start()

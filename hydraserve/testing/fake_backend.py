@@ -7,11 +7,12 @@ end-to-end tests use the real local-process backend with real workers.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.ports import Endpoint
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import TemporaryError
+from hydraserve.errors import InstanceFailedError, TemporaryError
 
 
 class ScriptedBackend:
@@ -19,26 +20,42 @@ class ScriptedBackend:
 
     def __init__(self, url: str = "http://127.0.0.1:9", auto_release: bool = True) -> None:
         self.url = url
+        self.next_urls: list[str] = []  # each start answers at the next of these, then at ``url``
         self.starts = 0
         self.stops: list[str] = []
         self.fail_next: str | None = None
+        self.lose_next: list[str] = []  # each start raises "worker lost on <node>" while this lasts
+        self.excluded: list[tuple[str, ...]] = []  # exclude_nodes of each start
+        self.failed: list[tuple[str, str]] = []  # (instance, reason) of each fail()
+        self.lost: dict[str, list[str]] = {}  # instance -> nodes its workers were lost on
         self.release_start = threading.Event()
         if auto_release:
             self.release_start.set()
         self.started = threading.Event()
 
-    def start(self, function: FunctionConfig, timeline: Timeline) -> Endpoint:
+    def start(self, function: FunctionConfig, timeline: Timeline, exclude_nodes: Sequence[str] = ()) -> Endpoint:
         self.starts += 1
+        self.excluded.append(tuple(exclude_nodes))
         self.started.set()
         timeline.mark("plan_decided", component="fake")
         self.release_start.wait(10)
+        if self.lose_next:
+            raise InstanceFailedError("worker lost", nodes=(self.lose_next.pop(0),))
         if self.fail_next is not None:
             reason, self.fail_next = self.fail_next, None
             raise TemporaryError(reason)
-        return Endpoint(url=self.url, instance_id=f"{function.name}-{self.starts}")
+        url = self.next_urls.pop(0) if self.next_urls else self.url
+        return Endpoint(url=url, instance_id=f"{function.name}-{self.starts}")
 
     def stop(self, function_name: str, instance_id: str) -> None:
         self.stops.append(instance_id)
+
+    def fail(self, function_name: str, instance_id: str, reason: str) -> tuple[str, ...]:
+        self.failed.append((instance_id, reason))
+        return tuple(self.lost.pop(instance_id, ()))
+
+    def lost_nodes(self, instance_id: str) -> tuple[str, ...]:
+        return tuple(self.lost.get(instance_id, ()))
 
     def worker_timeline(self, endpoint: Endpoint) -> Timeline:
         return Timeline()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +47,8 @@ class LocalBackend:
         self._specs: dict[str, FunctionSpec] = {}
         # prefetch=False is the baseline the benchmarks compare against (serverless vLLM): no
         # loaderd, the worker fetches from S3 itself once it has started.
-        self.coldstart = ColdStart(placement, ProcessLauncher(run_dir, extra_env=worker_env),
+        self.launcher = ProcessLauncher(run_dir, extra_env=worker_env)
+        self.coldstart = ColdStart(placement, self.launcher,
                                    {n.name: n for n in nodes},
                                    ColdStartOptions(s3_endpoint_url=s3_endpoint_url, prefetch=prefetch,
                                                     ready_timeout_s=ready_timeout_s))
@@ -55,8 +56,8 @@ class LocalBackend:
         self._lock = threading.Lock()
 
     # FunctionBackend ---------------------------------------------------------------------
-    def start(self, function: FunctionConfig, timeline: Timeline) -> Endpoint:
-        group = self.coldstart.run(self.prepare(function), timeline)
+    def start(self, function: FunctionConfig, timeline: Timeline, exclude_nodes: Sequence[str] = ()) -> Endpoint:
+        group = self.coldstart.run(self.prepare(function), timeline, exclude_nodes=exclude_nodes)
         with self._lock:
             self._groups[group.plan.instance_id] = group
         return Endpoint(url=group.head.url, instance_id=group.plan.instance_id)
@@ -68,6 +69,21 @@ class LocalBackend:
             return
         self.coldstart.stop(group)
         log.info("instance stopped", extra={"function": function_name, "instance": instance_id})
+
+    def fail(self, function_name: str, instance_id: str, reason: str) -> tuple[str, ...]:
+        with self._lock:
+            group = self._groups.pop(instance_id, None)
+        if group is None:
+            return ()
+        lost = self.coldstart.fail(group, reason)
+        log.warning("instance failed", extra={"function": function_name, "instance": instance_id,
+                                              "lost_nodes": list(lost), "reason": reason})
+        return lost
+
+    def lost_nodes(self, instance_id: str) -> tuple[str, ...]:
+        with self._lock:
+            group = self._groups.get(instance_id)
+        return () if group is None else self.coldstart.lost_nodes(group)
 
     def worker_timeline(self, endpoint: Endpoint) -> Timeline:
         """The head's timeline (consolidation included), merged with its group's inner stages'."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,22 +27,35 @@ class ProcessLauncher:
         self.run_dir = run_dir
         self._extra_env = dict(extra_env or {})  # e.g. S3 credentials for the direct-S3 path
         self._host = host
+        self._launched: list[WorkerProcess] = []
+        self._lock = threading.Lock()
 
     def reserve(self, node: str) -> WorkerSlot:
         return WorkerSlot(self._host, free_port(self._host), free_port(self._host))
 
     def launch(self, node: str, env: WorkerEnvironment) -> WorkerProcess:
-        name = f"{env.instance_id or env.function}-{env.stage.index if env.stage else 0}"
-        return WorkerProcess({**self._extra_env, **env.to_env()}, self.run_dir / f"{name}.log",
-                             env.spawned_at or time.time(), f"http://{env.host}:{env.port}")
+        label = f"{env.instance_id or env.function}-{env.stage.index if env.stage else 0}"
+        worker = WorkerProcess({**self._extra_env, **env.to_env()}, self.run_dir / f"{label}.log",
+                               env.spawned_at or time.time(), f"http://{env.host}:{env.port}", label=label, node=node)
+        with self._lock:
+            self._launched = [w for w in self._launched if w.proc.poll() is None] + [worker]
+        return worker
+
+    def running(self) -> list[WorkerProcess]:
+        """Workers whose process is alive (what a teardown must have stopped)."""
+        with self._lock:
+            return [w for w in self._launched if w.proc.poll() is None]
 
 
 class WorkerProcess(ChildProcess):
     """A `python -m hydraserve.runtime.worker` child; its 503 reasons come from its JSON log."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, spawned_at: float, url: str) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, spawned_at: float, url: str, *,
+                 label: str = "", node: str = "") -> None:
         super().__init__("worker", [sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path, env=env)
         self.url = url
+        self.label = label  # <instance>-<stage>
+        self.node = node
         # The worker clamps its /proc start time (10 ms ticks) to the spawn moment its env says.
         self.spawned_at = spawned_at
 

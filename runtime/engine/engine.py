@@ -66,7 +66,7 @@ class LLMEngine:
         request = Request(
             request_id=request_id, prompt_token_ids=prompt, params=params, stream=stream,
             generator=make_generator(params.seed), detokenizer=self.tokenizer.detokenizer(prompt),
-            eos_token_ids=self.tokenizer.eos_token_ids,
+            eos_token_ids=frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids,
         )
         with self._cond:
             if not self._accepting:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, stream_with_context
 
+from hydraserve.errors import EngineError, HydraError
 from hydraserve.http_json import read_json, validate
 from hydraserve.runtime.server import generation
 from hydraserve.runtime.server.metrics import RuntimeMetrics
 from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest
 from hydraserve.runtime.server.state import RuntimeState
+
+log = logging.getLogger(__name__)
 
 
 def create_openai_blueprint(state: RuntimeState, metrics: RuntimeMetrics,
@@ -34,9 +39,12 @@ def create_openai_blueprint(state: RuntimeState, metrics: RuntimeMetrics,
             result = generation.complete(engine, prepared)
             metrics.tokens.inc(result["usage"]["completion_tokens"])
             return jsonify(result)
+        started = time.monotonic()
         chunks = generation.stream_chunks(engine, prepared)
-        first = next(chunks)  # submit now, so validation errors still become 4xx JSON
-        return Response(stream_with_context(_sse([first], chunks, metrics)),
+        # Hold the headers until the first token: a bad request is still a 4xx and a group that
+        # fails before its first token is still a 503 the gateway can retry elsewhere.
+        head = _until_first_token(chunks)
+        return Response(stream_with_context(_sse(head, chunks, metrics, started)),
                         mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @bp.post("/v1/completions")
@@ -57,20 +65,31 @@ def create_openai_blueprint(state: RuntimeState, metrics: RuntimeMetrics,
     return bp
 
 
-def _sse(head: list[dict[str, Any]], rest: Iterator[dict[str, Any]],
-         metrics: RuntimeMetrics) -> Iterator[str]:
-    start = time.monotonic()
-    first_token_seen = False
+def _until_first_token(chunks: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chunks up to and including the first that carries tokens or ends the stream."""
+    head: list[dict[str, Any]] = []
+    for chunk in chunks:
+        head.append(chunk)
+        choice = chunk["choices"][0]
+        if choice.get("token_ids") or choice.get("finish_reason") is not None:
+            break
+    return head
+
+
+def _sse(head: list[dict[str, Any]], rest: Iterator[dict[str, Any]], metrics: RuntimeMetrics,
+         started: float) -> Iterator[str]:
+    """The stream as SSE; a failure after the first token ends it with an error event (the
+    OpenAI client raises it as an APIError), never with a silently cut connection."""
+    metrics.ttft.observe(time.monotonic() - started)
     try:
-        for chunk in head:
+        for chunk in itertools.chain(head, rest):
+            metrics.tokens.inc(len(chunk["choices"][0].get("token_ids", [])))
             yield f"data: {json.dumps(chunk)}\n\n"
-        for chunk in rest:
-            n = len(chunk["choices"][0].get("token_ids", []))
-            if n and not first_token_seen:
-                metrics.ttft.observe(time.monotonic() - start)
-                first_token_seen = True
-            metrics.tokens.inc(n)
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+    except Exception as exc:
+        error = exc if isinstance(exc, HydraError) else EngineError(f"generation failed: {type(exc).__name__}")
+        log.warning("stream ended by an error: %s", error.message)
+        yield f"data: {json.dumps(error.to_openai())}\n\n"
+        return
     finally:
         rest.close()  # type: ignore[attr-defined]  # generator: cancels the engine request
+    yield "data: [DONE]\n\n"

@@ -29,6 +29,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extension (fixed-length outputs for benchmarks)
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None
 
@@ -51,6 +52,7 @@ class _SamplingFields(BaseModel):
             top_k=self.top_k,
             seed=self.seed,
             stop=tuple(stops),
+            ignore_eos=self.ignore_eos,
         )
 
 

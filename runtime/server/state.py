@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import TemporaryError
+from hydraserve.errors import InstanceFailedError, TemporaryError
 from hydraserve.runtime.server.ports import ServingEngine
 
 
@@ -81,7 +81,7 @@ class RuntimeState:
             raise TemporaryError("worker is shutting down", retry_after_s=1.0)
         self._ready.wait(wait_s)
         if self._failed:
-            raise TemporaryError(f"worker failed to start: {self._failed}", retry_after_s=1.0)
+            raise InstanceFailedError(f"worker failed: {self._failed}", retry_after_s=1.0)
         if self._engine is None:
             raise TemporaryError(f"worker not ready after {wait_s:.0f} s", retry_after_s=1.0)
         return self._engine

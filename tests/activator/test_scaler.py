@@ -93,3 +93,37 @@ def test_idle_scale_down_uses_injected_clock() -> None:
     assert backend.stops == ["fn-1"]
     assert scaler.state == ScaleState.ZERO
     assert scaler.acquire().instance_id == "fn-2", "a request after scale-down cold-starts again"
+
+
+def test_a_start_that_loses_a_worker_is_tried_again_avoiding_its_node_while_requests_wait() -> None:
+    backend = ScriptedBackend()
+    backend.lose_next = ["n1", "n2"]
+    scaler = make(backend)
+    assert scaler.acquire().instance_id == "fn-3"  # the waiter never saw the two failures
+    assert backend.excluded == [(), ("n1",), ("n1", "n2")]
+    timeline = scaler.last_timeline
+    assert timeline is not None and [e.name for e in timeline.events].count("cold_start_retry") == 2
+
+
+def test_a_start_that_keeps_losing_workers_gives_up_after_its_attempts() -> None:
+    backend = ScriptedBackend()
+    backend.lose_next = ["n1", "n2", "n3", "n4"]
+    scaler = make(backend, max_start_attempts=2)
+    with pytest.raises(TemporaryError, match="worker lost"):
+        scaler.acquire()
+    assert backend.starts == 2 and scaler.state == ScaleState.ZERO
+
+
+def test_an_instance_that_fails_while_serving_goes_to_zero_and_the_next_start_avoids_its_lost_node() -> None:
+    backend = ScriptedBackend()
+    scaler = make(backend)
+    endpoint = scaler.acquire()
+    scaler.release()
+    backend.lost["fn-1"] = ["n0"]
+    assert scaler.check_instance()  # the reaper found the lost worker
+    assert backend.failed == [("fn-1", "worker lost on n0")] and scaler.state == ScaleState.ZERO
+    assert not scaler.instance_failed(endpoint, "seen again by another request")  # once only
+    assert scaler.acquire().instance_id == "fn-2"
+    assert backend.excluded[-1] == ("n0",)
+    assert not scaler.check_instance()  # the new instance lost nothing
+    assert scaler.status()["instance_failures"] == 1

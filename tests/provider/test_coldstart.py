@@ -16,7 +16,7 @@ from hydraserve.activator.functions import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, NodeInfo
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
-from hydraserve.errors import TemporaryError
+from hydraserve.errors import InstanceFailedError, TemporaryError
 from hydraserve.loaderd.daemon import LoaderDaemon
 from hydraserve.loaderd.service import LoaderConfig
 from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
@@ -36,11 +36,15 @@ class FakeWorker:
     url: str
     env: WorkerEnvironment
     spawned_at: float
+    node: str
     fail: str | None = None
     stopped: bool = False
     consolidated: bool = False
+    gone: bool = False  # "killed": lost once wait_ready ran
 
     def wait_ready(self, timeout_s: float) -> None:
+        if self.gone:
+            raise TemporaryError("worker exited with code -9")
         if self.fail:
             raise TemporaryError(self.fail)
 
@@ -54,6 +58,9 @@ class FakeWorker:
         self.stopped = True
         return 0
 
+    def lost(self) -> bool:
+        return self.gone and not self.stopped
+
 
 @dataclass
 class FakeLauncher:
@@ -61,6 +68,7 @@ class FakeLauncher:
 
     fail_ready: str | None = None
     fail_launch: Exception | None = None
+    lose_stage: int | None = None  # this stage's worker is killed before it is ready
     workers: list[FakeWorker] = field(default_factory=list)
     ports: int = 40000
 
@@ -73,7 +81,8 @@ class FakeLauncher:
             raise self.fail_launch
         written = env.to_env()  # what a child process or a pod would be given
         assert WorkerEnvironment.from_env(written) == env
-        worker = FakeWorker(f"http://{env.host}:{env.port}", env, env.spawned_at or 0.0, self.fail_ready)
+        worker = FakeWorker(f"http://{env.host}:{env.port}", env, env.spawned_at or 0.0, node, self.fail_ready)
+        worker.gone = self.lose_stage is not None and (env.stage.index if env.stage else 0) == self.lose_stage
         self.workers.append(worker)
         return worker
 
@@ -226,6 +235,38 @@ def test_once_the_head_consolidated_the_other_stages_go_and_their_memory_is_free
     assert placement.status().active_plans == 1 and timeline.first("group_consolidated") is not None
     coldstart.stop(group)
     assert head.stopped and placement.status().active_plans == 0
+
+
+def test_a_stage_lost_during_the_cold_start_names_its_node_and_a_retry_avoids_it(
+        loaderds: list[LoaderDaemon], model_dir: Path) -> None:
+    launcher = FakeLauncher(lose_stage=1)
+    coldstart, placement = setup(loaderds, launcher, nic_gbps=1.0, max_pipeline_size=2)
+    big = spec(model_dir, scale=16_000, ttft_slo_s=80.0)
+    timeline = Timeline()
+    with pytest.raises(InstanceFailedError, match="worker lost on") as failed:
+        coldstart.run(big, timeline)
+    head, inner = launcher.workers
+    assert failed.value.nodes == (inner.node,) and head.node != inner.node
+    assert head.stopped and placement.status().active_plans == 0 and all(leases(d) == 0 for d in loaderds)
+    assert timeline.first("cold_start_failed") is not None
+    launcher.lose_stage = None
+    group = coldstart.run(big, Timeline(), exclude_nodes=failed.value.nodes)
+    assert group.plan.nodes == [head.node]  # one node left: a single worker there
+    coldstart.stop(group)
+
+
+def test_a_group_that_fails_while_serving_names_the_lost_node_and_frees_everything(
+        loaderds: list[LoaderDaemon], model_dir: Path) -> None:
+    launcher = FakeLauncher()
+    coldstart, placement = setup(loaderds, launcher, nic_gbps=1.0, max_pipeline_size=2)
+    group = coldstart.run(spec(model_dir, scale=16_000, ttft_slo_s=80.0), Timeline())
+    head, inner = launcher.workers
+    assert coldstart.lost_nodes(group) == ()
+    inner.gone = True  # killed while serving
+    assert coldstart.lost_nodes(group) == (group.plan.stages[1].node,)
+    assert coldstart.fail(group, "stage 1 died") == (group.plan.stages[1].node,)
+    assert head.stopped and placement.status().active_plans == 0
+    assert all(sum(n.gpu_free_gb) == 40 for n in placement.status().nodes)
 
 
 def test_cold_starts_run_concurrently_without_sharing_state(loaderds: list[LoaderDaemon], model_dir: Path) -> None:

@@ -128,11 +128,12 @@ def test_max_tokens_and_eos_finish(tiny_llama_dir: Path) -> None:
     cfg, model, tokenizer = loaded.config, loaded.model, load_tokenizer(files, loaded.config)
     ids = tokenizer.encode(PROMPTS[2])
 
-    def run(tok: Tokenizer, max_tokens: int) -> tuple[list[int], str | None]:
+    def run(tok: Tokenizer, max_tokens: int, ignore_eos: bool = False) -> tuple[list[int], str | None]:
         eng = LLMEngine(ModelRunner(model, 2, 128), tok, model_name="tiny", max_model_len=128,
                         vocab_size=cfg.vocab_size).start()
         try:
-            result = eng.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)).collect()
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+            result = eng.submit(ids, params).collect()
             return result.token_ids, result.finish_reason
         finally:
             eng.shutdown()
@@ -143,6 +144,7 @@ def test_max_tokens_and_eos_finish(tiny_llama_dir: Path) -> None:
     eos_tok = Tokenizer((tiny_llama_dir / "tokenizer.json").read_text(), eos_token_ids=[tokens[3]])
     stopped, reason = run(eos_tok, 7)
     assert stopped == tokens[:4] and reason == "stop"
+    assert run(eos_tok, 7, ignore_eos=True) == (tokens, "length")  # vLLM's ignore_eos: all 7
 
 
 def test_context_length_and_invalid_params(engine: LLMEngine) -> None:
