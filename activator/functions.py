@@ -33,6 +33,7 @@ class FunctionConfig(BaseModel):
     request_timeout_s: float = Field(default=120.0, gt=0)
     cold_start_timeout_s: float = Field(default=180.0, gt=0)
     max_pipeline_size: int = Field(default=4, ge=1, le=4, description="largest pipeline group a cold start may use")
+    min_pipeline_size: int = Field(default=1, ge=1, le=4, description="smallest (above 1: a forced group size)")
     consolidate: bool = Field(default=True, description="a group becomes one worker once it serves (False: "
                               "it stays a group until it scales to zero)")
     max_start_attempts: int = Field(default=3, ge=1, le=10, description="cold starts tried while they lose workers")

@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from measure import CpuMeter, store_throughput
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="cold starts per mode")
@@ -35,24 +37,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-def cpu_busy_fraction(sample: tuple[int, int], now: tuple[int, int]) -> float:
-    busy = now[0] - sample[0]
-    total = now[1] - sample[1]
-    return round(busy / total, 3) if total else 0.0
-
-
-def cpu_sample() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
 def cold_start(backend: Any, function: Any) -> dict[str, Any]:
     from hydraserve.contracts.timeline import Timeline
     from hydraserve.demo.client import stream_completion
 
-    cpu0, t0 = cpu_sample(), time.time()
+    cpu, t0 = CpuMeter(), time.time()
     timeline = Timeline()
     timeline.mark("request_received", component="bench", at=t0)
     endpoint = backend.start(function, timeline)
@@ -64,25 +53,10 @@ def cold_start(backend: Any, function: Any) -> dict[str, Any]:
     worker = backend.worker_timeline(endpoint)
     backend.stop(function.name, endpoint.instance_id)
     events = {e.name: e.at - t0 for e in timeline.merged(worker).events}
-    return {"ttft_s": round(ttft, 3), "ready_s": round(ready - t0, 3), "cpu_busy": cpu_busy_fraction(cpu0, cpu_sample()),
+    return {"ttft_s": round(ttft, 3), "ready_s": round(ready - t0, 3), "cpu_busy": cpu.busy(),
             "libraries_imported_s": round(events.get("libraries_imported", 0), 3),
             "weights_loaded_s": round(events.get("weights_loaded", 0), 3),
             "weights_fetched_s": round(events["weights_fetched"], 3) if "weights_fetched" in events else None}
-
-
-def store_throughput(stack: Any, uri: str) -> tuple[float, int]:
-    """MB/s of whole-file GETs of the model's safetensors (the store's own rate, uncapped)."""
-    from hydraserve.weights.model_files import open_model
-    from hydraserve.weights.s3 import parse_s3_uri
-
-    client = stack.s3.client()
-    files = open_model(uri, client=client)
-    loc = parse_s3_uri(uri)
-    total, start = 0, time.perf_counter()
-    for name in files.safetensors_files():
-        obj = loc.child(name)
-        total += len(client.get_object_bytes(obj.bucket, obj.key))
-    return total / (time.perf_counter() - start) / 1e6, total
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         options = StackOptions(nodes=1, model_dir=args.model_dir, progress=False)
         link_mb_s, notes = None, []
         if args.rate_mbit > 0:
-            from netns import EmulatedCluster, NodeSpec, netns_available
+            from hydraserve.embedded.netns import EmulatedCluster, NodeSpec, netns_available
 
             ok, why = netns_available()
             if ok:
@@ -132,7 +106,7 @@ def _measure(stack: Any, args: argparse.Namespace, link_mb_s: float | None, note
         runs["ours"].append(cold_start(backends["ours"], fn))
         print(f"repeat {i + 1}/{args.repeats}: ours, warm node", flush=True)
         runs["ours_warm_node"].append(cold_start(backends["ours"], fn))
-    raw_mb_s, model_bytes = store_throughput(stack, uri)
+    raw_mb_s, model_bytes = store_throughput(stack.s3.client(), uri)
     median = {mode: statistics.median(r["ttft_s"] for r in rs) for mode, rs in runs.items()}
     fetch_bound = model_bytes / (raw_mb_s * 1e6)
     bound = max(fetch_bound, median["ours_warm_node"])  # neither the bytes nor the start-up can be skipped

@@ -1,6 +1,6 @@
 """`hydraserve bench loader`: loaderd vs single-stream boto3 vs Run:ai streamer, same model, same link.
 
-Called by hydraserve.benchmarks_cmd. With root: one emulated node (benchmarks/netns.py) whose
+Called by hydraserve.benchmarks_cmd. With root: one emulated node (hydraserve/embedded/netns.py) whose
 link is capped with tc; s3rver (npm, real S3 protocol, file-backed) in the root namespace; each
 contender runs inside the node. Without root: everything on loopback, uncapped (said so in the
 output). Reports the store's own uncapped throughput (so the store is never the hidden
@@ -274,8 +274,7 @@ def run_loaderd(prefix: list[str], listen_ip: str, endpoint: str, uri: str, mode
 # -- the run -----------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(HERE))
-    from netns import EmulatedCluster, NodeSpec, netns_available
+    from hydraserve.embedded.netns import EmulatedCluster, NodeSpec, netns_available
 
     use_netns, why = (False, "--no-netns") if args.no_netns else netns_available()
     notes = [] if use_netns else [f"no network namespace ({why}): loopback, uncapped"]

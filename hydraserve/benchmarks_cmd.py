@@ -18,6 +18,8 @@ BENCHMARKS: list[tuple[str, str, str]] = [
     ("coldstart", "cold start: baseline (no prefetch) vs ours vs ours on a warm node vs the bound",
      "coldstart_bench.py"),
     ("loaderd-startup", "how fast loaderd starts and how much memory it holds (no torch)", "loaderd_startup.py"),
+    ("pipeline", "HydraServe's Figure 7 here: serverless vLLM, ServerlessLLM (cold, cached), ours with one "
+     "worker and with the planner's pipeline group, the bound and the start-up floor", "pipeline_bench.py"),
 ]
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"

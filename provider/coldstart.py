@@ -167,6 +167,7 @@ class ColdStart:
         opts = self.options
         plan = self._placement.plan(PlanRequest(
             function=spec.model_copy(update={"max_pipeline_size": min(spec.max_pipeline_size, opts.max_pipeline_size),
+                                             "min_pipeline_size": min(spec.min_pipeline_size, opts.max_pipeline_size),
                                              "min_full_workers": min(spec.min_full_workers, opts.max_pipeline_size)}),
             instance_id=f"{spec.name}-{uuid.uuid4().hex[:8]}", exclude_nodes=list(exclude_nodes)))
         unknown = [st.node for st in plan.stages if st.node not in self._nodes]

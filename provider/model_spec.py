@@ -23,4 +23,5 @@ def describe_model(function: FunctionConfig, files: ModelFiles) -> FunctionSpec:
         num_layers=len(profile.per_layer_bytes), layer_bytes=profile.per_layer_bytes,
         embed_bytes=profile.first_extra_bytes, head_bytes=profile.last_extra_bytes,
         tied_bytes=profile.tied_bytes, ttft_slo_s=function.ttft_slo_s, tpot_slo_s=function.tpot_slo_s,
-        max_pipeline_size=function.max_pipeline_size, min_full_workers=1 if function.consolidate else 0)
+        max_pipeline_size=function.max_pipeline_size, min_pipeline_size=function.min_pipeline_size,
+        min_full_workers=1 if function.consolidate else 0)

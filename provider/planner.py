@@ -72,7 +72,7 @@ class Planner:
         candidates: list[Candidate] = []
         feasible: list[Choice] = []
         chosen: Choice | None = None
-        for p in range(1, max_p + 1):
+        for p in range(min(spec.min_pipeline_size, max_p), max_p + 1):
             splan = balanced_stage_plan(per_layer, spec.embed_bytes, spec.head_bytes, p)
             sbytes = stage_bytes(per_layer, spec.embed_bytes, spec.head_bytes, splan, spec.tied_bytes)
             for a in range(min(p, spec.min_full_workers), p + 1):

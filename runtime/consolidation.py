@@ -4,8 +4,8 @@ Started by the head role of a pipeline group whose worker was given memory for t
 (``full``). In order, each step on the timeline:
 1. once the group has served a request, the layers the head lacks are fetched through its files
    (loaderd: at background priority, behind any cold start's bytes) and the whole model is built
-   reusing stage 0's tensors (``grow_stage``): all outside the engine's step lock, so decoding
-   goes on meanwhile;
+   reusing stage 0's tensors (``grow_stage``), and its KV cache allocated: all outside the
+   engine's step lock, so decoding goes on meanwhile;
 2. under the step lock, with no step in flight (``engine.reconfigure``): one ``kv_export`` round
    trip brings every inner stage's keys and values of the running sequences, which go into a
    whole-model KV cache beside stage 0's own; the executor becomes the whole model. No request
@@ -75,10 +75,12 @@ class Consolidator:
                 if self._stop.wait(self._poll_s):
                     return
             whole = self._grow()
+            head = self._group.runner
+            runner = ModelRunner(whole, head.kv.num_slots, head.kv.max_len)  # its zeroed KV: not under the lock
             if self._stop.is_set():
                 return
             started = time.monotonic()
-            self._engine.reconfigure(lambda old, cached: self._switch(whole, cached))
+            self._engine.reconfigure(lambda old, cached: self._switch(runner, cached))
             self._timeline.mark("consolidated", switch_s=round(time.monotonic() - started, 4),
                                 migrated=self.migrated)
             self.consolidated = True
@@ -105,10 +107,10 @@ class Consolidator:
         self._timeline.mark("consolidation_loaded")
         return grown
 
-    def _switch(self, whole: StageModel, cached: dict[int, int]) -> Executor:
+    def _switch(self, runner: ModelRunner, cached: dict[int, int]) -> Executor:
         """Under the step lock: the whole model with every running sequence's KV in place."""
         head = self._group.runner
-        runner = ModelRunner(whole, head.kv.num_slots, head.kv.max_len)
+        whole = runner.model
         for slot, length in cached.items():
             runner.kv.import_slot(slot, *head.kv.export_slot(slot, length))
         layer = head.model.stage.layer_end

@@ -42,6 +42,11 @@ def open_files(settings: WorkerEnvironment, timeline: Timeline) -> ModelFiles:
         from hydraserve.weights.s3 import S3Client
 
         client = S3Client(settings.s3_endpoint_url, retry=RetryPolicy(budget_s=settings.s3_retry_budget_s))
+        if settings.s3_fetch == "download":
+            from hydraserve.weights.download_first import DownloadFirstModelFiles
+            from hydraserve.weights.s3_uri import parse_s3_uri
+
+            return DownloadFirstModelFiles(parse_s3_uri(settings.model_uri), client)
     return open_model(settings.model_uri, settings.s3_endpoint_url, client=client)
 
 

@@ -28,6 +28,16 @@ def tiny_opt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-opt"), TinySpec(arch="opt"))
 
 
+@pytest.fixture(scope="session")
+def group_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer Llama (hidden 256, vocab 4096, ~19 MB fp32): big enough that 50 Mbit/s NICs make
+    the planner split it over two nodes (pipeline-group tests)."""
+    from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("group-llama"),
+                           TinySpec(arch="llama", layers=4, hidden=256, intermediate=512, vocab=4096, kv_heads=2))
+
+
 # ---- embedded S3 (hydraserve.embedded.s3): a real moto server over HTTP on 127.0.0.1 ----
 
 @pytest.fixture(scope="session")

@@ -84,6 +84,9 @@ class FunctionSpec(_Strict):
     tpot_s: float | None = Field(default=None, ge=0, description="profiled decode step on one worker")
     kv_reserve_gb: float = Field(default=KV_RESERVE_GB, ge=0)
     max_pipeline_size: int = Field(default=MAX_PIPELINE_SIZE, ge=1, le=MAX_PIPELINE_SIZE)
+    min_pipeline_size: int = Field(default=1, ge=1, le=MAX_PIPELINE_SIZE,
+                                   description="smallest group the planner may pick (a forced p: demos, "
+                                   "benchmarks); capped by max_pipeline_size and the layer count")
     min_full_workers: int = Field(default=1, ge=0, le=MAX_PIPELINE_SIZE,
                                   description="workers given memory for the whole model (they "
                                   "consolidate); HydraServe's required_pp_size")
@@ -92,6 +95,8 @@ class FunctionSpec(_Strict):
     def _check_sizes(self) -> FunctionSpec:
         if self.layer_bytes is not None and len(self.layer_bytes) != self.num_layers:
             raise ValueError(f"layer_bytes has {len(self.layer_bytes)} entries for {self.num_layers} layers")
+        if self.min_pipeline_size > self.max_pipeline_size:
+            raise ValueError("min_pipeline_size exceeds max_pipeline_size")
         if self.tied_bytes > min(self.embed_bytes, self.head_bytes):
             raise ValueError("tied_bytes exceed embed_bytes or head_bytes")
         if self.embed_bytes + self.head_bytes - self.tied_bytes > self.model_size_bytes:

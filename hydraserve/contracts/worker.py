@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -33,6 +33,7 @@ ENV_KEYS: dict[str, str] = {
     "model_uri": "HYDRASERVE_MODEL_URI",
     "s3_endpoint_url": "HYDRASERVE_S3_ENDPOINT_URL",
     "s3_retry_budget_s": "HYDRASERVE_S3_RETRY_BUDGET_S",
+    "s3_fetch": "HYDRASERVE_S3_FETCH",
     "stage": "HYDRASERVE_STAGE",
     "full": "HYDRASERVE_FULL",
     "peers": "HYDRASERVE_PEERS",
@@ -66,6 +67,9 @@ class WorkerEnvironment(BaseModel):
     model_uri: str = Field(min_length=1, description="model directory or s3://bucket/prefix")
     s3_endpoint_url: str | None = None
     s3_retry_budget_s: float = Field(default=15.0, gt=0, description="how long one S3 request retries")
+    s3_fetch: Literal["stream", "download"] = Field(
+        default="stream", description="without loaderd: stream tensors with parallel ranged reads as they "
+        "are needed, or download whole files first (the serverless-vLLM baseline)")
     stage: StageSpec | None = Field(default=None, description="layers it holds; None: the whole model")
     full: bool = Field(default=True, description="given memory for the whole model (it will consolidate)")
     peers: list[str] = Field(default_factory=list,

@@ -19,6 +19,7 @@ class StreamResult:
     total_s: float = 0.0
     status: int = 0
     error: dict[str, object] | None = None
+    token_times: list[float] = field(default_factory=list)  # unix time of each chunk with tokens
 
 
 def stream_completion(url: str, body: dict[str, object], *, timeout_s: float = 300.0,
@@ -36,9 +37,15 @@ def stream_completion(url: str, body: dict[str, object], *, timeout_s: float = 3
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            choice = json.loads(line[len(b"data: "):])["choices"][0]
-            if choice.get("token_ids") and result.ttft_s is None:
-                result.ttft_s = time.monotonic() - start
+            event = json.loads(line[len(b"data: "):])
+            if "error" in event:  # the stream was ended by an error event
+                result.error = event["error"]
+                break
+            choice = event["choices"][0]
+            if choice.get("token_ids"):
+                result.token_times.append(time.time())
+                if result.ttft_s is None:
+                    result.ttft_s = time.monotonic() - start
             result.token_ids.extend(choice.get("token_ids", []))
             result.text += choice.get("text", "")
             if on_text and choice.get("text"):

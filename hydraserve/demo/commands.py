@@ -1,5 +1,8 @@
 """`hydraserve demo`: start the embedded stack, cold-start one request, print the timeline, exit.
 
+The nodes are network namespaces with capped links when this runs as root (the planner then
+splits the model over several nodes by itself, and the group consolidates after its first
+token); otherwise they share loopback and the pipeline size is forced, which the output says.
 Only reads arguments and wires the stack, the client and the report together.
 """
 
@@ -10,12 +13,19 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PROMPT = "The quick brown fox"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=2, help="emulated nodes (one loaderd each)")
+    parser.add_argument("--link-mbit", type=float, default=100.0,
+                        help="each node's link cap, both ways (network namespaces + tc; needs root); 0: loopback")
+    parser.add_argument("--pipeline-size", type=int, default=None, choices=range(1, 5),
+                        help="force the group size (default: the planner's choice; 2 when links cannot be capped)")
+    parser.add_argument("--ttft-slo", type=float, default=8.0,
+                        help="the function's TTFT SLO in seconds (the planner splits when one node would miss it)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--model-dir", type=Path, default=None,
@@ -27,19 +37,38 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def stack_options(args: argparse.Namespace) -> tuple[Any, str]:
+    """The stack to start and, in words, who picks the pipeline size."""
+    from hydraserve.demo.stack import StackOptions
+    from hydraserve.embedded.netns import netns_available
+
+    capped = args.link_mbit > 0 and netns_available()[0]
+    forced = args.pipeline_size or (None if capped else min(2, args.nodes))
+    function = {"min_pipeline_size": forced, "max_pipeline_size": forced} if forced else {}
+    if forced and not args.pipeline_size:
+        who = f"forced to {forced} (links not capped: on loopback the planner would pick one worker)"
+    else:
+        who = f"forced to {forced}" if forced else "the planner's choice"
+    options = StackOptions(nodes=args.nodes, model_dir=args.model_dir, link_mbit=args.link_mbit or None,
+                           ttft_slo_s=args.ttft_slo, function=function)
+    return options, who
+
+
 def run(args: argparse.Namespace) -> int:
-    from hydraserve.contracts.timeline import Timeline
     from hydraserve.demo.client import stream_completion
     from hydraserve.demo.report import format_timeline, summary
-    from hydraserve.demo.stack import LocalStack, StackOptions
+    from hydraserve.demo.stack import LocalStack
     from hydraserve.logs import configure_logging
 
     configure_logging("demo", "WARNING")
     started = time.monotonic()
+    options, who = stack_options(args)
     _say("Starting the embedded stack: S3 (moto server), model push, loaderd per node, placement, gateway")
-    with LocalStack(StackOptions(nodes=args.nodes, model_dir=args.model_dir)) as stack:
-        _say(f"  ready in {time.monotonic() - started:.1f} s: model {stack.model_uri}, "
-             f"{args.nodes} nodes, gateway {stack.gateway_url}")
+    with LocalStack(options) as stack:
+        assert stack.gateway is not None
+        _say(f"  ready in {time.monotonic() - started:.1f} s: model {stack.model_uri}, gateway {stack.gateway_url}")
+        _say(f"  nodes: {stack.emulation}")
+        _say(f"  pipeline size: {who}")
         name = stack.options.function_name
         _say(f"\nFunction '{name}' is at zero. Sending: {args.prompt!r}")
         print("  answer: ", end="", flush=True)
@@ -50,21 +79,47 @@ def run(args: argparse.Namespace) -> int:
         if cold.status != 200:
             _say(f"  request failed: HTTP {cold.status} {cold.error}")
             return 1
-        assert stack.gateway is not None
-        timeline: Timeline = stack.gateway.cold_start_timeline(name)
         _say(f"  {len(cold.token_ids)} tokens, finish_reason={cold.finish_reason}, "
              f"cold TTFT {cold.ttft_s:.2f} s (client side)")
-        _say("\nCold-start timeline (wall clock, all components):")
+        group = _wait_for_consolidation(stack)
+        timeline = stack.gateway.cold_start_timeline(name)
+        _say("\nCold-start timeline (wall clock, all components; stageN: the group's other workers):")
         _say(format_timeline(timeline))
         warm = stream_completion(stack.function_url() + "/v1/completions", body)
-        _say(f"\nSame request again, warm: TTFT {warm.ttft_s:.3f} s, "
+        served_by = "the consolidated worker" if group and group.consolidated.is_set() else "the same instance"
+        _say(f"\nSame request again, warm ({served_by}): TTFT {warm.ttft_s:.3f} s, "
              f"same tokens: {warm.token_ids == cold.token_ids}")
         report = {"cold_ttft_s": round(cold.ttft_s or 0, 3), "warm_ttft_s": round(warm.ttft_s or 0, 3),
-                  "tokens": len(cold.token_ids), "text": cold.text, **summary(timeline)}
+                  "same_tokens_warm": warm.token_ids == cold.token_ids, "tokens": len(cold.token_ids),
+                  "text": cold.text, "nodes": stack.emulation,
+                  "pipeline_size": group.plan.pipeline_size if group else None,
+                  "consolidated": bool(group and group.consolidated.is_set()), **summary(timeline)}
     _say(f"\nStopped everything; shared-memory segments left behind: {len(stack.leftovers)}")
     print(json.dumps(report), flush=True)
     return 0 if not stack.leftovers else 1
 
 
+def _wait_for_consolidation(stack: Any, timeout_s: float = 60.0) -> Any:
+    """The running group; if it consolidates, wait for that (said on the way)."""
+    scaler = stack.gateway.scaler(stack.options.function_name)
+    endpoint = scaler.endpoint
+    group = stack.backend.group(endpoint.instance_id) if endpoint else None
+    if group is None or group.plan.pipeline_size == 1:
+        return group
+    if not group.plan.stages[0].full:
+        _say(f"  served by a group of {group.plan.pipeline_size} workers (no full worker: it stays a group)")
+        return group
+    _say(f"  served by a group of {group.plan.pipeline_size} workers on {', '.join(group.plan.nodes)}; "
+         "its head now loads the other layers in the background...")
+    waited = time.monotonic()
+    if group.consolidated.wait(timeout_s):
+        _say(f"  consolidated {time.monotonic() - waited:.1f} s later: one worker holds the whole model, "
+             "the others were stopped and their memory freed")
+    else:
+        _say(f"  not consolidated within {timeout_s:.0f} s (the group keeps serving)")
+    return group
+
+
 if __name__ == "__main__":
-    sys.exit(run(argparse.Namespace(nodes=2, prompt=DEFAULT_PROMPT, max_tokens=24, model_dir=None)))
+    sys.exit(run(argparse.Namespace(nodes=2, link_mbit=100.0, pipeline_size=None, ttft_slo=8.0,
+                                    prompt=DEFAULT_PROMPT, max_tokens=24, model_dir=None)))

@@ -3,8 +3,12 @@
 Used by `hydraserve demo`, `hydraserve up` and the end-to-end tests. Every component is a real
 process talking real protocols: moto's S3 server over HTTP, loaderd and the placement
 service as `hydraserve` child processes, workers spawned per cold start by the local backend;
-the gateway runs in this process. ``close()`` stops everything in reverse order and checks
-that no shared-memory segment of ours is left behind.
+the gateway runs in this process. With ``link_mbit`` (and root) the nodes are network
+namespaces whose links tc caps both ways (hydraserve.embedded.netns): each node's loaderd and
+workers run inside its namespace and listen on its address, S3, placement and the gateway stay
+outside, so every fetch and every stage-to-stage transfer crosses a capped link. Without root
+it says why (``emulation``) and runs on loopback. ``close()`` stops everything in reverse order
+(the namespaces last) and checks that no shared-memory segment of ours is left behind.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import Gateway, create_gateway_app
@@ -26,8 +30,14 @@ from hydraserve.http_server import DrainingServer
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
+from hydraserve.provider.backends.process import NodeHost
+
+if TYPE_CHECKING:
+    from hydraserve.embedded.netns import EmulatedCluster
 
 log = logging.getLogger(__name__)
+
+LOADERD_NAMESPACE_PORT = 7070  # a node's namespace is ours alone (workers use 41000+)
 
 
 @dataclass
@@ -52,6 +62,7 @@ class StackOptions:
     progress: bool = True
     s3_host: str | None = None  # where the S3 server listens (default: host)
     s3_prefix: list[str] = field(default_factory=list)  # command prefix, e.g. ip netns exec NS
+    link_mbit: float | None = None  # nodes as network namespaces, links capped at this (root); None: loopback
 
 
 class LocalStack:
@@ -68,6 +79,8 @@ class LocalStack:
         self.gateway_url = ""
         self.leftovers: list[str] = []  # segments found after close (should stay empty)
         self.nodes: list[LocalNode] = []
+        self.cluster: EmulatedCluster | None = None
+        self.emulation = "loopback"  # what the nodes are, in words (the demo and `up` print it)
 
     # lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> LocalStack:
@@ -84,7 +97,9 @@ class LocalStack:
         from hydraserve.embedded.s3 import EmbeddedS3
 
         opts = self.options
-        self.s3 = EmbeddedS3(host=opts.s3_host or opts.host, prefix=opts.s3_prefix).start()
+        self._emulate_nodes()
+        s3_host = self.cluster.host_ip if self.cluster else opts.s3_host or opts.host
+        self.s3 = EmbeddedS3(host=s3_host, prefix=opts.s3_prefix).start()
         self._cleanups.append(("s3", self.s3.close))
         s3_env = self.s3.client_env()
         self.model_uri = self._prepare_model()
@@ -110,8 +125,8 @@ class LocalStack:
                                                   nic_gbps=node.nic_gbps, loaderd_url=node.loaderd_url))
 
         backend = LocalBackend(self.placement, nodes, run_dir=self.run_dir / "workers",
-                               describe_model=self.describe_model,
-                               s3_endpoint_url=self.s3.endpoint_url, worker_env=s3_env)
+                               describe_model=self.describe_model, s3_endpoint_url=self.s3.endpoint_url,
+                               worker_env=s3_env, worker_settings=self.worker_settings)
         self._cleanups.append(("workers", backend.close))
         self.backend = backend
         self.gateway = Gateway(backend).start()
@@ -145,6 +160,14 @@ class LocalStack:
         return [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm")
                 if any(n.startswith(f"{SEGMENT_PREFIX}{node}-") for node in self.node_names)]
 
+    @property
+    def worker_settings(self) -> dict[str, object]:
+        """Every worker's share of this machine's cores: the emulated nodes share them, and a
+        stage's idle OpenMP threads would spin on the core another stage computes on (measured:
+        a group of 4 decoded at 44 ms a token with torch's 2 threads each, 22 ms with 1; a
+        single worker 17 ms either way)."""
+        return {"torch_threads": max(1, (os.cpu_count() or 1) // self.options.nodes)}
+
     def describe_model(self, function: FunctionConfig) -> FunctionSpec:
         """The function's FunctionSpec, from its model in the embedded S3."""
         from hydraserve.provider.model_spec import describe_model
@@ -162,14 +185,37 @@ class LocalStack:
         return prepare_and_push(self.s3, self.run_dir / "model", self.options.model_dir,
                                 self.options.tiny, self.options.function_name, progress=self.options.progress)
 
+    def _emulate_nodes(self) -> None:
+        """Network namespaces with capped links for the nodes, if asked for and possible."""
+        opts = self.options
+        if opts.link_mbit is None:
+            return
+        from hydraserve.embedded.netns import EmulatedCluster, NodeSpec, netns_available
+
+        usable, why = netns_available()
+        if not usable:
+            self.emulation = f"loopback: links not capped ({why})"
+            log.warning("nodes run on loopback, links not capped: %s", why)
+            return
+        self.cluster = EmulatedCluster([NodeSpec(name, rate_mbit=opts.link_mbit) for name in self.node_names]).start()
+        self._cleanups.append(("network namespaces", self.cluster.close))
+        self.emulation = (f"{len(self.node_names)} network namespaces, each link capped at {opts.link_mbit:g} Mbit/s "
+                          "both ways (tc)")
+
     def _start_loaderd(self, name: str, token_file: Path, token: str, env: dict[str, str]) -> LocalNode:
         from hydraserve.loaderd.daemon import spawn_loaderd
 
         opts = self.options
-        daemon = spawn_loaderd(port=free_port(opts.host), node_name=name, budget_bytes=opts.loaderd_budget_bytes,
-                               token=token, token_file=token_file, host=opts.host,
+        host, nic_gbps = NodeHost(opts.host), opts.node_nic_gbps
+        port = free_port(opts.host)
+        if self.cluster is not None:
+            node = self.cluster.nodes[name]
+            host, port = NodeHost(node.ip, tuple(node.prefix)), LOADERD_NAMESPACE_PORT
+            nic_gbps = (opts.link_mbit or 0) / 1000  # what the planner must believe: the cap
+        daemon = spawn_loaderd(port=port, node_name=name, budget_bytes=opts.loaderd_budget_bytes,
+                               token=token, token_file=token_file, host=host.ip, prefix=host.prefix,
                                endpoint_url=self.s3.endpoint_url, env=env,
                                log_path=self.run_dir / f"loaderd-{name}.log")
         self._cleanups.append((f"loaderd {name}", daemon.stop))
         return LocalNode(name=name, loaderd_url=daemon.url, loaderd_token=token,
-                         gpu_memory_gb=opts.node_gpu_memory_gb, nic_gbps=opts.node_nic_gbps)
+                         gpu_memory_gb=opts.node_gpu_memory_gb, nic_gbps=nic_gbps, host=host)

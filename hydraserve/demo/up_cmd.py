@@ -1,4 +1,7 @@
-"""`hydraserve up`: the embedded stack, kept running for a user to curl, until Ctrl-C."""
+"""`hydraserve up`: the embedded stack, kept running for a user to curl, until Ctrl-C.
+
+With ``--link-mbit`` the nodes are network namespaces whose links are capped (root; without
+root it says so and runs on loopback)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="push this Hugging Face model directory instead of generating one")
     parser.add_argument("--function", default="tiny-llama", help="function name")
+    parser.add_argument("--link-mbit", type=float, default=None,
+                        help="emulate the nodes as network namespaces, each link capped at this rate both "
+                        "ways (needs root; without it: loopback, said so)")
+    parser.add_argument("--ttft-slo", type=float, default=10.0, help="the function's TTFT SLO in seconds")
     parser.set_defaults(func=run)
 
 
@@ -30,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     options = StackOptions(nodes=args.nodes, gateway_port=args.port, host=args.host,
                            idle_timeout_s=args.idle_timeout, model_dir=args.model_dir,
-                           function_name=args.function)
+                           function_name=args.function, link_mbit=args.link_mbit, ttft_slo_s=args.ttft_slo)
     with LocalStack(options) as stack:
         fn = stack.function_url()
         print(f"""
@@ -38,6 +45,7 @@ HydraServe embedded stack is up (Ctrl-C to stop).
   gateway      {stack.gateway_url}   (functions: GET {stack.gateway_url}/v1/functions)
   function     {args.function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout:.0f} s idle)
   nodes        {" ".join(stack.node_names)} (one loaderd each)
+  network      {stack.emulation}
   loaderd      {" ".join(n.loaderd_url for n in stack.nodes)}  (token: {stack.run_dir / "loaderd.token"})
   S3           {stack.s3.endpoint_url}
   placement    {stack.placement.base_url}/v1/cluster

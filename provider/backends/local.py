@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from hydraserve.activator.ports import Endpoint
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import TemporaryError
-from hydraserve.provider.backends.process import ProcessLauncher
+from hydraserve.provider.backends.process import NodeHost, ProcessLauncher
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
 
 log = logging.getLogger(__name__)
@@ -27,31 +27,35 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LocalNode:
-    """One emulated node: its loaderd and its capacity as the planner should see it."""
+    """One emulated node: its loaderd, where its workers run, and its capacity as the planner
+    should see it."""
 
     name: str
     loaderd_url: str
     loaderd_token: str = field(repr=False)
     gpu_memory_gb: float = 24.0
     nic_gbps: float = 16.0
+    host: NodeHost = field(default_factory=NodeHost)
 
 
 class LocalBackend:
     def __init__(self, placement: PlacementPort, nodes: list[LocalNode], *,
                  describe_model: Callable[[FunctionConfig], FunctionSpec], run_dir: Path,
                  s3_endpoint_url: str | None = None, worker_env: dict[str, str] | None = None,
-                 ready_timeout_s: float = 180.0, prefetch: bool = True) -> None:
+                 ready_timeout_s: float = 180.0, prefetch: bool = True,
+                 worker_settings: Mapping[str, object] | None = None) -> None:
         if not nodes:
             raise ValueError("the local backend needs at least one node")
         self._describe_model = describe_model
         self._specs: dict[str, FunctionSpec] = {}
-        # prefetch=False is the baseline the benchmarks compare against (serverless vLLM): no
-        # loaderd, the worker fetches from S3 itself once it has started.
-        self.launcher = ProcessLauncher(run_dir, extra_env=worker_env)
+        # prefetch=False: the baselines the benchmarks compare against (no loaderd: the worker
+        # fetches from S3 itself once it has started; worker_settings s3_fetch="download": whole
+        # files first, as serverless vLLM does).
+        self.launcher = ProcessLauncher(run_dir, extra_env=worker_env, hosts={n.name: n.host for n in nodes})
         self.coldstart = ColdStart(placement, self.launcher,
                                    {n.name: n for n in nodes},
                                    ColdStartOptions(s3_endpoint_url=s3_endpoint_url, prefetch=prefetch,
-                                                    ready_timeout_s=ready_timeout_s))
+                                                    ready_timeout_s=ready_timeout_s, worker=dict(worker_settings or {})))
         self._groups: dict[str, Group] = {}
         self._lock = threading.Lock()
 
@@ -84,6 +88,11 @@ class LocalBackend:
         with self._lock:
             group = self._groups.get(instance_id)
         return () if group is None else self.coldstart.lost_nodes(group)
+
+    def group(self, instance_id: str) -> Group | None:
+        """The running group of an instance (its plan, workers and consolidation state)."""
+        with self._lock:
+            return self._groups.get(instance_id)
 
     def worker_timeline(self, endpoint: Endpoint) -> Timeline:
         """The head's timeline (consolidation included), merged with its group's inner stages'."""

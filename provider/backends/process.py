@@ -1,6 +1,9 @@
 """The process launcher: workers as local child processes (the WorkerLauncher of the embedded
 default). A worker is spawned with its environment (hydraserve.contracts.worker), waited for
-until /readyz answers, drained with SIGTERM. Used by the local backend; no placement here.
+until /readyz answers, drained with SIGTERM. Each node is a NodeHost: on loopback every node
+shares 127.0.0.1; on the emulated cluster a node's workers run in its network namespace (the
+command prefix) and listen on its address, so their traffic crosses its capped link. Used by
+the local backend; no placement here.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -20,23 +25,47 @@ from hydraserve.processes import ChildProcess, free_port
 from hydraserve.provider.coldstart import WorkerSlot
 
 
-class ProcessLauncher:
-    """Launches workers as children of this process, on loopback (every emulated node shares it)."""
+@dataclass(frozen=True)
+class NodeHost:
+    """Where a node's processes run: the address they listen on, and the command prefix that
+    puts them in the node's network namespace (``ip netns exec NS``; empty on loopback)."""
 
-    def __init__(self, run_dir: Path, *, extra_env: dict[str, str] | None = None, host: str = "127.0.0.1") -> None:
+    ip: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()
+
+
+# A namespace holds only this launcher's workers (and its loaderd, below this range): ports are
+# handed out in turn instead of probed, since the namespace's ports cannot be probed from here.
+_NAMESPACE_PORTS = range(41000, 61000)
+
+
+class ProcessLauncher:
+    """Launches workers as children of this process, each on its node's host."""
+
+    def __init__(self, run_dir: Path, *, extra_env: dict[str, str] | None = None,
+                 hosts: Mapping[str, NodeHost] | None = None) -> None:
         self.run_dir = run_dir
         self._extra_env = dict(extra_env or {})  # e.g. S3 credentials for the direct-S3 path
-        self._host = host
+        self._hosts = dict(hosts or {})  # node -> host; a node not named here is on loopback
+        self._next_port: dict[str, int] = {}
         self._launched: list[WorkerProcess] = []
         self._lock = threading.Lock()
 
     def reserve(self, node: str) -> WorkerSlot:
-        return WorkerSlot(self._host, free_port(self._host), free_port(self._host))
+        host = self._hosts.get(node, NodeHost())
+        if not host.prefix:
+            return WorkerSlot(host.ip, free_port(host.ip), free_port(host.ip))
+        with self._lock:
+            offset = self._next_port.get(node, 0)
+            self._next_port[node] = (offset + 2) % len(_NAMESPACE_PORTS)
+        port = _NAMESPACE_PORTS[offset]
+        return WorkerSlot(host.ip, port, port + 1)
 
     def launch(self, node: str, env: WorkerEnvironment) -> WorkerProcess:
         label = f"{env.instance_id or env.function}-{env.stage.index if env.stage else 0}"
         worker = WorkerProcess({**self._extra_env, **env.to_env()}, self.run_dir / f"{label}.log",
-                               env.spawned_at or time.time(), f"http://{env.host}:{env.port}", label=label, node=node)
+                               env.spawned_at or time.time(), f"http://{env.host}:{env.port}", label=label, node=node,
+                               prefix=self._hosts.get(node, NodeHost()).prefix)
         with self._lock:
             self._launched = [w for w in self._launched if w.proc.poll() is None] + [worker]
         return worker
@@ -51,8 +80,9 @@ class WorkerProcess(ChildProcess):
     """A `python -m hydraserve.runtime.worker` child; its 503 reasons come from its JSON log."""
 
     def __init__(self, env: dict[str, str], log_path: Path, spawned_at: float, url: str, *,
-                 label: str = "", node: str = "") -> None:
-        super().__init__("worker", [sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path, env=env)
+                 label: str = "", node: str = "", prefix: Sequence[str] = ()) -> None:
+        super().__init__("worker", [*prefix, sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path,
+                         env=env)
         self.url = url
         self.label = label  # <instance>-<stage>
         self.node = node

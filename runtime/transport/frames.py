@@ -57,8 +57,16 @@ def encode(frame: Frame) -> list[memoryview | bytes]:
 
 
 def send(sock: socket.socket, frame: Frame) -> None:
-    for part in encode(frame):
-        sock.sendall(part)
+    """One scatter-gather write per frame where the kernel takes it all (small frames: one
+    segment, one wake-up of the peer), resumed where it stopped otherwise."""
+    parts = [memoryview(p).cast("B") for p in encode(frame)]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
 
 
 def _recv_exactly(sock: socket.socket, n: int, what: str, have: int = 0) -> bytearray:

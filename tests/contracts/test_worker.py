@@ -13,7 +13,7 @@ from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment
 FULL = WorkerEnvironment(
     port=9123, host="10.0.0.7", transport_port=9124, function="llama", revision="llama-00003", configuration="llama",
     instance_id="llama-1a2b", model_uri="s3://models/llama", s3_endpoint_url="http://s3:9000",
-    s3_retry_budget_s=4.5, stage=StageSpec(index=1, num_stages=2, layer_start=16, layer_end=32, num_layers=32),
+    s3_retry_budget_s=4.5, s3_fetch="download", stage=StageSpec(index=1, num_stages=2, layer_start=16, layer_end=32, num_layers=32),
     full=False, peers=["10.0.0.6:9002", "10.0.0.7:9124"], loaderd_url="http://127.0.0.1:7070",
     loaderd_token="t" * 32, dtype="bfloat16", max_batch=4, max_model_len=2048, torch_threads=1,
     spawned_at=1700000000.25, drain_timeout_s=12.0)
@@ -48,6 +48,7 @@ def test_knative_keys_and_defaults() -> None:
     ("PORT", "http", "port"), ("HYDRASERVE_MAX_BATCH", "0", "max_batch"),
     ("HYDRASERVE_STAGE", '{"index": 3, "num_stages": 2, "layer_start": 0, "layer_end": 1, "num_layers": 2}', "stage"),
     ("HYDRASERVE_PEERS", '"not a list"', "peers"), ("HYDRASERVE_S3_RETRY_BUDGET_S", "-1", "s3_retry_budget_s"),
+    ("HYDRASERVE_S3_FETCH", "carrier-pigeon", "s3_fetch"),
 ])
 def test_a_bad_value_is_refused_naming_its_field(key: str, value: str, field: str) -> None:
     with pytest.raises((ValidationError, ValueError), match=field if field != "stage" else "stage index"):

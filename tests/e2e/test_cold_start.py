@@ -137,17 +137,13 @@ def test_cold_start_against_an_unreachable_s3_fails_within_the_retry_budget(stac
     assert stack.gateway.scaler("unreachable").status()["state"] == "zero"
 
 
-def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(tiny_llama_dir: Path,
-                                                                             tmp_path: Path) -> None:
+def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(group_llama_dir: Path) -> None:
     """Nodes declared with slow NICs (50 Mbit/s) make the planner split the model over both:
     each node's loaderd prefetches its stage, a head and an inner stage start, link, and serve
     transformers' tokens through the gateway; the head (given memory for the whole model)
     then loads the rest through its loaderd and takes over, the inner stage's worker is stopped
     and its memory freed; at zero the head stops too and nothing is left."""
-    from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
-
-    model_dir = make_tiny_model(tmp_path / "m", TinySpec(arch="llama", layers=4, hidden=256, intermediate=512,
-                                                         vocab=4096, kv_heads=2))
+    model_dir = group_llama_dir
     options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=4.5, idle_timeout_s=5.0,
                            progress=False, function_name="grouped")
     with LocalStack(options) as stack:

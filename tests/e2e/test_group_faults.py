@@ -18,16 +18,13 @@ import openai
 import pytest
 
 from hydraserve.demo.stack import LocalStack, StackOptions
-from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 from hydraserve.provider.backends.process import WorkerProcess
 from tests.e2e.test_cold_start import PROMPT, transformers_greedy
 
 
-@pytest.fixture(scope="module")
-def group_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Big enough that 50 Mbit/s NICs make the planner split it over both nodes."""
-    return make_tiny_model(tmp_path_factory.mktemp("group-faults") / "m",
-                           TinySpec(arch="llama", layers=4, hidden=256, intermediate=512, vocab=4096, kv_heads=2))
+@pytest.fixture
+def group_model(group_llama_dir: Path) -> Path:
+    return group_llama_dir
 
 
 @pytest.fixture

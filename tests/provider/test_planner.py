@@ -200,3 +200,12 @@ def test_concurrent_plans_never_share_memory() -> None:
     for t in threads:
         t.join()
     assert sorted(results) == ["n0", "n1", "n2"]  # 18.5 GB each: one per node, the rest refused
+
+
+def test_a_forced_pipeline_size_is_honoured_even_when_one_worker_would_do() -> None:
+    svc = _service("ours")
+    fn = llama(ttft_slo_s=30.0).model_copy(update={"min_pipeline_size": 2, "max_pipeline_size": 2})
+    plan = svc.plan(PlanRequest(function=fn), now=0.0)
+    assert plan.pipeline_size == 2 and len(set(plan.nodes)) == 2
+    with pytest.raises(ValueError, match="min_pipeline_size exceeds"):
+        type(fn).model_validate({**llama().model_dump(), "min_pipeline_size": 3, "max_pipeline_size": 2})

@@ -351,3 +351,23 @@ def test_random_bytes_are_not_a_model(s3_client: S3Client, bucket: str) -> None:
     s3_client.put_bytes(bucket, "junk/model.safetensors", os.urandom(1000))
     with pytest.raises(InvalidRequestError):
         open_model(f"s3://{bucket}/junk", client=s3_client).tensor_index()
+
+
+# ------------------------------------------------------------------ S3: the download-first baseline
+
+def test_the_download_first_baseline_reads_each_file_with_one_get_then_serves_the_same_tensors(
+        s3_server: EmbeddedS3, s3_client: S3Client, bucket: str, sharded_dir: Path) -> None:
+    from hydraserve.weights.download_first import DownloadFirstModelFiles
+    from hydraserve.weights.s3_uri import parse_s3_uri
+
+    model = DownloadFirstModelFiles(parse_s3_uri(_upload(s3_server, bucket, sharded_dir, "download")), s3_client)
+    names = list(model.tensor_index())
+    s3_client.reset_stats()
+    source = model.tensor_source(names)
+    assert s3_client.requests_by_op["GET"] == 3 + 1  # one whole-file GET per shard, and the index
+    downloaded = model.download()
+    assert sorted(p.name for p in downloaded.iterdir()) == sorted([*model.safetensors_files(),
+                                                                   "model.safetensors.index.json"])
+    for name, tensor in _reference(sharded_dir).items():
+        assert torch.equal(source.get(name), tensor), name
+    assert model.download() == downloaded and s3_client.requests_by_op["GET"] == 4  # once per process

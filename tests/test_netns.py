@@ -1,18 +1,15 @@
-"""benchmarks/netns.py: emulated nodes come up reachable, and every trace goes away on exit,
+"""hydraserve/embedded/netns.py: emulated nodes come up reachable, and every trace goes away on exit,
 also when start-up fails half way. Needs root and iproute2 (skipped with the reason otherwise)."""
 
 from __future__ import annotations
 
 import http.server
 import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from netns import EmulatedCluster, NodeSpec, netns_available
+from hydraserve.embedded.netns import EmulatedCluster, NodeSpec, netns_available
 
 OK, WHY = netns_available()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not OK, reason=WHY)]
