@@ -118,24 +118,23 @@ def cold_start(backend: Any, function: Any, *, tokens: int = 4, through_consolid
 
 def _consolidation(backend: Any, endpoint: Any, first: Any, streams: list[Any]) -> dict[str, Any]:
     """When consolidation ended after the first token, the longest gap between two tokens of a
-    stream around it, and the switch's KV migration vs a recompute of the same context."""
+    stream around it, and what the KV handover cost: the stall under the step lock, and for a
+    recompute the prefill done ahead of it."""
     timeline = backend.worker_timeline(endpoint)
     switched = timeline.first("consolidated")
     done = timeline.first("group_consolidated") or switched
     assert switched is not None and done is not None
+    ahead = timeline.first("kv_recomputed")
     start, end = first.token_times[0], done.at + 1.0
     gaps = [b - a for s in streams for a, b in zip(s.token_times, s.token_times[1:], strict=False)
             if start <= b <= end]
     running = next((s for s in streams if s.token_times[0] <= switched.at <= s.token_times[-1]), None)
-    out: dict[str, Any] = {"consolidated_after_s": round(done.at - start, 3),
-                           "consolidation_max_gap_s": round(max(gaps), 4) if gaps else None,
-                           "kv_migrate_s": switched.detail.get("switch_s"), "migrated": switched.detail.get("migrated")}
-    if running is not None:  # a recompute would prefill the stream's context on the whole model
-        context = len([t for t in running.token_times if t <= switched.at])
-        prompt = list(running.token_ids[:context]) or [0]
-        recompute = stream(endpoint.url, 1, prompt)
-        out |= {"kv_context_tokens": context, "kv_recompute_s": round(recompute.ttft_s or 0.0, 4)}
-    return out
+    return {"consolidated_after_s": round(done.at - start, 3),
+            "consolidation_max_gap_s": round(max(gaps), 4) if gaps else None,
+            "handover": switched.detail.get("handover"), "switch_s": switched.detail.get("switch_s"),
+            "migrated": switched.detail.get("migrated"),
+            "recomputed_ahead_s": ahead.detail.get("seconds") if ahead else None,
+            "context_tokens": len([t for t in running.token_times if t <= switched.at]) if running else None}
 
 
 # ---- one shape -------------------------------------------------------------------------------
@@ -169,7 +168,7 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
     slo, predicted = tightest_slo(stack, probe)
     forced = {"min_pipeline_size": args.pipeline_size, "max_pipeline_size": args.pipeline_size} \
         if args.pipeline_size else {}
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*MODES, "startup_floor"]}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*MODES, "startup_floor", "hydra_migrate"]}
     for i in range(args.repeats):
         def say(mode: str, i: int = i) -> None:
             print(f"{name} repeat {i + 1}/{args.repeats}: {mode}", flush=True)
@@ -181,6 +180,10 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
         hydra = fresh("hydra", ttft_slo_s=slo, **forced)
         runs["hydra"].append(cold_start(backends["prefetch"], hydra, through_consolidation=True))
         p = runs["hydra"][-1]["pipeline_size"]
+        if i == 0 and p > 1:  # the other KV handover, side by side, once
+            say("hydra, KV migrated instead of recomputed")
+            runs["hydra_migrate"].append(cold_start(backends["migrate"], fresh("migrate", ttft_slo_s=slo, **forced),
+                                                    through_consolidation=True))
         say(f"start-up floor (p = {p}, bytes resident)")
         floor = hydra.model_copy(update={"name": f"{hydra.name}-floor", "min_pipeline_size": p, "max_pipeline_size": p,
                                          "consolidate": False})
@@ -211,9 +214,9 @@ def summarise(name: str, stack: Any, probe: Any, runs: dict[str, list[dict[str, 
            "standalone_tpot_s": median(runs["serverlessllm_cached"], "tpot_s"),
            "consolidation_max_gap_s": median(runs["hydra"], "consolidation_max_gap_s"),
            "consolidated_after_s": median(runs["hydra"], "consolidated_after_s"),
-           "kv_migrate_s": median(runs["hydra"], "kv_migrate_s"),
-           "kv_recompute_s": median(runs["hydra"], "kv_recompute_s"),
-           "kv_context_tokens": median(runs["hydra"], "kv_context_tokens"),
+           "kv_handover": {run["handover"]: {k: run[k] for k in ("switch_s", "recomputed_ahead_s",
+                                                                 "consolidation_max_gap_s", "context_tokens")}
+                           for run in (runs["hydra"][:1] + runs["hydra_migrate"]) if run.get("handover")},
            "cpu_busy": {m: median(rs, "cpu_busy") for m, rs in runs.items()},
            "floor_bytes_new": median(runs["startup_floor"], "bytes_new"),
            "ttft_slo_s": slo, "planner_candidates": predicted, "store_raw_mb_s": round(raw_mb_s, 1),
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         stack = exits.enter_context(LocalStack(options))
         link_mb_s = args.link_mbit / 8 if stack.cluster is not None else None
         print(f"nodes: {stack.emulation}", flush=True)
-        backends = {kind: backend_for(stack, kind) for kind in ("download", "stream", "prefetch")}
+        backends = {kind: backend_for(stack, kind) for kind in ("download", "stream", "prefetch", "migrate")}
         for backend in backends.values():
             exits.callback(backend.close)
         if args.model_dir is not None:
@@ -258,13 +261,13 @@ def run(args: argparse.Namespace) -> int:
 
 def backend_for(stack: Any, kind: str) -> Any:
     """A local backend on the stack's nodes: no prefetch (whole-file download or streamed reads)
-    for the baselines, loaderd's prefetch for ours."""
+    for the baselines, loaderd's prefetch for ours (its groups' KV recomputed or migrated)."""
     from hydraserve.provider.backends.local import LocalBackend
 
+    settings = {"download": {"s3_fetch": "download"}, "migrate": {"kv_handover": "migrate"}}.get(kind, {})
     return LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / kind, describe_model=stack.describe_model,
                         s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
-                        prefetch=kind == "prefetch",
-                        worker_settings={**stack.worker_settings, **({"s3_fetch": "download"} if kind == "download" else {})})
+                        prefetch=kind in ("prefetch", "migrate"), worker_settings={**stack.worker_settings, **settings})
 
 
 def report(shapes: list[dict[str, Any]], link_mb_s: float | None, emulation: str) -> None:
@@ -275,11 +278,11 @@ def report(shapes: list[dict[str, Any]], link_mb_s: float | None, emulation: str
         print(f"  {'mode':<22} {'TTFT median':>11} {'cpu busy':>9}")
         for mode in [*MODES, "startup_floor"]:
             value = s["ttft_s"].get(mode) if mode in MODES else s["startup_floor_s"]
-            print(f"  {mode:<22} {value if value is not None else '-':>10}s {s['cpu_busy'][mode]!s:>9}")
+            print(f"  {mode:<22} {value if value is not None else '-':>10}s {s['cpu_busy'].get(mode)!s:>9}")
         print(f"  bound {s['bound_s']} s; group TPOT {s['group_tpot_s']} s vs standalone {s['standalone_tpot_s']} s; "
               f"consolidated {s['consolidated_after_s']} s after the first token, longest gap "
-              f"{s['consolidation_max_gap_s']} s; KV migrate {s['kv_migrate_s']} s vs recompute {s['kv_recompute_s']} s "
-              f"({s['kv_context_tokens']} tokens)")
+              f"{s['consolidation_max_gap_s']} s; KV handover (stall under the lock, first repeat): "
+              f"{s['kv_handover']}")
     busy = [v for s in shapes for v in s["cpu_busy"].values() if v is not None]
     print(json.dumps({"benchmark": "pipeline", "link_mb_s": link_mb_s, "emulation": emulation, "shapes": shapes,
                       "cpu_busy": round(statistics.mean(busy), 3) if busy else None}))

@@ -76,7 +76,8 @@ class HeadRole:
         if isinstance(executor, GroupExecutor) and settings.full:
             assert self.files is not None
             self.consolidator = Consolidator(engine, executor, self.files, timeline,
-                                             on_done=self._on_consolidated or (lambda: None)).start()
+                                             on_done=self._on_consolidated or (lambda: None),
+                                             handover=settings.kv_handover).start()
         return engine
 
     def _link_group(self, loaded: LoadedStage, timeline: Timeline) -> GroupExecutor:

@@ -36,6 +36,7 @@ ENV_KEYS: dict[str, str] = {
     "s3_fetch": "HYDRASERVE_S3_FETCH",
     "stage": "HYDRASERVE_STAGE",
     "full": "HYDRASERVE_FULL",
+    "kv_handover": "HYDRASERVE_KV_HANDOVER",
     "peers": "HYDRASERVE_PEERS",
     "loaderd_url": "HYDRASERVE_LOADERD_URL",
     "loaderd_token": "HYDRASERVE_LOADERD_TOKEN",
@@ -72,6 +73,9 @@ class WorkerEnvironment(BaseModel):
         "are needed, or download whole files first (the serverless-vLLM baseline)")
     stage: StageSpec | None = Field(default=None, description="layers it holds; None: the whole model")
     full: bool = Field(default=True, description="given memory for the whole model (it will consolidate)")
+    kv_handover: Literal["recompute", "migrate"] = Field(
+        default="recompute", description="how a consolidating head takes the running sequences' KV over: "
+        "recompute it on the whole model (ahead, outside the step lock) or move it from the inner stages")
     peers: list[str] = Field(default_factory=list,
                              description="every stage's link address host:port, in stage order (this one's too)")
     loaderd_url: str | None = Field(default=None, description="the node's loaderd")

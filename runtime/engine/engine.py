@@ -124,6 +124,13 @@ class LLMEngine:
                 cached = {r.slot: r.num_computed for r in self._scheduler.running if r.slot is not None}
             self.executor = build(self.executor, cached)
 
+    def contexts(self) -> dict[int, tuple[str, list[int]]]:
+        """{slot: (request id, the tokens whose KV is cached)} of the running requests: what a
+        new executor must hold to take them over (consolidation recomputes it)."""
+        with self._cond:
+            return {r.slot: (r.request_id, (r.prompt_token_ids + r.output_token_ids)[:r.num_computed])
+                    for r in self._scheduler.running if r.slot is not None}
+
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()

@@ -14,7 +14,7 @@ FULL = WorkerEnvironment(
     port=9123, host="10.0.0.7", transport_port=9124, function="llama", revision="llama-00003", configuration="llama",
     instance_id="llama-1a2b", model_uri="s3://models/llama", s3_endpoint_url="http://s3:9000",
     s3_retry_budget_s=4.5, s3_fetch="download", stage=StageSpec(index=1, num_stages=2, layer_start=16, layer_end=32, num_layers=32),
-    full=False, peers=["10.0.0.6:9002", "10.0.0.7:9124"], loaderd_url="http://127.0.0.1:7070",
+    full=False, kv_handover="migrate", peers=["10.0.0.6:9002", "10.0.0.7:9124"], loaderd_url="http://127.0.0.1:7070",
     loaderd_token="t" * 32, dtype="bfloat16", max_batch=4, max_model_len=2048, torch_threads=1,
     spawned_at=1700000000.25, drain_timeout_s=12.0)
 

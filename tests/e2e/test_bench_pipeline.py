@@ -33,3 +33,4 @@ def test_bench_pipeline_smoke(tiny_llama_dir: Path) -> None:
             for r in runs[m]] == [1, 1, 1, 1]
     assert shape["pipeline_size"] == 2 and runs["startup_floor"][0]["pipeline_size"] == 2
     assert runs["hydra"][0]["migrated"] >= 1  # a stream ran through the switch and kept its KV
+    assert set(shape["kv_handover"]) == {"recompute", "migrate"}  # both handovers measured

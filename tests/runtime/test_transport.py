@@ -241,12 +241,14 @@ def test_a_malformed_frame_ends_the_stage_link_with_the_reason(model_dir: Path) 
     head.close()
 
 
+@pytest.mark.parametrize("handover", ["recompute", "migrate"])
 @pytest.mark.parametrize("boundaries", [[0, 2, 4], [0, 1, 2, 4]], ids=["p2", "p3"])
 def test_consolidation_under_load_loses_nothing_and_changes_no_token(model_dir: Path, reference: LLMEngine,
-                                                                     boundaries: list[int]) -> None:
+                                                                     boundaries: list[int], handover: str) -> None:
     """Six streams run through the group while the head grows into the whole model and takes
-    the inner stages' KV over: every stream finishes with a standalone worker's tokens, the
-    executor is the whole model afterwards, and the inner stages were released, not failed."""
+    the running sequences over (their KV recomputed on the whole model, or moved from the inner
+    stages): every stream finishes with a standalone worker's tokens, the executor is the whole
+    model afterwards, and the inner stages were released, not failed."""
     from hydraserve.contracts.timeline import Timeline
     from hydraserve.runtime.consolidation import Consolidator
     from hydraserve.runtime.engine.runner import ModelRunner
@@ -258,7 +260,7 @@ def test_consolidation_under_load_loses_nothing_and_changes_no_token(model_dir: 
     try:
         group.engine.start()
         consolidator = Consolidator(group.engine, group.executor, LocalModelFiles(model_dir), timeline,
-                                    on_done=done.set).start()
+                                    on_done=done.set, handover=handover).start()  # type: ignore[arg-type]
         params = [SamplingParams(max_tokens=40, temperature=0.0)] * 3 + [
             SamplingParams(max_tokens=40, temperature=0.8, seed=7 + i) for i in range(3)]
         tok = group.engine.tokenizer
@@ -271,9 +273,13 @@ def test_consolidation_under_load_loses_nothing_and_changes_no_token(model_dir: 
             t.join(10)
         assert all(link.released and link.failed is None for link in group.links)
         names = [e.name for e in timeline.events]
-        assert names == ["consolidation_fetch_started", "consolidation_loaded", "consolidated"]
-        # it really switched mid-generation: sequences were running, and their KV moved
+        recomputed = ["kv_recomputed"] if handover == "recompute" else []
+        assert names == ["consolidation_fetch_started", "consolidation_loaded", *recomputed, "consolidated"]
+        # it really switched mid-generation: sequences were running, and their KV went over
         assert consolidator.migrated > 0 and any(link.steps > 0 for link in group.links)
+        if handover == "recompute":
+            event = timeline.first("kv_recomputed")
+            assert event is not None and event.detail["tokens"] > 0
         after = group.engine.submit(tok.encode("Dear friend"), params[0]).collect().token_ids
         assert after == reference.submit(tok.encode("Dear friend"), params[0]).collect().token_ids
     finally:
