@@ -25,6 +25,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydraserve.processes import free_port
+
 HERE = Path(__file__).resolve().parent
 S3RVER_DIR = HERE / ".s3rver"
 BUCKET = "bench"
@@ -99,12 +101,6 @@ def ensure_s3rver() -> Path:
     subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(S3RVER_DIR), "s3rver@3"],
                    check=True, stdout=subprocess.DEVNULL)
     return exe
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -45,6 +45,7 @@ class ActivePlan:
     created_at: float
     ready: set[int] = field(default_factory=set)
     fetch_s: dict[int, float] = field(default_factory=dict)  # stage -> seconds its fetch took
+    consolidating: bool = False  # the full workers' complement fetches are modelled
 
 
 class ClusterState:

@@ -146,6 +146,9 @@ class ColdStartOptions:
     pin_s: float = 300.0  # how long a prefetched slice waits for its worker to attach
     watch_s: float = 0.2  # how often a group's head is asked whether it consolidated
     max_pipeline_size: int = MAX_PIPELINE_SIZE  # the planner picks p up to this
+    # One full worker per group: only the head consolidates, and more full workers would become
+    # more replicas only once the gateway routes to several endpoints (the gateway issue).
+    max_full_workers: int = 1
     worker: Mapping[str, object] = field(default_factory=dict)  # more WorkerEnvironment fields
 
 
@@ -168,7 +171,8 @@ class ColdStart:
         plan = self._placement.plan(PlanRequest(
             function=spec.model_copy(update={"max_pipeline_size": min(spec.max_pipeline_size, opts.max_pipeline_size),
                                              "min_pipeline_size": min(spec.min_pipeline_size, opts.max_pipeline_size),
-                                             "min_full_workers": min(spec.min_full_workers, opts.max_pipeline_size)}),
+                                             "min_full_workers": min(spec.min_full_workers, opts.max_full_workers),
+                                             "max_full_workers": min(spec.max_full_workers, opts.max_full_workers)}),
             instance_id=f"{spec.name}-{uuid.uuid4().hex[:8]}", exclude_nodes=list(exclude_nodes)))
         unknown = [st.node for st in plan.stages if st.node not in self._nodes]
         if unknown:
@@ -204,11 +208,7 @@ class ColdStart:
         finally:
             for prefetch in prefetches:
                 prefetch.finish()
-        fetched = [p.fetch_s for p in prefetches if p.fetch_s is not None]
-        self._report(plan, "ready", timings=WorkerTimings(
-            fetch_s=max(fetched) if fetched else None,
-            fetch_bytes=sum(p.lease.bytes_new for p in prefetches) if prefetches else None,
-            cold_start_s=time.time() - timeline.events[0].at))
+        self._report_ready(plan, prefetches, time.time() - timeline.events[0].at)
         if plan.pipeline_size > 1 and plan.stages[0].full:
             threading.Thread(target=self._watch_consolidation, args=(group, timeline), name="consolidation-watch",
                              daemon=True).start()
@@ -282,7 +282,7 @@ class ColdStart:
                 raise
             timeline.mark("prefetch_started", component="loaderd", node=node.name, stage=st.stage.index,
                           bytes=lease.bytes_total, bytes_new=lease.bytes_new)
-            started.append(_Prefetch(loader, lease, timeline, node.name))
+            started.append(_Prefetch(loader, lease, timeline, node.name, st.stage.index))
         return started
 
     def _environment(self, plan: Plan, st: StagePlacement, slot: WorkerSlot, peers: list[str],
@@ -320,6 +320,19 @@ class ColdStart:
         for worker in reversed(workers):
             _quietly(functools.partial(worker.stop, grace_s=2))
 
+    def _report_ready(self, plan: Plan, prefetches: list[_Prefetch], cold_start_s: float) -> None:
+        """Each stage's own fetch (it calibrates that node's bandwidth: a group's nodes fetched
+        their own bytes in parallel), then, for a group, the whole cold start (a cluster-wide
+        start-up sample); one worker's report carries both (its node's start-up too)."""
+        fetched = {p.stage: WorkerTimings(fetch_s=p.fetch_s, fetch_bytes=p.lease.bytes_new) for p in prefetches}
+        if plan.pipeline_size == 1:
+            timings = fetched.get(0, WorkerTimings())
+            self._report(plan, "ready", stage=0, timings=timings.model_copy(update={"cold_start_s": cold_start_s}))
+            return
+        for stage, timings in fetched.items():
+            self._report(plan, "ready", stage=stage, timings=timings)
+        self._report(plan, "ready", timings=WorkerTimings(cold_start_s=cold_start_s))
+
     def _report(self, plan: Plan, event: str, *, reason: str | None = None, stage: int | None = None,
                 timings: WorkerTimings | None = None) -> None:
         _quietly(lambda: self._placement.report(WorkerReport(
@@ -331,9 +344,9 @@ class _Prefetch:
     """One stage's prefetch lease, and when loaderd held every byte of it: marks
     'weights_fetched' (polls the daemon's status with its own client, ~20 ms resolution)."""
 
-    def __init__(self, loader: LoaderClient, lease: LeaseResponse, timeline: Timeline, node: str,
+    def __init__(self, loader: LoaderClient, lease: LeaseResponse, timeline: Timeline, node: str, stage: int,
                  poll_s: float = 0.02) -> None:
-        self.loader, self.lease = loader, lease
+        self.loader, self.lease, self.stage = loader, lease, stage
         self._timeline, self._node, self._poll_s = timeline, node, poll_s
         self._segments = {s.segment_id for s in lease.segments}
         self._stop = threading.Event()

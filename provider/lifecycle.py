@@ -25,11 +25,13 @@ def consolidation_key(plan_id: str, stage: int) -> str:
     return f"{plan_id}/c{stage}"
 
 
-def _start_consolidation(cluster: ClusterState, policy: Policy, plan: Plan, at: float) -> None:
-    """Model the full workers' complement fetches: background (low priority: they yield to
-    cold-start fetches, so they never break a deadline and never slow a prediction)."""
-    if plan.pipeline_size == 1:
+def _start_consolidation(cluster: ClusterState, policy: Policy, active: ActivePlan, at: float) -> None:
+    """Model the full workers' complement fetches (once): background (low priority: they yield
+    to cold-start fetches, so they never break a deadline and never slow a prediction)."""
+    plan = active.plan
+    if plan.pipeline_size == 1 or active.consolidating:
         return
+    active.consolidating = True
     size = sum(s.stage_bytes for s in plan.stages)
     for st in plan.stages:
         if st.full and st.node in cluster.nodes:
@@ -95,7 +97,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
                 cluster.add_residency(st.node, plan.model_uri, range(st.stage.layer_start, st.stage.layer_end),
                                       st.stage.is_first, st.stage.is_last)
         if report.stage is None or len(active.ready) == len(plan.stages):
-            _start_consolidation(cluster, policy, plan, at)
+            _start_consolidation(cluster, policy, active, at)
             if report.stage is None or report.timings.cold_start_s is None:
                 # one figure for the whole group: a cluster-wide sample of its slowest worker
                 cold = report.timings.cold_start_s

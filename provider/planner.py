@@ -75,7 +75,7 @@ class Planner:
         for p in range(min(spec.min_pipeline_size, max_p), max_p + 1):
             splan = balanced_stage_plan(per_layer, spec.embed_bytes, spec.head_bytes, p)
             sbytes = stage_bytes(per_layer, spec.embed_bytes, spec.head_bytes, splan, spec.tied_bytes)
-            for a in range(min(p, spec.min_full_workers), p + 1):
+            for a in range(min(p, spec.min_full_workers), min(p, max(spec.max_full_workers, spec.min_full_workers)) + 1):
                 rate = slowdown(p, a)
                 tpot = (spec.tpot_s or 0.0) * rate + PIPELINE_STEP_S * (p - 1)
                 if spec.tpot_s is not None and tpot > spec.tpot_slo_s:

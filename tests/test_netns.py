@@ -56,3 +56,29 @@ def test_failed_start_cleans_up() -> None:
     with pytest.raises(RuntimeError, match="tc"):
         cluster.start()
     assert _leftovers(cluster) == []
+
+
+def test_two_sigterms_in_a_row_still_remove_everything() -> None:
+    """`timeout` forwards the SIGTERM it gets and pkill hits both: the second signal must not
+    cut the teardown short."""
+    import os
+    import signal
+    import sys
+    import time
+
+    script = ("import sys, time\n"
+              "from hydraserve.embedded.netns import EmulatedCluster, NodeSpec\n"
+              "c = EmulatedCluster([NodeSpec(f'n{i}', rate_mbit=50) for i in range(4)]).start()\n"
+              "print(' '.join([*(n.netns for n in c.nodes.values()), c.bridge]), flush=True)\n"
+              "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    names = child.stdout.readline().split()
+    assert len(names) == 5
+    os.kill(child.pid, signal.SIGTERM)
+    time.sleep(0.005)  # the second lands while the first's teardown runs
+    os.kill(child.pid, signal.SIGTERM)
+    assert child.wait(30) == 128 + signal.SIGTERM
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert [n for n in names if n in listing + links] == []

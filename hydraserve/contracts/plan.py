@@ -90,11 +90,16 @@ class FunctionSpec(_Strict):
     min_full_workers: int = Field(default=1, ge=0, le=MAX_PIPELINE_SIZE,
                                   description="workers given memory for the whole model (they "
                                   "consolidate); HydraServe's required_pp_size")
+    max_full_workers: int = Field(default=MAX_PIPELINE_SIZE, ge=0, le=MAX_PIPELINE_SIZE,
+                                  description="at most this many (each full worker becomes a replica "
+                                  "only where the gateway routes to several endpoints)")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> FunctionSpec:
         if self.layer_bytes is not None and len(self.layer_bytes) != self.num_layers:
             raise ValueError(f"layer_bytes has {len(self.layer_bytes)} entries for {self.num_layers} layers")
+        if self.min_full_workers > self.max_full_workers:
+            raise ValueError("min_full_workers exceeds max_full_workers")
         if self.min_pipeline_size > self.max_pipeline_size:
             raise ValueError("min_pipeline_size exceeds max_pipeline_size")
         if self.tied_bytes > min(self.embed_bytes, self.head_bytes):

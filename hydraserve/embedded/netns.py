@@ -144,6 +144,10 @@ class EmulatedCluster:
             _run([*node.prefix, "tc", "qdisc", "add", "dev", node_end, "root", *tbf])
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # A second signal (`timeout` forwards the one it got, pkill hits both) must not cut the
+        # teardown short by raising SystemExit from inside it: ignore them until it is done.
+        for other in self._old_handlers:
+            signal.signal(other, signal.SIG_IGN)
         self.close()
         previous = self._old_handlers.get(signum)
         if callable(previous):
@@ -152,10 +156,11 @@ class EmulatedCluster:
             raise SystemExit(128 + signum)
 
     def close(self) -> None:
-        """Remove the namespaces (their veths go with them) and the bridge. Idempotent."""
+        """Remove the namespaces (their veths go with them) and the bridge. Idempotent, and
+        done to the end by whichever call gets there (a signal arriving meanwhile runs it again
+        from its handler, every step of which may be repeated)."""
         if self._closed:
             return
-        self._closed = True
         for node in self.nodes.values():
             pids = subprocess.run(["ip", "netns", "pids", node.netns], capture_output=True, text=True)
             for pid in pids.stdout.split():
@@ -172,6 +177,7 @@ class EmulatedCluster:
                 signal.signal(signum, handler)
             except (ValueError, TypeError):
                 pass
+        self._closed = True
         atexit.unregister(self.close)
 
     def __enter__(self) -> EmulatedCluster:

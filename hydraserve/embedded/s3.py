@@ -26,7 +26,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,19 +37,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from hydraserve.processes import free_port
 from hydraserve.weights.s3 import S3Client, S3Credentials
 
 REGION = "us-east-1"
 
 
 TEST_CREDENTIALS = S3Credentials("hydraserve-test", "hydraserve-test-secret")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class EmbeddedS3:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from hydraserve.cli import main
-from hydraserve.embedded.s3 import free_port
 from hydraserve.loaderd.daemon import LoaderDaemon
 from hydraserve.loaderd.service import LoaderConfig
+from hydraserve.processes import free_port
 
 from .test_s3 import BUCKET, push
 

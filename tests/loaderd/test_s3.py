@@ -102,7 +102,7 @@ def daemon(node: str, **kw: Any) -> LoaderDaemon:
 def test_cli_daemon_serves_whole_sharded_and_stage_slices(s3_server: Any, models: dict, shm_guard: str,
                                                           tmp_path: Path) -> None:
     token, token_file = new_token_file(tmp_path)
-    from hydraserve.embedded.s3 import free_port
+    from hydraserve.processes import free_port
 
     d = spawn_loaderd(port=free_port(), node_name=shm_guard, budget_bytes=64 << 20, token=token,
                       token_file=token_file, endpoint_url=s3_server.endpoint_url, env=s3_server.client_env(),
@@ -343,7 +343,7 @@ def test_bad_uris_get_clear_errors(s3_env: dict, shm_guard: str) -> None:
 
 def test_runtime_falls_back_to_s3_when_no_daemon_answers(s3_env: dict, models: dict,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    from hydraserve.embedded.s3 import free_port
+    from hydraserve.processes import free_port
 
     uri, local = models["sharded"]
     reasons: list[str] = []
@@ -411,7 +411,7 @@ def test_worker_learns_when_the_daemon_dies_mid_fetch(s3_server: Any, models: di
     reason (the cold start then 503s and the next one retries), instead of waiting 600 s."""
     import signal
 
-    from hydraserve.embedded.s3 import free_port
+    from hydraserve.processes import free_port
 
     uri, _ = models["big"]
     token, token_file = new_token_file(tmp_path)

@@ -77,3 +77,22 @@ def test_per_node_startup_sends_a_tight_slo_to_the_node_that_starts_fast() -> No
     chosen = ours.plan(PlanRequest(function=fn, dry_run=True), now=t + 100)
     assert chosen.nodes == ["fast"] and chosen.meets_slo
     assert static.plan(PlanRequest(function=fn, dry_run=True), now=t + 100).nodes == ["slow"]
+
+
+def test_each_stage_of_a_group_calibrates_its_own_node_with_its_own_bytes() -> None:
+    """A group's nodes fetch their stages in parallel: each report carries that stage's bytes
+    and seconds, so each node learns its own bandwidth (not the group's total over one node's time)."""
+    svc = PlacementService("ours", clock=lambda: 0.0)
+    for name in ("a", "b"):
+        svc.register_node(NodeInfo(name=name, gpus=1, gpu_memory_gb=40, nic_gbps=1), now=0.0)
+    fn = llama("g", ttft_slo_s=90.0).model_copy(update={"min_pipeline_size": 2, "max_pipeline_size": 2})
+    plan = svc.plan(PlanRequest(function=fn), now=0.0)
+    assert plan.pipeline_size == 2
+    for st in plan.stages:  # both really got 0.5 Gbit/s
+        fetch_s = st.fetch_bytes * 8 / 0.5e9
+        svc.report(WorkerReport(plan_id=plan.plan_id, event="ready", stage=st.stage.index, at=fetch_s,
+                                timings=WorkerTimings(fetch_s=fetch_s, fetch_bytes=st.fetch_bytes)), now=fetch_s)
+    svc.report(WorkerReport(plan_id=plan.plan_id, event="ready", timings=WorkerTimings(cold_start_s=70.0)), now=70.0)
+    learned = svc.cluster.calibration.node_bps
+    assert learned["a"] < 1e9 and learned["b"] < 1e9  # moved towards 0.5 Gbit/s, not above the 1 Gbit/s NIC
+    assert abs(learned["a"] - learned["b"]) < 0.05e9

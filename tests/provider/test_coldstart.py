@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hydraserve.activator.functions import FunctionConfig
-from hydraserve.contracts.plan import FunctionSpec, NodeInfo
+from hydraserve.contracts.plan import FunctionSpec, NodeInfo, WorkerReport
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import InstanceFailedError, TemporaryError
@@ -216,6 +216,26 @@ def test_a_pipeline_group_prefetches_each_stage_on_its_node_and_tells_each_worke
         groups = {s.group for s in daemon.service.registry.segments.values()}
         layers = {f"layer.{i}" for i in range(st.stage.layer_start, st.stage.layer_end)}
         assert layers <= groups and not {f"layer.{i}" for i in range(4)} - layers & groups  # only its stage
+
+
+def test_a_group_reports_each_stages_own_fetch_then_the_whole_cold_start(
+        loaderds: list[LoaderDaemon], model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each node calibrates its bandwidth from its own stage's bytes and seconds (not the group's
+    total over one node's time); the group's cold start is one cluster-wide sample."""
+    launcher = FakeLauncher()
+    coldstart, placement = setup(loaderds, launcher, nic_gbps=1.0, max_pipeline_size=2)
+    reports: list[WorkerReport] = []
+    real = placement.report
+    monkeypatch.setattr(placement, "report", lambda r, **kw: reports.append(r) or real(r, **kw))
+    group = coldstart.run(spec(model_dir, scale=16_000, ttft_slo_s=80.0), Timeline())
+    ready = [r for r in reports if r.event == "ready"]
+    assert [r.stage for r in ready] == [0, 1, None]
+    for report, st in zip(ready, group.plan.stages, strict=False):
+        daemon = loaderds[int(st.node.removeprefix("node"))]
+        own = sum(seg.layout.tensor_bytes for seg in daemon.service.registry.segments.values())
+        assert report.timings.fetch_bytes == own > 0  # this node's stage, fetched fresh
+        assert report.timings.cold_start_s is None  # (fetch_s: only if it ended first; fakes do not wait)
+    assert ready[-1].timings.cold_start_s is not None and ready[-1].timings.fetch_bytes is None
 
 
 def test_once_the_head_consolidated_the_other_stages_go_and_their_memory_is_freed(

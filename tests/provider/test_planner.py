@@ -209,3 +209,13 @@ def test_a_forced_pipeline_size_is_honoured_even_when_one_worker_would_do() -> N
     assert plan.pipeline_size == 2 and len(set(plan.nodes)) == 2
     with pytest.raises(ValueError, match="min_pipeline_size exceeds"):
         type(fn).model_validate({**llama().model_dump(), "min_pipeline_size": 3, "max_pipeline_size": 2})
+
+
+def test_full_workers_stay_within_the_functions_bound() -> None:
+    """With max_full_workers = 1 (the cold start's setting until the gateway routes to several
+    replicas) every split marks exactly one full worker, stage 0, even where more would help."""
+    for slo in (7.5, 9.0, 12.0):
+        fn = llama(ttft_slo_s=slo).model_copy(update={"max_full_workers": 1})
+        plan = _service("hydraserve").plan(PlanRequest(function=fn), now=0.0)
+        assert plan.full_workers == 1 and [s.full for s in plan.stages] == [True] + [False] * (plan.pipeline_size - 1)
+        assert all(c.full_workers <= 1 for c in plan.candidates)
