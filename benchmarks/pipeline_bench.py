@@ -141,10 +141,8 @@ def _consolidation(backend: Any, endpoint: Any, first: Any, streams: list[Any]) 
 
 def tightest_slo(stack: Any, function: Any) -> tuple[float, list[dict[str, Any]]]:
     """The smallest TTFT the planner predicts for this function now (dry run), plus 5 %."""
-    from hydraserve.contracts.plan import PlanRequest
-
     spec = stack.backend.prepare(function).model_copy(update={"ttft_slo_s": 0.01})
-    plan = stack.placement.plan(PlanRequest(function=spec, dry_run=True))
+    plan = stack.placement.plan(stack.backend.coldstart.plan_request(spec, dry_run=True))
     feasible = [c for c in plan.candidates if c.feasible and c.predicted_ttft_s is not None]
     best = min(c.predicted_ttft_s for c in feasible)  # type: ignore[type-var]
     return round(best * 1.05, 2), [c.model_dump(include={"pipeline_size", "full_workers", "predicted_ttft_s"})
@@ -169,6 +167,7 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
     forced = {"min_pipeline_size": args.pipeline_size, "max_pipeline_size": args.pipeline_size} \
         if args.pipeline_size else {}
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*MODES, "startup_floor", "hydra_migrate"]}
+    slos: list[float] = []
     for i in range(args.repeats):
         def say(mode: str, i: int = i) -> None:
             print(f"{name} repeat {i + 1}/{args.repeats}: {mode}", flush=True)
@@ -177,6 +176,8 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
             say(mode)
             runs[mode].append(cold_start(backends[backend], fresh(mode, max_pipeline_size=1, ttft_slo_s=slo)))
         say("hydra")
+        slo, predicted = tightest_slo(stack, probe)  # what the planner believes now (it calibrates as it goes)
+        slos.append(slo)
         hydra = fresh("hydra", ttft_slo_s=slo, **forced)
         runs["hydra"].append(cold_start(backends["prefetch"], hydra, through_consolidation=True))
         p = runs["hydra"][-1]["pipeline_size"]
@@ -191,7 +192,7 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
         say("serverlessllm_cached")
         cached = hydra.model_copy(update={"name": f"{hydra.name}-cached", "max_pipeline_size": 1, "min_pipeline_size": 1})
         runs["serverlessllm_cached"].append(cold_start(backends["prefetch"], cached, tokens=args.tpot_tokens))
-    return summarise(name, stack, probe, runs, link_mb_s, slo, predicted)
+    return summarise(name, stack, probe, runs, link_mb_s, slos, predicted)
 
 
 def median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -200,7 +201,7 @@ def median(runs: list[dict[str, Any]], key: str) -> float | None:
 
 
 def summarise(name: str, stack: Any, probe: Any, runs: dict[str, list[dict[str, Any]]], link_mb_s: float | None,
-              slo: float, predicted: list[dict[str, Any]]) -> dict[str, Any]:
+              slos: list[float], predicted: list[dict[str, Any]]) -> dict[str, Any]:
     model_bytes = stack.backend.prepare(probe).model_size_bytes
     p = statistics.mode(r["pipeline_size"] for r in runs["hydra"])
     raw_mb_s, _ = store_throughput(stack.s3.client(), probe.model_uri)
@@ -219,7 +220,7 @@ def summarise(name: str, stack: Any, probe: Any, runs: dict[str, list[dict[str, 
                            for run in (runs["hydra"][:1] + runs["hydra_migrate"]) if run.get("handover")},
            "cpu_busy": {m: median(rs, "cpu_busy") for m, rs in runs.items()},
            "floor_bytes_new": median(runs["startup_floor"], "bytes_new"),
-           "ttft_slo_s": slo, "planner_candidates": predicted, "store_raw_mb_s": round(raw_mb_s, 1),
+           "ttft_slo_s": slos, "planner_candidates": predicted, "store_raw_mb_s": round(raw_mb_s, 1),
            "runs": runs}
     hydra, vllm = ttft["hydra"], ttft["serverless_vllm"]
     if hydra and vllm:

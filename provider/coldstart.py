@@ -168,12 +168,7 @@ class ColdStart:
         """One cold start of ``spec``'s function, ready when this returns; ``exclude_nodes``:
         nodes the plan must avoid (where an earlier attempt lost a worker)."""
         opts = self.options
-        plan = self._placement.plan(PlanRequest(
-            function=spec.model_copy(update={"max_pipeline_size": min(spec.max_pipeline_size, opts.max_pipeline_size),
-                                             "min_pipeline_size": min(spec.min_pipeline_size, opts.max_pipeline_size),
-                                             "min_full_workers": min(spec.min_full_workers, opts.max_full_workers),
-                                             "max_full_workers": min(spec.max_full_workers, opts.max_full_workers)}),
-            instance_id=f"{spec.name}-{uuid.uuid4().hex[:8]}", exclude_nodes=list(exclude_nodes)))
+        plan = self._placement.plan(self.plan_request(spec, exclude_nodes))
         unknown = [st.node for st in plan.stages if st.node not in self._nodes]
         if unknown:
             self._report(plan, "failed", reason=f"unknown nodes {unknown}")
@@ -193,7 +188,7 @@ class ColdStart:
                 group.workers.append(worker)
                 timeline.mark("worker_spawned", component="backend", at=worker.spawned_at, node=st.node,
                               stage=st.stage.index)
-            _wait_all_ready(group.workers, opts.ready_timeout_s)
+            ready_at = _wait_all_ready(group.workers, opts.ready_timeout_s)
             group.stage_timelines = self._inner_timelines(group)
         except Exception as exc:
             reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
@@ -208,11 +203,23 @@ class ColdStart:
         finally:
             for prefetch in prefetches:
                 prefetch.finish()
-        self._report_ready(plan, prefetches, time.time() - timeline.events[0].at)
+        self._report_ready(plan, prefetches, [at - timeline.events[0].at for at in ready_at])
         if plan.pipeline_size > 1 and plan.stages[0].full:
             threading.Thread(target=self._watch_consolidation, args=(group, timeline), name="consolidation-watch",
                              daemon=True).start()
         return group
+
+    def plan_request(self, spec: FunctionSpec, exclude_nodes: Sequence[str] = (), *,
+                     dry_run: bool = False) -> PlanRequest:
+        """What a cold start of ``spec`` asks the placement service (within this launcher's limits)."""
+        opts = self.options
+        function = spec.model_copy(update={
+            "max_pipeline_size": min(spec.max_pipeline_size, opts.max_pipeline_size),
+            "min_pipeline_size": min(spec.min_pipeline_size, opts.max_pipeline_size),
+            "min_full_workers": min(spec.min_full_workers, opts.max_full_workers),
+            "max_full_workers": min(spec.max_full_workers, opts.max_full_workers)})
+        return PlanRequest(function=function, instance_id=f"{spec.name}-{uuid.uuid4().hex[:8]}",
+                           exclude_nodes=list(exclude_nodes), dry_run=dry_run)
 
     def stop(self, group: Group) -> None:
         """Scale the group down: every worker drained and stopped, the plan's memory freed."""
@@ -320,18 +327,18 @@ class ColdStart:
         for worker in reversed(workers):
             _quietly(functools.partial(worker.stop, grace_s=2))
 
-    def _report_ready(self, plan: Plan, prefetches: list[_Prefetch], cold_start_s: float) -> None:
-        """Each stage's own fetch (it calibrates that node's bandwidth: a group's nodes fetched
-        their own bytes in parallel), then, for a group, the whole cold start (a cluster-wide
-        start-up sample); one worker's report carries both (its node's start-up too)."""
-        fetched = {p.stage: WorkerTimings(fetch_s=p.fetch_s, fetch_bytes=p.lease.bytes_new) for p in prefetches}
-        if plan.pipeline_size == 1:
-            timings = fetched.get(0, WorkerTimings())
-            self._report(plan, "ready", stage=0, timings=timings.model_copy(update={"cold_start_s": cold_start_s}))
-            return
-        for stage, timings in fetched.items():
-            self._report(plan, "ready", stage=stage, timings=timings)
-        self._report(plan, "ready", timings=WorkerTimings(cold_start_s=cold_start_s))
+    def _report_ready(self, plan: Plan, prefetches: list[_Prefetch], cold_start_s: list[float]) -> None:
+        """One report per stage, as the simulator sends them: its node's own fetch (a group's
+        nodes fetch their own bytes in parallel: each calibrates its own bandwidth) and its
+        worker's own plan-to-ready time (its node's start-up). A stage loaderd did not prefetch
+        is no sample: its worker fetched its own weights, which the start-up model does not
+        describe."""
+        prefetched = {p.stage: p for p in prefetches}
+        for st, seconds in zip(plan.stages, cold_start_s, strict=True):
+            prefetch = prefetched.get(st.stage.index)
+            timings = (WorkerTimings(fetch_s=prefetch.fetch_s, fetch_bytes=prefetch.lease.bytes_new, cold_start_s=seconds)
+                       if prefetch is not None else WorkerTimings(sample=False))
+            self._report(plan, "ready", stage=st.stage.index, timings=timings)
 
     def _report(self, plan: Plan, event: str, *, reason: str | None = None, stage: int | None = None,
                 timings: WorkerTimings | None = None) -> None:
@@ -381,18 +388,23 @@ class _Prefetch:
         self.loader.close()
 
 
-def _wait_all_ready(workers: Sequence[LaunchedWorker], timeout_s: float) -> None:
-    """Wait for every worker at once: the first to fail ends the wait with its error (a stage
-    lost early must not wait behind a head that keeps trying to link to it)."""
+def _wait_all_ready(workers: Sequence[LaunchedWorker], timeout_s: float) -> list[float]:
+    """Wait for every worker at once and return when each was ready (unix time): the first to
+    fail ends the wait with its error (a stage lost early must not wait behind a head that
+    keeps trying to link to it)."""
+    def ready(worker: LaunchedWorker) -> float:
+        worker.wait_ready(timeout_s)
+        return time.time()
+
     if len(workers) == 1:
-        workers[0].wait_ready(timeout_s)
-        return
+        return [ready(workers[0])]
     pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="wait-ready")
     try:
-        futures = [pool.submit(worker.wait_ready, timeout_s) for worker in workers]
+        futures = [pool.submit(ready, worker) for worker in workers]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for future in done:
             future.result()  # raises the first failure
+        return [future.result() for future in futures]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 

@@ -80,7 +80,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
             sharing = cluster.end_fetch(st.node, fetch_key(plan.plan_id, st.stage.index), at)
             active.ready.add(st.stage.index)
             t = report.timings
-            fetch_s = t.fetch_s
+            fetch_s = t.fetch_s if t.sample else None
             if fetch_s is not None:
                 active.fetch_s[st.stage.index] = fetch_s
             if fetch_s is not None and st.fetch_bytes > 0:
@@ -90,7 +90,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
                         st.node, nbytes * 8, fetch_s, sharing, state.info.nic_gbps * 1e9):
                     cluster.sync(state)
                     calibrated.append(f"bandwidth:{st.node}")
-            if report.stage is not None and t.cold_start_s is not None and cluster.calibration.observe_cold_start(
+            if report.stage is not None and t.sample and t.cold_start_s is not None and cluster.calibration.observe_cold_start(
                     fetch_s or 0.0, t.cold_start_s, st.stage_bytes / 1e9, node=st.node):
                 calibrated.append(f"startup:{st.node}")
             if policy.keeps_cache and st.node in cluster.nodes:
@@ -98,7 +98,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
                                       st.stage.is_first, st.stage.is_last)
         if report.stage is None or len(active.ready) == len(plan.stages):
             _start_consolidation(cluster, policy, active, at)
-            if report.stage is None or report.timings.cold_start_s is None:
+            if report.timings.sample and (report.stage is None or report.timings.cold_start_s is None):
                 # one figure for the whole group: a cluster-wide sample of its slowest worker
                 cold = report.timings.cold_start_s
                 if cold is None:

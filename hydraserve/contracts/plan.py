@@ -210,6 +210,8 @@ class WorkerTimings(_Strict):
     cold_start_s: float | None = Field(default=None, ge=0, description="plan to ready")
     ttft_s: float | None = Field(default=None, ge=0, description="first request's time to first token")
     tpot_s: float | None = Field(default=None, ge=0)
+    sample: bool = Field(default=True, description="calibrate from these timings (False: the worker "
+                         "fetched its own weights, a start-up the placement model does not describe)")
 
 
 class WorkerReport(_Strict):

@@ -96,3 +96,14 @@ def test_each_stage_of_a_group_calibrates_its_own_node_with_its_own_bytes() -> N
     learned = svc.cluster.calibration.node_bps
     assert learned["a"] < 1e9 and learned["b"] < 1e9  # moved towards 0.5 Gbit/s, not above the 1 Gbit/s NIC
     assert abs(learned["a"] - learned["b"]) < 0.05e9
+
+
+def test_a_start_up_that_fetched_its_own_weights_teaches_nothing() -> None:
+    """A worker without a prefetch (the baselines, a node whose loaderd did not answer) spent its
+    cold start fetching: its timings would make every start-up look slow."""
+    svc = _svc("ours")
+    before = (svc.cluster.calibration.model, dict(svc.cluster.calibration.node_bps))
+    plan = svc.plan(PlanRequest(function=llama("g", ttft_slo_s=60.0)), now=0.0)
+    ack = svc.report(WorkerReport(plan_id=plan.plan_id, event="ready", stage=0, at=40.0,
+                                  timings=WorkerTimings(cold_start_s=40.0, sample=False)), now=40.0)
+    assert ack.calibrated == [] and (svc.cluster.calibration.model, svc.cluster.calibration.node_bps) == before

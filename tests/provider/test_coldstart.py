@@ -218,10 +218,11 @@ def test_a_pipeline_group_prefetches_each_stage_on_its_node_and_tells_each_worke
         assert layers <= groups and not {f"layer.{i}" for i in range(4)} - layers & groups  # only its stage
 
 
-def test_a_group_reports_each_stages_own_fetch_then_the_whole_cold_start(
-        loaderds: list[LoaderDaemon], model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each node calibrates its bandwidth from its own stage's bytes and seconds (not the group's
-    total over one node's time); the group's cold start is one cluster-wide sample."""
+def test_each_stage_reports_its_own_fetch_and_start_up(loaderds: list[LoaderDaemon], model_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each node calibrates its bandwidth from its own stage's bytes (not the group's total over
+    one node's time) and its start-up from its own worker; a cold start without prefetch (its
+    workers fetch their own weights) is no calibration sample at all."""
     launcher = FakeLauncher()
     coldstart, placement = setup(loaderds, launcher, nic_gbps=1.0, max_pipeline_size=2)
     reports: list[WorkerReport] = []
@@ -229,13 +230,18 @@ def test_a_group_reports_each_stages_own_fetch_then_the_whole_cold_start(
     monkeypatch.setattr(placement, "report", lambda r, **kw: reports.append(r) or real(r, **kw))
     group = coldstart.run(spec(model_dir, scale=16_000, ttft_slo_s=80.0), Timeline())
     ready = [r for r in reports if r.event == "ready"]
-    assert [r.stage for r in ready] == [0, 1, None]
-    for report, st in zip(ready, group.plan.stages, strict=False):
+    assert [r.stage for r in ready] == [0, 1]
+    for report, st in zip(ready, group.plan.stages, strict=True):
         daemon = loaderds[int(st.node.removeprefix("node"))]
         own = sum(seg.layout.tensor_bytes for seg in daemon.service.registry.segments.values())
         assert report.timings.fetch_bytes == own > 0  # this node's stage, fetched fresh
-        assert report.timings.cold_start_s is None  # (fetch_s: only if it ended first; fakes do not wait)
-    assert ready[-1].timings.cold_start_s is not None and ready[-1].timings.fetch_bytes is None
+        assert report.timings.cold_start_s is not None and report.timings.sample
+    coldstart.stop(group)
+    reports.clear()
+    baseline, _ = setup(loaderds, FakeLauncher(), prefetch=False)
+    monkeypatch.setattr(baseline, "_placement", placement)
+    baseline.run(spec(model_dir), Timeline())
+    assert [r.timings.sample for r in reports if r.event == "ready"] == [False]
 
 
 def test_once_the_head_consolidated_the_other_stages_go_and_their_memory_is_freed(
