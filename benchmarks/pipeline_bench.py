@@ -126,11 +126,16 @@ def _consolidation(backend: Any, endpoint: Any, first: Any, streams: list[Any]) 
     assert switched is not None and done is not None
     ahead = timeline.first("kv_recomputed")
     start, end = first.token_times[0], done.at + 1.0
-    gaps = [b - a for s in streams for a, b in zip(s.token_times, s.token_times[1:], strict=False)
+    gaps = [(b - a, b) for s in streams for a, b in zip(s.token_times, s.token_times[1:], strict=False)
             if start <= b <= end]
+    longest, at = max(gaps) if gaps else (None, 0.0)
+    phases = [(e.name, e.at) for e in timeline.events if e.name in (
+        "consolidation_fetch_started", "consolidation_loaded", "kv_recomputed", "consolidated", "group_consolidated")]
+    phase = next((f"before {name}" for name, t in phases if at <= t), "after group_consolidated")
     running = next((s for s in streams if s.token_times[0] <= switched.at <= s.token_times[-1]), None)
     return {"consolidated_after_s": round(done.at - start, 3),
-            "consolidation_max_gap_s": round(max(gaps), 4) if gaps else None,
+            "consolidation_max_gap_s": round(longest, 4) if longest is not None else None,
+            "max_gap_phase": phase,
             "handover": switched.detail.get("handover"), "switch_s": switched.detail.get("switch_s"),
             "migrated": switched.detail.get("migrated"),
             "recomputed_ahead_s": ahead.detail.get("seconds") if ahead else None,
@@ -183,7 +188,8 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
         p = runs["hydra"][-1]["pipeline_size"]
         if i == 0 and p > 1:  # the other KV handover, side by side, once
             say("hydra, KV migrated instead of recomputed")
-            runs["hydra_migrate"].append(cold_start(backends["migrate"], fresh("migrate", ttft_slo_s=slo, **forced),
+            same_p = {"min_pipeline_size": p, "max_pipeline_size": p}
+            runs["hydra_migrate"].append(cold_start(backends["migrate"], fresh("migrate", ttft_slo_s=slo, **same_p),
                                                     through_consolidation=True))
         say(f"start-up floor (p = {p}, bytes resident)")
         floor = hydra.model_copy(update={"name": f"{hydra.name}-floor", "min_pipeline_size": p, "max_pipeline_size": p,
@@ -216,7 +222,8 @@ def summarise(name: str, stack: Any, probe: Any, runs: dict[str, list[dict[str, 
            "consolidation_max_gap_s": median(runs["hydra"], "consolidation_max_gap_s"),
            "consolidated_after_s": median(runs["hydra"], "consolidated_after_s"),
            "kv_handover": {run["handover"]: {k: run[k] for k in ("switch_s", "recomputed_ahead_s",
-                                                                 "consolidation_max_gap_s", "context_tokens")}
+                                                                 "consolidation_max_gap_s", "max_gap_phase",
+                                                                 "context_tokens")}
                            for run in (runs["hydra"][:1] + runs["hydra_migrate"]) if run.get("handover")},
            "cpu_busy": {m: median(rs, "cpu_busy") for m, rs in runs.items()},
            "floor_bytes_new": median(runs["startup_floor"], "bytes_new"),
