@@ -56,16 +56,18 @@ class InstanceProxy:
         event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
 
         def body() -> Iterator[bytes]:
+            broken: InstanceFailedError | None = None
             try:
                 yield from upstream.iter_content(chunk_size=None)
             except requests.RequestException as exc:
                 broken = InstanceFailedError(f"function instance broke off the response: {type(exc).__name__}")
-                on_broken(broken.message)
-                if event_stream:
+                if event_stream:  # the client hears it first; tearing the instance down takes seconds
                     yield f"data: {json.dumps(broken.to_openai())}\n\n".encode()
             finally:
                 upstream.close()
                 on_done()
+                if broken is not None:
+                    on_broken(broken.message)
 
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         return Response(body(), status=upstream.status_code, headers=out_headers, direct_passthrough=True)

@@ -295,6 +295,20 @@ def test_a_group_that_fails_while_serving_names_the_lost_node_and_frees_everythi
     assert all(sum(n.gpu_free_gb) == 40 for n in placement.status().nodes)
 
 
+def test_a_group_without_a_full_worker_stays_a_group(loaderds: list[LoaderDaemon], model_dir: Path) -> None:
+    launcher = FakeLauncher()
+    coldstart, placement = setup(loaderds, launcher, nic_gbps=1.0, max_pipeline_size=2, watch_s=0.02)
+    stays = spec(model_dir, scale=16_000, ttft_slo_s=80.0).model_copy(update={"min_full_workers": 0,
+                                                                             "max_full_workers": 0})
+    group = coldstart.run(stays, Timeline())
+    assert group.plan.pipeline_size == 2 and not any(st.full for st in group.plan.stages)
+    assert all(not w.env.full for w in launcher.workers)  # no worker was given the whole model's memory
+    launcher.workers[0].consolidated = True  # even a head that said so is not watched
+    assert not group.consolidated.wait(0.3) and len(group.workers) == 2
+    coldstart.stop(group)
+    assert placement.status().active_plans == 0
+
+
 def test_cold_starts_run_concurrently_without_sharing_state(loaderds: list[LoaderDaemon], model_dir: Path) -> None:
     launcher = FakeLauncher()
     coldstart, placement = setup(loaderds, launcher)
