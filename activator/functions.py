@@ -29,9 +29,12 @@ class FunctionConfig(BaseModel):
     ttft_slo_s: float = Field(default=10.0, gt=0)
     tpot_slo_s: float = Field(default=0.2, gt=0)
     idle_timeout_s: float = Field(default=30.0, ge=0)
-    max_queue: int = Field(default=64, ge=1)
-    request_timeout_s: float = Field(default=120.0, gt=0)
-    cold_start_timeout_s: float = Field(default=180.0, gt=0)
+    max_queue: int = Field(default=10_000, ge=1, description="requests parked at once (as Knative's activator); "
+                           "more get 503 + Retry-After")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="longest a request waits for a free instance")
+    concurrency: int = Field(default=32, ge=0, description="requests one instance serves at once (Knative's "
+                             "containerConcurrency; 0 = no limit); more wait, and start another instance")
+    max_instances: int = Field(default=4, ge=1, le=64, description="instances a function scales out to")
     max_pipeline_size: int = Field(default=4, ge=1, le=4, description="largest pipeline group a cold start may use")
     min_pipeline_size: int = Field(default=1, ge=1, le=4, description="smallest (above 1: a forced group size)")
     consolidate: bool = Field(default=True, description="a group becomes one worker once it serves (False: "

@@ -1,177 +1,304 @@
-"""The local activator gateway: find the function, hold the request through a cold start,
-forward it, and scale idle functions to zero.
+"""The local activator gateway: find the function, park the request through a cold start,
+forward it, scale out while demand exceeds the instances, scale idle instances in.
 
-Request path, in order: resolve the function (path prefix /functions/<name>/ or Host
-<name>.<domain>) -> scaler.acquire (buffers at zero; bounded queue and deadline) -> proxy to
-the instance (streaming) -> scaler.release when the body is done. A request the instance
-failed before answering (it has no token yet) fails the instance and is sent again to a fresh
-one, up to MAX_INSTANCE_RETRIES times; a stream the instance broke off ends with an error
-event. A reaper thread scales idle functions down with the injected clock and fails instances
-whose workers the backend lost.
+Request path, in order: read the body (over the limit: 413 before anything starts) -> resolve
+the function (path prefix /functions/<name>/, Host <name>.<domain> naming a registered
+function, or the OpenAI routes' ``model``) -> scaler.acquire (parks at zero and while every
+instance is full; bounded queue and deadline) -> proxy to the instance (streaming) ->
+scaler.release. A request the instance failed before answering (it has no token yet) fails
+the instance and is sent again to a fresh one, up to MAX_INSTANCE_RETRIES times; a stream the
+instance broke off ends with an error event. The gateway's own routes (/healthz, /metrics,
+/v1/functions, /v1/models) are never shadowed by a Host and never wait for a function. A
+reaper task scales idle instances in with the injected clock and fails instances whose workers
+the backend lost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import json
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
-from flask import Flask, Response, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hydraserve.activator.functions import FunctionConfig
-from hydraserve.activator.ports import Endpoint, FunctionBackend
+from hydraserve.activator.metrics import UNKNOWN_FUNCTION, GatewayMetrics
+from hydraserve.activator.ports import FunctionBackend
 from hydraserve.activator.proxy import InstanceProxy
 from hydraserve.activator.scaler import FunctionScaler
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import InstanceFailedError, NotFoundError
-from hydraserve.http_errors import install_error_handlers
+from hydraserve.errors import (
+    HydraError,
+    InstanceFailedError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MAX_INSTANCE_RETRIES = 2  # a request is sent to at most three instances
+MAX_BODY_BYTES = 1 << 20  # as the runtime's limit: a larger body is refused before a cold start
+METRICS = web.AppKey("metrics", GatewayMetrics)
+FUNCTION = web.RequestKey("function", str)  # the function a request is counted under
 
 
 class Gateway:
-    """Registry of functions and their scalers, plus the reaper."""
+    """Registry of functions and their scalers, the proxy, the reaper."""
 
     def __init__(self, backend: FunctionBackend, *, clock: Callable[[], float] = time.monotonic,
                  reap_interval_s: float = 1.0) -> None:
         self.backend = backend
         self._clock = clock
         self._scalers: dict[str, FunctionScaler] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._reap_interval_s = reap_interval_s
-        self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
+        self._reaper: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="backend")
         self.proxy = InstanceProxy()
-        self.registry = CollectorRegistry()
-        self.requests = Counter("hydraserve_gateway_requests_total", "Requests by function and status",
-                                ["function", "status"], registry=self.registry)
-        self.cold_starts = Counter("hydraserve_gateway_cold_starts_total", "Cold starts begun",
-                                   ["function"], registry=self.registry)
-        self.instance_failures = Counter("hydraserve_gateway_instance_failures_total",
-                                         "Instances failed while serving (lost worker, broken group)",
-                                         ["function"], registry=self.registry)
-        self.retries = Counter("hydraserve_gateway_request_retries_total",
-                               "Requests sent again to a fresh instance after theirs failed",
-                               ["function"], registry=self.registry)
-        self.ready = Gauge("hydraserve_gateway_function_ready", "1 while the function has an instance",
-                           ["function"], registry=self.registry)
+        self.metrics = GatewayMetrics()
 
-    def register(self, config: FunctionConfig) -> None:
-        with self._lock:
-            if config.name in self._scalers:
-                raise ValueError(f"function {config.name} already registered")
-            self._scalers[config.name] = FunctionScaler(config, self.backend, self._clock)
+    def register(self, config: FunctionConfig) -> FunctionScaler:
+        if config.name in self._scalers:
+            raise ValueError(f"function {config.name} already registered")
+        scaler = FunctionScaler(config, self.backend, executor=self._executor, metrics=self.metrics,
+                                clock=self._clock)
+        self._scalers[config.name] = scaler
+        return scaler
 
     def scaler(self, name: str) -> FunctionScaler:
-        with self._lock:
-            scaler = self._scalers.get(name)
+        scaler = self._scalers.get(name)
         if scaler is None:
             raise NotFoundError(f"unknown function {name!r}", param="function")
         return scaler
 
+    def has(self, name: str) -> bool:
+        return name in self._scalers
+
     def functions(self) -> list[FunctionScaler]:
-        with self._lock:
-            return list(self._scalers.values())
+        return list(self._scalers.values())
 
-    def start(self) -> Gateway:
-        self._reaper.start()
-        return self
+    async def start(self, _app: web.Application | None = None) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
 
-    def close(self) -> None:
-        self._stop.set()
+    async def aclose(self, _app: web.Application | None = None) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.gather(*(s.shutdown() for s in self.functions()), return_exceptions=True)
+        await self.proxy.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def reap(self) -> None:
+        """One reaper tick (the loop runs it every reap_interval_s; tests call it)."""
         for scaler in self.functions():
-            scaler.shutdown()
+            try:
+                await scaler.check_instances()
+                await scaler.scale_in_idle(self._clock())
+            except Exception:
+                log.exception("reaping %s failed", scaler.config.name)
+            self.metrics.instances.labels(scaler.config.name).set(len(scaler.instances))
 
-    def _reap_loop(self) -> None:
-        while not self._stop.wait(self._reap_interval_s):
-            for scaler in self.functions():
-                try:
-                    if scaler.check_instance():
-                        self.instance_failures.labels(scaler.config.name).inc()
-                    scaler.scale_down_if_idle(self._clock())
-                except Exception:
-                    log.exception("reaping %s failed", scaler.config.name)
-                self.ready.labels(scaler.config.name).set(1 if scaler.state.value == "ready" else 0)
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._reap_interval_s)
+            await self.reap()
 
     def cold_start_timeline(self, name: str) -> Timeline:
-        """Gateway events of the last cold start merged with the instance's own."""
+        """Gateway events of the last cold start merged with its instance's own (blocks: it asks
+        the instance; callable from any thread)."""
         scaler = self.scaler(name)
         timeline = scaler.last_timeline or Timeline()
-        if scaler.endpoint is not None:
-            try:
-                timeline = timeline.merged(self.backend.worker_timeline(scaler.endpoint))
-            except Exception as exc:
-                log.warning("could not read worker timeline: %s", exc)
+        for instance in list(scaler.instances.values()):
+            if instance.timeline is timeline:
+                try:
+                    timeline = timeline.merged(self.backend.worker_timeline(instance.endpoint))
+                except Exception as exc:
+                    log.warning("could not read the instance's timeline: %s", exc)
         return timeline
 
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the gateway's thread pool (backend calls block)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-def create_gateway_app(gateway: Gateway) -> Flask:
-    app = Flask("hydraserve.activator")
-    app.config["MAX_CONTENT_LENGTH"] = 1 << 20
-    install_error_handlers(app)
 
-    def _forward(name: str, path: str) -> Response:
+# the app ----------------------------------------------------------------------------------
+
+def _json_error(exc: HydraError, status: int | None = None) -> web.Response:
+    response = web.json_response(exc.to_openai(), status=status or exc.status)
+    if exc.retry_after_s is not None:
+        response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    return response
+
+
+_HTTP_CLASSES: dict[int, type[HydraError]] = {404: NotFoundError, 413: PayloadTooLargeError}
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> web.StreamResponse:
+    """Every failure in OpenAI's error shape (as hydraserve.http_errors does for Flask apps),
+    and each function request counted by its status."""
+    metrics: GatewayMetrics = request.app[METRICS]
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except HydraError as exc:
+        if exc.status >= 500:
+            log.warning("request failed: %s", exc.message)
+        status = exc.status
+        return _json_error(exc)
+    except web.HTTPException as exc:
+        status = exc.status
+        cls = _HTTP_CLASSES.get(exc.status, InvalidRequestError if exc.status < 500 else HydraError)
+        return _json_error(cls(exc.reason if exc.text is None else exc.text.removeprefix(f"{exc.status}: ")),
+                           exc.status)
+    except asyncio.CancelledError:
+        status = 499  # nginx's "client closed request"
+        if FUNCTION in request:
+            metrics.client_disconnects.labels(request[FUNCTION]).inc()
+        raise
+    except Exception as exc:
+        log.exception("unhandled error")
+        return _json_error(HydraError(f"internal error: {type(exc).__name__}"))
+    finally:
+        if FUNCTION in request and status != 499:
+            metrics.requests.labels(request[FUNCTION], str(status)).inc()
+
+
+def _host_function(gateway: Gateway, request: web.Request) -> str | None:
+    """The function a Host header ``<name>.<domain>`` names, if it is registered (an address or
+    a bare name never is: ``127.0.0.1`` is not function ``127``)."""
+    host = (request.host or "").rsplit(":", 1)[0].strip("[]")
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return None
+    name, dot, _domain = host.partition(".")
+    return name if dot and gateway.has(name) else None
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, refused with a 413 by its declared length before anything is read."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLargeError(f"request body of {request.content_length} bytes is over the "
+                                   f"{MAX_BODY_BYTES} byte limit")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLargeError(f"request body is over the {MAX_BODY_BYTES} byte limit") from None
+
+
+def _model_of(body: bytes) -> str | None:
+    """The ``model`` an OpenAI request body names (a bad body is the function's to refuse,
+    unless it cannot even be routed)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {type(exc).__name__}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError("model: must be a string", param="model")
+    return model
+
+
+def create_gateway_app(gateway: Gateway) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app[METRICS] = gateway.metrics
+    app.on_startup.append(gateway.start)
+    app.on_cleanup.append(gateway.aclose)
+
+    async def forward(request: web.Request, name: str, path: str, body: bytes | None = None) -> web.StreamResponse:
+        request[FUNCTION] = name if gateway.has(name) else UNKNOWN_FUNCTION
+        body = await _read_body(request) if body is None else body
         scaler = gateway.scaler(name)
         for attempt in range(MAX_INSTANCE_RETRIES + 1):
-            before = scaler.cold_starts
-            endpoint = scaler.acquire()
-            if scaler.cold_starts != before:
-                gateway.cold_starts.labels(name).inc()
-
-            def broken(reason: str, endpoint: Endpoint = endpoint) -> None:
-                if scaler.instance_failed(endpoint, reason):
-                    gateway.instance_failures.labels(name).inc()
-
+            instance = await scaler.acquire()
             try:
-                response = gateway.proxy.forward(endpoint.url, path, request, on_first_byte=scaler.first_response,
-                                                 on_done=scaler.release, on_broken=broken)
+                response, broken = await gateway.proxy.forward(
+                    instance.endpoint.url, path, request, body,
+                    on_first_byte=functools.partial(scaler.first_response, instance))
             except InstanceFailedError as exc:
-                broken(exc.message)
+                scaler.instance_failed(instance, exc.message)  # dropped before its slot frees
+                scaler.release(instance)
                 if attempt == MAX_INSTANCE_RETRIES:
-                    gateway.requests.labels(name, str(exc.status)).inc()
                     raise
-                gateway.retries.labels(name).inc()
+                gateway.metrics.retries.labels(name).inc()
                 log.warning("request to %s sent again after its instance failed: %s", name, exc.message)
                 continue
-            gateway.requests.labels(name, str(response.status_code)).inc()
+            except BaseException:
+                scaler.release(instance)
+                raise
+            if broken is not None:
+                scaler.instance_failed(instance, broken)
+            scaler.release(instance)
             return response
         raise AssertionError("unreachable")
 
-    methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+    async def by_path(request: web.Request) -> web.StreamResponse:
+        return await forward(request, request.match_info["name"], request.match_info.get("path", ""))
 
-    @app.route("/functions/<name>/", defaults={"path": ""}, methods=methods)
-    @app.route("/functions/<name>/<path:path>", methods=methods)
-    def by_path(name: str, path: str) -> Response:
-        return _forward(name, path)
+    async def by_host(request: web.Request) -> web.StreamResponse:
+        name = _host_function(gateway, request)
+        if name is None:
+            request[FUNCTION] = UNKNOWN_FUNCTION
+            raise NotFoundError(f"no function at {request.path!r}: use /functions/<name>/..., a Host "
+                                "<name>.<domain> naming a function, or /v1/completions with a model")
+        return await forward(request, name, request.path)
 
-    @app.get("/healthz")
-    def healthz() -> Response:
-        return jsonify({"status": "ok"})
+    async def openai_route(request: web.Request) -> web.StreamResponse:
+        """/v1/completions and /v1/chat/completions: the Host's function, else the body's model."""
+        name = _host_function(gateway, request)
+        body = await _read_body(request)
+        if name is None:
+            model = _model_of(body)
+            if model is None or not gateway.has(model):
+                request[FUNCTION] = UNKNOWN_FUNCTION
+                raise NotFoundError(f"The model {model!r} does not exist" if model else "model: a model is required",
+                                    param="model", code="model_not_found")
+            name = model
+        return await forward(request, name, request.path, body)
 
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(gateway.registry), mimetype=CONTENT_TYPE_LATEST)
+    async def models(request: web.Request) -> web.Response:
+        host = _host_function(gateway, request)
+        names = [host] if host else [s.config.name for s in gateway.functions()]
+        return web.json_response({"object": "list", "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": "hydraserve"} for n in names]})
 
-    @app.get("/v1/functions")
-    def list_functions() -> Response:
-        return jsonify({"functions": [s.status() for s in gateway.functions()]})
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
 
-    @app.get("/v1/functions/<name>/timeline")
-    def timeline(name: str) -> Response:
-        return jsonify(gateway.cold_start_timeline(name).model_dump())
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(gateway.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    @app.route("/", defaults={"path": ""}, methods=methods)
-    @app.route("/<path:path>", methods=methods)
-    def by_host(path: str) -> Response:
-        host = (request.host or "").split(":")[0]
-        name = host.split(".")[0] if "." in host else ""
-        if not name:
-            raise NotFoundError("no function in the request: use /functions/<name>/... or "
-                                "Host: <name>.<domain>")
-        return _forward(name, path)
+    async def list_functions(_request: web.Request) -> web.Response:
+        return web.json_response({"functions": [s.status() for s in gateway.functions()]})
 
+    async def timeline(request: web.Request) -> web.Response:
+        merged = await gateway.blocking(gateway.cold_start_timeline, request.match_info["name"])
+        return web.json_response(merged.model_dump(mode="json"))
+
+    methods: Any = "*"
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/functions", list_functions)
+    app.router.add_get("/v1/functions/{name}/timeline", timeline)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", openai_route)
+    app.router.add_post("/v1/chat/completions", openai_route)
+    app.router.add_route(methods, "/functions/{name}", by_path)
+    app.router.add_route(methods, "/functions/{name}/{path:.*}", by_path)
+    app.router.add_route(methods, "/{path:.*}", by_host)
     return app

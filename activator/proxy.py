@@ -1,20 +1,25 @@
 """Forward one HTTP request to a function instance and stream the answer back.
 
-Hop-by-hop headers are dropped both ways (RFC 9110 §7.6.1); bodies stream in chunks so SSE
-tokens reach the client as they are generated. Only this module talks to instances. An
-instance that cannot serve, before it sent anything (nothing answers at its address, or it
-answers 503 with an instance failure), raises InstanceFailedError so the gateway can retry the
-request elsewhere; one that breaks off a stream under way ends it with an SSE error event
-(OpenAI's shape, which the openai client raises as an APIError) and reports ``on_broken``.
+Hop-by-hop headers are dropped both ways (RFC 9110 §7.6.1); a Content-Length from the
+instance is kept (so the client's connection stays alive), otherwise the body is chunked;
+bodies stream as they come, so SSE tokens reach the client as they are generated. Only this
+module talks to instances. An instance that cannot serve, before it sent anything (nothing
+answers at its address, or it answers 503 with an instance failure), raises
+InstanceFailedError so the gateway can retry the request elsewhere; one that breaks off a
+stream under way ends it with an SSE error event (OpenAI's shape, which the openai client
+raises as an APIError) and a clean end of the body, and the caller is told why. A client
+that goes away cancels the handler: the instance's connection is closed at once, which
+aborts the request in its engine.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import requests
-from flask import Request, Response
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
 
 from hydraserve.errors import InstanceFailedError, TemporaryError, error_from_response
 
@@ -24,64 +29,78 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 
 class InstanceProxy:
     def __init__(self, timeout_s: float = 300.0) -> None:
-        self._session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=64)
-        self._session.mount("http://", adapter)
-        self._timeout_s = timeout_s
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
 
-    def forward(self, base_url: str, path: str, request: Request, *, on_first_byte: Callable[[], None],
-                on_done: Callable[[], None], on_broken: Callable[[str], None]) -> Response:
-        """Send ``request`` to ``base_url + path``; ``on_done`` runs when the body is finished
-        (or the request failed), ``on_broken`` when the instance broke off a body under way."""
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:  # created on the gateway's loop, on first use
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+                auto_decompress=False, timeout=self._timeout, skip_auto_headers=("User-Agent",))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(self, base_url: str, path: str, request: web.Request, body: bytes, *,
+                      on_first_byte: Callable[[], None]) -> tuple[web.StreamResponse, str | None]:
+        """Send ``request`` (its ``body`` already read) to ``base_url + path`` and stream the
+        answer; with it, why the instance broke the answer off (None when it did not)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         url = base_url.rstrip("/") + "/" + path.lstrip("/")
         try:
-            upstream = self._session.request(request.method, url, params=list(request.args.items(multi=True)),
-                                             data=request.get_data(), headers=headers, stream=True,
-                                             timeout=(5.0, self._timeout_s))
-        except requests.ConnectionError as exc:
-            on_done()
+            upstream = await self._client().request(request.method, url, params=request.rel_url.query,
+                                                    data=body, headers=headers, allow_redirects=False)
+        except aiohttp.ClientConnectionError as exc:
             raise InstanceFailedError(f"function instance unreachable: {type(exc).__name__}",
                                       retry_after_s=1.0) from None
-        except requests.RequestException as exc:
-            on_done()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise TemporaryError(f"function instance did not answer: {type(exc).__name__}",
                                  retry_after_s=1.0) from None
-        if upstream.status_code == 503:
-            failure = _instance_failure(upstream)
-            if failure is not None:
-                on_done()
-                raise failure
-        on_first_byte()
-        event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
-
-        def body() -> Iterator[bytes]:
-            broken: InstanceFailedError | None = None
-            try:
-                yield from upstream.iter_content(chunk_size=None)
-            except requests.RequestException as exc:
-                broken = InstanceFailedError(f"function instance broke off the response: {type(exc).__name__}")
-                if event_stream:  # the client hears it first; tearing the instance down takes seconds
-                    yield f"data: {json.dumps(broken.to_openai())}\n\n".encode()
-            finally:
-                upstream.close()
-                on_done()
-                if broken is not None:
-                    on_broken(broken.message)
-
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        return Response(body(), status=upstream.status_code, headers=out_headers, direct_passthrough=True)
+        try:
+            if upstream.status == 503 and upstream.content_type == "application/json":
+                raw = await _read_failure(upstream)
+                on_first_byte()
+                return web.Response(status=503, body=raw, headers=_end_to_end(upstream)), None
+            on_first_byte()
+            return await _relay(request, upstream)
+        finally:
+            upstream.close()  # no-op after a full read; after a cancel it drops the connection
 
 
-def _instance_failure(upstream: requests.Response) -> InstanceFailedError | None:
-    """The InstanceFailedError a 503 carries, if it is one (read and closed); None otherwise."""
-    if not upstream.headers.get("content-type", "").startswith("application/json"):
-        return None
+def _end_to_end(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> tuple[web.StreamResponse, str | None]:
+    out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=_end_to_end(upstream))
+    if upstream.content_length is not None:
+        out.content_length = upstream.content_length
+    await out.prepare(request)
     try:
-        body = json.loads(upstream.content)
-    except ValueError:
-        return None
-    finally:
-        upstream.close()
+        async for chunk in upstream.content.iter_any():
+            await out.write(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+        broken = InstanceFailedError(f"function instance broke off the response: {type(exc).__name__}")
+        if upstream.content_type == "text/event-stream":  # the client hears it first
+            await out.write(f"data: {json.dumps(broken.to_openai())}\n\n".encode())
+            await out.write_eof()
+        else:
+            out.force_close()
+        return out, broken.message
+    await out.write_eof()
+    return out, None
+
+
+async def _read_failure(upstream: aiohttp.ClientResponse) -> bytes:
+    """A JSON 503's body; raises the InstanceFailedError it carries, if it is one."""
+    try:
+        raw = await upstream.read()
+        body = json.loads(raw)
+    except (TimeoutError, ValueError, aiohttp.ClientError):
+        raise TemporaryError("function instance answered 503 with an unreadable body", retry_after_s=1.0) from None
     error = error_from_response(503, body, source="function instance")
-    return error if isinstance(error, InstanceFailedError) else None
+    if isinstance(error, InstanceFailedError):
+        raise error
+    return raw

@@ -1,30 +1,44 @@
-"""Per-function scale-from-zero state machine: buffer at zero, start once, route, idle to zero.
+"""Per-function scaling: park requests through cold starts, route each to the least-loaded
+instance, scale out while demand exceeds the instances' concurrency, scale in when idle.
 
-The gateway calls ``acquire`` for every request: at zero it starts one cold start (in a
-thread) and the request waits in a bounded queue until the instance is ready or its deadline
-passes; a failed start wakes every waiter with the reason (503) and leaves the function at
-zero, so the next request tries again. A start that lost a worker is tried again at once on a
-plan avoiding that node (up to ``max_start_attempts``), the waiters still waiting. An instance
-that fails while serving (``instance_failed``: the gateway saw it, or the reaper found a
-worker lost) is failed in the backend and the function goes back to zero, its next start
-avoiding the lost nodes. ``scale_down_if_idle`` takes ``now`` so the reaper and tests decide
-with an injected clock.
+Runs on the gateway's event loop; a parked request is one future in a FIFO (a few hundred
+bytes), never a thread. ``acquire`` returns an instance with a free slot (``concurrency``
+requests at once, 0 = unlimited) or parks the request, bounded by ``max_queue`` and
+``request_timeout_s``. While parked and running requests need more slots than the instances
+(ready and starting) have, another cold start begins, up to ``max_instances``. A start that lost
+a worker is tried again at once on a plan avoiding that node (up to ``max_start_attempts``); a
+start that fails while no other instance is up or coming fails every parked request with the
+reason (503), and the next request tries again. An instance that fails while serving
+(``instance_failed``: the gateway saw it, or the reaper found a worker lost) is failed in the
+backend and dropped; the next start avoids its lost nodes. Backend calls block (a cold start
+takes seconds), so they run in the gateway's thread pool. The clock is injected so the reaper
+and tests decide idleness with it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
+import math
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, TypeVar
 
 from hydraserve.activator.functions import FunctionConfig
+from hydraserve.activator.metrics import GatewayMetrics
 from hydraserve.activator.ports import Endpoint, FunctionBackend
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import HydraError, InstanceFailedError, OverloadedError, TemporaryError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCALE_OUT_HOLD_S = 10.0  # after a failed scale-out start (no capacity?), wait before the next
 
 
 class ScaleState(StrEnum):
@@ -34,93 +48,172 @@ class ScaleState(StrEnum):
     STOPPING = "stopping"
 
 
-class FunctionScaler:
-    """Scaling state of one function; thread-safe."""
+@dataclass(eq=False)
+class Instance:
+    """One ready instance and the requests it is serving."""
 
-    def __init__(self, config: FunctionConfig, backend: FunctionBackend,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    endpoint: Endpoint
+    timeline: Timeline
+    last_active: float
+    inflight: int = 0
+    first_response_pending: bool = True
+
+    @property
+    def instance_id(self) -> str:
+        return self.endpoint.instance_id
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[Instance]
+    timer: asyncio.TimerHandle | None = field(default=None)
+
+
+class FunctionScaler:
+    """Scaling state of one function; every method runs on the gateway's event loop."""
+
+    def __init__(self, config: FunctionConfig, backend: FunctionBackend, *, executor: Executor | None = None,
+                 metrics: GatewayMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._backend = backend
+        self._executor = executor
+        self._metrics = metrics or GatewayMetrics()
         self._clock = clock
-        self._cond = threading.Condition()
-        self.state = ScaleState.ZERO
-        self.endpoint: Endpoint | None = None
+        self.instances: dict[str, Instance] = {}
+        self._queue: deque[_Waiter] = deque()
         self._waiting = 0
-        self._inflight = 0
-        self._last_active = clock()
-        self._attempt = 0
-        self._failed_attempt = 0
-        self.last_failure: str | None = None
-        self.cold_starts = 0
-        self.last_timeline: Timeline | None = None
-        self._first_response_pending = False
+        self._starting = 0
+        self._failing = 0  # failed instances the backend is still tearing down
+        self._stopping = 0  # idle instances the backend is stopping
+        self._scale_out_hold_until = 0.0
         self._closed = False
         self._avoid_next: tuple[str, ...] = ()  # nodes the next cold start avoids (lost workers)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.last_failure: str | None = None
+        self.last_timeline: Timeline | None = None
+        self.cold_starts = 0  # instances that became ready
         self.instance_failures = 0
 
     # request path ------------------------------------------------------------------------
-    def acquire(self) -> Endpoint:
-        """An endpoint for one request (blocking through a cold start); pair with release()."""
-        with self._cond:
-            if self.state == ScaleState.READY and self.endpoint is not None:
-                return self._take()
-            if self._waiting >= self.config.max_queue:
-                raise OverloadedError(f"function {self.config.name}: {self._waiting} requests already "
-                                      "waiting for a cold start", retry_after_s=1.0)
-            self._waiting += 1
-            try:
-                if self.state == ScaleState.ZERO:
-                    self._begin_start()
-                attempt = self._attempt
-                deadline = self._clock() + self.config.request_timeout_s
-                while not (self.state == ScaleState.READY and self.endpoint is not None):
-                    if self._failed_attempt >= attempt:
-                        raise TemporaryError(f"function {self.config.name} failed to start: "
-                                             f"{self.last_failure}", retry_after_s=1.0)
-                    if self.state == ScaleState.ZERO:  # stopped while we waited: start again
-                        self._begin_start()
-                        attempt = self._attempt
-                    remaining = deadline - self._clock()
-                    if remaining <= 0:
-                        raise OverloadedError(f"function {self.config.name}: not ready within "
-                                              f"{self.config.request_timeout_s:.0f} s", retry_after_s=1.0)
-                    self._cond.wait(min(remaining, 1.0))
-                return self._take()
-            finally:
-                self._waiting -= 1
+    @property
+    def state(self) -> ScaleState:
+        if self.instances:
+            return ScaleState.READY
+        if self._starting:
+            return ScaleState.STARTING
+        return ScaleState.STOPPING if self._stopping or self._failing else ScaleState.ZERO
 
-    def release(self) -> None:
-        with self._cond:
-            self._inflight -= 1
-            self._last_active = self._clock()
-            self._cond.notify_all()
+    async def acquire(self) -> Instance:
+        """A slot on an instance for one request (parked through a cold start); pair with release()."""
+        if self._closed:
+            raise TemporaryError(f"function {self.config.name} is shutting down", retry_after_s=1.0)
+        instance = self._free_instance()
+        if instance is not None and not self._waiting:  # first come, first served
+            return self._take(instance)
+        if self._waiting >= self.config.max_queue:
+            raise OverloadedError(f"function {self.config.name}: {self._waiting} requests already waiting",
+                                  retry_after_s=1.0)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future())
+        waiter.timer = loop.call_later(self.config.request_timeout_s, self._expire, waiter)
+        self._queue.append(waiter)
+        self._waiting += 1
+        self._metrics.waiting.labels(self.config.name).inc()
+        try:
+            self._scale_out()
+            self._dispatch()
+            return await waiter.future
+        except asyncio.CancelledError:  # the client went away while parked
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self.release(waiter.future.result())  # handed a slot it will never use
+            raise
+        finally:
+            waiter.timer.cancel()
+            self._waiting -= 1
+            self._metrics.waiting.labels(self.config.name).dec()
 
-    def first_response(self) -> None:
-        """The proxy saw the first response byte after a cold start: close the timeline."""
-        with self._cond:
-            if self._first_response_pending and self.last_timeline is not None:
-                self.last_timeline.mark("first_response_byte", component="gateway")
-                self._first_response_pending = False
+    def release(self, instance: Instance) -> None:
+        instance.inflight -= 1
+        instance.last_active = self._clock()
+        self._dispatch()
 
-    def _take(self) -> Endpoint:
-        assert self.endpoint is not None
-        self._inflight += 1
-        self._last_active = self._clock()
-        return self.endpoint
+    def first_response(self, instance: Instance) -> None:
+        """The proxy saw the instance's first response byte: close its cold start's timeline."""
+        if instance.first_response_pending:
+            instance.timeline.mark("first_response_byte", component="gateway")
+            instance.first_response_pending = False
 
-    # cold start --------------------------------------------------------------------------
+    def _free_instance(self) -> Instance | None:
+        """The least-loaded instance with a free slot."""
+        limit = self.config.concurrency or math.inf
+        free = [i for i in self.instances.values() if i.inflight < limit]
+        return min(free, key=lambda i: i.inflight) if free else None
+
+    def _take(self, instance: Instance) -> Instance:
+        instance.inflight += 1
+        instance.last_active = self._clock()
+        return instance
+
+    def _dispatch(self) -> None:
+        """Hand free slots to parked requests, oldest first."""
+        while self._queue:
+            if self._queue[0].future.done():  # expired or cancelled
+                self._queue.popleft()
+                continue
+            instance = self._free_instance()
+            if instance is None:
+                return
+            self._queue.popleft().future.set_result(self._take(instance))
+
+    def _expire(self, waiter: _Waiter) -> None:
+        if not waiter.future.done():
+            waiter.future.set_exception(OverloadedError(
+                f"function {self.config.name}: no instance free within {self.config.request_timeout_s:g} s",
+                retry_after_s=1.0))
+
+    def _fail_waiters(self, error: HydraError) -> None:
+        while self._queue:
+            future = self._queue.popleft().future
+            if not future.done():
+                future.set_exception(error)
+
+    # scale out ---------------------------------------------------------------------------
+    def _wanted_instances(self) -> int:
+        demand = self._waiting + sum(i.inflight for i in self.instances.values())
+        if demand == 0:
+            return 0
+        wanted = math.ceil(demand / self.config.concurrency) if self.config.concurrency else 1
+        return min(wanted, self.config.max_instances)
+
+    def _scale_out(self) -> None:
+        """Begin cold starts while the demand needs more instances than are up or coming."""
+        if self._closed:
+            return
+        have = len(self.instances) + self._starting + self._failing  # a failing one's replacement waits
+        if have and self._clock() < self._scale_out_hold_until:
+            return
+        for _ in range(self._wanted_instances() - have):
+            self._begin_start()
+
     def _begin_start(self) -> None:
-        self._attempt += 1
-        self.state = ScaleState.STARTING
+        self._starting += 1
+        self._metrics.cold_starts.labels(self.config.name).inc()
         timeline = Timeline()
         timeline.mark("request_received", component="gateway")
         self.last_timeline = timeline
         avoid, self._avoid_next = self._avoid_next, ()
-        threading.Thread(target=self._cold_start, args=(self._attempt, timeline, avoid),
-                         name=f"cold-start-{self.config.name}", daemon=True).start()
+        self._spawn(self._cold_start(timeline, avoid))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _start_avoiding_lost_nodes(self, timeline: Timeline, avoid: tuple[str, ...]) -> Endpoint:
-        """backend.start, tried again on a fresh plan while attempts lose workers."""
+        """backend.start, tried again on a fresh plan while attempts lose workers (in a thread)."""
         for attempt in range(1, self.config.max_start_attempts + 1):
             try:
                 return self._backend.start(self.config, timeline, avoid)
@@ -133,104 +226,106 @@ class FunctionScaler:
                 timeline.mark("cold_start_retry", component="gateway", avoid=list(avoid), reason=exc.message[:200])
         raise AssertionError("unreachable")
 
-    def _cold_start(self, attempt: int, timeline: Timeline, avoid: tuple[str, ...]) -> None:
+    async def _cold_start(self, timeline: Timeline, avoid: tuple[str, ...]) -> None:
         try:
-            endpoint = self._start_avoiding_lost_nodes(timeline, avoid)
-        except Exception as exc:  # any failure must wake the waiters
+            endpoint = await self._blocking(self._start_avoiding_lost_nodes, timeline, avoid)
+        except Exception as exc:  # any failure must answer the parked requests
+            self._starting -= 1
             reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
             log.warning("cold start of %s failed: %s", self.config.name, reason)
-            with self._cond:
-                self.state = ScaleState.ZERO
-                self.last_failure = reason
-                self._failed_attempt = attempt
-                self._cond.notify_all()
-            return
-        timeline.mark("instance_ready", component="gateway")
-        with self._cond:
-            if self._closed:  # gateway shut down while we were starting
-                self.state = ScaleState.ZERO
-                self._cond.notify_all()
-                closed = True
+            self.last_failure = reason
+            if self.instances or self._starting or self._failing:  # others serve or come: the parked requests wait for them
+                self._scale_out_hold_until = self._clock() + SCALE_OUT_HOLD_S
             else:
-                closed = False
-        if closed:
-            self._backend.stop(self.config.name, endpoint.instance_id)
+                self._fail_waiters(TemporaryError(f"function {self.config.name} failed to start: {reason}",
+                                                  retry_after_s=1.0))
             return
-        with self._cond:
-            self.endpoint = endpoint
-            self.state = ScaleState.READY
-            self.cold_starts += 1
-            self.last_failure = None
-            self._first_response_pending = True
-            self._last_active = self._clock()
-            self._cond.notify_all()
+        self._starting -= 1
+        timeline.mark("instance_ready", component="gateway")
+        if self._closed:  # the gateway shut down while it started
+            await self._blocking(self._backend.stop, self.config.name, endpoint.instance_id)
+            return
+        self.instances[endpoint.instance_id] = Instance(endpoint, timeline, last_active=self._clock())
+        self.cold_starts += 1
+        self.last_failure = None
+        self._dispatch()
 
     # failures while serving ---------------------------------------------------------------
-    def instance_failed(self, endpoint: Endpoint, reason: str) -> bool:
-        """``endpoint``'s instance cannot serve: fail it in the backend (its lost nodes are
-        avoided by the next start) and go back to zero. True if this call did it (the first
-        of several requests that saw the same failure)."""
-        with self._cond:
-            current = self.endpoint is not None and self.endpoint.instance_id == endpoint.instance_id
-            if not (current and self.state == ScaleState.READY):
-                return False
-            self.endpoint = None
-            self.state = ScaleState.STOPPING
-            self.instance_failures += 1
-            self.last_failure = reason
-        log.warning("instance %s of %s failed: %s", endpoint.instance_id, self.config.name, reason)
+    def instance_failed(self, instance: Instance, reason: str) -> bool:
+        """``instance`` cannot serve: drop it now and fail it in the backend in the background;
+        a replacement (if requests need one) starts after that, avoiding the nodes it lost.
+        True if this call did it (the first of several requests that saw the same failure)."""
+        if self.instances.get(instance.instance_id) is not instance:
+            return False
+        del self.instances[instance.instance_id]
+        self.instance_failures += 1
+        self._metrics.instance_failures.labels(self.config.name).inc()
+        self.last_failure = reason
+        log.warning("instance %s of %s failed: %s", instance.instance_id, self.config.name, reason)
+        self._failing += 1
+        self._spawn(self._fail_in_backend(instance, reason))
+        return True
+
+    async def _fail_in_backend(self, instance: Instance, reason: str) -> None:
         lost: tuple[str, ...] = ()
         try:
-            lost = self._backend.fail(self.config.name, endpoint.instance_id, reason)
+            lost = await self._blocking(self._backend.fail, self.config.name, instance.instance_id, reason)
+        except Exception:
+            log.exception("failing instance %s in the backend failed", instance.instance_id)
         finally:
-            with self._cond:
-                self._avoid_next = lost
-                self.state = ScaleState.ZERO
-                self._cond.notify_all()
-        return True
+            self._failing -= 1
+            self._avoid_next = tuple(dict.fromkeys((*self._avoid_next, *lost)))
+            self._scale_out()  # parked requests need a fresh instance
 
-    def check_instance(self) -> bool:
-        """Reaper tick: fail the instance if the backend lost one of its workers."""
-        with self._cond:
-            endpoint = self.endpoint if self.state == ScaleState.READY else None
-        if endpoint is None:
-            return False
-        lost = self._backend.lost_nodes(endpoint.instance_id)
-        return bool(lost) and self.instance_failed(endpoint, f"worker lost on {', '.join(lost)}")
+    async def check_instances(self) -> int:
+        """Reaper tick: fail instances whose backend lost a worker; how many it failed."""
+        failed = 0
+        for instance in list(self.instances.values()):
+            lost = await self._blocking(self._backend.lost_nodes, instance.instance_id)
+            if lost and self.instance_failed(instance, f"worker lost on {', '.join(lost)}"):
+                failed += 1
+        return failed
 
-    # scale to zero -----------------------------------------------------------------------
-    def scale_down_if_idle(self, now: float) -> bool:
-        """Stop the instance if nothing ran or waited for idle_timeout_s; True if it did."""
-        with self._cond:
-            idle = (self.state == ScaleState.READY and self._inflight == 0 and self._waiting == 0
-                    and now - self._last_active >= self.config.idle_timeout_s)
-            if not idle:
-                return False
-            endpoint, self.endpoint = self.endpoint, None
-            self.state = ScaleState.STOPPING
-        assert endpoint is not None
-        log.info("function %s idle for %.0f s: scaling to zero", self.config.name, self.config.idle_timeout_s)
-        try:
-            self._backend.stop(self.config.name, endpoint.instance_id)
-        finally:
-            with self._cond:
-                self.state = ScaleState.ZERO
-                self._cond.notify_all()
-        return True
+    # scale in ----------------------------------------------------------------------------
+    async def scale_in_idle(self, now: float) -> int:
+        """Stop instances that served nothing for idle_timeout_s while nothing waits; how many."""
+        if self._waiting:
+            return 0
+        idle = [i for i in self.instances.values()
+                if i.inflight == 0 and now - i.last_active >= self.config.idle_timeout_s]
+        for instance in idle:
+            del self.instances[instance.instance_id]
+            log.info("instance %s of %s idle for %.0f s: stopping it", instance.instance_id,
+                     self.config.name, self.config.idle_timeout_s)
+            self._stopping += 1
+            try:
+                await self._blocking(self._backend.stop, self.config.name, instance.instance_id)
+            finally:
+                self._stopping -= 1
+        return len(idle)
 
-    def shutdown(self) -> None:
-        """Stop any running instance now (gateway exit)."""
-        with self._cond:
-            self._closed = True
-            endpoint, self.endpoint = self.endpoint, None
-            self.state = ScaleState.ZERO
-            self._cond.notify_all()
-        if endpoint is not None:
-            self._backend.stop(self.config.name, endpoint.instance_id)
+    async def shutdown(self) -> None:
+        """Stop every instance now and answer parked requests (gateway exit, function deleted)."""
+        self._closed = True
+        self._fail_waiters(TemporaryError(f"function {self.config.name} is shutting down", retry_after_s=1.0))
+        instances, self.instances = list(self.instances.values()), {}
+        for instance in instances:
+            await self._blocking(self._backend.stop, self.config.name, instance.instance_id)
+        if self._tasks:  # cold starts under way stop their instance when they finish
+            await asyncio.wait(list(self._tasks), timeout=30)
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The ready instances' endpoints, oldest first."""
+        return [i.endpoint for i in list(self.instances.values())]
+
+    @property
+    def inflight(self) -> int:
+        return sum(i.inflight for i in self.instances.values())
 
     def status(self) -> dict[str, object]:
-        with self._cond:
-            return {"name": self.config.name, "state": self.state.value, "inflight": self._inflight,
-                    "waiting": self._waiting, "cold_starts": self.cold_starts,
-                    "instance_failures": self.instance_failures, "last_failure": self.last_failure,
-                    "endpoint": self.endpoint.url if self.endpoint else None}
+        return {"name": self.config.name, "state": self.state.value, "inflight": self.inflight,
+                "waiting": self._waiting, "starting": self._starting, "cold_starts": self.cold_starts,
+                "instance_failures": self.instance_failures, "last_failure": self.last_failure,
+                "instances": [{"id": i.instance_id, "url": i.endpoint.url, "inflight": i.inflight}
+                              for i in self.instances.values()]}

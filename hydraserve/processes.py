@@ -7,6 +7,7 @@ local backend (workers), the embedded stack (services) and loaderd's spawner.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -23,6 +24,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def raise_open_files_limit() -> int:
+    """Lift this process's open-file limit to its hard limit (a gateway holding a burst needs a
+    socket per parked request, twice over with its upstreams); the new limit."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def hydraserve_command(*args: str) -> list[str]:

@@ -102,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
 def _wait_for_consolidation(stack: Any, timeout_s: float = 60.0) -> Any:
     """The running group; if it consolidates, wait for that (said on the way)."""
     scaler = stack.gateway.scaler(stack.options.function_name)
-    endpoint = scaler.endpoint
-    group = stack.backend.group(endpoint.instance_id) if endpoint else None
+    group = stack.backend.group(scaler.endpoints[0].instance_id) if scaler.endpoints else None
     if group is None or group.plan.pipeline_size == 1:
         return group
     if not group.plan.stages[0].full:

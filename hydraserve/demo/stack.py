@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import Gateway, create_gateway_app
+from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.contracts.plan import FunctionSpec
-from hydraserve.http_server import DrainingServer
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
@@ -63,6 +63,7 @@ class StackOptions:
     s3_host: str | None = None  # where the S3 server listens (default: host)
     s3_prefix: list[str] = field(default_factory=list)  # command prefix, e.g. ip netns exec NS
     link_mbit: float | None = None  # nodes as network namespaces, links capped at this (root); None: loopback
+    drain_timeout_s: float = 30.0  # on stop, requests in flight get this long to finish
 
 
 class LocalStack:
@@ -129,14 +130,14 @@ class LocalStack:
                                worker_env=s3_env, worker_settings=self.worker_settings)
         self._cleanups.append(("workers", backend.close))
         self.backend = backend
-        self.gateway = Gateway(backend).start()
-        self._cleanups.append(("gateway", self.gateway.close))
+        self.gateway = Gateway(backend)
         function = FunctionConfig(name=opts.function_name, model_uri=self.model_uri,
                                   idle_timeout_s=opts.idle_timeout_s, ttft_slo_s=opts.ttft_slo_s, **opts.function)
         backend.prepare(function)  # read the model's sizes at deploy time
         self.gateway.register(function)
-        server = DrainingServer(create_gateway_app(self.gateway), opts.host, opts.gateway_port).start()
-        self._cleanups.append(("gateway-http", server.close))
+        server = BackgroundAioServer(create_gateway_app(self.gateway), opts.host, opts.gateway_port,
+                                     drain_timeout_s=opts.drain_timeout_s).start()
+        self._cleanups.append(("gateway", server.close))
         self.gateway_url = server.url
         return self
 

@@ -17,6 +17,7 @@ from flask import Flask, Response, jsonify
 
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import MAX_INSTANCE_RETRIES, Gateway, create_gateway_app
+from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.errors import InstanceFailedError
 from hydraserve.http_server import DrainingServer
 from hydraserve.processes import free_port
@@ -58,10 +59,10 @@ def gateway() -> Iterator[tuple[Gateway, ScriptedBackend, str]]:
     backend = ScriptedBackend()
     gw = Gateway(backend, reap_interval_s=3600)  # the reaper stays out of these tests
     gw.register(FunctionConfig(name="fn", model_uri="s3://b/m"))
-    server = DrainingServer(create_gateway_app(gw), "127.0.0.1", free_port()).start()
+    server = BackgroundAioServer(create_gateway_app(gw), "127.0.0.1", 0).start()
+    gw.server = server  # type: ignore[attr-defined]  # for tests that act on the gateway's loop
     yield gw, backend, server.url
     server.close()
-    gw.close()
 
 
 @pytest.fixture
@@ -140,8 +141,9 @@ def test_concurrent_requests_on_one_failed_instance_fail_it_once(
     gw, backend, url = gateway
     backend.next_urls = [instances["failed"].url]
     backend.url = instances["ok"].url
-    gw.scaler("fn").acquire()  # bring the failing instance up first, then send 4 at once
-    gw.scaler("fn").release()
+    server: BackgroundAioServer = gw.server  # type: ignore[attr-defined]
+    scaler = gw.scaler("fn")
+    scaler.release(server.call(scaler.acquire()))  # bring the failing instance up first, then send 4 at once
     texts: list[str] = []
     threads = [threading.Thread(target=lambda: texts.append(stream_text(url))) for _ in range(4)]
     for t in threads:

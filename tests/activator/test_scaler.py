@@ -1,15 +1,18 @@
-"""Scale-from-zero state machine with a scripted backend and an injected clock."""
+"""Scale-from-zero, scale-out and scale-in with a scripted backend and an injected clock, on a
+real event loop (the gateway's scaler runs on one; the backend's blocking calls in threads)."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
 from hydraserve.activator.functions import FunctionConfig
-from hydraserve.activator.scaler import FunctionScaler, ScaleState
+from hydraserve.activator.scaler import FunctionScaler, Instance, ScaleState
 from hydraserve.errors import OverloadedError, TemporaryError
 from hydraserve.testing.fake_backend import ScriptedBackend
 
@@ -22,108 +25,218 @@ class Clock:
         return self.now
 
 
-def make(backend: ScriptedBackend, clock: Callable[[], float] | None = None, **kw: float) -> FunctionScaler:
+def make(backend: ScriptedBackend, clock: Callable[[], float] | None = None, **kw: Any) -> FunctionScaler:
     config = FunctionConfig(name="fn", model_uri="s3://b/m", **kw)
-    return FunctionScaler(config, backend, clock or Clock())
+    return FunctionScaler(config, backend, executor=ThreadPoolExecutor(8), clock=clock or Clock())
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def started(backend: ScriptedBackend) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, backend.started.wait, 5)
 
 
 def test_concurrent_requests_at_zero_share_one_cold_start() -> None:
-    backend = ScriptedBackend(auto_release=False)
-    scaler = make(backend)
-    got: list[str] = []
-
-    def worker() -> None:
-        got.append(scaler.acquire().instance_id)
-
-    threads = [threading.Thread(target=worker) for _ in range(5)]
-    for t in threads:
-        t.start()
-    assert backend.started.wait(5)
-    backend.release_start.set()
-    for t in threads:
-        t.join(5)
-    assert got == ["fn-1"] * 5
-    assert backend.starts == 1
-    assert scaler.state == ScaleState.READY
+    async def body() -> None:
+        backend = ScriptedBackend(auto_release=False)
+        scaler = make(backend)
+        waiters = [asyncio.create_task(scaler.acquire()) for _ in range(5)]
+        await started(backend)
+        assert scaler.state == ScaleState.STARTING and scaler.status()["waiting"] == 5
+        backend.release_start.set()
+        got = await asyncio.gather(*waiters)
+        assert [i.instance_id for i in got] == ["fn-1"] * 5
+        assert backend.starts == 1 and scaler.state == ScaleState.READY and scaler.inflight == 5
+    run(body())
 
 
-def test_failed_start_wakes_waiters_and_next_request_retries() -> None:
-    backend = ScriptedBackend()
-    backend.fail_next = "worker exited with code 1: bad weights"
-    scaler = make(backend)
-    with pytest.raises(TemporaryError, match="bad weights"):
-        scaler.acquire()
-    assert scaler.state == ScaleState.ZERO
-    assert scaler.acquire().instance_id == "fn-2"
-    assert backend.starts == 2
+def test_failed_start_answers_every_waiter_and_the_next_request_tries_again() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        backend.fail_next = "worker exited with code 1: bad weights"
+        scaler = make(backend)
+        results = await asyncio.gather(scaler.acquire(), scaler.acquire(), return_exceptions=True)
+        assert all(isinstance(r, TemporaryError) and "bad weights" in r.message for r in results)
+        assert scaler.state == ScaleState.ZERO and scaler.status()["waiting"] == 0
+        assert (await scaler.acquire()).instance_id == "fn-2"
+        assert backend.starts == 2
+    run(body())
 
 
-def test_queue_bound_rejects_excess_waiters() -> None:
-    backend = ScriptedBackend(auto_release=False)
-    scaler = make(backend, max_queue=1)
-    t = threading.Thread(target=scaler.acquire)
-    t.start()
-    assert backend.started.wait(5)
-    with pytest.raises(OverloadedError, match="already waiting"):
-        scaler.acquire()
-    backend.release_start.set()
-    t.join(5)
+def test_queue_bound_rejects_excess_waiters_with_retry_after() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend(auto_release=False)
+        scaler = make(backend, max_queue=2)
+        waiters = [asyncio.create_task(scaler.acquire()) for _ in range(2)]
+        await started(backend)
+        with pytest.raises(OverloadedError, match="already waiting") as full:
+            await scaler.acquire()
+        assert full.value.retry_after_s == 1.0
+        backend.release_start.set()
+        await asyncio.gather(*waiters)
+    run(body())
 
 
 def test_request_deadline_while_starting() -> None:
-    backend = ScriptedBackend(auto_release=False)
-    scaler = make(backend, time.monotonic, request_timeout_s=0.2)
-    with pytest.raises(OverloadedError, match="not ready within"):
-        scaler.acquire()
-    backend.release_start.set()
+    async def body() -> None:
+        backend = ScriptedBackend(auto_release=False)
+        scaler = make(backend, time.monotonic, request_timeout_s=0.2)
+        with pytest.raises(OverloadedError, match="no instance free within"):
+            await scaler.acquire()
+        assert scaler.status()["waiting"] == 0
+        backend.release_start.set()
+    run(body())
 
 
-def test_idle_scale_down_uses_injected_clock() -> None:
-    clock = Clock()
-    backend = ScriptedBackend()
-    scaler = make(backend, clock, idle_timeout_s=30)
-    scaler.acquire()
-    clock.now += 100
-    assert not scaler.scale_down_if_idle(clock.now), "a request is still in flight"
-    scaler.release()
-    clock.now += 29
-    assert not scaler.scale_down_if_idle(clock.now)
-    clock.now += 1
-    assert scaler.scale_down_if_idle(clock.now)
-    assert backend.stops == ["fn-1"]
-    assert scaler.state == ScaleState.ZERO
-    assert scaler.acquire().instance_id == "fn-2", "a request after scale-down cold-starts again"
+def test_a_parked_request_cancelled_by_its_client_leaves_no_slot_taken() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend(auto_release=False)
+        scaler = make(backend)
+        parked = asyncio.create_task(scaler.acquire())
+        await started(backend)
+        parked.cancel()  # the client went away
+        backend.release_start.set()
+        await until(lambda: scaler.state == ScaleState.READY)
+        assert scaler.inflight == 0 and scaler.status()["waiting"] == 0
+    run(body())
+
+
+def test_idle_scale_in_uses_the_injected_clock() -> None:
+    async def body() -> None:
+        clock = Clock()
+        backend = ScriptedBackend()
+        scaler = make(backend, clock, idle_timeout_s=30)
+        instance = await scaler.acquire()
+        clock.now += 100
+        assert await scaler.scale_in_idle(clock.now) == 0, "a request is still in flight"
+        scaler.release(instance)
+        clock.now += 29
+        assert await scaler.scale_in_idle(clock.now) == 0
+        clock.now += 1
+        assert await scaler.scale_in_idle(clock.now) == 1
+        assert backend.stops == ["fn-1"] and scaler.state == ScaleState.ZERO
+        assert (await scaler.acquire()).instance_id == "fn-2", "a request after scale-in cold-starts again"
+    run(body())
+
+
+def test_demand_over_the_concurrency_starts_more_instances_and_requests_go_to_the_least_loaded() -> None:
+    async def body() -> None:
+        clock = Clock()
+        backend = ScriptedBackend()
+        scaler = make(backend, clock, concurrency=2, max_instances=3, idle_timeout_s=30)
+        first = [await scaler.acquire() for _ in range(2)]  # fn-1 full
+        more = [asyncio.create_task(scaler.acquire()) for _ in range(3)]  # 5 wanted: 3 instances
+        await until(lambda: backend.starts == 3 and len(scaler.instances) == 3 and all(t.done() for t in more))
+        placed = [t.result().instance_id for t in more]
+        assert sorted(placed) == ["fn-2", "fn-2", "fn-3"] or sorted(placed) == ["fn-2", "fn-3", "fn-3"]
+        for instance in first:
+            scaler.release(instance)
+        assert (await scaler.acquire()).instance_id == "fn-1"  # now the least loaded
+        extra = [await scaler.acquire() for _ in range(2)]
+        assert sorted(i.inflight for i in scaler.instances.values()) == [2, 2, 2]
+        beyond = asyncio.create_task(scaler.acquire())  # 6 slots, 6 taken: it waits (max_instances 3)
+        await asyncio.sleep(0.1)
+        assert not beyond.done() and backend.starts == 3
+        scaler.release(more[0].result())
+        assert (await asyncio.wait_for(beyond, 5)).instance_id == more[0].result().instance_id
+        for instance in (*(t.result() for t in (*more[1:], beyond)), *extra):
+            scaler.release(instance)
+        clock.now += 60  # one instance keeps a request; the others are idle
+        busy = {i.instance_id for i in scaler.instances.values() if i.inflight}
+        assert await scaler.scale_in_idle(clock.now) == 3 - len(busy)
+        assert set(scaler.instances) == busy
+    run(body())
+
+
+def test_a_failed_scale_out_start_does_not_fail_requests_another_instance_can_serve() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        scaler = make(backend, concurrency=1, max_instances=2)
+        held = await scaler.acquire()
+        backend.fail_next = "no capacity"
+        waiting = asyncio.create_task(scaler.acquire())
+        await until(lambda: backend.starts == 2 and scaler.status()["starting"] == 0)
+        assert not waiting.done(), "it waits for fn-1's slot instead of failing"
+        scaler.release(held)
+        assert (await asyncio.wait_for(waiting, 5)).instance_id == "fn-1"
+    run(body())
 
 
 def test_a_start_that_loses_a_worker_is_tried_again_avoiding_its_node_while_requests_wait() -> None:
-    backend = ScriptedBackend()
-    backend.lose_next = ["n1", "n2"]
-    scaler = make(backend)
-    assert scaler.acquire().instance_id == "fn-3"  # the waiter never saw the two failures
-    assert backend.excluded == [(), ("n1",), ("n1", "n2")]
-    timeline = scaler.last_timeline
-    assert timeline is not None and [e.name for e in timeline.events].count("cold_start_retry") == 2
+    async def body() -> None:
+        backend = ScriptedBackend()
+        backend.lose_next = ["n1", "n2"]
+        scaler = make(backend)
+        assert (await scaler.acquire()).instance_id == "fn-3"  # the waiter never saw the two failures
+        assert backend.excluded == [(), ("n1",), ("n1", "n2")]
+        timeline = scaler.last_timeline
+        assert timeline is not None and [e.name for e in timeline.events].count("cold_start_retry") == 2
+    run(body())
 
 
 def test_a_start_that_keeps_losing_workers_gives_up_after_its_attempts() -> None:
-    backend = ScriptedBackend()
-    backend.lose_next = ["n1", "n2", "n3", "n4"]
-    scaler = make(backend, max_start_attempts=2)
-    with pytest.raises(TemporaryError, match="worker lost"):
-        scaler.acquire()
-    assert backend.starts == 2 and scaler.state == ScaleState.ZERO
+    async def body() -> None:
+        backend = ScriptedBackend()
+        backend.lose_next = ["n1", "n2", "n3", "n4"]
+        scaler = make(backend, max_start_attempts=2)
+        with pytest.raises(TemporaryError, match="worker lost"):
+            await scaler.acquire()
+        assert backend.starts == 2 and scaler.state == ScaleState.ZERO
+    run(body())
 
 
-def test_an_instance_that_fails_while_serving_goes_to_zero_and_the_next_start_avoids_its_lost_node() -> None:
-    backend = ScriptedBackend()
-    scaler = make(backend)
-    endpoint = scaler.acquire()
-    scaler.release()
-    backend.lost["fn-1"] = ["n0"]
-    assert scaler.check_instance()  # the reaper found the lost worker
-    assert backend.failed == [("fn-1", "worker lost on n0")] and scaler.state == ScaleState.ZERO
-    assert not scaler.instance_failed(endpoint, "seen again by another request")  # once only
-    assert scaler.acquire().instance_id == "fn-2"
-    assert backend.excluded[-1] == ("n0",)
-    assert not scaler.check_instance()  # the new instance lost nothing
-    assert scaler.status()["instance_failures"] == 1
+def test_an_instance_that_fails_while_serving_is_dropped_and_the_next_start_avoids_its_lost_node() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        scaler = make(backend)
+        instance: Instance = await scaler.acquire()
+        scaler.release(instance)
+        backend.lost["fn-1"] = ["n0"]
+        assert await scaler.check_instances() == 1  # the reaper found the lost worker
+        assert not scaler.instances
+        await until(lambda: scaler.state == ScaleState.ZERO)  # stopping while the backend tears it down
+        assert not scaler.instance_failed(instance, "seen again by another request")  # once only
+        await until(lambda: backend.failed == [("fn-1", "worker lost on n0")])
+        assert (await scaler.acquire()).instance_id == "fn-2"
+        assert backend.excluded[-1] == ("n0",)
+        assert await scaler.check_instances() == 0  # the new instance lost nothing
+        assert scaler.status()["instance_failures"] == 1
+    run(body())
+
+
+def test_requests_parked_when_an_instance_fails_wait_for_its_replacement() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        scaler = make(backend, concurrency=1, max_instances=1)
+        held = await scaler.acquire()
+        parked = asyncio.create_task(scaler.acquire())
+        await asyncio.sleep(0.05)
+        backend.lost["fn-1"] = ["n0"]
+        assert scaler.instance_failed(held, "worker lost on n0")
+        scaler.release(held)  # its request ended with the failure
+        assert (await asyncio.wait_for(parked, 5)).instance_id == "fn-2"
+        assert backend.excluded == [(), ("n0",)]
+    run(body())
+
+
+def test_shutdown_answers_parked_requests_and_stops_every_instance() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        scaler = make(backend, concurrency=1, max_instances=1)
+        await scaler.acquire()
+        parked = asyncio.create_task(scaler.acquire())
+        await asyncio.sleep(0.05)
+        await scaler.shutdown()
+        with pytest.raises(TemporaryError, match="shutting down"):
+            await parked
+        assert backend.stops == ["fn-1"] and scaler.state == ScaleState.ZERO
+    run(body())

@@ -40,8 +40,8 @@ def test_a_group_cold_starts_across_capped_namespaces_and_everything_is_removed(
                                    {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
         assert result.status == 200, result.error
         assert result.token_ids == transformers_greedy(group_llama_dir, PROMPT, 8)[:len(result.token_ids)]
-        assert stack.gateway is not None and stack.gateway.scaler("grouped").endpoint is not None
-        group = stack.backend.group(stack.gateway.scaler("grouped").endpoint.instance_id)
+        assert stack.gateway is not None and stack.gateway.scaler("grouped").endpoints
+        group = stack.backend.group(stack.gateway.scaler("grouped").endpoints[0].instance_id)
         assert group is not None and group.plan.pipeline_size == 2
         for st, worker in zip(group.plan.stages, group.workers, strict=True):
             node = cluster.nodes[st.node]

@@ -1,0 +1,30 @@
+"""The gateway's Prometheus metrics, in one registry per gateway (tests run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+UNKNOWN_FUNCTION = "_unknown"  # the label of requests that named no registered function
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("hydraserve_gateway_requests_total",
+                                "Requests answered, by function and HTTP status (404 and 503 included)",
+                                ["function", "status"], registry=self.registry)
+        self.cold_starts = Counter("hydraserve_gateway_cold_starts_total", "Cold starts begun",
+                                   ["function"], registry=self.registry)
+        self.instance_failures = Counter("hydraserve_gateway_instance_failures_total",
+                                         "Instances failed while serving (lost worker, broken group)",
+                                         ["function"], registry=self.registry)
+        self.retries = Counter("hydraserve_gateway_request_retries_total",
+                               "Requests sent again to a fresh instance after theirs failed",
+                               ["function"], registry=self.registry)
+        self.client_disconnects = Counter("hydraserve_gateway_client_disconnects_total",
+                                          "Requests whose client went away before the answer ended",
+                                          ["function"], registry=self.registry)
+        self.waiting = Gauge("hydraserve_gateway_waiting_requests", "Requests parked for a free instance",
+                             ["function"], registry=self.registry)
+        self.instances = Gauge("hydraserve_gateway_instances", "Ready instances", ["function"],
+                               registry=self.registry)
