@@ -1,7 +1,9 @@
 """Serve a WSGI app with waitress and drain on SIGTERM (the Knative runtime contract).
 
 Waitress streams SSE chunks as they are yielded (measured: 0.2 s apart in, 0.2 s apart out)
-and is a production server, so Flask stays behind it. On SIGTERM or SIGINT readiness turns
+and is a production server, so Flask stays behind it (the runtime serves a few dozen requests
+at once; the gateway, which parks thousands, runs on aiohttp). Reading ahead on each
+connection lets a request see its client leave (``client_gone``) while it is being answered. On SIGTERM or SIGINT readiness turns
 false at once, in-flight requests finish (bounded by ``drain_timeout_s``), then the engine
 stops and the process exits.
 """
@@ -25,7 +27,8 @@ class DrainingServer:
 
     def __init__(self, app: Any, host: str, port: int, *, threads: int = 32) -> None:
         self._server = waitress.create_server(app, host=host, port=port, threads=threads,
-                                              channel_timeout=300, ident="hydraserve")
+                                              channel_timeout=300, ident="hydraserve",
+                                              channel_request_lookahead=1)  # sees a client leave mid-request
         self.port = int(self._server.effective_port)
         self.host = host
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
@@ -81,6 +84,12 @@ class DrainingServer:
         if self._thread.is_alive() or server._map:  # the loop never ran or is stuck: close here
             close_all()
             self._thread.join(timeout=5)
+
+
+def client_gone(environ: dict[str, Any]) -> Callable[[], bool]:
+    """Whether the request's client has closed its connection (waitress tells; other servers: never)."""
+    check = environ.get("waitress.client_disconnected")
+    return check if callable(check) else (lambda: False)
 
 
 def serve_until_signalled(server: DrainingServer, *, on_drain: Callable[[], None],

@@ -18,6 +18,7 @@ from flask import Blueprint, Response, request
 from hydraserve.contracts import events
 from hydraserve.errors import HydraError, InvalidRequestError
 from hydraserve.http_json import validate
+from hydraserve.http_server import client_gone
 from hydraserve.runtime.server import generation
 from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest
 from hydraserve.runtime.server.state import RuntimeState
@@ -59,7 +60,7 @@ def create_cloudevents_blueprint(state: RuntimeState, ready_wait_s: float) -> Bl
                     f"unknown event type {event.get_type()!r}; accepted: "
                     f"{events.COMPLETION_REQUEST}, {events.CHAT_REQUEST}", param="type")
             engine = state.engine(ready_wait_s)
-            result = generation.complete(engine, prepared)
+            result = generation.complete(engine, prepared, client_gone(request.environ))
             reply = _reply(events.REPLY_TYPE[event.get_type()], source, event, result)
             return _respond(reply, binary, 200)
         except HydraError as exc:

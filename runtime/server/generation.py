@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -68,13 +68,17 @@ def submit(engine: ServingEngine, prepared: PreparedRequest) -> GenerationStream
     return engine.submit(prepared.prompt_token_ids, prepared.params, request_id=prepared.request_id)
 
 
-def complete(engine: ServingEngine, prepared: PreparedRequest) -> dict[str, Any]:
-    """Run to the end and build the non-streaming OpenAI response."""
+def complete(engine: ServingEngine, prepared: PreparedRequest,
+             client_gone: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Run to the end and build the non-streaming OpenAI response; a client that went away
+    (asked after every step) cancels the request in the engine."""
     stream = submit(engine, prepared)
     texts: list[str] = []
     token_ids: list[int] = []
     finish: str | None = None
     for delta in stream:
+        if client_gone():
+            stream.cancel()
         texts.append(delta.text)
         token_ids.extend(delta.token_ids)
         finish = delta.finish_reason or finish

@@ -12,10 +12,13 @@ class RuntimeMetrics:
                                 ["route", "status"], registry=self.registry)
         self.latency = Histogram("hydraserve_runtime_request_seconds", "Request latency", ["route"],
                                  registry=self.registry)
-        self.ttft = Histogram("hydraserve_runtime_ttft_seconds", "Time to first token (streamed)",
+        self.ttft = Histogram("hydraserve_runtime_ttft_seconds", "From a streamed request's arrival to its first token",
                               registry=self.registry)
         self.tokens = Counter("hydraserve_runtime_generated_tokens_total", "Generated tokens",
                               registry=self.registry)
+        self.client_gone = Counter("hydraserve_runtime_client_gone_total",
+                                   "Requests stopped before their end because the client went away",
+                                   registry=self.registry)
         self.inflight = Gauge("hydraserve_runtime_inflight_requests", "Requests in flight",
                               registry=self.registry)
         self.startup_phase = Gauge("hydraserve_runtime_startup_seconds",

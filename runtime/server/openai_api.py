@@ -9,10 +9,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, stream_with_context
+from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 
 from hydraserve.errors import EngineError, HydraError
 from hydraserve.http_json import read_json, validate
+from hydraserve.http_server import client_gone
 from hydraserve.runtime.server import generation
 from hydraserve.runtime.server.metrics import RuntimeMetrics
 from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -36,10 +37,12 @@ def create_openai_blueprint(state: RuntimeState, metrics: RuntimeMetrics,
             engine = state.engine(ready_wait_s)
             prepared, stream = generation.prepare_completion(engine, completion), completion.stream
         if not stream:
-            result = generation.complete(engine, prepared)
+            result = generation.complete(engine, prepared, client_gone(request.environ))
             metrics.tokens.inc(result["usage"]["completion_tokens"])
+            if result["choices"][0]["finish_reason"] == "abort":
+                metrics.client_gone.inc()
             return jsonify(result)
-        started = time.monotonic()
+        started = g.get("start", time.monotonic())  # the request's arrival: TTFT includes the wait
         chunks = generation.stream_chunks(engine, prepared)
         # Hold the headers until the first token: a bad request is still a 4xx and a group that
         # fails before its first token is still a 503 the gateway can retry elsewhere.
@@ -85,6 +88,9 @@ def _sse(head: list[dict[str, Any]], rest: Iterator[dict[str, Any]], metrics: Ru
         for chunk in itertools.chain(head, rest):
             metrics.tokens.inc(len(chunk["choices"][0].get("token_ids", [])))
             yield f"data: {json.dumps(chunk)}\n\n"
+    except GeneratorExit:  # the server closed us: the client went away
+        metrics.client_gone.inc()
+        raise
     except Exception as exc:
         error = exc if isinstance(exc, HydraError) else EngineError(f"generation failed: {type(exc).__name__}")
         log.warning("stream ended by an error: %s", error.message)

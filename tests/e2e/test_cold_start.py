@@ -98,6 +98,45 @@ def test_idle_function_scales_to_zero_and_cold_starts_from_cache(stack: LocalSta
     assert prefetch.detail["bytes_new"] == 0, prefetch.detail
 
 
+def worker_metric(url: str, name: str) -> float:
+    for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_clients_that_leave_stop_their_generation_in_the_engine(stack: LocalStack) -> None:
+    """Through the gateway to a real worker: a stream the client closes after 3 tokens, and a
+    non-streamed request whose client times out, each stop long before their max_tokens."""
+    assert stack.gateway is not None
+    url = stack.function_url() + "/v1/completions"
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with requests.post(url, json=body | {"stream": True}, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        data = (line for line in r.iter_lines() if line.startswith(b"data:"))
+        for _ in range(3):
+            next(data)
+    (worker,) = stack.gateway.scaler("tiny-llama").endpoints
+    tokens = "hydraserve_runtime_generated_tokens_total"
+    deadline = time.monotonic() + 10
+    while worker_metric(worker.url, "hydraserve_runtime_client_gone_total") < 1:
+        assert time.monotonic() < deadline, "the worker never saw the client leave"
+        time.sleep(0.05)
+    generated = worker_metric(worker.url, tokens)
+    time.sleep(0.5)
+    assert worker_metric(worker.url, tokens) == generated, "tokens still generated for nobody"
+    assert worker_metric(worker.url, "hydraserve_runtime_inflight_requests") == 0
+    longest = requests.get(f"{worker.url}/v1/models", timeout=5).json()["data"][0]["max_model_len"] - 16
+    with pytest.raises(requests.Timeout):
+        requests.post(url, json=body | {"max_tokens": longest}, timeout=(5, 0.3))
+    deadline = time.monotonic() + 10
+    while worker_metric(worker.url, "hydraserve_runtime_client_gone_total") < 2:
+        assert time.monotonic() < deadline, "the non-streamed request ran on for a client that left"
+        time.sleep(0.05)
+    assert worker_metric(worker.url, tokens) - generated < longest
+    assert worker_metric(worker.url, "hydraserve_runtime_inflight_requests") == 0
+
+
 def test_worker_that_cannot_start_gives_503_with_reason_then_retries(stack: LocalStack) -> None:
     assert stack.gateway is not None
     stack.gateway.register(FunctionConfig(name="broken", model_uri="s3://models/does-not-exist"))

@@ -1,0 +1,282 @@
+"""The gateway as an activator, over real HTTP: a scripted backend "starts" a small real HTTP
+instance (Flask on waitress, as the runtime), and the tests act as clients do. Each test is a
+problem issue 13 found in the thread-per-request gateway: health unanswered during a burst, a
+413 leaking a slot, a client that left still costing compute, keep-alive and pipelining lost,
+Host routing shadowing the gateway's routes, no route by model."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import openai
+import pytest
+import requests
+from flask import Flask, Response, jsonify, request
+
+from hydraserve.activator.functions import FunctionConfig
+from hydraserve.activator.gateway import MAX_BODY_BYTES, Gateway, create_gateway_app
+from hydraserve.aio_server import BackgroundAioServer
+from hydraserve.http_server import DrainingServer, client_gone
+from hydraserve.processes import free_port
+from hydraserve.testing.fake_backend import ScriptedBackend
+
+
+class Instance:
+    """A function instance: answers completions at once, or streams a token every 20 ms until
+    its client leaves (``gone`` is set then)."""
+
+    def __init__(self) -> None:
+        self.gone = threading.Event()
+        self.requests = 0
+        app = Flask("instance")
+
+        @app.post("/v1/completions")
+        def completions() -> Response:
+            self.requests += 1
+            body = request.get_json()
+            if not body.get("stream"):
+                return jsonify({"object": "text_completion", "model": body.get("model"),
+                                "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]})
+            environ = request.environ
+
+            def tokens() -> Iterator[str]:
+                gone = client_gone(environ)
+                try:
+                    for i in range(500):
+                        if gone():
+                            break
+                        yield f"data: {json.dumps({'choices': [{'index': 0, 'text': str(i)}]})}\n\n"
+                        time.sleep(0.02)
+                finally:
+                    self.gone.set()
+
+            return Response(tokens(), mimetype="text/event-stream")
+
+        @app.get("/hello")
+        def hello() -> Response:
+            return jsonify({"host": request.host, "path": request.path})
+
+        self.server = DrainingServer(app, "127.0.0.1", free_port()).start()
+
+
+@pytest.fixture
+def instance() -> Iterator[Instance]:
+    inst = Instance()
+    yield inst
+    inst.server.close()
+
+
+@pytest.fixture
+def setup(instance: Instance) -> Iterator[tuple[Gateway, ScriptedBackend, BackgroundAioServer]]:
+    backend = ScriptedBackend(url=instance.server.url)
+    gw = Gateway(backend, reap_interval_s=3600)
+    gw.register(FunctionConfig(name="fn", model_uri="s3://b/m", max_instances=1))
+    server = BackgroundAioServer(create_gateway_app(gw), "127.0.0.1", 0).start()
+    yield gw, backend, server
+    backend.release_start.set()
+    server.close()
+
+
+def settled(gw: Gateway, name: str = "fn") -> dict[str, object]:
+    deadline = time.monotonic() + 5
+    while gw.scaler(name).status()["inflight"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return gw.scaler(name).status()
+
+
+def metric(gw: Gateway, name: str, **labels: str) -> float:
+    value = gw.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def test_health_and_admin_answer_while_a_burst_is_parked_and_every_request_is_then_answered(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    gw, backend, server = setup
+    backend.release_start.clear()
+    n = 300  # ten times the old gateway's threads; under the 1024 fds select() allows the in-process instance
+
+    async def burst() -> tuple[list[int], list[float]]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def one() -> int:
+                async with session.post(f"{server.url}/functions/fn/v1/completions",
+                                        json={"prompt": "x"}) as r:
+                    await r.read()
+                    return r.status
+            parked = [asyncio.create_task(one()) for _ in range(n)]
+            while gw.scaler("fn").status()["waiting"] < n:
+                await asyncio.sleep(0.05)
+            probes = []
+            for path in ("/healthz", "/v1/functions", "/metrics") * 3:
+                t0 = time.monotonic()
+                async with session.get(server.url + path, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    assert r.status == 200
+                probes.append(time.monotonic() - t0)
+            backend.release_start.set()
+            return await asyncio.gather(*parked), probes
+
+    statuses, probes = asyncio.run(burst())
+    assert max(probes) < 2.0, f"the gateway's own routes waited behind the burst: {probes}"
+    assert statuses == [200] * n and backend.starts == 1
+    assert settled(gw)["inflight"] == 0 and gw.scaler("fn").status()["waiting"] == 0
+
+
+def test_a_full_queue_answers_503_with_retry_after(instance: Instance) -> None:
+    backend = ScriptedBackend(url=instance.server.url, auto_release=False)
+    gw = Gateway(backend, reap_interval_s=3600)
+    gw.register(FunctionConfig(name="fn", model_uri="s3://b/m", max_queue=2))
+    server = BackgroundAioServer(create_gateway_app(gw), "127.0.0.1", 0).start()
+    try:
+        parked = [threading.Thread(target=requests.post, args=(f"{server.url}/functions/fn/v1/completions",),
+                                   kwargs={"json": {"prompt": "x"}}) for _ in range(2)]
+        for t in parked:
+            t.start()
+        while gw.scaler("fn").status()["waiting"] < 2:
+            time.sleep(0.01)
+        full = requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"})
+        assert full.status_code == 503 and full.headers["Retry-After"] == "1"
+        assert full.json()["error"]["type"] == "overloaded_error"
+        backend.release_start.set()
+        for t in parked:
+            t.join(10)
+        assert metric(gw, "hydraserve_gateway_requests_total", function="fn", status="503") == 1
+        assert metric(gw, "hydraserve_gateway_requests_total", function="fn", status="200") == 2
+    finally:
+        backend.release_start.set()
+        server.close()
+
+
+def test_a_body_over_the_limit_is_refused_before_a_cold_start_and_takes_no_slot(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    gw, backend, server = setup
+    big = b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    refused = requests.post(f"{server.url}/functions/fn/v1/completions", data=big,
+                            headers={"Content-Type": "application/json"})
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "payload_too_large"
+    assert backend.starts == 0 and metric(gw, "hydraserve_gateway_cold_starts_total", function="fn") == 0
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit is found while reading
+        yield big[: len(big) // 2]
+        yield big[len(big) // 2:]
+
+    refused = requests.post(f"{server.url}/functions/fn/v1/completions", data=chunked(),
+                            headers={"Content-Type": "application/json"})
+    assert refused.status_code == 413 and backend.starts == 0
+    assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
+    for _ in range(3):  # at a ready instance too: the slot comes back every time
+        assert requests.post(f"{server.url}/functions/fn/v1/completions", data=big).status_code == 413
+    assert settled(gw)["inflight"] == 0
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_instance_generating(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer], instance: Instance) -> None:
+    gw, _backend, server = setup
+    with requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x", "stream": True},
+                       stream=True, timeout=10) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line).startswith(b"data:")
+    # the client closed its connection after the first token
+    assert instance.gone.wait(5), "the instance kept generating for a client that left"
+    assert settled(gw)["inflight"] == 0
+    deadline = time.monotonic() + 5
+    while metric(gw, "hydraserve_gateway_client_disconnects_total", function="fn") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_client_that_leaves_while_parked_takes_no_slot(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer], instance: Instance) -> None:
+    gw, backend, server = setup
+    backend.release_start.clear()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        body = b'{"prompt": "x"}'
+        sock.sendall(b"POST /functions/fn/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        while gw.scaler("fn").status()["waiting"] < 1:
+            time.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while gw.scaler("fn").status()["waiting"]:
+        assert time.monotonic() < deadline, "the parked request outlived its client"
+        time.sleep(0.01)
+    backend.release_start.set()
+    while gw.scaler("fn").status()["state"] != "ready":
+        time.sleep(0.01)
+    assert settled(gw)["inflight"] == 0 and instance.requests == 0  # never forwarded
+
+
+def test_keep_alive_and_pipelined_requests_go_through_the_proxy(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    _gw, _backend, server = setup
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    sockets = []
+    for _ in range(3):
+        conn.request("POST", "/functions/fn/v1/completions", body=b'{"prompt": "x"}',
+                     headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        assert answer.status == 200 and answer.getheader("Content-Length") is not None
+        assert json.loads(answer.read())["choices"][0]["text"] == "ok"
+        sockets.append(conn.sock)
+    assert sockets[0] is not None and sockets.count(sockets[0]) == 3, "each request needed a new connection"
+    conn.close()
+
+    one = (b"GET /functions/fn/hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(one * 3)  # pipelined: three requests before any answer
+        received = b""
+        while received.count(b'"path"') < 3:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {received.count(b'HTTP/1.1 200')} answers"
+            received += chunk
+    assert received.count(b"HTTP/1.1 200") == 3
+
+
+def test_host_routing_names_only_registered_functions_and_never_shadows_the_gateway(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    gw, backend, server = setup
+    unknown = requests.get(f"{server.url}/no/such/route")  # Host 127.0.0.1:port is not function "127"
+    assert unknown.status_code == 404 and "'127'" not in unknown.json()["error"]["message"]
+    assert "/functions/<name>/" in unknown.json()["error"]["message"]
+    routed = requests.get(f"{server.url}/hello", headers={"Host": "fn.example.com"})
+    assert routed.status_code == 200 and routed.json()["path"] == "/hello"
+    assert requests.get(f"{server.url}/hello", headers={"Host": "other.example.com"}).status_code == 404
+    own = requests.get(f"{server.url}/healthz", headers={"Host": "fn.example.com"})
+    assert own.json() == {"status": "ok"}  # the gateway's, not the function's
+    assert backend.starts == 1
+    assert metric(gw, "hydraserve_gateway_requests_total", function="_unknown", status="404") == 2
+
+
+def test_one_openai_endpoint_lists_the_functions_and_routes_by_model(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    gw, backend, server = setup
+    gw.register(FunctionConfig(name="other", model_uri="s3://b/other"))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=10)
+    assert sorted(m.id for m in client.models.list()) == ["fn", "other"]
+    answer = client.completions.create(model="fn", prompt="x")
+    assert answer.choices[0].text == "ok" and answer.model == "fn"
+    assert backend.starts == 1 and gw.scaler("other").status()["state"] == "zero"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="nope", prompt="x")
+    assert isinstance(missing.value.body, dict) and missing.value.body["code"] == "model_not_found"
+    deep = b'{"model": "fn", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    refused = requests.post(f"{server.url}/v1/completions", data=deep, headers={"Content-Type": "application/json"})
+    assert refused.status_code == 400
+    typed = requests.post(f"{server.url}/v1/completions", json={"model": 5, "prompt": "x"})
+    assert typed.status_code == 400 and typed.json()["error"]["param"] == "model"
+
+
+def test_cold_starts_are_counted_when_they_begin(setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    gw, backend, server = setup
+    backend.release_start.clear()
+    t = threading.Thread(target=requests.post, args=(f"{server.url}/functions/fn/v1/completions",),
+                         kwargs={"json": {"prompt": "x"}})
+    t.start()
+    assert backend.started.wait(5)
+    assert metric(gw, "hydraserve_gateway_cold_starts_total", function="fn") == 1  # before it is ready
+    backend.release_start.set()
+    t.join(10)
