@@ -20,6 +20,8 @@ BENCHMARKS: list[tuple[str, str, str]] = [
     ("loaderd-startup", "how fast loaderd starts and how much memory it holds (no torch)", "loaderd_startup.py"),
     ("pipeline", "HydraServe's Figure 7 here: serverless vLLM, ServerlessLLM (cold, cached), ours with one "
      "worker and with the planner's pipeline group, the bound and the start-up floor", "pipeline_bench.py"),
+    ("gateway", "N concurrent requests to a function at zero through one cold start, then warm throughput and "
+     "added latency through the gateway vs straight to the worker", "gateway_bench.py"),
 ]
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"

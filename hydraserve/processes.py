@@ -26,6 +26,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError naming ``host:port`` if something listens there (checked before slow set-up)."""
+    if port == 0:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"{host}:{port} is not free ({exc.strerror})") from None
+
+
 def raise_open_files_limit() -> int:
     """Lift this process's open-file limit to its hard limit (a gateway holding a burst needs a
     socket per parked request, twice over with its upstreams); the new limit."""

@@ -28,7 +28,7 @@ from hydraserve.activator.gateway import Gateway, create_gateway_app
 from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
-from hydraserve.processes import ChildProcess, free_port, hydraserve_command
+from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
 from hydraserve.provider.backends.process import NodeHost
 
@@ -98,6 +98,7 @@ class LocalStack:
         from hydraserve.embedded.s3 import EmbeddedS3
 
         opts = self.options
+        check_port_free(opts.host, opts.gateway_port)  # before minutes of set-up, not after
         self._emulate_nodes()
         s3_host = self.cluster.host_ip if self.cluster else opts.s3_host or opts.host
         self.s3 = EmbeddedS3(host=s3_host, prefix=opts.s3_prefix).start()

@@ -7,29 +7,38 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=2, help="emulated GPU nodes, one loaderd each")
     parser.add_argument("--port", type=int, default=8080, help="gateway port")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address every service listens on (default loopback only; 0.0.0.0 exposes the "
+                        "gateway, placement, loaderd and S3 to the network)")
     parser.add_argument("--idle-timeout", type=float, default=30.0,
                         help="seconds without requests before the function scales to zero")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="push this Hugging Face model directory instead of generating one")
-    parser.add_argument("--function", default="tiny-llama", help="function name")
+    parser.add_argument("--function", default="tiny-llama", help="function name (also its OpenAI model name)")
     parser.add_argument("--link-mbit", type=float, default=None,
                         help="emulate the nodes as network namespaces, each link capped at this rate both "
                         "ways (needs root; without it: loopback, said so)")
     parser.add_argument("--ttft-slo", type=float, default=10.0, help="the function's TTFT SLO in seconds")
+    parser.add_argument("--concurrency", type=int, default=32,
+                        help="requests one instance serves at once (0: no limit); more start another instance")
+    parser.add_argument("--max-instances", type=int, default=4, help="instances the function scales out to")
+    parser.add_argument("--request-timeout", type=float, default=120.0,
+                        help="seconds a request may wait for a free instance")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from hydraserve.demo.stack import LocalStack, StackOptions
     from hydraserve.logs import configure_logging
+    from hydraserve.processes import check_port_free, raise_open_files_limit
 
     configure_logging("up")
     stop = threading.Event()
@@ -37,7 +46,15 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     options = StackOptions(nodes=args.nodes, gateway_port=args.port, host=args.host,
                            idle_timeout_s=args.idle_timeout, model_dir=args.model_dir,
-                           function_name=args.function, link_mbit=args.link_mbit, ttft_slo_s=args.ttft_slo)
+                           function_name=args.function, link_mbit=args.link_mbit, ttft_slo_s=args.ttft_slo,
+                           function={"concurrency": args.concurrency, "max_instances": args.max_instances,
+                                     "request_timeout_s": args.request_timeout})
+    try:
+        check_port_free(args.host, args.port)
+    except OSError as exc:
+        print(f"hydraserve up: the gateway port {exc.strerror}: pick another with --port", file=sys.stderr)
+        return 2
+    raise_open_files_limit()  # a socket per parked request
     with LocalStack(options) as stack:
         fn = stack.function_url()
         print(f"""
