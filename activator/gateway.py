@@ -8,7 +8,9 @@ instance is full; bounded queue and deadline) -> proxy to the instance (streamin
 scaler.release. A request the instance failed before answering (it has no token yet) fails
 the instance and is sent again to a fresh one, up to MAX_INSTANCE_RETRIES times; a stream the
 instance broke off ends with an error event. The gateway's own routes (/healthz, /metrics,
-/v1/functions, /v1/models) are never shadowed by a Host and never wait for a function. A
+/v1/functions, /v1/models) are never shadowed by a Host and never wait for a function; the
+admin routes (/v1/functions...) need the gateway's bearer token, the function and OpenAI
+routes are the public way in. A
 reaper task scales idle instances in with the injected clock and fails instances whose workers
 the backend lost.
 """
@@ -34,6 +36,7 @@ from hydraserve.activator.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from hydraserve.activator.ports import FunctionBackend
 from hydraserve.activator.proxy import InstanceProxy
 from hydraserve.activator.scaler import FunctionScaler
+from hydraserve.auth import Authenticate, admin_only, bearer
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import (
     HydraError,
@@ -41,6 +44,7 @@ from hydraserve.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    UnauthorizedError,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ T = TypeVar("T")
 
 MAX_INSTANCE_RETRIES = 2  # a request is sent to at most three instances
 MAX_BODY_BYTES = 1 << 20  # as the runtime's limit: a larger body is refused before a cold start
+ADMIN_PREFIX = "/v1/functions"
 METRICS = web.AppKey("metrics", GatewayMetrics)
 FUNCTION = web.RequestKey("function", str)  # the function a request is counted under
 
@@ -178,6 +183,16 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
             metrics.requests.labels(request[FUNCTION], str(status)).inc()
 
 
+def _admin_auth(authenticate: Authenticate) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        if request.path.startswith(ADMIN_PREFIX) and authenticate(bearer(request.headers.get("Authorization", ""))) is None:
+            raise UnauthorizedError("the gateway's admin routes need its bearer token")
+        return await handler(request)
+    return middleware
+
+
 def _host_function(gateway: Gateway, request: web.Request) -> str | None:
     """The function a Host header ``<name>.<domain>`` names, if it is registered (an address or
     a bare name never is: ``127.0.0.1`` is not function ``127``)."""
@@ -213,8 +228,8 @@ def _model_of(body: bytes) -> str | None:
     return model
 
 
-def create_gateway_app(gateway: Gateway) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
+    app = web.Application(middlewares=[_errors, _admin_auth(admin_only(admin_token))], client_max_size=MAX_BODY_BYTES)
     app[METRICS] = gateway.metrics
     app.on_startup.append(gateway.start)
     app.on_cleanup.append(gateway.aclose)

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from measure import CpuMeter
 
 FUNCTION = "bench"
 BODY = {"model": FUNCTION, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+ADMIN_TOKEN = secrets.token_urlsafe(24)  # given to `up` (HYDRASERVE_GATEWAY_TOKEN)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TINY = {"arch": "llama", "layers": 2, "hidden": 128, "heads": 4, "kv_heads": 2, "intermediate": 256,
         "vocab": 2048, "dtype": "float32"}
 
@@ -83,7 +86,7 @@ async def burst(session: Any, gateway: str, n: int, pid: int) -> dict[str, Any]:
             probes.append(time.perf_counter() - t0)
         except Exception:
             probes.append(float("inf"))
-        async with session.get(f"{gateway}/v1/functions") as r:
+        async with session.get(f"{gateway}/v1/functions", headers=ADMIN) as r:
             (fn,) = (await r.json())["functions"]
         if fn["waiting"] > peak_waiting:
             peak_waiting, peak_rss = fn["waiting"], rss_mb(pid)
@@ -129,7 +132,7 @@ async def measure(args: argparse.Namespace, gateway: str, pid: int) -> dict[str,
     timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         result = await burst(session, gateway, args.requests, pid)
-        async with session.get(f"{gateway}/v1/functions") as r:
+        async with session.get(f"{gateway}/v1/functions", headers=ADMIN) as r:
             (fn,) = (await r.json())["functions"]
         result["cold_starts"] = fn["cold_starts"]
         direct = fn["instances"][0]["url"] + "/v1/completions"
@@ -157,7 +160,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) 
         if proc.poll() is not None:
             raise SystemExit(f"hydraserve up exited with {proc.returncode}")
         try:
-            if requests.get(f"{url}/v1/functions", timeout=1).ok:
+            if requests.get(f"{url}/v1/functions", headers=ADMIN, timeout=1).ok:
                 return
         except requests.RequestException:
             pass
@@ -177,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     proc = subprocess.Popen(hydraserve_command(
         "up", "--nodes", "1", "--port", str(port), "--function", FUNCTION, "--model-dir", str(model),
         "--idle-timeout", "3600", "--max-instances", "1", "--concurrency", str(args.concurrency),
-        "--request-timeout", "900"), stdout=log, stderr=subprocess.STDOUT)
+        "--request-timeout", "900"), stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "HYDRASERVE_GATEWAY_TOKEN": ADMIN_TOKEN})
     gateway = f"http://127.0.0.1:{port}"
     try:
         wait_ready(gateway, proc)

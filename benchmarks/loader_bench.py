@@ -213,8 +213,9 @@ def proc_cpu_s(pid: int) -> float:
 def run_loaderd(prefix: list[str], listen_ip: str, endpoint: str, uri: str, model_bytes: int,
                 workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     """Prefetch the whole model through a loaderd in the node; time the first layer and the end."""
+    from hydraserve.auth import new_token_file
     from hydraserve.contracts.loader import PrefetchRequest
-    from hydraserve.loaderd.daemon import new_token_file, spawn_loaderd
+    from hydraserve.loaderd.daemon import spawn_loaderd
     from hydraserve.weights.segment import SegmentReader
 
     token, token_file = new_token_file(workdir)

@@ -6,7 +6,8 @@ caps both ways; S3 outside every node), several repetitions, medians.
   whole with one stream to local disk, then loads (worker setting s3_fetch="download");
 - serverlessllm: p = 1, no prefetch; after its start-up the worker fetches with parallel ranged
   reads (each tensor used as it lands);
-- serverlessllm_cached: p = 1, the weights already in the node's memory (loaderd holds them);
+- serverlessllm_cached: p = 1, the weights already in the node's memory (every node's loaderd
+  holds them);
 - hydra_1: p = 1, loaderd prefetches at placement, overlapped with the worker's start-up;
 - hydra: the planner's p (up to 4), prefetch + overlap in every stage, then consolidation.
 
@@ -197,8 +198,26 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
         runs["startup_floor"].append(cold_start(backends["prefetch"], floor, tokens=args.tpot_tokens))
         say("serverlessllm_cached")
         cached = hydra.model_copy(update={"name": f"{hydra.name}-cached", "max_pipeline_size": 1, "min_pipeline_size": 1})
+        make_resident(stack, cached.model_uri)
         runs["serverlessllm_cached"].append(cold_start(backends["prefetch"], cached, tokens=args.tpot_tokens))
     return summarise(name, stack, probe, runs, link_mb_s, slos, predicted)
+
+
+def make_resident(stack: Any, model_uri: str, timeout_s: float = 600.0) -> None:
+    """The whole model in every node's loaderd, so the cached mode's worker finds it wherever the
+    planner puts it (with a tiny model its per-node start-up estimates, not the bytes, decide)."""
+    from hydraserve.contracts.loader import PrefetchRequest
+    from hydraserve.loaderd.client import LoaderClient
+
+    clients = [LoaderClient(node.loaderd_url, node.loaderd_token) for node in stack.nodes]
+    for client in clients:
+        client.prefetch(PrefetchRequest(model_uri=model_uri, endpoint_url=stack.s3.endpoint_url, pin_s=timeout_s))
+    deadline = time.monotonic() + timeout_s
+    for client in clients:
+        while not any(m.model_uri == model_uri and m.bytes_complete == m.model_bytes for m in client.status().models):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{model_uri} not resident on {client.url} within {timeout_s:.0f} s")
+            time.sleep(0.1)
 
 
 def median(runs: list[dict[str, Any]], key: str) -> float | None:

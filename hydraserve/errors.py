@@ -95,6 +95,14 @@ class UnauthorizedError(HydraError):
     error_type = "authentication_error"
 
 
+class ForbiddenError(HydraError):
+    """The token is valid but does not allow this (another model, another's lease, an S3
+    endpoint the service was not configured for, a pid that is not the caller's)."""
+
+    status = 403
+    error_type = "permission_error"
+
+
 class NotFoundError(HydraError):
     """Unknown function, model, file, lease or route."""
 
@@ -179,8 +187,10 @@ def error_class(error_type: str | None, code: str | None = None) -> type[HydraEr
 
 def _class_for_status(status: int, retryable: object) -> type[HydraError]:
     """For bodies that name no known class (another server, a proxy): the status decides."""
-    if status == 401 or status == 403:
+    if status == 401:
         return UnauthorizedError
+    if status == 403:
+        return ForbiddenError
     if status == 404:
         return NotFoundError
     if status == 413:

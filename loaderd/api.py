@@ -1,22 +1,24 @@
 """loaderd's local HTTP API (Flask app; served by hydraserve.loaderd.daemon with waitress).
 
 Every /v1 route needs ``Authorization: Bearer <token>``; /healthz and /metrics do not (they
-reveal nothing but counters). Bodies are the pydantic models of hydraserve.contracts.loader;
+reveal nothing but counters). The daemon's own token may do everything; a worker's token
+(hydraserve.auth, signed with it) may only read its own model (index, file, attach) and release
+its own leases. A lease tied to a pid must be tied to the caller's own process (loaderd.peer). Bodies are the pydantic models of hydraserve.contracts.loader;
 errors come back in the OpenAI error shape from hydraserve.http_errors. docs/LOADERD.md lists
 the routes.
 """
 
 from __future__ import annotations
 
-import hmac
-
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from hydraserve.auth import Principal, admin_or_scoped, install_bearer_auth
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest, ReleaseRequest
-from hydraserve.errors import InvalidRequestError, UnauthorizedError
+from hydraserve.errors import ForbiddenError, InvalidRequestError
 from hydraserve.http_errors import install_error_handlers
 from hydraserve.http_json import json_body
+from hydraserve.loaderd.peer import pid_owns_connection
 from hydraserve.loaderd.service import LoaderService
 
 MAX_BODY = 1 << 20
@@ -30,20 +32,12 @@ def _int_arg(name: str) -> int:
 
 
 def create_app(service: LoaderService, token: str) -> Flask:
-    """The Flask app over one LoaderService, checking ``token`` on every /v1 route."""
-    if len(token) < 16:
-        raise ValueError("the loaderd token must be at least 16 characters")
+    """The Flask app over one LoaderService, checking ``token`` (or a worker token it signed)
+    on every route but /healthz and /metrics."""
     app = Flask("hydraserve.loaderd")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     install_error_handlers(app)
-    expected = f"Bearer {token}".encode()
-
-    @app.before_request
-    def _auth() -> None:
-        if request.path.startswith("/v1/"):
-            got = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(got, expected):
-                raise UnauthorizedError("missing or wrong bearer token")
+    install_bearer_auth(app, admin_or_scoped(token))
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -55,18 +49,25 @@ def create_app(service: LoaderService, token: str) -> Flask:
 
     @app.post("/v1/prefetch")
     def prefetch() -> Response:
+        _admin()
         return jsonify(service.prefetch(json_body(PrefetchRequest)).model_dump(mode="json"))
 
     @app.post("/v1/attach")
     def attach() -> Response:
-        return jsonify(service.attach(json_body(AttachRequest)).model_dump(mode="json"))
+        req = json_body(AttachRequest)
+        _may_read(req.model_uri)
+        if req.pid is not None:
+            _callers_own(req.pid)
+        return jsonify(service.attach(req, owner=_caller().subject).model_dump(mode="json"))
 
     @app.post("/v1/release")
     def release() -> Response:
-        return jsonify(service.release(json_body(ReleaseRequest)).model_dump(mode="json"))
+        owner = None if _caller().admin else _caller().subject
+        return jsonify(service.release(json_body(ReleaseRequest), owner=owner).model_dump(mode="json"))
 
     @app.get("/v1/status")
     def status() -> Response:
+        _admin()
         return jsonify(service.status().model_dump(mode="json"))
 
     @app.get("/v1/index")
@@ -74,6 +75,7 @@ def create_app(service: LoaderService, token: str) -> Flask:
         model_uri = request.args.get("model_uri", "")
         if not model_uri:
             raise InvalidRequestError("model_uri is required", param="model_uri")
+        _may_read(model_uri)
         answer = service.index(model_uri, request.args.get("endpoint_url") or None)
         return jsonify(answer.model_dump(mode="json"))
 
@@ -82,11 +84,13 @@ def create_app(service: LoaderService, token: str) -> Flask:
         model_uri, name = request.args.get("model_uri", ""), request.args.get("name", "")
         if not model_uri or not name:
             raise InvalidRequestError("model_uri and name are required")
+        _may_read(model_uri)
         data = service.read_file(model_uri, request.args.get("endpoint_url") or None, name)
         return Response(data, mimetype="application/octet-stream")
 
     @app.get("/v1/range")
     def read_range() -> Response:
+        _admin()
         model_key = request.args.get("model_key", "")
         file = request.args.get("file", "")
         if not model_key or not file:
@@ -98,3 +102,27 @@ def create_app(service: LoaderService, token: str) -> Flask:
         return Response(data, mimetype="application/octet-stream")
 
     return app
+
+
+def _caller() -> Principal:
+    principal: Principal = g.principal
+    return principal
+
+
+def _admin() -> None:
+    if not _caller().admin:
+        raise ForbiddenError("this route needs the daemon's own token, not a worker's")
+
+
+def _may_read(model_uri: str) -> None:
+    caller = _caller()
+    if not caller.admin and caller.model_uri != model_uri:
+        raise ForbiddenError("this token may read only its own model", param="model_uri")
+
+
+def _callers_own(pid: int) -> None:
+    """A lease may be tied only to the calling process (pid 1 would pin it forever)."""
+    client = (request.environ.get("REMOTE_ADDR", ""), int(request.environ.get("REMOTE_PORT") or 0))
+    server_port = int(request.environ.get("SERVER_PORT") or 0)
+    if not pid_owns_connection(pid, client, server_port):
+        raise ForbiddenError(f"pid {pid} is not the process making this request", param="pid")

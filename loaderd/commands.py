@@ -4,27 +4,13 @@ segments). Only reads settings and wires hydraserve.loaderd.daemon."""
 from __future__ import annotations
 
 import argparse
-import os
-import stat
-from pathlib import Path
 
+from hydraserve.auth import read_token
 from hydraserve.loaderd.models import DEFAULT_REVALIDATE_S
 from hydraserve.weights.fetch import DEFAULT_CHUNK_BYTES, DEFAULT_CONCURRENCY, DEFAULT_MIN_CHUNK_BYTES
 from hydraserve.weights.retry import DEFAULT_BUDGET_S
 
-
-def read_token(token_file: str | None) -> str:
-    """The API token from a 0600 file, else HYDRASERVE_LOADERD_TOKEN (the daemon and loaderctl)."""
-    if token_file:
-        path = Path(token_file)
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SystemExit(f"{path}: token file must not be readable by group/others (chmod 600)")
-        return path.read_text().strip()
-    token = os.environ.get("HYDRASERVE_LOADERD_TOKEN", "")
-    if not token:
-        raise SystemExit("give --token-file or set HYDRASERVE_LOADERD_TOKEN")
-    return token
+LOADERD_TOKEN_ENV = "HYDRASERVE_LOADERD_TOKEN"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-bytes", type=int, required=True,
                         help="node-wide shared-memory budget (segments are evicted LRU under it)")
     parser.add_argument("--node-name", required=True, help="names this node's segments in /dev/shm")
+    parser.add_argument("--allow-endpoint-url", action="append", default=[],
+                        help="another S3 endpoint requests may name (repeatable; the default one always may)")
     parser.add_argument("--endpoint-url", default=None,
                         help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
@@ -70,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
                           concurrency=args.concurrency, chunk_bytes=args.chunk_bytes,
                           min_chunk_bytes=args.min_chunk_bytes,
                           retry_budget_s=args.retry_budget_s, revalidate_s=args.revalidate_s, shm_dir=args.shm_dir,
-                          endpoint_url=args.endpoint_url, strict_integrity=args.strict_integrity,
+                          endpoint_url=args.endpoint_url, allowed_endpoint_urls=tuple(args.allow_endpoint_url),
+                          strict_integrity=args.strict_integrity,
                           etag_check=args.etag_check)
-    daemon = LoaderDaemon(config, read_token(args.token_file), host=args.host, port=args.port).start()
+    daemon = LoaderDaemon(config, read_token(args.token_file, LOADERD_TOKEN_ENV), host=args.host, port=args.port).start()
     log.info("loaderd listening", extra={"url": daemon.url, "node": args.node_name,
                                          "budget_bytes": args.budget_bytes})
     daemon.server.install_signal_handlers()

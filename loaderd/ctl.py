@@ -13,9 +13,10 @@ import os
 import sys
 import time
 
+from hydraserve.auth import read_token
 from hydraserve.contracts.loader import LeaseResponse, LoaderStatus, PrefetchRequest
 from hydraserve.loaderd.client import LoaderClient
-from hydraserve.loaderd.commands import read_token
+from hydraserve.loaderd.commands import LOADERD_TOKEN_ENV
 
 POLL_S = 0.2
 
@@ -44,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> LoaderClient:
-    return LoaderClient(args.url, read_token(args.token_file))
+    return LoaderClient(args.url, read_token(args.token_file, LOADERD_TOKEN_ENV))
 
 
 def _lease_progress(lease: LeaseResponse, status: LoaderStatus) -> tuple[int, list[str]]:

@@ -7,9 +7,6 @@ and waits until it answers. Used by hydraserve.loaderd.commands, the demo and th
 
 from __future__ import annotations
 
-import os
-import secrets
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,16 +65,6 @@ class LoaderDaemon:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
-
-
-def new_token_file(directory: str | Path | None = None) -> tuple[str, Path]:
-    """A random token written to a 0600 file (for --token-file)."""
-    token = secrets.token_urlsafe(24)
-    fd, path = tempfile.mkstemp(prefix="loaderd-token-", dir=directory)
-    os.fchmod(fd, 0o600)
-    os.write(fd, token.encode())
-    os.close(fd)
-    return token, Path(path)
 
 
 class DaemonProcess(ChildProcess):

@@ -60,6 +60,7 @@ class Lease:
     segments: list[Segment]
     expires_at: float | None
     pid: int | None
+    owner: str | None = None  # who took it (a worker token's subject): only they may release it
 
 
 def segment_id_for(model_key: str, group: str, tensor_names: Iterable[str]) -> str:
@@ -142,7 +143,7 @@ class Registry:
 
     def acquire(self, model_uri: str, model_key: str,
                 groups: list[tuple[str, int, str, SegmentLayout]], *, pin_s: float | None,
-                pid: int | None) -> tuple[Lease, list[Segment], list[Segment]]:
+                pid: int | None, owner: str | None = None) -> tuple[Lease, list[Segment], list[Segment]]:
         """Lease the segments of these groups, creating the missing ones (evicting LRU first).
 
         ``groups`` holds (segment_id, order, group name, layout). Returns the lease, all
@@ -180,7 +181,7 @@ class Registry:
             by_id = {s.segment_id: s for s in created}
             segs = [w if w is not None else by_id[g[0]] for w, g in zip(wanted, groups, strict=True)]
             lease = Lease(uuid.uuid4().hex, segs,
-                          None if pin_s is None else now + pin_s, pid)
+                          None if pin_s is None else now + pin_s, pid, owner)
             for seg in segs:
                 seg.refs += 1
                 seg.last_used = now
@@ -224,12 +225,14 @@ class Registry:
         else:
             self._drop(seg)
 
-    def release(self, lease_id: str) -> bool:
-        """Drop a lease; False if unknown (already released or expired)."""
+    def release(self, lease_id: str, owner: str | None = None) -> bool:
+        """Drop a lease; False if unknown (already released or expired) or, with ``owner``,
+        taken by someone else."""
         with self.lock:
-            lease = self.leases.pop(lease_id, None)
-            if lease is None:
+            lease = self.leases.get(lease_id)
+            if lease is None or (owner is not None and lease.owner != owner):
                 return False
+            del self.leases[lease_id]
             self._unref(lease)
             return True
 

@@ -29,7 +29,14 @@ from hydraserve.contracts.loader import (
     SegmentInfo,
     SliceRequest,
 )
-from hydraserve.errors import HydraError, IntegrityError, InvalidRequestError, NotFoundError, StorageError
+from hydraserve.errors import (
+    ForbiddenError,
+    HydraError,
+    IntegrityError,
+    InvalidRequestError,
+    NotFoundError,
+    StorageError,
+)
 from hydraserve.loaderd.file_check import FileCheck, file_check
 from hydraserve.loaderd.metrics import LoaderMetrics
 from hydraserve.loaderd.models import DEFAULT_REVALIDATE_S, HeldModel, ModelCache, Opener, S3Opener
@@ -66,6 +73,7 @@ class LoaderConfig:
     revalidate_s: float = DEFAULT_REVALIDATE_S  # a model version is rechecked at most this often
     shm_dir: str = "/dev/shm"
     endpoint_url: str | None = None
+    allowed_endpoint_urls: tuple[str, ...] = ()  # S3 endpoints a request may name besides endpoint_url
     strict_integrity: bool = False  # old manifests: hold whole files until their sha256 matches
     max_refetch: int = 1  # rereads of a tensor whose sha256 did not match before it fails
     etag_check: bool = True  # no manifest: check whole files against MD5 ETags (not for SSE-KMS)
@@ -78,6 +86,7 @@ class LoaderService:
                  peer_source: PeerFactory | None = None, metrics: LoaderMetrics | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self._endpoints = {u.rstrip("/") for u in (config.endpoint_url, *config.allowed_endpoint_urls) if u}
         self.metrics = metrics or LoaderMetrics()
         self.registry = Registry(config.node_name, config.budget_bytes, shm_dir=config.shm_dir,
                                  clock=clock, on_evict=lambda s: self.metrics.evictions.inc())
@@ -100,7 +109,12 @@ class LoaderService:
     # -- model resolution -------------------------------------------------------------------
 
     def model(self, uri: str, endpoint_url: str | None, *, validate: bool = False) -> HeldModel:
-        """The model's current version: resolved once, then revalidated cheaply (models.py)."""
+        """The model's current version: resolved once, then revalidated cheaply (models.py). A
+        request may name only the S3 endpoints this daemon was configured for (else a token
+        holder could make it fetch from anywhere)."""
+        if endpoint_url and endpoint_url.rstrip("/") not in self._endpoints:
+            raise ForbiddenError(f"S3 endpoint {endpoint_url!r} is not one this daemon was configured for",
+                                 param="endpoint_url")
         return self.models.get(uri, endpoint_url or self.config.endpoint_url, validate=validate)
 
     def index(self, uri: str, endpoint_url: str | None) -> ModelIndexResponse:
@@ -113,18 +127,20 @@ class LoaderService:
     def prefetch(self, req: PrefetchRequest) -> LeaseResponse:
         return self._lease(req, pin_s=req.pin_s, pid=None)
 
-    def attach(self, req: AttachRequest) -> LeaseResponse:
-        return self._lease(req, pin_s=None, pid=req.pid)
+    def attach(self, req: AttachRequest, owner: str | None = None) -> LeaseResponse:
+        return self._lease(req, pin_s=None, pid=req.pid, owner=owner)
 
-    def release(self, req: ReleaseRequest) -> ReleaseResponse:
-        released = self.registry.release(req.lease_id)
+    def release(self, req: ReleaseRequest, owner: str | None = None) -> ReleaseResponse:
+        """Drop a lease; with ``owner``, only one that owner took (else it is unknown to it)."""
+        released = self.registry.release(req.lease_id, owner=owner)
         if not released:
             raise NotFoundError(f"no lease {req.lease_id!r} (released already or expired)",
                                 param="lease_id")
         self._update_gauges()
         return ReleaseResponse(released=True)
 
-    def _lease(self, req: SliceRequest, *, pin_s: float | None, pid: int | None) -> LeaseResponse:
+    def _lease(self, req: SliceRequest, *, pin_s: float | None, pid: int | None,
+               owner: str | None = None) -> LeaseResponse:
         held = self.model(req.model_uri, req.endpoint_url, validate=True)
         version = held.version
         entries = version.select(req.stage, req.tensors)
@@ -134,7 +150,8 @@ class LoaderService:
         for order, group, members in version.groups(entries):
             seg_id = segment_id_for(version.key, group, (m.name for m in members))
             groups.append((seg_id, order, group, plan_layout(version.key, group, members, version.tensor_sha256)))
-        lease, segs, created = self.registry.acquire(req.model_uri, version.key, groups, pin_s=pin_s, pid=pid)
+        lease, segs, created = self.registry.acquire(req.model_uri, version.key, groups, pin_s=pin_s, pid=pid,
+                                                     owner=owner)
         if created:
             self._start_fill(held, created, req.peers, req.background)
         bytes_new = sum(s.layout.tensor_bytes for s in created)

@@ -7,6 +7,8 @@ Routes (bodies are hydraserve.contracts.plan models; docs/PLACEMENT.md has examp
   GET  /v1/plans/<id>                             a plan still active
   GET  /v1/cluster  ClusterStatus
   GET  /metrics     Prometheus text; GET /healthz
+Every route but /healthz and /metrics needs ``Authorization: Bearer <token>`` (without it one
+local request could register a fake node or feed fake timings to the calibration).
 Invalid bodies get 400 in the OpenAI error shape via hydraserve.http_errors; no capacity is 503
 with Retry-After (the caller retries), an unknown plan 404.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from hydraserve.auth import admin_only, install_bearer_auth
 from hydraserve.contracts.plan import NodeInfo, PlanRequest, WorkerReport
 from hydraserve.errors import NotFoundError
 from hydraserve.http_errors import install_error_handlers
@@ -25,11 +28,12 @@ from hydraserve.provider.service import PlacementService
 MAX_BODY = 4 << 20
 
 
-def create_app(service: PlacementService) -> Flask:
-    """The Flask app over one PlacementService."""
+def create_app(service: PlacementService, token: str) -> Flask:
+    """The Flask app over one PlacementService, checking ``token`` on every /v1 route."""
     app = Flask("hydraserve.provider")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     install_error_handlers(app)
+    install_bearer_auth(app, admin_only(token))
 
     @app.get("/healthz")
     def healthz() -> Response:

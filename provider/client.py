@@ -25,8 +25,9 @@ M = TypeVar("M", bound=BaseModel)
 class PlacementClient:
     """One requests.Session to one service."""
 
-    def __init__(self, base_url: str, *, timeout_s: float = 10.0, session: requests.Session | None = None) -> None:
-        self._http = ServiceClient("placement", base_url, timeout_s=timeout_s, session=session)
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0,
+                 session: requests.Session | None = None) -> None:
+        self._http = ServiceClient("placement", base_url, token, timeout_s=timeout_s, session=session)
         self.base_url = self._http.url
         self.session = self._http.session
 

@@ -29,6 +29,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hydraserve.auth import mint_scoped_token
 from hydraserve.contracts.loader import LeaseResponse
 from hydraserve.contracts.plan import (
     FunctionSpec,
@@ -302,8 +303,10 @@ class ColdStart:
             "stage": st.stage if plan.pipeline_size > 1 else None, "full": st.full, "peers": peers,
             "spawned_at": time.time(), **self.options.worker,
         }
-        if self.options.prefetch:
-            values |= {"loaderd_url": node.loaderd_url, "loaderd_token": node.loaderd_token}
+        if self.options.prefetch:  # the worker's own token: its model, its leases, not the node's
+            token = mint_scoped_token(node.loaderd_token, subject=f"{plan.instance_id}/{st.stage.index}",
+                                      model_uri=plan.model_uri)
+            values |= {"loaderd_url": node.loaderd_url, "loaderd_token": token}
         return WorkerEnvironment.model_validate(values)
 
     @staticmethod

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import Gateway, create_gateway_app
 from hydraserve.aio_server import BackgroundAioServer
+from hydraserve.auth import write_token_file
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+GATEWAY_TOKEN_ENV = "HYDRASERVE_GATEWAY_TOKEN"  # the gateway's admin token (else one is made)
 LOADERD_NAMESPACE_PORT = 7070  # a node's namespace is ours alone (workers use 41000+)
 
 
@@ -78,6 +80,8 @@ class LocalStack:
         self.model_uri = ""
         self.gateway: Gateway | None = None
         self.gateway_url = ""
+        self.gateway_token = ""
+        self.gateway_token_file: Path | None = None
         self.leftovers: list[str] = []  # segments found after close (should stay empty)
         self.nodes: list[LocalNode] = []
         self.cluster: EmulatedCluster | None = None
@@ -107,19 +111,20 @@ class LocalStack:
         self.model_uri = self._prepare_model()
 
         token = secrets.token_urlsafe(24)
-        token_file = self.run_dir / "loaderd.token"
-        token_file.write_text(token)
-        os.chmod(token_file, 0o600)
+        token_file = write_token_file(self.run_dir / "loaderd.token", token)
         nodes = self.nodes = [self._start_loaderd(name, token_file, token, s3_env) for name in self.node_names]
 
         placement_port = free_port(opts.host)
+        placement_token = secrets.token_urlsafe(24)
+        placement_token_file = write_token_file(self.run_dir / "placement.token", placement_token)
         placement = ChildProcess("placement", hydraserve_command(
-            "placement", "--host", opts.host, "--port", str(placement_port)), log_path=self.run_dir / "placement.log")
+            "placement", "--host", opts.host, "--port", str(placement_port), "--token-file", str(placement_token_file)),
+            log_path=self.run_dir / "placement.log")
         placement.wait_healthy(f"http://{opts.host}:{placement_port}/healthz")
         self._cleanups.append(("placement", placement.stop))
         from hydraserve.provider.client import PlacementClient
 
-        self.placement = PlacementClient(f"http://{opts.host}:{placement_port}")
+        self.placement = PlacementClient(f"http://{opts.host}:{placement_port}", placement_token)
         from hydraserve.contracts.plan import NodeInfo
 
         for node in nodes:
@@ -136,7 +141,9 @@ class LocalStack:
                                   idle_timeout_s=opts.idle_timeout_s, ttft_slo_s=opts.ttft_slo_s, **opts.function)
         backend.prepare(function)  # read the model's sizes at deploy time
         self.gateway.register(function)
-        server = BackgroundAioServer(create_gateway_app(self.gateway), opts.host, opts.gateway_port,
+        self.gateway_token = os.environ.get(GATEWAY_TOKEN_ENV) or secrets.token_urlsafe(24)
+        self.gateway_token_file = write_token_file(self.run_dir / "gateway.token", self.gateway_token)
+        server = BackgroundAioServer(create_gateway_app(self.gateway, self.gateway_token), opts.host, opts.gateway_port,
                                      drain_timeout_s=opts.drain_timeout_s).start()
         self._cleanups.append(("gateway", server.close))
         self.gateway_url = server.url

@@ -57,25 +57,30 @@ def run(args: argparse.Namespace) -> int:
     raise_open_files_limit()  # a socket per parked request
     with LocalStack(options) as stack:
         fn = stack.function_url()
+        admin = f'-H "Authorization: Bearer $(cat {stack.gateway_token_file})"'
+        exposed = "" if args.host in ("127.0.0.1", "localhost", "::1") else (
+            f"\n  WARNING      listening on {args.host}: the gateway, placement, loaderd and S3 are reachable from "
+            "the network (each internal API needs its token; the function routes need none)")
         print(f"""
-HydraServe embedded stack is up (Ctrl-C to stop).
-  gateway      {stack.gateway_url}   (functions: GET {stack.gateway_url}/v1/functions)
+HydraServe embedded stack is up (Ctrl-C to stop).{exposed}
+  gateway      {stack.gateway_url}   (OpenAI API at {stack.gateway_url}/v1, model "{args.function}")
+  admin        {stack.gateway_url}/v1/functions  (token: {stack.gateway_token_file})
   function     {args.function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout:.0f} s idle)
   nodes        {" ".join(stack.node_names)} (one loaderd each)
   network      {stack.emulation}
   loaderd      {" ".join(n.loaderd_url for n in stack.nodes)}  (token: {stack.run_dir / "loaderd.token"})
   S3           {stack.s3.endpoint_url}
-  placement    {stack.placement.base_url}/v1/cluster
+  placement    {stack.placement.base_url}/v1/cluster  (token: {stack.run_dir / "placement.token"})
   logs         {stack.run_dir}
 
 Try:
-  curl -s {fn}/v1/completions -H 'Content-Type: application/json' \\
-       -d '{{"prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
+  curl -s {stack.gateway_url}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{args.function}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
   curl -N {fn}/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{{"messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 16, "stream": true}}'
   curl -s {fn}/ -H 'ce-specversion: 1.0' -H 'ce-type: dev.hydraserve.completion.request' \\
        -H 'ce-source: /curl' -H 'ce-id: 1' -H 'Content-Type: application/json' -d '{{"prompt": "Hi"}}'
-  curl -s {stack.gateway_url}/v1/functions/{args.function}/timeline
+  curl -s {stack.gateway_url}/v1/functions/{args.function}/timeline {admin}
   hydraserve loaderctl --url {stack.nodes[0].loaderd_url} --token-file {stack.run_dir / "loaderd.token"} status
 """, flush=True)
         while not stop.wait(1.0):

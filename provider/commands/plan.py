@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="placement service to ask (dry run); default: plan in-process")
+    parser.add_argument("--token-file", help="the placement service's token (with --url); "
+                        "else HYDRASERVE_PLACEMENT_TOKEN")
     parser.add_argument("--nodes", help="JSON list of NodeInfo; default: testbed (i), 4xV100 + 4xA10")
     parser.add_argument("--policy", default="ours")
     parser.add_argument("--function", help="JSON file with a FunctionSpec (overrides the flags below)")
@@ -47,8 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
     request = PlanRequest(function=_spec(args), dry_run=True)
     if args.url:
+        from hydraserve.auth import read_token
         from hydraserve.provider.client import PlacementClient
-        plan = PlacementClient(args.url).plan(request)
+        from hydraserve.provider.commands.placement import PLACEMENT_TOKEN_ENV
+
+        plan = PlacementClient(args.url, read_token(args.token_file, PLACEMENT_TOKEN_ENV)).plan(request)
     else:
         from hydraserve.provider.service import PlacementService
         service = PlacementService(args.policy)

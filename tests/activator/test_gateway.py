@@ -27,6 +27,9 @@ from hydraserve.http_server import DrainingServer, client_gone
 from hydraserve.processes import free_port
 from hydraserve.testing.fake_backend import ScriptedBackend
 
+ADMIN = "admin-" + "t" * 16
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
 
 class Instance:
     """A function instance: answers completions at once, or streams a token every 20 ms until
@@ -78,7 +81,7 @@ def setup(instance: Instance) -> Iterator[tuple[Gateway, ScriptedBackend, Backgr
     backend = ScriptedBackend(url=instance.server.url)
     gw = Gateway(backend, reap_interval_s=3600)
     gw.register(FunctionConfig(name="fn", model_uri="s3://b/m", max_instances=1))
-    server = BackgroundAioServer(create_gateway_app(gw), "127.0.0.1", 0).start()
+    server = BackgroundAioServer(create_gateway_app(gw, ADMIN), "127.0.0.1", 0).start()
     yield gw, backend, server
     backend.release_start.set()
     server.close()
@@ -115,7 +118,7 @@ def test_health_and_admin_answer_while_a_burst_is_parked_and_every_request_is_th
             probes = []
             for path in ("/healthz", "/v1/functions", "/metrics") * 3:
                 t0 = time.monotonic()
-                async with session.get(server.url + path, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                async with session.get(server.url + path, timeout=aiohttp.ClientTimeout(total=5), headers=AUTH) as r:
                     assert r.status == 200
                 probes.append(time.monotonic() - t0)
             backend.release_start.set()
@@ -131,7 +134,7 @@ def test_a_full_queue_answers_503_with_retry_after(instance: Instance) -> None:
     backend = ScriptedBackend(url=instance.server.url, auto_release=False)
     gw = Gateway(backend, reap_interval_s=3600)
     gw.register(FunctionConfig(name="fn", model_uri="s3://b/m", max_queue=2))
-    server = BackgroundAioServer(create_gateway_app(gw), "127.0.0.1", 0).start()
+    server = BackgroundAioServer(create_gateway_app(gw, ADMIN), "127.0.0.1", 0).start()
     try:
         parked = [threading.Thread(target=requests.post, args=(f"{server.url}/functions/fn/v1/completions",),
                                    kwargs={"json": {"prompt": "x"}}) for _ in range(2)]
@@ -280,3 +283,14 @@ def test_cold_starts_are_counted_when_they_begin(setup: tuple[Gateway, ScriptedB
     assert metric(gw, "hydraserve_gateway_cold_starts_total", function="fn") == 1  # before it is ready
     backend.release_start.set()
     t.join(10)
+
+
+def test_the_admin_routes_need_the_gateway_token(setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    _gw, backend, server = setup
+    for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}):
+        refused = requests.get(f"{server.url}/v1/functions", headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        assert requests.get(f"{server.url}/v1/functions/fn/timeline", headers=headers).status_code == 401
+    assert requests.get(f"{server.url}/v1/functions", headers=AUTH).json()["functions"][0]["name"] == "fn"
+    assert requests.get(f"{server.url}/v1/models").status_code == 200  # the public routes stay public
+    assert requests.get(f"{server.url}/healthz").status_code == 200 and backend.starts == 0

@@ -59,7 +59,7 @@ def gateway() -> Iterator[tuple[Gateway, ScriptedBackend, str]]:
     backend = ScriptedBackend()
     gw = Gateway(backend, reap_interval_s=3600)  # the reaper stays out of these tests
     gw.register(FunctionConfig(name="fn", model_uri="s3://b/m"))
-    server = BackgroundAioServer(create_gateway_app(gw), "127.0.0.1", 0).start()
+    server = BackgroundAioServer(create_gateway_app(gw, "admin-" + "t" * 16), "127.0.0.1", 0).start()
     gw.server = server  # type: ignore[attr-defined]  # for tests that act on the gateway's loop
     yield gw, backend, server.url
     server.close()
@@ -118,6 +118,9 @@ def test_a_stream_broken_off_after_its_first_token_ends_with_an_error_the_client
         for c in client(url).completions.create(model="m", prompt="x", stream=True):
             received.append(c.choices[0].text)
     assert received == ["Hello"]  # what it had said stays said; it is not sent again
+    deadline = time.monotonic() + 5  # failed in the background once the client had its error
+    while not backend.failed and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [i for i, _ in backend.failed] == ["fn-1"]  # the instance is failed, not reused
     assert stream_text(url) == "Hello world" and backend.starts == 2
     assert settled(gw)["inflight"] == 0

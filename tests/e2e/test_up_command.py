@@ -30,17 +30,20 @@ def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Pat
                 break
             time.sleep(0.2)
         printed = (tmp_path / "up.log").read_text()
-        assert f"{base}/functions/fn/v1/completions" in printed
+        assert f"{base}/v1/completions" in printed and f"{base}/functions/fn/v1/chat/completions" in printed
         nodes = next(line.split()[1:-3] for line in printed.splitlines() if line.strip().startswith("nodes "))
         assert nodes and all(n.startswith("node") for n in nodes)
-        r = requests.post(f"{base}/functions/fn/v1/completions", timeout=120,
-                          json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        r = requests.post(f"{base}/v1/completions", timeout=120,  # the OpenAI endpoint, by model
+                          json={"model": "fn", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         r = requests.post(f"{base}/functions/fn/", data=json.dumps({"prompt": "Hi", "max_tokens": 2}), timeout=60,
                           headers={"ce-specversion": "1.0", "ce-type": "dev.hydraserve.completion.request",
                                    "ce-source": "/curl", "ce-id": "1", "Content-Type": "application/json"})
         assert r.status_code == 200 and r.headers["ce-type"] == "dev.hydraserve.completion.response"
-        functions = requests.get(f"{base}/v1/functions", timeout=5).json()["functions"]
+        assert requests.get(f"{base}/v1/functions", timeout=5).status_code == 401
+        token_file = next(w.rstrip(")") for w in printed.split() if w.endswith("gateway.token)"))
+        admin = {"Authorization": f"Bearer {Path(token_file).read_text()}"}
+        functions = requests.get(f"{base}/v1/functions", headers=admin, timeout=5).json()["functions"]
         assert functions[0]["state"] == "ready"
         # the printed loaderctl line works as given and shows the model the cold start fetched
         ctl = next(line.split() for line in printed.splitlines() if line.strip().startswith("hydraserve loaderctl"))

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from hydraserve.auth import mint_scoped_token
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest
-from hydraserve.errors import InvalidRequestError, NotFoundError, UnreachableError
+from hydraserve.errors import ForbiddenError, InvalidRequestError, NotFoundError, UnreachableError
 from hydraserve.loaderd.client import LoaderClient
 from hydraserve.loaderd.daemon import LoaderDaemon
 from hydraserve.loaderd.service import LoaderConfig
@@ -128,3 +129,56 @@ def test_the_index_lists_every_tensor_with_its_byte_range(daemon: LoaderDaemon) 
     r = requests.get(daemon.url + "/v1/index", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
     assert r.status_code == 400 and r.json()["error"]["param"] == "model_uri"
     assert requests.get(daemon.url + "/v1/index", params={"model_uri": URI}, timeout=5).status_code == 401
+
+
+# ---- doors: what a worker's scoped token may do, pids, S3 endpoints -------------------------
+
+def _worker(subject: str = "fn-1/0", model_uri: str = URI) -> str:
+    return mint_scoped_token(TOKEN, subject=subject, model_uri=model_uri)
+
+
+def test_a_worker_token_reads_its_own_model_and_releases_only_its_own_leases(daemon: LoaderDaemon) -> None:
+    mine = LoaderClient(daemon.url, _worker())
+    lease = mine.attach(AttachRequest(model_uri=URI, pid=os.getpid()))
+    assert mine.index(URI).tensors  # its model: allowed
+    other = LoaderClient(daemon.url, _worker("fn-2/0"))
+    with pytest.raises(NotFoundError):  # another worker's lease is unknown to it
+        other.release(lease.lease_id)
+    assert mine.release(lease.lease_id).released
+
+
+@pytest.mark.parametrize("call", ["other model", "prefetch", "status", "range"])
+def test_a_worker_token_cannot_act_as_the_daemon(daemon: LoaderDaemon, call: str) -> None:
+    worker = LoaderClient(daemon.url, _worker())
+    with pytest.raises(ForbiddenError):
+        if call == "other model":
+            worker.index("s3://bucket/another")
+        elif call == "prefetch":
+            worker.prefetch(PrefetchRequest(model_uri=URI))
+        elif call == "status":
+            worker.status()
+        else:
+            worker.read_range("k", "f", 0, 1)
+
+
+def test_a_forged_or_foreign_token_is_refused(daemon: LoaderDaemon) -> None:
+    forged = mint_scoped_token("x" * 32, subject="fn-1/0", model_uri=URI)  # signed with another secret
+    tampered = _worker()[:-2] + ("AA" if not _worker().endswith("AA") else "BB")
+    for token in (forged, tampered, "hs1.garbage", ""):
+        assert _post(daemon, "/v1/attach", {"model_uri": URI}, token).status_code == 401
+
+
+def test_a_lease_cannot_be_tied_to_a_process_that_is_not_the_caller(daemon: LoaderDaemon) -> None:
+    def refs() -> int:
+        return sum(s.refcount for s in LoaderClient(daemon.url, TOKEN).status().segments)
+
+    before = refs()
+    for token in (TOKEN, _worker()):  # not even with the daemon's own token
+        refused = _post(daemon, "/v1/attach", {"model_uri": URI, "pid": 1}, token)
+        assert refused.status_code == 403 and refused.json()["error"]["param"] == "pid"
+    assert refs() == before  # no lease taken
+
+
+def test_an_s3_endpoint_the_daemon_was_not_configured_for_is_refused(daemon: LoaderDaemon) -> None:
+    refused = _post(daemon, "/v1/prefetch", {"model_uri": URI, "endpoint_url": "http://169.254.169.254"})
+    assert refused.status_code == 403 and refused.json()["error"]["param"] == "endpoint_url"

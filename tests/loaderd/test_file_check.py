@@ -100,10 +100,11 @@ def test_part_size_guesses_are_few_or_none() -> None:
     assert file_check(FileMeta("f", 10, 0, sha256="a" * 64, etag="0" * 32)).algorithm == "sha256"  # manifest wins
 
 
-def _service(node: str, corrupt: tuple[str, int] | None, etag_check: bool = True) -> LoaderService:
+def _service(node: str, endpoint_url: str, corrupt: tuple[str, int] | None, etag_check: bool = True) -> LoaderService:
     file, at = corrupt if corrupt else ("", None)
     opener = S3Opener(retry_budget_s=5)
-    return LoaderService(LoaderConfig(node_name=node, budget_bytes=64 << 20, retry_budget_s=5, etag_check=etag_check),
+    return LoaderService(LoaderConfig(node_name=node, budget_bytes=64 << 20, retry_budget_s=5, etag_check=etag_check,
+                                      endpoint_url=endpoint_url),
                          open_model=lambda uri, endpoint: CorruptingFiles(uri, opener, endpoint, file, at))
 
 
@@ -117,7 +118,7 @@ def _prefetch_and_wait(service: LoaderService, uri: str, endpoint: str) -> dict[
 def test_a_model_without_manifest_is_verified_against_its_etags(
         s3_server: Any, shm_guard: str, uploaded: tuple[str, Path, dict[str, str]]) -> None:
     uri, _, etags = uploaded
-    service = _service(shm_guard, None)
+    service = _service(shm_guard, s3_server.endpoint_url, None)
     try:
         states = _prefetch_and_wait(service, uri, s3_server.endpoint_url)
         assert set(states.values()) == {"complete"}
@@ -135,7 +136,7 @@ def test_bytes_damaged_in_transit_fail_the_etag_check(
     uri, root, etags = uploaded
     victim = next(f for f, e in etags.items() if f.endswith(".safetensors") and ("-" in e) == multipart)
     at = (root / victim).stat().st_size - 7  # inside the file's last tensor
-    service = _service(shm_guard, (victim, at))
+    service = _service(shm_guard, s3_server.endpoint_url, (victim, at))
     try:
         states = _prefetch_and_wait(service, uri, s3_server.endpoint_url)
         assert "failed" in states.values()
@@ -151,7 +152,7 @@ def test_no_etag_check_checks_nothing(s3_server: Any, shm_guard: str,
                                       uploaded: tuple[str, Path, dict[str, str]]) -> None:
     uri, root, etags = uploaded
     victim = next(f for f in etags if f.endswith(".safetensors"))
-    service = _service(shm_guard, (victim, (root / victim).stat().st_size - 7), etag_check=False)
+    service = _service(shm_guard, s3_server.endpoint_url, (victim, (root / victim).stat().st_size - 7), etag_check=False)
     try:
         assert set(_prefetch_and_wait(service, uri, s3_server.endpoint_url).values()) == {"complete"}
         assert not service._verified

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from hydraserve.auth import new_token_file
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest
 from hydraserve.contracts.model import ModelManifest
 from hydraserve.contracts.stage import StageSpec
@@ -26,7 +27,7 @@ from hydraserve.errors import (
     PermanentError,
     TemporaryError,
 )
-from hydraserve.loaderd.daemon import LoaderDaemon, new_token_file, spawn_loaderd
+from hydraserve.loaderd.daemon import LoaderDaemon, spawn_loaderd
 from hydraserve.loaderd.service import LoaderConfig
 from hydraserve.runtime.loader_files import LoaderModelFiles
 from hydraserve.weights.local import LocalTensorSource

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from flask.testing import FlaskClient
 
 from hydraserve.contracts.plan import NodeInfo, PlanRequest, WorkerReport, WorkerTimings
 from hydraserve.errors import InvalidRequestError, NotFoundError, OverloadedError
@@ -14,6 +15,13 @@ from hydraserve.provider.client import PlacementClient
 from hydraserve.provider.service import PlacementService
 from tests.provider.builders import llama, paper_nodes
 
+TOKEN = "placement-" + "t" * 16
+
+
+def authed(client: FlaskClient) -> FlaskClient:
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {TOKEN}"
+    return client
+
 
 @pytest.fixture
 def service() -> PlacementService:
@@ -22,7 +30,7 @@ def service() -> PlacementService:
 
 
 def test_invalid_bodies_are_400_with_openai_shape(service: PlacementService) -> None:
-    client = create_app(service).test_client()
+    client = authed(create_app(service, TOKEN).test_client())
     r = client.post("/v1/nodes", json={"name": "n1", "gpu_memory_gb": -1})
     assert r.status_code == 400
     err = r.get_json()["error"]
@@ -34,15 +42,15 @@ def test_invalid_bodies_are_400_with_openai_shape(service: PlacementService) -> 
 
 
 def test_plan_without_capacity_is_503_with_retry_after(service: PlacementService) -> None:
-    client = create_app(service).test_client()
+    client = authed(create_app(service, TOKEN).test_client())
     r = client.post("/v1/plan", json=PlanRequest(function=llama()).model_dump(mode="json"))
     assert r.status_code == 503 and "Retry-After" in r.headers
     assert r.get_json()["error"]["code"] == "no_capacity"
 
 
 def test_client_round_trip_over_loopback(service: PlacementService) -> None:
-    server = DrainingServer(create_app(service), "127.0.0.1", 0, threads=4).start()
-    client = PlacementClient(server.url)
+    server = DrainingServer(create_app(service, TOKEN), "127.0.0.1", 0, threads=4).start()
+    client = PlacementClient(server.url, TOKEN)
     try:
         assert client.healthy()
         for node in paper_nodes():
@@ -74,8 +82,8 @@ def test_client_round_trip_over_loopback(service: PlacementService) -> None:
 
 
 def test_no_capacity_raises_overloaded_through_client(service: PlacementService) -> None:
-    server = DrainingServer(create_app(service), "127.0.0.1", 0, threads=2).start()
-    client = PlacementClient(server.url)
+    server = DrainingServer(create_app(service, TOKEN), "127.0.0.1", 0, threads=2).start()
+    client = PlacementClient(server.url, TOKEN)
     try:
         client.register_node(NodeInfo(name="small", gpus=1, gpu_memory_gb=4))
         with pytest.raises(OverloadedError) as info:
@@ -98,3 +106,17 @@ def test_prefetch_orders_name_each_stage_and_its_peers() -> None:
         assert order.endpoint_url == "http://s3:9000" and st.loaderd_url == f"http://{st.node}:7070"
     single = svc.plan(PlanRequest(function=llama("big-slo", ttft_slo_s=60)))
     assert single.prefetch_orders()[0][1].stage is None  # whole model
+
+
+def test_without_the_token_no_node_is_registered_and_no_timing_is_learned(service: PlacementService) -> None:
+    """One local request used to register a fake node (every cold start then failed on it) or
+    feed fake timings into the calibration."""
+    client = create_app(service, TOKEN).test_client()
+    fake = NodeInfo(name="fake", gpus=1, gpu_memory_gb=80, nic_gbps=100, loaderd_url="http://127.0.0.1:9")
+    for auth in ({}, {"Authorization": "Bearer not-the-token-at-all"}, {"Authorization": TOKEN}):
+        r = client.post("/v1/nodes", json=fake.model_dump(mode="json"), headers=auth)
+        assert r.status_code == 401 and r.get_json()["error"]["type"] == "authentication_error"
+        assert client.post("/v1/reports", json={"plan_id": "p", "kind": "ready"}, headers=auth).status_code == 401
+        assert client.get("/v1/cluster", headers=auth).status_code == 401
+    assert service.cluster.size == 0 and service.status().startup_samples == 0
+    assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200

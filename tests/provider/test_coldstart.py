@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hydraserve.activator.functions import FunctionConfig
+from hydraserve.auth import Principal, verify_scoped_token
 from hydraserve.contracts.plan import FunctionSpec, NodeInfo, WorkerReport
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
@@ -87,6 +88,9 @@ class FakeLauncher:
         return worker
 
 
+S3_URL = "http://s3:9000"  # the cold start names it; the daemons are configured for it (their bytes are local)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_tiny_model(tmp_path_factory.mktemp("coldstart") / "tiny", TinySpec(arch="llama", layers=4))
@@ -96,8 +100,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def loaderds(model_dir: Path, node_name: str) -> Iterator[list[LoaderDaemon]]:
-    daemons = [LoaderDaemon(LoaderConfig(node_name=f"{node_name}{i}", budget_bytes=256 << 20), TOKEN,
-                            open_model=LocalStores({URI: model_dir})).start() for i in range(2)]
+    daemons = [LoaderDaemon(LoaderConfig(node_name=f"{node_name}{i}", budget_bytes=256 << 20, endpoint_url=S3_URL),
+                            TOKEN, open_model=LocalStores({URI: model_dir})).start() for i in range(2)]
     yield daemons
     for d in daemons:
         d.stop()
@@ -130,7 +134,7 @@ def leases(d: LoaderDaemon) -> int:
 def test_the_protocol_runs_in_order_and_writes_the_worker_environment(loaderds: list[LoaderDaemon],
                                                                        model_dir: Path) -> None:
     launcher = FakeLauncher()
-    coldstart, placement = setup(loaderds, launcher, s3_endpoint_url="http://s3:9000")
+    coldstart, placement = setup(loaderds, launcher, s3_endpoint_url=S3_URL)
     timeline = Timeline()
     timeline.mark("request_received", component="test")
     group = coldstart.run(spec(model_dir), timeline)
@@ -145,8 +149,11 @@ def test_the_protocol_runs_in_order_and_writes_the_worker_environment(loaderds: 
     assert (env.function, env.model_uri, env.instance_id) == ("tiny", URI, group.plan.instance_id)
     assert env.stage is None and env.full and env.is_head and env.peers == [f"127.0.0.1:{env.transport_port}"]
     assert env.loaderd_url == daemon.url and env.loaderd_token is not None
-    assert env.loaderd_token.get_secret_value() == TOKEN and TOKEN not in repr(env)
-    assert env.s3_endpoint_url == "http://s3:9000" and env.host == "127.0.0.1"
+    worker_token = env.loaderd_token.get_secret_value()  # the worker's own, not the node's
+    assert worker_token != TOKEN and worker_token not in repr(env)
+    assert verify_scoped_token(TOKEN, worker_token) == Principal(subject=f"{env.instance_id}/0", admin=False,
+                                                                 model_uri=URI)
+    assert env.s3_endpoint_url == S3_URL and env.host == "127.0.0.1"
     assert placement.status().active_plans == 1
     assert placement.plan_of(group.plan.plan_id) is not None
     assert leases(daemon) == 0  # the prefetch pin is dropped once the worker is ready (it holds its own)

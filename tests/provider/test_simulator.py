@@ -108,7 +108,8 @@ def test_replaying_a_simulation_through_the_http_api_gives_the_same_plans(small)
 
     clock = [0.0]
     live = PlacementService("ours", clock=lambda: clock[0])
-    client = create_app(live).test_client()
+    client = create_app(live, "s" * 16).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = "Bearer " + "s" * 16
     for info in initial:
         assert client.post("/v1/nodes", json=info.model_dump(mode="json")).status_code == 200
     for kind, now, body, expected in log:
