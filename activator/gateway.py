@@ -39,6 +39,7 @@ from hydraserve.activator.scaler import FunctionScaler
 from hydraserve.auth import Authenticate, admin_only, bearer
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import (
+    ConflictError,
     HydraError,
     InstanceFailedError,
     InvalidRequestError,
@@ -46,6 +47,7 @@ from hydraserve.errors import (
     PayloadTooLargeError,
     UnauthorizedError,
 )
+from hydraserve.http_json import validate
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,9 @@ class Gateway:
     """Registry of functions and their scalers, the proxy, the reaper."""
 
     def __init__(self, backend: FunctionBackend, *, clock: Callable[[], float] = time.monotonic,
-                 reap_interval_s: float = 1.0) -> None:
+                 reap_interval_s: float = 1.0, drain_timeout_s: float = 30.0) -> None:
         self.backend = backend
+        self._drain_timeout_s = drain_timeout_s
         self._clock = clock
         self._scalers: dict[str, FunctionScaler] = {}
         self._reap_interval_s = reap_interval_s
@@ -73,12 +76,39 @@ class Gateway:
         self.metrics = GatewayMetrics()
 
     def register(self, config: FunctionConfig) -> FunctionScaler:
+        """Host ``config`` (its model already prepared by the backend, or to be read on demand)."""
         if config.name in self._scalers:
-            raise ValueError(f"function {config.name} already registered")
+            raise ConflictError(f"function {config.name!r} already exists", param="name")
         scaler = FunctionScaler(config, self.backend, executor=self._executor, metrics=self.metrics,
                                 clock=self._clock)
         self._scalers[config.name] = scaler
         return scaler
+
+    async def create(self, config: FunctionConfig) -> FunctionScaler:
+        """Deploy a function at run time: its model is read now (a model that cannot be read is
+        refused, nothing starts), then it is hosted at zero."""
+        if config.name in self._scalers:
+            raise ConflictError(f"function {config.name!r} already exists", param="name")
+        try:
+            await self.blocking(self.backend.prepare, config)
+        except HydraError as exc:
+            if exc.retryable:
+                raise
+            raise InvalidRequestError(f"model {config.model_uri}: {exc.message}", param="model_uri") from None
+        log.info("function %s created (model %s)", config.name, config.model_uri)
+        return self.register(config)
+
+    async def delete(self, name: str) -> int:
+        """Stop taking requests for ``name`` (new ones get 404), let those under way finish (up to
+        the drain time), stop its instances; how many it stopped."""
+        scaler = self.scaler(name)
+        del self._scalers[name]
+        if not await scaler.drain(self._drain_timeout_s):
+            log.warning("function %s deleted with requests still under way after %.0f s", name, self._drain_timeout_s)
+        stopped = len(scaler.instances)
+        await scaler.shutdown()
+        log.info("function %s deleted", name)
+        return stopped
 
     def scaler(self, name: str) -> FunctionScaler:
         scaler = self._scalers.get(name)
@@ -215,13 +245,17 @@ async def _read_body(request: web.Request) -> bytes:
         raise PayloadTooLargeError(f"request body is over the {MAX_BODY_BYTES} byte limit") from None
 
 
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {type(exc).__name__}") from None
+
+
 def _model_of(body: bytes) -> str | None:
     """The ``model`` an OpenAI request body names (a bad body is the function's to refuse,
     unless it cannot even be routed)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {type(exc).__name__}") from None
+    data = _json(body)
     model = data.get("model") if isinstance(data, dict) else None
     if model is not None and not isinstance(model, str):
         raise InvalidRequestError("model: must be a string", param="model")
@@ -301,6 +335,22 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
     async def list_functions(_request: web.Request) -> web.Response:
         return web.json_response({"functions": [s.status() for s in gateway.functions()]})
 
+    async def create_function(request: web.Request) -> web.Response:
+        config = validate(FunctionConfig, _json(await _read_body(request)))
+        scaler = await gateway.create(config)
+        return web.json_response(scaler.status() | {"config": config.model_dump(mode="json")}, status=201)
+
+    async def describe_function(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        scaler = gateway.scaler(name)
+        merged = await gateway.blocking(gateway.cold_start_timeline, name)
+        return web.json_response(scaler.status() | {"config": scaler.config.model_dump(mode="json"),
+                                                    "last_cold_start": merged.model_dump(mode="json")})
+
+    async def delete_function(request: web.Request) -> web.Response:
+        stopped = await gateway.delete(request.match_info["name"])
+        return web.json_response({"name": request.match_info["name"], "deleted": True, "stopped_instances": stopped})
+
     async def timeline(request: web.Request) -> web.Response:
         merged = await gateway.blocking(gateway.cold_start_timeline, request.match_info["name"])
         return web.json_response(merged.model_dump(mode="json"))
@@ -309,6 +359,9 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/functions", list_functions)
+    app.router.add_post("/v1/functions", create_function)
+    app.router.add_get("/v1/functions/{name}", describe_function)
+    app.router.add_delete("/v1/functions/{name}", delete_function)
     app.router.add_get("/v1/functions/{name}/timeline", timeline)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", openai_route)

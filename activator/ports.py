@@ -23,6 +23,11 @@ class Endpoint:
 
 
 class FunctionBackend(Protocol):
+    def prepare(self, function: FunctionConfig) -> object:
+        """Read what a cold start needs to know of the function's model, at deploy time; raises
+        HydraError when the model cannot be read or run (nothing has started then)."""
+        ...
+
     def start(self, function: FunctionConfig, timeline: Timeline,
               exclude_nodes: Sequence[str] = ()) -> Endpoint:
         """Bring one instance up, avoiding ``exclude_nodes``, and return once it is ready.

@@ -304,6 +304,14 @@ class FunctionScaler:
                 self._stopping -= 1
         return len(idle)
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait (up to ``timeout_s``) until no request is parked or running; True if none is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (self._waiting or self.inflight) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return not (self._waiting or self.inflight)
+
     async def shutdown(self) -> None:
         """Stop every instance now and answer parked requests (gateway exit, function deleted)."""
         self._closed = True
@@ -324,7 +332,7 @@ class FunctionScaler:
         return sum(i.inflight for i in self.instances.values())
 
     def status(self) -> dict[str, object]:
-        return {"name": self.config.name, "state": self.state.value, "inflight": self.inflight,
+        return {"name": self.config.name, "model_uri": self.config.model_uri, "state": self.state.value, "inflight": self.inflight,
                 "waiting": self._waiting, "starting": self._starting, "cold_starts": self.cold_starts,
                 "instance_failures": self.instance_failures, "last_failure": self.last_failure,
                 "instances": [{"id": i.instance_id, "url": i.endpoint.url, "inflight": i.inflight}

@@ -110,6 +110,13 @@ class NotFoundError(HydraError):
     error_type = "not_found_error"
 
 
+class ConflictError(HydraError):
+    """The thing already exists (a function of that name)."""
+
+    status = 409
+    error_type = "conflict_error"
+
+
 class TemporaryError(HydraError):
     """Something failed that may work if tried again after ``retry_after_s``."""
 
@@ -193,6 +200,8 @@ def _class_for_status(status: int, retryable: object) -> type[HydraError]:
         return ForbiddenError
     if status == 404:
         return NotFoundError
+    if status == 409:
+        return ConflictError
     if status == 413:
         return PayloadTooLargeError
     if 400 <= status < 500:

@@ -55,8 +55,8 @@ def stack_options(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hydraserve.contracts.timeline_report import format_timeline, summary
     from hydraserve.demo.client import stream_completion
-    from hydraserve.demo.report import format_timeline, summary
     from hydraserve.demo.stack import LocalStack
     from hydraserve.logs import configure_logging
 

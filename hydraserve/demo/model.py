@@ -13,12 +13,19 @@ BUCKET = "models"
 def prepare_and_push(s3: Any, workdir: Path, model_dir: Path | None, tiny: dict[str, Any],
                      name: str, *, progress: bool = True) -> str:
     """Push ``model_dir`` (or a freshly generated tiny model) to the embedded S3; its URI."""
-    from hydraserve.weights.push import push_model
-
     if model_dir is None:
         from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 
         model_dir = make_tiny_model(workdir, TinySpec(**tiny))
+    return push_directory(s3, model_dir, name, progress=progress)
+
+
+def push_directory(s3: Any, model_dir: Path, name: str, *, progress: bool = True) -> str:
+    """Push a Hugging Face directory to s3://models/<name> on the embedded S3; its URI."""
+    from hydraserve.weights.push import push_model
+
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     s3.create_bucket(BUCKET)
     uri = f"s3://{BUCKET}/{name}"
     push_model(model_dir, uri, progress=progress, client=s3.client())

@@ -28,6 +28,7 @@ from hydraserve.activator.gateway import Gateway, create_gateway_app
 from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.auth import write_token_file
 from hydraserve.contracts.plan import FunctionSpec
+from hydraserve.demo.model import push_directory
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
@@ -58,6 +59,7 @@ class StackOptions:
     idle_timeout_s: float = 30.0
     ttft_slo_s: float = 10.0
     function: dict[str, Any] = field(default_factory=dict)  # more FunctionConfig fields (consolidate, ...)
+    more_functions: dict[str, str] = field(default_factory=dict)  # name -> local HF directory (pushed) or s3:// URI
     host: str = "127.0.0.1"
     gateway_port: int = 0
     run_dir: Path | None = None
@@ -82,6 +84,7 @@ class LocalStack:
         self.gateway_url = ""
         self.gateway_token = ""
         self.gateway_token_file: Path | None = None
+        self.s3_env_file: Path | None = None  # KEY=value lines for clients of the embedded S3 (model push)
         self.leftovers: list[str] = []  # segments found after close (should stay empty)
         self.nodes: list[LocalNode] = []
         self.cluster: EmulatedCluster | None = None
@@ -108,6 +111,7 @@ class LocalStack:
         self.s3 = EmbeddedS3(host=s3_host, prefix=opts.s3_prefix).start()
         self._cleanups.append(("s3", self.s3.close))
         s3_env = self.s3.client_env()
+        self.s3_env_file = write_token_file(self.run_dir / "s3.env", "".join(f"{k}={v}\n" for k, v in s3_env.items()))
         self.model_uri = self._prepare_model()
 
         token = secrets.token_urlsafe(24)
@@ -141,6 +145,13 @@ class LocalStack:
                                   idle_timeout_s=opts.idle_timeout_s, ttft_slo_s=opts.ttft_slo_s, **opts.function)
         backend.prepare(function)  # read the model's sizes at deploy time
         self.gateway.register(function)
+        for name, target in opts.more_functions.items():  # `up --function NAME=DIR|URI`
+            uri = target if target.startswith("s3://") else push_directory(self.s3, Path(target), name,
+                                                                           progress=opts.progress)
+            more = FunctionConfig(name=name, model_uri=uri, idle_timeout_s=opts.idle_timeout_s,
+                                  ttft_slo_s=opts.ttft_slo_s, **opts.function)
+            backend.prepare(more)
+            self.gateway.register(more)
         self.gateway_token = os.environ.get(GATEWAY_TOKEN_ENV) or secrets.token_urlsafe(24)
         self.gateway_token_file = write_token_file(self.run_dir / "gateway.token", self.gateway_token)
         server = BackgroundAioServer(create_gateway_app(self.gateway, self.gateway_token), opts.host, opts.gateway_port,

@@ -22,7 +22,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seconds without requests before the function scales to zero")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="push this Hugging Face model directory instead of generating one")
-    parser.add_argument("--function", default="tiny-llama", help="function name (also its OpenAI model name)")
+    parser.add_argument("--function", action="append", default=[], metavar="NAME[=DIR|URI]",
+                        help="a function to host (repeatable): NAME alone names the generated (or --model-dir) "
+                        "model's function (default tiny-llama); NAME=DIR pushes that Hugging Face directory; "
+                        "NAME=s3://... uses a model already in the embedded S3. More can be added at run time "
+                        "with `hydraserve fn create`")
     parser.add_argument("--link-mbit", type=float, default=None,
                         help="emulate the nodes as network namespaces, each link capped at this rate both "
                         "ways (needs root; without it: loopback, said so)")
@@ -35,18 +39,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+def _functions(values: list[str]) -> tuple[str, dict[str, str]]:
+    """The main function's name and the others' NAME -> DIR|URI."""
+    main = [v for v in values if "=" not in v]
+    if len(main) > 1:
+        raise SystemExit(f"hydraserve up: one --function NAME without a model, not {len(main)}")
+    more = dict(v.split("=", 1) for v in values if "=" in v)
+    return (main[0] if main else "tiny-llama"), more
+
+
 def run(args: argparse.Namespace) -> int:
     from hydraserve.demo.stack import LocalStack, StackOptions
     from hydraserve.logs import configure_logging
     from hydraserve.processes import check_port_free, raise_open_files_limit
 
     configure_logging("up")
+    function, more = _functions(args.function)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     options = StackOptions(nodes=args.nodes, gateway_port=args.port, host=args.host,
                            idle_timeout_s=args.idle_timeout, model_dir=args.model_dir,
-                           function_name=args.function, link_mbit=args.link_mbit, ttft_slo_s=args.ttft_slo,
+                           function_name=function, more_functions=more, link_mbit=args.link_mbit, ttft_slo_s=args.ttft_slo,
                            function={"concurrency": args.concurrency, "max_instances": args.max_instances,
                                      "request_timeout_s": args.request_timeout})
     try:
@@ -63,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
             "the network (each internal API needs its token; the function routes need none)")
         print(f"""
 HydraServe embedded stack is up (Ctrl-C to stop).{exposed}
-  gateway      {stack.gateway_url}   (OpenAI API at {stack.gateway_url}/v1, model "{args.function}")
+  gateway      {stack.gateway_url}   (OpenAI API at {stack.gateway_url}/v1, model "{function}")
   admin        {stack.gateway_url}/v1/functions  (token: {stack.gateway_token_file})
-  function     {args.function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout:.0f} s idle)
+  functions    {function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout:.0f} s idle){"".join(f"; {n}" for n in more)}
   nodes        {" ".join(stack.node_names)} (one loaderd each)
   network      {stack.emulation}
   loaderd      {" ".join(n.loaderd_url for n in stack.nodes)}  (token: {stack.run_dir / "loaderd.token"})
@@ -75,12 +89,16 @@ HydraServe embedded stack is up (Ctrl-C to stop).{exposed}
 
 Try:
   curl -s {stack.gateway_url}/v1/completions -H 'Content-Type: application/json' \\
-       -d '{{"model": "{args.function}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
+       -d '{{"model": "{function}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
   curl -N {fn}/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{{"messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 16, "stream": true}}'
   curl -s {fn}/ -H 'ce-specversion: 1.0' -H 'ce-type: dev.hydraserve.completion.request' \\
        -H 'ce-source: /curl' -H 'ce-id: 1' -H 'Content-Type: application/json' -d '{{"prompt": "Hi"}}'
-  curl -s {stack.gateway_url}/v1/functions/{args.function}/timeline {admin}
+  curl -s {stack.gateway_url}/v1/functions/{function}/timeline {admin}
+  set -a; . {stack.s3_env_file}; set +a   # the embedded S3's address and keys, then:
+  hydraserve model push ./my-model s3://models/my-model --create-bucket
+  hydraserve fn create my-model --model s3://models/my-model --gateway {stack.gateway_url} --token-file {stack.gateway_token_file}
+  hydraserve fn list --gateway {stack.gateway_url} --token-file {stack.gateway_token_file}
   hydraserve loaderctl --url {stack.nodes[0].loaderd_url} --token-file {stack.run_dir / "loaderd.token"} status
 """, flush=True)
         while not stop.wait(1.0):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.ports import Endpoint
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import InstanceFailedError, TemporaryError
+from hydraserve.errors import InstanceFailedError, StorageError, TemporaryError
 
 
 class ScriptedBackend:
@@ -28,10 +28,17 @@ class ScriptedBackend:
         self.excluded: list[tuple[str, ...]] = []  # exclude_nodes of each start
         self.failed: list[tuple[str, str]] = []  # (instance, reason) of each fail()
         self.lost: dict[str, list[str]] = {}  # instance -> nodes its workers were lost on
+        self.prepared: list[str] = []  # names prepare() read (a model ending in /missing cannot be read)
         self.release_start = threading.Event()
         if auto_release:
             self.release_start.set()
         self.started = threading.Event()
+
+    def prepare(self, function: FunctionConfig) -> object:
+        if function.model_uri.endswith("/missing"):
+            raise StorageError(f"{function.model_uri}/config.json: NoSuchKey")
+        self.prepared.append(function.name)
+        return function
 
     def start(self, function: FunctionConfig, timeline: Timeline, exclude_nodes: Sequence[str] = ()) -> Endpoint:
         self.starts += 1

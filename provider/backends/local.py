@@ -109,8 +109,10 @@ class LocalBackend:
             self.stop("", instance_id)
 
     def prepare(self, function: FunctionConfig) -> FunctionSpec:
-        """The function's model description, read once (at deploy time, not on a cold start)."""
-        spec = self._specs.get(function.name)
+        """The function's model description, read once per deployed config (at deploy time, not
+        on a cold start; a function created again with other settings is read again)."""
+        key = function.model_dump_json()
+        spec = self._specs.get(key)
         if spec is None:
-            spec = self._specs[function.name] = self._describe_model(function)
+            spec = self._specs[key] = self._describe_model(function)
         return spec

@@ -10,9 +10,12 @@ import asyncio
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -20,9 +23,12 @@ import pytest
 import requests
 from flask import Flask, Response, jsonify, request
 
+from hydraserve.activator.admin_client import GatewayAdminClient
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import MAX_BODY_BYTES, Gateway, create_gateway_app
 from hydraserve.aio_server import BackgroundAioServer
+from hydraserve.auth import write_token_file
+from hydraserve.errors import ConflictError, InvalidRequestError
 from hydraserve.http_server import DrainingServer, client_gone
 from hydraserve.processes import free_port
 from hydraserve.testing.fake_backend import ScriptedBackend
@@ -52,7 +58,7 @@ class Instance:
             def tokens() -> Iterator[str]:
                 gone = client_gone(environ)
                 try:
-                    for i in range(500):
+                    for i in range(body.get("max_tokens", 500)):
                         if gone():
                             break
                         yield f"data: {json.dumps({'choices': [{'index': 0, 'text': str(i)}]})}\n\n"
@@ -294,3 +300,67 @@ def test_the_admin_routes_need_the_gateway_token(setup: tuple[Gateway, ScriptedB
     assert requests.get(f"{server.url}/v1/functions", headers=AUTH).json()["functions"][0]["name"] == "fn"
     assert requests.get(f"{server.url}/v1/models").status_code == 200  # the public routes stay public
     assert requests.get(f"{server.url}/healthz").status_code == 200 and backend.starts == 0
+
+
+def test_functions_are_created_described_and_deleted_at_run_time(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer], instance: Instance) -> None:
+    gw, backend, server = setup
+    admin = GatewayAdminClient(server.url, ADMIN)
+    created = admin.create({"name": "second", "model_uri": "s3://b/second", "ttft_slo_s": 7.5, "concurrency": 4})
+    assert created["state"] == "zero" and created["config"]["concurrency"] == 4 and backend.prepared == ["second"]
+    with pytest.raises(ConflictError):
+        admin.create({"name": "second", "model_uri": "s3://b/second"})
+    with pytest.raises(InvalidRequestError) as bad:
+        admin.create({"name": "Bad_Name", "model_uri": "s3://b/x"})
+    assert bad.value.param == "name"
+    with pytest.raises(InvalidRequestError) as unreadable:  # refused before anything starts
+        admin.create({"name": "third", "model_uri": "s3://b/missing"})
+    assert unreadable.value.param == "model_uri" and "NoSuchKey" in unreadable.value.message
+    assert sorted(f["name"] for f in admin.list()) == ["fn", "second"]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=10)
+    assert client.completions.create(model="second", prompt="x").choices[0].text == "ok"
+    described = admin.describe("second")
+    assert described["state"] == "ready" and described["config"]["ttft_slo_s"] == 7.5
+    assert "plan_decided" in [e["name"] for e in described["last_cold_start"]["events"]]
+
+    streaming = requests.post(f"{server.url}/functions/second/v1/completions",
+                              json={"prompt": "x", "stream": True, "max_tokens": 50},
+                              stream=True, timeout=10)
+    lines = streaming.iter_lines()
+    next(line for line in lines if line)
+    deleting = threading.Thread(target=lambda: gw_deleted.append(admin.delete("second")))
+    gw_deleted: list[dict[str, object]] = []
+    deleting.start()
+    deadline = time.monotonic() + 5
+    while gw.has("second"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert requests.post(f"{server.url}/v1/completions", json={"model": "second", "prompt": "x"}).status_code == 404
+    assert deleting.is_alive(), "delete waits for the stream under way"
+    rest = [line for line in lines if line]  # the stream under way runs to its end
+    assert len(rest) == 49
+    deleting.join(10)
+    assert gw_deleted == [{"name": "second", "deleted": True, "stopped_instances": 1}]
+    assert backend.stops == ["second-1"] and [f["name"] for f in admin.list()] == ["fn"]
+
+
+def test_the_fn_command_speaks_to_the_admin_api(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer], tmp_path: Path) -> None:
+    _gw, _backend, server = setup
+    token_file = write_token_file(tmp_path / "gateway.token", ADMIN)
+
+    def fn(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hydraserve.cli", "fn", *args, "--gateway", server.url,
+                               "--token-file", str(token_file)], capture_output=True, text=True, timeout=60)
+
+    done = fn("create", "cli-fn", "--model", "s3://b/cli", "--ttft-slo", "7.5s", "--tpot-slo", "200ms",
+              "--idle-timeout", "2m")
+    assert done.returncode == 0, done.stderr
+    described = fn("describe", "cli-fn")
+    config = json.loads(described.stdout)["config"]
+    assert (config["ttft_slo_s"], config["tpot_slo_s"], config["idle_timeout_s"]) == (7.5, 0.2, 120.0)
+    assert "cli-fn" in fn("list").stdout
+    assert fn("delete", "cli-fn").returncode == 0
+    missing = fn("describe", "cli-fn")
+    assert missing.returncode != 0 and "unknown function 'cli-fn'" in missing.stderr
+    assert fn("create", "x", "--model", "s3://b/x", "--ttft-slo", "soon").returncode == 2  # not a duration

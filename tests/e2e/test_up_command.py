@@ -15,7 +15,8 @@ import requests
 from hydraserve.processes import free_port
 
 
-def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Path, tiny_opt_dir: Path,
+                                                             tmp_path: Path) -> None:
     port = free_port()
     log = open(tmp_path / "up.log", "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "hydraserve.cli", "up", "--port", str(port),
@@ -52,6 +53,22 @@ def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Pat
                               text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert model_uri in done.stdout and "complete" in done.stdout
+        # the README's path for a user's own model: model push -> fn create -> first request -> fn delete
+        s3_env = next(w for w in printed.split() if w.endswith("s3.env;")).rstrip(";")
+        env = os.environ | dict(line.split("=", 1) for line in Path(s3_env).read_text().splitlines())
+        admin_flags = ["--gateway", base, "--token-file", token_file]
+        for argv in (["model", "push", str(tiny_opt_dir), "s3://models/mine", "--create-bucket", "--no-progress"],
+                     ["fn", "create", "mine", "--model", "s3://models/mine", "--ttft-slo", "20s", *admin_flags]):
+            done = subprocess.run([sys.executable, "-m", "hydraserve.cli", *argv], capture_output=True, text=True,
+                                  timeout=120, env=env)
+            assert done.returncode == 0, done.stderr
+        r = requests.post(f"{base}/v1/completions", timeout=120,
+                          json={"model": "mine", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["model"] == "mine", r.text
+        assert sorted(m["id"] for m in requests.get(f"{base}/v1/models", timeout=5).json()["data"]) == ["fn", "mine"]
+        done = subprocess.run([sys.executable, "-m", "hydraserve.cli", "fn", "delete", "mine", *admin_flags],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "1 instance(s) stopped" in done.stdout, done.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)
