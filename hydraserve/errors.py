@@ -75,6 +75,13 @@ class PayloadTooLargeError(InvalidRequestError):
     error_code = "payload_too_large"
 
 
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The body is not of a type the route accepts (a JSON route sent text/plain)."""
+
+    status = 415
+    error_code = "unsupported_media_type"
+
+
 class SafetensorsFormatError(InvalidRequestError):
     """The bytes are not a valid safetensors header (names the file)."""
 
@@ -204,6 +211,8 @@ def _class_for_status(status: int, retryable: object) -> type[HydraError]:
         return ConflictError
     if status == 413:
         return PayloadTooLargeError
+    if status == 415:
+        return UnsupportedMediaTypeError
     if 400 <= status < 500:
         return OverloadedError if status == 429 else InvalidRequestError
     if status == 503 or retryable is True:

@@ -7,6 +7,8 @@ status, so Knative Eventing dead-letters it instead of retrying forever.
 
 from __future__ import annotations
 
+import json
+import logging
 import uuid
 from typing import Any
 
@@ -16,7 +18,7 @@ from cloudevents.core.v1.event import CloudEvent
 from flask import Blueprint, Response, request
 
 from hydraserve.contracts import events
-from hydraserve.errors import HydraError, InvalidRequestError
+from hydraserve.errors import EngineError, HydraError, InvalidRequestError
 from hydraserve.http_json import validate
 from hydraserve.http_server import client_gone
 from hydraserve.runtime.server import generation
@@ -24,6 +26,8 @@ from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionR
 from hydraserve.runtime.server.state import RuntimeState
 
 _FORMAT = JSONFormat()
+REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
+log = logging.getLogger(__name__)
 
 
 def parse_event() -> tuple[CloudEvent, bool]:
@@ -33,11 +37,32 @@ def parse_event() -> tuple[CloudEvent, bool]:
     if not binary and not headers.get("content-type", "").startswith("application/cloudevents+json"):
         raise InvalidRequestError("not a CloudEvent: expected ce-* headers (binary mode) or "
                                   "Content-Type application/cloudevents+json (structured mode)")
+    _check_required(headers, binary)
     try:
         event = ce_http.from_http(ce_http.HTTPMessage(headers=headers, body=request.get_data()), _FORMAT)
     except Exception as exc:  # the SDK raises assorted types for malformed input
         raise InvalidRequestError(f"malformed CloudEvent: {exc}") from None
     return event, binary  # type: ignore[return-value]
+
+
+def _check_required(headers: dict[str, str], binary: bool) -> None:
+    """The spec's required attributes, present as sent (the SDK would make up a missing id)."""
+    if binary:
+        attributes: dict[str, Any] = {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
+    else:
+        try:
+            attributes = json.loads(request.get_data())
+        except (ValueError, RecursionError):
+            raise InvalidRequestError("malformed CloudEvent: the structured body is not JSON") from None
+        if not isinstance(attributes, dict):
+            raise InvalidRequestError("malformed CloudEvent: the structured body is not a JSON object")
+    missing = [a for a in REQUIRED_ATTRIBUTES if not isinstance(attributes.get(a), str) or not attributes[a]]
+    if missing:
+        raise InvalidRequestError(f"malformed CloudEvent: missing required attribute(s) {', '.join(missing)}",
+                                  param=missing[0])
+    if attributes["specversion"] != "1.0":
+        raise InvalidRequestError(f"CloudEvents specversion {attributes['specversion']!r} is not supported (1.0 is)",
+                                  param="specversion")
 
 
 def create_cloudevents_blueprint(state: RuntimeState, ready_wait_s: float) -> Blueprint:
@@ -64,9 +89,20 @@ def create_cloudevents_blueprint(state: RuntimeState, ready_wait_s: float) -> Bl
             reply = _reply(events.REPLY_TYPE[event.get_type()], source, event, result)
             return _respond(reply, binary, 200)
         except HydraError as exc:
-            return _respond(_reply(events.ERROR, source, event, exc.to_openai()), binary, exc.status)
+            return _respond(_reply(events.ERROR, source, event, exc.to_openai()), binary, _event_status(exc))
+        except Exception as exc:  # a poison event: answered so that Eventing dead-letters it
+            log.exception("event %s could not be processed", event.get_id())
+            error = EngineError(f"the event could not be processed: {type(exc).__name__}")
+            return _respond(_reply(events.ERROR, source, event, error.to_openai()), binary, _event_status(error))
 
     return bp
+
+
+def _event_status(exc: HydraError) -> int:
+    """The HTTP status of a failed event: retryable failures keep theirs (503: Eventing retries,
+    within its retry budget); one that will fail the same way again is a 422, which Eventing
+    does not retry, so the event goes to the dead-letter sink at once instead of retrying forever."""
+    return exc.status if exc.status < 500 or exc.retryable else 422
 
 
 def _event_data(event: CloudEvent) -> dict[str, Any]:

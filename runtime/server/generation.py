@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hydraserve.errors import NotFoundError
+from hydraserve.errors import InvalidRequestError, NotFoundError
 from hydraserve.runtime.engine.types import GenerationStream, SamplingParams
 from hydraserve.runtime.server.ports import ServingEngine
 from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -51,6 +51,8 @@ def prepare_completion(engine: ServingEngine, req: CompletionRequest) -> Prepare
         echo = req.prompt if req.echo else ""
     else:
         ids = list(req.prompt)
+        if any(not 0 <= t < engine.vocab_size for t in ids):  # before echo decodes them
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {engine.vocab_size})", param="prompt")
         echo = engine.tokenizer.decode(ids) if req.echo else ""
     return PreparedRequest("completion", ids, req.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS), echo)
 

@@ -26,6 +26,9 @@ class ServingEngine(Protocol):
     def max_model_len(self) -> int: ...
 
     @property
+    def vocab_size(self) -> int: ...
+
+    @property
     def tokenizer(self) -> PromptTokenizer: ...
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,

@@ -2,13 +2,15 @@
 
 Called by the OpenAI routes and the CloudEvents handler (whose event data uses the same
 shapes), through hydraserve.http_json.validate: every rejection is a 400 naming the parameter.
+Types are strict, as OpenAI's API is: "10" or true is not an integer, "yes" not a boolean; text
+must be valid Unicode (a lone surrogate cannot be tokenized).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from hydraserve.runtime.engine.types import SamplingParams
 
@@ -16,10 +18,22 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 
 
+def _unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions (OpenAI names, vLLM's top_k)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -27,7 +41,7 @@ class _SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension (fixed-length outputs for benchmarks)
     n: int = Field(default=1, ge=1, le=1)
@@ -59,7 +73,7 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions: one prompt, as text or token ids."""
 
-    prompt: str | list[int]
+    prompt: Text | list[TokenId]
     echo: bool = False
     logprobs: int | None = Field(default=None, le=0)
 
@@ -72,10 +86,10 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(_SamplingFields):

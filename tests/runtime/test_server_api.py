@@ -215,3 +215,71 @@ def test_metrics_count_requests(client: FlaskClient) -> None:
     text = client.get("/metrics").data.decode()
     assert 'hydraserve_runtime_requests_total{route="/v1/completions",status="200"} 1.0' in text
     assert "hydraserve_runtime_generated_tokens_total 2.0" in text
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "\ud800"}, "prompt"),  # a lone surrogate: 500 before
+    ({"messages": [{"role": "user", "content": "a\udfffb"}]}, "messages.0.content"),
+    ({"prompt": [-5], "echo": True}, "prompt"),  # out-of-range ids echoed: 500 before
+    ({"prompt": [10**30], "echo": True}, "prompt"),
+    ({"prompt": [7, 10**6], "echo": True}, "prompt"),  # beyond the vocabulary
+    ({"prompt": "x", "max_tokens": "10"}, "max_tokens"),  # coerced before
+    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "temperature": "0"}, "temperature"),
+    ({"prompt": [1, True]}, "prompt"),
+])
+def test_inputs_that_were_500s_or_coerced_are_400s(client: FlaskClient, body: dict[str, object], param: str) -> None:
+    route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = client.post(route, data=json.dumps(body), content_type="application/json")
+    assert r.status_code == 400, r.json
+    assert r.json["error"]["param"].startswith(param)
+
+
+def test_a_body_nested_too_deep_or_not_json_typed_is_refused(client: FlaskClient) -> None:
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = client.post("/v1/completions", data=deep, content_type="application/json")
+    assert r.status_code in (400, 413) and "error" in r.json
+    deep = b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"  # under the size limit: the depth decides
+    assert client.post("/v1/completions", data=deep, content_type="application/json").status_code == 400
+    plain = client.post("/v1/completions", data=b'{"prompt": "x"}', content_type="text/plain")
+    assert plain.status_code == 415 and plain.json["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("missing", ["id", "specversion", "source", "type"])
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_a_cloudevent_missing_a_required_attribute_is_400(client: FlaskClient, missing: str, mode: str) -> None:
+    attributes = {"specversion": "1.0", "id": "e1", "source": "/t", "type": events.COMPLETION_REQUEST}
+    del attributes[missing]
+    if mode == "binary":
+        headers = {f"ce-{k}": v for k, v in attributes.items()} | {"content-type": "application/json"}
+        r = client.post("/", data=b'{"prompt": "x"}', headers=headers)
+    else:
+        body = json.dumps(attributes | {"datacontenttype": "application/json", "data": {"prompt": "x"}})
+        r = client.post("/", data=body, content_type="application/cloudevents+json")
+    assert r.status_code == 400 and missing in r.json["error"]["message"]
+
+
+def test_a_cloudevent_of_another_specversion_is_400(client: FlaskClient) -> None:
+    headers = {"ce-specversion": "0.3", "ce-id": "e", "ce-source": "/t", "ce-type": events.COMPLETION_REQUEST,
+               "content-type": "application/json"}
+    r = client.post("/", data=b'{"prompt": "x"}', headers=headers)
+    assert r.status_code == 400 and r.json["error"]["param"] == "specversion"
+
+
+def test_a_poison_event_is_answered_so_that_it_is_dead_lettered(client: FlaskClient,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event the engine fails on every time: an error event with 422 (Eventing does not retry
+    4xx but 404/408/409/429), never a plain JSON 500 it would retry."""
+    from hydraserve.runtime.server import generation
+
+    def fails(*_args: object, **_kw: object) -> None:
+        raise RuntimeError("the engine fails on this event")
+
+    monkeypatch.setattr(generation, "complete", fails)
+    message = _binary(_completion_event({"prompt": "x", "max_tokens": 2}))
+    r = client.post("/", data=message.body, headers=message.headers)
+    assert r.status_code == 422
+    reply = ce_http.from_http(ce_http.HTTPMessage(headers=dict(r.headers), body=r.data), JSONFormat())
+    assert reply.get_type() == events.ERROR and reply.get_subject() == "evt-1"
+    assert reply.get_data()["error"]["type"] == "engine_error"  # type: ignore[index]

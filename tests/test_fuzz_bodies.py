@@ -1,0 +1,150 @@
+"""No body gives a 500: hypothesis throws JSON (and not-quite-JSON) at every route that takes a
+body, on the real apps (the runtime with its engine on a tiny Llama, the placement service,
+loaderd, the gateway's admin and OpenAI routes). Each answer is either a success or a 4xx in
+OpenAI's error shape; bounded in examples and time."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hydraserve.activator.gateway import Gateway, create_gateway_app
+from hydraserve.aio_server import BackgroundAioServer
+from hydraserve.contracts import events
+from hydraserve.testing.fake_backend import ScriptedBackend
+
+TOKEN = "fuzz-" + "t" * 16
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+scalars = st.none() | st.booleans() | st.integers(-10, 10) | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                          max_size=4), max_leaves=12)
+
+
+def bodies(keys: list[str]) -> st.SearchStrategy[Any]:
+    """Objects with the route's own keys (so validation is reached) holding any values, plus junk."""
+    known = st.fixed_dictionaries({}, optional={k: values for k in keys})
+    return known | values
+
+
+def check(status: int, body: bytes) -> None:
+    assert status < 500 or status == 503, (status, body[:300])
+    if status >= 400:
+        assert "error" in json.loads(body), body[:300]
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_llama_dir: Path) -> Iterator[FlaskClient]:
+    from hydraserve.runtime.engine.factory import load_engine
+    from hydraserve.runtime.server.app import create_app
+    from hydraserve.runtime.server.state import RuntimeState
+
+    engine = load_engine(tiny_llama_dir, model_name="tiny-llama")
+    state = RuntimeState(function_name="fn")
+    state.set_engine(engine)
+    yield create_app(state, max_body_bytes=64 * 1024).test_client()
+    engine.shutdown(drain=False, timeout=5)
+
+
+SAMPLING = ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "ignore_eos", "n"]
+
+
+def small(body: Any) -> Any:
+    """Keep generation short: a fuzzed max_tokens that validates would run for a while."""
+    if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
+        body["max_tokens"] = max(-1, min(body["max_tokens"], 4))
+    return body
+
+
+@FUZZ
+@given(body=bodies(["prompt", "echo", "logprobs", *SAMPLING]))
+def test_completions(runtime: FlaskClient, body: Any) -> None:
+    r = runtime.post("/v1/completions", data=json.dumps(small(body)), content_type="application/json")
+    check(r.status_code, r.data)
+
+
+@FUZZ
+@given(body=bodies(["messages", *SAMPLING]))
+def test_chat_completions(runtime: FlaskClient, body: Any) -> None:
+    r = runtime.post("/v1/chat/completions", data=json.dumps(small(body)), content_type="application/json")
+    check(r.status_code, r.data)
+
+
+@FUZZ
+@given(data=bodies(["prompt", "messages", *SAMPLING]), attributes=bodies(["id", "source", "type", "specversion"]),
+       kind=st.sampled_from([events.COMPLETION_REQUEST, events.CHAT_REQUEST, "x"]))
+def test_cloudevents(runtime: FlaskClient, data: Any, attributes: Any, kind: str) -> None:
+    headers = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/f", "ce-type": kind,
+               "content-type": "application/json"}
+    r = runtime.post("/", data=json.dumps(small(data)), headers=headers)
+    check(r.status_code, r.data)
+    if isinstance(attributes, dict):
+        attributes = attributes | {"data": small(data)}
+    r = runtime.post("/", data=json.dumps(attributes), content_type="application/cloudevents+json")
+    check(r.status_code, r.data)
+
+
+@FUZZ
+@given(route=st.sampled_from(["/v1/nodes", "/v1/plan", "/v1/reports"]),
+       body=bodies(["name", "gpus", "gpu_memory_gb", "nic_gbps", "loaderd_url", "function", "plan_id", "event",
+                    "stage", "timings", "dry_run"]))
+def test_placement(route: str, body: Any) -> None:
+    from hydraserve.provider.api import create_app
+    from hydraserve.provider.service import PlacementService
+
+    client = create_app(PlacementService("ours"), TOKEN).test_client()
+    r = client.post(route, data=json.dumps(body), content_type="application/json", headers=AUTH)
+    check(r.status_code, r.data)
+
+
+@pytest.fixture(scope="module")
+def loaderd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlaskClient]:
+    from hydraserve.loaderd.api import create_app
+    from hydraserve.loaderd.service import LoaderConfig, LoaderService
+    from tests.loaderd.conftest import LocalStores, llama_like, write_manifest, write_model
+
+    root = write_model(tmp_path_factory.mktemp("fuzz") / "m", llama_like(layers=2))
+    write_manifest(root, per_tensor=True)
+    service = LoaderService(LoaderConfig(node_name=f"fz{uuid.uuid4().hex[:8]}", budget_bytes=64 << 20),
+                            open_model=LocalStores({"s3://bucket/model": root}))
+    yield create_app(service, TOKEN).test_client()
+    service.close()
+
+
+@FUZZ
+@given(route=st.sampled_from(["/v1/prefetch", "/v1/attach", "/v1/release"]),
+       body=bodies(["model_uri", "endpoint_url", "stage", "tensors", "pid", "pin_s", "background", "lease_id"]))
+def test_loaderd(loaderd: FlaskClient, route: str, body: Any) -> None:
+    if isinstance(body, dict) and "model_uri" in body and isinstance(body["model_uri"], str):
+        body["model_uri"] = "s3://bucket/model"  # reach past the lookup now and then
+    r = loaderd.post(route, data=json.dumps(body), content_type="application/json", headers=AUTH)
+    check(r.status_code, r.data)
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[str]:
+    server = BackgroundAioServer(create_gateway_app(Gateway(ScriptedBackend(), reap_interval_s=3600), TOKEN),
+                                 "127.0.0.1", 0).start()
+    yield server.url
+    server.close()
+
+
+@FUZZ
+@given(route=st.sampled_from(["/v1/functions", "/v1/completions", "/v1/chat/completions"]),
+       body=bodies(["name", "model_uri", "model", "ttft_slo_s", "concurrency", "max_instances", "idle_timeout_s"]))
+def test_gateway(gateway: str, route: str, body: Any) -> None:
+    if route == "/v1/functions" and isinstance(body, dict) and "name" in body:
+        body["name"] = f"f{uuid.uuid4().hex[:8]}" if isinstance(body["name"], str) else body["name"]
+    r = requests.post(gateway + route, data=json.dumps(body), headers=AUTH | {"Content-Type": "application/json"},
+                      timeout=30)
+    check(r.status_code, r.content)
