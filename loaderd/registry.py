@@ -265,12 +265,23 @@ class Registry:
                 seg.last_used = now
 
     def mark(self, seg: Segment, state: str, error: str | None = None) -> None:
-        """Record a fill outcome (the fetch engine calls this; the writer state is set too)."""
+        """Record a fill outcome (the fetch engine calls this; the writer state is set too). A
+        failed segment frees its memory at once: prefetch leases on it (nobody reads through
+        them) are dropped and it is retired (unlinked when its last reader lets go)."""
         with self.lock:
             seg.state = state
             seg.error = error
             seg.writer.set_state(STATE_COMPLETE if state == "complete" else STATE_FAILED)
             seg.done.set()
+            if state != "failed":
+                return
+            prefetches = [lz for lz in self.leases.values()  # pinned, no reader: nobody waits on them
+                          if lz.pid is None and lz.expires_at is not None and seg in lz.segments]
+            for lease in prefetches:
+                del self.leases[lease.lease_id]
+                self._unref(lease)
+            if self.segments.get(seg.segment_id) is seg:
+                self._retire(seg)
 
     def pinned_bytes(self) -> int:
         with self.lock:

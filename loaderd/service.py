@@ -339,7 +339,8 @@ class LoaderService:
     def status(self) -> LoaderStatus:
         self.registry.reap()
         with self.registry.lock:
-            segs = sorted(self.registry.segments.values(), key=lambda s: (s.model_key, s.order))
+            segs = sorted([*self.registry.segments.values(), *self.registry.retired.values()],  # retired: failed, still read
+                          key=lambda s: (s.model_key, s.order))
             infos = [self._info(s) for s in segs]
             models: dict[str, ModelResidency] = {}
             for seg in segs:

@@ -14,11 +14,13 @@ it says why (``emulation``) and runs on loopback. ``close()`` stops everything i
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,8 @@ from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.auth import write_token_file
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.demo.model import push_directory
+from hydraserve.demo.supervisor import LoaderdSupervisor, SupervisedDaemon
+from hydraserve.loaderd.daemon import DaemonProcess
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
@@ -68,6 +72,8 @@ class StackOptions:
     s3_prefix: list[str] = field(default_factory=list)  # command prefix, e.g. ip netns exec NS
     link_mbit: float | None = None  # nodes as network namespaces, links capped at this (root); None: loopback
     drain_timeout_s: float = 30.0  # on stop, requests in flight get this long to finish
+    supervise_interval_s: float = 1.0  # how often a dead loaderd is looked for (and started again)
+    reconcile_interval_s: float = 5.0  # how often placement learns what each loaderd really holds
 
 
 class LocalStack:
@@ -87,6 +93,9 @@ class LocalStack:
         self.s3_env_file: Path | None = None  # KEY=value lines for clients of the embedded S3 (model push)
         self.leftovers: list[str] = []  # segments found after close (should stay empty)
         self.nodes: list[LocalNode] = []
+        self._spawners: dict[str, Callable[[], DaemonProcess]] = {}
+        self._first_daemons: dict[str, DaemonProcess] = {}
+        self.supervisor: LoaderdSupervisor | None = None
         self.cluster: EmulatedCluster | None = None
         self.emulation = "loopback"  # what the nodes are, in words (the demo and `up` print it)
 
@@ -131,9 +140,17 @@ class LocalStack:
         self.placement = PlacementClient(f"http://{opts.host}:{placement_port}", placement_token)
         from hydraserve.contracts.plan import NodeInfo
 
+        supervised = []
         for node in nodes:
-            self.placement.register_node(NodeInfo(name=node.name, gpus=1, gpu_memory_gb=node.gpu_memory_gb,
-                                                  nic_gbps=node.nic_gbps, loaderd_url=node.loaderd_url))
+            info = NodeInfo(name=node.name, gpus=1, gpu_memory_gb=node.gpu_memory_gb, nic_gbps=node.nic_gbps,
+                            loaderd_url=node.loaderd_url)
+            self.placement.register_node(info)
+            spawn = self._spawners[node.name]
+            supervised.append(SupervisedDaemon(info, spawn, self._first_daemons.pop(node.name)))
+        self.supervisor = LoaderdSupervisor(supervised, self.placement, interval_s=opts.supervise_interval_s,
+                                            reconcile_s=opts.reconcile_interval_s)
+        self._cleanups.append(("loaderds", self.supervisor.stop_daemons))
+        self._cleanups.append(("loaderd supervisor", self.supervisor.start().close))
 
         backend = LocalBackend(self.placement, nodes, run_dir=self.run_dir / "workers",
                                describe_model=self.describe_model, s3_endpoint_url=self.s3.endpoint_url,
@@ -232,10 +249,12 @@ class LocalStack:
             node = self.cluster.nodes[name]
             host, port = NodeHost(node.ip, tuple(node.prefix)), LOADERD_NAMESPACE_PORT
             nic_gbps = (opts.link_mbit or 0) / 1000  # what the planner must believe: the cap
-        daemon = spawn_loaderd(port=port, node_name=name, budget_bytes=opts.loaderd_budget_bytes,
-                               token=token, token_file=token_file, host=host.ip, prefix=host.prefix,
-                               endpoint_url=self.s3.endpoint_url, env=env,
-                               log_path=self.run_dir / f"loaderd-{name}.log")
-        self._cleanups.append((f"loaderd {name}", daemon.stop))
+        spawn = functools.partial(spawn_loaderd, port=port, node_name=name, budget_bytes=opts.loaderd_budget_bytes,
+                                  token=token, token_file=token_file, host=host.ip, prefix=host.prefix,
+                                  endpoint_url=self.s3.endpoint_url, env=env,
+                                  log_path=self.run_dir / f"loaderd-{name}.log")
+        daemon = self._first_daemons[name] = spawn()  # restarted on this same address if it dies
+        self._spawners[name] = spawn
+        self._cleanups.append((f"loaderd {name}", daemon.stop))  # until the supervisor owns it
         return LocalNode(name=name, loaderd_url=daemon.url, loaderd_token=token,
                          gpu_memory_gb=opts.node_gpu_memory_gb, nic_gbps=nic_gbps, host=host)

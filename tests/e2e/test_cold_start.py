@@ -4,6 +4,8 @@ tokens is Hugging Face transformers' greedy generate() on the same weights."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,8 @@ COLD_START_EVENTS = ["request_received", "plan_decided", "prefetch_started", "wo
 
 @pytest.fixture(scope="module")
 def stack(tiny_llama_dir: Path) -> Iterator[LocalStack]:
-    options = StackOptions(nodes=2, model_dir=tiny_llama_dir, idle_timeout_s=2.0, progress=False)
+    options = StackOptions(nodes=2, model_dir=tiny_llama_dir, idle_timeout_s=2.0, progress=False,
+                           reconcile_interval_s=1.0)
     with LocalStack(options) as s:
         yield s
     assert s.leftovers == [], "shared memory segments left behind"
@@ -135,6 +138,36 @@ def test_clients_that_leave_stop_their_generation_in_the_engine(stack: LocalStac
         time.sleep(0.05)
     assert worker_metric(worker.url, tokens) - generated < longest
     assert worker_metric(worker.url, "hydraserve_runtime_inflight_requests") == 0
+
+
+def test_a_loaderd_killed_is_started_again_and_its_models_stop_counting_as_cache(stack: LocalStack) -> None:
+    """SIGKILL the daemon that holds the model: up starts it again on the same address, its dead
+    predecessor's segments are removed, placement stops counting the model as cached there,
+    and the next cold start fetches it again and answers."""
+    assert stack.gateway is not None and stack.supervisor is not None
+    scaler = stack.gateway.scaler("tiny-llama")
+    assert stream_completion(stack.function_url() + "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
+    holders = {n.name for n in stack.placement.cluster().nodes if stack.model_uri in n.resident_models}
+    assert holders, "the cold start's node holds the model"
+    victim = stack.supervisor.daemons[sorted(holders)[0]]
+    old_pid = victim.process.proc.pid
+    segments = [p for p in stack.leftover_segments() if f"-{victim.info.name}-" in p]
+    assert segments
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while victim.restarts == 0 or not victim.process.client().healthy():
+        assert time.monotonic() < deadline, "loaderd was not started again"
+        time.sleep(0.1)
+    assert victim.process.proc.pid != old_pid and victim.process.url == victim.info.loaderd_url
+    assert not [p for p in segments if os.path.exists(p)], "the dead daemon's segments are still there"
+    while stack.model_uri in next(n for n in stack.placement.cluster().nodes if n.name == victim.info.name).resident_models:
+        assert time.monotonic() < deadline, "placement still counts the dead daemon's model as cache"
+        time.sleep(0.1)
+    while scaler.state.value != "zero":  # idle: scales to zero, then a fresh cold start
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    result = stream_completion(stack.function_url() + "/v1/completions", {"prompt": PROMPT, "max_tokens": 3})
+    assert result.status == 200
 
 
 def test_worker_that_cannot_start_gives_503_with_reason_then_retries(stack: LocalStack) -> None:
