@@ -157,7 +157,7 @@ class LocalStack:
                                worker_env=s3_env, worker_settings=self.worker_settings)
         self._cleanups.append(("workers", backend.close))
         self.backend = backend
-        self.gateway = Gateway(backend)
+        self.gateway = Gateway(backend, drain_timeout_s=opts.drain_timeout_s)
         function = FunctionConfig(name=opts.function_name, model_uri=self.model_uri,
                                   idle_timeout_s=opts.idle_timeout_s, ttft_slo_s=opts.ttft_slo_s, **opts.function)
         backend.prepare(function)  # read the model's sizes at deploy time

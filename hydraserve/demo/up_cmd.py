@@ -34,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=32,
                         help="requests one instance serves at once (0: no limit); more start another instance")
     parser.add_argument("--max-instances", type=int, default=4, help="instances the function scales out to")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on Ctrl-C (or fn delete), seconds requests under way get to finish")
     parser.add_argument("--request-timeout", type=float, default=120.0,
                         help="seconds a request may wait for a free instance")
     parser.set_defaults(func=run)
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     options = StackOptions(nodes=args.nodes, gateway_port=args.port, host=args.host,
                            idle_timeout_s=args.idle_timeout, model_dir=args.model_dir,
-                           function_name=function, more_functions=more, link_mbit=args.link_mbit, ttft_slo_s=args.ttft_slo,
+                           function_name=function, more_functions=more, drain_timeout_s=args.drain_timeout, link_mbit=args.link_mbit, ttft_slo_s=args.ttft_slo,
                            function={"concurrency": args.concurrency, "max_instances": args.max_instances,
                                      "request_timeout_s": args.request_timeout})
     try:
