@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -152,49 +151,35 @@ async def measure(args: argparse.Namespace, gateway: str, pid: int) -> dict[str,
         "added_latency_p99_ms": round((percentile(via_gateway, 0.99) - percentile(straight, 0.99)) * 1000, 2)}
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+def admin_answers(url: str) -> bool:
     import requests
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"hydraserve up exited with {proc.returncode}")
-        try:
-            if requests.get(f"{url}/v1/functions", headers=ADMIN, timeout=1).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("hydraserve up did not come up")
+    try:
+        return requests.get(f"{url}/v1/functions", headers=ADMIN, timeout=1).ok
+    except requests.RequestException:
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
     from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
-    from hydraserve.processes import free_port, hydraserve_command, raise_open_files_limit
+    from hydraserve.processes import ChildProcess, free_port, hydraserve_command, raise_open_files_limit
 
     raise_open_files_limit()
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     model = make_tiny_model(work / "model", TinySpec(**TINY))
     port = free_port()
-    log = open(work / "up.log", "wb")  # closed below, after the process
-    proc = subprocess.Popen(hydraserve_command(
+    up = ChildProcess("up", hydraserve_command(
         "up", "--nodes", "1", "--port", str(port), "--function", FUNCTION, "--model-dir", str(model),
         "--idle-timeout", "3600", "--max-instances", "1", "--concurrency", str(args.concurrency),
-        "--request-timeout", "900"), stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "HYDRASERVE_GATEWAY_TOKEN": ADMIN_TOKEN})
+        "--request-timeout", "900"), log_path=work / "up.log", env={"HYDRASERVE_GATEWAY_TOKEN": ADMIN_TOKEN})
     gateway = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(gateway, proc)
+        up.wait_until(lambda: admin_answers(gateway), 300)
         print(f"up; {args.requests} requests to {FUNCTION} at zero...", file=sys.stderr, flush=True)
         cpu = CpuMeter()
-        result = asyncio.run(measure(args, gateway, proc.pid))
+        result = asyncio.run(measure(args, gateway, up.proc.pid))
         result |= {"benchmark": "gateway", "requests": args.requests, "cpu_busy": cpu.busy(), "cpus": os.cpu_count()}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        up.stop(grace_s=60)
     print(json.dumps(result), flush=True)
     return 0 if result["lost"] == 0 else 1
