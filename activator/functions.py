@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 # DNS-1035 label, as Knative requires for Service names.
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -45,3 +45,10 @@ class FunctionConfig(BaseModel):
     @classmethod
     def _name(cls, value: str) -> str:
         return validate_function_name(value)
+
+    @model_validator(mode="after")
+    def _pipeline_sizes(self) -> FunctionConfig:
+        if self.min_pipeline_size > self.max_pipeline_size:
+            raise ValueError(f"min_pipeline_size {self.min_pipeline_size} is above max_pipeline_size "
+                             f"{self.max_pipeline_size}")
+        return self

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hydraserve.activator.functions import FunctionConfig
@@ -71,6 +72,7 @@ class Gateway:
         self._scalers: dict[str, FunctionScaler] = {}
         self._reap_interval_s = reap_interval_s
         self._reaper: asyncio.Task[None] | None = None
+        self._deleting: set[asyncio.Task[int]] = set()  # deletes under way (aclose waits for them)
         self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="backend")
         self.proxy = InstanceProxy()
         self.metrics = GatewayMetrics()
@@ -95,6 +97,8 @@ class Gateway:
             if exc.retryable:
                 raise
             raise InvalidRequestError(f"model {config.model_uri}: {exc.message}", param="model_uri") from None
+        except ValueError as exc:  # a model URI no reader can take, settings its model cannot have
+            raise InvalidRequestError(f"function {config.name}: {exc}", param="model_uri") from None
         log.info("function %s created (model %s)", config.name, config.model_uri)
         return self.register(config)
 
@@ -103,11 +107,20 @@ class Gateway:
         the drain time), stop its instances; how many it stopped."""
         scaler = self.scaler(name)
         del self._scalers[name]
+        # shielded and kept: a caller that gives up (its handler cancelled) must not leave the
+        # instances of a function nobody knows any more running
+        task = asyncio.get_running_loop().create_task(self._drain_and_stop(scaler))
+        self._deleting.add(task)
+        task.add_done_callback(self._deleting.discard)
+        return await asyncio.shield(task)
+
+    async def _drain_and_stop(self, scaler: FunctionScaler) -> int:
         if not await scaler.drain(self._drain_timeout_s):
-            log.warning("function %s deleted with requests still under way after %.0f s", name, self._drain_timeout_s)
+            log.warning("function %s deleted with requests still under way after %.0f s", scaler.config.name,
+                        self._drain_timeout_s)
         stopped = len(scaler.instances)
         await scaler.shutdown()
-        log.info("function %s deleted", name)
+        log.info("function %s deleted", scaler.config.name)
         return stopped
 
     def scaler(self, name: str) -> FunctionScaler:
@@ -130,7 +143,7 @@ class Gateway:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        await asyncio.gather(*(s.shutdown() for s in self.functions()), return_exceptions=True)
+        await asyncio.gather(*(s.shutdown() for s in self.functions()), *self._deleting, return_exceptions=True)
         await self.proxy.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -243,6 +256,8 @@ async def _read_body(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLargeError(f"request body is over the {MAX_BODY_BYTES} byte limit") from None
+    except RequestPayloadError as exc:  # a malformed chunked body, say
+        raise InvalidRequestError(f"request body could not be read: {exc}") from None
 
 
 def _json(body: bytes) -> Any:

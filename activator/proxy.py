@@ -36,7 +36,7 @@ class InstanceProxy:
         if self._session is None:  # created on the gateway's loop, on first use
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
-                auto_decompress=False, timeout=self._timeout, skip_auto_headers=("User-Agent",))
+                auto_decompress=False, timeout=self._timeout, skip_auto_headers=("User-Agent", "Accept-Encoding"))
         return self._session
 
     async def close(self) -> None:
@@ -47,17 +47,26 @@ class InstanceProxy:
                       on_first_byte: Callable[[], None]) -> tuple[web.StreamResponse, str | None]:
         """Send ``request`` (its ``body`` already read) to ``base_url + path`` and stream the
         answer; with it, why the instance broke the answer off (None when it did not)."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
         url = base_url.rstrip("/") + "/" + path.lstrip("/")
-        try:
-            upstream = await self._client().request(request.method, url, params=request.rel_url.query,
-                                                    data=body, headers=headers, allow_redirects=False)
-        except aiohttp.ClientConnectionError as exc:
-            raise InstanceFailedError(f"function instance unreachable: {type(exc).__name__}",
-                                      retry_after_s=1.0) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TemporaryError(f"function instance did not answer: {type(exc).__name__}",
-                                 retry_after_s=1.0) from None
+        upstream = None
+        for attempt in (1, 2):
+            try:
+                upstream = await self._client().request(request.method, url, params=request.rel_url.query,
+                                                        data=body, headers=headers, allow_redirects=False)
+                break
+            except aiohttp.ServerTimeoutError:  # slow, not gone: the instance stays
+                raise TemporaryError("function instance did not answer in time", retry_after_s=1.0) from None
+            except aiohttp.ServerDisconnectedError:
+                if attempt == 2:  # the first may be a kept-alive connection the instance had just closed
+                    raise InstanceFailedError("function instance closed the connection", retry_after_s=1.0) from None
+            except aiohttp.ClientConnectionError as exc:
+                raise InstanceFailedError(f"function instance unreachable: {type(exc).__name__}",
+                                          retry_after_s=1.0) from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise TemporaryError(f"function instance did not answer: {type(exc).__name__}",
+                                     retry_after_s=1.0) from None
+        assert upstream is not None
         try:
             if upstream.status == 503 and upstream.content_type == "application/json":
                 raw = await _read_failure(upstream)
@@ -78,19 +87,36 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> tupl
     if upstream.content_length is not None:
         out.content_length = upstream.content_length
     await out.prepare(request)
-    try:
-        async for chunk in upstream.content.iter_any():
+    while True:
+        try:
+            chunk = await upstream.content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            return await _broken_off(request, upstream, out, exc)
+        if not chunk:
+            break
+        try:
             await out.write(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-        broken = InstanceFailedError(f"function instance broke off the response: {type(exc).__name__}")
+        except ConnectionResetError:  # the client went away: nothing more to send, the instance is fine
+            out.force_close()
+            return out, None
+    await out.write_eof()
+    return out, None
+
+
+async def _broken_off(request: web.Request, upstream: aiohttp.ClientResponse, out: web.StreamResponse,
+                      exc: Exception) -> tuple[web.StreamResponse, str]:
+    """End a body the instance broke off: an SSE stream with an error event and a clean end;
+    anything else by aborting the connection (a clean end would pass a cut body for whole)."""
+    broken = InstanceFailedError(f"function instance broke off the response: {type(exc).__name__}")
+    try:
         if upstream.content_type == "text/event-stream":  # the client hears it first
             await out.write(f"data: {json.dumps(broken.to_openai())}\n\n".encode())
             await out.write_eof()
-        else:
-            out.force_close()
-        return out, broken.message
-    await out.write_eof()
-    return out, None
+        elif request.transport is not None:
+            request.transport.abort()
+    except ConnectionResetError:
+        out.force_close()
+    return out, broken.message
 
 
 async def _read_failure(upstream: aiohttp.ClientResponse) -> bytes:

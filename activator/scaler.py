@@ -288,7 +288,9 @@ class FunctionScaler:
 
     # scale in ----------------------------------------------------------------------------
     async def scale_in_idle(self, now: float) -> int:
-        """Stop instances that served nothing for idle_timeout_s while nothing waits; how many."""
+        """Stop instances that served nothing for idle_timeout_s while nothing waits; how many.
+        They leave the table before any await (a request arriving meanwhile cannot take one), and
+        are stopped in the background (a slow drain does not hold up the reaper)."""
         if self._waiting:
             return 0
         idle = [i for i in self.instances.values()
@@ -298,11 +300,16 @@ class FunctionScaler:
             log.info("instance %s of %s idle for %.0f s: stopping it", instance.instance_id,
                      self.config.name, self.config.idle_timeout_s)
             self._stopping += 1
-            try:
-                await self._blocking(self._backend.stop, self.config.name, instance.instance_id)
-            finally:
-                self._stopping -= 1
+            self._spawn(self._stop_in_backend(instance))
         return len(idle)
+
+    async def _stop_in_backend(self, instance: Instance) -> None:
+        try:
+            await self._blocking(self._backend.stop, self.config.name, instance.instance_id)
+        except Exception:
+            log.exception("stopping instance %s failed", instance.instance_id)
+        finally:
+            self._stopping -= 1
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait (up to ``timeout_s``) until no request is parked or running; True if none is."""
@@ -318,7 +325,8 @@ class FunctionScaler:
         self._fail_waiters(TemporaryError(f"function {self.config.name} is shutting down", retry_after_s=1.0))
         instances, self.instances = list(self.instances.values()), {}
         for instance in instances:
-            await self._blocking(self._backend.stop, self.config.name, instance.instance_id)
+            self._stopping += 1
+            self._spawn(self._stop_in_backend(instance))
         if self._tasks:  # cold starts under way stop their instance when they finish
             await asyncio.wait(list(self._tasks), timeout=30)
 

@@ -26,7 +26,7 @@ MAX_BODY = 1 << 20
 
 def _int_arg(name: str) -> int:
     raw = request.args.get(name, "")
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19):
         raise InvalidRequestError(f"query parameter {name} must be a non-negative integer", param=name)
     return int(raw)
 
@@ -56,6 +56,11 @@ def create_app(service: LoaderService, token: str) -> Flask:
     def attach() -> Response:
         req = json_body(AttachRequest)
         _may_read(req.model_uri)
+        if not _caller().admin:
+            if req.peers:  # the daemon would send its own token to them
+                raise ForbiddenError("a worker's token may not name peers", param="peers")
+            if req.pid is None:  # else the lease would outlive the worker
+                raise ForbiddenError("a worker's lease must name its pid", param="pid")
         if req.pid is not None:
             _callers_own(req.pid)
         return jsonify(service.attach(req, owner=_caller().subject).model_dump(mode="json"))

@@ -196,6 +196,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_instance_generating(
     # the client closed its connection after the first token
     assert instance.gone.wait(5), "the instance kept generating for a client that left"
     assert settled(gw)["inflight"] == 0
+    assert _backend.failed == [] and len(gw.scaler("fn").instances) == 1  # the client left, not the instance
     deadline = time.monotonic() + 5
     while metric(gw, "hydraserve_gateway_client_disconnects_total", function="fn") < 1:
         assert time.monotonic() < deadline
@@ -367,3 +368,17 @@ def test_the_fn_command_speaks_to_the_admin_api(
     missing = fn("describe", "cli-fn")
     assert missing.returncode != 0 and "unknown function 'cli-fn'" in missing.stderr
     assert fn("create", "x", "--model", "s3://b/x", "--ttft-slo", "soon").returncode == 2  # not a duration
+
+
+def test_a_malformed_chunked_body_or_contradictory_config_is_a_400(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    _gw, backend, server = setup
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /functions/fn/v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: application/json\r\n\r\nzz\r\n")
+        answer = sock.recv(65536)
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:200]  # the parser refuses it
+    contradictory = requests.post(f"{server.url}/v1/functions", headers=AUTH, json={
+        "name": "odd", "model_uri": "s3://b/odd", "min_pipeline_size": 3, "max_pipeline_size": 2})
+    assert contradictory.status_code == 400 and "min_pipeline_size" in contradictory.json()["error"]["message"]
+    assert backend.starts == 0

@@ -123,7 +123,9 @@ def test_idle_scale_in_uses_the_injected_clock() -> None:
         assert await scaler.scale_in_idle(clock.now) == 0
         clock.now += 1
         assert await scaler.scale_in_idle(clock.now) == 1
-        assert backend.stops == ["fn-1"] and scaler.state == ScaleState.ZERO
+        assert not scaler.instances  # out of the table at once: no request can take it now
+        await until(lambda: scaler.state == ScaleState.ZERO)  # stopping until the backend has it down
+        assert backend.stops == ["fn-1"]
         assert (await scaler.acquire()).instance_id == "fn-2", "a request after scale-in cold-starts again"
     run(body())
 
@@ -239,4 +241,22 @@ def test_shutdown_answers_parked_requests_and_stops_every_instance() -> None:
         with pytest.raises(TemporaryError, match="shutting down"):
             await parked
         assert backend.stops == ["fn-1"] and scaler.state == ScaleState.ZERO
+    run(body())
+
+
+def test_an_instance_taken_while_another_is_being_stopped_is_not_stopped() -> None:
+    """Scale-in takes every idle instance out before it waits on any stop: a request arriving
+    while the first stops cannot land on the second and then lose it."""
+    async def body() -> None:
+        clock = Clock()
+        backend = ScriptedBackend()
+        scaler = make(backend, clock, concurrency=1, max_instances=2, idle_timeout_s=30)
+        a, b = await scaler.acquire(), await scaler.acquire()
+        scaler.release(a)
+        scaler.release(b)
+        clock.now += 60
+        assert await scaler.scale_in_idle(clock.now) == 2 and not scaler.instances
+        fresh = await scaler.acquire()  # arrives while both stop: a new instance, not a stopped one
+        assert fresh.instance_id not in {a.instance_id, b.instance_id}
+        await until(lambda: sorted(backend.stops) == sorted([a.instance_id, b.instance_id]))
     run(body())

@@ -182,3 +182,13 @@ def test_a_lease_cannot_be_tied_to_a_process_that_is_not_the_caller(daemon: Load
 def test_an_s3_endpoint_the_daemon_was_not_configured_for_is_refused(daemon: LoaderDaemon) -> None:
     refused = _post(daemon, "/v1/prefetch", {"model_uri": URI, "endpoint_url": "http://169.254.169.254"})
     assert refused.status_code == 403 and refused.json()["error"]["param"] == "endpoint_url"
+
+
+def test_a_worker_token_cannot_make_the_daemon_call_out_or_pin_forever(daemon: LoaderDaemon) -> None:
+    """Peers get the daemon's own token on a fill: a worker naming one could steal it. A lease
+    without a pid never ends: a worker must tie its lease to itself."""
+    peers = _post(daemon, "/v1/attach", {"model_uri": URI, "pid": os.getpid(), "peers": ["http://127.0.0.1:9"]},
+                  _worker())
+    assert peers.status_code == 403 and peers.json()["error"]["param"] == "peers"
+    unpinned = _post(daemon, "/v1/attach", {"model_uri": URI}, _worker())
+    assert unpinned.status_code == 403 and unpinned.json()["error"]["param"] == "pid"
