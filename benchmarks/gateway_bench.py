@@ -7,8 +7,8 @@ a small generated model so the worker is not what is measured); this process is 
 time, the gateway's /healthz p50/p99 while the burst waits and drains, memory per waiting
 request (the `up` process's RSS growth over the most requests seen waiting at once: an upper
 bound, it also holds the embedded S3 server), warm throughput through the gateway vs direct
-(the same concurrency, alternated twice), the latency the gateway adds (p50/p99 of sequential
-one-token requests, gateway minus direct), and CPU saturation (client, gateway and worker share
+(the same concurrency, six short rounds alternated, the median of their ratios), the latency the gateway adds (p50/p99 of sequential
+one-token requests, gateway minus direct, interleaved), and CPU saturation (client, gateway and worker share
 the 2 cores). Last line: one JSON object.
 """
 
@@ -30,6 +30,7 @@ from typing import Any
 from measure import CpuMeter
 
 FUNCTION = "bench"
+ROUNDS = 6  # warm throughput: rounds, each through the gateway then direct
 BODY = {"model": FUNCTION, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
 ADMIN_TOKEN = secrets.token_urlsafe(24)  # given to `up` (HYDRASERVE_GATEWAY_TOKEN)
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -39,7 +40,7 @@ TINY = {"arch": "llama", "layers": 2, "hidden": 128, "heads": 4, "kv_heads": 2, 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=10_000, help="concurrent requests sent to the function at zero")
-    parser.add_argument("--warm-requests", type=int, default=2000, help="requests per warm throughput run")
+    parser.add_argument("--warm-requests", type=int, default=3000, help="requests each way in the warm throughput rounds")
     parser.add_argument("--latency-requests", type=int, default=500, help="sequential requests per latency run")
     parser.add_argument("--concurrency", type=int, default=32, help="the function's per-instance concurrency")
     parser.set_defaults(func=run)
@@ -114,14 +115,17 @@ async def throughput(session: Any, url: str, n: int, concurrency: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-async def latencies(session: Any, url: str, n: int) -> list[float]:
+async def latencies(session: Any, urls: list[str], n: int) -> list[list[float]]:
+    """Seconds of n sequential one-token requests to each URL, interleaved (one to each in turn,
+    so the machine's noise falls on all of them alike)."""
     body = BODY | {"max_tokens": 1}
-    out = []
+    out: list[list[float]] = [[] for _ in urls]
     for _ in range(n):
-        t0 = time.perf_counter()
-        async with session.post(url, json=body) as r:
-            await r.read()
-        out.append(time.perf_counter() - t0)
+        for url, times in zip(urls, out, strict=True):
+            t0 = time.perf_counter()
+            async with session.post(url, json=body) as r:
+                await r.read()
+            times.append(time.perf_counter() - t0)
     return out
 
 
@@ -137,15 +141,17 @@ async def measure(args: argparse.Namespace, gateway: str, pid: int) -> dict[str,
         direct = fn["instances"][0]["url"] + "/v1/completions"
         through = f"{gateway}/v1/completions"
         rates: dict[str, list[float]] = {"gateway": [], "direct": []}
-        for _ in range(2):  # alternated: the machine's noise hits both
-            rates["gateway"].append(await throughput(session, through, args.warm_requests, args.concurrency))
-            rates["direct"].append(await throughput(session, direct, args.warm_requests, args.concurrency))
-        via_gateway = await latencies(session, through, args.latency_requests)
-        straight = await latencies(session, direct, args.latency_requests)
+        per_round = max(1, args.warm_requests // ROUNDS)
+        for _ in range(ROUNDS):  # short rounds, alternated: the machine's noise hits both alike
+            rates["gateway"].append(await throughput(session, through, per_round, args.concurrency))
+            rates["direct"].append(await throughput(session, direct, per_round, args.concurrency))
+        via_gateway, straight = await latencies(session, [through, direct], args.latency_requests)
     gw_rps, direct_rps = statistics.median(rates["gateway"]), statistics.median(rates["direct"])
+    ratios = [g / d for g, d in zip(rates["gateway"], rates["direct"], strict=True)]
     return result | {
         "warm_rps_gateway": round(gw_rps, 1), "warm_rps_direct": round(direct_rps, 1),
-        "warm_throughput_ratio": round(gw_rps / direct_rps, 3),
+        "warm_throughput_ratio": round(statistics.median(ratios), 3),  # median of the rounds' ratios
+        "warm_throughput_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
         "latency_direct_p50_ms": round(percentile(straight, 0.5) * 1000, 2),
         "added_latency_p50_ms": round((percentile(via_gateway, 0.5) - percentile(straight, 0.5)) * 1000, 2),
         "added_latency_p99_ms": round((percentile(via_gateway, 0.99) - percentile(straight, 0.99)) * 1000, 2)}
