@@ -82,6 +82,7 @@ class FunctionScaler:
         self.instances: dict[str, Instance] = {}
         self._queue: deque[_Waiter] = deque()
         self._waiting = 0
+        self._handed = 0  # parked requests handed a slot whose task has not resumed yet (not demand)
         self._starting = 0
         self._failing = 0  # failed instances the backend is still tearing down
         self._stopping = 0  # idle instances the backend is stopping
@@ -129,6 +130,8 @@ class FunctionScaler:
             raise
         finally:
             waiter.timer.cancel()
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._handed -= 1
             self._waiting -= 1
             self._metrics.waiting.labels(self.config.name).dec()
 
@@ -164,6 +167,7 @@ class FunctionScaler:
             if instance is None:
                 return
             self._queue.popleft().future.set_result(self._take(instance))
+            self._handed += 1
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
@@ -179,7 +183,7 @@ class FunctionScaler:
 
     # scale out ---------------------------------------------------------------------------
     def _wanted_instances(self) -> int:
-        demand = self._waiting + sum(i.inflight for i in self.instances.values())
+        demand = self._waiting - self._handed + sum(i.inflight for i in self.instances.values())
         if demand == 0:
             return 0
         wanted = math.ceil(demand / self.config.concurrency) if self.config.concurrency else 1

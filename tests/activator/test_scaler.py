@@ -260,3 +260,20 @@ def test_an_instance_taken_while_another_is_being_stopped_is_not_stopped() -> No
         assert fresh.instance_id not in {a.instance_id, b.instance_id}
         await until(lambda: sorted(backend.stops) == sorted([a.instance_id, b.instance_id]))
     run(body())
+
+
+def test_requests_just_handed_a_slot_are_not_counted_twice_as_demand() -> None:
+    """Parked requests handed every slot of a new instance in one tick are running, not waiting:
+    a request arriving before their tasks resume must not start a second instance for them."""
+    async def body() -> None:
+        backend = ScriptedBackend(auto_release=False)
+        scaler = make(backend, concurrency=4, max_instances=3)
+        parked = [asyncio.create_task(scaler.acquire()) for _ in range(4)]
+        await started(backend)
+        seen: list[int] = []
+        # runs after the first parked task resumed and before the other three do
+        scaler._queue[0].future.add_done_callback(lambda _f: seen.append(scaler._wanted_instances()))
+        backend.release_start.set()
+        await asyncio.gather(*parked)
+        assert seen == [1] and backend.starts == 1
+    run(body())
