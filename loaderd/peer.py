@@ -15,7 +15,7 @@ import os
 import struct
 
 
-def _proc_address(hex_address: str) -> tuple[str, int]:
+def proc_address(hex_address: str) -> tuple[str, int]:
     """'0100007F:1F90' -> ('127.0.0.1', 8080); IPv6 in the kernel's four little-endian words."""
     raw_ip, raw_port = hex_address.split(":")
     packed = bytes.fromhex(raw_ip)
@@ -35,7 +35,7 @@ def socket_inode(client: tuple[str, int], server_port: int) -> int | None:
                 next(f)
                 for line in f:
                     fields = line.split()
-                    local, remote, inode = _proc_address(fields[1]), _proc_address(fields[2]), int(fields[9])
+                    local, remote, inode = proc_address(fields[1]), proc_address(fields[2]), int(fields[9])
                     if local == (client_ip, client[1]) and remote[1] == server_port and inode:
                         return inode
         except OSError:

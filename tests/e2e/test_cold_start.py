@@ -170,6 +170,64 @@ def test_a_loaderd_killed_is_started_again_and_its_models_stop_counting_as_cache
     assert result.status == 200
 
 
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        found.add(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def _listening() -> dict[int, str]:
+    """inode -> local address of every listening TCP socket in this network namespace."""
+    from hydraserve.loaderd.peer import proc_address
+
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    ip, port = proc_address(fields[1])
+                    out[int(fields[9])] = f"{ip}:{port}"
+    return out
+
+
+def test_nothing_the_stack_runs_listens_beyond_loopback(stack: LocalStack) -> None:
+    """Every socket the gateway, placement, S3, loaderds and workers listen on is on loopback
+    (the stack was started without --host)."""
+    assert stream_completion(stack.function_url() + "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
+    listening = _listening()
+    ours: dict[int, str] = {}
+    for pid in _descendants(os.getpid()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in listening:
+                    ours[inode] = listening[inode]
+    assert len(ours) >= 5  # gateway, placement, S3, two loaderds (and the worker)
+    assert all(addr.startswith("127.") for addr in ours.values()), ours
+
+
 def test_worker_that_cannot_start_gives_503_with_reason_then_retries(stack: LocalStack) -> None:
     assert stack.gateway is not None
     stack.gateway.register(FunctionConfig(name="broken", model_uri="s3://models/does-not-exist"))
