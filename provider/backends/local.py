@@ -57,13 +57,19 @@ class LocalBackend:
                                    ColdStartOptions(s3_endpoint_url=s3_endpoint_url, prefetch=prefetch,
                                                     ready_timeout_s=ready_timeout_s, worker=dict(worker_settings or {})))
         self._groups: dict[str, Group] = {}
+        self._closed = False
         self._lock = threading.Lock()
 
     # FunctionBackend ---------------------------------------------------------------------
     def start(self, function: FunctionConfig, timeline: Timeline, exclude_nodes: Sequence[str] = ()) -> Endpoint:
         group = self.coldstart.run(self.prepare(function), timeline, exclude_nodes=exclude_nodes)
         with self._lock:
-            self._groups[group.plan.instance_id] = group
+            closed = self._closed
+            if not closed:
+                self._groups[group.plan.instance_id] = group
+        if closed:  # finished after close(): nobody will ever stop it but us
+            self.coldstart.stop(group)
+            raise TemporaryError("the backend closed while this instance started")
         return Endpoint(url=group.head.url, instance_id=group.plan.instance_id)
 
     def stop(self, function_name: str, instance_id: str) -> None:
@@ -103,10 +109,16 @@ class LocalBackend:
         return group.head.timeline().merged(group.stage_timelines)
 
     def close(self) -> None:
+        """Stop every instance, and every worker of a cold start still under way (a start that
+        finishes later stops its own group)."""
         with self._lock:
+            self._closed = True
             ids = list(self._groups)
         for instance_id in ids:
             self.stop("", instance_id)
+        for worker in self.launcher.running():
+            log.warning("stopping worker %s of a cold start still under way", worker.label)
+            worker.stop(grace_s=5)
 
     def prepare(self, function: FunctionConfig) -> FunctionSpec:
         """The function's model description, read once per deployed config (at deploy time, not

@@ -267,6 +267,41 @@ def test_cold_start_against_an_unreachable_s3_fails_within_the_retry_budget(stac
     assert stack.gateway.scaler("unreachable").status()["state"] == "zero"
 
 
+def test_closing_the_backend_mid_cold_start_stops_its_workers(tiny_llama_dir: Path) -> None:
+    """The backend closing (up's Ctrl-C) while a cold start is under way stops that start's
+    workers at once, and the start, when it returns, fails instead of handing out an instance
+    nobody would ever stop (before: its worker outlived a start slower than the gateway's wait)."""
+    import threading
+
+    from hydraserve.contracts.timeline import Timeline
+
+    options = StackOptions(nodes=1, model_dir=tiny_llama_dir, progress=False)
+    with LocalStack(options) as stack:
+        assert stack.backend is not None and stack.gateway is not None
+        backend, function = stack.backend, stack.gateway.scaler("tiny-llama").config
+        outcome: list[object] = []
+
+        def start() -> None:
+            try:
+                outcome.append(backend.start(function, Timeline()))
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=start, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not backend.launcher.running():
+            assert time.monotonic() < deadline, "no worker was spawned"
+            time.sleep(0.01)
+        workers = backend.launcher.running()
+        backend.close()
+        assert all(w.proc.poll() is not None for w in workers), "a worker of the start under way kept running"
+        thread.join(60)
+        assert len(outcome) == 1 and isinstance(outcome[0], Exception), outcome
+        assert backend.launcher.running() == []
+    assert stack.leftovers == []
+
+
 def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(group_llama_dir: Path) -> None:
     """Nodes declared with slow NICs (50 Mbit/s) make the planner split the model over both:
     each node's loaderd prefetches its stage, a head and an inner stage start, link, and serve
