@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -48,7 +47,8 @@ from hydraserve.errors import (
     PayloadTooLargeError,
     UnauthorizedError,
 )
-from hydraserve.http_json import validate
+from hydraserve.http_errors import framework_error, retry_after_header
+from hydraserve.http_json import decode_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +184,10 @@ class Gateway:
 
 def _json_error(exc: HydraError, status: int | None = None) -> web.Response:
     response = web.json_response(exc.to_openai(), status=status or exc.status)
-    if exc.retry_after_s is not None:
-        response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    retry_after = retry_after_header(exc)
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
     return response
-
-
-_HTTP_CLASSES: dict[int, type[HydraError]] = {404: NotFoundError, 413: PayloadTooLargeError}
 
 
 @web.middleware
@@ -210,9 +208,8 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         return _json_error(exc)
     except web.HTTPException as exc:
         status = exc.status
-        cls = _HTTP_CLASSES.get(exc.status, InvalidRequestError if exc.status < 500 else HydraError)
-        return _json_error(cls(exc.reason if exc.text is None else exc.text.removeprefix(f"{exc.status}: ")),
-                           exc.status)
+        message = exc.reason if exc.text is None else exc.text.removeprefix(f"{exc.status}: ")
+        return _json_error(framework_error(exc.status, message), exc.status)
     except asyncio.CancelledError:
         status = 499  # nginx's "client closed request"
         if FUNCTION in request:
@@ -260,17 +257,10 @@ async def _read_body(request: web.Request) -> bytes:
         raise InvalidRequestError(f"request body could not be read: {exc}") from None
 
 
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {type(exc).__name__}") from None
-
-
 def _model_of(body: bytes) -> str | None:
     """The ``model`` an OpenAI request body names (a bad body is the function's to refuse,
     unless it cannot even be routed)."""
-    data = _json(body)
+    data = decode_json(body)
     model = data.get("model") if isinstance(data, dict) else None
     if model is not None and not isinstance(model, str):
         raise InvalidRequestError("model: must be a string", param="model")
@@ -351,7 +341,7 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
         return web.json_response({"functions": [s.status() for s in gateway.functions()]})
 
     async def create_function(request: web.Request) -> web.Response:
-        config = validate(FunctionConfig, _json(await _read_body(request)))
+        config = validate(FunctionConfig, decode_json(await _read_body(request)))
         scaler = await gateway.create(config)
         return web.json_response(scaler.status() | {"config": config.model_dump(mode="json")}, status=201)
 

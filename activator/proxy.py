@@ -15,7 +15,7 @@ aborts the request in its engine.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -47,7 +47,7 @@ class InstanceProxy:
                       on_first_byte: Callable[[], None]) -> tuple[web.StreamResponse, str | None]:
         """Send ``request`` (its ``body`` already read) to ``base_url + path`` and stream the
         answer; with it, why the instance broke the answer off (None when it did not)."""
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
+        headers = _end_to_end(request.headers)
         url = base_url.rstrip("/") + "/" + path.lstrip("/")
         upstream = None
         for attempt in (1, 2):
@@ -71,19 +71,20 @@ class InstanceProxy:
             if upstream.status == 503 and upstream.content_type == "application/json":
                 raw = await _read_failure(upstream)
                 on_first_byte()
-                return web.Response(status=503, body=raw, headers=_end_to_end(upstream)), None
+                return web.Response(status=503, body=raw, headers=_end_to_end(upstream.headers)), None
             on_first_byte()
             return await _relay(request, upstream)
         finally:
             upstream.close()  # no-op after a full read; after a cancel it drops the connection
 
 
-def _end_to_end(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
+def _end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """The headers meant for the other end (hop-by-hop ones dropped; repeated ones kept)."""
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> tuple[web.StreamResponse, str | None]:
-    out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=_end_to_end(upstream))
+    out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=_end_to_end(upstream.headers))
     if upstream.content_length is not None:
         out.content_length = upstream.content_length
     await out.prepare(request)

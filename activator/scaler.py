@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -63,10 +63,8 @@ class Instance:
         return self.endpoint.instance_id
 
 
-@dataclass(eq=False)
-class _Waiter:
-    future: asyncio.Future[Instance]
-    timer: asyncio.TimerHandle | None = field(default=None)
+def _handed_a_slot(waiter: asyncio.Future[Instance]) -> bool:
+    return waiter.done() and not waiter.cancelled() and waiter.exception() is None
 
 
 class FunctionScaler:
@@ -80,7 +78,7 @@ class FunctionScaler:
         self._metrics = metrics or GatewayMetrics()
         self._clock = clock
         self.instances: dict[str, Instance] = {}
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[asyncio.Future[Instance]] = deque()  # parked requests, oldest first
         self._waiting = 0
         self._handed = 0  # parked requests handed a slot whose task has not resumed yet (not demand)
         self._starting = 0
@@ -115,22 +113,22 @@ class FunctionScaler:
             raise OverloadedError(f"function {self.config.name}: {self._waiting} requests already waiting",
                                   retry_after_s=1.0)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future())
-        waiter.timer = loop.call_later(self.config.request_timeout_s, self._expire, waiter)
+        waiter: asyncio.Future[Instance] = loop.create_future()
+        timer = loop.call_later(self.config.request_timeout_s, self._expire, waiter)
         self._queue.append(waiter)
         self._waiting += 1
         self._metrics.waiting.labels(self.config.name).inc()
         try:
             self._scale_out()
             self._dispatch()
-            return await waiter.future
+            return await waiter
         except asyncio.CancelledError:  # the client went away while parked
-            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
-                self.release(waiter.future.result())  # handed a slot it will never use
+            if _handed_a_slot(waiter):
+                self.release(waiter.result())  # a slot it will never use
             raise
         finally:
-            waiter.timer.cancel()
-            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+            timer.cancel()
+            if _handed_a_slot(waiter):
                 self._handed -= 1
             self._waiting -= 1
             self._metrics.waiting.labels(self.config.name).dec()
@@ -160,24 +158,24 @@ class FunctionScaler:
     def _dispatch(self) -> None:
         """Hand free slots to parked requests, oldest first."""
         while self._queue:
-            if self._queue[0].future.done():  # expired or cancelled
+            if self._queue[0].done():  # expired or cancelled
                 self._queue.popleft()
                 continue
             instance = self._free_instance()
             if instance is None:
                 return
-            self._queue.popleft().future.set_result(self._take(instance))
+            self._queue.popleft().set_result(self._take(instance))
             self._handed += 1
 
-    def _expire(self, waiter: _Waiter) -> None:
-        if not waiter.future.done():
-            waiter.future.set_exception(OverloadedError(
+    def _expire(self, waiter: asyncio.Future[Instance]) -> None:
+        if not waiter.done():
+            waiter.set_exception(OverloadedError(
                 f"function {self.config.name}: no instance free within {self.config.request_timeout_s:g} s",
                 retry_after_s=1.0))
 
     def _fail_waiters(self, error: HydraError) -> None:
         while self._queue:
-            future = self._queue.popleft().future
+            future = self._queue.popleft()
             if not future.done():
                 future.set_exception(error)
 

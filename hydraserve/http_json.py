@@ -17,17 +17,22 @@ from hydraserve.errors import InvalidRequestError, UnsupportedMediaTypeError
 M = TypeVar("M", bound=BaseModel)
 
 
-def read_json() -> Any:
-    """The request body decoded as JSON, or a 4xx saying why it is not: not declared as JSON
-    (415), not JSON or nested too deep to decode (400)."""
-    if not request.is_json:
-        raise UnsupportedMediaTypeError(f"request body must be application/json, not {request.mimetype or 'untyped'!r}")
+def decode_json(raw: bytes) -> Any:
+    """``raw`` decoded as JSON, or a 400 saying why it is not (not JSON, nested too deep)."""
     try:
-        return json.loads(request.get_data(cache=True))
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequestError("request body is nested too deep") from None
+
+
+def read_json() -> Any:
+    """The Flask request's body decoded as JSON, or a 4xx saying why it is not: not declared as
+    JSON (415), not JSON or nested too deep to decode (400)."""
+    if not request.is_json:
+        raise UnsupportedMediaTypeError(f"request body must be application/json, not {request.mimetype or 'untyped'!r}")
+    return decode_json(request.get_data(cache=True))
 
 
 def validate(model: type[M], data: Any) -> M:

@@ -7,7 +7,6 @@ status, so Knative Eventing dead-letters it instead of retrying forever.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import Any
@@ -19,7 +18,7 @@ from flask import Blueprint, Response, request
 
 from hydraserve.contracts import events
 from hydraserve.errors import EngineError, HydraError, InvalidRequestError
-from hydraserve.http_json import validate
+from hydraserve.http_json import decode_json, validate
 from hydraserve.http_server import client_gone
 from hydraserve.runtime.server import generation
 from hydraserve.runtime.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -50,10 +49,7 @@ def _check_required(headers: dict[str, str], binary: bool) -> None:
     if binary:
         attributes: dict[str, Any] = {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
     else:
-        try:
-            attributes = json.loads(request.get_data())
-        except (ValueError, RecursionError):
-            raise InvalidRequestError("malformed CloudEvent: the structured body is not JSON") from None
+        attributes = decode_json(request.get_data())
         if not isinstance(attributes, dict):
             raise InvalidRequestError("malformed CloudEvent: the structured body is not a JSON object")
     missing = [a for a in REQUIRED_ATTRIBUTES if not isinstance(attributes.get(a), str) or not attributes[a]]

@@ -272,7 +272,7 @@ def test_requests_just_handed_a_slot_are_not_counted_twice_as_demand() -> None:
         await started(backend)
         seen: list[int] = []
         # runs after the first parked task resumed and before the other three do
-        scaler._queue[0].future.add_done_callback(lambda _f: seen.append(scaler._wanted_instances()))
+        scaler._queue[0].add_done_callback(lambda _f: seen.append(scaler._wanted_instances()))
         backend.release_start.set()
         await asyncio.gather(*parked)
         assert seen == [1] and backend.starts == 1
