@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from measure import CpuMeter
+from measure import CpuMeter, rss_mb
 
 FUNCTION = "bench"
 ROUNDS = 6  # warm throughput: rounds, each through the gateway then direct
@@ -44,14 +44,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-requests", type=int, default=500, help="sequential requests per latency run")
     parser.add_argument("--concurrency", type=int, default=32, help="the function's per-instance concurrency")
     parser.set_defaults(func=run)
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def percentile(values: list[float], q: float) -> float:

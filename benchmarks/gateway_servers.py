@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from measure import rss_mb
+
 from hydraserve.processes import raise_open_files_limit
 
 SERVERS = {
@@ -79,14 +81,6 @@ waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=32, backlog
                connection_limit=20000, _quiet=True)
 """,
 }
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def get(port: int, path: str, timeout: float = 60.0) -> bytes:

@@ -1,5 +1,5 @@
-"""Measurements shared by the benchmarks: machine CPU saturation and the object store's own
-throughput (the figures every result is reported beside)."""
+"""Measurements shared by the benchmarks: machine CPU saturation, a process's memory and the
+object store's own throughput (the figures every result is reported beside)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,15 @@ def _cpu_times() -> tuple[int, int]:
         fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + fields[4]
     return sum(fields) - idle, sum(fields)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, MB (from /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"process {pid} has no VmRSS (gone?)")
 
 
 class CpuMeter:

@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,6 @@ from hydraserve.auth import write_token_file
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.demo.model import push_directory
 from hydraserve.demo.supervisor import LoaderdSupervisor, SupervisedDaemon
-from hydraserve.loaderd.daemon import DaemonProcess
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
@@ -93,8 +91,6 @@ class LocalStack:
         self.s3_env_file: Path | None = None  # KEY=value lines for clients of the embedded S3 (model push)
         self.leftovers: list[str] = []  # segments found after close (should stay empty)
         self.nodes: list[LocalNode] = []
-        self._spawners: dict[str, Callable[[], DaemonProcess]] = {}
-        self._first_daemons: dict[str, DaemonProcess] = {}
         self.supervisor: LoaderdSupervisor | None = None
         self.cluster: EmulatedCluster | None = None
         self.emulation = "loopback"  # what the nodes are, in words (the demo and `up` print it)
@@ -125,7 +121,8 @@ class LocalStack:
 
         token = secrets.token_urlsafe(24)
         token_file = write_token_file(self.run_dir / "loaderd.token", token)
-        nodes = self.nodes = [self._start_loaderd(name, token_file, token, s3_env) for name in self.node_names]
+        daemons = [self._start_loaderd(name, token_file, token, s3_env) for name in self.node_names]
+        nodes = self.nodes = [node for node, _ in daemons]
 
         placement_port = free_port(opts.host)
         placement_token = secrets.token_urlsafe(24)
@@ -138,18 +135,10 @@ class LocalStack:
         from hydraserve.provider.client import PlacementClient
 
         self.placement = PlacementClient(f"http://{opts.host}:{placement_port}", placement_token)
-        from hydraserve.contracts.plan import NodeInfo
-
-        supervised = []
-        for node in nodes:
-            info = NodeInfo(name=node.name, gpus=1, gpu_memory_gb=node.gpu_memory_gb, nic_gbps=node.nic_gbps,
-                            loaderd_url=node.loaderd_url)
-            self.placement.register_node(info)
-            spawn = self._spawners[node.name]
-            supervised.append(SupervisedDaemon(info, spawn, self._first_daemons.pop(node.name)))
-        self.supervisor = LoaderdSupervisor(supervised, self.placement, interval_s=opts.supervise_interval_s,
-                                            reconcile_s=opts.reconcile_interval_s)
-        self._cleanups.append(("loaderds", self.supervisor.stop_daemons))
+        for _, daemon in daemons:
+            self.placement.register_node(daemon.info)
+        self.supervisor = LoaderdSupervisor([d for _, d in daemons], self.placement,
+                                            interval_s=opts.supervise_interval_s, reconcile_s=opts.reconcile_interval_s)
         self._cleanups.append(("loaderd supervisor", self.supervisor.start().close))
 
         backend = LocalBackend(self.placement, nodes, run_dir=self.run_dir / "workers",
@@ -239,22 +228,27 @@ class LocalStack:
         self.emulation = (f"{len(self.node_names)} network namespaces, each link capped at {opts.link_mbit:g} Mbit/s "
                           "both ways (tc)")
 
-    def _start_loaderd(self, name: str, token_file: Path, token: str, env: dict[str, str]) -> LocalNode:
+    def _start_loaderd(self, name: str, token_file: Path, token: str,
+                       env: dict[str, str]) -> tuple[LocalNode, SupervisedDaemon]:
+        """One node's loaderd, and how to start it again on the same address if it dies."""
+        from hydraserve.contracts.plan import NodeInfo
         from hydraserve.loaderd.daemon import spawn_loaderd
 
         opts = self.options
         host, nic_gbps = NodeHost(opts.host), opts.node_nic_gbps
         port = free_port(opts.host)
         if self.cluster is not None:
-            node = self.cluster.nodes[name]
-            host, port = NodeHost(node.ip, tuple(node.prefix)), LOADERD_NAMESPACE_PORT
+            emulated = self.cluster.nodes[name]
+            host, port = NodeHost(emulated.ip, tuple(emulated.prefix)), LOADERD_NAMESPACE_PORT
             nic_gbps = (opts.link_mbit or 0) / 1000  # what the planner must believe: the cap
         spawn = functools.partial(spawn_loaderd, port=port, node_name=name, budget_bytes=opts.loaderd_budget_bytes,
                                   token=token, token_file=token_file, host=host.ip, prefix=host.prefix,
                                   endpoint_url=self.s3.endpoint_url, env=env,
                                   log_path=self.run_dir / f"loaderd-{name}.log")
-        daemon = self._first_daemons[name] = spawn()  # restarted on this same address if it dies
-        self._spawners[name] = spawn
-        self._cleanups.append((f"loaderd {name}", daemon.stop))  # until the supervisor owns it
-        return LocalNode(name=name, loaderd_url=daemon.url, loaderd_token=token,
+        process = spawn()
+        node = LocalNode(name=name, loaderd_url=process.url, loaderd_token=token,
                          gpu_memory_gb=opts.node_gpu_memory_gb, nic_gbps=nic_gbps, host=host)
+        info = NodeInfo(name=name, gpus=1, gpu_memory_gb=node.gpu_memory_gb, nic_gbps=nic_gbps, loaderd_url=process.url)
+        daemon = SupervisedDaemon(info, spawn, process)
+        self._cleanups.append((f"loaderd {name}", lambda: daemon.process.stop()))  # whichever process runs now
+        return node, daemon

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hydraserve.contracts.plan import NodeInfo
 from hydraserve.loaderd.daemon import DaemonProcess
@@ -28,7 +28,6 @@ class SupervisedDaemon:
     spawn: Callable[[], DaemonProcess]
     process: DaemonProcess
     restarts: int = 0
-    history: list[float] = field(default_factory=list)  # when it was found dead
 
 
 class LoaderdSupervisor:
@@ -49,10 +48,6 @@ class LoaderdSupervisor:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def stop_daemons(self) -> None:
-        for daemon in self.daemons.values():
-            daemon.process.stop()
-
     def _run(self) -> None:
         last_reconcile = time.monotonic()
         while not self._stop.wait(self._interval_s):
@@ -68,7 +63,6 @@ class LoaderdSupervisor:
 
     def _restart(self, daemon: SupervisedDaemon) -> bool:
         code = daemon.process.proc.returncode
-        daemon.history.append(time.time())
         log.warning("loaderd of %s exited (code %s): starting it again", daemon.info.name, code)
         try:
             daemon.process = daemon.spawn()
