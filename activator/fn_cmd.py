@@ -41,6 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--concurrency", type=int, default=None,
                         help="requests one instance serves at once (0: no limit)")
     create.add_argument("--max-instances", type=int, default=None, help="instances it scales out to")
+    create.add_argument("--group-replicas", type=int, default=None,
+                        help="standalone replicas a consolidated pipeline group becomes at least (default 1)")
     create.set_defaults(func=_create)
     sub.add_parser("list", parents=[common], help="every function and its state").set_defaults(func=_list)
     describe = sub.add_parser("describe", parents=[common], help="state, instances, the last cold start's plan and timeline")
@@ -65,7 +67,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _create(args: argparse.Namespace) -> int:
     fields = {"ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "idle_timeout_s": args.idle_timeout,
-              "concurrency": args.concurrency, "max_instances": args.max_instances}
+              "concurrency": args.concurrency, "max_instances": args.max_instances,
+              "group_replicas": args.group_replicas}
     body = {"name": args.name, "model_uri": args.model} | {k: v for k, v in fields.items() if v is not None}
     created = _client(args).create(body)
     print(f"function {created['name']} created: at zero; first request cold-starts it "

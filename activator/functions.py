@@ -39,6 +39,9 @@ class FunctionConfig(BaseModel):
     min_pipeline_size: int = Field(default=1, ge=1, le=4, description="smallest (above 1: a forced group size)")
     consolidate: bool = Field(default=True, description="a group becomes one worker once it serves (False: "
                               "it stays a group until it scales to zero)")
+    group_replicas: int = Field(default=1, ge=1, le=4, description="standalone replicas a consolidated pipeline "
+                                "group becomes at least (its first N stages get memory for the whole model; at "
+                                "most the group's size; more where the TPOT SLO needs more full workers)")
     max_start_attempts: int = Field(default=3, ge=1, le=10, description="cold starts tried while they lose workers")
 
     @field_validator("name")

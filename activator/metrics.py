@@ -15,6 +15,9 @@ class GatewayMetrics:
                                 ["function", "status"], registry=self.registry)
         self.cold_starts = Counter("hydraserve_gateway_cold_starts_total", "Cold starts begun",
                                    ["function"], registry=self.registry)
+        self.replicas = Counter("hydraserve_gateway_replicas_total",
+                                "Instances added when a consolidated pipeline group's other full workers "
+                                "began serving on their own", ["function"], registry=self.registry)
         self.instance_failures = Counter("hydraserve_gateway_instance_failures_total",
                                          "Instances failed while serving (lost worker, broken group)",
                                          ["function"], registry=self.registry)

@@ -16,7 +16,7 @@ from hydraserve.contracts.timeline import Timeline
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where a ready function instance answers (its stage-0 worker)."""
+    """Where a ready function instance answers (its stage-0 worker, or a replica)."""
 
     url: str
     instance_id: str
@@ -45,6 +45,12 @@ class FunctionBackend(Protocol):
     def fail(self, function_name: str, instance_id: str, reason: str) -> tuple[str, ...]:
         """The instance cannot serve: stop what is left of it, free its placement, and return
         the nodes where its workers were lost; must not raise for an unknown instance."""
+        ...
+
+    def take_replicas(self, instance_id: str) -> list[Endpoint]:
+        """Standalone replicas the instance became since last asked (a consolidated pipeline
+        group's other full workers; asked every reaper tick). Each is an instance of its own
+        from then on (stop, fail, lost_nodes by its id); nothing is returned twice."""
         ...
 
     def lost_nodes(self, instance_id: str) -> tuple[str, ...]:

@@ -10,7 +10,8 @@ a worker is tried again at once on a plan avoiding that node (up to ``max_start_
 start that fails while no other instance is up or coming fails every parked request with the
 reason (503), and the next request tries again. An instance that fails while serving
 (``instance_failed``: the gateway saw it, or the reaper found a worker lost) is failed in the
-backend and dropped; the next start avoids its lost nodes. Backend calls block (a cold start
+backend and dropped; the next start avoids its lost nodes. A pipeline group that consolidated
+into several replicas (its other full workers) adds each as an instance at the next reaper tick. Backend calls block (a cold start
 takes seconds), so they run in the gateway's thread pool. The clock is injected so the reaper
 and tests decide idleness with it.
 """
@@ -91,6 +92,7 @@ class FunctionScaler:
         self.last_failure: str | None = None
         self.last_timeline: Timeline | None = None
         self.cold_starts = 0  # instances that became ready
+        self.replicas = 0  # instances that came from a consolidated group's other full workers
         self.instance_failures = 0
 
     # request path ------------------------------------------------------------------------
@@ -280,13 +282,33 @@ class FunctionScaler:
             self._scale_out()  # parked requests need a fresh instance
 
     async def check_instances(self) -> int:
-        """Reaper tick: fail instances whose backend lost a worker; how many it failed."""
+        """Reaper tick: fail instances whose backend lost a worker (how many it failed) and
+        route to the replicas the others became."""
         failed = 0
         for instance in list(self.instances.values()):
             lost = await self._blocking(self._backend.lost_nodes, instance.instance_id)
             if lost and self.instance_failed(instance, f"worker lost on {', '.join(lost)}"):
                 failed += 1
+            elif not lost:
+                for endpoint in await self._blocking(self._backend.take_replicas, instance.instance_id):
+                    self._add_replica(endpoint, instance)
         return failed
+
+    def _add_replica(self, endpoint: Endpoint, origin: Instance) -> None:
+        """A consolidated group's other full worker serves on its own: one more instance."""
+        if self._closed:
+            self._stopping += 1
+            self._spawn(self._stop_in_backend(Instance(endpoint, Timeline(), last_active=self._clock())))
+            return
+        timeline = Timeline()
+        timeline.mark("replica_ready", component="gateway", of=origin.instance_id)
+        self.instances[endpoint.instance_id] = Instance(endpoint, timeline, last_active=self._clock(),
+                                                        first_response_pending=False)
+        self.replicas += 1
+        self._metrics.replicas.labels(self.config.name).inc()
+        log.info("instance %s of %s became a replica too: %s", origin.instance_id, self.config.name,
+                 endpoint.instance_id)
+        self._dispatch()
 
     # scale in ----------------------------------------------------------------------------
     async def scale_in_idle(self, now: float) -> int:
@@ -344,6 +366,7 @@ class FunctionScaler:
     def status(self) -> dict[str, object]:
         return {"name": self.config.name, "model_uri": self.config.model_uri, "state": self.state.value, "inflight": self.inflight,
                 "waiting": self._waiting, "starting": self._starting, "cold_starts": self.cold_starts,
+                "replicas": self.replicas,
                 "instance_failures": self.instance_failures, "last_failure": self.last_failure,
                 "instances": [{"id": i.instance_id, "url": i.endpoint.url, "inflight": i.inflight}
                               for i in self.instances.values()]}

@@ -13,8 +13,11 @@ service frees its memory) and raises the HydraError that says why (InstanceFaile
 the nodes whose workers were lost, so the caller can try a plan without them); prefetch leases
 are released in every case (a worker holds its own lease once it attached). A group that fails
 while serving is failed the same way (``fail``). A group whose head was given
-memory for the whole model is watched: once the head says it consolidated, the other stages'
-workers are stopped and the placement service frees their memory.
+memory for the whole model is watched: once the head says it consolidated, the partial stages'
+workers are stopped and the placement service frees their memory; each other full stage's
+worker, once it says it serves the whole model on its own, becomes a replica: a group of its
+own (one worker, its stage of the plan) that its backend takes (``take_replicas``) and routes
+to, stops and fails like any instance. From then on each group reports its own stages.
 """
 
 from __future__ import annotations
@@ -125,14 +128,22 @@ class WorkerLauncher(Protocol):
 
 @dataclass
 class Group:
-    """A running instance: its plan and one worker per stage (index 0 is the head). Once the
-    head consolidated, only it remains."""
+    """A running instance: its plan and its workers, ``workers[i]`` running ``stages[i]`` (index
+    0 is the head). Once the head consolidated only it remains, and the plan's other full
+    workers wait in ``replicas`` as groups of their own until the backend takes them."""
 
     plan: Plan
     workers: list[LaunchedWorker] = field(default_factory=list)
+    stages: list[StagePlacement] = field(default_factory=list)
+    instance_id: str = ""  # the plan's; a replica's names its stage too
+    split: bool = False  # the plan's stages belong to several groups now: each reports its own
+    replicas: list[Group] = field(default_factory=list)
     stage_timelines: Timeline = field(default_factory=Timeline)  # the inner stages' start-ups, kept
     stopping: threading.Event = field(default_factory=threading.Event)
     consolidated: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.instance_id = self.instance_id or self.plan.instance_id
 
     @property
     def head(self) -> LaunchedWorker:
@@ -147,9 +158,6 @@ class ColdStartOptions:
     pin_s: float = 300.0  # how long a prefetched slice waits for its worker to attach
     watch_s: float = 0.2  # how often a group's head is asked whether it consolidated
     max_pipeline_size: int = MAX_PIPELINE_SIZE  # the planner picks p up to this
-    # One full worker per group: only the head consolidates, and more full workers would become
-    # more replicas only once the gateway routes to several endpoints (the gateway issue).
-    max_full_workers: int = 1
     worker: Mapping[str, object] = field(default_factory=dict)  # more WorkerEnvironment fields
 
 
@@ -187,6 +195,7 @@ class ColdStart:
                 env = self._environment(plan, st, slot, [s.transport_address for s in slots], revision)
                 worker = self._launcher.launch(st.node, env)
                 group.workers.append(worker)
+                group.stages.append(st)
                 timeline.mark("worker_spawned", component="backend", at=worker.spawned_at, node=st.node,
                               stage=st.stage.index)
             ready_at = _wait_all_ready(group.workers, opts.ready_timeout_s)
@@ -216,38 +225,48 @@ class ColdStart:
         opts = self.options
         function = spec.model_copy(update={
             "max_pipeline_size": min(spec.max_pipeline_size, opts.max_pipeline_size),
-            "min_pipeline_size": min(spec.min_pipeline_size, opts.max_pipeline_size),
-            "min_full_workers": min(spec.min_full_workers, opts.max_full_workers),
-            "max_full_workers": min(spec.max_full_workers, opts.max_full_workers)})
+            "min_pipeline_size": min(spec.min_pipeline_size, opts.max_pipeline_size)})
         return PlanRequest(function=function, instance_id=f"{spec.name}-{uuid.uuid4().hex[:8]}",
                            exclude_nodes=list(exclude_nodes), dry_run=dry_run)
 
     def stop(self, group: Group) -> None:
-        """Scale the group down: every worker drained and stopped, the plan's memory freed."""
+        """Scale the group down: every worker drained and stopped (replicas nobody took too),
+        its memory freed."""
         group.stopping.set()
+        for replica in self.take_replicas(group):
+            self.stop(replica)
         self._stop_workers(group)
-        self._report(group.plan, "released")
+        self._report_end(group, "released")
 
     def fail(self, group: Group, reason: str) -> tuple[str, ...]:
-        """The group cannot serve: stop what is left of it, report the plan failed (its memory
+        """The group cannot serve: stop what is left of it, report it failed (its memory
         freed) and return the nodes whose workers were lost (a fresh plan should avoid them)."""
         group.stopping.set()
+        for replica in self.take_replicas(group):
+            self.stop(replica)
         lost = self.lost_nodes(group)
         self._stop_workers(group)
-        self._report(group.plan, "failed", reason=reason[:2000])
+        self._report_end(group, "failed", reason=reason[:2000])
         if lost:
-            log.warning("instance %s failed, worker lost on %s: %s", group.plan.instance_id, ", ".join(lost), reason)
+            log.warning("instance %s failed, worker lost on %s: %s", group.instance_id, ", ".join(lost), reason)
         return lost
+
+    def take_replicas(self, group: Group) -> list[Group]:
+        """The replicas ``group`` became since last asked (each now the caller's to stop)."""
+        with self._lock:
+            taken, group.replicas = group.replicas, []
+        return taken
 
     def lost_nodes(self, group: Group) -> tuple[str, ...]:
         """Nodes of the group's workers that are gone without having been stopped (cheap)."""
         with self._lock:
-            pairs = list(zip(group.plan.stages, group.workers, strict=False))
+            pairs = list(zip(group.stages, group.workers, strict=True))
         return tuple(dict.fromkeys(st.node for st, worker in pairs if worker.lost()))
 
     def _watch_consolidation(self, group: Group, timeline: Timeline) -> None:
-        """Once the head says it consolidated: stop the other stages' workers, free their memory
-        in the placement service (released per stage, then consolidated)."""
+        """Once the head says it consolidated: stop the partial stages' workers and free their
+        memory in the placement service (released per stage, then consolidated); then wait for
+        each other full stage to become a replica."""
         while not group.stopping.wait(self.options.watch_s):
             try:
                 consolidated = group.head.status().get("consolidated") is True
@@ -258,15 +277,65 @@ class ColdStart:
             with self._lock:
                 if group.stopping.is_set():
                     return
-                retired = list(zip(group.plan.stages[1:], group.workers[1:], strict=True))
-                group.workers = group.workers[:1]
+                others = list(zip(group.stages[1:], group.workers[1:], strict=True))
+                group.stages, group.workers, group.split = group.stages[:1], group.workers[:1], True
+            becoming = [(st, worker) for st, worker in others if st.full]
+            retired = [(st, worker) for st, worker in others if not st.full]
             for st, worker in retired:
-                _quietly(functools.partial(worker.stop, grace_s=2))
-                self._report(group.plan, "released", stage=st.stage.index)
+                self._retire(group.plan, st, worker)
             self._report(group.plan, "consolidated")
-            timeline.mark("group_consolidated", component="backend", stopped=[st.node for st, _ in retired])
+            timeline.mark("group_consolidated", component="backend", stopped=[st.node for st, _ in retired],
+                          replicas=[st.node for st, _ in becoming])
             group.consolidated.set()
+            for st, worker in becoming:
+                self._await_replica(group, st, worker, timeline)
             return
+
+    def _await_replica(self, group: Group, st: StagePlacement, worker: LaunchedWorker, timeline: Timeline) -> None:
+        """Offer a full inner stage's worker as a replica once it says it serves the whole model;
+        one that fails, is lost, outlives its group or takes longer than ready_timeout_s is
+        stopped and its memory freed."""
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        reason = ""
+        while not reason:
+            if group.stopping.wait(self.options.watch_s):
+                reason = "its group stopped"
+            elif worker.lost():
+                reason = "worker lost"
+            elif time.monotonic() > deadline:
+                reason = f"not serving on its own within {self.options.ready_timeout_s:.0f} s"
+            else:
+                try:
+                    status = worker.status()
+                except HydraError:
+                    continue  # slow or busy: ask again
+                if status.get("status") in ("failed", "draining"):
+                    reason = str(status.get("reason") or status["status"])
+                elif status.get("consolidated") is True:
+                    replica = Group(group.plan, [worker], [st], instance_id=f"{group.instance_id}-s{st.stage.index}",
+                                    split=True)
+                    with self._lock:
+                        if not group.stopping.is_set():
+                            group.replicas.append(replica)
+                            timeline.mark("replica_ready", component="backend", node=st.node,
+                                          instance=replica.instance_id)
+                            return
+        self._retire(group.plan, st, worker)
+        timeline.mark("replica_failed", component="backend", node=st.node, reason=reason[:200])
+        log.warning("stage %d of %s did not become a replica: %s", st.stage.index, group.instance_id, reason)
+
+    def _retire(self, plan: Plan, st: StagePlacement, worker: LaunchedWorker) -> None:
+        """Stop one stage's worker and free its memory."""
+        _quietly(functools.partial(worker.stop, grace_s=2))
+        self._report(plan, "released", stage=st.stage.index)
+
+    def _report_end(self, group: Group, event: str, reason: str | None = None) -> None:
+        """The group is over: its plan (or, once split, each of its own stages) released or failed."""
+        if group.split:
+            for st in group.stages:
+                self._report(group.plan, event, reason=reason, stage=st.stage.index)
+        else:
+            self._report(group.plan, event, reason=reason)
 
     # steps -------------------------------------------------------------------------------
     def _prefetch(self, plan: Plan, timeline: Timeline) -> list[_Prefetch]:

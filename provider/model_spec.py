@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec
+from hydraserve.contracts.stage import MAX_PIPELINE_SIZE
 from hydraserve.weights.layout import stage_byte_profile
 from hydraserve.weights.model_files import ModelFiles
 
@@ -24,4 +25,5 @@ def describe_model(function: FunctionConfig, files: ModelFiles) -> FunctionSpec:
         embed_bytes=profile.first_extra_bytes, head_bytes=profile.last_extra_bytes,
         tied_bytes=profile.tied_bytes, ttft_slo_s=function.ttft_slo_s, tpot_slo_s=function.tpot_slo_s,
         max_pipeline_size=function.max_pipeline_size, min_pipeline_size=function.min_pipeline_size,
-        min_full_workers=1 if function.consolidate else 0)
+        min_full_workers=function.group_replicas if function.consolidate else 0,
+        max_full_workers=MAX_PIPELINE_SIZE if function.consolidate else 0)  # a full worker that never consolidates wastes memory

@@ -58,6 +58,25 @@ def _prefill(runner: ModelRunner, slot: int, tokens: list[int], start: int) -> N
                                  prefill_starts=[i]))
 
 
+def grow_to_whole(model: StageModel, files: ModelFiles, timeline: Timeline) -> tuple[StageModel, TensorSource]:
+    """The whole model around ``model``'s stage: the layers it lacks fetched through ``files`` at
+    background priority (behind any cold start's bytes), its own tensors reused. Returns the
+    source too: keep it open while the model is used (its tensors may be views of loaderd's
+    memory)."""
+    whole = StageSpec.whole(model.stage.num_layers)
+    held = set(files.stage_tensor_names(model.stage))
+    missing = [n for n in files.stage_tensor_names(whole) if n not in held]
+    timeline.mark("consolidation_fetch_started", tensors=len(missing))
+    source = files.tensor_source(missing, background=True)
+    try:
+        grown = grow_stage(model, source, whole, checkpoint_names=files.tensor_index())
+    except BaseException:
+        source.close()
+        raise
+    timeline.mark("consolidation_loaded")
+    return grown, source
+
+
 class Consolidator:
     """Runs steps 1-3 above in its own thread (``start``); ``done`` is set when it ended."""
 
@@ -125,14 +144,7 @@ class Consolidator:
             self.done.set()
 
     def _grow(self) -> StageModel:
-        model = self._group.runner.model
-        whole = StageSpec.whole(model.stage.num_layers)
-        held = set(self._files.stage_tensor_names(model.stage))
-        missing = [n for n in self._files.stage_tensor_names(whole) if n not in held]
-        self._timeline.mark("consolidation_fetch_started", tensors=len(missing))
-        self.source = self._files.tensor_source(missing, background=True)
-        grown = grow_stage(model, self.source, whole, checkpoint_names=self._files.tensor_index())
-        self._timeline.mark("consolidation_loaded")
+        grown, self.source = grow_to_whole(self._group.runner.model, self._files, self._timeline)
         return grown
 
     def _recompute_rest(self, runner: ModelRunner, cached: dict[int, int]) -> Executor:

@@ -5,8 +5,9 @@ stage 0 holds the embeddings, the last stage the LM head). The head (stage 0, or
 owns the tokenizer, the scheduler and sampling, and serves the OpenAI and CloudEvents API; for
 a group it runs stage 0 itself and the rest round the ring (hydraserve.runtime.transport.group),
 and is ready only once a ping has gone round every stage. An inner stage holds its layers and
-their KV cache, reads no tokenizer and serves no API (only health, readiness, metrics and its
-timeline): its stage link (hydraserve.runtime.transport.link) serves the ring. ``prepare`` runs
+their KV cache and serves no API while the group lasts (only health, readiness, metrics and its
+timeline): its stage link (hydraserve.runtime.transport.link) serves the ring. A partial one
+reads no tokenizer; a full one builds the standalone replica it becomes on consolidation. ``prepare`` runs
 before the weights load, overlapping the fetch; ``wire`` runs after. Called by runtime/worker.py.
 """
 
@@ -24,6 +25,7 @@ from hydraserve.runtime.engine.factory import LoadedStage, build_engine, context
 from hydraserve.runtime.engine.runner import StageRunner
 from hydraserve.runtime.engine.types import SamplingParams
 from hydraserve.runtime.model.config import ModelConfig
+from hydraserve.runtime.replica import ReplicaBuilder
 from hydraserve.runtime.tokenizer import Tokenizer
 from hydraserve.runtime.transport.group import GroupExecutor
 from hydraserve.runtime.transport.link import StageLink, accept, connect
@@ -66,13 +68,7 @@ class HeadRole:
         assert self.tokenizer is not None, "prepare() first"
         settings = self._settings
         executor = self._link_group(loaded, timeline) if loaded.model.stage.num_stages > 1 else None
-        engine = build_engine(loaded, self.tokenizer, max_num_seqs=settings.max_batch,
-                              max_model_len=settings.max_model_len, executor=executor,
-                              model_name=settings.function or settings.model_uri.rstrip("/").rsplit("/", 1)[-1])
-        engine.start()
-        for _ in engine.submit([0], SamplingParams(max_tokens=1, temperature=0.0)):
-            pass  # one tiny forward (through every stage): the first request should not pay set-up
-        timeline.mark("warmed_up")
+        engine = start_engine(loaded, self.tokenizer, settings, timeline, executor)
         if isinstance(executor, GroupExecutor) and settings.full:
             assert self.files is not None
             self.consolidator = Consolidator(engine, executor, self.files, timeline,
@@ -94,16 +90,24 @@ class HeadRole:
 
 
 class InnerStageRole:
-    """Stages 1..p-1: its layers and their KV cache; no tokenizer, no API server."""
+    """Stages 1..p-1: its layers and their KV cache, no API server. A full one (given memory for
+    the whole model) also reads the tokenizer and builds the replica it becomes once the group
+    consolidates (runtime/replica.py)."""
 
     name = "stage"
 
     def __init__(self, settings: WorkerEnvironment, listener: socket.socket | None = None) -> None:
         self._settings = settings
         self._listener = listener
+        self._files: ModelFiles | None = None
+        self._tokenizer: Tokenizer | None = None
+        self.replica: ReplicaBuilder | None = None
 
     def prepare(self, files: ModelFiles, config: ModelConfig) -> None:
-        """Nothing: an inner stage never tokenizes."""
+        """A partial stage never tokenizes; a full one will serve the API on its own."""
+        if self._settings.full:
+            self._files = files
+            self._tokenizer = load_tokenizer(files, config)
 
     def wire(self, loaded: LoadedStage, timeline: Timeline) -> StageLink:
         """Its runner and KV cache, and the link that will serve them (``run()`` it)."""
@@ -114,8 +118,27 @@ class InnerStageRole:
         limit = context_limit(loaded.config, settings.max_model_len)
         runner = StageRunner(loaded.model, settings.max_batch, limit)
         timeline.mark("kv_cache_allocated", slots=settings.max_batch, max_model_len=limit)
-        return StageLink(runner, self._listener, settings.peers[(stage.index + 1) % stage.num_stages],
+        link = StageLink(runner, self._listener, settings.peers[(stage.index + 1) % stage.num_stages],
                          link_timeout_s=settings.link_timeout_s)
+        if self._tokenizer is not None and self._files is not None:
+            tokenizer = self._tokenizer
+            self.replica = ReplicaBuilder(link, self._files, loaded.config, timeline,
+                                          lambda whole: start_engine(whole, tokenizer, settings, timeline)).start()
+        return link
+
+
+def start_engine(loaded: LoadedStage, tokenizer: Tokenizer, settings: WorkerEnvironment, timeline: Timeline,
+                 executor: GroupExecutor | None = None) -> LLMEngine:
+    """The serving engine over a whole model (or a group's executor), started and warmed up by
+    one tiny forward (through every stage): the first request should not pay set-up."""
+    engine = build_engine(loaded, tokenizer, max_num_seqs=settings.max_batch, max_model_len=settings.max_model_len,
+                          executor=executor,
+                          model_name=settings.function or settings.model_uri.rstrip("/").rsplit("/", 1)[-1])
+    engine.start()
+    for _ in engine.submit([0], SamplingParams(max_tokens=1, temperature=0.0)):
+        pass
+    timeline.mark("warmed_up")
+    return engine
 
 
 def role_for(settings: WorkerEnvironment, listener: socket.socket | None = None,

@@ -31,6 +31,7 @@ from hydraserve.runtime.server.metrics import RuntimeMetrics
 from hydraserve.runtime.server.state import RuntimeState
 
 if TYPE_CHECKING:
+    from hydraserve.runtime.replica import ReplicaBuilder
     from hydraserve.runtime.transport.link import StageLink
 
 log = logging.getLogger("hydraserve.worker")
@@ -54,7 +55,9 @@ def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetr
             state.set_engine(serving)
         else:  # an inner stage: its link serves the ring until the group ends
             state.set_stage(serving)
-            threading.Thread(target=_serve_link, args=(serving, state), name="stage-link", daemon=True).start()
+            threading.Thread(target=_serve_link, args=(serving, state, getattr(role, "replica", None),
+                                                       settings.link_timeout_s),
+                             name="stage-link", daemon=True).start()
         state.timeline.mark("engine_ready", role=role.name)
         t0 = state.timeline.events[0].at
         for event in state.timeline.events:
@@ -66,12 +69,24 @@ def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetr
         state.set_failed(f"{type(exc).__name__}: {exc}")
 
 
-def _serve_link(link: StageLink, state: RuntimeState) -> None:
+def _serve_link(link: StageLink, state: RuntimeState, replica: ReplicaBuilder | None, build_timeout_s: float) -> None:
+    """Serve the ring until it ends; released (the head consolidated): a full stage goes on as a
+    standalone replica (its status says consolidated), a partial one's part is over (it drains)."""
     link.run()
-    if link.released:  # the head consolidated: this worker's part is over
-        state.start_draining()
-    else:
+    if not link.released:
+        if replica is not None:
+            replica.stop()
         state.set_failed(f"pipeline group: {link.failed or 'the ring was closed'}")
+        return
+    engine = replica.take_over(build_timeout_s) if replica is not None else None
+    if engine is None:
+        state.start_draining()
+        return
+    state.stage_runner = None  # its ring's KV cache goes
+    state.set_engine(engine)
+    state.mark_consolidated()
+    state.timeline.mark("replica_serving")
+    log.info("serving as a standalone replica")
 
 
 def run_worker(settings: WorkerEnvironment) -> int:
@@ -79,7 +94,7 @@ def run_worker(settings: WorkerEnvironment) -> int:
     # /proc's start time has 10 ms ticks: never report a start before the spawn itself.
     state.timeline.mark("process_started", at=max(process_start_time(), settings.spawned_at or 0.0))
     metrics = RuntimeMetrics()
-    server = DrainingServer(create_app(state, metrics=metrics, api=settings.is_head), settings.host,
+    server = DrainingServer(create_app(state, metrics=metrics, api=settings.is_head or settings.full), settings.host,
                             settings.port).start()
     state.timeline.mark("http_listening", port=server.port)
     listener = None

@@ -91,8 +91,8 @@ class FunctionSpec(_Strict):
                                   description="workers given memory for the whole model (they "
                                   "consolidate); HydraServe's required_pp_size")
     max_full_workers: int = Field(default=MAX_PIPELINE_SIZE, ge=0, le=MAX_PIPELINE_SIZE,
-                                  description="at most this many (each full worker becomes a replica "
-                                  "only where the gateway routes to several endpoints)")
+                                  description="at most this many (each becomes a standalone replica "
+                                  "when the group consolidates)")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> FunctionSpec:

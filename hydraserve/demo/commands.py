@@ -26,6 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="force the group size (default: the planner's choice; 2 when links cannot be capped)")
     parser.add_argument("--ttft-slo", type=float, default=8.0,
                         help="the function's TTFT SLO in seconds (the planner splits when one node would miss it)")
+    parser.add_argument("--group-replicas", type=int, default=1, choices=range(1, 5),
+                        help="standalone replicas the group becomes when it consolidates (its first N stages "
+                        "get memory for the whole model)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--model-dir", type=Path, default=None,
@@ -44,7 +47,8 @@ def stack_options(args: argparse.Namespace) -> tuple[Any, str]:
 
     capped = args.link_mbit > 0 and netns_available()[0]
     forced = args.pipeline_size or (None if capped else min(2, args.nodes))
-    function = {"min_pipeline_size": forced, "max_pipeline_size": forced} if forced else {}
+    function: dict[str, Any] = {"min_pipeline_size": forced, "max_pipeline_size": forced} if forced else {}
+    function["group_replicas"] = args.group_replicas
     if forced and not args.pipeline_size:
         who = f"forced to {forced} (links not capped: on loopback the planner would pick one worker)"
     else:
@@ -82,18 +86,26 @@ def run(args: argparse.Namespace) -> int:
         _say(f"  {len(cold.token_ids)} tokens, finish_reason={cold.finish_reason}, "
              f"cold TTFT {cold.ttft_s:.2f} s (client side)")
         group = _wait_for_consolidation(stack)
+        endpoints = _wait_for_replicas(stack, group)
         timeline = stack.gateway.cold_start_timeline(name)
         _say("\nCold-start timeline (wall clock, all components; stageN: the group's other workers):")
         _say(format_timeline(timeline))
-        warm = stream_completion(stack.function_url() + "/v1/completions", body)
         served_by = "the consolidated worker" if group and group.consolidated.is_set() else "the same instance"
+        warm = stream_completion(stack.function_url() + "/v1/completions", body)
         _say(f"\nSame request again, warm ({served_by}): TTFT {warm.ttft_s:.3f} s, "
              f"same tokens: {warm.token_ids == cold.token_ids}")
+        same = [warm.token_ids == cold.token_ids]
+        for endpoint in endpoints[1:]:  # each replica answers on its own
+            direct = stream_completion(endpoint.url + "/v1/completions", body)
+            same.append(direct.token_ids == cold.token_ids)
+            _say(f"  straight to replica {endpoint.instance_id}: TTFT {direct.ttft_s:.3f} s, "
+                 f"same tokens: {same[-1]}")
         report = {"cold_ttft_s": round(cold.ttft_s or 0, 3), "warm_ttft_s": round(warm.ttft_s or 0, 3),
-                  "same_tokens_warm": warm.token_ids == cold.token_ids, "tokens": len(cold.token_ids),
+                  "same_tokens_warm": all(same), "tokens": len(cold.token_ids),
                   "text": cold.text, "nodes": stack.emulation,
                   "pipeline_size": group.plan.pipeline_size if group else None,
-                  "consolidated": bool(group and group.consolidated.is_set()), **summary(timeline)}
+                  "consolidated": bool(group and group.consolidated.is_set()), "replicas": len(endpoints),
+                  **summary(timeline)}
     _say(f"\nStopped everything; shared-memory segments left behind: {len(stack.leftovers)}")
     print(json.dumps(report), flush=True)
     return 0 if not stack.leftovers else 1
@@ -112,13 +124,30 @@ def _wait_for_consolidation(stack: Any, timeout_s: float = 60.0) -> Any:
          "its head now loads the other layers in the background...")
     waited = time.monotonic()
     if group.consolidated.wait(timeout_s):
-        _say(f"  consolidated {time.monotonic() - waited:.1f} s later: one worker holds the whole model, "
-             "the others were stopped and their memory freed")
+        kept = sum(st.full for st in group.plan.stages) - 1
+        others = (f"{kept} other full worker(s) stay to become replicas, the partial ones were stopped and their "
+                  "memory freed") if kept else "the others were stopped and their memory freed"
+        _say(f"  consolidated {time.monotonic() - waited:.1f} s later: its head holds the whole model; {others}")
     else:
         _say(f"  not consolidated within {timeout_s:.0f} s (the group keeps serving)")
     return group
 
 
+def _wait_for_replicas(stack: Any, group: Any, timeout_s: float = 90.0) -> list[Any]:
+    """The function's instances once the group's other full workers serve on their own too."""
+    scaler = stack.gateway.scaler(stack.options.function_name)
+    wanted = sum(st.full for st in group.plan.stages) if group is not None and group.consolidated.is_set() else 1
+    if wanted > 1:
+        _say(f"  {wanted - 1} more full worker(s) grow into the whole model and become replicas...")
+    waited = time.monotonic()
+    while len(scaler.endpoints) < wanted and time.monotonic() - waited < timeout_s:
+        time.sleep(0.1)
+    if wanted > 1:
+        _say(f"  {len(scaler.endpoints)} instance(s) serve, {time.monotonic() - waited:.1f} s after the consolidation")
+    return scaler.endpoints
+
+
 if __name__ == "__main__":
     sys.exit(run(argparse.Namespace(nodes=2, link_mbit=100.0, pipeline_size=None, ttft_slo=8.0,
-                                    prompt=DEFAULT_PROMPT, max_tokens=24, model_dir=None)))
+                                    group_replicas=1, prompt=DEFAULT_PROMPT, max_tokens=24,
+                                    model_dir=None)))

@@ -28,6 +28,7 @@ class ScriptedBackend:
         self.excluded: list[tuple[str, ...]] = []  # exclude_nodes of each start
         self.failed: list[tuple[str, str]] = []  # (instance, reason) of each fail()
         self.lost: dict[str, list[str]] = {}  # instance -> nodes its workers were lost on
+        self.replicas: dict[str, list[Endpoint]] = {}  # instance -> replicas it becomes (handed out once)
         self.prepared: list[str] = []  # names prepare() read (a model ending in /missing cannot be read)
         self.release_start = threading.Event()
         if auto_release:
@@ -60,6 +61,9 @@ class ScriptedBackend:
     def fail(self, function_name: str, instance_id: str, reason: str) -> tuple[str, ...]:
         self.failed.append((instance_id, reason))
         return tuple(self.lost.pop(instance_id, ()))
+
+    def take_replicas(self, instance_id: str) -> list[Endpoint]:
+        return self.replicas.pop(instance_id, [])
 
     def lost_nodes(self, instance_id: str) -> tuple[str, ...]:
         return tuple(self.lost.get(instance_id, ()))

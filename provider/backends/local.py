@@ -66,11 +66,11 @@ class LocalBackend:
         with self._lock:
             closed = self._closed
             if not closed:
-                self._groups[group.plan.instance_id] = group
+                self._groups[group.instance_id] = group
         if closed:  # finished after close(): nobody will ever stop it but us
             self.coldstart.stop(group)
             raise TemporaryError("the backend closed while this instance started")
-        return Endpoint(url=group.head.url, instance_id=group.plan.instance_id)
+        return Endpoint(url=group.head.url, instance_id=group.instance_id)
 
     def stop(self, function_name: str, instance_id: str) -> None:
         with self._lock:
@@ -89,6 +89,14 @@ class LocalBackend:
         log.warning("instance failed", extra={"function": function_name, "instance": instance_id,
                                               "lost_nodes": list(lost), "reason": reason})
         return lost
+
+    def take_replicas(self, instance_id: str) -> list[Endpoint]:
+        with self._lock:
+            group = self._groups.get(instance_id)
+            replicas = [] if group is None or self._closed else self.coldstart.take_replicas(group)
+            for replica in replicas:
+                self._groups[replica.instance_id] = replica
+        return [Endpoint(url=r.head.url, instance_id=r.instance_id) for r in replicas]
 
     def lost_nodes(self, instance_id: str) -> tuple[str, ...]:
         with self._lock:

@@ -277,3 +277,44 @@ def test_requests_just_handed_a_slot_are_not_counted_twice_as_demand() -> None:
         await asyncio.gather(*parked)
         assert seen == [1] and backend.starts == 1
     run(body())
+
+
+def test_the_replicas_a_consolidated_group_becomes_take_parked_requests_and_scale_in_on_their_own() -> None:
+    """The reaper adds each replica the backend hands out as an instance: parked requests get its
+    slots at once, requests go to the least loaded, and each scales in by its own idle time."""
+    from hydraserve.activator.ports import Endpoint
+
+    async def body() -> None:
+        backend = ScriptedBackend()
+        clock = Clock()
+        scaler = make(backend, clock, concurrency=1, max_instances=1, idle_timeout_s=10)
+        held = await scaler.acquire()
+        parked = asyncio.create_task(scaler.acquire())
+        await asyncio.sleep(0.05)
+        assert not parked.done() and backend.starts == 1  # max_instances: no second cold start
+        backend.replicas["fn-1"] = [Endpoint(url="http://127.0.0.1:10", instance_id="fn-1-s1")]
+        assert await scaler.check_instances() == 0
+        assert (await asyncio.wait_for(parked, 5)).instance_id == "fn-1-s1"
+        assert await scaler.check_instances() == 0 and len(scaler.instances) == 2  # handed out once
+        assert scaler.status()["replicas"] == 1 and backend.starts == 1
+        scaler.release(held)
+        clock.now += 11  # fn-1 idle; fn-1-s1 still serves its request
+        assert await scaler.scale_in_idle(clock.now) == 1
+        await until(lambda: backend.stops == ["fn-1"])
+        assert list(scaler.instances) == ["fn-1-s1"]
+    run(body())
+
+
+def test_a_replica_handed_out_after_shutdown_is_stopped() -> None:
+    from hydraserve.activator.ports import Endpoint
+
+    async def body() -> None:
+        backend = ScriptedBackend()
+        scaler = make(backend)
+        scaler.release(await scaler.acquire())
+        backend.replicas["fn-1"] = [Endpoint(url="http://127.0.0.1:10", instance_id="fn-1-s1")]
+        scaler._closed = True  # shutdown began between the reaper's two backend calls
+        await scaler.check_instances()
+        await until(lambda: backend.stops == ["fn-1-s1"])
+        assert "fn-1-s1" not in scaler.instances
+    run(body())

@@ -344,3 +344,60 @@ def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(gro
         assert scaler.state.value == "zero"
         assert stack.placement.cluster().active_plans == 0
     assert stack.leftovers == []
+
+
+def test_a_group_with_two_full_workers_becomes_two_replicas_behind_the_gateway(group_llama_dir: Path) -> None:
+    """Asked for 2 replicas per group, the planner gives both stages memory for the whole model:
+    after the first request the head consolidates and the inner stage, which grew into the whole
+    model meanwhile through its own loaderd, serves on its own; the gateway routes to both, each
+    answers transformers' tokens, and at zero both stop and every byte of memory is back."""
+    model_dir = group_llama_dir
+    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=4.5, idle_timeout_s=5.0,
+                           progress=False, function_name="replicated", function={"group_replicas": 2})
+    with LocalStack(options) as stack:
+        assert stack.gateway is not None and stack.backend is not None
+        body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+        first = stream_completion(stack.function_url() + "/v1/completions", body)
+        assert first.status == 200, first.error
+        assert first.token_ids == transformers_greedy(model_dir, PROMPT, 8)[:len(first.token_ids)]
+        plan = stack.gateway.cold_start_timeline("replicated").first("plan_decided")
+        assert plan is not None and plan.detail["pipeline_size"] == 2
+        scaler = stack.gateway.scaler("replicated")
+        deadline = time.monotonic() + 90
+        while len(scaler.instances) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(scaler.instances) == 2, scaler.status()
+        head_id, replica_id = list(scaler.instances)
+        assert replica_id == f"{head_id}-s1" and scaler.status()["replicas"] == 1
+        replica = stack.backend.group(replica_id)
+        assert replica is not None and replica.stages[0].stage.index == 1
+        direct = stream_completion(scaler.instances[replica_id].endpoint.url + "/v1/completions", body)
+        assert direct.status == 200 and direct.token_ids == first.token_ids  # the former stage 1, alone
+        events = [e.name for e in stack.backend.worker_timeline(scaler.instances[replica_id].endpoint).events]
+        assert events.index("consolidation_fetch_started") < events.index("replica_built") < events.index(
+            "replica_serving")
+        free = {n.name: sum(n.gpu_free_gb) for n in stack.placement.cluster().nodes}
+        assert all(gb < options.node_gpu_memory_gb for gb in free.values())  # each holds the whole model
+        # a replica killed is that instance's failure alone: the head serves on
+        os.kill(replica.head.proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while replica_id in scaler.instances and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(scaler.instances) == [head_id] and scaler.status()["instance_failures"] == 1
+        again = stream_completion(stack.function_url() + "/v1/completions", body)
+        assert again.status == 200 and again.token_ids == first.token_ids
+        def replica_node_free() -> float:
+            return next(sum(n.gpu_free_gb) for n in stack.placement.cluster().nodes if n.name == replica.stages[0].node)
+
+        deadline = time.monotonic() + 10
+        while replica_node_free() < options.node_gpu_memory_gb and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert replica_node_free() == options.node_gpu_memory_gb  # the replica's memory is back
+        assert stack.placement.cluster().active_plans == 1  # the head's part of the plan remains
+        deadline = time.monotonic() + 30
+        while scaler.state.value != "zero" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert scaler.state.value == "zero"
+        assert stack.placement.cluster().active_plans == 0
+        assert all(sum(n.gpu_free_gb) == options.node_gpu_memory_gb for n in stack.placement.cluster().nodes)
+    assert stack.leftovers == []

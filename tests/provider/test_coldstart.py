@@ -6,6 +6,7 @@ path leaving no plan, lease or worker behind."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class FakeWorker:
     fail: str | None = None
     stopped: bool = False
     consolidated: bool = False
+    state: str = "ready"
     gone: bool = False  # "killed": lost once wait_ready ran
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -50,7 +52,7 @@ class FakeWorker:
             raise TemporaryError(self.fail)
 
     def status(self) -> dict[str, object]:
-        return {"status": "ready", "consolidated": self.consolidated}
+        return {"status": self.state, "consolidated": self.consolidated}
 
     def timeline(self) -> Timeline:
         return Timeline()
@@ -268,6 +270,76 @@ def test_once_the_head_consolidated_the_other_stages_go_and_their_memory_is_free
     assert placement.status().active_plans == 1 and timeline.first("group_consolidated") is not None
     coldstart.stop(group)
     assert head.stopped and placement.status().active_plans == 0
+
+
+def _two_full_workers(model_dir: Path) -> FunctionSpec:
+    return spec(model_dir, scale=16_000, ttft_slo_s=80.0).model_copy(update={"min_full_workers": 2})
+
+
+def _free_gb(placement: PlacementService) -> dict[str, float]:
+    return {n.name: sum(n.gpu_free_gb) for n in placement.status().nodes}
+
+
+def _replicas_within(coldstart: ColdStart, group: object, timeout_s: float = 5.0) -> list[object]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        taken = coldstart.take_replicas(group)  # type: ignore[arg-type]
+        if taken:
+            return list(taken)
+        time.sleep(0.01)
+    return []
+
+
+def test_a_group_with_two_full_workers_becomes_two_replicas_each_freed_on_its_own(
+        loaderds: list[LoaderDaemon], model_dir: Path) -> None:
+    launcher = FakeLauncher()
+    coldstart, placement = setup(loaderds, launcher, nic_gbps=1.0, max_pipeline_size=2, watch_s=0.02)
+    timeline = Timeline()
+    group = coldstart.run(_two_full_workers(model_dir), timeline)
+    head, inner = launcher.workers
+    assert [st.full for st in group.plan.stages] == [True, True] and inner.env.full
+    head.consolidated = True
+    assert group.consolidated.wait(5) and group.workers == [head] and not inner.stopped
+    assert coldstart.take_replicas(group) == []  # not before the inner stage says it serves alone
+    inner.consolidated = True
+    (replica,) = _replicas_within(coldstart, group)
+    assert replica.workers == [inner] and replica.instance_id == f"{group.instance_id}-s1"
+    assert coldstart.take_replicas(group) == []  # handed out once
+    assert timeline.first("replica_ready") is not None
+    assert all(free < 40 for free in _free_gb(placement).values())  # both keep whole-model memory
+    coldstart.stop(group)
+    assert head.stopped and not inner.stopped and placement.status().active_plans == 1
+    assert _free_gb(placement)[group.plan.stages[0].node] == 40  # the head's memory alone came back
+    coldstart.stop(replica)
+    assert inner.stopped and placement.status().active_plans == 0
+    assert all(free == 40 for free in _free_gb(placement).values())
+
+
+@pytest.mark.parametrize("how", ["draining", "lost", "group_stopped"])
+def test_a_full_stage_that_does_not_become_a_replica_is_stopped_and_freed(
+        loaderds: list[LoaderDaemon], model_dir: Path, how: str) -> None:
+    """Its build failed (it drains after the release), it died, or its group scaled in first."""
+    launcher = FakeLauncher()
+    coldstart, placement = setup(loaderds, launcher, nic_gbps=1.0, max_pipeline_size=2, watch_s=0.02)
+    timeline = Timeline()
+    group = coldstart.run(_two_full_workers(model_dir), timeline)
+    head, inner = launcher.workers
+    head.consolidated = True
+    assert group.consolidated.wait(5)
+    if how == "draining":
+        inner.state = "draining"
+    elif how == "lost":
+        inner.gone = True
+    else:
+        coldstart.stop(group)
+    deadline = time.monotonic() + 5
+    while timeline.first("replica_failed") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert timeline.first("replica_failed") is not None and inner.stopped
+    assert coldstart.take_replicas(group) == []
+    assert _free_gb(placement)[group.plan.stages[1].node] == 40
+    coldstart.stop(group)
+    assert placement.status().active_plans == 0
 
 
 def test_a_stage_lost_during_the_cold_start_names_its_node_and_a_retry_avoids_it(

@@ -212,10 +212,15 @@ def test_a_forced_pipeline_size_is_honoured_even_when_one_worker_would_do() -> N
 
 
 def test_full_workers_stay_within_the_functions_bound() -> None:
-    """With max_full_workers = 1 (the cold start's setting until the gateway routes to several
-    replicas) every split marks exactly one full worker, stage 0, even where more would help."""
+    """With max_full_workers = 1 every split marks exactly one full worker, stage 0, even where
+    more would help; with min_full_workers = 2 (a function asking for 2 replicas per group) every
+    split marks stages 0 and 1."""
     for slo in (7.5, 9.0, 12.0):
         fn = llama(ttft_slo_s=slo).model_copy(update={"max_full_workers": 1})
         plan = _service("hydraserve").plan(PlanRequest(function=fn), now=0.0)
         assert plan.full_workers == 1 and [s.full for s in plan.stages] == [True] + [False] * (plan.pipeline_size - 1)
         assert all(c.full_workers <= 1 for c in plan.candidates)
+        two = _service("hydraserve").plan(PlanRequest(function=llama(ttft_slo_s=slo).model_copy(
+            update={"min_full_workers": 2})), now=0.0)
+        assert two.full_workers == min(2, two.pipeline_size)
+        assert [s.full for s in two.stages] == [i < 2 for i in range(two.pipeline_size)]

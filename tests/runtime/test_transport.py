@@ -313,3 +313,56 @@ def test_a_failure_during_consolidation_leaves_the_group_serving(model_dir: Path
         assert outputs(group.engine, params) == outputs(reference, params)  # still the group, still right
     finally:
         group.close()
+
+
+@pytest.mark.parametrize("store", ["intact", "vanishing"])
+def test_an_inner_full_stage_grows_into_a_replica_while_it_serves_the_ring(model_dir: Path, reference: LLMEngine,
+                                                                           store: str) -> None:
+    """Stage 1, given memory for the whole model, grows into it (its own layers reused, the rest
+    read at background priority) while it serves the group; once the head consolidated and
+    released the ring its engine answers as a standalone worker. A store that lost the bytes
+    fails the build only: the group served on, and the stage has no replica to hand over."""
+    from hydraserve.contracts.timeline import Timeline
+    from hydraserve.errors import StorageError
+    from hydraserve.runtime.consolidation import Consolidator
+    from hydraserve.runtime.engine.factory import build_engine
+    from hydraserve.runtime.replica import ReplicaBuilder
+    from hydraserve.weights.model_files import LocalModelFiles
+
+    class Vanishing(LocalModelFiles):
+        def tensor_source(self, names, *, background=False):  # type: ignore[no-untyped-def]
+            raise StorageError("s3://models/m/model.safetensors does not exist", code="no_such_key")
+
+    group = Group(model_dir, [0, 2, 4])
+    head_timeline, stage_timeline = Timeline(), Timeline()
+    files = LocalModelFiles(model_dir) if store == "intact" else Vanishing(model_dir)
+    tokenizer = Tokenizer.from_dir(str(model_dir))
+    try:
+        group.engine.start()
+        replica = ReplicaBuilder(group.links[0], files, group.runners[1].model.config, stage_timeline,
+                                 lambda whole: build_engine(whole, tokenizer, max_num_seqs=4, max_model_len=128).start(),
+                                 ).start()
+        consolidator = Consolidator(group.engine, group.executor, LocalModelFiles(model_dir), head_timeline,
+                                    on_done=lambda: None).start()
+        params = [SamplingParams(max_tokens=16, temperature=0.0)] * len(PROMPTS)
+        assert outputs(group.engine, params) == outputs(reference, params)
+        assert consolidator.done.wait(30) and consolidator.consolidated
+        group.threads[0].join(10)
+        assert group.links[0].released
+        engine = replica.take_over(30)
+        if store == "vanishing":
+            assert engine is None and "does not exist" in (replica.failed or "")
+            assert stage_timeline.first("replica_failed") is not None
+            return
+        assert engine is not None
+        try:
+            assert outputs(engine, params) == outputs(reference, params)  # the former stage 1, alone
+            names = [e.name for e in stage_timeline.events]
+            assert names == ["consolidation_fetch_started", "consolidation_loaded", "replica_built"]
+            layers = dict(engine.executor.model.named_parameters())  # type: ignore[attr-defined]
+            own = dict(group.runners[1].model.named_parameters())
+            assert any(t.data_ptr() == layers[n].data_ptr() for n, t in own.items() if n in layers)  # reused, not copied
+        finally:
+            engine.shutdown()
+    finally:
+        group.close()
