@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO, Protocol
 
 import requests
 
@@ -51,18 +52,38 @@ def hydraserve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "hydraserve.cli", *args]
 
 
+class ProcessHandle(Protocol):
+    """What ChildProcess uses of a process: subprocess.Popen's, or an adopted pooled worker's
+    (hydraserve.runtime.forkserver_client.AdoptedProcess)."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
 class ChildProcess:
-    """A child in its own session, stdout+stderr appended to ``log_path`` (or discarded)."""
+    """A child in its own session, stdout+stderr appended to ``log_path`` (or discarded);
+    ``proc``: a process that already runs in its own session (adopted from a warm pool)
+    instead of spawning ``argv``."""
 
     def __init__(self, name: str, argv: Sequence[str], *, log_path: Path | None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, proc: ProcessHandle | None = None) -> None:
         self.name = name
         self.log_path = log_path
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "ab") if log_path else None  # lives as long as the child
         self.spawned_at = time.time()
         self._stop_asked = False
+        self._log: IO[bytes] | None = None
+        if proc is not None:
+            self.proc: ProcessHandle = proc
+            return
+        self._log = open(log_path, "ab") if log_path else None  # lives as long as the child
         self.proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})},
                                      stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)

@@ -272,16 +272,15 @@ class Registry:
             seg.state = state
             seg.error = error
             seg.writer.set_state(STATE_COMPLETE if state == "complete" else STATE_FAILED)
-            seg.done.set()
-            if state != "failed":
-                return
-            prefetches = [lz for lz in self.leases.values()  # pinned, no reader: nobody waits on them
-                          if lz.pid is None and lz.expires_at is not None and seg in lz.segments]
-            for lease in prefetches:
-                del self.leases[lease.lease_id]
-                self._unref(lease)
-            if self.segments.get(seg.segment_id) is seg:
-                self._retire(seg)
+            if state == "failed":
+                prefetches = [lz for lz in self.leases.values()  # pinned, no reader: nobody waits on them
+                              if lz.pid is None and lz.expires_at is not None and seg in lz.segments]
+                for lease in prefetches:
+                    del self.leases[lease.lease_id]
+                    self._unref(lease)
+                if self.segments.get(seg.segment_id) is seg:
+                    self._retire(seg)
+            seg.done.set()  # last: whoever waits sees the outcome settled (a failed one already freed)
 
     def pinned_bytes(self) -> int:
         with self.lock:

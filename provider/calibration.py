@@ -18,6 +18,10 @@ We keep two estimates, fed by worker reports (service) or simulated completions 
   node's overlapped start-up is ~6.3 s, an A10 node's ~4.6 s), and one cluster-wide model
   would hide that the faster nodes meet an SLO the slower ones cannot. A node without
   ``min_samples`` of its own uses the cluster-wide model.
+* all of the above twice: for workers started as a process, and for workers adopted from a
+  node's warm pool (runtime/forkserver.py: no interpreter start, no imports). The adoption's
+  prior is W = 0, C = 0.5 s (a guess until adopted starts are observed: measured on this
+  machine, 0.1-0.4 s from adoption to ready with the weights resident).
 
 Owners: the service calls ``observe_*`` under its lock; the planner reads ``predict_startup``.
 """
@@ -31,6 +35,7 @@ import numpy as np
 
 PRIOR_OVERLAP_S = 0.0
 PRIOR_TAIL_S = 2.0  # HydraServe's unmeasured post-fetch constant
+PRIOR_ADOPT_TAIL_S = 0.5
 
 
 @dataclass
@@ -59,12 +64,15 @@ class Calibration:
     min_samples: int = 4
     refit_every: int = 4
     model: StartupModel = field(default_factory=StartupModel)
+    adopt_model: StartupModel = field(default_factory=lambda: StartupModel(tail_s=PRIOR_ADOPT_TAIL_S))
+    adopt_samples: deque[tuple[float, float, float]] = field(default_factory=deque)
     node_bps: dict[str, float] = field(default_factory=dict)
     node_samples: dict[str, int] = field(default_factory=dict)
     samples: deque[tuple[float, float, float]] = field(default_factory=deque)
     node_models: dict[str, StartupModel] = field(default_factory=dict)
     node_startups: dict[str, deque[tuple[float, float, float]]] = field(default_factory=dict)
     _since_fit: int = 0
+    _adopt_since_fit: int = 0
     _node_since_fit: dict[str, int] = field(default_factory=dict)
 
     def bandwidth_bps(self, node: str, configured_bps: float) -> float:
@@ -84,21 +92,28 @@ class Calibration:
         return True
 
     def observe_cold_start(self, fetch_s: float, cold_start_s: float, stage_gb: float = 0.0,
-                           node: str | None = None) -> bool:
+                           node: str | None = None, *, adopted: bool = False) -> bool:
         """One cold start: fetch seconds, stage GB, plan-to-ready seconds. ``node``: one worker's
-        own figures on that node (also fits the node's model); None: a whole group's."""
+        own figures on that node (also fits the node's model); None: a whole group's.
+        ``adopted``: its worker came from the node's warm pool (the adoption's models learn)."""
         if not self.enabled or cold_start_s <= 0:
             return False
         sample = (max(0.0, fetch_s), max(0.0, stage_gb), cold_start_s)
-        self._since_fit = self._add(self.samples, sample, self._since_fit)
-        if self._since_fit == 0:
-            self.model = fit_startup(list(self.samples))
+        if adopted:
+            self._adopt_since_fit = self._add(self.adopt_samples, sample, self._adopt_since_fit)
+            if self._adopt_since_fit == 0:
+                self.adopt_model = fit_startup(list(self.adopt_samples))
+        else:
+            self._since_fit = self._add(self.samples, sample, self._since_fit)
+            if self._since_fit == 0:
+                self.model = fit_startup(list(self.samples))
         if node is not None:
-            window = self.node_startups.setdefault(node, deque())
-            since = self._add(window, sample, self._node_since_fit.get(node, 0))
-            self._node_since_fit[node] = since
+            key = _node_key(node, adopted)
+            window = self.node_startups.setdefault(key, deque())
+            since = self._add(window, sample, self._node_since_fit.get(key, 0))
+            self._node_since_fit[key] = since
             if since == 0:
-                self.node_models[node] = fit_startup(list(window))
+                self.node_models[key] = fit_startup(list(window))
         return True
 
     def _add(self, window: deque[tuple[float, float, float]], sample: tuple[float, float, float],
@@ -112,12 +127,17 @@ class Calibration:
             return 0
         return since_fit
 
-    def startup_for(self, node: str) -> StartupModel:
-        """The node's own start-up model once it has enough samples, else the cluster-wide one."""
-        return self.node_models.get(node, self.model)
+    def startup_for(self, node: str, *, adopted: bool = False) -> StartupModel:
+        """The node's own start-up model once it has enough samples, else the cluster-wide one
+        (``adopted``: of a worker adopted from its warm pool)."""
+        return self.node_models.get(_node_key(node, adopted), self.adopt_model if adopted else self.model)
 
     def predict_startup(self, fetch_s: float, stage_gb: float = 0.0) -> float:
         return self.model.predict(fetch_s, stage_gb)
+
+
+def _node_key(node: str, adopted: bool) -> str:
+    return f"{node}#pool" if adopted else node  # '#' is in no node name (DNS names)
 
 
 def fit_startup(samples: list[tuple[float, float, float]]) -> StartupModel:

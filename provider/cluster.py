@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hydraserve.contracts.plan import NodeInfo, Plan, Residency
+from hydraserve.errors import ConflictError
 from hydraserve.provider.calibration import Calibration
 from hydraserve.provider.network import Nic
 
@@ -67,25 +68,30 @@ class ClusterState:
 
     # ---- nodes -------------------------------------------------------------------------------
     def upsert_node(self, info: NodeInfo, now: float) -> NodeState:
-        """Register a node or replace its record, keeping the allocations we made on it."""
+        """Register a node or replace its record, keeping the allocations we made on it; its
+        warm pool's memory comes out of device 0 (ConflictError, nothing changed, if the
+        allocations leave no room for it)."""
         old = self.nodes.get(info.name)
+        used = [0.0] * info.gpus
+        for gpu, gb in (old.workers.values() if old else ()):
+            if gpu < info.gpus:
+                used[gpu] += gb
+        if info.gpus:
+            used[0] += info.pool_memory_gb
+        if info.gpu_free_gb is None and info.gpus and used[0] > info.gpu_memory_gb + 1e-9:
+            raise ConflictError(f"node {info.name}: its warm pool needs {info.pool_memory_gb} GB of device 0, "
+                                f"{max(0.0, info.gpu_memory_gb - used[0] + info.pool_memory_gb):.1f} GB are free")
+        gpu_free = (list(info.gpu_free_gb) if info.gpu_free_gb is not None  # the node's own view counts its pool
+                    else [max(0.0, info.gpu_memory_gb - u) for u in used])
         if old is None:
             row = len(self.order)
             self._grow(row + 1)
             self.order.append(info.name)
-            gpu_free = list(info.gpu_free_gb) if info.gpu_free_gb is not None else [info.gpu_memory_gb] * info.gpus
             state = NodeState(info=info, row=row, gpu_free=gpu_free, nic=Nic(info.nic_gbps * 1e9, now))
             self.nodes[info.name] = state
         else:
             state = old
-            used = [0.0] * info.gpus
-            for gpu, gb in old.workers.values():
-                if gpu < info.gpus:
-                    used[gpu] += gb
-            if info.gpu_free_gb is not None:
-                state.gpu_free = list(info.gpu_free_gb)
-            else:
-                state.gpu_free = [max(0.0, info.gpu_memory_gb - u) for u in used]
+            state.gpu_free = gpu_free
             state.info = info
             state.nic.advance(now)
             state.nic.bps = info.nic_gbps * 1e9
@@ -135,6 +141,15 @@ class ClusterState:
         self.bps[r] = self.bandwidth_bps(state)
         self.nfetch[r] = len(state.nic)
         self.schedulable[r] = state.info.schedulable
+
+    def pool_idle(self, state: NodeState) -> int:
+        """Idle runtimes the node's warm pool should have now: its size less the workers placed
+        there that are not ready yet (each adopted one; the pool refills within milliseconds)."""
+        if not state.info.pool_size:
+            return 0
+        starting = sum(1 for plan_id, stage in state.workers
+                       if (active := self.plans.get(plan_id)) is not None and stage not in active.ready)
+        return max(0, state.info.pool_size - starting)
 
     @property
     def size(self) -> int:

@@ -77,6 +77,7 @@ class LaunchedWorker(Protocol):
 
     url: str
     spawned_at: float
+    adopted: bool  # a pooled process of the node's warm pool took the work (no process start)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Return once it serves; raise a HydraError with its reason if it cannot."""
@@ -197,7 +198,7 @@ class ColdStart:
                 group.workers.append(worker)
                 group.stages.append(st)
                 timeline.mark("worker_spawned", component="backend", at=worker.spawned_at, node=st.node,
-                              stage=st.stage.index)
+                              stage=st.stage.index, adopted=worker.adopted)
             ready_at = _wait_all_ready(group.workers, opts.ready_timeout_s)
             group.stage_timelines = self._inner_timelines(group)
         except Exception as exc:
@@ -213,7 +214,7 @@ class ColdStart:
         finally:
             for prefetch in prefetches:
                 prefetch.finish()
-        self._report_ready(plan, prefetches, [at - timeline.events[0].at for at in ready_at])
+        self._report_ready(plan, group.workers, prefetches, [at - timeline.events[0].at for at in ready_at])
         if plan.pipeline_size > 1 and plan.stages[0].full:
             threading.Thread(target=self._watch_consolidation, args=(group, timeline), name="consolidation-watch",
                              daemon=True).start()
@@ -399,16 +400,18 @@ class ColdStart:
         for worker in reversed(workers):
             _quietly(functools.partial(worker.stop, grace_s=2))
 
-    def _report_ready(self, plan: Plan, prefetches: list[_Prefetch], cold_start_s: list[float]) -> None:
+    def _report_ready(self, plan: Plan, workers: Sequence[LaunchedWorker], prefetches: list[_Prefetch],
+                      cold_start_s: list[float]) -> None:
         """One report per stage, as the simulator sends them: its node's own fetch (a group's
         nodes fetch their own bytes in parallel: each calibrates its own bandwidth) and its
         worker's own plan-to-ready time (its node's start-up). A stage loaderd did not prefetch
         is no sample: its worker fetched its own weights, which the start-up model does not
         describe."""
         prefetched = {p.stage: p for p in prefetches}
-        for st, seconds in zip(plan.stages, cold_start_s, strict=True):
+        for st, worker, seconds in zip(plan.stages, workers, cold_start_s, strict=True):
             prefetch = prefetched.get(st.stage.index)
-            timings = (WorkerTimings(fetch_s=prefetch.fetch_s, fetch_bytes=prefetch.lease.bytes_new, cold_start_s=seconds)
+            timings = (WorkerTimings(fetch_s=prefetch.fetch_s, fetch_bytes=prefetch.lease.bytes_new, cold_start_s=seconds,
+                                     adopted=worker.adopted)
                        if prefetch is not None else WorkerTimings(sample=False))
             self._report(plan, "ready", stage=st.stage.index, timings=timings)
 

@@ -91,7 +91,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
                     cluster.sync(state)
                     calibrated.append(f"bandwidth:{st.node}")
             if report.stage is not None and t.sample and t.cold_start_s is not None and cluster.calibration.observe_cold_start(
-                    fetch_s or 0.0, t.cold_start_s, st.stage_bytes / 1e9, node=st.node):
+                    fetch_s or 0.0, t.cold_start_s, st.stage_bytes / 1e9, node=st.node, adopted=t.adopted):
                 calibrated.append(f"startup:{st.node}")
             if policy.keeps_cache and st.node in cluster.nodes:
                 cluster.add_residency(st.node, plan.model_uri, range(st.stage.layer_start, st.stage.layer_end),
@@ -105,7 +105,7 @@ def apply_report(cluster: ClusterState, policy: Policy, report: WorkerReport, no
                     cold = at - active.created_at
                 fetch = max(active.fetch_s.values(), default=0.0)
                 biggest_gb = max(s.stage_bytes for s in plan.stages) / 1e9
-                if cluster.calibration.observe_cold_start(fetch, cold, biggest_gb):
+                if cluster.calibration.observe_cold_start(fetch, cold, biggest_gb, adopted=report.timings.adopted):
                     calibrated.append("startup")
     elif report.event in ("failed", "released"):
         _end_consolidation(cluster, plan, at)

@@ -11,7 +11,7 @@ calibrated start-up model. ``plan`` decides only; ``hydraserve.provider.lifecycl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -48,6 +48,7 @@ class Option:
     source: FetchSource
     peers: list[str]
     ready: float = 0.0  # predicted seconds from now until this worker is ready
+    pooled: bool = False  # predicted as an adoption from the node's warm pool
 
 
 Choice = tuple[Candidate, StagePlan, list[int], list[Option], int]  # candidate, split, stage bytes, nodes, a
@@ -155,8 +156,7 @@ class Planner:
                     continue
                 gpu = _best_fit_gpu(offer.state.gpu_free, need)
                 if gpu >= 0:
-                    chosen = Option(offer.state, gpu, offer.fetch_bytes, offer.fetch_end, offer.source, offer.peers,
-                                    offer.ready)
+                    chosen = replace(offer, gpu=gpu)
                     break
             if chosen is None:
                 return f"stage {s}: no node with {need} GB free and NIC headroom"
@@ -174,16 +174,20 @@ class Planner:
             for state in pool:
                 ok, fetch, end, source, peers = self._fetch_offer(spec, stage, nbytes, state, now)
                 if ok:
-                    got.append(Option(state, -1, fetch, end, source, peers, self._ready_s(state, end - now, nbytes)))
+                    pooled = self.policy.calibrated and self.cluster.pool_idle(state) > 0
+                    got.append(Option(state, -1, fetch, end, source, peers,
+                                      self._ready_s(state, end - now, nbytes, pooled), pooled))
             if self.policy.node_choice != "first_fit":
                 got.sort(key=self._score)
             self._memo[key] = got
         return got
 
-    def _ready_s(self, state: NodeState, fetch_s: float, nbytes: int) -> float:
-        """Predicted start-up of one worker: the node's calibrated model, or HydraServe's fetch + 2 s."""
+    def _ready_s(self, state: NodeState, fetch_s: float, nbytes: int, pooled: bool) -> float:
+        """Predicted start-up of one worker: the node's calibrated model (an adoption's when its
+        warm pool has an idle runtime), or HydraServe's fetch + 2 s."""
         if self.policy.calibrated:
-            return self.cluster.calibration.startup_for(state.info.name).predict(fetch_s, nbytes / 1e9)
+            model = self.cluster.calibration.startup_for(state.info.name, adopted=pooled)
+            return model.predict(fetch_s, nbytes / 1e9)
         return fetch_s + 2.0
 
     def _score(self, opt: Option) -> tuple[float, ...]:
@@ -247,8 +251,7 @@ class Planner:
         for offer in self._ranked(spec, splan.stages[0], sbytes[0], pool, now):
             gpu = _best_fit_gpu(offer.state.gpu_free, need)
             if gpu >= 0 and (best is None or (offer.fetch_bytes, offer.ready) < (best.fetch_bytes, best.ready)):
-                best = Option(offer.state, gpu, offer.fetch_bytes, offer.fetch_end, offer.source, offer.peers,
-                              offer.ready)
+                best = replace(offer, gpu=gpu)
         if best is None:
             return p1
         ttft = best.ready + (spec.prefill_s or 0.0)
@@ -267,7 +270,7 @@ class Planner:
         stages = [StagePlacement(
             stage=splan.stages[s], node=o.state.info.name, gpu=o.gpu, memory_gb=memory_gb(spec, p, s < a),
             full=s < a, stage_bytes=sbytes[s], fetch_bytes=o.fetch_bytes, source=o.source, peers=o.peers,
-            loaderd_url=o.state.info.loaderd_url, address=o.state.info.address,
+            pooled=o.pooled, loaderd_url=o.state.info.loaderd_url, address=o.state.info.address,
             predicted_fetch_s=round(o.fetch_end - now, 4)) for s, o in enumerate(opts)]
         why = (f"p={p}, {a} full: predicted TTFT {cand.predicted_ttft_s:.2f} s vs SLO {spec.ttft_slo_s:g} s, "
                f"TPOT {cand.predicted_tpot_s:.3f} s vs {spec.tpot_slo_s:g} s on {', '.join(cand.nodes)}")

@@ -89,10 +89,15 @@ def _serve_link(link: StageLink, state: RuntimeState, replica: ReplicaBuilder | 
     log.info("serving as a standalone replica")
 
 
-def run_worker(settings: WorkerEnvironment) -> int:
+def run_worker(settings: WorkerEnvironment, *, adopted_at: float | None = None) -> int:
+    """Serve as ``settings`` says until SIGTERM; ``adopted_at``: this process is a pooled one
+    (runtime/forkserver.py) handed its work then, its imports already done."""
     state = RuntimeState(settings.function, settings.revision)
-    # /proc's start time has 10 ms ticks: never report a start before the spawn itself.
-    state.timeline.mark("process_started", at=max(process_start_time(), settings.spawned_at or 0.0))
+    if adopted_at is not None:
+        state.timeline.mark("process_started", at=adopted_at, adopted=True,
+                            pooled_s=round(adopted_at - process_start_time(), 3))
+    else:  # /proc's start time has 10 ms ticks: never report a start before the spawn itself
+        state.timeline.mark("process_started", at=max(process_start_time(), settings.spawned_at or 0.0))
     metrics = RuntimeMetrics()
     server = DrainingServer(create_app(state, metrics=metrics, api=settings.is_head or settings.full), settings.host,
                             settings.port).start()

@@ -52,9 +52,15 @@ class NodeInfo(_Strict):
     residency: list[Residency] | None = Field(
         default=None, description="what the node's loaderd holds; None keeps what the service knows")
     schedulable: bool = True
+    pool_size: int = Field(default=0, ge=0, le=64, description="idle pre-imported runtime processes its warm "
+                           "pool keeps (a cold start there adopts one instead of starting a process)")
+    pool_memory_gb: float = Field(default=0.0, ge=0, description="memory the warm pool holds, measured; taken "
+                                  "from device 0's budget (refused if it does not fit)")
 
     @model_validator(mode="after")
     def _check_free(self) -> NodeInfo:
+        if self.pool_memory_gb > self.gpu_memory_gb:
+            raise ValueError(f"the warm pool's {self.pool_memory_gb} GB exceed the device's {self.gpu_memory_gb} GB")
         if self.gpu_free_gb is not None:
             if len(self.gpu_free_gb) != self.gpus:
                 raise ValueError(f"gpu_free_gb has {len(self.gpu_free_gb)} entries for {self.gpus} gpus")
@@ -146,6 +152,8 @@ class StagePlacement(_Strict):
     fetch_bytes: int = Field(ge=0, description="bytes not already in the node's loaderd")
     source: FetchSource
     peers: list[str] = Field(default_factory=list, description="loaderd URLs that hold the bytes")
+    pooled: bool = Field(default=False, description="the node had an idle pooled runtime: its start-up was "
+                         "predicted as an adoption's")
     loaderd_url: str | None = None
     address: str | None = None
     predicted_fetch_s: float = Field(ge=0)
@@ -212,6 +220,8 @@ class WorkerTimings(_Strict):
     tpot_s: float | None = Field(default=None, ge=0)
     sample: bool = Field(default=True, description="calibrate from these timings (False: the worker "
                          "fetched its own weights, a start-up the placement model does not describe)")
+    adopted: bool = Field(default=False, description="the worker was a pooled process adopted from its node's "
+                          "warm pool (calibrates the adoption's start-up, not a process start's)")
 
 
 class WorkerReport(_Strict):

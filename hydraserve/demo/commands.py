@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PROMPT = "The quick brown fox"
+DEMO_IDLE_S = 10.0  # zero this soon after the last request (after the consolidation), for a second cold start
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +55,7 @@ def stack_options(args: argparse.Namespace) -> tuple[Any, str]:
     else:
         who = f"forced to {forced}" if forced else "the planner's choice"
     options = StackOptions(nodes=args.nodes, model_dir=args.model_dir, link_mbit=args.link_mbit or None,
-                           ttft_slo_s=args.ttft_slo, function=function)
+                           ttft_slo_s=args.ttft_slo, function=function, idle_timeout_s=DEMO_IDLE_S)
     return options, who
 
 
@@ -100,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
             same.append(direct.token_ids == cold.token_ids)
             _say(f"  straight to replica {endpoint.instance_id}: TTFT {direct.ttft_s:.3f} s, "
                  f"same tokens: {same[-1]}")
+        again, again_timeline = _cold_start_again(stack, body, cold.token_ids)
+        same.append(again.token_ids == cold.token_ids)
         report = {"cold_ttft_s": round(cold.ttft_s or 0, 3), "warm_ttft_s": round(warm.ttft_s or 0, 3),
+                  "second_cold_ttft_s": round(again.ttft_s or 0, 3),
+                  "second_cold_adopted": _adopted(again_timeline),
                   "same_tokens_warm": all(same), "tokens": len(cold.token_ids),
                   "text": cold.text, "nodes": stack.emulation,
                   "pipeline_size": group.plan.pipeline_size if group else None,
@@ -131,6 +136,33 @@ def _wait_for_consolidation(stack: Any, timeout_s: float = 60.0) -> Any:
     else:
         _say(f"  not consolidated within {timeout_s:.0f} s (the group keeps serving)")
     return group
+
+
+def _cold_start_again(stack: Any, body: dict[str, Any], expected: list[int],
+                      timeout_s: float = 120.0) -> tuple[Any, Any]:
+    """Once the function is back at zero: the same request cold-starts it again, now from the
+    node holding its bytes and, with a warm pool there, an adopted pooled runtime."""
+    from hydraserve.contracts.timeline_report import format_timeline
+    from hydraserve.demo.client import stream_completion
+
+    name = stack.options.function_name
+    scaler = stack.gateway.scaler(name)
+    _say(f"\nWaiting for '{name}' to scale to zero ({stack.options.idle_timeout_s:g} s idle)...")
+    waited = time.monotonic()
+    while scaler.state.value != "zero" and time.monotonic() - waited < timeout_s:
+        time.sleep(0.1)
+    _say(f"  at zero after {time.monotonic() - waited:.1f} s: every worker stopped, the weights stay in loaderd")
+    again = stream_completion(stack.function_url() + "/v1/completions", body)
+    timeline = stack.gateway.cold_start_timeline(name)
+    how = "an adopted pooled runtime" if _adopted(timeline) else "a new process"
+    _say(f"Second cold start ({how}): TTFT {again.ttft_s:.3f} s, same tokens: {again.token_ids == expected}")
+    _say(format_timeline(timeline))
+    return again, timeline
+
+
+def _adopted(timeline: Any) -> bool:
+    spawned = [e for e in timeline.events if e.name == "worker_spawned"]
+    return bool(spawned) and all(e.detail.get("adopted") for e in spawned)
 
 
 def _wait_for_replicas(stack: Any, group: Any, timeout_s: float = 90.0) -> list[Any]:

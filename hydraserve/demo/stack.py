@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,12 @@ from hydraserve.auth import write_token_file
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.demo.model import push_directory
 from hydraserve.demo.supervisor import LoaderdSupervisor, SupervisedDaemon
+from hydraserve.errors import HydraError
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
 from hydraserve.provider.backends.process import NodeHost
+from hydraserve.runtime.forkserver_client import ForkServerClient, pool_memory_gb, wait_until_serving
 
 if TYPE_CHECKING:
     from hydraserve.embedded.netns import EmulatedCluster
@@ -72,6 +75,7 @@ class StackOptions:
     drain_timeout_s: float = 30.0  # on stop, requests in flight get this long to finish
     supervise_interval_s: float = 1.0  # how often a dead loaderd is looked for (and started again)
     reconcile_interval_s: float = 5.0  # how often placement learns what each loaderd really holds
+    pool_size: int = 1  # idle pre-imported runtime processes per node (runtime/forkserver.py); 0: no pool
 
 
 class LocalStack:
@@ -111,7 +115,9 @@ class LocalStack:
 
         opts = self.options
         check_port_free(opts.host, opts.gateway_port)  # before minutes of set-up, not after
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._emulate_nodes()
+        pools = self._start_pools()  # they import torch while S3 starts and the model is pushed
         s3_host = self.cluster.host_ip if self.cluster else opts.s3_host or opts.host
         self.s3 = EmbeddedS3(host=s3_host, prefix=opts.s3_prefix).start()
         self._cleanups.append(("s3", self.s3.close))
@@ -137,13 +143,14 @@ class LocalStack:
         self.placement = PlacementClient(f"http://{opts.host}:{placement_port}", placement_token)
         for _, daemon in daemons:
             self.placement.register_node(daemon.info)
+        pools = self._account_pools(pools, {d.info.name: d for _, d in daemons})
         self.supervisor = LoaderdSupervisor([d for _, d in daemons], self.placement,
                                             interval_s=opts.supervise_interval_s, reconcile_s=opts.reconcile_interval_s)
         self._cleanups.append(("loaderd supervisor", self.supervisor.start().close))
 
         backend = LocalBackend(self.placement, nodes, run_dir=self.run_dir / "workers",
                                describe_model=self.describe_model, s3_endpoint_url=self.s3.endpoint_url,
-                               worker_env=s3_env, worker_settings=self.worker_settings)
+                               worker_env=s3_env, worker_settings=self.worker_settings, pools=pools)
         self._cleanups.append(("workers", backend.close))
         self.backend = backend
         self.gateway = Gateway(backend, drain_timeout_s=opts.drain_timeout_s)
@@ -228,6 +235,49 @@ class LocalStack:
         self.emulation = (f"{len(self.node_names)} network namespaces, each link capped at {opts.link_mbit:g} Mbit/s "
                           "both ways (tc)")
 
+    def _node_host(self, name: str) -> NodeHost:
+        """Where the node's processes run: its namespace's address and command prefix, or loopback."""
+        if self.cluster is None:
+            return NodeHost(self.options.host)
+        emulated = self.cluster.nodes[name]
+        return NodeHost(emulated.ip, tuple(emulated.prefix))
+
+    def _start_pools(self) -> dict[str, ForkServerClient]:
+        """Each node's warm pool (a fork server in the node's namespace), not waited for yet."""
+        if self.options.pool_size <= 0:
+            return {}
+        token = secrets.token_urlsafe(24)
+        token_file = write_token_file(self.run_dir / "pool.token", token)
+        pools = {}
+        for name in self.node_names:
+            socket_path = self.run_dir / f"pool-{name}.sock"
+            process = ChildProcess(f"pool {name}", [*self._node_host(name).prefix, sys.executable, "-m",
+                                                    "hydraserve.runtime.forkserver", "--socket", str(socket_path),
+                                                    "--token-file", str(token_file), "--node", name,
+                                                    "--pool-size", str(self.options.pool_size)],
+                                   log_path=self.run_dir / f"pool-{name}.log")
+            self._cleanups.append((f"pool {name}", process.stop))
+            pools[name] = ForkServerClient(socket_path, token)
+        return pools
+
+    def _account_pools(self, pools: dict[str, ForkServerClient],
+                       daemons: dict[str, SupervisedDaemon]) -> dict[str, ForkServerClient]:
+        """Wait for each pool, measure what it holds and register that with its node; a node
+        whose budget has no room for it (409) or whose pool did not start spawns its workers."""
+        kept = {}
+        for name, pool in pools.items():
+            try:
+                memory = pool_memory_gb(wait_until_serving(pool, 120.0))
+                info = daemons[name].info.model_copy(update={"pool_size": self.options.pool_size,
+                                                             "pool_memory_gb": memory})
+                self.placement.register_node(info)
+            except HydraError as exc:
+                log.warning("no warm pool on %s, its workers will be spawned: %s", name, exc.message)
+                continue
+            daemons[name].info = info
+            kept[name] = pool
+        return kept
+
     def _start_loaderd(self, name: str, token_file: Path, token: str,
                        env: dict[str, str]) -> tuple[LocalNode, SupervisedDaemon]:
         """One node's loaderd, and how to start it again on the same address if it dies."""
@@ -235,11 +285,10 @@ class LocalStack:
         from hydraserve.loaderd.daemon import spawn_loaderd
 
         opts = self.options
-        host, nic_gbps = NodeHost(opts.host), opts.node_nic_gbps
+        host, nic_gbps = self._node_host(name), opts.node_nic_gbps
         port = free_port(opts.host)
         if self.cluster is not None:
-            emulated = self.cluster.nodes[name]
-            host, port = NodeHost(emulated.ip, tuple(emulated.prefix)), LOADERD_NAMESPACE_PORT
+            port = LOADERD_NAMESPACE_PORT
             nic_gbps = (opts.link_mbit or 0) / 1000  # what the planner must believe: the cap
         spawn = functools.partial(spawn_loaderd, port=port, node_name=name, budget_bytes=opts.loaderd_budget_bytes,
                                   token=token, token_file=token_file, host=host.ip, prefix=host.prefix,

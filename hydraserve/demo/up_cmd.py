@@ -38,6 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="on Ctrl-C (or fn delete), seconds requests under way get to finish")
     parser.add_argument("--request-timeout", type=float, default=120.0,
                         help="seconds a request may wait for a free instance")
+    parser.add_argument("--pool-size", type=int, default=1,
+                        help="idle pre-imported runtime processes each node's warm pool keeps (a cold start "
+                        "adopts one instead of starting a process; 0: no pool)")
     parser.set_defaults(func=run)
 
 
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     options = StackOptions(nodes=args.nodes, gateway_port=args.port, host=args.host,
                            idle_timeout_s=args.idle_timeout, model_dir=args.model_dir,
                            function_name=function, more_functions=more, drain_timeout_s=args.drain_timeout, link_mbit=args.link_mbit, ttft_slo_s=args.ttft_slo,
+                           pool_size=args.pool_size,
                            function={"concurrency": args.concurrency, "max_instances": args.max_instances,
                                      "request_timeout_s": args.request_timeout})
     try:
@@ -83,6 +87,7 @@ HydraServe embedded stack is up (Ctrl-C to stop).{exposed}
   admin        {stack.gateway_url}/v1/functions  (token: {stack.gateway_token_file})
   functions    {function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout:.0f} s idle){"".join(f"; {n}" for n in more)}
   nodes        {" ".join(stack.node_names)} (one loaderd each)
+  warm pool    {args.pool_size} idle pre-imported runtime(s) on each of {len(stack.backend.launcher.pools) if stack.backend else 0} node(s)
   network      {stack.emulation}
   loaderd      {" ".join(n.loaderd_url for n in stack.nodes)}  (token: {stack.run_dir / "loaderd.token"})
   S3           {stack.s3.endpoint_url}

@@ -21,6 +21,7 @@ from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import TemporaryError
 from hydraserve.provider.backends.process import NodeHost, ProcessLauncher
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
+from hydraserve.runtime.forkserver_client import ForkServerClient
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class LocalBackend:
                  describe_model: Callable[[FunctionConfig], FunctionSpec], run_dir: Path,
                  s3_endpoint_url: str | None = None, worker_env: dict[str, str] | None = None,
                  ready_timeout_s: float = 180.0, prefetch: bool = True,
-                 worker_settings: Mapping[str, object] | None = None) -> None:
+                 worker_settings: Mapping[str, object] | None = None,
+                 pools: Mapping[str, ForkServerClient] | None = None) -> None:
         if not nodes:
             raise ValueError("the local backend needs at least one node")
         self._describe_model = describe_model
@@ -51,7 +53,8 @@ class LocalBackend:
         # prefetch=False: the baselines the benchmarks compare against (no loaderd: the worker
         # fetches from S3 itself once it has started; worker_settings s3_fetch="download": whole
         # files first, as serverless vLLM does).
-        self.launcher = ProcessLauncher(run_dir, extra_env=worker_env, hosts={n.name: n.host for n in nodes})
+        self.launcher = ProcessLauncher(run_dir, extra_env=worker_env, hosts={n.name: n.host for n in nodes},
+                                        pools=pools)
         self.coldstart = ColdStart(placement, self.launcher,
                                    {n.name: n for n in nodes},
                                    ColdStartOptions(s3_endpoint_url=s3_endpoint_url, prefetch=prefetch,

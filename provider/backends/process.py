@@ -2,13 +2,16 @@
 default). A worker is spawned with its environment (hydraserve.contracts.worker), waited for
 until /readyz answers, drained with SIGTERM. Each node is a NodeHost: on loopback every node
 shares 127.0.0.1; on the emulated cluster a node's workers run in its network namespace (the
-command prefix) and listen on its address, so their traffic crosses its capped link. Used by
-the local backend; no placement here.
+command prefix) and listen on its address, so their traffic crosses its capped link. A node
+with a warm pool (runtime/forkserver.py) has each worker adopted from it, its imports already
+done; if the pool does not answer, the worker is spawned as before (logged). Used by the local
+backend; no placement here.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -20,9 +23,12 @@ import requests
 
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
-from hydraserve.errors import TemporaryError
-from hydraserve.processes import ChildProcess, free_port
+from hydraserve.errors import HydraError, TemporaryError
+from hydraserve.processes import ChildProcess, ProcessHandle, free_port
 from hydraserve.provider.coldstart import WorkerSlot
+from hydraserve.runtime.forkserver_client import ForkServerClient
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,12 @@ class ProcessLauncher:
     """Launches workers as children of this process, each on its node's host."""
 
     def __init__(self, run_dir: Path, *, extra_env: dict[str, str] | None = None,
-                 hosts: Mapping[str, NodeHost] | None = None) -> None:
+                 hosts: Mapping[str, NodeHost] | None = None, pools: Mapping[str, ForkServerClient] | None = None) -> None:
         self.run_dir = run_dir
         self._extra_env = dict(extra_env or {})  # e.g. S3 credentials for the direct-S3 path
         self._hosts = dict(hosts or {})  # node -> host; a node not named here is on loopback
+        self.pools = dict(pools or {})  # node -> its warm pool; a node not named here spawns
+        run_dir.mkdir(parents=True, exist_ok=True)  # an adopted worker opens its log itself
         self._next_port: dict[str, int] = {}
         self._launched: list[WorkerProcess] = []
         self._lock = threading.Lock()
@@ -63,9 +71,17 @@ class ProcessLauncher:
 
     def launch(self, node: str, env: WorkerEnvironment) -> WorkerProcess:
         label = f"{env.instance_id or env.function}-{env.stage.index if env.stage else 0}"
-        worker = WorkerProcess({**self._extra_env, **env.to_env()}, self.run_dir / f"{label}.log",
-                               env.spawned_at or time.time(), f"http://{env.host}:{env.port}", label=label, node=node,
-                               prefix=self._hosts.get(node, NodeHost()).prefix)
+        variables = {**self._extra_env, **env.to_env()}
+        log_path = self.run_dir / f"{label}.log"
+        adopted: ProcessHandle | None = None
+        pool = self.pools.get(node)
+        if pool is not None:
+            try:
+                adopted = pool.adopt(variables, log_path)
+            except HydraError as exc:
+                log.warning("warm pool of %s did not answer, spawning the worker: %s", node, exc.message)
+        worker = WorkerProcess(variables, log_path, env.spawned_at or time.time(), f"http://{env.host}:{env.port}",
+                               label=label, node=node, prefix=self._hosts.get(node, NodeHost()).prefix, proc=adopted)
         with self._lock:
             self._launched = [w for w in self._launched if w.proc.poll() is None] + [worker]
         return worker
@@ -77,12 +93,14 @@ class ProcessLauncher:
 
 
 class WorkerProcess(ChildProcess):
-    """A `python -m hydraserve.runtime.worker` child; its 503 reasons come from its JSON log."""
+    """A `python -m hydraserve.runtime.worker` child (or a pooled process adopted as one:
+    ``proc``); its 503 reasons come from its JSON log."""
 
     def __init__(self, env: dict[str, str], log_path: Path, spawned_at: float, url: str, *,
-                 label: str = "", node: str = "", prefix: Sequence[str] = ()) -> None:
+                 label: str = "", node: str = "", prefix: Sequence[str] = (), proc: ProcessHandle | None = None) -> None:
         super().__init__("worker", [*prefix, sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path,
-                         env=env)
+                         env=env, proc=proc)
+        self.adopted = proc is not None
         self.url = url
         self.label = label  # <instance>-<stage>
         self.node = node

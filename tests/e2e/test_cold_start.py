@@ -37,6 +37,11 @@ def stack(tiny_llama_dir: Path) -> Iterator[LocalStack]:
     assert s.leftovers == [], "shared memory segments left behind"
 
 
+def free_gb(stack: LocalStack) -> dict[str, float]:
+    """Each node's free memory as the placement service sees it."""
+    return {n.name: sum(n.gpu_free_gb) for n in stack.placement.cluster().nodes}
+
+
 def transformers_greedy(model_dir: Path, prompt: str, n: int) -> list[int]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -309,10 +314,11 @@ def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(gro
     then loads the rest through its loaderd and takes over, the inner stage's worker is stopped
     and its memory freed; at zero the head stops too and nothing is left."""
     model_dir = group_llama_dir
-    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=4.5, idle_timeout_s=5.0,
+    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=3.0, idle_timeout_s=5.0,
                            progress=False, function_name="grouped")
     with LocalStack(options) as stack:
         assert stack.gateway is not None
+        at_zero = free_gb(stack)  # each node's memory less its warm pool's
         result = stream_completion(stack.function_url() + "/v1/completions",
                                    {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
         assert result.status == 200, result.error
@@ -326,8 +332,8 @@ def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(gro
         (group,) = stack.backend._groups.values()  # type: ignore[attr-defined]
         assert group.consolidated.wait(60), "the head did not consolidate"
         assert len(group.workers) == 1
-        free = {n.name: sum(n.gpu_free_gb) for n in stack.placement.cluster().nodes}
-        assert free[group.plan.stages[1].node] == options.node_gpu_memory_gb  # the inner stage's memory is back
+        node = group.plan.stages[1].node
+        assert free_gb(stack)[node] == at_zero[node] < options.node_gpu_memory_gb  # the inner stage's memory is back
         again = stream_completion(stack.function_url() + "/v1/completions",
                                   {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
         assert again.status == 200 and again.token_ids == result.token_ids  # the whole model answers the same
@@ -352,10 +358,11 @@ def test_a_group_with_two_full_workers_becomes_two_replicas_behind_the_gateway(g
     model meanwhile through its own loaderd, serves on its own; the gateway routes to both, each
     answers transformers' tokens, and at zero both stop and every byte of memory is back."""
     model_dir = group_llama_dir
-    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=4.5, idle_timeout_s=5.0,
+    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=3.0, idle_timeout_s=5.0,
                            progress=False, function_name="replicated", function={"group_replicas": 2})
     with LocalStack(options) as stack:
         assert stack.gateway is not None and stack.backend is not None
+        at_zero = free_gb(stack)
         body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
         first = stream_completion(stack.function_url() + "/v1/completions", body)
         assert first.status == 200, first.error
@@ -376,8 +383,7 @@ def test_a_group_with_two_full_workers_becomes_two_replicas_behind_the_gateway(g
         events = [e.name for e in stack.backend.worker_timeline(scaler.instances[replica_id].endpoint).events]
         assert events.index("consolidation_fetch_started") < events.index("replica_built") < events.index(
             "replica_serving")
-        free = {n.name: sum(n.gpu_free_gb) for n in stack.placement.cluster().nodes}
-        assert all(gb < options.node_gpu_memory_gb for gb in free.values())  # each holds the whole model
+        assert all(free_gb(stack)[n] < at_zero[n] for n in at_zero)  # each holds the whole model
         # a replica killed is that instance's failure alone: the head serves on
         os.kill(replica.head.proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
         deadline = time.monotonic() + 10
@@ -386,18 +392,16 @@ def test_a_group_with_two_full_workers_becomes_two_replicas_behind_the_gateway(g
         assert list(scaler.instances) == [head_id] and scaler.status()["instance_failures"] == 1
         again = stream_completion(stack.function_url() + "/v1/completions", body)
         assert again.status == 200 and again.token_ids == first.token_ids
-        def replica_node_free() -> float:
-            return next(sum(n.gpu_free_gb) for n in stack.placement.cluster().nodes if n.name == replica.stages[0].node)
-
+        node = replica.stages[0].node
         deadline = time.monotonic() + 10
-        while replica_node_free() < options.node_gpu_memory_gb and time.monotonic() < deadline:
+        while free_gb(stack)[node] < at_zero[node] and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert replica_node_free() == options.node_gpu_memory_gb  # the replica's memory is back
+        assert free_gb(stack)[node] == at_zero[node]  # the replica's memory is back
         assert stack.placement.cluster().active_plans == 1  # the head's part of the plan remains
         deadline = time.monotonic() + 30
         while scaler.state.value != "zero" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert scaler.state.value == "zero"
         assert stack.placement.cluster().active_plans == 0
-        assert all(sum(n.gpu_free_gb) == options.node_gpu_memory_gb for n in stack.placement.cluster().nodes)
+        assert free_gb(stack) == at_zero
     assert stack.leftovers == []

@@ -29,7 +29,7 @@ def group_model(group_llama_dir: Path) -> Path:
 
 @pytest.fixture
 def stack(group_model: Path) -> Iterator[LocalStack]:
-    options = StackOptions(nodes=2, model_dir=group_model, node_nic_gbps=0.05, ttft_slo_s=4.5, idle_timeout_s=30.0,
+    options = StackOptions(nodes=2, model_dir=group_model, node_nic_gbps=0.05, ttft_slo_s=3.0, idle_timeout_s=30.0,
                            progress=False, function_name="grouped", function={"consolidate": False})
     with LocalStack(options) as s:
         yield s

@@ -43,6 +43,7 @@ class FakeWorker:
     stopped: bool = False
     consolidated: bool = False
     state: str = "ready"
+    adopted: bool = False
     gone: bool = False  # "killed": lost once wait_ready ran
 
     def wait_ready(self, timeout_s: float) -> None:

@@ -12,7 +12,8 @@ kept until ``prewarm_s + keep_alive_s``. It is not representative, and the polic
   fixed keep-alive;
 - bin counts spread out (coefficient of variation under ``min_cv``: no pattern to exploit):
   no pre-warm, keep alive for the whole range (the paper's conservative choice).
-Pure: the live gateway and the simulator call the same ``decide``.
+Pure: the live gateway (activator/scaler.py) and the placement simulator
+(provider/sim/engine.py) keep one ``InvocationHistory`` per function and act on its ``decision``.
 """
 
 from __future__ import annotations
@@ -108,3 +109,25 @@ def decide(hist: IdleHistogram, settings: PolicySettings = PolicySettings()) -> 
     prewarm = max(0.0, head * (1 - settings.margin))
     tail = hist.percentile_s(settings.tail_q) * (1 + settings.margin)
     return KeepAlive(prewarm, max(hist.bin_s, tail - prewarm), "histogram")
+
+
+@dataclass
+class InvocationHistory:
+    """One function's idle times, fed as it turns busy (a request arrives with none in flight)
+    and idle (its last request ended, none waiting)."""
+
+    histogram: IdleHistogram = field(default_factory=IdleHistogram)
+    settings: PolicySettings = field(default_factory=PolicySettings)
+    idle_since: float | None = None
+
+    def busy(self, now: float) -> None:
+        if self.idle_since is not None:
+            self.histogram.observe(max(0.0, now - self.idle_since))
+            self.idle_since = None
+
+    def idle(self, now: float) -> None:
+        if self.idle_since is None:
+            self.idle_since = now
+
+    def decision(self) -> KeepAlive:
+        return decide(self.histogram, self.settings)

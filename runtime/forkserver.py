@@ -1,0 +1,390 @@
+"""A node's warm pool: a fork server that imported the runtime once and forks idle workers from it.
+
+Started once per node (`python -m hydraserve.runtime.forkserver`, inside the node's network
+namespace on the emulated cluster, so every child is there too). It imports torch and the
+whole runtime (the 1.5-2 s a spawned worker spends in `libraries_imported`), does nothing that
+starts a thread, then forks ``pool_size`` children that wait, idle, for an assignment. A cold
+start *adopts* one (``POST /v1/adopt`` with the worker's environment): the child takes the
+function's identity, stage and loaderd lease from that environment and runs the worker from
+``http_listening`` on, its imports already done; the pool forks a replacement at once. The
+parent only ever forks while it is the only thread of its process (checked before every fork:
+fork copies one thread, and a lock another thread held stays locked in the child forever),
+which is why this is a select loop and not a threaded server. Where CUDA exists the device is
+initialised after the fork, in the child (the worker's first tensor op): a CUDA context does
+not survive fork. Not run here (no GPU).
+
+The control API is HTTP/1.1 on a Unix socket (mode 0600) with the node's bearer token:
+``POST /v1/adopt``, ``GET /v1/status``; ``GET /metrics`` (Prometheus text) and ``GET /healthz``
+are public, as everywhere. An idle child that died is reaped and replaced, never handed out.
+Idle children exit when the server goes (their end of the socket pair reads EOF); adopted
+workers are the launcher's: it stops them by pid, as it stops spawned ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+log = logging.getLogger("hydraserve.forkserver")
+
+# What a spawned worker imports before it can load anything (its "libraries" phase).
+PRELOAD = ("hydraserve.runtime.worker", "hydraserve.runtime.startup", "hydraserve.runtime.loader_files",
+           "hydraserve.runtime.roles", "hydraserve.runtime.engine.engine", "hydraserve.runtime.engine.factory",
+           "hydraserve.runtime.server.app", "hydraserve.weights.s3")
+MAX_REQUEST_BYTES = 1 << 20
+ACK = b"ok\n"
+
+
+def thread_count() -> int:
+    """Threads of this process as the kernel sees them (native ones too, not only Python's)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def memory_kb(pid: int | str = "self") -> dict[str, int]:
+    """Rss, Pss and the private (unshared) kB of a process, from /proc/PID/smaps_rollup."""
+    out = {"rss": 0, "pss": 0, "private": 0}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                out[key.lower()] = int(rest.split()[0])
+            elif key in ("Private_Clean", "Private_Dirty"):
+                out["private"] += int(rest.split()[0])
+    return out
+
+
+@dataclass
+class Pooled:
+    """One idle child: its pid and the socket its assignment will arrive on."""
+
+    pid: int
+    conn: socket.socket
+    since: float = field(default_factory=time.time)
+
+
+class PoolMetrics:
+    def __init__(self, node: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"node": node}
+        self.size = Gauge("hydraserve_pool_size", "Idle runtime processes the pool keeps", ["node"],
+                          registry=self.registry).labels(**labels)
+        self.idle = Gauge("hydraserve_pool_idle", "Idle runtime processes ready to be adopted", ["node"],
+                          registry=self.registry).labels(**labels)
+        self.adopted = Counter("hydraserve_pool_adopted_total", "Workers that started as an adopted pooled process",
+                               ["node", "fresh"], registry=self.registry)
+        self.forks = Counter("hydraserve_pool_forks_total", "Children forked", ["node"],
+                             registry=self.registry).labels(**labels)
+        self.idle_deaths = Counter("hydraserve_pool_idle_deaths_total", "Idle children that died and were replaced",
+                                   ["node"], registry=self.registry).labels(**labels)
+        self.node = node
+
+
+class ForkServer:
+    """The select loop; ``serve_forever`` returns on SIGTERM/SIGINT (idle children then exit)."""
+
+    def __init__(self, socket_path: Path, token: str, pool_size: int, node: str = "") -> None:
+        self.socket_path = socket_path
+        self._token = token
+        self.pool_size = pool_size
+        self.idle: list[Pooled] = []
+        self.exits: dict[int, int] = {}  # pid -> exit code of children reaped (adopted ones included)
+        self.adopted: set[int] = set()
+        self.threads_at_fork: list[int] = []  # the thread count before each fork (always 1)
+        self.metrics = PoolMetrics(node)
+        self.metrics.size.set(pool_size)
+        self._stop = False
+        self._listener: socket.socket | None = None
+
+    # the loop -----------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self._ask_stop)
+        signal.signal(signal.SIGINT, self._ask_stop)
+        self.socket_path.unlink(missing_ok=True)
+        listener = self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket file is the owner's alone
+        try:
+            listener.bind(str(self.socket_path))
+        finally:
+            os.umask(old)
+        listener.listen(64)
+        log.info("pool listening", extra={"socket": str(self.socket_path), "pool_size": self.pool_size})
+        try:
+            while not self._stop:
+                self._reap()
+                self._refill()
+                try:
+                    readable, _, _ = select.select([listener], [], [], 0.2)
+                except InterruptedError:
+                    continue
+                if readable:
+                    self._handle(listener)
+        finally:
+            self._shutdown()
+
+    def _ask_stop(self, _signum: int, _frame: object) -> None:
+        self._stop = True
+
+    def _shutdown(self) -> None:
+        for child in self.idle:
+            child.conn.close()  # its recv reads EOF: it exits
+        deadline = time.monotonic() + 2
+        while self.idle and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.02)
+        for child in self.idle:
+            _kill(child.pid)
+        if self._listener is not None:
+            self._listener.close()
+        self.socket_path.unlink(missing_ok=True)
+
+    # children -----------------------------------------------------------------------------
+    def _fork(self) -> Pooled:
+        threads = thread_count()
+        self.threads_at_fork.append(threads)
+        if threads != 1:
+            raise RuntimeError(f"{threads} threads in the fork server: forking now could copy a held lock")
+        parent_end, child_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 70
+            try:
+                parent_end.close()
+                if self._listener is not None:
+                    self._listener.close()
+                for other in self.idle:
+                    other.conn.close()
+                code = _child(child_end)
+            except BaseException:
+                logging.getLogger("hydraserve.worker").exception("pooled worker failed")
+            finally:
+                _flush()
+                os._exit(code)
+        child_end.close()
+        self.metrics.forks.inc()
+        return Pooled(pid, parent_end)
+
+    def _refill(self) -> None:
+        while len(self.idle) < self.pool_size and not self._stop:
+            try:
+                self.idle.append(self._fork())
+            except (RuntimeError, OSError) as exc:
+                log.error("cannot refill the pool: %s", exc)
+                return
+        self.metrics.idle.set(len(self.idle))
+
+    def _reap(self) -> None:
+        """Collect every child that exited; an idle one leaves the pool (replaced by _refill)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.exits[pid] = os.waitstatus_to_exitcode(status)
+            dead = [c for c in self.idle if c.pid == pid]
+            for child in dead:
+                child.conn.close()
+                self.idle.remove(child)
+                if not self._stop:
+                    self.metrics.idle_deaths.inc()
+                    log.warning("idle pooled process %d died (code %d): replaced", pid, self.exits[pid])
+
+    def adopt(self, env: dict[str, str], log_path: str) -> dict[str, object]:
+        """Hand the oldest live idle child its assignment (a fresh fork if none is idle)."""
+        self._reap()
+        assignment = json.dumps({"env": env, "log_path": log_path, "adopted_at": time.time()}).encode() + b"\n"
+        while True:
+            fresh = not self.idle
+            child = self._fork() if fresh else self.idle.pop(0)
+            if not _hand_over(child, assignment):  # it died (or is dying) since the last reap
+                child.conn.close()
+                _kill(child.pid)
+                self.metrics.idle_deaths.inc()
+                log.warning("pooled process %d did not take its assignment: not handed out", child.pid)
+                continue
+            child.conn.close()
+            self.adopted.add(child.pid)
+            self.metrics.adopted.labels(self.metrics.node, str(fresh).lower()).inc()
+            self.metrics.idle.set(len(self.idle))
+            return {"pid": child.pid, "fresh": fresh, "pooled_s": round(time.time() - child.since, 3)}
+
+    def status(self) -> dict[str, object]:
+        return {"pool_size": self.pool_size, "idle": [c.pid for c in self.idle], "adopted": sorted(self.adopted),
+                "exits": {str(pid): code for pid, code in self.exits.items()},
+                "threads_at_fork": sorted(set(self.threads_at_fork)), "server_memory_kb": memory_kb(),
+                "idle_memory_kb": [memory_kb(c.pid) for c in self.idle if Path(f"/proc/{c.pid}").exists()]}
+
+    # HTTP/1.1 on the Unix socket, one request per connection ------------------------------
+    def _handle(self, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(2.0)
+        try:
+            status, body = self._route(*_read_request(conn))
+        except ValueError as exc:
+            status, body = 400, {"error": {"type": "invalid_request", "message": str(exc)}}
+        except (OSError, TimeoutError):
+            conn.close()
+            return
+        except RuntimeError as exc:
+            status, body = 503, {"error": {"type": "temporarily_unavailable", "message": str(exc)}}
+        _write_response(conn, status, body)
+
+    def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, object]:
+        if path == "/healthz":
+            return 200, {"status": "ok", "idle": len(self.idle)}
+        if path == "/metrics":
+            return 200, generate_latest(self.metrics.registry)
+        supplied = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(supplied.encode(), self._token.encode()):
+            return 401, {"error": {"type": "unauthorized", "message": "a valid bearer token is required"}}
+        if (method, path) == ("GET", "/v1/status"):
+            return 200, self.status()
+        if (method, path) == ("POST", "/v1/adopt"):
+            request = json.loads(body or b"null")
+            if not (isinstance(request, dict) and isinstance(request.get("env"), dict)
+                    and isinstance(request.get("log_path"), str)
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in request["env"].items())):
+                raise ValueError("body must be {\"env\": {str: str}, \"log_path\": str}")
+            return 200, self.adopt(request["env"], request["log_path"])
+        return 404, {"error": {"type": "not_found", "message": f"no route {method} {path}"}}
+
+
+def _child(conn: socket.socket) -> int:
+    """A pooled process: wait for an assignment, then become that worker (its exit code)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.setsid()  # its own session, as a spawned worker has: stopped as a group
+    line = conn.makefile("rb").readline()
+    if not line:
+        return 0  # the server went away before anyone adopted me
+    conn.sendall(ACK)  # I live and took it: the server hands me out
+    conn.close()
+    assignment = json.loads(line)
+    fd = os.open(assignment["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.environ.update(assignment["env"])
+    import random
+
+    import torch
+
+    random.seed()
+    torch.seed()  # not the fork server's generator state, shared by every sibling
+    from hydraserve.contracts.worker import WorkerEnvironment
+    from hydraserve.logs import configure_logging
+    from hydraserve.runtime.worker import run_worker
+
+    configure_logging("worker")
+    return run_worker(WorkerEnvironment.from_env(), adopted_at=float(assignment["adopted_at"]))
+
+
+def _hand_over(child: Pooled, assignment: bytes, timeout_s: float = 2.0) -> bool:
+    """Send the assignment and wait for the child's acknowledgement: a child being killed can
+    still have its socket buffer the message, but it never answers."""
+    try:
+        child.conn.settimeout(timeout_s)
+        child.conn.sendall(assignment)
+        return child.conn.recv(len(ACK)) == ACK
+    except OSError:
+        return False
+
+
+def _read_request(conn: socket.socket) -> tuple[str, str, dict[str, str], bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ValueError("the request ended before its headers")
+        data += chunk
+        if len(data) > MAX_REQUEST_BYTES:
+            raise ValueError("request too large")
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _version = lines[0].split(" ", 2)
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    if length > MAX_REQUEST_BYTES:
+        raise ValueError("request too large")
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ValueError("the request ended before its body")
+        body += chunk
+    return method, path.split("?", 1)[0], headers, body[:length]
+
+
+def _write_response(conn: socket.socket, status: int, body: object) -> None:
+    if isinstance(body, bytes):
+        payload, kind = body, "text/plain; version=0.0.4"
+    else:
+        payload, kind = json.dumps(body).encode(), "application/json"
+    reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 503: "Service Unavailable"}
+    head = (f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\nContent-Type: {kind}\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+    try:
+        conn.sendall(head + payload)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _flush() -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hydraserve.runtime.forkserver",
+                                     description="A node's warm pool of pre-imported runtime processes")
+    parser.add_argument("--socket", type=Path, required=True, help="the Unix socket it listens on (mode 0600)")
+    parser.add_argument("--token-file", type=Path, required=True, help="file holding the bearer token")
+    parser.add_argument("--pool-size", type=int, default=1, help="idle processes it keeps (0: fork on demand)")
+    parser.add_argument("--node", default="", help="the node's name (metrics label)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS pool would be a thread before the fork
+    from hydraserve.auth import read_token
+    from hydraserve.logs import configure_logging
+
+    configure_logging("forkserver")
+    token = read_token(str(args.token_file), "")
+    started = time.monotonic()
+    import importlib
+
+    for module in PRELOAD:
+        importlib.import_module(module)
+    log.info("runtime imported", extra={"seconds": round(time.monotonic() - started, 3), "threads": thread_count()})
+    ForkServer(args.socket, token, max(0, args.pool_size), args.node).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The launcher's side of a node's warm pool (runtime/forkserver.py): adopt a pooled process,
+read the pool's status, and watch an adopted worker that is not the launcher's child.
+
+Light (no torch): the process launcher imports it. An adopted worker is the fork server's child,
+so the launcher cannot wait() for it; ``AdoptedProcess`` gives it the subset of
+``subprocess.Popen`` the launcher uses (poll, wait, send_signal, pid, returncode) through a
+pidfd, which becomes readable when the process exits and never names a recycled pid; its exit
+code comes from the fork server, which reaps it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydraserve.errors import HydraError, TemporaryError, UnreachableError
+
+UNKNOWN_EXIT = -255  # the fork server that reaped it is gone: its code is lost
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout_s: float) -> None:
+        super().__init__("pool", timeout=timeout_s)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._path))
+        self.sock = sock
+
+
+@dataclass(frozen=True)
+class Adoption:
+    pid: int
+    fresh: bool  # no idle process was left: forked on demand (still without the import)
+    pooled_s: float  # how long it waited in the pool
+
+
+class ForkServerClient:
+    """Calls to one node's fork server over its Unix socket (one connection per call)."""
+
+    def __init__(self, socket_path: Path, token: str, timeout_s: float = 5.0) -> None:
+        self.socket_path = socket_path
+        self._token = token
+        self._timeout_s = timeout_s
+
+    def _call(self, method: str, path: str, body: object | None = None) -> object:
+        conn = _UnixConnection(self.socket_path, self._timeout_s)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"}
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        except OSError as exc:
+            raise UnreachableError(f"warm pool at {self.socket_path} did not answer: {exc}") from exc
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise TemporaryError(f"warm pool at {self.socket_path}: HTTP {response.status} {data[:300]!r}")
+        return json.loads(data) if response.getheader("Content-Type", "").startswith("application/json") else data
+
+    def adopt(self, env: dict[str, str], log_path: Path) -> AdoptedProcess:
+        """A pooled process becomes the worker ``env`` describes, its output appended to ``log_path``."""
+        answer = self._call("POST", "/v1/adopt", {"env": env, "log_path": str(log_path)})
+        assert isinstance(answer, dict)
+        adoption = Adoption(int(answer["pid"]), bool(answer["fresh"]), float(answer["pooled_s"]))
+        return AdoptedProcess(adoption, self)
+
+    def status(self) -> dict[str, object]:
+        answer = self._call("GET", "/v1/status")
+        assert isinstance(answer, dict)
+        return answer
+
+    def metrics(self) -> str:
+        answer = self._call("GET", "/metrics")
+        return answer.decode() if isinstance(answer, bytes) else json.dumps(answer)
+
+    def exit_code(self, pid: int) -> int | None:
+        """The code of a child the server reaped (None: not yet; UNKNOWN_EXIT: the server is gone)."""
+        try:
+            exits = self.status()["exits"]
+        except HydraError:
+            return UNKNOWN_EXIT
+        assert isinstance(exits, dict)
+        code = exits.get(str(pid))
+        return int(code) if code is not None else None
+
+
+class AdoptedProcess:
+    """An adopted worker, watched through a pidfd (the part of Popen the launcher uses)."""
+
+    def __init__(self, adoption: Adoption, pool: ForkServerClient) -> None:
+        self.adoption = adoption
+        self.pid = adoption.pid
+        self._pool = pool
+        self._pidfd = os.pidfd_open(self.pid)  # taken while it runs: it was handed its work a moment ago
+        self._lock = threading.Lock()
+        self.returncode: int | None = None
+
+    def _exited(self, timeout_s: float) -> bool:
+        readable, _, _ = select.select([self._pidfd], [], [], max(0.0, timeout_s))
+        return bool(readable)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._exited(0):
+            self._settle(0.5)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not self._exited(3600.0 if timeout is None else timeout):
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+            self._settle(1.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def _settle(self, within_s: float) -> None:
+        """It exited: its code, once the fork server (polling every 0.2 s) reaped it."""
+        with self._lock:  # the launcher's threads poll and stop the same worker
+            if self.returncode is not None:
+                return
+            deadline = time.monotonic() + within_s
+            code = self._pool.exit_code(self.pid)
+            while code is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                code = self._pool.exit_code(self.pid)
+            self.returncode = code if code is not None else UNKNOWN_EXIT
+
+    def __del__(self) -> None:  # kept open until then: another thread may still select on it
+        os.close(self._pidfd)
+
+    def send_signal(self, sig: int) -> None:
+        with self._lock:
+            if self.returncode is None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+
+def pool_memory_gb(status: dict[str, object]) -> float:
+    """What a pool holds, from its status: the fork server's resident memory (its pages are
+    shared by every child, counted once) plus each idle child's private pages, in GB rounded up
+    to 0.1 (the placement service's unit)."""
+    server = status["server_memory_kb"]
+    idle = status["idle_memory_kb"]
+    assert isinstance(server, dict) and isinstance(idle, list)
+    kb = int(server["rss"]) + sum(int(m["private"]) for m in idle)
+    return math.ceil(kb * 1024 / 1e9 * 10) / 10
+
+
+def wait_until_serving(pool: ForkServerClient, timeout_s: float, poll_s: float = 0.05) -> dict[str, object]:
+    """The pool's status once its fork server answers and every idle process exists."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            status = pool.status()
+            idle = status["idle"]
+            if isinstance(idle, list) and len(idle) >= int(str(status["pool_size"])):
+                return status
+        except HydraError:
+            pass
+        if time.monotonic() > deadline:
+            raise TemporaryError(f"warm pool at {pool.socket_path} not serving within {timeout_s:.0f} s")
+        time.sleep(poll_s)

@@ -1,0 +1,169 @@
+"""The node's warm pool (runtime/forkserver.py) as a real process over its real Unix socket:
+pooled processes forked while the server is its only thread, adopted as workers with the
+identity and stage their environment names, replaced when they die idle (never handed out), gone
+with the server; the launcher falls back to spawning when the pool does not answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from hydraserve.auth import new_token_file
+from hydraserve.contracts.stage import StagePlan
+from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.errors import TemporaryError, UnreachableError
+from hydraserve.processes import ChildProcess, free_port
+from hydraserve.provider.backends.process import ProcessLauncher
+from hydraserve.runtime.forkserver_client import ForkServerClient, pool_memory_gb, wait_until_serving
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(check, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class Pool:
+    def __init__(self, tmp: Path, size: int) -> None:
+        token, token_file = new_token_file(tmp)
+        self.socket = tmp / "pool.sock"
+        self.process = ChildProcess("pool", [sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
+                                             str(self.socket), "--token-file", str(token_file), "--pool-size",
+                                             str(size), "--node", "n0"], log_path=tmp / "pool.log")
+        self.client = ForkServerClient(self.socket, token)
+        self.token = token
+        wait_until_serving(self.client, 60)
+
+
+LAUNCHED: list = []  # every worker a test launched: stopped at teardown even when the test fails
+
+
+@pytest.fixture(autouse=True)
+def _stop_launched_workers() -> Iterator[None]:
+    yield
+    while LAUNCHED:
+        LAUNCHED.pop().stop(grace_s=2)
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    p = Pool(tmp_path, size=2)
+    yield p
+    p.process.stop(grace_s=5)
+
+
+def worker_env(model_dir: Path, **fields: object) -> WorkerEnvironment:
+    return WorkerEnvironment.model_validate({"model_uri": str(model_dir), "function": "fn", "revision": "fn-00001",
+                                             "instance_id": "fn-abc", "port": free_port(), **fields})
+
+
+def launch(pool: Pool, tmp: Path, env: WorkerEnvironment):  # type: ignore[no-untyped-def]
+    launcher = ProcessLauncher(tmp / "workers", pools={"n0": pool.client})
+    worker = launcher.launch("n0", env)
+    LAUNCHED.append(worker)
+    return worker
+
+
+def test_the_pool_forks_only_as_a_single_thread_and_reports_itself(pool: Pool) -> None:
+    status = pool.client.status()
+    assert len(status["idle"]) == 2 and status["threads_at_fork"] == [1]  # type: ignore[arg-type]
+    assert all(alive(pid) for pid in status["idle"])  # type: ignore[union-attr]
+    memory = status["idle_memory_kb"]
+    assert isinstance(memory, list) and all(m["rss"] > 50_000 and m["private"] < m["rss"] / 4 for m in memory)
+    assert 0.1 <= pool_memory_gb(status) < 2.0  # the server's resident pages, once, plus each child's own
+    metrics = pool.client.metrics()
+    assert 'hydraserve_pool_size{node="n0"} 2.0' in metrics and 'hydraserve_pool_idle{node="n0"} 2.0' in metrics
+    assert ForkServerClient(pool.socket, "wrong").metrics() == metrics  # probes and scrapes are public
+    with pytest.raises(TemporaryError, match="401"):
+        ForkServerClient(pool.socket, "wrong").status()
+    assert oct(pool.socket.stat().st_mode & 0o777) == "0o600"
+
+
+def test_bad_adoption_requests_are_400_and_adopt_nothing(pool: Pool) -> None:
+    before = pool.client.status()["idle"]
+    for body in ({"env": "x", "log_path": "/tmp/x"}, {"env": {"A": 1}, "log_path": "/tmp/x"}, [1]):
+        with pytest.raises(TemporaryError, match="400"):
+            pool.client._call("POST", "/v1/adopt", body)
+    assert pool.client.status()["idle"] == before
+
+
+def test_an_adopted_process_serves_as_the_worker_its_environment_names(pool: Pool, tmp_path: Path,
+                                                                       tiny_llama_dir: Path) -> None:
+    idle = list(pool.client.status()["idle"])  # type: ignore[call-overload]
+    worker = launch(pool, tmp_path, worker_env(tiny_llama_dir))
+    assert worker.adopted and worker.proc.pid == idle[0]  # the oldest idle one
+    worker.wait_ready(60)
+    status = requests.get(worker.url + "/readyz", timeout=5).json()
+    assert (status["function"], status["revision"]) == ("fn", "fn-00001")
+    answer = requests.post(worker.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=30)
+    assert answer.status_code == 200 and answer.json()["model"] == "fn"
+    started = worker.timeline().first("process_started")
+    assert started is not None and started.detail["adopted"] is True and started.detail["pooled_s"] >= 0
+    refilled = pool.client.status()["idle"]
+    assert len(refilled) == 2 and idle[0] not in refilled  # type: ignore[arg-type,operator]
+    assert worker.stop(grace_s=10) == 0 and not alive(worker.proc.pid)  # drained on SIGTERM, its code known
+
+
+def test_an_adopted_inner_stage_takes_its_stage(pool: Pool, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    stage = StagePlan.from_boundaries(2, [0, 1, 2]).stages[1]
+    peers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    env = worker_env(tiny_llama_dir, stage=stage.model_dump(), full=False, peers=peers,
+                     transport_port=int(peers[1].rsplit(":", 1)[1]))
+    worker = launch(pool, tmp_path, env)
+    worker.wait_ready(60)
+    ready = worker.timeline().first("engine_ready")
+    assert ready is not None and ready.detail["role"] == "stage"
+    assert requests.post(worker.url + "/v1/completions", json={"prompt": "x"}, timeout=5).status_code == 404
+    worker.stop(grace_s=2)
+
+
+def test_an_idle_process_that_died_is_replaced_and_never_handed_out(pool: Pool, tmp_path: Path,
+                                                                    tiny_llama_dir: Path) -> None:
+    dead, other = pool.client.status()["idle"]  # type: ignore[misc]
+    os.kill(dead, signal.SIGKILL)
+    worker = launch(pool, tmp_path, worker_env(tiny_llama_dir))  # at once: before the server noticed
+    assert worker.proc.pid != dead and worker.proc.pid == other
+    worker.wait_ready(60)
+    assert wait_for(lambda: len(pool.client.status()["idle"]) == 2)  # type: ignore[arg-type]
+    assert dead not in pool.client.status()["idle"]  # type: ignore[operator]
+    assert 'hydraserve_pool_idle_deaths_total{node="n0"} 1.0' in pool.client.metrics()
+    worker.stop(grace_s=5)
+
+
+def test_idle_processes_go_with_the_server_and_the_launcher_then_spawns(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    p = Pool(tmp_path, size=2)
+    LAUNCHED.append(p.process)
+    adopted = launch(p, tmp_path, worker_env(tiny_llama_dir))
+    adopted.wait_ready(60)
+    idle = list(wait_until_serving(p.client, 10)["idle"])  # type: ignore[call-overload]
+    assert adopted.proc.pid not in idle and len(idle) == 2
+    os.kill(p.process.proc.pid, signal.SIGKILL)  # the pool dies hard
+    p.process.proc.wait(5)
+    assert wait_for(lambda: not any(alive(pid) for pid in idle)), "idle pooled processes outlived their server"
+    assert alive(adopted.proc.pid)  # a worker serving is the launcher's, not the pool's
+    with pytest.raises(UnreachableError):
+        p.client.status()
+    spawned = launch(p, tmp_path, worker_env(tiny_llama_dir))
+    assert not spawned.adopted
+    spawned.wait_ready(60)
+    for worker in (adopted, spawned):
+        worker.stop(grace_s=5)
+        assert not alive(worker.proc.pid)
