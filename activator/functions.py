@@ -7,6 +7,7 @@ annotations). Names are validated once here, so no other module sees a hostile n
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -28,7 +29,12 @@ class FunctionConfig(BaseModel):
     model_uri: str
     ttft_slo_s: float = Field(default=10.0, gt=0)
     tpot_slo_s: float = Field(default=0.2, gt=0)
-    idle_timeout_s: float = Field(default=30.0, ge=0)
+    idle_timeout_s: float = Field(default=30.0, ge=0, description="keep-alive after the last request (with "
+                                  "keep_alive histogram: until the function's own history says otherwise)")
+    keep_alive: Literal["fixed", "histogram"] = Field(
+        default="histogram", description="fixed: idle_timeout_s always; histogram: the hybrid histogram policy "
+        "of Serverless in the Wild on the function's idle times (pre-warm before a likely arrival, keep alive "
+        "to the tail), idle_timeout_s until there is enough history (activator/keepalive.py)")
     max_queue: int = Field(default=10_000, ge=1, description="requests parked at once (as Knative's activator); "
                            "more get 503 + Retry-After")
     request_timeout_s: float = Field(default=120.0, gt=0, description="longest a request waits for a free instance")

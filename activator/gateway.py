@@ -11,8 +11,9 @@ instance broke off ends with an error event. The gateway's own routes (/healthz,
 /v1/functions, /v1/models) are never shadowed by a Host and never wait for a function; the
 admin routes (/v1/functions...) need the gateway's bearer token, the function and OpenAI
 routes are the public way in. A
-reaper task scales idle instances in with the injected clock and fails instances whose workers
-the backend lost.
+reaper task scales idle instances in with the injected clock (each function's keep-alive from its
+own idle-time history: activator/keepalive.py), pre-warms functions due for it, and fails
+instances whose workers the backend lost.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class Gateway:
             try:
                 await scaler.check_instances()
                 await scaler.scale_in_idle(self._clock())
+                await scaler.prewarm_if_due(self._clock())
             except Exception:
                 log.exception("reaping %s failed", scaler.config.name)
             self.metrics.instances.labels(scaler.config.name).set(len(scaler.instances))

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-Reason = Literal["histogram", "too_little_history", "out_of_range", "no_pattern"]
+Reason = Literal["histogram", "too_little_history", "out_of_range", "no_pattern", "fixed"]
 
 
 @dataclass(frozen=True)

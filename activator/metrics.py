@@ -18,6 +18,10 @@ class GatewayMetrics:
         self.replicas = Counter("hydraserve_gateway_replicas_total",
                                 "Instances added when a consolidated pipeline group's other full workers "
                                 "began serving on their own", ["function"], registry=self.registry)
+        self.prewarms = Counter("hydraserve_gateway_prewarms_total",
+                                "Pre-warms asked for (weights fetched into a node's loaderd before a likely "
+                                "arrival, from the function's idle-time histogram)", ["function"],
+                                registry=self.registry)
         self.instance_failures = Counter("hydraserve_gateway_instance_failures_total",
                                          "Instances failed while serving (lost worker, broken group)",
                                          ["function"], registry=self.registry)

@@ -53,6 +53,12 @@ class FunctionBackend(Protocol):
         from then on (stop, fail, lost_nodes by its id); nothing is returned twice."""
         ...
 
+    def prewarm(self, function: FunctionConfig, hold_s: float) -> int:
+        """Fetch the function's weights into the loaderd of the node(s) its next cold start
+        would use and hold them there ``hold_s`` seconds; the bytes fetched (0: already there).
+        Best effort: a node that cannot take them is skipped."""
+        ...
+
     def lost_nodes(self, instance_id: str) -> tuple[str, ...]:
         """Nodes where the instance lost a worker (cheap; asked every reaper tick)."""
         ...

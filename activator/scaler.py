@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from hydraserve.activator.functions import FunctionConfig
+from hydraserve.activator.keepalive import InvocationHistory, KeepAlive, PolicySettings
 from hydraserve.activator.metrics import GatewayMetrics
 from hydraserve.activator.ports import Endpoint, FunctionBackend
 from hydraserve.contracts.timeline import Timeline
@@ -91,6 +92,9 @@ class FunctionScaler:
         self._tasks: set[asyncio.Task[None]] = set()
         self.last_failure: str | None = None
         self.last_timeline: Timeline | None = None
+        self.history = InvocationHistory(settings=PolicySettings(fixed_keep_alive_s=config.idle_timeout_s))
+        self._prewarmed = False  # this idle period's pre-warm was asked for
+        self.prewarms = 0
         self.cold_starts = 0  # instances that became ready
         self.replicas = 0  # instances that came from a consolidated group's other full workers
         self.instance_failures = 0
@@ -108,6 +112,8 @@ class FunctionScaler:
         """A slot on an instance for one request (parked through a cold start); pair with release()."""
         if self._closed:
             raise TemporaryError(f"function {self.config.name} is shutting down", retry_after_s=1.0)
+        if not self._waiting and not self.inflight:  # the function turns busy: its idle time ends
+            self.history.busy(self._clock())
         instance = self._free_instance()
         if instance is not None and not self._waiting:  # first come, first served
             return self._take(instance)
@@ -134,11 +140,18 @@ class FunctionScaler:
                 self._handed -= 1
             self._waiting -= 1
             self._metrics.waiting.labels(self.config.name).dec()
+            self._maybe_idle()
 
     def release(self, instance: Instance) -> None:
         instance.inflight -= 1
         instance.last_active = self._clock()
         self._dispatch()
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self._waiting and not self.inflight:
+            self.history.idle(self._clock())
+            self._prewarmed = False
 
     def first_response(self, instance: Instance) -> None:
         """The proxy saw the instance's first response byte: close its cold start's timeline."""
@@ -310,22 +323,57 @@ class FunctionScaler:
                  endpoint.instance_id)
         self._dispatch()
 
-    # scale in ----------------------------------------------------------------------------
+    # scale in, keep alive, pre-warm -----------------------------------------------------------
+    def keep_alive(self) -> KeepAlive:
+        """What to do after the last request: the function's own history (keep_alive histogram),
+        or idle_timeout_s."""
+        if self.config.keep_alive == "fixed":
+            return KeepAlive(0.0, self.config.idle_timeout_s, "fixed")
+        return self.history.decision()
+
+    def _keep_alive_s(self) -> float:
+        """How long an idle instance stays: to the end of the window, or not at all when the
+        function will be pre-warmed before its next likely arrival instead."""
+        decision = self.keep_alive()
+        return decision.keep_alive_s if decision.prewarm_s == 0 else 0.0
+
     async def scale_in_idle(self, now: float) -> int:
-        """Stop instances that served nothing for idle_timeout_s while nothing waits; how many.
+        """Stop instances that served nothing for the keep-alive while nothing waits; how many.
         They leave the table before any await (a request arriving meanwhile cannot take one), and
         are stopped in the background (a slow drain does not hold up the reaper)."""
         if self._waiting:
             return 0
-        idle = [i for i in self.instances.values()
-                if i.inflight == 0 and now - i.last_active >= self.config.idle_timeout_s]
+        keep_s = self._keep_alive_s()
+        idle = [i for i in self.instances.values() if i.inflight == 0 and now - i.last_active >= keep_s]
         for instance in idle:
             del self.instances[instance.instance_id]
             log.info("instance %s of %s idle for %.0f s: stopping it", instance.instance_id,
-                     self.config.name, self.config.idle_timeout_s)
+                     self.config.name, keep_s)
             self._stopping += 1
             self._spawn(self._stop_in_backend(instance))
         return len(idle)
+
+    async def prewarm_if_due(self, now: float) -> bool:
+        """Reaper tick: once the function, at zero, has been idle for its pre-warm window, have
+        its weights fetched into a node's loaderd (held there for the keep-alive window), so its
+        next cold start finds them resident; True if this call asked."""
+        decision = self.keep_alive()
+        since = self.history.idle_since
+        if (self._prewarmed or self._closed or decision.prewarm_s <= 0 or since is None or self.instances
+                or self._starting or now - since < decision.prewarm_s):
+            return False
+        self._prewarmed = True
+        self.prewarms += 1
+        self._metrics.prewarms.labels(self.config.name).inc()
+        self._spawn(self._prewarm_in_backend(decision.keep_alive_s))
+        return True
+
+    async def _prewarm_in_backend(self, hold_s: float) -> None:
+        try:
+            fetched = await self._blocking(self._backend.prewarm, self.config, hold_s)
+            log.info("pre-warmed %s: %d bytes fetched, held %.0f s", self.config.name, fetched, hold_s)
+        except Exception:
+            log.exception("pre-warming %s failed", self.config.name)
 
     async def _stop_in_backend(self, instance: Instance) -> None:
         try:
@@ -366,7 +414,9 @@ class FunctionScaler:
     def status(self) -> dict[str, object]:
         return {"name": self.config.name, "model_uri": self.config.model_uri, "state": self.state.value, "inflight": self.inflight,
                 "waiting": self._waiting, "starting": self._starting, "cold_starts": self.cold_starts,
-                "replicas": self.replicas,
+                "replicas": self.replicas, "prewarms": self.prewarms,
+                "keep_alive": {"prewarm_s": (ka := self.keep_alive()).prewarm_s, "keep_alive_s": ka.keep_alive_s,
+                               "reason": ka.reason},
                 "instance_failures": self.instance_failures, "last_failure": self.last_failure,
                 "instances": [{"id": i.instance_id, "url": i.endpoint.url, "inflight": i.inflight}
                               for i in self.instances.values()]}

@@ -69,8 +69,8 @@ class ClusterState:
     # ---- nodes -------------------------------------------------------------------------------
     def upsert_node(self, info: NodeInfo, now: float) -> NodeState:
         """Register a node or replace its record, keeping the allocations we made on it; its
-        warm pool's memory comes out of device 0 (ConflictError, nothing changed, if the
-        allocations leave no room for it)."""
+        warm pool's memory comes out of device 0 (ConflictError, nothing changed, when a new
+        node's pool, or a pool that grew, finds no room beside the allocations)."""
         old = self.nodes.get(info.name)
         used = [0.0] * info.gpus
         for gpu, gb in (old.workers.values() if old else ()):
@@ -78,7 +78,8 @@ class ClusterState:
                 used[gpu] += gb
         if info.gpus:
             used[0] += info.pool_memory_gb
-        if info.gpu_free_gb is None and info.gpus and used[0] > info.gpu_memory_gb + 1e-9:
+        grew = old is None or info.pool_memory_gb > old.info.pool_memory_gb
+        if info.gpu_free_gb is None and info.gpus and grew and used[0] > info.gpu_memory_gb + MEM_EPS:
             raise ConflictError(f"node {info.name}: its warm pool needs {info.pool_memory_gb} GB of device 0, "
                                 f"{max(0.0, info.gpu_memory_gb - used[0] + info.pool_memory_gb):.1f} GB are free")
         gpu_free = (list(info.gpu_free_gb) if info.gpu_free_gb is not None  # the node's own view counts its pool
@@ -173,7 +174,8 @@ class ClusterState:
         if state is None or key not in state.workers:
             return 0.0
         gpu, gb = state.workers.pop(key)
-        state.gpu_free[gpu] = min(state.info.gpu_memory_gb, state.gpu_free[gpu] + gb)
+        ceiling = state.info.gpu_memory_gb - (state.info.pool_memory_gb if gpu == 0 else 0.0)
+        state.gpu_free[gpu] = min(ceiling, state.gpu_free[gpu] + gb)
         self.sync(state)
         return gb
 

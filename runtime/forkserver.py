@@ -14,10 +14,13 @@ initialised after the fork, in the child (the worker's first tensor op): a CUDA 
 not survive fork. Not run here (no GPU).
 
 The control API is HTTP/1.1 on a Unix socket (mode 0600) with the node's bearer token:
-``POST /v1/adopt``, ``GET /v1/status``; ``GET /metrics`` (Prometheus text) and ``GET /healthz``
-are public, as everywhere. An idle child that died is reaped and replaced, never handed out.
-Idle children exit when the server goes (their end of the socket pair reads EOF); adopted
-workers are the launcher's: it stops them by pid, as it stops spawned ones.
+``POST /v1/adopt``, ``GET /v1/status``, ``GET /v1/exits/<pid>``; ``GET /metrics`` (Prometheus
+text) and ``GET /healthz`` are public, as everywhere. An idle child that died is reaped and
+replaced, never handed out. An adopted one that exited stays a zombie (its pid cannot be
+reused, so the launcher's pidfd and signals name it alone) until the launcher asks for its exit
+code, or for ``ADOPTED_REAP_S`` after it exited. Idle children exit when the server goes
+(their end of the socket pair reads EOF); adopted workers are the launcher's: it stops them, as
+it stops spawned ones. Worker logs may only be written under ``--log-dir``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ PRELOAD = ("hydraserve.runtime.worker", "hydraserve.runtime.startup", "hydraserv
            "hydraserve.runtime.server.app", "hydraserve.weights.s3")
 MAX_REQUEST_BYTES = 1 << 20
 ACK = b"ok\n"
+HAND_OVER_S = 1.0  # how long a pooled child gets to acknowledge its assignment
+MAX_HAND_OVERS = 2  # pooled children tried before forking a fresh one (bounds an adoption's time)
+ADOPTED_REAP_S = 300.0  # an exited adopted worker nobody asked about is reaped after this
 
 
 def thread_count() -> int:
@@ -94,18 +100,24 @@ class PoolMetrics:
 class ForkServer:
     """The select loop; ``serve_forever`` returns on SIGTERM/SIGINT (idle children then exit)."""
 
-    def __init__(self, socket_path: Path, token: str, pool_size: int, node: str = "") -> None:
+    def __init__(self, socket_path: Path, token: str, pool_size: int, node: str = "",
+                 log_dir: Path | None = None) -> None:
+        if not token:
+            raise ValueError("the fork server needs a non-empty token")
         self.socket_path = socket_path
+        self.log_dir = (log_dir or socket_path.parent).resolve()
         self._token = token
         self.pool_size = pool_size
         self.idle: list[Pooled] = []
-        self.exits: dict[int, int] = {}  # pid -> exit code of children reaped (adopted ones included)
-        self.adopted: set[int] = set()
+        self.exits: dict[int, int] = {}  # pid -> exit code of adopted workers reaped, until asked for
+        self.adopted: set[int] = set()  # adopted workers not reaped yet
+        self._exited_at: dict[int, float] = {}  # adopted workers seen exited (zombies kept for the launcher)
         self.threads_at_fork: list[int] = []  # the thread count before each fork (always 1)
         self.metrics = PoolMetrics(node)
         self.metrics.size.set(pool_size)
         self._stop = False
         self._listener: socket.socket | None = None
+        self._client: socket.socket | None = None  # the connection being answered (a fresh fork closes it)
 
     # the loop -----------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -129,7 +141,10 @@ class ForkServer:
                 except InterruptedError:
                     continue
                 if readable:
-                    self._handle(listener)
+                    try:
+                        self._handle(listener)
+                    except OSError as exc:  # EMFILE, a client gone mid-accept: the loop goes on
+                        log.warning("control connection failed: %s", exc)
         finally:
             self._shutdown()
 
@@ -158,19 +173,23 @@ class ForkServer:
         parent_end, child_end = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the child: never returns
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # first: the server's handler would swallow it
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 70
             try:
-                parent_end.close()
-                if self._listener is not None:
-                    self._listener.close()
-                for other in self.idle:
-                    other.conn.close()
+                for inherited in (parent_end, self._listener, self._client, *(c.conn for c in self.idle)):
+                    if inherited is not None:
+                        inherited.close()
                 code = _child(child_end)
-            except BaseException:
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # whatever happens, never run the parent's loop
                 logging.getLogger("hydraserve.worker").exception("pooled worker failed")
             finally:
-                _flush()
-                os._exit(code)
+                try:
+                    _flush()
+                finally:
+                    os._exit(code)
         child_end.close()
         self.metrics.forks.inc()
         return Pooled(pid, parent_end)
@@ -185,35 +204,66 @@ class ForkServer:
         self.metrics.idle.set(len(self.idle))
 
     def _reap(self) -> None:
-        """Collect every child that exited; an idle one leaves the pool (replaced by _refill)."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.exits[pid] = os.waitstatus_to_exitcode(status)
-            dead = [c for c in self.idle if c.pid == pid]
-            for child in dead:
-                child.conn.close()
-                self.idle.remove(child)
-                if not self._stop:
-                    self.metrics.idle_deaths.inc()
-                    log.warning("idle pooled process %d died (code %d): replaced", pid, self.exits[pid])
+        """Collect idle children that died (they leave the pool; _refill replaces them), and
+        adopted workers that exited ADOPTED_REAP_S ago without the launcher asking."""
+        for child in list(self.idle):
+            code = _reap_one(child.pid)
+            if code is None:
+                continue
+            child.conn.close()
+            self.idle.remove(child)
+            if not self._stop:
+                self.metrics.idle_deaths.inc()
+                log.warning("idle pooled process %d died (code %d): replaced", child.pid, code)
+        now = time.monotonic()
+        for pid in list(self.adopted):
+            if pid not in self._exited_at and _has_exited(pid):
+                self._exited_at[pid] = now
+            if now - self._exited_at.get(pid, now) >= ADOPTED_REAP_S:
+                self._collect(pid)
+                self.exits.pop(pid, None)  # nobody asked in time: forget it
+
+    def _collect(self, pid: int) -> int | None:
+        """Reap an adopted worker that exited; its code (None: still running)."""
+        if pid in self.exits:
+            return self.exits[pid]
+        code = _reap_one(pid)
+        if code is not None:
+            self.exits[pid] = code
+            self.adopted.discard(pid)
+            self._exited_at.pop(pid, None)
+        return code
+
+    def exit_code(self, pid: int) -> int | None:
+        """An adopted worker's exit code, once (None: still running or not ours)."""
+        if pid not in self.adopted and pid not in self.exits:
+            return None
+        code = self._collect(pid)
+        if code is not None:
+            self.exits.pop(pid, None)
+        return code
 
     def adopt(self, env: dict[str, str], log_path: str) -> dict[str, object]:
-        """Hand the oldest live idle child its assignment (a fresh fork if none is idle)."""
+        """Hand the oldest live idle child its assignment (a fresh fork once MAX_HAND_OVERS idle
+        ones did not take it, or none is idle)."""
+        path = Path(log_path).resolve()
+        if not path.is_relative_to(self.log_dir):
+            raise ValueError(f"log_path must be under {self.log_dir}")
         self._reap()
-        assignment = json.dumps({"env": env, "log_path": log_path, "adopted_at": time.time()}).encode() + b"\n"
+        assignment = json.dumps({"env": env, "log_path": str(path), "adopted_at": time.time()}).encode() + b"\n"
+        tried = 0
         while True:
-            fresh = not self.idle
+            fresh = not self.idle or tried >= MAX_HAND_OVERS
+            tried += 1
             child = self._fork() if fresh else self.idle.pop(0)
             if not _hand_over(child, assignment):  # it died (or is dying) since the last reap
                 child.conn.close()
                 _kill(child.pid)
+                _reap_one(child.pid, wait_s=1.0)
                 self.metrics.idle_deaths.inc()
                 log.warning("pooled process %d did not take its assignment: not handed out", child.pid)
+                if fresh:
+                    raise RuntimeError("a freshly forked process did not take its assignment")
                 continue
             child.conn.close()
             self.adopted.add(child.pid)
@@ -222,24 +272,37 @@ class ForkServer:
             return {"pid": child.pid, "fresh": fresh, "pooled_s": round(time.time() - child.since, 3)}
 
     def status(self) -> dict[str, object]:
+        idle_memory = []
+        for child in self.idle:
+            try:
+                idle_memory.append(memory_kb(child.pid))
+            except OSError:  # exited since the last reap: the next one replaces it
+                continue
         return {"pool_size": self.pool_size, "idle": [c.pid for c in self.idle], "adopted": sorted(self.adopted),
-                "exits": {str(pid): code for pid, code in self.exits.items()},
                 "threads_at_fork": sorted(set(self.threads_at_fork)), "server_memory_kb": memory_kb(),
-                "idle_memory_kb": [memory_kb(c.pid) for c in self.idle if Path(f"/proc/{c.pid}").exists()]}
+                "idle_memory_kb": idle_memory}
 
     # HTTP/1.1 on the Unix socket, one request per connection ------------------------------
     def _handle(self, listener: socket.socket) -> None:
         conn, _ = listener.accept()
         conn.settimeout(2.0)
         try:
-            status, body = self._route(*_read_request(conn))
+            request = _read_request(conn)
         except ValueError as exc:
-            status, body = 400, {"error": {"type": "invalid_request", "message": str(exc)}}
-        except (OSError, TimeoutError):
+            _write_response(conn, 400, {"error": {"type": "invalid_request", "message": str(exc)}})
+            return
+        except OSError:
             conn.close()
             return
-        except RuntimeError as exc:
+        self._client = conn
+        try:
+            status, body = self._route(*request)
+        except ValueError as exc:
+            status, body = 400, {"error": {"type": "invalid_request", "message": str(exc)}}
+        except (RuntimeError, OSError) as exc:  # no child could be had (fork failed, ...)
             status, body = 503, {"error": {"type": "temporarily_unavailable", "message": str(exc)}}
+        finally:
+            self._client = None
         _write_response(conn, status, body)
 
     def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, object]:
@@ -252,6 +315,11 @@ class ForkServer:
             return 401, {"error": {"type": "unauthorized", "message": "a valid bearer token is required"}}
         if (method, path) == ("GET", "/v1/status"):
             return 200, self.status()
+        if method == "GET" and path.startswith("/v1/exits/"):
+            pid = path.removeprefix("/v1/exits/")
+            if not pid.isdigit():
+                raise ValueError("/v1/exits/<pid>: a process id")
+            return 200, {"pid": int(pid), "code": self.exit_code(int(pid))}
         if (method, path) == ("POST", "/v1/adopt"):
             request = json.loads(body or b"null")
             if not (isinstance(request, dict) and isinstance(request.get("env"), dict)
@@ -264,16 +332,14 @@ class ForkServer:
 
 def _child(conn: socket.socket) -> int:
     """A pooled process: wait for an assignment, then become that worker (its exit code)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setsid()  # its own session, as a spawned worker has: stopped as a group
     line = conn.makefile("rb").readline()
     if not line:
         return 0  # the server went away before anyone adopted me
-    conn.sendall(ACK)  # I live and took it: the server hands me out
-    conn.close()
     assignment = json.loads(line)
-    fd = os.open(assignment["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    log_path = Path(assignment["log_path"])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -281,6 +347,8 @@ def _child(conn: socket.socket) -> int:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.environ.update(assignment["env"])
+    conn.sendall(ACK)  # I live, took it and have my log: the server hands me out
+    conn.close()
     import random
 
     import torch
@@ -295,7 +363,31 @@ def _child(conn: socket.socket) -> int:
     return run_worker(WorkerEnvironment.from_env(), adopted_at=float(assignment["adopted_at"]))
 
 
-def _hand_over(child: Pooled, assignment: bytes, timeout_s: float = 2.0) -> bool:
+def _reap_one(pid: int, wait_s: float = 0.0) -> int | None:
+    """Reap one child if it exited (waiting up to ``wait_s``); its exit code, or None."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return -1  # not ours any more
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether a child exited, without reaping it (its pid stays taken)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _hand_over(child: Pooled, assignment: bytes, timeout_s: float = HAND_OVER_S) -> bool:
     """Send the assignment and wait for the child's acknowledgement: a child being killed can
     still have its socket buffer the message, but it never answers."""
     try:
@@ -369,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, required=True, help="file holding the bearer token")
     parser.add_argument("--pool-size", type=int, default=1, help="idle processes it keeps (0: fork on demand)")
     parser.add_argument("--node", default="", help="the node's name (metrics label)")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="where adopted workers may write their logs (default: the socket's directory)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS pool would be a thread before the fork
     from hydraserve.auth import read_token
@@ -382,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     for module in PRELOAD:
         importlib.import_module(module)
     log.info("runtime imported", extra={"seconds": round(time.monotonic() - started, 3), "threads": thread_count()})
-    ForkServer(args.socket, token, max(0, args.pool_size), args.node).serve_forever()
+    if not token:
+        raise SystemExit("the token file is empty")
+    ForkServer(args.socket, token, max(0, args.pool_size), args.node, args.log_dir).serve_forever()
     return 0
 
 

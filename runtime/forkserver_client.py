@@ -50,21 +50,27 @@ class Adoption:
 class ForkServerClient:
     """Calls to one node's fork server over its Unix socket (one connection per call)."""
 
-    def __init__(self, socket_path: Path, token: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, socket_path: Path, token: str, timeout_s: float = 10.0) -> None:
         self.socket_path = socket_path
         self._token = token
         self._timeout_s = timeout_s
 
     def _call(self, method: str, path: str, body: object | None = None) -> object:
+        """UnreachableError: nothing listens (the request never arrived); TemporaryError: it
+        may have arrived but no answer came (an adoption may have happened: do not spawn)."""
         conn = _UnixConnection(self.socket_path, self._timeout_s)
         try:
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise UnreachableError(f"warm pool at {self.socket_path} does not answer: {exc}") from exc
             payload = json.dumps(body).encode() if body is not None else None
             headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"}
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
             data = response.read()
-        except OSError as exc:
-            raise UnreachableError(f"warm pool at {self.socket_path} did not answer: {exc}") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise TemporaryError(f"warm pool at {self.socket_path} gave no answer: {exc}") from exc
         finally:
             conn.close()
         if response.status != 200:
@@ -76,7 +82,10 @@ class ForkServerClient:
         answer = self._call("POST", "/v1/adopt", {"env": env, "log_path": str(log_path)})
         assert isinstance(answer, dict)
         adoption = Adoption(int(answer["pid"]), bool(answer["fresh"]), float(answer["pooled_s"]))
-        return AdoptedProcess(adoption, self)
+        try:
+            return AdoptedProcess(adoption, self)
+        except OSError as exc:  # the server keeps it a zombie until asked: only a reaped pid gets here
+            raise TemporaryError(f"adopted worker {adoption.pid} is gone: {exc}") from exc
 
     def status(self) -> dict[str, object]:
         answer = self._call("GET", "/v1/status")
@@ -88,13 +97,16 @@ class ForkServerClient:
         return answer.decode() if isinstance(answer, bytes) else json.dumps(answer)
 
     def exit_code(self, pid: int) -> int | None:
-        """The code of a child the server reaped (None: not yet; UNKNOWN_EXIT: the server is gone)."""
+        """An adopted worker's exit code, reaped by the server when asked (None: not yet, or no
+        answer this time; UNKNOWN_EXIT: the server is gone, and the code with it)."""
         try:
-            exits = self.status()["exits"]
-        except HydraError:
+            answer = self._call("GET", f"/v1/exits/{pid}")
+        except UnreachableError:
             return UNKNOWN_EXIT
-        assert isinstance(exits, dict)
-        code = exits.get(str(pid))
+        except HydraError:
+            return None
+        assert isinstance(answer, dict)
+        code = answer.get("code")
         return int(code) if code is not None else None
 
 
@@ -110,8 +122,9 @@ class AdoptedProcess:
         self.returncode: int | None = None
 
     def _exited(self, timeout_s: float) -> bool:
-        readable, _, _ = select.select([self._pidfd], [], [], max(0.0, timeout_s))
-        return bool(readable)
+        poller = select.poll()  # not select(): the launcher's process may hold fds past 1024
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout_s) * 1000))
 
     def poll(self) -> int | None:
         if self.returncode is None and self._exited(0):
@@ -144,7 +157,10 @@ class AdoptedProcess:
     def send_signal(self, sig: int) -> None:
         with self._lock:
             if self.returncode is None:
-                signal.pidfd_send_signal(self._pidfd, sig)
+                try:
+                    signal.pidfd_send_signal(self._pidfd, sig)
+                except ProcessLookupError:  # exited meanwhile (as Popen, not an error)
+                    pass
 
 
 def pool_memory_gb(status: dict[str, object]) -> float:

@@ -32,7 +32,7 @@ from hydraserve.auth import write_token_file
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.demo.model import push_directory
 from hydraserve.demo.supervisor import LoaderdSupervisor, SupervisedDaemon
-from hydraserve.errors import HydraError
+from hydraserve.errors import HydraError, TemporaryError
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
@@ -117,7 +117,7 @@ class LocalStack:
         check_port_free(opts.host, opts.gateway_port)  # before minutes of set-up, not after
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._emulate_nodes()
-        pools = self._start_pools()  # they import torch while S3 starts and the model is pushed
+        starting_pools = self._start_pools()  # they import torch while S3 starts and the model is pushed
         s3_host = self.cluster.host_ip if self.cluster else opts.s3_host or opts.host
         self.s3 = EmbeddedS3(host=s3_host, prefix=opts.s3_prefix).start()
         self._cleanups.append(("s3", self.s3.close))
@@ -143,7 +143,7 @@ class LocalStack:
         self.placement = PlacementClient(f"http://{opts.host}:{placement_port}", placement_token)
         for _, daemon in daemons:
             self.placement.register_node(daemon.info)
-        pools = self._account_pools(pools, {d.info.name: d for _, d in daemons})
+        pools = self._account_pools(starting_pools, {d.info.name: d for _, d in daemons})
         self.supervisor = LoaderdSupervisor([d for _, d in daemons], self.placement,
                                             interval_s=opts.supervise_interval_s, reconcile_s=opts.reconcile_interval_s)
         self._cleanups.append(("loaderd supervisor", self.supervisor.start().close))
@@ -242,7 +242,7 @@ class LocalStack:
         emulated = self.cluster.nodes[name]
         return NodeHost(emulated.ip, tuple(emulated.prefix))
 
-    def _start_pools(self) -> dict[str, ForkServerClient]:
+    def _start_pools(self) -> dict[str, tuple[ChildProcess, ForkServerClient]]:
         """Each node's warm pool (a fork server in the node's namespace), not waited for yet."""
         if self.options.pool_size <= 0:
             return {}
@@ -257,22 +257,25 @@ class LocalStack:
                                                     "--pool-size", str(self.options.pool_size)],
                                    log_path=self.run_dir / f"pool-{name}.log")
             self._cleanups.append((f"pool {name}", process.stop))
-            pools[name] = ForkServerClient(socket_path, token)
+            pools[name] = (process, ForkServerClient(socket_path, token))
         return pools
 
-    def _account_pools(self, pools: dict[str, ForkServerClient],
+    def _account_pools(self, pools: dict[str, tuple[ChildProcess, ForkServerClient]],
                        daemons: dict[str, SupervisedDaemon]) -> dict[str, ForkServerClient]:
         """Wait for each pool, measure what it holds and register that with its node; a node
         whose budget has no room for it (409) or whose pool did not start spawns its workers."""
         kept = {}
-        for name, pool in pools.items():
+        for name, (process, pool) in pools.items():
             try:
-                memory = pool_memory_gb(wait_until_serving(pool, 120.0))
+                if not process.wait_until(functools.partial(_serving, pool), 120.0):  # raises if it exited
+                    raise TemporaryError(f"the warm pool of {name} did not serve within 120 s")
+                memory = pool_memory_gb(wait_until_serving(pool, 10.0))
                 info = daemons[name].info.model_copy(update={"pool_size": self.options.pool_size,
                                                              "pool_memory_gb": memory})
                 self.placement.register_node(info)
-            except HydraError as exc:
-                log.warning("no warm pool on %s, its workers will be spawned: %s", name, exc.message)
+            except (HydraError, RuntimeError) as exc:
+                log.warning("no warm pool on %s, its workers will be spawned: %s", name, exc)
+                process.stop(grace_s=2)
                 continue
             daemons[name].info = info
             kept[name] = pool
@@ -301,3 +304,11 @@ class LocalStack:
         daemon = SupervisedDaemon(info, spawn, process)
         self._cleanups.append((f"loaderd {name}", lambda: daemon.process.stop()))  # whichever process runs now
         return node, daemon
+
+
+def _serving(pool: ForkServerClient) -> bool:
+    try:
+        wait_until_serving(pool, 0.0)
+    except HydraError:
+        return False
+    return True

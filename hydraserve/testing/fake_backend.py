@@ -28,7 +28,8 @@ class ScriptedBackend:
         self.excluded: list[tuple[str, ...]] = []  # exclude_nodes of each start
         self.failed: list[tuple[str, str]] = []  # (instance, reason) of each fail()
         self.lost: dict[str, list[str]] = {}  # instance -> nodes its workers were lost on
-        self.replicas: dict[str, list[Endpoint]] = {}  # instance -> replicas it becomes (handed out once)
+        self.replicas: dict[str, list[Endpoint]] = {}
+        self.prewarmed: list[tuple[str, float]] = []  # (function, hold_s) of each prewarm()  # instance -> replicas it becomes (handed out once)
         self.prepared: list[str] = []  # names prepare() read (a model ending in /missing cannot be read)
         self.release_start = threading.Event()
         if auto_release:
@@ -61,6 +62,10 @@ class ScriptedBackend:
     def fail(self, function_name: str, instance_id: str, reason: str) -> tuple[str, ...]:
         self.failed.append((instance_id, reason))
         return tuple(self.lost.pop(instance_id, ()))
+
+    def prewarm(self, function: FunctionConfig, hold_s: float) -> int:
+        self.prewarmed.append((function.name, hold_s))
+        return 0
 
     def take_replicas(self, instance_id: str) -> list[Endpoint]:
         return self.replicas.pop(instance_id, [])

@@ -93,6 +93,9 @@ class LocalBackend:
                                               "lost_nodes": list(lost), "reason": reason})
         return lost
 
+    def prewarm(self, function: FunctionConfig, hold_s: float) -> int:
+        return self.coldstart.prewarm(self.prepare(function), hold_s)
+
     def take_replicas(self, instance_id: str) -> list[Endpoint]:
         with self._lock:
             group = self._groups.get(instance_id)

@@ -23,7 +23,7 @@ import requests
 
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
-from hydraserve.errors import HydraError, TemporaryError
+from hydraserve.errors import TemporaryError, UnreachableError
 from hydraserve.processes import ChildProcess, ProcessHandle, free_port
 from hydraserve.provider.coldstart import WorkerSlot
 from hydraserve.runtime.forkserver_client import ForkServerClient
@@ -78,8 +78,8 @@ class ProcessLauncher:
         if pool is not None:
             try:
                 adopted = pool.adopt(variables, log_path)
-            except HydraError as exc:
-                log.warning("warm pool of %s did not answer, spawning the worker: %s", node, exc.message)
+            except UnreachableError as exc:  # it never got the request: spawning cannot start it twice
+                log.warning("warm pool of %s does not answer, spawning the worker: %s", node, exc.message)
         worker = WorkerProcess(variables, log_path, env.spawned_at or time.time(), f"http://{env.host}:{env.port}",
                                label=label, node=node, prefix=self._hosts.get(node, NodeHost()).prefix, proc=adopted)
         with self._lock:

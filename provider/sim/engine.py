@@ -6,6 +6,13 @@ as `hydraserve placement`. The simulator owns only the truth: true NIC bandwidth
 Nic objects), stage times (hydraserve.provider.sim.spec), host caches with LRU eviction, and
 requests. Deterministic for a seed: arrivals come from a seeded generator and ties in the
 event heap break by insertion order.
+
+Keep-alive: ``fixed`` keeps an idle instance ``spec.keepalive_s``; ``histogram`` runs the live
+gateway's own policy code (activator/keepalive.py: one InvocationHistory per function, fed as the
+function turns busy and idle): an instance stays to the end of the keep-alive window, or goes at
+once when the function will be pre-warmed, which fetches its stages into the host cache of the
+nodes a dry-run plan picks (background fetches on their NICs, within the cache budget, LRU) and
+counts the bytes no cold start used before the window ended.
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hydraserve.activator.keepalive import IdleHistogram, InvocationHistory, KeepAlive, PolicySettings
 from hydraserve.contracts.plan import (
     FunctionSpec,
     NodeInfo,
     Plan,
     PlanRequest,
     Residency,
+    StagePlacement,
     WorkerReport,
     WorkerTimings,
 )
@@ -35,7 +44,7 @@ from hydraserve.provider.service import PlacementService
 from hydraserve.provider.sim.spec import GB, GOODPUT, SimSpec
 from hydraserve.provider.sim.workload import Arrivals
 
-ARRIVAL, NIC, READY, DONE, IDLE, CONSOLIDATED, RETRY = range(7)
+ARRIVAL, NIC, READY, DONE, IDLE, CONSOLIDATED, RETRY, PREWARM = range(8)
 RETRY_FUNCTIONS = 8  # waiting functions that retry after each release
 
 
@@ -72,11 +81,34 @@ class Result:
     cold_starts: int
     pipeline_sizes: dict[int, int]
     sim_end_s: float
+    prewarms: int = 0
+    prefetched_gb: float = 0.0  # bytes pre-warms fetched into host caches
+    prefetched_unused_gb: float = 0.0  # of those, what no cold start used before its window ended
+
+
+@dataclass
+class Prewarm:
+    fn: int
+    nodes: set[str]
+    gb: float
+    until: float
+    used: bool = False
 
 
 class Simulator:
-    def __init__(self, spec: SimSpec, policy: Policy | str, arrivals: Arrivals) -> None:
+    def __init__(self, spec: SimSpec, policy: Policy | str, arrivals: Arrivals, keep_alive: str = "fixed",
+                 histogram_bin_s: float = 60.0, histogram_range_s: float = 4 * 3600.0) -> None:
+        if keep_alive not in ("fixed", "histogram"):
+            raise ValueError(f"keep_alive must be fixed or histogram, not {keep_alive!r}")
         self.spec = spec
+        self.keep_alive_mode = keep_alive
+        self.histories = [InvocationHistory(IdleHistogram(histogram_bin_s, histogram_range_s),
+                                            PolicySettings(fixed_keep_alive_s=spec.keepalive_s))
+                          for _ in spec.functions]
+        self.active = [0] * len(spec.functions)  # requests arrived and not done, per function
+        self.prewarm_token = [0] * len(spec.functions)
+        self.prewarming: dict[str, tuple[Prewarm, str, StagePlacement]] = {}  # NIC key -> (record, node, stage)
+        self.prewarms: list[Prewarm] = []
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.arrivals = arrivals
         self.now = 0.0
@@ -133,11 +165,15 @@ class Simulator:
                 self._consolidated(payload)  # type: ignore[arg-type]
             elif kind == RETRY:
                 self._retry_pending()
+            elif kind == PREWARM:
+                self._prewarm(payload)  # type: ignore[arg-type]
         fns = self.spec.functions
         slo = np.array([fns[f].ttft_slo_s for f in self.arrivals.functions])
         tpot_slo = np.array([fns[f].tpot_slo_s for f in self.arrivals.functions])
         return Result(ttft=self.ttft, slo=slo, tpot=self.tpot, tpot_slo=tpot_slo, kind=self.kind, cost_gb_s=self.cost,
-                      cold_starts=self.cold_starts, pipeline_sizes=self.psizes, sim_end_s=self.now)
+                      cold_starts=self.cold_starts, pipeline_sizes=self.psizes, sim_end_s=self.now,
+                      prewarms=len(self.prewarms), prefetched_gb=sum(p.gb for p in self.prewarms),
+                      prefetched_unused_gb=sum(p.gb for p in self.prewarms if not p.used))
 
     def _advance(self, t: float) -> None:
         self.cost += self.mem_used * (t - self.cost_at)
@@ -147,6 +183,10 @@ class Simulator:
     # ---- requests ----------------------------------------------------------------------------
     def _arrive(self, req: int) -> None:
         fn = int(self.arrivals.functions[req])
+        if self.active[fn] == 0:  # the function turns busy: its idle time ends, a pending pre-warm is moot
+            self.histories[fn].busy(self.now)
+            self.prewarm_token[fn] += 1
+        self.active[fn] += 1
         best = None
         for inst in self.instances[fn]:
             if inst.busy < inst.capacity and (best is None or _prefer(inst, best)):
@@ -177,13 +217,59 @@ class Simulator:
 
     def _done(self, inst: Instance) -> None:
         inst.busy -= 1
+        self.active[inst.fn] -= 1
+        if self.active[inst.fn] == 0:
+            self._function_idle(inst.fn)
         if inst.whole:
             self.profiled[inst.fn] = True
         if self._serve_pending(inst):
             return
         if inst.busy == 0:
             inst.idle_token += 1
-            self.push(self.now + self.spec.keepalive_s, IDLE, (inst, inst.idle_token))
+            self.push(self.now + self._keep_alive_s(inst.fn), IDLE, (inst, inst.idle_token))
+
+    # ---- keep-alive and pre-warm (the gateway's policy code) ------------------------------------
+    def keep_alive(self, fn: int) -> KeepAlive:
+        if self.keep_alive_mode == "fixed":
+            return KeepAlive(0.0, self.spec.keepalive_s, "fixed")
+        return self.histories[fn].decision()
+
+    def _keep_alive_s(self, fn: int) -> float:
+        decision = self.keep_alive(fn)
+        return decision.keep_alive_s if decision.prewarm_s == 0 else 0.0
+
+    def _function_idle(self, fn: int) -> None:
+        self.histories[fn].idle(self.now)
+        decision = self.keep_alive(fn)
+        if decision.prewarm_s > 0:
+            self.push(self.now + decision.prewarm_s, PREWARM, (fn, self.prewarm_token[fn], decision.keep_alive_s))
+
+    def _prewarm(self, payload: tuple[int, int, float]) -> None:
+        fn, token, hold_s = payload
+        if token != self.prewarm_token[fn] or self.instances[fn] or not self.policy.keeps_cache:
+            return
+        try:
+            plan = self.service.plan(PlanRequest(function=self.spec.functions[fn], dry_run=True), now=self.now)
+        except OverloadedError:
+            return
+        todo = [st for st in plan.stages if st.fetch_bytes > 0]
+        if not todo:
+            return  # every stage is resident already
+        record = Prewarm(fn, {st.node for st in todo}, sum(st.fetch_bytes for st in todo) / GB, self.now + hold_s)
+        self.prewarms.append(record)
+        for st in todo:
+            key = f"prewarm/{len(self.prewarms)}/{st.stage.index}"
+            self.prewarming[key] = (record, st.node, st)
+            self.nics[st.node].add(key, st.fetch_bytes * 8.0, math.inf, self.now, background=True)
+            self._schedule_nic(st.node)
+
+    def _prewarm_fetched(self, key: str) -> None:
+        record, node, st = self.prewarming.pop(key)
+        uri = self.spec.functions[record.fn].model_uri
+        stage = st.stage
+        self.service.cluster.add_residency(node, uri, range(stage.layer_start, stage.layer_end), stage.is_first,
+                                           stage.is_last)
+        self._cache_put(node, uri, st.stage_bytes / GB)
 
     def _serve_pending(self, inst: Instance) -> bool:
         """Give ``inst`` its function's waiting requests up to capacity; True if any."""
@@ -226,6 +312,10 @@ class Simulator:
             return False
         self.cold_starts += 1
         self.psizes[plan.pipeline_size] = self.psizes.get(plan.pipeline_size, 0) + 1
+        cached = {st.node for st in plan.stages if st.source == "cache"}
+        for record in self.prewarms:
+            if record.fn == fn_index and not record.used and self.now <= record.until and record.nodes & cached:
+                record.used = True
         extra = plan.pipeline_size - 1
         inst = Instance(fn=fn_index, plan=plan, started=self.now, rate=1.0 + self.spec.times.pipeline_overhead * extra,
                         hop_s=self.spec.times.hop_s * extra,
@@ -262,6 +352,9 @@ class Simulator:
         for fetch, end in nic.drain_finished():
             if fetch.key in self.consolidating:
                 self._complement_fetched(self.consolidating.pop(fetch.key), fetch.key, end)
+                continue
+            if fetch.key in self.prewarming:
+                self._prewarm_fetched(fetch.key)
                 continue
             inst, stage = self.fetch_owner.pop(fetch.key)
             inst.fetch_end[stage] = end
@@ -398,4 +491,7 @@ def summarize(result: Result, functions: list[FunctionSpec]) -> dict[str, float]
         "cold_attainment": float(met[result.kind == 1].mean()) if (result.kind == 1).any() else math.nan,
         "warm_fraction": float((result.kind == 0).mean()) if n else math.nan,  # found a ready instance
         "tpot_attainment": float((result.tpot[ok] <= result.tpot_slo[ok] + 1e-12).mean()) if ok.any() else math.nan,
+        "prewarms": int(result.prewarms),
+        "prefetched_gb": float(result.prefetched_gb),
+        "prefetched_unused_gb": float(result.prefetched_unused_gb),
     }

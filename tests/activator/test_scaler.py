@@ -318,3 +318,51 @@ def test_a_replica_handed_out_after_shutdown_is_stopped() -> None:
         await until(lambda: backend.stops == ["fn-1-s1"])
         assert "fn-1-s1" not in scaler.instances
     run(body())
+
+
+async def _periodic_history(scaler: FunctionScaler, clock: Clock, period_s: float, n: int) -> None:
+    """``n`` one-second invocations every ``period_s``."""
+    for _ in range(n):
+        instance = await scaler.acquire()
+        clock.now += 1.0
+        scaler.release(instance)
+        clock.now += period_s - 1.0
+
+
+def test_a_periodic_function_goes_to_zero_at_once_and_is_prewarmed_before_its_next_call() -> None:
+    """Every 10 minutes: the histogram says pre-warm at ~8 min, keep to ~11 min after the last
+    call. The instance stops at the next reaper tick instead of idling 30 s, and the weights
+    are asked for once the pre-warm window has passed, once, held for the keep-alive window."""
+    async def body() -> None:
+        backend = ScriptedBackend()
+        clock = Clock()
+        scaler = make(backend, clock)
+        await _periodic_history(scaler, clock, 600.0, 12)
+        decision = scaler.keep_alive()
+        assert decision.reason == "histogram" and 450 <= decision.prewarm_s < 600
+        assert await scaler.scale_in_idle(clock.now - 599.0 + 1.0) == 1  # one second after the last call ended
+        await until(lambda: len(backend.stops) == 1)
+        since = scaler.history.idle_since
+        assert since is not None
+        assert not await scaler.prewarm_if_due(since + decision.prewarm_s - 1)
+        assert await scaler.prewarm_if_due(since + decision.prewarm_s)
+        assert not await scaler.prewarm_if_due(since + decision.prewarm_s + 5)  # once per idle period
+        await until(lambda: backend.prewarmed == [("fn", decision.keep_alive_s)])
+        assert scaler.status()["prewarms"] == 1
+    run(body())
+
+
+def test_a_function_with_little_history_or_a_fixed_policy_keeps_its_idle_timeout_and_is_never_prewarmed() -> None:
+    async def body() -> None:
+        for policy, calls in (("histogram", 5), ("fixed", 12)):
+            backend = ScriptedBackend()
+            clock = Clock()
+            scaler = make(backend, clock, keep_alive=policy, idle_timeout_s=30.0)
+            await _periodic_history(scaler, clock, 600.0, calls)
+            decision = scaler.keep_alive()
+            assert decision.prewarm_s == 0 and decision.keep_alive_s == 30.0, (policy, decision)
+            last = clock.now - 599.0
+            assert await scaler.scale_in_idle(last + 29.0) == 0 and await scaler.scale_in_idle(last + 30.0) == 1
+            assert not await scaler.prewarm_if_due(last + 3600)
+            assert backend.prewarmed == []
+    run(body())

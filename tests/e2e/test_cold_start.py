@@ -106,6 +106,34 @@ def test_idle_function_scales_to_zero_and_cold_starts_from_cache(stack: LocalSta
     assert prefetch.detail["bytes_new"] == 0, prefetch.detail
 
 
+def test_a_prewarm_fetches_a_functions_weights_into_a_loaderd_before_its_first_cold_start(
+        stack: LocalStack, tiny_llama_dir: Path) -> None:
+    """What the keep-alive policy asks before a likely arrival: the weights land in the loaderd
+    of the node the next cold start would use, pinned; asked again they are already there, and
+    the cold start (after placement learned the residency) fetches nothing new."""
+    from hydraserve.demo.model import push_directory
+
+    assert stack.gateway is not None and stack.backend is not None
+    uri = push_directory(stack.s3, tiny_llama_dir, "prewarmed", progress=False)
+    function = FunctionConfig(name="prewarmed", model_uri=uri, keep_alive="fixed")
+    stack.gateway.register(function)
+    from hydraserve.provider.residency import reconcile_node
+
+    assert stack.supervisor is not None
+    daemons = stack.supervisor.daemons.values()
+    fetched = stack.backend.prewarm(function, 60.0)
+    assert fetched > 0
+    holders = [d.info.name for d in daemons if any(m.model_uri == uri for m in d.process.client().status().models)]
+    assert len(holders) == 1, "one node (the planner's choice for p = 1) holds the model"
+    assert stack.backend.prewarm(function, 60.0) == 0  # already resident
+    for daemon in daemons:  # what the supervisor does every reconcile interval
+        reconcile_node(stack.placement, daemon.info, daemon.process.client())
+    result = stream_completion(stack.function_url("prewarmed") + "/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert result.status == 200
+    prefetch = stack.gateway.cold_start_timeline("prewarmed").first("prefetch_started")
+    assert prefetch is not None and prefetch.detail["bytes_new"] == 0 and prefetch.detail["node"] == holders[0]
+
+
 def worker_metric(url: str, name: str) -> float:
     for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines():
         if line.startswith(name + " "):
@@ -333,7 +361,8 @@ def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(gro
         assert group.consolidated.wait(60), "the head did not consolidate"
         assert len(group.workers) == 1
         node = group.plan.stages[1].node
-        assert free_gb(stack)[node] == at_zero[node] < options.node_gpu_memory_gb  # the inner stage's memory is back
+        assert free_gb(stack)[node] == pytest.approx(at_zero[node])  # the inner stage's memory is back
+        assert at_zero[node] < options.node_gpu_memory_gb  # less the warm pool's
         again = stream_completion(stack.function_url() + "/v1/completions",
                                   {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
         assert again.status == 200 and again.token_ids == result.token_ids  # the whole model answers the same
@@ -394,14 +423,14 @@ def test_a_group_with_two_full_workers_becomes_two_replicas_behind_the_gateway(g
         assert again.status == 200 and again.token_ids == first.token_ids
         node = replica.stages[0].node
         deadline = time.monotonic() + 10
-        while free_gb(stack)[node] < at_zero[node] and time.monotonic() < deadline:
+        while free_gb(stack)[node] < at_zero[node] - 1e-6 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert free_gb(stack)[node] == at_zero[node]  # the replica's memory is back
+        assert free_gb(stack)[node] == pytest.approx(at_zero[node])  # the replica's memory is back
         assert stack.placement.cluster().active_plans == 1  # the head's part of the plan remains
         deadline = time.monotonic() + 30
         while scaler.state.value != "zero" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert scaler.state.value == "zero"
         assert stack.placement.cluster().active_plans == 0
-        assert free_gb(stack) == at_zero
+        assert free_gb(stack) == pytest.approx(at_zero)
     assert stack.leftovers == []

@@ -29,3 +29,11 @@ def test_scale_benchmark_small_run() -> None:
     result = run("placement_scale.py", "--nodes", "20", "--rate", "2", "--duration", "300", "--functions", "40",
                  "--trials", "20")
     assert result["sim_requests"] == 600 and result["decision_median_ms"] > 0
+
+
+def test_keepalive_benchmark_small_run() -> None:
+    result = run("keepalive_sim.py", "--seeds", "1", "--rate", "0.3", "--cvs", "2", "--duration", "600")
+    assert {r["mode"] for r in result["rows"]} == {"fixed", "histogram", "histogram-scaled"}
+    fixed = next(r for r in result["rows"] if r["mode"] == "fixed")
+    assert fixed["prewarms"] == 0 and all(0.0 <= r["slo_attainment"] <= 1.0 for r in result["rows"])
+    assert all(r["prefetched_unused_gb"] <= r["prefetched_gb"] for r in result["rows"])

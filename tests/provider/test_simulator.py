@@ -194,3 +194,56 @@ def test_hydraserve_checks_tpot_only_after_profiling_ours_always() -> None:
         tpot_ok = [0.045 * slowdown(p.pipeline_size, p.full_workers) + 0.001 * (p.pipeline_size - 1) <= 0.05
                    for p in plans]  # HydraServe's TPOT model with the function's real TPOT
         assert tpot_ok == [first_ok, True], (policy, [(p.pipeline_size, p.full_workers) for p in plans])
+
+
+def test_the_simulator_and_the_live_gateway_make_the_same_prewarm_decision_for_the_same_history() -> None:
+    """A function called every 10 minutes (+-20 s) for 3 hours, and another once in between whose
+    model evicts the first's from the node's 20 GB host cache. The simulator runs both with the
+    histogram keep-alive; the live gateway's scaler is then driven with the first one's request
+    arrivals and ends (read back from the simulated TTFT and TPOT). Both hold the same idle
+    times and decide the same pre-warm and keep-alive; the simulator pre-warmed the evicted
+    model back into the cache and the next cold starts used those bytes."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hydraserve.activator.functions import FunctionConfig
+    from hydraserve.activator.scaler import FunctionScaler
+    from hydraserve.provider.sim.spec import LLAMA2_7B, NodeSpec, SimSpec, function_spec
+    from hydraserve.provider.sim.workload import Arrivals
+    from hydraserve.testing.fake_backend import ScriptedBackend
+
+    rng = np.random.default_rng(3)
+    times = np.cumsum(np.r_[0.0, 600.0 + rng.uniform(-20, 20, 17)])
+    other = times[:-1] + 300.0
+    order = np.argsort(np.r_[times, other], kind="stable")
+    spec = SimSpec(nodes=[NodeSpec("n", 1, 32.0, 16.0, 16.0, 20.0, "a10")],
+                   functions=[function_spec(LLAMA2_7B, 0), function_spec(LLAMA2_7B, 1)], keepalive_s=30.0)
+    arrivals = Arrivals(times=np.r_[times, other][order],
+                        functions=np.r_[np.zeros(len(times)), np.ones(len(other))].astype(np.int64)[order])
+    sim = Simulator(spec, "hydraserve-cache", arrivals, keep_alive="histogram")
+    result = sim.run()
+    first = arrivals.functions == 0
+    ends = times + result.ttft[first] + spec.output_tokens * result.tpot[first]
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    async def live() -> FunctionScaler:
+        clock = Clock()
+        scaler = FunctionScaler(FunctionConfig(name="fn", model_uri="s3://b/m", idle_timeout_s=30.0),
+                                ScriptedBackend(), executor=ThreadPoolExecutor(2), clock=clock)
+        for arrived, ended in zip(times, ends, strict=True):
+            clock.now = float(arrived)
+            instance = await scaler.acquire()
+            clock.now = float(ended)
+            scaler.release(instance)
+        return scaler
+
+    scaler = asyncio.run(live())
+    assert scaler.history.histogram.counts == sim.histories[0].histogram.counts
+    decision = sim.keep_alive(0)
+    assert scaler.keep_alive() == decision and decision.reason == "histogram" and decision.prewarm_s > 0
+    assert result.prewarms > 0 and result.prefetched_unused_gb < result.prefetched_gb  # used by a cold start

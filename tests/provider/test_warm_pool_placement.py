@@ -27,6 +27,8 @@ def test_the_pools_memory_comes_out_of_the_budget_and_is_refused_when_it_does_no
     with pytest.raises(ConflictError, match=r"warm pool needs 8\.0 GB"):
         svc.register_node(node.model_copy(update={"pool_size": 8, "pool_memory_gb": 8.0}), now=0.0)
     assert svc.cluster.nodes["a"].info.pool_memory_gb == 0.3 and _free(svc, "a") == pytest.approx(23.7 - 18)
+    svc.register_node(node.model_copy(update={"pool_size": 2, "pool_memory_gb": 0.3}), now=0.0)  # a reconcile:
+    assert _free(svc, "a") == pytest.approx(23.7 - 18)  # the same pool is never refused, nothing double-counted
     svc.report(WorkerReport(plan_id=plan.plan_id, event="released"), now=1.0)
     assert _free(svc, "a") == pytest.approx(23.7)  # the pool's share stays taken
     with pytest.raises(ValidationError, match="exceed the device"):

@@ -99,7 +99,9 @@ def test_the_pool_forks_only_as_a_single_thread_and_reports_itself(pool: Pool) -
 
 def test_bad_adoption_requests_are_400_and_adopt_nothing(pool: Pool) -> None:
     before = pool.client.status()["idle"]
-    for body in ({"env": "x", "log_path": "/tmp/x"}, {"env": {"A": 1}, "log_path": "/tmp/x"}, [1]):
+    outside = str(pool.socket.parent / ".." / "elsewhere.log")  # worker logs stay under the pool's log dir
+    for body in ({"env": "x", "log_path": "/tmp/x"}, {"env": {"A": 1}, "log_path": "/tmp/x"}, [1],
+                 {"env": {}, "log_path": outside}, {"env": {}, "log_path": "/etc/cron.d/x"}):
         with pytest.raises(TemporaryError, match="400"):
             pool.client._call("POST", "/v1/adopt", body)
     assert pool.client.status()["idle"] == before
