@@ -169,3 +169,25 @@ def test_idle_processes_go_with_the_server_and_the_launcher_then_spawns(tmp_path
     for worker in (adopted, spawned):
         worker.stop(grace_s=5)
         assert not alive(worker.proc.pid)
+
+
+def test_the_server_refuses_to_fork_while_another_thread_runs(tmp_path: Path) -> None:
+    """In this (threaded) test process a fork could copy a lock another thread holds: the server
+    refuses before forking, and says how many threads it saw."""
+    import threading
+
+    from hydraserve.runtime.forkserver import ForkServer, thread_count
+
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        server = ForkServer(tmp_path / "unused.sock", "t" * 32, pool_size=1)
+        with pytest.raises(RuntimeError, match=f"{thread_count()} threads"):
+            server._fork()
+        assert server.threads_at_fork == [thread_count()] and server.idle == []
+    finally:
+        stop.set()
+        helper.join()
+    with pytest.raises(ValueError, match="non-empty token"):
+        ForkServer(tmp_path / "unused.sock", "", pool_size=1)
