@@ -1,0 +1,1 @@
+"""Knative: the function as a Knative Service and the kn plugin."""

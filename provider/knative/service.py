@@ -1,0 +1,124 @@
+"""A HydraServe function as a Knative Service: the one place that knows every annotation,
+volume and scheduler setting the fast path needs (``kn hydra create`` writes it; the pod
+interceptor reads the same keys back from the function's pods).
+
+What the Service carries, and why:
+- ``hydraserve.dev/*`` annotations on the revision template: the model and the SLOs the
+  placement service plans with (the interceptor reads them from the pending pod);
+- ``schedulerName: hydraserve-scheduler``: a new pod of the revision is the scale-from-zero
+  event; our interceptor, not the default scheduler, binds it (Knative needs
+  ``kubernetes.podspec-schedulername: enabled``);
+- the node's loaderd directory mounted read-only (a hostPath; Knative needs
+  ``kubernetes.podspec-volumes-hostpath: enabled`` and allows such mounts read-only only): the
+  worker will map loaderd's shared-memory segments from it;
+- the pod's own annotations as files (the Downward API inside a projected volume, which
+  Knative allows without a flag): the role the interceptor writes at bind time (stage, peers,
+  layer range, full or partial) will reach the runtime there;
+- ``autoscaling.knative.dev/initial-scale: "0"``: a function created is at zero and costs
+  nothing until its first request (needs ``allow-zero-initial-scale``); min-scale 0;
+- ``timeoutSeconds`` and ``serving.knative.dev/progress-deadline`` that cover a cold start
+  (time a request waits in Knative's activator counts against the revision timeout).
+The cluster settings are in manifests/knative-config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from hydraserve.activator.functions import validate_function_name
+
+ANNOTATION_PREFIX = "hydraserve.dev/"
+MODEL_ANNOTATION = ANNOTATION_PREFIX + "model"
+TTFT_SLO_ANNOTATION = ANNOTATION_PREFIX + "ttft-slo"
+TPOT_SLO_ANNOTATION = ANNOTATION_PREFIX + "tpot-slo"
+GROUP_REPLICAS_ANNOTATION = ANNOTATION_PREFIX + "group-replicas"
+SCHEDULER_NAME = "hydraserve-scheduler"
+LOADERD_HOST_DIR = "/run/hydraserve/loaderd"  # the DaemonSet's segments (a host tmpfs directory)
+ROLE_DIR = "/etc/hydraserve/pod"  # the pod's annotations, as files
+RUNTIME_PORT = 8080
+DEFAULT_IMAGE = "ghcr.io/OWNER/hydraserve:0.1.0"
+
+
+def seconds_text(seconds: float) -> str:
+    """'7.5s' or '200ms': how the annotations spell a duration (kn hydra's flags read both)."""
+    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+class HydraService(BaseModel):
+    """What a user says about one function (``kn hydra create``'s flags)."""
+
+    name: str
+    namespace: str = "default"
+    model_uri: str = Field(pattern=r"^s3://[^/]+/.+")
+    ttft_slo_s: float = Field(default=7.5, gt=0)
+    tpot_slo_s: float = Field(default=0.2, gt=0)
+    gpus: int = Field(default=1, ge=0, le=8, description="GPUs per worker (0: a CPU worker)")
+    image: str = DEFAULT_IMAGE
+    concurrency: int = Field(default=32, ge=0, description="requests one instance serves at once (0: no limit)")
+    max_instances: int = Field(default=4, ge=1, le=64)
+    group_replicas: int = Field(default=1, ge=1, le=4)
+    timeout_s: int = Field(default=600, ge=1, le=600, description="the revision's timeoutSeconds: a cold start and "
+                           "the whole answer must fit (at most Knative's default max-revision-timeout-seconds)")
+    s3_secret: str | None = Field(default="hydraserve-s3", description="a Secret with the S3 credentials")
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        return validate_function_name(value)
+
+
+def knative_service(fn: HydraService) -> dict[str, Any]:
+    """The serving.knative.dev/v1 Service for ``fn``."""
+    annotations = {
+        MODEL_ANNOTATION: fn.model_uri,
+        TTFT_SLO_ANNOTATION: seconds_text(fn.ttft_slo_s),
+        TPOT_SLO_ANNOTATION: seconds_text(fn.tpot_slo_s),
+        GROUP_REPLICAS_ANNOTATION: str(fn.group_replicas),
+        "autoscaling.knative.dev/initial-scale": "0",
+        "autoscaling.knative.dev/min-scale": "0",
+        "autoscaling.knative.dev/max-scale": str(fn.max_instances),
+        "serving.knative.dev/progress-deadline": f"{fn.timeout_s}s",
+    }
+    if fn.concurrency:
+        annotations["autoscaling.knative.dev/target"] = str(fn.concurrency)
+    limits: dict[str, str] = {"memory": "32Gi"}
+    if fn.gpus:
+        limits["nvidia.com/gpu"] = str(fn.gpus)
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": fn.image,
+        "args": ["serve"],
+        "ports": [{"containerPort": RUNTIME_PORT}],
+        "env": [{"name": "HYDRASERVE_MODEL_URI", "value": fn.model_uri}],
+        "readinessProbe": {"httpGet": {"path": "/readyz"}, "periodSeconds": 1, "failureThreshold": fn.timeout_s},
+        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": limits},
+        "volumeMounts": [
+            {"name": "loaderd", "mountPath": LOADERD_HOST_DIR, "readOnly": True},
+            {"name": "pod-info", "mountPath": ROLE_DIR, "readOnly": True},
+        ],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    if fn.s3_secret:
+        container["envFrom"] = [{"secretRef": {"name": fn.s3_secret}}]
+    spec: dict[str, Any] = {
+        "schedulerName": SCHEDULER_NAME,
+        "timeoutSeconds": fn.timeout_s,
+        "containers": [container],
+        "volumes": [
+            {"name": "loaderd", "hostPath": {"path": LOADERD_HOST_DIR, "type": "Directory"}},
+            {"name": "pod-info", "projected": {"sources": [{"downwardAPI": {"items": [
+                {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+                {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}}]}},
+        ],
+    }
+    if fn.concurrency:
+        spec["containerConcurrency"] = fn.concurrency
+    return {
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {"name": fn.name, "namespace": fn.namespace,
+                     "labels": {"app.kubernetes.io/part-of": "hydraserve", "hydraserve.dev/function": fn.name}},
+        "spec": {"template": {"metadata": {"annotations": annotations}, "spec": spec}},
+    }

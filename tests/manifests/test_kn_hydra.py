@@ -1,0 +1,111 @@
+"""`kn hydra create --dry-run -o yaml` (the installed kn-hydra executable) against references no
+one here wrote: the Kubernetes schemas (kubernetes-validate, strict) and Knative Serving's
+admission rules (knative_rules.py) under the cluster settings manifests/knative-config applies;
+under Knative's defaults the same Service is refused, for exactly the settings that file turns on."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from hydraserve.activator.fn_cmd import duration_s
+
+from .knative_rules import as_pod, knative_violations
+from .test_manifests import K8S_VERSION, ROOT
+
+
+def kn_hydra(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("kn-hydra") or str(Path(sys.executable).with_name("kn-hydra"))
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+
+
+def cluster_settings() -> dict[str, dict[str, str]]:
+    """The data of each ConfigMap manifests/knative-config applies, by name."""
+    out = {}
+    for path in sorted((ROOT / "knative-config").glob("config-*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        assert doc["kind"] == "ConfigMap" and doc["metadata"]["namespace"] == "knative-serving"
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        out[doc["metadata"]["name"]] = doc["data"]
+    return out
+
+
+def rules(service: dict[str, Any], settings: dict[str, dict[str, str]] | None = None) -> list[str]:
+    settings = cluster_settings() if settings is None else settings
+    return knative_violations(service, settings.get("config-features"), settings.get("config-autoscaler"),
+                              settings.get("config-defaults"))
+
+
+@pytest.fixture(scope="module")
+def service() -> dict[str, Any]:
+    done = kn_hydra("create", "llama", "--model", "s3://models/llama-2-7b", "--ttft-slo", "7.5s", "--tpot-slo",
+                    "200ms", "--gpu", "1", "--namespace", "team-a", "--dry-run", "-o", "yaml")
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def test_the_dry_run_passes_the_schemas_and_knatives_rules_with_the_install_settings(service: dict[str, Any]) -> None:
+    assert rules(service) == []
+    kubernetes_validate.validate(as_pod(service), K8S_VERSION, strict=True)
+    meta, template = service["metadata"], service["spec"]["template"]
+    assert (meta["name"], meta["namespace"]) == ("llama", "team-a")
+    notes = template["metadata"]["annotations"]
+    assert notes["hydraserve.dev/model"] == "s3://models/llama-2-7b"
+    assert duration_s(notes["hydraserve.dev/ttft-slo"]) == 7.5 and duration_s(notes["hydraserve.dev/tpot-slo"]) == 0.2
+    spec = template["spec"]
+    assert spec["schedulerName"] == "hydraserve-scheduler" and spec["timeoutSeconds"] == 600
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert notes["serving.knative.dev/progress-deadline"] == "600s"  # covers the cold start, as the timeout
+
+
+def test_under_knatives_defaults_the_same_service_is_refused_for_what_the_install_enables(
+        service: dict[str, Any]) -> None:
+    refused = rules(service, settings={})
+    assert len(refused) == 3, refused
+    assert any("schedulerName" in r and "kubernetes.podspec-schedulername" in r for r in refused)
+    assert any("hostPath" in r and "kubernetes.podspec-volumes-hostpath" in r for r in refused)
+    assert any("initial-scale=0" in r for r in refused)
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda s: s["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0].pop("readOnly"), "readOnly"),
+    (lambda s: s["spec"]["template"]["spec"]["volumes"][1]["projected"]["sources"][0]["downwardAPI"]["items"][0]
+     .pop("path"), "downwardAPI item"),
+    (lambda s: s["spec"]["template"]["spec"].update(timeoutSeconds=601), "out of bounds"),
+    (lambda s: s["spec"]["template"]["spec"]["containers"][0]["volumeMounts"].pop(), "not mounted"),
+    (lambda s: s["spec"]["template"]["metadata"]["annotations"].update(
+        {"serving.knative.dev/progress-deadline": "1.5s"}), "whole seconds"),
+    (lambda s: s["spec"]["template"]["spec"].update(nodeName="n1"), "nodeName"),
+])
+def test_the_rules_refuse_what_the_webhook_would(service: dict[str, Any], edit: Any, reason: str) -> None:
+    broken = copy.deepcopy(service)
+    edit(broken)
+    refused = rules(broken)
+    assert any(reason in r for r in refused), refused
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["create", "Bad_Name", "--model", "s3://m/x", "--dry-run"], "invalid function name"),
+    (["create", "ok", "--model", "/local/dir", "--dry-run"], "model_uri"),
+    (["create", "ok", "--model", "s3://m/x", "--gpu", "-1", "--dry-run"], "gpus"),
+    (["create", "ok", "--model", "s3://m/x", "--timeout", "20m", "--dry-run"], "timeout_s"),
+    (["create", "ok", "--model", "s3://m/x", "--ttft-slo", "soon", "--dry-run"], "not a duration"),
+])
+def test_bad_flags_are_refused_with_a_clear_message(args: list[str], message: str) -> None:
+    done = kn_hydra(*args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_verbs_that_need_a_cluster_say_so() -> None:
+    for args in (["list"], ["describe", "llama"], ["delete", "llama"],
+                 ["create", "llama", "--model", "s3://m/x"]):
+        done = kn_hydra(*args)
+        assert done.returncode == 2 and "needs a cluster" in done.stderr, (args, done.stderr)
