@@ -111,6 +111,22 @@ def decide(hist: IdleHistogram, settings: PolicySettings = PolicySettings()) -> 
     return KeepAlive(prewarm, max(hist.bin_s, tail - prewarm), "histogram")
 
 
+def without_prewarm(decision: KeepAlive) -> KeepAlive:
+    """Where nothing can be pre-warmed (no loaderd to fill): stay loaded to the window's end."""
+    if decision.prewarm_s <= 0:
+        return decision
+    return KeepAlive(0.0, decision.unload_at_s, decision.reason)
+
+
+def instance_keep_alive_s(decision: KeepAlive, function_idle: bool, fixed_s: float) -> float:
+    """How long one idle instance stays: to the end of the window; not at all when the whole
+    function is idle and will be pre-warmed before its next likely arrival; the fixed time while
+    other requests of the function still run (an instance idle under load is not flapped)."""
+    if decision.prewarm_s <= 0:
+        return decision.keep_alive_s
+    return 0.0 if function_idle else fixed_s
+
+
 @dataclass
 class InvocationHistory:
     """One function's idle times, fed as it turns busy (a request arrives with none in flight)

@@ -23,6 +23,7 @@ class Endpoint:
 
 
 class FunctionBackend(Protocol):
+    can_prewarm: bool  # prewarm() can put a function's bytes where its next cold start reads them
     def prepare(self, function: FunctionConfig) -> object:
         """Read what a cold start needs to know of the function's model, at deploy time; raises
         HydraError when the model cannot be read or run (nothing has started then)."""

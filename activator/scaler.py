@@ -30,7 +30,13 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from hydraserve.activator.functions import FunctionConfig
-from hydraserve.activator.keepalive import InvocationHistory, KeepAlive, PolicySettings
+from hydraserve.activator.keepalive import (
+    InvocationHistory,
+    KeepAlive,
+    PolicySettings,
+    instance_keep_alive_s,
+    without_prewarm,
+)
 from hydraserve.activator.metrics import GatewayMetrics
 from hydraserve.activator.ports import Endpoint, FunctionBackend
 from hydraserve.contracts.timeline import Timeline
@@ -114,6 +120,7 @@ class FunctionScaler:
             raise TemporaryError(f"function {self.config.name} is shutting down", retry_after_s=1.0)
         if not self._waiting and not self.inflight:  # the function turns busy: its idle time ends
             self.history.busy(self._clock())
+            self._prewarmed = False  # the next idle period may pre-warm again
         instance = self._free_instance()
         if instance is not None and not self._waiting:  # first come, first served
             return self._take(instance)
@@ -151,7 +158,6 @@ class FunctionScaler:
     def _maybe_idle(self) -> None:
         if not self._waiting and not self.inflight:
             self.history.idle(self._clock())
-            self._prewarmed = False
 
     def first_response(self, instance: Instance) -> None:
         """The proxy saw the instance's first response byte: close its cold start's timeline."""
@@ -329,13 +335,12 @@ class FunctionScaler:
         or idle_timeout_s."""
         if self.config.keep_alive == "fixed":
             return KeepAlive(0.0, self.config.idle_timeout_s, "fixed")
-        return self.history.decision()
+        decision = self.history.decision()
+        return decision if getattr(self._backend, "can_prewarm", False) else without_prewarm(decision)
 
     def _keep_alive_s(self) -> float:
-        """How long an idle instance stays: to the end of the window, or not at all when the
-        function will be pre-warmed before its next likely arrival instead."""
-        decision = self.keep_alive()
-        return decision.keep_alive_s if decision.prewarm_s == 0 else 0.0
+        return instance_keep_alive_s(self.keep_alive(), self.history.idle_since is not None,
+                                     self.config.idle_timeout_s)
 
     async def scale_in_idle(self, now: float) -> int:
         """Stop instances that served nothing for the keep-alive while nothing waits; how many.
@@ -360,7 +365,7 @@ class FunctionScaler:
         decision = self.keep_alive()
         since = self.history.idle_since
         if (self._prewarmed or self._closed or decision.prewarm_s <= 0 or since is None or self.instances
-                or self._starting or now - since < decision.prewarm_s):
+                or self._starting or self._stopping or self._failing or now - since < decision.prewarm_s):
             return False
         self._prewarmed = True
         self.prewarms += 1

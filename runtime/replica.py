@@ -45,6 +45,7 @@ class ReplicaBuilder:
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._done = threading.Event()
+        self._lock = threading.Lock()  # the engine is handed over or shut down, never both
         self.engine: LLMEngine | None = None
         self.failed: str | None = None
         self.source: TensorSource | None = None  # the missing layers' bytes (kept open while serving)
@@ -60,18 +61,31 @@ class ReplicaBuilder:
                 if self._stop.wait(self._poll_s) or self._link.failed:
                     return
             whole, self.source = grow_to_whole(self._link.runner.model, self._files, self._timeline)
-            engine = self._start_engine(LoadedStage(self._config, whole, self.source))
-            if self._stop.is_set():
-                engine.shutdown(drain=False, timeout=5)
+            if self._stop.is_set() or self._link.failed:  # the group ended meanwhile: no engine to build
+                self._close_source()
                 return
-            self.engine = engine
+            engine = self._start_engine(LoadedStage(self._config, whole, self.source))
+            with self._lock:
+                stopped = self._stop.is_set()
+                if not stopped:
+                    self.engine = engine
+            if stopped:
+                engine.shutdown(drain=False, timeout=5)
+                self._close_source()
+                return
             self._timeline.mark("replica_built")
         except Exception as exc:  # the stage keeps serving its ring
             self.failed = f"{type(exc).__name__}: {exc}"
             log.exception("building the replica failed; the stage keeps serving the group")
             self._timeline.mark("replica_failed", reason=self.failed)
+            self._close_source()
         finally:
             self._done.set()
+
+    def _close_source(self) -> None:
+        if self.source is not None:
+            self.source.close()  # loaderd's views of the layers it fetched: their lease goes
+            self.source = None
 
     def take_over(self, timeout_s: float) -> LLMEngine | None:
         """After the ring's release: the replica's engine once built (None if the build failed,
@@ -83,5 +97,11 @@ class ReplicaBuilder:
         return self.engine
 
     def stop(self) -> None:
-        """The group ended without a release (or the worker stops): build no engine."""
-        self._stop.set()
+        """The group ended without a release (or the worker stops): build no engine, and shut
+        down one built but not handed over."""
+        with self._lock:
+            self._stop.set()
+            engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown(drain=False, timeout=5)
+            self._close_source()

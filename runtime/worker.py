@@ -79,6 +79,9 @@ def _serve_link(link: StageLink, state: RuntimeState, replica: ReplicaBuilder | 
         state.set_failed(f"pipeline group: {link.failed or 'the ring was closed'}")
         return
     engine = replica.take_over(build_timeout_s) if replica is not None else None
+    if engine is not None and state.is_draining:  # SIGTERM came meanwhile: the worker stops
+        replica.stop()  # type: ignore[union-attr]
+        engine = None
     if engine is None:
         state.start_draining()
         return

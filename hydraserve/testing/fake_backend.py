@@ -18,6 +18,8 @@ from hydraserve.errors import InstanceFailedError, StorageError, TemporaryError
 class ScriptedBackend:
     """start() blocks until released by the test, then succeeds or fails as scripted."""
 
+    can_prewarm = True
+
     def __init__(self, url: str = "http://127.0.0.1:9", auto_release: bool = True) -> None:
         self.url = url
         self.next_urls: list[str] = []  # each start answers at the next of these, then at ``url``

@@ -60,6 +60,7 @@ class LocalBackend:
                                    ColdStartOptions(s3_endpoint_url=s3_endpoint_url, prefetch=prefetch,
                                                     ready_timeout_s=ready_timeout_s, worker=dict(worker_settings or {})))
         self._groups: dict[str, Group] = {}
+        self.can_prewarm = prefetch  # the baseline's workers fetch from S3 themselves: loaderd bytes would go unused
         self._closed = False
         self._lock = threading.Lock()
 

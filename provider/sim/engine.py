@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hydraserve.activator.keepalive import IdleHistogram, InvocationHistory, KeepAlive, PolicySettings
+from hydraserve.activator.keepalive import (
+    IdleHistogram,
+    InvocationHistory,
+    KeepAlive,
+    PolicySettings,
+    instance_keep_alive_s,
+    without_prewarm,
+)
 from hydraserve.contracts.plan import (
     FunctionSpec,
     NodeInfo,
@@ -232,11 +239,11 @@ class Simulator:
     def keep_alive(self, fn: int) -> KeepAlive:
         if self.keep_alive_mode == "fixed":
             return KeepAlive(0.0, self.spec.keepalive_s, "fixed")
-        return self.histories[fn].decision()
+        decision = self.histories[fn].decision()
+        return decision if self.policy.keeps_cache else without_prewarm(decision)  # no cache to pre-warm
 
     def _keep_alive_s(self, fn: int) -> float:
-        decision = self.keep_alive(fn)
-        return decision.keep_alive_s if decision.prewarm_s == 0 else 0.0
+        return instance_keep_alive_s(self.keep_alive(fn), self.active[fn] == 0, self.spec.keepalive_s)
 
     def _function_idle(self, fn: int) -> None:
         self.histories[fn].idle(self.now)

@@ -366,3 +366,33 @@ def test_a_function_with_little_history_or_a_fixed_policy_keeps_its_idle_timeout
             assert not await scaler.prewarm_if_due(last + 3600)
             assert backend.prewarmed == []
     run(body())
+
+
+def test_with_a_prewarm_window_an_instance_idle_under_load_is_kept_and_a_backend_that_cannot_prewarm_keeps_all() -> None:
+    """The pre-warm path stops instances at once only when the whole function is idle: while
+    another instance still serves, an idle one keeps idle_timeout_s (no stop-start flapping).
+    A backend that cannot pre-warm (no loaderd to fill) keeps instances to the window's end."""
+    from hydraserve.activator.ports import Endpoint
+
+    async def body() -> None:
+        backend = ScriptedBackend()
+        clock = Clock()
+        scaler = make(backend, clock, concurrency=1, idle_timeout_s=30.0)
+        await _periodic_history(scaler, clock, 600.0, 12)
+        assert scaler.keep_alive().prewarm_s > 0
+        backend.replicas["fn-1"] = [Endpoint(url="http://127.0.0.1:10", instance_id="fn-1-s1")]
+        await scaler.check_instances()  # two instances now
+        busy = await scaler.acquire()
+        assert busy.instance_id == "fn-1-s1" or busy.instance_id == "fn-1"
+        clock.now += 5
+        assert await scaler.scale_in_idle(clock.now) == 0  # the other idles 5 s while the function is busy
+        clock.now += 30
+        assert await scaler.scale_in_idle(clock.now) == 1  # ... and goes after idle_timeout_s
+        scaler.release(busy)
+        assert await scaler.scale_in_idle(clock.now + 1) == 1  # the function idle: the last one goes at once
+
+        backend.can_prewarm = False  # type: ignore[misc]
+        decision = scaler.keep_alive()
+        assert decision.prewarm_s == 0 and decision.keep_alive_s > 450  # kept to the window's end instead
+        assert not await scaler.prewarm_if_due(clock.now + 3600)
+    run(body())

@@ -30,8 +30,10 @@ COLD_START_EVENTS = ["request_received", "plan_decided", "prefetch_started", "wo
 
 @pytest.fixture(scope="module")
 def stack(tiny_llama_dir: Path) -> Iterator[LocalStack]:
+    # keep_alive fixed: the tests here wait for zero after 2 s idle, whatever the module's requests
+    # taught the function's histogram (its policy has tests of its own)
     options = StackOptions(nodes=2, model_dir=tiny_llama_dir, idle_timeout_s=2.0, progress=False,
-                           reconcile_interval_s=1.0)
+                           reconcile_interval_s=1.0, function={"keep_alive": "fixed"})
     with LocalStack(options) as s:
         yield s
     assert s.leftovers == [], "shared memory segments left behind"
