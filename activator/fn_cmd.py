@@ -25,6 +25,20 @@ def duration_s(text: str) -> float:
     return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
+def add_function_flags(create: argparse.ArgumentParser) -> None:
+    """The flags `fn create` and `kn hydra create` share (one vocabulary); each is None unless
+    given, so the platform's defaults apply."""
+    create.add_argument("name", help="function name: lowercase letters, digits, '-' (also its OpenAI model name)")
+    create.add_argument("--model", required=True, help="the model: s3://bucket/prefix of a Hugging Face directory")
+    create.add_argument("--ttft-slo", type=duration_s, default=None, help="time-to-first-token target, e.g. 7.5s")
+    create.add_argument("--tpot-slo", type=duration_s, default=None, help="time-per-output-token target, e.g. 200ms")
+    create.add_argument("--concurrency", type=int, default=None,
+                        help="requests one instance serves at once (0: no limit)")
+    create.add_argument("--max-instances", type=int, default=None, help="instances it scales out to")
+    create.add_argument("--group-replicas", type=int, default=None,
+                        help="standalone replicas a consolidated pipeline group becomes at least (default 1)")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--gateway", default=os.environ.get(GATEWAY_ENV, "http://127.0.0.1:8080"),
@@ -33,16 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"file holding the gateway's admin token (`up` prints it); else ${TOKEN_ENV}")
     sub = parser.add_subparsers(dest="fn_command", metavar="VERB")
     create = sub.add_parser("create", parents=[common], help="deploy a function (at zero until its first request)")
-    create.add_argument("name", help="function name: lowercase letters, digits, '-' (also its OpenAI model name)")
-    create.add_argument("--model", required=True, help="the model: s3://bucket/prefix of a Hugging Face directory")
-    create.add_argument("--ttft-slo", type=duration_s, default=None, help="time-to-first-token target, e.g. 7.5s")
-    create.add_argument("--tpot-slo", type=duration_s, default=None, help="time-per-output-token target, e.g. 200ms")
+    add_function_flags(create)
     create.add_argument("--idle-timeout", type=duration_s, default=None, help="idle time before scaling to zero")
-    create.add_argument("--concurrency", type=int, default=None,
-                        help="requests one instance serves at once (0: no limit)")
-    create.add_argument("--max-instances", type=int, default=None, help="instances it scales out to")
-    create.add_argument("--group-replicas", type=int, default=None,
-                        help="standalone replicas a consolidated pipeline group becomes at least (default 1)")
     create.set_defaults(func=_create)
     sub.add_parser("list", parents=[common], help="every function and its state").set_defaults(func=_list)
     describe = sub.add_parser("describe", parents=[common], help="state, instances, the last cold start's plan and timeline")

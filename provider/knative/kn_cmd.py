@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hydraserve.activator.fn_cmd import duration_s
+from hydraserve.activator.fn_cmd import add_function_flags, duration_s
 
 NOT_YET = ("needs a cluster, which this version of kn-hydra cannot talk to yet (the Kubernetes backend is "
            "the open Knative issue); use --dry-run -o yaml and kubectl apply -f -")
@@ -24,19 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kn hydra", description="HydraServe functions on Knative")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     create = sub.add_parser("create", help="write a function's Knative Service")
-    create.add_argument("name", help="function name: lowercase letters, digits, '-' (also its OpenAI model name)")
-    create.add_argument("--model", required=True, help="the model: s3://bucket/prefix of a Hugging Face directory")
-    create.add_argument("--ttft-slo", type=duration_s, default=7.5, help="time-to-first-token target (default 7.5s)")
-    create.add_argument("--tpot-slo", type=duration_s, default=0.2, help="time-per-output-token target (default 200ms)")
-    create.add_argument("--gpu", type=int, default=1, help="GPUs per worker (0: a CPU worker)")
+    add_function_flags(create)
+    create.add_argument("--gpu", type=int, default=None, help="GPUs per worker (0: a CPU worker; default 1)")
     create.add_argument("--namespace", "-n", default="default", help="the Service's namespace")
     create.add_argument("--image", default=None, help="the runtime image (default: the release's)")
-    create.add_argument("--concurrency", type=int, default=32,
-                        help="requests one instance serves at once (containerConcurrency; 0: no limit)")
-    create.add_argument("--max-instances", type=int, default=4, help="instances it scales out to")
-    create.add_argument("--group-replicas", type=int, default=1,
-                        help="standalone replicas a consolidated pipeline group becomes at least")
-    create.add_argument("--timeout", type=duration_s, default=600.0,
+    create.add_argument("--timeout", type=duration_s, default=None,
                         help="the revision's timeout, covering a cold start and the whole answer (default 600s)")
     create.add_argument("--s3-secret", default="hydraserve-s3", help="Secret with the S3 credentials ('' for none)")
     create.add_argument("--dry-run", action="store_true", help="print the Service, touch no cluster")
@@ -58,14 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import yaml
     from pydantic import ValidationError
 
-    from hydraserve.provider.knative.service import DEFAULT_IMAGE, HydraService, knative_service
+    from hydraserve.provider.knative.service import HydraService, knative_service
 
+    given = {"ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "gpus": args.gpu,
+             "concurrency": args.concurrency, "max_instances": args.max_instances,
+             "group_replicas": args.group_replicas, "image": args.image,
+             "timeout_s": None if args.timeout is None else round(args.timeout)}
     try:
-        fn = HydraService(name=args.name, namespace=args.namespace, model_uri=args.model, ttft_slo_s=args.ttft_slo,
-                          tpot_slo_s=args.tpot_slo, gpus=args.gpu, image=args.image or DEFAULT_IMAGE,
-                          concurrency=args.concurrency, max_instances=args.max_instances,
-                          group_replicas=args.group_replicas, timeout_s=round(args.timeout),
-                          s3_secret=args.s3_secret or None)
+        fn = HydraService(name=args.name, namespace=args.namespace, model_uri=args.model,
+                          s3_secret=args.s3_secret or None, **{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         print(f"kn hydra create: {problems}", file=sys.stderr)
