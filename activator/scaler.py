@@ -336,7 +336,7 @@ class FunctionScaler:
         if self.config.keep_alive == "fixed":
             return KeepAlive(0.0, self.config.idle_timeout_s, "fixed")
         decision = self.history.decision()
-        return decision if getattr(self._backend, "can_prewarm", False) else without_prewarm(decision)
+        return decision if self._backend.can_prewarm else without_prewarm(decision)
 
     def _keep_alive_s(self) -> float:
         return instance_keep_alive_s(self.keep_alive(), self.history.idle_since is not None,

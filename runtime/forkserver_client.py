@@ -174,17 +174,23 @@ def pool_memory_gb(status: dict[str, object]) -> float:
     return math.ceil(kb * 1024 / 1e9 * 10) / 10
 
 
+def serving_status(pool: ForkServerClient) -> dict[str, object] | None:
+    """The pool's status if its fork server answers and every idle process exists, else None."""
+    try:
+        status = pool.status()
+    except HydraError:
+        return None
+    idle = status["idle"]
+    return status if isinstance(idle, list) and len(idle) >= int(str(status["pool_size"])) else None
+
+
 def wait_until_serving(pool: ForkServerClient, timeout_s: float, poll_s: float = 0.05) -> dict[str, object]:
-    """The pool's status once its fork server answers and every idle process exists."""
+    """The pool's status once it is serving (``serving_status``)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            status = pool.status()
-            idle = status["idle"]
-            if isinstance(idle, list) and len(idle) >= int(str(status["pool_size"])):
-                return status
-        except HydraError:
-            pass
+        status = serving_status(pool)
+        if status is not None:
+            return status
         if time.monotonic() > deadline:
             raise TemporaryError(f"warm pool at {pool.socket_path} not serving within {timeout_s:.0f} s")
         time.sleep(poll_s)

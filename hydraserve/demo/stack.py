@@ -37,7 +37,7 @@ from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
 from hydraserve.provider.backends.local import LocalBackend, LocalNode
 from hydraserve.provider.backends.process import NodeHost
-from hydraserve.runtime.forkserver_client import ForkServerClient, pool_memory_gb, wait_until_serving
+from hydraserve.runtime.forkserver_client import ForkServerClient, pool_memory_gb, serving_status
 
 if TYPE_CHECKING:
     from hydraserve.embedded.netns import EmulatedCluster
@@ -266,10 +266,18 @@ class LocalStack:
         whose budget has no room for it (409) or whose pool did not start spawns its workers."""
         kept = {}
         for name, (process, pool) in pools.items():
+            seen: list[dict[str, object]] = []
+
+            def serving(pool: ForkServerClient = pool, seen: list[dict[str, object]] = seen) -> bool:
+                status = serving_status(pool)
+                if status is not None:
+                    seen.append(status)
+                return status is not None
+
             try:
-                if not process.wait_until(functools.partial(_serving, pool), 120.0):  # raises if it exited
+                if not process.wait_until(serving, 120.0):  # raises if it exited
                     raise TemporaryError(f"the warm pool of {name} did not serve within 120 s")
-                memory = pool_memory_gb(wait_until_serving(pool, 10.0))
+                memory = pool_memory_gb(seen[-1])
                 info = daemons[name].info.model_copy(update={"pool_size": self.options.pool_size,
                                                              "pool_memory_gb": memory})
                 self.placement.register_node(info)
@@ -304,11 +312,3 @@ class LocalStack:
         daemon = SupervisedDaemon(info, spawn, process)
         self._cleanups.append((f"loaderd {name}", lambda: daemon.process.stop()))  # whichever process runs now
         return node, daemon
-
-
-def _serving(pool: ForkServerClient) -> bool:
-    try:
-        wait_until_serving(pool, 0.0)
-    except HydraError:
-        return False
-    return True

@@ -253,7 +253,7 @@ class Simulator:
 
     def _prewarm(self, payload: tuple[int, int, float]) -> None:
         fn, token, hold_s = payload
-        if token != self.prewarm_token[fn] or self.instances[fn] or not self.policy.keeps_cache:
+        if token != self.prewarm_token[fn] or self.instances[fn]:  # busy again, or back up meanwhile
             return
         try:
             plan = self.service.plan(PlanRequest(function=self.spec.functions[fn], dry_run=True), now=self.now)
