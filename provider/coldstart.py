@@ -174,11 +174,14 @@ class ColdStart:
         self._lock = threading.Lock()  # a group's worker list: consolidation vs scale to zero
 
     def run(self, spec: FunctionSpec, timeline: Timeline, *, revision: str = "",
-            exclude_nodes: Sequence[str] = ()) -> Group:
+            exclude_nodes: Sequence[str] = (), on_plan: Callable[[Plan], None] | None = None) -> Group:
         """One cold start of ``spec``'s function, ready when this returns; ``exclude_nodes``:
-        nodes the plan must avoid (where an earlier attempt lost a worker)."""
+        nodes the plan must avoid (where an earlier attempt lost a worker); ``on_plan`` hears
+        the plan before any worker is reserved (a launcher that names workers after it)."""
         opts = self.options
         plan = self._placement.plan(self.plan_request(spec, exclude_nodes))
+        if on_plan is not None:
+            on_plan(plan)
         unknown = [st.node for st in plan.stages if st.node not in self._nodes]
         if unknown:
             self._report(plan, "failed", reason=f"unknown nodes {unknown}")
@@ -238,7 +241,7 @@ class ColdStart:
         fetched = 0
         for st, request in plan.prefetch_orders(self.options.s3_endpoint_url, min(hold_s, 86_400.0)):
             node = self._nodes.get(st.node)
-            if node is None:
+            if node is None or not node.loaderd_url:
                 continue
             loader = LoaderClient(node.loaderd_url, node.loaderd_token)
             try:
@@ -364,6 +367,9 @@ class ColdStart:
         started: list[_Prefetch] = []
         for st, request in plan.prefetch_orders(self.options.s3_endpoint_url, self.options.pin_s):
             node = self._nodes[st.node]
+            if not node.loaderd_url:
+                timeline.mark("prefetch_skipped", component="backend", node=node.name, reason="no loaderd on the node")
+                continue
             loader = LoaderClient(node.loaderd_url, node.loaderd_token)
             try:
                 lease = loader.prefetch(request)
@@ -392,7 +398,7 @@ class ColdStart:
             "stage": st.stage if plan.pipeline_size > 1 else None, "full": st.full, "peers": peers,
             "spawned_at": time.time(), **self.options.worker,
         }
-        if self.options.prefetch:  # the worker's own token: its model, its leases, not the node's
+        if self.options.prefetch and node.loaderd_url:  # the worker's own token: its model, its leases, not the node's
             token = mint_scoped_token(node.loaderd_token, subject=f"{plan.instance_id}/{st.stage.index}",
                                       model_uri=plan.model_uri)
             values |= {"loaderd_url": node.loaderd_url, "loaderd_token": token}

@@ -6,7 +6,9 @@ Knative's own keys (PORT, K_SERVICE, K_REVISION, K_CONFIGURATION) are part of it
 HYDRASERVE_*. The worker binds 127.0.0.1 unless HYDRASERVE_HOST says otherwise, also under
 Knative, whose queue-proxy dials the user container at 127.0.0.1:$PORT. The loaderd token is a
 secret: it comes in HYDRASERVE_LOADERD_TOKEN or in the file HYDRASERVE_LOADERD_TOKEN_FILE names,
-and never appears in repr() or logs.
+and never appears in repr() or logs. A Knative function pod, whose environment its revision
+fixed, finds its stage in the file HYDRASERVE_ROLE_FILE names (hydraserve.contracts.pod): the
+fields there win over the environment's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from hydraserve.contracts.pod import POD_LISTEN_HOST, ROLE_FILE_KEY, role_from_file
 from hydraserve.contracts.stage import StageSpec
 
 # field -> environment variable
@@ -140,6 +143,12 @@ class WorkerEnvironment(BaseModel):
                 raw[name] = value
         raw.setdefault("function", env.get(KNATIVE_SERVICE_KEY, ""))
         raw.setdefault("s3_endpoint_url", env.get("AWS_ENDPOINT_URL") or None)
+        role_file = env.get(ROLE_FILE_KEY)
+        if role_file:
+            role = role_from_file(role_file)
+            raw |= role
+            if role:  # placed by the interceptor: peers and probes reach it on its pod IP
+                raw["host"] = POD_LISTEN_HOST
         token_file = env.get(TOKEN_FILE_KEY)
         if token_file:
             raw["loaderd_token"] = Path(token_file).read_text().strip()

@@ -1,0 +1,315 @@
+"""The interceptor: the scheduler of function pods, where a Knative scale from zero becomes a
+HydraServe cold start.
+
+A function revision's pods name our scheduler (provider/knative/service.py), so a new pending
+pod of one is the scale-from-zero event. For each, in a thread of its own: the function's model
+and SLOs are read from the pod's annotations, the real cluster is told to the placement service
+(provider/knative/nodes.py), and the backend-neutral cold start runs with the pod launcher
+(provider/knative/pods.py): plan, prefetch on every chosen node's loaderd, bind the pod to
+stage 0's node with its role, create the helper stage pods, wait until the group serves, report.
+Once the head consolidates the helpers are deleted; when Knative deletes the function pod (scale
+to zero) its group is stopped and its memory released (the helpers would be collected anyway:
+they are owned by it).
+
+What it survives, and how:
+- its own restart: nothing is kept but the API's objects. A pod bound before the restart is
+  left to run (its memory is counted from its annotations); one still pending is started anew;
+- conflicts: a binding answered 409 means the pod is bound already (by an earlier attempt or
+  an earlier incarnation): that cold start ends; objects that exist already are kept;
+- pod deletion mid cold start: the cold start fails, its helpers are deleted, its memory freed;
+- node loss (deleted, NotReady or cordoned): the groups with a worker there are failed and their
+  function pods deleted, so Knative makes new ones, which are planned on other nodes;
+- a loaderd that does not answer: the cold start skips its prefetch; the worker fetches from S3.
+A cold start that fails before binding is retried while the pod is pending (back-off); one that
+fails after binding deletes its function pod (a bound pod cannot move).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import watch
+from kubernetes.client import ApiException, CoreV1Api
+from pydantic import ValidationError
+
+from hydraserve.activator.fn_cmd import duration_s
+from hydraserve.activator.functions import FunctionConfig
+from hydraserve.contracts.plan import FunctionSpec, Plan
+from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL
+from hydraserve.contracts.timeline import Timeline
+from hydraserve.errors import ConflictError, HydraError, InstanceFailedError
+from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
+from hydraserve.provider.knative.kube import delete_quietly
+from hydraserve.provider.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
+from hydraserve.provider.knative.pods import PodLauncher, instance_key
+from hydraserve.provider.knative.service import (
+    MODEL_ANNOTATION,
+    SCHEDULER_NAME,
+    TPOT_SLO_ANNOTATION,
+    TTFT_SLO_ANNOTATION,
+)
+
+log = logging.getLogger(__name__)
+
+REVISION_LABEL = "serving.knative.dev/revision"
+SERVICE_LABEL = "serving.knative.dev/service"
+
+
+def function_of(pod: dict[str, Any]) -> FunctionConfig:
+    """The function a pod belongs to, from its labels and annotations (ValueError if they do not
+    say enough: no model, a bad SLO)."""
+    meta = pod["metadata"]
+    annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
+    model = annotations.get(MODEL_ANNOTATION)
+    if not model:
+        raise ValueError(f"pod {meta['name']} names no model ({MODEL_ANNOTATION})")
+    slos: dict[str, object] = {}
+    for key, name in ((TTFT_SLO_ANNOTATION, "ttft_slo_s"), (TPOT_SLO_ANNOTATION, "tpot_slo_s")):
+        if key in annotations:
+            try:
+                slos[name] = duration_s(annotations[key])
+            except Exception as exc:
+                raise ValueError(f"{key}: {exc}") from exc
+    return FunctionConfig.model_validate({"name": labels.get(SERVICE_LABEL, meta["name"][:63]), "model_uri": model, **slos})
+
+
+@dataclass
+class InterceptorOptions:
+    coldstart: ColdStartOptions = field(default_factory=ColdStartOptions)
+    retry_s: float = 2.0  # back-off between attempts while the pod is pending
+    resync_s: float = 30.0  # how often the whole cluster is read again (and a watch restarted)
+
+
+@dataclass
+class _Start:
+    """One function pod we are bringing up or serving."""
+
+    pod: dict[str, Any]
+    launcher: PodLauncher | None = None
+    coldstart: ColdStart | None = None
+    group: Group | None = None
+    deleted: threading.Event = field(default_factory=threading.Event)
+
+
+class Interceptor:
+    """Watches function pods and carries out their cold starts."""
+
+    def __init__(self, core: CoreV1Api, placement: PlacementPort, feed: ClusterFeed,
+                 describe: Callable[[FunctionConfig], FunctionSpec], options: InterceptorOptions | None = None) -> None:
+        self._core, self._placement, self._feed, self._describe = core, placement, feed, describe
+        self.options = options or InterceptorOptions()
+        self._lock = threading.Lock()
+        self._starts: dict[str, _Start] = {}  # function pod uid ->
+        self._specs: dict[str, FunctionSpec] = {}
+        self._nodes: dict[str, KubeNode] = {}
+        self._stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        """List, then watch, until ``stop``; a watch that expires (410) or breaks lists again."""
+        stop = self._stop
+        while not stop.is_set():
+            try:
+                version = self.resync()
+                self._watch(version, stop)
+            except ApiException as exc:
+                log.warning("pod watch ended (%s %s): listing again", exc.status, exc.reason)
+                stop.wait(1.0)
+            except HydraError as exc:
+                log.warning("cluster read failed (%s): trying again", exc.message)
+                stop.wait(1.0)
+
+    def stop(self) -> None:
+        """Stop watching. A cold start under way is abandoned (its pods deleted, its memory
+        freed): Knative makes a new pod, which the next leader starts; groups that serve are
+        left to serve (the next leader counts them from their pods)."""
+        self._stop.set()
+
+    def resync(self) -> str:
+        """Read every function pod (and the nodes) and act on each; the list's resourceVersion."""
+        self.refresh_nodes()
+        pods = self._core.list_pod_for_all_namespaces(field_selector=f"spec.schedulerName={SCHEDULER_NAME}")
+        sanitize = self._core.api_client.sanitize_for_serialization
+        for pod in pods.items:
+            self.observe("ADDED", sanitize(pod))
+        return str(pods.metadata.resource_version or "")
+
+    def _watch(self, version: str, stop: threading.Event) -> None:
+        w = watch.Watch()
+        sanitize = self._core.api_client.sanitize_for_serialization
+        for event in w.stream(self._core.list_pod_for_all_namespaces, resource_version=version,
+                              field_selector=f"spec.schedulerName={SCHEDULER_NAME}",
+                              timeout_seconds=max(1, round(self.options.resync_s))):
+            if event["type"] == "ERROR":
+                raise ApiException(status=(event.get("raw_object") or {}).get("code", 410), reason="watch error")
+            self.observe(event["type"], sanitize(event["object"]))
+            if stop.is_set():
+                w.stop()
+                return
+
+    def refresh_nodes(self) -> dict[str, KubeNode]:
+        """Tell the planner the real cluster; fail the groups on nodes that went away."""
+        nodes = self._feed.refresh(self._under_way())
+        with self._lock:
+            self._nodes = nodes
+            starts = list(self._starts.values())
+        for start in starts:
+            lost = [w for w in (start.launcher.workers if start.launcher else [])
+                    if w.node not in nodes or not nodes[w.node].ready]
+            for worker in lost:
+                worker.mark_lost(f"node {worker.node} is gone or not ready")
+            if lost and start.group is not None:
+                self._spawn(self._fail, start, f"node {lost[0].node} lost")
+        return nodes
+
+    def _under_way(self) -> dict[StageKey, Placed]:
+        with self._lock:
+            plans = [s.launcher.plan for s in self._starts.values() if s.launcher and s.launcher.plan]
+        return {(instance_key(plan.instance_id), str(st.stage.index)): Placed(st.node, st.gpu, st.memory_gb)
+                for plan in plans for st in plan.stages}
+
+    # ---- events ----------------------------------------------------------------------------------
+    def observe(self, kind: str, pod: dict[str, Any]) -> None:
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        labels = meta.get("labels") or {}
+        if labels.get(STAGE_LABEL, "0") != "0" and INSTANCE_LABEL in labels:
+            self._helper_event(kind, pod)
+            return
+        uid = meta["uid"]
+        gone = kind == "DELETED" or bool(meta.get("deletionTimestamp"))
+        with self._lock:
+            start = self._starts.get(uid)
+            if start is None and not gone and not spec.get("nodeName"):
+                start = self._starts[uid] = _Start(pod=pod)
+                new = True
+            else:
+                new = False
+        if new:
+            self._spawn(self._cold_start, start)
+        elif gone and start is not None and not start.deleted.is_set():
+            start.deleted.set()
+            for worker in start.launcher.workers[:1] if start.launcher else []:
+                worker.mark_lost("function pod deleted")
+            if start.group is not None:
+                self._spawn(self._release, start)
+
+    def _helper_event(self, kind: str, pod: dict[str, Any]) -> None:
+        phase = (pod.get("status") or {}).get("phase")
+        if kind != "DELETED" and phase not in ("Failed", "Succeeded"):
+            return
+        name = pod["metadata"]["name"]
+        with self._lock:
+            starts = list(self._starts.values())
+        for start in starts:
+            for worker in start.launcher.workers[1:] if start.launcher else []:
+                if worker.name == name and not worker.stopped:
+                    worker.mark_lost("helper pod deleted" if kind == "DELETED" else f"helper pod {phase}")
+                    if start.group is not None:
+                        self._spawn(self._fail, start, f"helper {name} lost")
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"interceptor-{target.__name__}", daemon=True)
+        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        thread.start()
+
+    # ---- a cold start ----------------------------------------------------------------------------
+    def _cold_start(self, start: _Start) -> None:
+        pod, name = start.pod, f"{start.pod['metadata']['namespace']}/{start.pod['metadata']['name']}"
+        try:
+            function = function_of(pod)
+            spec = self._spec(function)
+        except (ValueError, ValidationError, HydraError) as exc:
+            log.error("pod %s cannot be started: %s", name, exc)
+            self._forget(start)
+            return
+        exclude: list[str] = []
+        while not start.deleted.is_set() and not self._stop.is_set():
+            timeline = Timeline()
+            timeline.mark("pod_pending", component="interceptor", pod=name)
+            launcher = PodLauncher(self._core, pod, cancel=self._stop)
+            with self._lock:
+                nodes = dict(self._nodes)
+            coldstart = ColdStart(self._placement, launcher, nodes, self.options.coldstart)
+            start.launcher, start.coldstart = launcher, coldstart
+            try:
+                group = coldstart.run(spec, timeline, revision=(pod["metadata"].get("labels") or {}).get(
+                    REVISION_LABEL, ""), exclude_nodes=exclude, on_plan=launcher.use_plan)
+            except ConflictError as exc:  # bound already: by an earlier attempt or incarnation
+                log.info("pod %s: %s", name, exc.message)
+                self._forget(start)
+                return
+            except HydraError as exc:
+                if start.deleted.is_set():
+                    log.info("pod %s deleted during its cold start (%s)", name, exc.message)
+                    self._forget(start)
+                    return
+                if launcher.bound:
+                    log.warning("pod %s failed after binding (%s): deleting it so Knative makes another",
+                                name, exc.message)
+                    self._delete_function_pod(start)
+                    self._forget(start)
+                    return
+                if isinstance(exc, InstanceFailedError):
+                    exclude = sorted(set(exclude) | set(exc.nodes))
+                log.warning("pod %s: cold start failed before binding (%s): retrying", name, exc.message)
+                self._stop.wait(exc.retry_after_s or self.options.retry_s)
+                self.refresh_nodes()
+                continue
+            start.group = group
+            log.info("pod %s serves: instance %s on %s", name, group.instance_id, ", ".join(group.plan.nodes))
+            if start.deleted.is_set():  # deleted between its readiness and now
+                self._release(start)
+            return
+
+    def _spec(self, function: FunctionConfig) -> FunctionSpec:
+        """The function's model description, read once per (function, model, SLOs). On Knative a
+        group keeps one full worker: scaling out is Knative's (more pods), not a replica's."""
+        key = function.model_dump_json()
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._describe(function).model_copy(update={"min_full_workers": 1, "max_full_workers": 1})
+            self._specs[key] = spec
+        return spec
+
+    def _release(self, start: _Start) -> None:
+        if start.coldstart is not None and start.group is not None:
+            start.coldstart.stop(start.group)
+        self._forget(start)
+
+    def _fail(self, start: _Start, reason: str) -> None:
+        if start.coldstart is not None and start.group is not None:
+            start.coldstart.fail(start.group, reason)
+        self._delete_function_pod(start)
+        self._forget(start)
+
+    def _delete_function_pod(self, start: _Start) -> None:
+        meta = start.pod["metadata"]
+        delete_quietly(lambda n, ns: self._core.delete_namespaced_pod(n, ns, body={"preconditions": {"uid": meta["uid"]}}),
+                       meta["name"], meta["namespace"], f"pod {meta['name']}")
+
+    def _forget(self, start: _Start) -> None:
+        with self._lock:
+            self._starts.pop(start.pod["metadata"]["uid"], None)
+
+    # ---- for tests and the CLI --------------------------------------------------------------------
+    def groups(self) -> dict[str, Group]:
+        """The function pods (uid) that serve, and their groups."""
+        with self._lock:
+            return {uid: s.group for uid, s in self._starts.items() if s.group is not None}
+
+    def plans(self) -> list[Plan]:
+        with self._lock:
+            return [s.launcher.plan for s in self._starts.values() if s.launcher and s.launcher.plan]
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Whether every thread it started has ended within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        for thread in list(self.threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self.threads)

@@ -1,0 +1,72 @@
+"""The Kubernetes API, as the interceptor and `kn hydra` use it (the official client).
+
+One place for the calls whose details bite: the pod binding (kubernetes-client/python #547,
+#825: the server answers a Status that does not deserialize into V1Binding, so the call is made
+with ``_preload_content=False``), create-or-keep on 409 AlreadyExists, and how a client is made
+(in the cluster: the pod's service account; outside: KUBECONFIG or ~/.kube/config).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client import ApiClient, ApiException, CoreV1Api
+
+from hydraserve.errors import ConflictError, HydraError, NotFoundError, TemporaryError
+
+log = logging.getLogger(__name__)
+
+
+def api_client(kubeconfig: str | None = None) -> ApiClient:
+    """A client for the cluster this runs in, or for ``kubeconfig`` (a path) when given or when
+    not in a pod (then KUBECONFIG or ~/.kube/config)."""
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config()
+            return ApiClient()
+        except config.ConfigException:
+            pass
+    return config.new_client_from_config(config_file=kubeconfig)
+
+
+def api_error(exc: ApiException, what: str) -> HydraError:
+    """The HydraError an API answer stands for (404 not found, 409 conflict, else temporary)."""
+    message = f"{what}: {exc.status} {exc.reason}"
+    if exc.status == 404:
+        return NotFoundError(message)
+    if exc.status == 409:
+        return ConflictError(message)
+    return TemporaryError(message, retry_after_s=1.0)
+
+
+def bind_pod(core: CoreV1Api, namespace: str, pod: str, node: str, annotations: dict[str, str]) -> None:
+    """Bind ``pod`` to ``node``; the Binding's annotations land on the pod in the same write."""
+    body = client.V1Binding(metadata=client.V1ObjectMeta(name=pod, annotations=annotations),
+                            target=client.V1ObjectReference(api_version="v1", kind="Node", name=node))
+    try:
+        core.create_namespaced_pod_binding(pod, namespace, body, _preload_content=False)
+    except ApiException as exc:
+        raise api_error(exc, f"binding pod {namespace}/{pod} to {node}") from exc
+
+
+def create_or_keep(create: Any, namespace: str, body: dict[str, Any], what: str) -> bool:
+    """Create an object; one that exists already (a retry, a restart) is kept. True if created."""
+    try:
+        create(namespace, body)
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            log.info("%s exists already: kept", what)
+            return False
+        raise api_error(exc, f"creating {what}") from exc
+
+
+def delete_quietly(delete: Any, name: str, namespace: str, what: str) -> None:
+    """Delete an object; one that is gone already is fine."""
+    try:
+        delete(name, namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            log.warning("could not delete %s: %s %s", what, exc.status, exc.reason)

@@ -1,0 +1,304 @@
+"""The interceptor against a Kubernetes API over real HTTP, driven by the official client: the
+fake API server here (tests/kube/fake_apiserver.py), a real cluster when KUBECONFIG is set.
+
+Function pods are made from the Service `kn hydra create` writes (its revision template, plus
+Knative's labels and queue-proxy container, as Knative's Deployment would make them). The
+placement service is the real one, in process; the model description is a real tiny model's.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiException
+
+from hydraserve.activator.functions import FunctionConfig
+from hydraserve.contracts.plan import FunctionSpec
+from hydraserve.contracts.pod import INSTANCE_LABEL, PLAN_ANNOTATION, ROLE_ANNOTATION, STAGE_LABEL
+from hydraserve.provider.coldstart import ColdStartOptions
+from hydraserve.provider.knative.interceptor import Interceptor, InterceptorOptions
+from hydraserve.provider.knative.kube import bind_pod
+from hydraserve.provider.knative.nodes import ClusterFeed
+from hydraserve.provider.knative.pods import MEMORY_ANNOTATION
+from hydraserve.provider.knative.service import HydraService, knative_service
+from hydraserve.provider.model_spec import describe_model
+from hydraserve.provider.service import PlacementService
+from hydraserve.weights.model_files import LocalModelFiles
+from tests.kube.conftest import Cluster, fake_only
+
+MODEL = "s3://models/tiny"
+LOADERD_TOKEN = "loaderd-admin-token-not-for-pods"
+
+
+def function_pod(cluster: Cluster, name: str, *, function: str = "chat", annotations: dict[str, str] | None = None,
+                 model: str = MODEL) -> dict[str, Any]:
+    """A pod of the function's revision, as Knative's Deployment makes it."""
+    service = knative_service(HydraService(name=function, namespace=cluster.namespace, model_uri=model))
+    template = service["spec"]["template"]
+    spec = json.loads(json.dumps(template["spec"]))
+    spec.pop("timeoutSeconds", None)
+    spec.pop("containerConcurrency", None)
+    spec["containers"][0]["readinessProbe"]["httpGet"]["port"] = 8080  # Knative fills the port in
+    spec["containers"].append({"name": "queue-proxy", "image": "gcr.io/knative-releases/queue",
+                               "ports": [{"containerPort": 8012}]})
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": cluster.namespace,
+                        "labels": {"serving.knative.dev/service": function,
+                                   "serving.knative.dev/revision": f"{function}-00001"},
+                        "annotations": {**template["metadata"]["annotations"], **(annotations or {})}},
+           "spec": spec}
+    created = cluster.core.create_namespaced_pod(cluster.namespace, pod)
+    return cluster.core.api_client.sanitize_for_serialization(created)
+
+
+class Control:
+    """The placement service and the interceptor, running against the cluster."""
+
+    def __init__(self, cluster: Cluster, model_dir: Path, *, pipeline: int = 1, loaderd_port: int = 8470,
+                 watching: bool = True, s3_endpoint_url: str | None = None) -> None:
+        self.placement = PlacementService()
+        self.feed = ClusterFeed(cluster.core, self.placement, loaderd_namespace=cluster.namespace,
+                                loaderd_token=LOADERD_TOKEN, loaderd_port=loaderd_port)
+
+        def describe(fn: FunctionConfig) -> FunctionSpec:
+            spec = describe_model(fn, LocalModelFiles(model_dir))
+            return spec.model_copy(update={"min_pipeline_size": pipeline, "max_pipeline_size": pipeline})
+
+        self.interceptor = Interceptor(cluster.core, self.placement, self.feed, describe, InterceptorOptions(
+            coldstart=ColdStartOptions(ready_timeout_s=60, watch_s=0.05, s3_endpoint_url=s3_endpoint_url), retry_s=0.2, resync_s=1))
+        self._thread = threading.Thread(target=self.interceptor.run, daemon=True)
+        self._watching = watching
+
+    def __enter__(self) -> Control:
+        if self._watching:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.interceptor.stop()
+        if self._watching:
+            self._thread.join(10)
+        self.interceptor.wait_idle(10)
+
+    def active_plans(self) -> int:
+        return self.placement.status().active_plans
+
+    def reports(self, event: str) -> float:
+        return self.placement.metrics.registry.get_sample_value(
+            "hydraserve_placement_reports_total", {"event": event}) or 0.0
+
+
+@pytest.fixture
+def control(cluster: Cluster, tiny_llama_dir: Path) -> Iterator[Control]:
+    if cluster.fake is not None:
+        for name in ("gpu-a", "gpu-b"):
+            cluster.add_node(name)
+    with Control(cluster, tiny_llama_dir) as ctl:
+        yield ctl
+
+
+@pytest.fixture
+def group_control(cluster: Cluster, tiny_llama_dir: Path) -> Iterator[Control]:
+    if cluster.fake is not None:
+        for name in ("gpu-a", "gpu-b"):
+            cluster.add_node(name)
+    with Control(cluster, tiny_llama_dir, pipeline=2) as ctl:
+        yield ctl
+
+
+def bound_node(cluster: Cluster, name: str) -> str | None:
+    try:
+        return cluster.core.read_namespaced_pod(name, cluster.namespace).spec.node_name
+    except ApiException:
+        return None
+
+
+def test_pending_function_pod_is_bound_with_its_role_and_released_on_delete(cluster: Cluster, control: Control) -> None:
+    function_pod(cluster, "chat-00001-deployment-abc")
+    node = cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-abc"))
+    pod = cluster.core.read_namespaced_pod("chat-00001-deployment-abc", cluster.namespace)
+    role = json.loads(pod.metadata.annotations[ROLE_ANNOTATION])
+    assert role["model_uri"] == MODEL and role["function"] == "chat" and role["instance_id"].startswith("chat-")
+    assert "loaderd_token" not in role and LOADERD_TOKEN not in json.dumps(pod.metadata.annotations)
+    plan = json.loads(pod.metadata.annotations[PLAN_ANNOTATION])
+    assert plan["stages"][0]["node"] == node and plan["pipeline_size"] == 1
+    assert float(pod.metadata.annotations[MEMORY_ANNOTATION]) == plan["stages"][0]["memory_gb"]
+    assert pod.metadata.labels[STAGE_LABEL] == "0"
+    assert control.active_plans() == 1
+    cluster.run_pod("chat-00001-deployment-abc")
+    cluster.wait_for("the group to serve", lambda: control.interceptor.groups())
+    cluster.core.delete_namespaced_pod("chat-00001-deployment-abc", cluster.namespace)
+    cluster.wait_for("the plan released", lambda: control.active_plans() == 0 and not control.interceptor.groups())
+
+
+def test_pipeline_group_gets_helper_pods_owned_by_the_function_pod(cluster: Cluster, group_control: Control) -> None:
+    head = function_pod(cluster, "chat-00001-deployment-grp")
+    cluster.wait_for("the helper", lambda: cluster.pods(label_selector=f"{STAGE_LABEL}=1"))
+    [helper] = cluster.pods(label_selector=f"{STAGE_LABEL}=1")
+    pod = cluster.core.read_namespaced_pod("chat-00001-deployment-grp", cluster.namespace)
+    plan = json.loads(pod.metadata.annotations[PLAN_ANNOTATION])
+    assert plan["pipeline_size"] == 2
+    assert pod.spec.node_name == plan["stages"][0]["node"] and helper.spec.node_name == plan["stages"][1]["node"]
+    assert [(r.kind, r.uid) for r in helper.metadata.owner_references] == [("Pod", head["metadata"]["uid"])]
+    env = {e.name: e for e in helper.spec.containers[0].env}
+    assert json.loads(env["HYDRASERVE_STAGE"].value)["index"] == 1
+    peers = json.loads(env["HYDRASERVE_PEERS"].value)
+    assert len(peers) == 2 and all(p.endswith(f".{cluster.namespace}.svc:8090") for p in peers)
+    assert env["HYDRASERVE_LOADERD_TOKEN"].value_from.secret_key_ref.name == "chat-hydraserve-worker"
+    assert env["HYDRASERVE_HOST"].value == "0.0.0.0"
+    services = cluster.core.list_namespaced_service(cluster.namespace).items
+    assert sorted(s.metadata.name.rsplit("-", 1)[1] for s in services) == ["s0", "s1"]
+    assert all(s.spec.cluster_ip == "None" and s.spec.publish_not_ready_addresses for s in services)
+    assert [p.split(".")[0] for p in peers] == sorted(s.metadata.name for s in services)
+    instance = pod.metadata.labels[INSTANCE_LABEL]
+    assert {s.spec.selector[INSTANCE_LABEL] for s in services} == {instance}
+    cluster.run_pod("chat-00001-deployment-grp")
+    cluster.run_pod(helper.metadata.name)
+    cluster.wait_for("the group to serve", lambda: control_groups(group_control))
+    cluster.core.delete_namespaced_pod("chat-00001-deployment-grp", cluster.namespace)
+    cluster.wait_for("helpers and services gone", lambda: not cluster.pods() and not
+                     cluster.core.list_namespaced_service(cluster.namespace).items)
+    cluster.wait_for("the plan released", lambda: group_control.active_plans() == 0)
+
+
+def control_groups(control: Control) -> bool:
+    return bool(control.interceptor.groups())
+
+
+def test_deleting_the_function_pod_mid_cold_start_leaves_nothing(cluster: Cluster, group_control: Control) -> None:
+    function_pod(cluster, "chat-00001-deployment-del")
+    cluster.wait_for("the helper", lambda: cluster.pods(label_selector=f"{STAGE_LABEL}=1"))
+    assert group_control.active_plans() == 1
+    cluster.core.delete_namespaced_pod("chat-00001-deployment-del", cluster.namespace)  # before it is ready
+    cluster.wait_for("every pod gone", lambda: not cluster.pods())
+    cluster.wait_for("the plan freed", lambda: group_control.active_plans() == 0)
+    cluster.wait_for("the interceptor to forget it", lambda: not group_control.interceptor.plans())
+    assert not cluster.core.list_namespaced_service(cluster.namespace).items
+
+
+@fake_only
+def test_restart_keeps_bound_pods_and_counts_their_memory(cluster: Cluster, tiny_llama_dir: Path) -> None:
+    cluster.add_node("gpu-a")
+    with Control(cluster, tiny_llama_dir) as first:
+        function_pod(cluster, "chat-00001-deployment-one")
+        cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-one"))
+        cluster.run_pod("chat-00001-deployment-one")
+        cluster.wait_for("the group to serve", lambda: control_groups(first))
+    pod = cluster.core.read_namespaced_pod("chat-00001-deployment-one", cluster.namespace)
+    given = float(pod.metadata.annotations[MEMORY_ANNOTATION])
+    function_pod(cluster, "chat-00001-deployment-two")  # arrives while no interceptor runs
+    assert cluster.fake is not None
+    with Control(cluster, tiny_llama_dir) as second:
+        cluster.wait_for("the new pod bound", lambda: bound_node(cluster, "chat-00001-deployment-two"))
+        assert cluster.fake.handler.counts["POST pods/binding"] == 2  # the old pod was not bound again
+        [node] = second.placement.status().nodes
+        newer = float(cluster.core.read_namespaced_pod("chat-00001-deployment-two", cluster.namespace)
+                      .metadata.annotations[MEMORY_ANNOTATION])
+        assert node.gpu_free_gb[0] == pytest.approx(16.0 - given - newer, abs=1e-6)  # both pods counted
+
+
+def test_a_binding_conflict_ends_the_cold_start_and_frees_its_plan(cluster: Cluster, tiny_llama_dir: Path) -> None:
+    """A 409 from the binding (the pod was bound meanwhile, e.g. by an earlier incarnation)."""
+    if cluster.fake is not None:
+        cluster.add_node("gpu-a")
+    with Control(cluster, tiny_llama_dir, watching=False) as ctl:  # the test feeds the event itself
+        stale = function_pod(cluster, "chat-00001-deployment-409")
+        node = ctl.interceptor.refresh_nodes()
+        bind_pod(cluster.core, cluster.namespace, "chat-00001-deployment-409", sorted(node)[0], {})
+        ctl.interceptor.observe("ADDED", stale)  # what a lagging watch would have said
+        assert ctl.interceptor.wait_idle(20)
+        assert ctl.reports("failed") == 1  # the plan was made, then freed
+        assert ctl.active_plans() == 0 and not ctl.interceptor.plans()
+        assert bound_node(cluster, "chat-00001-deployment-409") == sorted(node)[0]
+        assert not cluster.pods(label_selector=STAGE_LABEL)  # the pod was not labelled: no stage started
+
+
+@fake_only
+def test_a_lost_node_fails_its_groups_and_knative_gets_a_new_pod(cluster: Cluster, group_control: Control) -> None:
+    function_pod(cluster, "chat-00001-deployment-node")
+    cluster.wait_for("the helper", lambda: cluster.pods(label_selector=f"{STAGE_LABEL}=1"))
+    [helper] = cluster.pods(label_selector=f"{STAGE_LABEL}=1")
+    cluster.run_pod("chat-00001-deployment-node")
+    cluster.run_pod(helper.metadata.name)
+    cluster.wait_for("the group to serve", lambda: control_groups(group_control))
+    cluster.set_node_ready(helper.spec.node_name, False)
+    group_control.interceptor.refresh_nodes()
+    cluster.wait_for("the function pod deleted (Knative makes another)", lambda: not cluster.pods())
+    cluster.wait_for("the plan freed", lambda: group_control.active_plans() == 0)
+    [status] = [n for n in group_control.placement.status().nodes if n.name == helper.spec.node_name]
+    assert not status.schedulable
+
+
+def loaderd_pod(cluster: Cluster, node: str) -> None:
+    """The DaemonSet's pod on ``node`` (its daemon: a real loaderd on 127.0.0.1, or none)."""
+    cluster.core.create_namespaced_pod(cluster.namespace, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"loaderd-{node}", "labels": {"app.kubernetes.io/name": "hydraserve-loaderd"}},
+        "spec": {"nodeName": node, "containers": [{"name": "loaderd", "image": "x"}]}})
+    cluster.run_pod(f"loaderd-{node}", ip="127.0.0.1")
+
+
+@fake_only
+def test_the_chosen_nodes_loaderd_prefetches_and_its_residency_is_what_the_daemon_says(
+        cluster: Cluster, tiny_llama_dir: Path, s3_server: Any, shm_guard: str, tmp_path: Path) -> None:
+    from hydraserve.loaderd.client import LoaderClient
+    from hydraserve.loaderd.daemon import spawn_loaderd
+    from hydraserve.processes import free_port
+
+    node = shm_guard  # the loaderd's segments are named after it
+    s3_server.create_bucket("kube-models")
+    model = s3_server.upload_dir(tiny_llama_dir, "kube-models", "tiny")
+    (tmp_path / "token").write_text(LOADERD_TOKEN)
+    (tmp_path / "token").chmod(0o600)
+    port = free_port()
+    daemon = spawn_loaderd(port=port, node_name=node, budget_bytes=1 << 30, token=LOADERD_TOKEN,
+                           token_file=tmp_path / "token", endpoint_url=s3_server.endpoint_url,
+                           env=s3_server.client_env(), log_path=tmp_path / "loaderd.log")
+    try:
+        cluster.add_node(node)
+        loaderd_pod(cluster, node)
+        with Control(cluster, tiny_llama_dir, loaderd_port=port, s3_endpoint_url=s3_server.endpoint_url) as ctl:
+            function_pod(cluster, "chat-00001-deployment-pf", model=model)
+            cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-pf"))
+            loader = LoaderClient(daemon.url, LOADERD_TOKEN)
+            cluster.wait_for("the prefetch done", lambda: any(
+                m.model_uri == model and m.groups_complete for m in loader.status().models))
+            role = json.loads(cluster.core.read_namespaced_pod("chat-00001-deployment-pf", cluster.namespace)
+                              .metadata.annotations[ROLE_ANNOTATION])
+            assert role["loaderd_url"] == daemon.url
+            ctl.interceptor.refresh_nodes()
+            [status] = ctl.placement.status().nodes
+            assert status.resident_models == [model]  # as the daemon says
+            daemon.stop()  # restarted or evicted: it holds nothing now
+            ctl.interceptor.refresh_nodes()
+            [status] = ctl.placement.status().nodes
+            assert status.resident_models == []
+            loader.close()
+    finally:
+        daemon.stop()
+
+
+@fake_only
+def test_an_unanswering_loaderd_skips_the_prefetch_and_the_pod_still_runs(cluster: Cluster, tiny_llama_dir: Path) -> None:
+    cluster.add_node("gpu-a")
+    loaderd_pod(cluster, "gpu-a")
+    with Control(cluster, tiny_llama_dir, loaderd_port=1) as ctl:  # nothing listens on port 1
+        function_pod(cluster, "chat-00001-deployment-ld")
+        cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-ld"), timeout_s=30)
+        role = json.loads(cluster.core.read_namespaced_pod("chat-00001-deployment-ld", cluster.namespace)
+                          .metadata.annotations[ROLE_ANNOTATION])
+        assert role["loaderd_url"] == "http://127.0.0.1:1"  # the worker tries it, then reads S3 itself
+        assert ctl.active_plans() == 1
+
+
+def test_a_pod_without_a_model_is_left_alone(cluster: Cluster, control: Control) -> None:
+    pod = function_pod(cluster, "chat-00001-deployment-bad", annotations={"hydraserve.dev/model": ""})
+    assert control.interceptor.wait_idle(10)
+    cluster.wait_for("the interceptor to see it", lambda: control.interceptor.threads)
+    assert control.interceptor.wait_idle(10)
+    assert bound_node(cluster, pod["metadata"]["name"]) is None and control.active_plans() == 0
