@@ -3,7 +3,9 @@
 Every /v1 route needs ``Authorization: Bearer <token>``; /healthz and /metrics do not (they
 reveal nothing but counters). The daemon's own token may do everything; a worker's token
 (hydraserve.auth, signed with it) may only read its own model (index, file, attach) and release
-its own leases. A lease tied to a pid must be tied to the caller's own process (loaderd.peer). Bodies are the pydantic models of hydraserve.contracts.loader;
+its own leases (and renew its heartbeat leases). A lease tied to a pid must be tied to the
+caller's own process (loaderd.peer); a worker in another PID namespace (a pod) takes a heartbeat
+lease instead. Bodies are the pydantic models of hydraserve.contracts.loader;
 errors come back in the OpenAI error shape from hydraserve.http_errors. docs/LOADERD.md lists
 the routes.
 """
@@ -59,8 +61,8 @@ def create_app(service: LoaderService, token: str) -> Flask:
         if not _caller().admin:
             if req.peers:  # the daemon would send its own token to them
                 raise ForbiddenError("a worker's token may not name peers", param="peers")
-            if req.pid is None:  # else the lease would outlive the worker
-                raise ForbiddenError("a worker's lease must name its pid", param="pid")
+            if req.pid is None and req.heartbeat_s is None:  # else the lease would outlive the worker
+                raise ForbiddenError("a worker's lease must name its pid or a heartbeat", param="pid")
         if req.pid is not None:
             _callers_own(req.pid)
         return jsonify(service.attach(req, owner=_caller().subject).model_dump(mode="json"))
@@ -69,6 +71,11 @@ def create_app(service: LoaderService, token: str) -> Flask:
     def release() -> Response:
         owner = None if _caller().admin else _caller().subject
         return jsonify(service.release(json_body(ReleaseRequest), owner=owner).model_dump(mode="json"))
+
+    @app.post("/v1/renew")
+    def renew() -> Response:
+        owner = None if _caller().admin else _caller().subject
+        return jsonify(service.renew(json_body(ReleaseRequest), owner=owner).model_dump(mode="json"))
 
     @app.get("/v1/status")
     def status() -> Response:

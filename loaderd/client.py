@@ -39,6 +39,11 @@ class LoaderClient:
         body = req.model_dump(mode="json", exclude_none=True)
         return LeaseResponse.model_validate(self._http.request("POST", "/v1/attach", json=body).json())
 
+    def renew(self, lease_id: str) -> ReleaseResponse:
+        """A heartbeat lease's heartbeat (NotFoundError once it expired)."""
+        body = ReleaseRequest(lease_id=lease_id).model_dump(mode="json")
+        return ReleaseResponse.model_validate(self._http.request("POST", "/v1/renew", json=body).json())
+
     def release(self, lease_id: str) -> ReleaseResponse:
         body = ReleaseRequest(lease_id=lease_id).model_dump(mode="json")
         return ReleaseResponse.model_validate(self._http.request("POST", "/v1/release", json=body).json())

@@ -3,7 +3,9 @@
 Used by hydraserve.loaderd.service. A lease is one holder's reference on a set of segments:
 prefetch takes one that expires after ``pin_s`` (so bytes fetched before the worker exists are
 not evicted before it attaches), attach takes one that lives until release or until the
-reader's pid dies. A segment with any lease, or still filling, is never evicted or rewritten.
+reader's pid dies, or, for a reader in another PID namespace (a pod, whose pid means nothing
+here), until it stops renewing its heartbeat. A segment with any lease, or still filling, is
+never evicted or rewritten.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Lease:
     expires_at: float | None
     pid: int | None
     owner: str | None = None  # who took it (a worker token's subject): only they may release it
+    heartbeat_s: float | None = None  # a reader's lease that expires unless renewed this often
 
 
 def segment_id_for(model_key: str, group: str, tensor_names: Iterable[str]) -> str:
@@ -143,7 +146,8 @@ class Registry:
 
     def acquire(self, model_uri: str, model_key: str,
                 groups: list[tuple[str, int, str, SegmentLayout]], *, pin_s: float | None,
-                pid: int | None, owner: str | None = None) -> tuple[Lease, list[Segment], list[Segment]]:
+                pid: int | None, owner: str | None = None,
+                heartbeat_s: float | None = None) -> tuple[Lease, list[Segment], list[Segment]]:
         """Lease the segments of these groups, creating the missing ones (evicting LRU first).
 
         ``groups`` holds (segment_id, order, group name, layout). Returns the lease, all
@@ -180,8 +184,8 @@ class Registry:
                                       retry_after_s=5) from exc
             by_id = {s.segment_id: s for s in created}
             segs = [w if w is not None else by_id[g[0]] for w, g in zip(wanted, groups, strict=True)]
-            lease = Lease(uuid.uuid4().hex, segs,
-                          None if pin_s is None else now + pin_s, pid, owner)
+            hold_s = heartbeat_s if heartbeat_s is not None else pin_s
+            lease = Lease(uuid.uuid4().hex, segs, None if hold_s is None else now + hold_s, pid, owner, heartbeat_s)
             for seg in segs:
                 seg.refs += 1
                 seg.last_used = now
@@ -236,6 +240,16 @@ class Registry:
             self._unref(lease)
             return True
 
+    def renew(self, lease_id: str, owner: str | None = None) -> bool:
+        """Extend a heartbeat lease by its heartbeat; False if unknown (expired: its reader was
+        too late), not a heartbeat lease, or, with ``owner``, taken by someone else."""
+        with self.lock:
+            lease = self.leases.get(lease_id)
+            if lease is None or lease.heartbeat_s is None or (owner is not None and lease.owner != owner):
+                return False
+            lease.expires_at = self.clock() + lease.heartbeat_s
+            return True
+
     def _unref(self, lease: Lease) -> None:
         now = self.clock()
         for seg in lease.segments:
@@ -274,7 +288,8 @@ class Registry:
             seg.writer.set_state(STATE_COMPLETE if state == "complete" else STATE_FAILED)
             if state == "failed":
                 prefetches = [lz for lz in self.leases.values()  # pinned, no reader: nobody waits on them
-                              if lz.pid is None and lz.expires_at is not None and seg in lz.segments]
+                              if lz.pid is None and lz.heartbeat_s is None and lz.expires_at is not None
+                              and seg in lz.segments]
                 for lease in prefetches:
                     del self.leases[lease.lease_id]
                     self._unref(lease)

@@ -128,7 +128,7 @@ class LoaderService:
         return self._lease(req, pin_s=req.pin_s, pid=None)
 
     def attach(self, req: AttachRequest, owner: str | None = None) -> LeaseResponse:
-        return self._lease(req, pin_s=None, pid=req.pid, owner=owner)
+        return self._lease(req, pin_s=None, pid=req.pid, owner=owner, heartbeat_s=req.heartbeat_s)
 
     def release(self, req: ReleaseRequest, owner: str | None = None) -> ReleaseResponse:
         """Drop a lease; with ``owner``, only one that owner took (else it is unknown to it)."""
@@ -139,8 +139,15 @@ class LoaderService:
         self._update_gauges()
         return ReleaseResponse(released=True)
 
+    def renew(self, req: ReleaseRequest, owner: str | None = None) -> ReleaseResponse:
+        """A heartbeat: the lease lives another heartbeat_s (404 once it expired)."""
+        if not self.registry.renew(req.lease_id, owner=owner):
+            raise NotFoundError(f"no heartbeat lease {req.lease_id!r} (released, expired, or tied to a pid)",
+                                param="lease_id")
+        return ReleaseResponse(released=False)
+
     def _lease(self, req: SliceRequest, *, pin_s: float | None, pid: int | None,
-               owner: str | None = None) -> LeaseResponse:
+               owner: str | None = None, heartbeat_s: float | None = None) -> LeaseResponse:
         held = self.model(req.model_uri, req.endpoint_url, validate=True)
         version = held.version
         entries = version.select(req.stage, req.tensors)
@@ -151,7 +158,7 @@ class LoaderService:
             seg_id = segment_id_for(version.key, group, (m.name for m in members))
             groups.append((seg_id, order, group, plan_layout(version.key, group, members, version.tensor_sha256)))
         lease, segs, created = self.registry.acquire(req.model_uri, version.key, groups, pin_s=pin_s, pid=pid,
-                                                     owner=owner)
+                                                     owner=owner, heartbeat_s=heartbeat_s)
         if created:
             self._start_fill(held, created, req.peers, req.background)
         bytes_new = sum(s.layout.tensor_bytes for s in created)

@@ -7,7 +7,8 @@ while torch is still importing, and creates an S3 client only if the daemon does
 (then it fetches the same tensors with the same fetch engine and says so). Only "no daemon
 answered" falls back; errors the daemon returns (bad request, budget full, integrity) are
 raised, not hidden. Weights come from ``POST /v1/attach`` with exactly the names asked for
-(the lease is tied to this pid), each segment mapped read-only with os.open + mmap.
+(the lease is tied to this pid, or, in a pod, kept alive by a heartbeat), each segment mapped
+read-only with os.open + mmap.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Read ahead at start-up (optional ones answer 404 and read as absent).
+HEARTBEAT_S = 30.0  # a heartbeat lease outlives its reader by at most this
 STARTUP_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -39,8 +41,9 @@ class LoaderModelFiles(ModelFiles):
 
     def __init__(self, model_uri: str, loader_url: str, token: str, *, endpoint_url: str | None = None,
                  s3_retry_budget_s: float | None = None,
-                 on_fallback: Callable[[str], None] | None = None) -> None:
+                 on_fallback: Callable[[str], None] | None = None, heartbeat: bool = False) -> None:
         self.uri = model_uri
+        self._heartbeat = heartbeat  # leases renewed, not tied to our pid (a pod)
         self._endpoint_url = endpoint_url
         self._s3_retry_budget_s = s3_retry_budget_s
         self._on_fallback = on_fallback
@@ -96,7 +99,8 @@ class LoaderModelFiles(ModelFiles):
     def tensor_source(self, names: Sequence[str], *, background: bool = False) -> TensorSource:
         """Zero-copy views of the daemon's segments holding exactly ``names`` (S3 if it is down)."""
         request = AttachRequest(model_uri=self.uri, endpoint_url=self._endpoint_url, tensors=list(names),
-                                pid=os.getpid(), background=background)
+                                background=background, pid=None if self._heartbeat else os.getpid(),
+                                heartbeat_s=HEARTBEAT_S if self._heartbeat else None)
         source: TensorSource = self._through_loaderd(lambda: self._attach(request),
                                                      lambda files: files.tensor_source(names))
         return source
@@ -105,7 +109,8 @@ class LoaderModelFiles(ModelFiles):
         lease = self._client.attach(request)
         log.info("loading through loaderd", extra={"loaderd": self._client.url, "lease": lease.lease_id,
                                                    "bytes": lease.bytes_total, "bytes_new": lease.bytes_new})
-        return ShmTensorSource(self._client, lease.lease_id, [s.path for s in lease.segments], lease.tensor_names)
+        return ShmTensorSource(self._client, lease.lease_id, [s.path for s in lease.segments], lease.tensor_names,
+                               heartbeat_s=request.heartbeat_s)
 
 
 class ShmTensorSource:
@@ -114,7 +119,7 @@ class ShmTensorSource:
     via = "loaderd"
 
     def __init__(self, client: LoaderClient, lease_id: str, paths: list[str], names: list[str], *,
-                 wait_timeout_s: float | None = None) -> None:
+                 wait_timeout_s: float | None = None, heartbeat_s: float | None = None) -> None:
         from hydraserve.weights.segment import SegmentReader
         from hydraserve.weights.segment_tensors import DEFAULT_WAIT_S, SegmentTensors
 
@@ -123,6 +128,9 @@ class ShmTensorSource:
         self._tensors = SegmentTensors([SegmentReader(p) for p in paths], describe_writer="loaderd",
                                        wait_timeout_s=wait_timeout_s or DEFAULT_WAIT_S, alive=client.healthy)
         self._names = names
+        self._closed = threading.Event()
+        if heartbeat_s is not None:
+            threading.Thread(target=self._beat, args=(heartbeat_s / 3,), name="lease-heartbeat", daemon=True).start()
 
     def tensor_names(self) -> list[str]:
         return list(self._names)
@@ -130,7 +138,16 @@ class ShmTensorSource:
     def get(self, name: str) -> Any:
         return self._tensors.get(name)
 
+    def _beat(self, every_s: float) -> None:
+        """Renew the lease while it is held (the daemon drops it a heartbeat after we stop)."""
+        while not self._closed.wait(every_s):
+            try:
+                self._client.renew(self.lease_id)
+            except Exception as exc:  # a slow or restarting daemon: our mappings stay valid meanwhile
+                log.warning("could not renew loaderd lease %s: %s", self.lease_id, exc)
+
     def close(self) -> None:
+        self._closed.set()
         self._tensors.close()
         try:
             self._client.release(self.lease_id)

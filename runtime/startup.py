@@ -33,7 +33,7 @@ def open_files(settings: WorkerEnvironment, timeline: Timeline) -> ModelFiles:
         token = settings.loaderd_token.get_secret_value() if settings.loaderd_token else ""
         return LoaderModelFiles(settings.model_uri, settings.loaderd_url, token,
                                 endpoint_url=settings.s3_endpoint_url, s3_retry_budget_s=settings.s3_retry_budget_s,
-                                on_fallback=fell_back)
+                                on_fallback=fell_back, heartbeat=settings.loaderd_lease == "heartbeat")
     from hydraserve.weights.model_files import open_model
 
     client = None

@@ -50,6 +50,9 @@ class AttachRequest(SliceRequest):
 
     pid: int | None = Field(default=None, ge=1,
                             description="reader's pid: the lease is dropped if that process dies")
+    heartbeat_s: float | None = Field(
+        default=None, ge=1, le=600, description="instead of a pid (a reader in another PID namespace, e.g. a "
+        "pod): the lease is dropped unless renewed (POST /v1/renew) within this many seconds")
 
 
 class ReleaseRequest(BaseModel):

@@ -43,6 +43,7 @@ ENV_KEYS: dict[str, str] = {
     "peers": "HYDRASERVE_PEERS",
     "loaderd_url": "HYDRASERVE_LOADERD_URL",
     "loaderd_token": "HYDRASERVE_LOADERD_TOKEN",
+    "loaderd_lease": "HYDRASERVE_LOADERD_LEASE",
     "dtype": "HYDRASERVE_DTYPE",
     "max_batch": "HYDRASERVE_MAX_BATCH",
     "max_model_len": "HYDRASERVE_MAX_MODEL_LEN",
@@ -83,6 +84,9 @@ class WorkerEnvironment(BaseModel):
                              description="every stage's link address host:port, in stage order (this one's too)")
     loaderd_url: str | None = Field(default=None, description="the node's loaderd")
     loaderd_token: SecretStr | None = None
+    loaderd_lease: Literal["pid", "heartbeat"] = Field(
+        default="pid", description="how its loaderd leases live: as long as its pid (same PID namespace as the "
+        "daemon) or while it renews them (a pod: its pid means nothing to the daemon)")
     dtype: str | None = None
     max_batch: int = Field(default=8, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)

@@ -46,7 +46,7 @@ from hydraserve.errors import ConflictError, HydraError, InstanceFailedError
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
 from hydraserve.provider.knative.kube import delete_quietly
 from hydraserve.provider.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
-from hydraserve.provider.knative.pods import PodLauncher, instance_key
+from hydraserve.provider.knative.pods import PodLauncher, ensure_worker_secret, instance_key
 from hydraserve.provider.knative.service import (
     MODEL_ANNOTATION,
     SCHEDULER_NAME,
@@ -228,6 +228,11 @@ class Interceptor:
             log.error("pod %s cannot be started: %s", name, exc)
             self._forget(start)
             return
+        try:
+            ensure_worker_secret(self._core, pod["metadata"]["namespace"], function.name, function.model_uri,
+                                 self._feed.loaderd_token)
+        except HydraError as exc:  # its workers read S3 themselves (the token is optional)
+            log.warning("pod %s: no worker secret (%s)", name, exc.message)
         exclude: list[str] = []
         while not start.deleted.is_set() and not self._stop.is_set():
             timeline = Timeline()

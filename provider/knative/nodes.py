@@ -77,7 +77,7 @@ class ClusterFeed:
                  cpu_worker_memory_gb: float = 16.0, nic_gbps: float = 16.0) -> None:
         self._core, self._placement = core, placement
         self._loaderd_ns, self._loaderd_selector, self._loaderd_port = loaderd_namespace, loaderd_selector, loaderd_port
-        self._token = loaderd_token
+        self.loaderd_token = loaderd_token  # the daemons' own: never leaves the control plane
         self._cpu_memory_gb, self._nic_gbps = cpu_worker_memory_gb, nic_gbps
 
     def refresh(self, under_way: Mapping[StageKey, Placed] | None = None) -> dict[str, KubeNode]:
@@ -107,11 +107,11 @@ class ClusterFeed:
         for node in nodes:
             name = node.metadata.name
             info = self._node_info(node, placed.values(), foreign_gpus.get(name, 0), daemon_url.get(name))
-            access = KubeNode(name=name, loaderd_url=daemon_url.get(name, ""), loaderd_token=self._token,
+            access = KubeNode(name=name, loaderd_url=daemon_url.get(name, ""), loaderd_token=self.loaderd_token,
                               ready=info.schedulable)
             try:
                 if access.loaderd_url:
-                    loader = LoaderClient(access.loaderd_url, self._token, timeout_s=2.0)
+                    loader = LoaderClient(access.loaderd_url, self.loaderd_token, timeout_s=2.0)
                     try:
                         reconcile_node(self._placement, info, loader)
                     finally:

@@ -20,6 +20,7 @@ from typing import Any
 import requests
 from kubernetes.client import ApiException, CoreV1Api
 
+from hydraserve.auth import mint_scoped_token
 from hydraserve.contracts.plan import Plan
 from hydraserve.contracts.pod import (
     INSTANCE_LABEL,
@@ -38,7 +39,7 @@ from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment
 from hydraserve.errors import HydraError, TemporaryError
 from hydraserve.provider.coldstart import WorkerSlot
 from hydraserve.provider.knative.kube import api_error, bind_pod, create_or_keep, delete_quietly
-from hydraserve.provider.knative.service import RUNTIME_PORT, SCHEDULER_NAME
+from hydraserve.provider.knative.service import MODEL_ANNOTATION, RUNTIME_PORT, SCHEDULER_NAME
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class PodLauncher:
         stage = self._launched
         self._launched += 1
         st = self.plan.stages[stage]
-        role = env.model_copy(update={"host": POD_LISTEN_HOST})
+        role = env.model_copy(update={"host": POD_LISTEN_HOST, "loaderd_lease": "heartbeat"})
         labels = {INSTANCE_LABEL: instance_key(env.instance_id), STAGE_LABEL: str(stage)}
         placed = {MEMORY_ANNOTATION: f"{st.memory_gb:g}", GPU_ANNOTATION: str(st.gpu)}
         if stage == 0:
@@ -270,6 +271,31 @@ class PodLauncher:
         }
         create_or_keep(self._core.create_namespaced_service, self.namespace, body,
                        f"service {body['metadata']['name']}")
+
+
+def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_uri: str, loaderd_token: str) -> None:
+    """The function's worker Secret: a loaderd token that may read only its model and release
+    only its own leases (the daemons' own token never leaves the control plane). Written again
+    when the function's model changed."""
+    token = mint_scoped_token(loaderd_token, subject=f"{namespace}/{function}", model_uri=model_uri)
+    name = worker_secret_name(function)
+    body: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": namespace, "annotations": {MODEL_ANNOTATION: model_uri},
+                         "labels": {FUNCTION_LABEL: function, "app.kubernetes.io/part-of": "hydraserve"}},
+            "stringData": {WORKER_SECRET_KEY: token}}
+    try:
+        current = core.read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise api_error(exc, f"reading secret {name}") from exc
+        create_or_keep(core.create_namespaced_secret, namespace, body, f"secret {name}")
+        return
+    if (current.metadata.annotations or {}).get(MODEL_ANNOTATION) != model_uri:
+        body["metadata"]["resourceVersion"] = current.metadata.resource_version
+        try:
+            core.replace_namespaced_secret(name, namespace, body)
+        except ApiException as exc:
+            raise api_error(exc, f"replacing secret {name}") from exc
 
 
 def placed_memory(pod: dict[str, Any]) -> tuple[int, float] | None:

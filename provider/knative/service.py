@@ -13,7 +13,9 @@ What the Service carries, and why:
   worker will map loaderd's shared-memory segments from it;
 - the pod's own annotations as files (the Downward API inside a projected volume, which
   Knative allows without a flag): the role the interceptor writes at bind time (stage, peers,
-  layer range, full or partial) will reach the runtime there;
+  layer range, full or partial) reaches the runtime there (``HYDRASERVE_ROLE_FILE``);
+- the loaderd token from the function's worker Secret, which the interceptor writes (a token
+  scoped to the function's model; optional, so a pod starts without it and reads S3 itself);
 - ``autoscaling.knative.dev/initial-scale: "0"``: a function created is at zero and costs
   nothing until its first request (needs ``allow-zero-initial-scale``); min-scale 0;
 - ``timeoutSeconds`` and ``serving.knative.dev/progress-deadline`` that cover a cold start
@@ -28,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from hydraserve.activator.functions import validate_function_name
+from hydraserve.contracts.pod import ROLE_FILE_KEY, WORKER_SECRET_KEY, worker_secret_name
 
 ANNOTATION_PREFIX = "hydraserve.dev/"
 MODEL_ANNOTATION = ANNOTATION_PREFIX + "model"
@@ -91,7 +94,10 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
         "image": fn.image,
         "args": ["serve"],
         "ports": [{"containerPort": RUNTIME_PORT}],
-        "env": [{"name": "HYDRASERVE_MODEL_URI", "value": fn.model_uri}],
+        "env": [{"name": "HYDRASERVE_MODEL_URI", "value": fn.model_uri},
+                {"name": ROLE_FILE_KEY, "value": f"{ROLE_DIR}/annotations"},
+                {"name": "HYDRASERVE_LOADERD_TOKEN", "valueFrom": {"secretKeyRef": {
+                    "name": worker_secret_name(fn.name), "key": WORKER_SECRET_KEY, "optional": True}}}],
         "readinessProbe": {"httpGet": {"path": "/readyz"}, "periodSeconds": 1, "failureThreshold": fn.timeout_s},
         "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": limits},
         "volumeMounts": [

@@ -17,7 +17,8 @@ subclass serves every resource request from a store of its own that adds what ou
   patches: lists are replaced, not merged by key) or a JSON patch;
 - ``pods/binding`` (POST) sets ``spec.nodeName`` and the PodScheduled condition and copies the
   Binding's annotations onto the pod, as the real pod registry does; binding a bound pod is 409;
-- ``status`` subresources (GET, PUT, PATCH) change only ``.status``;
+- ``status`` subresources (GET, PUT, PATCH) change only ``.status``; a Secret's ``stringData``
+  is stored base64-encoded in ``data``;
 - deletion honours finalizers (deletionTimestamp until they are removed) and collects dependents
   (ownerReferences by uid, background policy);
 - a bearer token is required (401 without it).
@@ -31,6 +32,7 @@ managers, pagination (limit/continue), protobuf, and watch bookmarks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import datetime
 import json
@@ -258,6 +260,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):  # type: ignore[misc]
             raise ApiError(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
         if "resourceVersion" in meta:
             raise ApiError(400, "BadRequest", "resourceVersion should not be set on objects to be created")
+        _fold_string_data(plural, obj)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = _now()
         meta["generation"] = 1
@@ -293,7 +296,9 @@ class FakeKubernetes(kmock.KubernetesEmulator):  # type: ignore[misc]
         if key[1] == "pods" and not status_only and (body.get("spec") or {}).get("nodeName") != \
                 (current.get("spec") or {}).get("nodeName"):
             raise ApiError(422, "Invalid", "spec.nodeName: pod updates may not change it (use the binding)")
-        return self._write(key, current, copy.deepcopy(body), status_only)
+        new = copy.deepcopy(body)
+        _fold_string_data(key[1], new)
+        return self._write(key, current, new, status_only)
 
     def _patch(self, key: Key, body: Any, content_type: str, *, status_only: bool) -> dict[str, Any]:
         current = self._get(key)
@@ -399,6 +404,14 @@ class FakeKubernetes(kmock.KubernetesEmulator):  # type: ignore[misc]
         finally:
             self.watchers.remove(watcher)
         return response
+
+
+def _fold_string_data(plural: str, obj: dict[str, Any]) -> None:
+    """A Secret's stringData is stored base64-encoded in data, as the API server does."""
+    if plural == "secrets" and obj.get("stringData"):
+        data = obj.setdefault("data", {})
+        for k, v in obj.pop("stringData").items():
+            data[k] = base64.b64encode(str(v).encode()).decode()
 
 
 def _now() -> str:

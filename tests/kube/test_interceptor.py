@@ -8,6 +8,7 @@ placement service is the real one, in process; the model description is a real t
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 from kubernetes.client import ApiException
 
 from hydraserve.activator.functions import FunctionConfig
+from hydraserve.auth import verify_scoped_token
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.pod import INSTANCE_LABEL, PLAN_ANNOTATION, ROLE_ANNOTATION, STAGE_LABEL
 from hydraserve.provider.coldstart import ColdStartOptions
@@ -130,6 +132,9 @@ def test_pending_function_pod_is_bound_with_its_role_and_released_on_delete(clus
     assert float(pod.metadata.annotations[MEMORY_ANNOTATION]) == plan["stages"][0]["memory_gb"]
     assert pod.metadata.labels[STAGE_LABEL] == "0"
     assert control.active_plans() == 1
+    secret = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace)
+    scoped = verify_scoped_token(LOADERD_TOKEN, base64.b64decode(secret.data["loaderd-token"]).decode())
+    assert scoped is not None and scoped.model_uri == MODEL and not scoped.admin  # its model, nothing more
     cluster.run_pod("chat-00001-deployment-abc")
     cluster.wait_for("the group to serve", lambda: control.interceptor.groups())
     cluster.core.delete_namespaced_pod("chat-00001-deployment-abc", cluster.namespace)

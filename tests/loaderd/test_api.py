@@ -191,4 +191,49 @@ def test_a_worker_token_cannot_make_the_daemon_call_out_or_pin_forever(daemon: L
                   _worker())
     assert peers.status_code == 403 and peers.json()["error"]["param"] == "peers"
     unpinned = _post(daemon, "/v1/attach", {"model_uri": URI}, _worker())
-    assert unpinned.status_code == 403 and unpinned.json()["error"]["param"] == "pid"
+    assert unpinned.status_code == 403 and unpinned.json()["error"]["param"] == "pid"  # nor a heartbeat
+
+
+def test_a_heartbeat_lease_lives_while_renewed_and_is_dropped_when_its_reader_stops(daemon: LoaderDaemon) -> None:
+    """A worker in a pod (another PID namespace: its pid means nothing here) renews its lease."""
+    import time
+
+    def refs() -> int:
+        return sum(s.refcount for s in LoaderClient(daemon.url, TOKEN).status().segments)
+
+    before = refs()
+    mine, other = LoaderClient(daemon.url, _worker()), LoaderClient(daemon.url, _worker("fn-2/0"))
+    lease = mine.attach(AttachRequest(model_uri=URI, heartbeat_s=1))
+    for _ in range(3):  # 1.8 s in all: it would have expired without the renewals
+        time.sleep(0.6)
+        mine.renew(lease.lease_id)
+        assert refs() > before
+    with pytest.raises(NotFoundError):
+        other.renew(lease.lease_id)  # only its owner renews it
+    time.sleep(1.3)  # the reader stopped renewing (it died)
+    assert refs() == before
+    with pytest.raises(NotFoundError):
+        mine.renew(lease.lease_id)
+    pinned = mine.attach(AttachRequest(model_uri=URI, pid=os.getpid()))
+    with pytest.raises(NotFoundError):  # a pid-tied lease has no heartbeat
+        mine.renew(pinned.lease_id)
+    assert mine.release(pinned.lease_id).released
+
+
+def test_a_pod_workers_files_keep_their_heartbeat_lease_until_closed(daemon: LoaderDaemon,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from hydraserve.runtime import loader_files
+
+    def refs() -> int:
+        return sum(s.refcount for s in LoaderClient(daemon.url, TOKEN).status().segments)
+
+    monkeypatch.setattr(loader_files, "HEARTBEAT_S", 1.2)  # renewed every 0.4 s
+    before = refs()
+    files = LoaderModelFiles(URI, daemon.url, _worker(), heartbeat=True)
+    source = files.tensor_source(["model.norm.weight"])
+    time.sleep(2.5)  # two heartbeats' worth: only the renewals keep it
+    assert refs() == before + 1
+    source.close()
+    assert refs() == before

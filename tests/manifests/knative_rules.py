@@ -98,6 +98,10 @@ def knative_violations(service: dict[str, Any], features: Mapping[str, str] | No
         for env in c.get("env") or []:
             if env.get("name") in RESERVED_ENV:
                 out.append(f"{where}: env {env['name']} is reserved (Knative sets it)")
+            source = env.get("valueFrom") or {}
+            if ({"fieldRef", "resourceFieldRef"} & set(source)
+                    and _flag(features, "kubernetes.podspec-fieldref") != "enabled"):
+                out.append(f"{where}: env {env['name']} from a field needs kubernetes.podspec-fieldref: enabled")
         for port in c.get("ports") or []:
             ports_seen += 1
             out += [f"{where}.ports.{k}: not allowed" for k in sorted(set(port) - PORT_FIELDS)]
