@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from hydraserve.contracts.pod import ROLE_ANNOTATION, ROLE_FILE_KEY, parse_downward_annotations, role_annotation
+from hydraserve.contracts.pod import (
+    ROLE_ANNOTATION,
+    ROLE_FILE_KEY,
+    parse_downward_annotations,
+    role_annotation,
+)
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.contracts.worker import WorkerEnvironment
 
