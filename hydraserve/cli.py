@@ -24,6 +24,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("loaderctl", "ask a running loaderd to prefetch (with progress), show what it holds, release",
      "hydraserve.loaderd.ctl"),
     ("placement", "run the placement service", "hydraserve.provider.commands.placement"),
+    ("interceptor", "run the Kubernetes control plane: placement service, and the pod interceptor while leader",
+     "hydraserve.provider.knative.interceptor_cmd"),
     ("plan", "show the placement plan for a function and why", "hydraserve.provider.commands.plan"),
     ("simulate", "trace-driven cold-start simulator", "hydraserve.provider.commands.simulate"),
     ("demo", "start everything locally, cold-start one request, print the timeline, exit",
