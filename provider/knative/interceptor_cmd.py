@@ -2,7 +2,7 @@
 Deployment: the placement service (its HTTP API, for `hydraserve plan` and the metrics) and,
 on the replica holding the Lease, the interceptor that schedules function pods.
 
-Only wiring: tokens from 0600 files (Secret volumes with defaultMode 0400), the API client (the
+Only wiring: tokens from 0600 files or the environment (a Secret's keys), the API client (the
 pod's service account, or --kubeconfig), the model description read from S3 once per function.
 SIGTERM stops the interceptor (a cold start under way is abandoned and Knative makes a new pod),
 gives the Lease up so another replica leads at once, and drains the API.
@@ -33,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="ours")
     parser.add_argument("--placement-token-file", help=f"the placement API's token (0600); else {PLACEMENT_TOKEN_ENV}")
     parser.add_argument("--loaderd-token-file", help=f"the loaderd daemons' token (0600); else {LOADERD_TOKEN_ENV}")
-    parser.add_argument("--loaderd-port", type=int, default=None, help="where each node's loaderd listens (8470)")
+    parser.add_argument("--loaderd-port", type=int, default=None, help="where each node's loaderd listens (7070)")
     parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     parser.set_defaults(func=run)

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--gpu", type=int, default=None, help="GPUs per worker (0: a CPU worker; default 1)")
     create.add_argument("--namespace", "-n", default="default", help="the Service's namespace")
     create.add_argument("--image", default=None, help="the runtime image (default: the release's)")
+    create.add_argument("--cpu", default=None, help="CPU each worker requests (default 2)")
+    create.add_argument("--memory", default=None, help="host memory of each worker, e.g. 4Gi (default 32Gi)")
     create.add_argument("--timeout", type=duration_s, default=None,
                         help="the revision's timeout, covering a cold start and the whole answer (default 600s)")
     create.add_argument("--s3-secret", default="hydraserve-s3", help="Secret with the S3 credentials ('' for none)")
@@ -54,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     given = {"ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "gpus": args.gpu,
              "concurrency": args.concurrency, "max_instances": args.max_instances,
-             "group_replicas": args.group_replicas, "image": args.image,
+             "group_replicas": args.group_replicas, "image": args.image, "cpu": args.cpu, "memory": args.memory,
              "timeout_s": None if args.timeout is None else round(args.timeout)}
     try:
         fn = HydraService(name=args.name, namespace=args.namespace, model_uri=args.model,

@@ -34,7 +34,7 @@ GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"  # MiB per device (NVIDIA GPU feature
 WORKER_MEMORY_LABEL = "hydraserve.dev/worker-memory-gb"  # a CPU node: what its one virtual device gives workers
 NIC_LABEL = "hydraserve.dev/nic-gbps"
 LOADERD_SELECTOR = "app.kubernetes.io/name=hydraserve-loaderd"
-LOADERD_PORT = 8470
+LOADERD_PORT = 7070  # the daemon's default port (manifests/install/loaderd.yaml)
 
 StageKey = tuple[str, str]  # (instance label, stage)
 

@@ -36,7 +36,6 @@ ANNOTATION_PREFIX = "hydraserve.dev/"
 MODEL_ANNOTATION = ANNOTATION_PREFIX + "model"
 TTFT_SLO_ANNOTATION = ANNOTATION_PREFIX + "ttft-slo"
 TPOT_SLO_ANNOTATION = ANNOTATION_PREFIX + "tpot-slo"
-GROUP_REPLICAS_ANNOTATION = ANNOTATION_PREFIX + "group-replicas"
 SCHEDULER_NAME = "hydraserve-scheduler"
 LOADERD_HOST_DIR = "/run/hydraserve/loaderd"  # the DaemonSet's segments (a host tmpfs directory)
 ROLE_DIR = "/etc/hydraserve/pod"  # the pod's annotations, as files
@@ -61,10 +60,22 @@ class HydraService(BaseModel):
     image: str = DEFAULT_IMAGE
     concurrency: int = Field(default=32, ge=0, description="requests one instance serves at once (0: no limit)")
     max_instances: int = Field(default=4, ge=1, le=64)
-    group_replicas: int = Field(default=1, ge=1, le=4)
+    group_replicas: int = Field(default=1, description="on Knative always 1: a consolidated group is one pod, "
+                                "and scaling out is Knative's (more pods, up to max_instances)")
+    cpu: str = Field(default="2", pattern=r"^\d+(\.\d+)?m?$", description="CPU each worker requests")
+    memory: str = Field(default="32Gi", pattern=r"^\d+(Ki|Mi|Gi|Ti)?$", description="host memory of each worker "
+                        "(request and limit)")
     timeout_s: int = Field(default=600, ge=1, le=600, description="the revision's timeoutSeconds: a cold start and "
                            "the whole answer must fit (at most Knative's default max-revision-timeout-seconds)")
     s3_secret: str | None = Field(default="hydraserve-s3", description="a Secret with the S3 credentials")
+
+    @field_validator("group_replicas")
+    @classmethod
+    def _one_replica(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("on Knative a consolidated group is one pod; scale out with --max-instances "
+                             "(Knative adds pods, each a cold start the planner places)")
+        return value
 
     @field_validator("name", "namespace")
     @classmethod
@@ -78,7 +89,6 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
         MODEL_ANNOTATION: fn.model_uri,
         TTFT_SLO_ANNOTATION: seconds_text(fn.ttft_slo_s),
         TPOT_SLO_ANNOTATION: seconds_text(fn.tpot_slo_s),
-        GROUP_REPLICAS_ANNOTATION: str(fn.group_replicas),
         "autoscaling.knative.dev/initial-scale": "0",
         "autoscaling.knative.dev/min-scale": "0",
         "autoscaling.knative.dev/max-scale": str(fn.max_instances),
@@ -86,7 +96,7 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
     }
     if fn.concurrency:
         annotations["autoscaling.knative.dev/target"] = str(fn.concurrency)
-    limits: dict[str, str] = {"memory": "32Gi"}
+    limits: dict[str, str] = {"memory": fn.memory}
     if fn.gpus:
         limits["nvidia.com/gpu"] = str(fn.gpus)
     container: dict[str, Any] = {
@@ -99,7 +109,7 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
                 {"name": "HYDRASERVE_LOADERD_TOKEN", "valueFrom": {"secretKeyRef": {
                     "name": worker_secret_name(fn.name), "key": WORKER_SECRET_KEY, "optional": True}}}],
         "readinessProbe": {"httpGet": {"path": "/readyz"}, "periodSeconds": 1, "failureThreshold": fn.timeout_s},
-        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": limits},
+        "resources": {"requests": {"cpu": fn.cpu, "memory": fn.memory}, "limits": limits},
         "volumeMounts": [
             {"name": "loaderd", "mountPath": LOADERD_HOST_DIR, "readOnly": True},
             {"name": "pod-info", "mountPath": ROLE_DIR, "readOnly": True},

@@ -21,7 +21,8 @@ subclass serves every resource request from a store of its own that adds what ou
   is stored base64-encoded in ``data``;
 - deletion honours finalizers (deletionTimestamp until they are removed) and collects dependents
   (ownerReferences by uid, background policy);
-- a bearer token is required (401 without it).
+- a bearer token is required (401 without it); each user's requests are counted apart (RBAC is
+  not enforced: tests check a role against what its user did).
 
 Not emulated (tests that need them play the part, or run against a real cluster): the kubelet
 (pods never run: a test sets their status as a kubelet would), the scheduler and every
@@ -159,24 +160,28 @@ class FakeKubernetes(kmock.KubernetesEmulator):  # type: ignore[misc]
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.token = ""
+        self.users: dict[str, str] = {}  # bearer token -> user name (more users than the admin)
+        self.requests_by_user: dict[str, dict[str, int]] = {}
         self.store: dict[Key, dict[str, Any]] = {}
         self.history: list[tuple[int, Key, dict[str, Any]]] = []
         self.watchers: list[Watcher] = []
         self.revision = 0
-        self.counts: dict[str, int] = {}  # "VERB plural[/sub]" -> requests served, for tests
+        self.counts: dict[str, int] = {}  # "VERB plural[/sub]" -> requests served (GET, LIST, WATCH, POST...)
 
     async def _handle(self, request: Request) -> aiohttp.web.StreamResponse:
         if request.resource is None and request.namespace is None:
             return await super()._handle(request)  # discovery, /version
         try:
-            if request.headers.get("Authorization", "") != f"Bearer {self.token}":
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            user = "admin" if given == self.token else self.users.get(given)
+            if not given or user is None:
                 raise ApiError(401, "Unauthorized", "a bearer token is required")
-            return await self._serve(request)
+            return await self._serve(request, user)
         except ApiError as exc:
             return aiohttp.web.json_response(exc.status(), status=exc.code)
 
     # ---- routing ------------------------------------------------------------------------------
-    async def _serve(self, request: Request) -> aiohttp.web.StreamResponse:
+    async def _serve(self, request: Request, user: str) -> aiohttp.web.StreamResponse:
         res, namespace, name, sub = request.resource, request.namespace, request.name, request.subresource
         if res is None or res.plural is None:  # /api/v1/namespaces/NAME: the namespace itself
             api, plural, name, namespace = "api/v1", "namespaces", namespace, None
@@ -185,8 +190,11 @@ class FakeKubernetes(kmock.KubernetesEmulator):  # type: ignore[misc]
             plural = res.plural
         method = str(request.method.value).upper()
         verb = "WATCH" if request.params.get("watch", "").lower() in ("true", "1") else method
-        self.counts[f"{verb} {plural}{'/' + sub if sub else ''}"] = \
-            self.counts.get(f"{verb} {plural}{'/' + sub if sub else ''}", 0) + 1
+        verb = "LIST" if verb == "GET" and name is None else verb
+        what = f"{verb} {plural}{'/' + sub if sub else ''}"
+        self.counts[what] = self.counts.get(what, 0) + 1
+        mine = self.requests_by_user.setdefault(user, {})
+        mine[what] = mine.get(what, 0) + 1
         if verb == "WATCH":
             return await self._watch(request, api, plural, namespace, name)
         if name is None:
@@ -469,9 +477,15 @@ class FakeApiServer:
         return self.call(lambda: [copy.deepcopy(o) for (api, p, ns, n), o in self.handler.store.items()
                                   if p == plural and namespace in (None, ns)])
 
-    def kubeconfig(self) -> dict[str, Any]:
+    def kubeconfig(self, user: str | None = None) -> dict[str, Any]:
+        """A kubeconfig for the admin, or for ``user`` (its requests counted apart; the fake
+        authorizes everyone for everything: RBAC is checked from what each user did)."""
+        token = self.token
+        if user is not None:
+            token = next((t for t, u in self.handler.users.items() if u == user), "") or uuid.uuid4().hex
+            self.handler.users[token] = user
         return {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
                 "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-                "users": [{"name": "fake", "user": {"token": self.token}}],
+                "users": [{"name": "fake", "user": {"token": token}}],
                 "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}
 

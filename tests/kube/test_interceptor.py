@@ -61,7 +61,7 @@ def function_pod(cluster: Cluster, name: str, *, function: str = "chat", annotat
 class Control:
     """The placement service and the interceptor, running against the cluster."""
 
-    def __init__(self, cluster: Cluster, model_dir: Path, *, pipeline: int = 1, loaderd_port: int = 8470,
+    def __init__(self, cluster: Cluster, model_dir: Path, *, pipeline: int = 1, loaderd_port: int = 7070,
                  watching: bool = True, s3_endpoint_url: str | None = None) -> None:
         self.placement = PlacementService()
         self.feed = ClusterFeed(cluster.core, self.placement, loaderd_namespace=cluster.namespace,

@@ -35,7 +35,10 @@ def documents() -> list[tuple[Path, dict[str, Any]]]:
 
 
 def knative_services() -> list[dict[str, Any]]:
-    return [d for _, d in documents() if d.get("kind") == "Service" and "knative" in d.get("apiVersion", "")]
+    """The plain Services of manifests/standalone (the fast path's example is checked under the
+    install's cluster settings in test_install.py)."""
+    return [d for p, d in documents() if d.get("kind") == "Service" and "knative" in d.get("apiVersion", "")
+            and p.parent.name == "standalone"]
 
 
 def test_every_kustomization_names_files_that_exist() -> None:
