@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 ROLE_ANNOTATION = "hydraserve.dev/worker"  # the WorkerEnvironment fields of this pod's stage (JSON)
-PLAN_ANNOTATION = "hydraserve.dev/plan"  # the instance's plan (JSON): rebuilt from after a restart
+PLAN_ANNOTATION = "hydraserve.dev/plan"  # the instance's plan (JSON), as bound
+TIMELINE_ANNOTATION = "hydraserve.dev/timeline"  # its cold start's timeline (JSON), once it serves
 INSTANCE_LABEL = "hydraserve.dev/instance"
 STAGE_LABEL = "hydraserve.dev/stage"
 ROLE_FILE_KEY = "HYDRASERVE_ROLE_FILE"

@@ -9,6 +9,7 @@ from hydraserve.contracts.timeline import Timeline
 # (phase name, from event, to event): the breakdown a reader wants, in cold-start order.
 PHASES: list[tuple[str, str, str]] = [
     ("placement", "request_received", "plan_decided"),
+    ("placement (Kubernetes: from the function pod pending)", "pod_pending", "plan_decided"),
     ("fetch (loaderd, S3 -> shared memory)", "prefetch_started", "weights_fetched"),
     ("process start -> listening", "process_started", "http_listening"),
     ("library import (torch, engine)", "http_listening", "libraries_imported"),
@@ -16,6 +17,7 @@ PHASES: list[tuple[str, str, str]] = [
     ("weights load (after attach)", "weights_attached", "weights_loaded"),
     ("warm-up", "weights_loaded", "warmed_up"),
     ("ready -> first response byte", "instance_ready", "first_response_byte"),
+    ("total (Kubernetes): pod pending -> group ready", "pod_pending", "instance_ready"),
     ("total: request -> first response byte", "request_received", "first_response_byte"),
 ]
 

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from hydraserve.activator.fn_cmd import duration_s
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, Plan
-from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL
+from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL, TIMELINE_ANNOTATION
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import ConflictError, HydraError, InstanceFailedError
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
@@ -267,10 +267,26 @@ class Interceptor:
                 self.refresh_nodes()
                 continue
             start.group = group
+            timeline.mark("instance_ready", component="interceptor", nodes=group.plan.nodes)
+            self._record_timeline(start, timeline, group)
             log.info("pod %s serves: instance %s on %s", name, group.instance_id, ", ".join(group.plan.nodes))
             if start.deleted.is_set():  # deleted between its readiness and now
                 self._release(start)
             return
+
+    def _record_timeline(self, start: _Start, timeline: Timeline, group: Group) -> None:
+        """The cold start's timeline on its function pod (``kn hydra describe`` shows it), with
+        the workers' own start-up events when they answer."""
+        try:
+            timeline = timeline.merged(group.head.timeline()).merged(group.stage_timelines)
+        except HydraError:
+            pass  # the interceptor's own events still tell the placement, fetch and readiness
+        meta = start.pod["metadata"]
+        patch = {"metadata": {"annotations": {TIMELINE_ANNOTATION: timeline.model_dump_json()}}}
+        try:
+            self._core.patch_namespaced_pod(meta["name"], meta["namespace"], patch)
+        except ApiException as exc:
+            log.warning("could not record the timeline on pod %s: %s %s", meta["name"], exc.status, exc.reason)
 
     def _spec(self, function: FunctionConfig) -> FunctionSpec:
         """The function's model description, read once per (function, model, SLOs). On Knative a

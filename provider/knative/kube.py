@@ -14,21 +14,24 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client import ApiClient, ApiException, CoreV1Api
 
-from hydraserve.errors import ConflictError, HydraError, NotFoundError, TemporaryError
+from hydraserve.errors import ConflictError, HydraError, NotFoundError, PermanentError, TemporaryError
 
 log = logging.getLogger(__name__)
 
 
-def api_client(kubeconfig: str | None = None) -> ApiClient:
-    """A client for the cluster this runs in, or for ``kubeconfig`` (a path) when given or when
-    not in a pod (then KUBECONFIG or ~/.kube/config)."""
-    if kubeconfig is None:
+def api_client(kubeconfig: str | None = None, *, in_cluster: bool = True) -> ApiClient:
+    """A client for the cluster this runs in (``in_cluster``: a pod's service account), or for
+    ``kubeconfig`` (a path) when given or when not in a pod (then KUBECONFIG or ~/.kube/config)."""
+    if kubeconfig is None and in_cluster:
         try:
             config.load_incluster_config()
             return ApiClient()
         except config.ConfigException:
             pass
-    return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        return config.new_client_from_config(config_file=kubeconfig)
+    except (config.ConfigException, OSError) as exc:
+        raise PermanentError(f"no cluster to talk to ({exc}): set KUBECONFIG or give --kubeconfig") from exc
 
 
 def api_error(exc: ApiException, what: str) -> HydraError:
