@@ -25,6 +25,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("HYDRASERVE_LOADERD_URL", "http://127.0.0.1:7070"),
                         help="the daemon (default HYDRASERVE_LOADERD_URL or http://127.0.0.1:7070)")
     parser.add_argument("--token-file", help="file holding the API token (0600); else HYDRASERVE_LOADERD_TOKEN")
+    parser.add_argument("--node", help="on Kubernetes: the daemon of this node (found through the API: "
+                        "the DaemonSet's pod there; run inside the cluster, e.g. kubectl exec into the control plane)")
+    parser.add_argument("--kubeconfig", help="with --node, outside a pod: the kubeconfig (default KUBECONFIG)")
+    parser.add_argument("--kube-namespace", default="hydraserve-system", help="with --node: the DaemonSet's namespace")
+    parser.add_argument("--port", type=int, default=7070, help="with --node: the daemons' port")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     prefetch = sub.add_parser("prefetch", help="start fetching a whole model into the node's shared memory")
@@ -45,7 +50,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> LoaderClient:
-    return LoaderClient(args.url, read_token(args.token_file, LOADERD_TOKEN_ENV))
+    return LoaderClient(_url(args), read_token(args.token_file, LOADERD_TOKEN_ENV))
+
+
+def _url(args: argparse.Namespace) -> str:
+    if not args.node:
+        return str(args.url)
+    from kubernetes.client import CoreV1Api
+
+    from hydraserve.errors import NotFoundError
+    from hydraserve.kube import api_client, daemon_urls
+
+    urls = daemon_urls(CoreV1Api(api_client(args.kubeconfig)), args.kube_namespace, port=args.port)
+    if args.node not in urls:
+        raise NotFoundError(f"no loaderd running on node {args.node!r} (nodes with one: {', '.join(sorted(urls)) or 'none'})")
+    return urls[args.node]
 
 
 def _lease_progress(lease: LeaseResponse, status: LoaderStatus) -> tuple[int, list[str]]:

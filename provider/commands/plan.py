@@ -1,7 +1,8 @@
 """`hydraserve plan`: show the plan for a function and the candidates weighed, without reserving.
 
-Asks a running service (--url, dry run) or plans in-process against a node file or the paper's
-testbed (i). Prints the candidates table, the explanation, and last the Plan as JSON.
+Asks a running service (--url, dry run) or plans in-process against a node file, the paper's
+testbed (i), or a Kubernetes cluster as the interceptor sees it (--cluster: its nodes, what is
+placed on them, what each loaderd holds). Prints the candidates table, the explanation, and last the Plan as JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hydraserve.contracts.plan import FunctionSpec
+    from hydraserve.provider.service import PlacementService
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +21,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", help="the placement service's token (with --url); "
                         "else HYDRASERVE_PLACEMENT_TOKEN")
     parser.add_argument("--nodes", help="JSON list of NodeInfo; default: testbed (i), 4xV100 + 4xA10")
+    parser.add_argument("--cluster", action="store_true", help="the nodes of the Kubernetes cluster (KUBECONFIG, "
+                        "--kubeconfig, or the pod's service account); loaderd residency with HYDRASERVE_LOADERD_TOKEN")
+    parser.add_argument("--kubeconfig", help="with --cluster: the kubeconfig")
+    parser.add_argument("--kube-namespace", default="hydraserve-system", help="with --cluster: loaderd's namespace")
+    parser.add_argument("--loaderd-port", type=int, default=7070, help="with --cluster: the daemons' port")
     parser.add_argument("--policy", default="ours")
     parser.add_argument("--function", help="JSON file with a FunctionSpec (overrides the flags below)")
     parser.add_argument("--name", default="llama2-7b")
@@ -57,14 +64,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         from hydraserve.provider.service import PlacementService
         service = PlacementService(args.policy)
-        if args.nodes:
-            with open(args.nodes) as f:
-                nodes = [NodeInfo.model_validate(x) for x in json.load(f)]
+        if args.cluster:
+            _feed_cluster(service, args)
         else:
-            nodes = ([NodeInfo(name=f"v100-{i}", gpus=4, gpu_memory_gb=32) for i in range(4)]
-                     + [NodeInfo(name=f"a10-{i}", gpus=1, gpu_memory_gb=24) for i in range(4)])
-        for node in nodes:
-            service.register_node(node)
+            if args.nodes:
+                with open(args.nodes) as f:
+                    nodes = [NodeInfo.model_validate(x) for x in json.load(f)]
+            else:
+                nodes = ([NodeInfo(name=f"v100-{i}", gpus=4, gpu_memory_gb=32) for i in range(4)]
+                         + [NodeInfo(name=f"a10-{i}", gpus=1, gpu_memory_gb=24) for i in range(4)])
+            for node in nodes:
+                service.register_node(node)
         plan = service.plan(request)
     if not args.json:
         print(f"{'p':>2} {'full':>4}  {'TTFT s':>7}  {'TPOT s':>7}  {'ok':>3}  nodes / reason")
@@ -80,3 +90,16 @@ def run(args: argparse.Namespace) -> int:
                   f"{st.fetch_bytes / 1e9:.2f} GB from {st.source} in ~{st.predicted_fetch_s:.2f} s")
     print(plan.model_dump_json())
     return 0
+
+
+def _feed_cluster(service: PlacementService, args: argparse.Namespace) -> None:
+    """Register the cluster's nodes as the interceptor does (provider/knative/nodes.py)."""
+    import os
+
+    from kubernetes.client import CoreV1Api
+
+    from hydraserve.kube import api_client
+    from hydraserve.provider.knative.nodes import ClusterFeed
+
+    ClusterFeed(CoreV1Api(api_client(args.kubeconfig)), service, loaderd_namespace=args.kube_namespace,
+                loaderd_token=os.environ.get("HYDRASERVE_LOADERD_TOKEN", ""), loaderd_port=args.loaderd_port).refresh()

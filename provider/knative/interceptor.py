@@ -43,8 +43,8 @@ from hydraserve.contracts.plan import FunctionSpec, Plan
 from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL, TIMELINE_ANNOTATION
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import ConflictError, HydraError, InstanceFailedError
+from hydraserve.kube import delete_quietly
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
-from hydraserve.provider.knative.kube import delete_quietly
 from hydraserve.provider.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
 from hydraserve.provider.knative.pods import PodLauncher, ensure_worker_secret, instance_key
 from hydraserve.provider.knative.service import (

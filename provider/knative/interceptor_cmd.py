@@ -46,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from hydraserve.auth import read_token
     from hydraserve.contracts.plan import FunctionSpec
     from hydraserve.http_server import DrainingServer
+    from hydraserve.kube import api_client
     from hydraserve.logs import configure_logging
     from hydraserve.provider.api import create_app
     from hydraserve.provider.coldstart import ColdStartOptions
     from hydraserve.provider.knative.interceptor import Interceptor, InterceptorOptions
-    from hydraserve.provider.knative.kube import api_client
     from hydraserve.provider.knative.leader import LeaderElection
     from hydraserve.provider.knative.nodes import LOADERD_PORT, ClusterFeed
     from hydraserve.provider.model_spec import describe_model

@@ -168,7 +168,7 @@ def _call(fn: Any, args: argparse.Namespace, what: str) -> Any:
     """``fn(CustomObjectsApi)``; an API error is a HydraError naming ``what``."""
     from kubernetes.client import ApiException, CustomObjectsApi
 
-    from hydraserve.provider.knative.kube import api_client, api_error
+    from hydraserve.kube import api_client, api_error
 
     api = CustomObjectsApi(api_client(args.kubeconfig, in_cluster=False))
     try:

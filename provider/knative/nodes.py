@@ -22,8 +22,8 @@ from kubernetes.client import ApiException, CoreV1Api
 from hydraserve.contracts.plan import NodeInfo
 from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL
 from hydraserve.errors import HydraError
+from hydraserve.kube import LOADERD_PORT, LOADERD_SELECTOR, api_error, daemon_urls
 from hydraserve.loaderd.client import LoaderClient
-from hydraserve.provider.knative.kube import api_error
 from hydraserve.provider.knative.pods import placed_memory
 from hydraserve.provider.residency import Registrar, reconcile_node
 
@@ -33,8 +33,6 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"  # MiB per device (NVIDIA GPU feature discovery)
 WORKER_MEMORY_LABEL = "hydraserve.dev/worker-memory-gb"  # a CPU node: what its one virtual device gives workers
 NIC_LABEL = "hydraserve.dev/nic-gbps"
-LOADERD_SELECTOR = "app.kubernetes.io/name=hydraserve-loaderd"
-LOADERD_PORT = 7070  # the daemon's default port (manifests/install/loaderd.yaml)
 
 StageKey = tuple[str, str]  # (instance label, stage)
 
@@ -87,13 +85,12 @@ class ClusterFeed:
         placed = dict(under_way or {})
         try:
             nodes = self._core.list_node().items
-            daemons = self._core.list_namespaced_pod(self._loaderd_ns, label_selector=self._loaderd_selector).items
             pods = self._core.list_pod_for_all_namespaces(
                 field_selector="status.phase!=Succeeded,status.phase!=Failed").items
         except ApiException as exc:
             raise api_error(exc, "reading the cluster") from exc
-        daemon_url = {p.spec.node_name: f"http://{p.status.pod_ip}:{self._loaderd_port}" for p in daemons
-                      if p.spec.node_name and p.status and p.status.pod_ip and p.status.phase == "Running"}
+        daemon_url = daemon_urls(self._core, self._loaderd_ns, selector=self._loaderd_selector,
+                                 port=self._loaderd_port)
         foreign_gpus: dict[str, int] = {}
         for pod in pods:
             if not pod.spec.node_name:

@@ -37,8 +37,8 @@ from hydraserve.contracts.pod import (
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment
 from hydraserve.errors import HydraError, TemporaryError
+from hydraserve.kube import api_error, bind_pod, create_or_keep, delete_quietly
 from hydraserve.provider.coldstart import WorkerSlot
-from hydraserve.provider.knative.kube import api_error, bind_pod, create_or_keep, delete_quietly
 from hydraserve.provider.knative.service import MODEL_ANNOTATION, RUNTIME_PORT, SCHEDULER_NAME
 
 log = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ from hydraserve.activator.functions import FunctionConfig
 from hydraserve.auth import verify_scoped_token
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.pod import INSTANCE_LABEL, PLAN_ANNOTATION, ROLE_ANNOTATION, STAGE_LABEL
+from hydraserve.kube import bind_pod
 from hydraserve.provider.coldstart import ColdStartOptions
 from hydraserve.provider.knative.interceptor import Interceptor, InterceptorOptions
-from hydraserve.provider.knative.kube import bind_pod
 from hydraserve.provider.knative.nodes import ClusterFeed
 from hydraserve.provider.knative.pods import MEMORY_ANNOTATION
 from hydraserve.provider.knative.service import HydraService, knative_service

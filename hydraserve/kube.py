@@ -1,4 +1,5 @@
-"""The Kubernetes API, as the interceptor and `kn hydra` use it (the official client).
+"""The Kubernetes API, as the interceptor, `kn hydra` and `loaderctl --node` use it (the
+official client).
 
 One place for the calls whose details bite: the pod binding (kubernetes-client/python #547,
 #825: the server answers a Status that does not deserialize into V1Binding, so the call is made
@@ -17,6 +18,9 @@ from kubernetes.client import ApiClient, ApiException, CoreV1Api
 from hydraserve.errors import ConflictError, HydraError, NotFoundError, PermanentError, TemporaryError
 
 log = logging.getLogger(__name__)
+
+LOADERD_SELECTOR = "app.kubernetes.io/name=hydraserve-loaderd"  # the DaemonSet's pods (manifests/install)
+LOADERD_PORT = 7070  # the daemon's default port
 
 
 def api_client(kubeconfig: str | None = None, *, in_cluster: bool = True) -> ApiClient:
@@ -73,3 +77,14 @@ def delete_quietly(delete: Any, name: str, namespace: str, what: str) -> None:
     except ApiException as exc:
         if exc.status != 404:
             log.warning("could not delete %s: %s %s", what, exc.status, exc.reason)
+
+
+def daemon_urls(core: CoreV1Api, namespace: str, *, selector: str = LOADERD_SELECTOR,
+                port: int = LOADERD_PORT) -> dict[str, str]:
+    """Each node's running loaderd (the DaemonSet's pods): node name -> http://<pod IP>:<port>."""
+    try:
+        daemons = core.list_namespaced_pod(namespace, label_selector=selector).items
+    except ApiException as exc:
+        raise api_error(exc, "listing the loaderd pods") from exc
+    return {p.spec.node_name: f"http://{p.status.pod_ip}:{port}" for p in daemons
+            if p.spec.node_name and p.status and p.status.pod_ip and p.status.phase == "Running"}
