@@ -223,6 +223,13 @@ class ColdStart:
                              daemon=True).start()
         return group
 
+    def resume(self, group: Group, timeline: Timeline) -> None:
+        """Take over a group that serves already (a new leader after a restart) and watch it as
+        ``run`` would have: once its head consolidated, its partial stages are stopped."""
+        if group.plan.pipeline_size > 1 and group.plan.stages[0].full and len(group.workers) > 1:
+            threading.Thread(target=self._watch_consolidation, args=(group, timeline), name="consolidation-watch",
+                             daemon=True).start()
+
     def plan_request(self, spec: FunctionSpec, exclude_nodes: Sequence[str] = (), *,
                      dry_run: bool = False) -> PlanRequest:
         """What a cold start of ``spec`` asks the placement service (within this launcher's limits)."""

@@ -46,7 +46,7 @@ from hydraserve.errors import ConflictError, HydraError, InstanceFailedError
 from hydraserve.kube import delete_quietly
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
 from hydraserve.provider.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
-from hydraserve.provider.knative.pods import PodLauncher, ensure_worker_secret, instance_key
+from hydraserve.provider.knative.pods import PodLauncher, ensure_worker_secret, instance_key, plan_of_pod
 from hydraserve.provider.knative.service import (
     MODEL_ANNOTATION,
     SCHEDULER_NAME,
@@ -185,14 +185,11 @@ class Interceptor:
         gone = kind == "DELETED" or bool(meta.get("deletionTimestamp"))
         with self._lock:
             start = self._starts.get(uid)
-            if start is None and not gone and not spec.get("nodeName"):
+            if start is None and not gone and (not spec.get("nodeName") or plan_of_pod(pod) is not None):
                 start = self._starts[uid] = _Start(pod=pod)
-                new = True
-            else:
-                new = False
-        if new:
-            self._spawn(self._cold_start, start)
-        elif gone and start is not None and not start.deleted.is_set():
+                self._spawn(self._cold_start if not spec.get("nodeName") else self._adopt, start)
+                return  # a new pod, or one an earlier leader bound (its group is taken over)
+        if gone and start is not None and not start.deleted.is_set():
             start.deleted.set()
             for worker in start.launcher.workers[:1] if start.launcher else []:
                 worker.mark_lost("function pod deleted")
@@ -287,6 +284,29 @@ class Interceptor:
             self._core.patch_namespaced_pod(meta["name"], meta["namespace"], patch)
         except ApiException as exc:
             log.warning("could not record the timeline on pod %s: %s %s", meta["name"], exc.status, exc.reason)
+
+    def _adopt(self, start: _Start) -> None:
+        """A group an earlier leader started: watched from now on as if we had started it (its
+        memory is counted from its pods' annotations, not re-reserved)."""
+        plan = plan_of_pod(start.pod)
+        assert plan is not None
+        launcher = PodLauncher(self._core, start.pod, cancel=self._stop)
+        try:
+            workers = launcher.adopt(plan)
+        except HydraError as exc:
+            log.warning("could not take over pod %s: %s", start.pod["metadata"]["name"], exc.message)
+            self._forget(start)
+            return
+        with self._lock:
+            nodes = dict(self._nodes)
+        coldstart = ColdStart(self._placement, launcher, nodes, self.options.coldstart)
+        group = Group(plan, list(workers), [plan.stages[w.stage] for w in workers])
+        start.launcher, start.coldstart, start.group = launcher, coldstart, group
+        coldstart.resume(group, Timeline())
+        log.info("took over pod %s (instance %s, %d workers)", start.pod["metadata"]["name"], plan.instance_id,
+                 len(workers))
+        if start.deleted.is_set():
+            self._release(start)
 
     def _spec(self, function: FunctionConfig) -> FunctionSpec:
         """The function's model description, read once per (function, model, SLOs). On Knative a

@@ -77,9 +77,10 @@ class PodWorker:
 
     adopted = False
 
-    def __init__(self, core: CoreV1Api, namespace: str, name: str, *, helper: bool, node: str,
+    def __init__(self, core: CoreV1Api, namespace: str, name: str, *, stage: int, node: str,
                  cancel: threading.Event | None = None, poll_s: float = 0.25) -> None:
-        self._core, self.namespace, self.name, self.helper, self.node = core, namespace, name, helper, node
+        self._core, self.namespace, self.name, self.stage, self.node = core, namespace, name, stage, node
+        self.helper = stage > 0  # a pod of ours (stage 0 is the function's own, Knative's)
         self._cancel = cancel or threading.Event()  # set: stop waiting (the interceptor stops)
         self._poll_s = poll_s
         self.spawned_at = time.time()
@@ -87,6 +88,12 @@ class PodWorker:
         self.stopped = False
         self._lost = threading.Event()
         self._lost_reason = ""
+
+    def seen(self, pod: dict[str, Any]) -> None:
+        """What the API last said of its pod (its IP)."""
+        pod_ip = (pod.get("status") or {}).get("podIP")
+        if pod_ip:
+            self.url = f"http://{pod_ip}:{RUNTIME_PORT}"
 
     def mark_lost(self, reason: str) -> None:
         """Its pod is gone, failed or on a lost node (the interceptor's watch says so)."""
@@ -111,8 +118,7 @@ class PodWorker:
                     self.mark_lost("deleted")
                     continue
                 raise api_error(exc, f"reading pod {self.name}") from exc
-            pod_ip = pod.status.pod_ip if pod.status else None
-            self.url = f"http://{pod_ip}:{RUNTIME_PORT}" if pod_ip else self.url
+            self.seen({"status": {"podIP": pod.status.pod_ip if pod.status else None}})
             phase = pod.status.phase if pod.status else None
             if phase in ("Failed", "Succeeded"):
                 self.mark_lost(f"its container ended ({phase})")
@@ -169,6 +175,30 @@ class PodLauncher:
     def use_plan(self, plan: Plan) -> None:
         self.plan = plan
 
+    def adopt(self, plan: Plan) -> list[PodWorker]:
+        """The workers of a group bound before a restart, from the API (stage order; a helper
+        that is gone is left out)."""
+        self.plan, self.bound = plan, True
+        meta = self.pod["metadata"]
+        head = PodWorker(self._core, self.namespace, meta["name"], stage=0, node=self.pod["spec"]["nodeName"],
+                         cancel=self._cancel)
+        head.seen(self.pod)
+        try:
+            found = self._core.list_namespaced_pod(
+                self.namespace, label_selector=f"{INSTANCE_LABEL}={instance_key(plan.instance_id)},{STAGE_LABEL}!=0")
+        except ApiException as exc:
+            raise api_error(exc, f"listing the helpers of {meta['name']}") from exc
+        sanitize = self._core.api_client.sanitize_for_serialization
+        helpers = sorted((sanitize(p) for p in found.items), key=lambda p: int(p["metadata"]["labels"][STAGE_LABEL]))
+        self.workers = [head]
+        for pod in helpers:
+            worker = PodWorker(self._core, self.namespace, pod["metadata"]["name"],
+                               stage=int(pod["metadata"]["labels"][STAGE_LABEL]), node=pod["spec"]["nodeName"],
+                               cancel=self._cancel)
+            worker.seen(pod)
+            self.workers.append(worker)
+        return self.workers
+
     def reserve(self, node: str) -> WorkerSlot:
         """A stage's stable name: its headless Service (a group's stages dial each other by it)."""
         if self.plan is None:
@@ -209,7 +239,7 @@ class PodLauncher:
         except ApiException as exc:
             raise api_error(exc, f"labelling pod {name}") from exc
         log.info("bound pod %s/%s to %s", self.namespace, name, node)
-        return PodWorker(self._core, self.namespace, name, helper=False, node=node, cancel=self._cancel)
+        return PodWorker(self._core, self.namespace, name, stage=0, node=node, cancel=self._cancel)
 
     # ---- stages 1..p-1: helper pods -------------------------------------------------------------
     def _create_helper(self, node: str, role: WorkerEnvironment, labels: dict[str, str],
@@ -218,7 +248,7 @@ class PodLauncher:
         body = self.helper_pod(name, node, role, labels, placed)
         create_or_keep(self._core.create_namespaced_pod, self.namespace, body, f"pod {name}")
         log.info("created helper %s/%s on %s", self.namespace, name, node)
-        return PodWorker(self._core, self.namespace, name, helper=True, node=node, cancel=self._cancel)
+        return PodWorker(self._core, self.namespace, name, stage=stage, node=node, cancel=self._cancel)
 
     def helper_pod(self, name: str, node: str, role: WorkerEnvironment, labels: dict[str, str],
                    placed: dict[str, str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from hydraserve.activator.functions import FunctionConfig
 from hydraserve.auth import verify_scoped_token
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.pod import INSTANCE_LABEL, PLAN_ANNOTATION, ROLE_ANNOTATION, STAGE_LABEL
+from hydraserve.contracts.timeline import Timeline
 from hydraserve.kube import bind_pod
 from hydraserve.provider.coldstart import ColdStartOptions
 from hydraserve.provider.knative.interceptor import Interceptor, InterceptorOptions
@@ -307,3 +308,67 @@ def test_a_pod_without_a_model_is_left_alone(cluster: Cluster, control: Control)
     cluster.wait_for("the interceptor to see it", lambda: control.interceptor.threads)
     assert control.interceptor.wait_idle(10)
     assert bound_node(cluster, pod["metadata"]["name"]) is None and control.active_plans() == 0
+
+
+class FakeHead:
+    """What the interceptor asks of a function pod's head over HTTP (/readyz, its timeline), on
+    the pod IP the test gives the pod; ``consolidated`` is what /readyz says."""
+
+    def __init__(self, ip: str) -> None:
+        import http.server
+
+        head = self
+        self.consolidated = False
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                body = (json.dumps({"status": "ready", "consolidated": head.consolidated}) if self.path == "/readyz"
+                        else Timeline().model_dump_json()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((ip, 8080), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@fake_only
+@pytest.mark.parametrize("restart", [False, True], ids=["same-leader", "after-a-restart"])
+def test_once_the_head_consolidates_the_partial_helper_goes(cluster: Cluster, tiny_llama_dir: Path,
+                                                            restart: bool) -> None:
+    for name in ("gpu-a", "gpu-b"):
+        cluster.add_node(name)
+    head = FakeHead("127.0.0.2")
+    try:
+        first = Control(cluster, tiny_llama_dir, pipeline=2).__enter__()
+        function_pod(cluster, "chat-00001-deployment-con")
+        cluster.wait_for("the helper", lambda: cluster.pods(label_selector=f"{STAGE_LABEL}=1"))
+        [helper] = cluster.pods(label_selector=f"{STAGE_LABEL}=1")
+        cluster.run_pod("chat-00001-deployment-con", ip="127.0.0.2")
+        cluster.run_pod(helper.metadata.name, ip="127.0.0.3")
+        cluster.wait_for("the group to serve", lambda: control_groups(first))
+        assert json.loads(cluster.core.read_namespaced_pod("chat-00001-deployment-con", cluster.namespace)
+                          .metadata.annotations[PLAN_ANNOTATION])["stages"][1]["full"] is False
+        ctl = first
+        if restart:
+            first.__exit__()  # the serving group is left alone ...
+            assert cluster.pods(label_selector=f"{STAGE_LABEL}=1")
+            ctl = Control(cluster, tiny_llama_dir, pipeline=2).__enter__()  # ... and taken over
+            cluster.wait_for("the group taken over", lambda: control_groups(ctl))
+        head.consolidated = True
+        cluster.wait_for("the partial helper deleted", lambda: not cluster.pods(label_selector=f"{STAGE_LABEL}=1"))
+        assert [p.metadata.name for p in cluster.pods()] == ["chat-00001-deployment-con"]
+        services = [s.metadata.name for s in cluster.core.list_namespaced_service(cluster.namespace).items]
+        assert len(services) == 1 and services[0].endswith("-s0")  # the helper's went with it
+        ctl.__exit__()
+    finally:
+        head.close()
