@@ -82,7 +82,8 @@ def function_of(pod: dict[str, Any]) -> FunctionConfig:
 class InterceptorOptions:
     coldstart: ColdStartOptions = field(default_factory=ColdStartOptions)
     retry_s: float = 2.0  # back-off between attempts while the pod is pending
-    resync_s: float = 30.0  # how often the whole cluster is read again (and a watch restarted)
+    resync_s: float = 30.0  # how often the whole cluster is read again (and the watch restarted from a list)
+    watch_window_s: float = 5.0  # one watch request's length: a stop (a lost Lease) is seen within it
 
 
 @dataclass
@@ -128,8 +129,13 @@ class Interceptor:
     def stop(self) -> None:
         """Stop watching. A cold start under way is abandoned (its pods deleted, its memory
         freed): Knative makes a new pod, which the next leader starts; groups that serve are
-        left to serve (the next leader counts them from their pods)."""
+        left to serve (the next leader takes them over from their pods): only our watching of
+        them ends."""
         self._stop.set()
+        with self._lock:
+            for start in self._starts.values():
+                if start.group is not None:
+                    start.group.stopping.set()
 
     def resync(self) -> str:
         """Read every function pod (and the nodes) and act on each; the list's resourceVersion."""
@@ -141,17 +147,20 @@ class Interceptor:
         return str(pods.metadata.resource_version or "")
 
     def _watch(self, version: str, stop: threading.Event) -> None:
-        w = watch.Watch()
+        """Watch from ``version`` in short windows (so a stop is seen within ``watch_window_s``)
+        until the next resync is due."""
         sanitize = self._core.api_client.sanitize_for_serialization
-        for event in w.stream(self._core.list_pod_for_all_namespaces, resource_version=version,
-                              field_selector=f"spec.schedulerName={SCHEDULER_NAME}",
-                              timeout_seconds=max(1, round(self.options.resync_s))):
-            if event["type"] == "ERROR":
-                raise ApiException(status=(event.get("raw_object") or {}).get("code", 410), reason="watch error")
-            self.observe(event["type"], sanitize(event["object"]))
-            if stop.is_set():
-                w.stop()
-                return
+        resync_at = time.monotonic() + self.options.resync_s
+        while not stop.is_set() and time.monotonic() < resync_at:
+            window = max(1, round(min(self.options.watch_window_s, resync_at - time.monotonic())))
+            for event in watch.Watch().stream(self._core.list_pod_for_all_namespaces, resource_version=version,
+                                              field_selector=f"spec.schedulerName={SCHEDULER_NAME}",
+                                              timeout_seconds=window):
+                if event["type"] == "ERROR":
+                    raise ApiException(status=(event.get("raw_object") or {}).get("code", 410), reason="watch error")
+                pod = sanitize(event["object"])
+                version = pod["metadata"].get("resourceVersion") or version
+                self.observe(event["type"], pod)
 
     def refresh_nodes(self) -> dict[str, KubeNode]:
         """Tell the planner the real cluster; fail the groups on nodes that went away."""
@@ -176,6 +185,8 @@ class Interceptor:
 
     # ---- events ----------------------------------------------------------------------------------
     def observe(self, kind: str, pod: dict[str, Any]) -> None:
+        if self._stop.is_set():  # no longer leading: another replica may be scheduling by now
+            return
         meta, spec = pod["metadata"], pod.get("spec") or {}
         labels = meta.get("labels") or {}
         if labels.get(STAGE_LABEL, "0") != "0" and INSTANCE_LABEL in labels:

@@ -321,7 +321,7 @@ class FakeHead:
         self.consolidated = False
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 body = (json.dumps({"status": "ready", "consolidated": head.consolidated}) if self.path == "/readyz"
                         else Timeline().model_dump_json()).encode()
                 self.send_response(200)
