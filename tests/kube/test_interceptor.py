@@ -9,6 +9,7 @@ placement service is the real one, in process; the model description is a real t
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -249,16 +250,16 @@ def loaderd_pod(cluster: Cluster, node: str) -> None:
     cluster.run_pod(f"loaderd-{node}", ip="127.0.0.1")
 
 
-@fake_only
-def test_the_chosen_nodes_loaderd_prefetches_and_its_residency_is_what_the_daemon_says(
-        cluster: Cluster, tiny_llama_dir: Path, s3_server: Any, shm_guard: str, tmp_path: Path) -> None:
-    from hydraserve.loaderd.client import LoaderClient
+@contextlib.contextmanager
+def node_with_loaderd(cluster: Cluster, node: str, model_dir: Path, s3_server: Any, tmp_path: Path
+                      ) -> Iterator[tuple[Any, str, int]]:
+    """A node whose DaemonSet pod runs a real loaderd (on 127.0.0.1), and a model in S3: yields
+    the daemon, the model's URI and the daemon's port. ``node`` names its segments too."""
     from hydraserve.loaderd.daemon import spawn_loaderd
     from hydraserve.processes import free_port
 
-    node = shm_guard  # the loaderd's segments are named after it
     s3_server.create_bucket("kube-models")
-    model = s3_server.upload_dir(tiny_llama_dir, "kube-models", "tiny")
+    model = s3_server.upload_dir(model_dir, "kube-models", "tiny")
     (tmp_path / "token").write_text(LOADERD_TOKEN)
     (tmp_path / "token").chmod(0o600)
     port = free_port()
@@ -268,6 +269,17 @@ def test_the_chosen_nodes_loaderd_prefetches_and_its_residency_is_what_the_daemo
     try:
         cluster.add_node(node)
         loaderd_pod(cluster, node)
+        yield daemon, model, port
+    finally:
+        daemon.stop()
+
+
+@fake_only
+def test_the_chosen_nodes_loaderd_prefetches_and_its_residency_is_what_the_daemon_says(
+        cluster: Cluster, tiny_llama_dir: Path, s3_server: Any, shm_guard: str, tmp_path: Path) -> None:
+    from hydraserve.loaderd.client import LoaderClient
+
+    with node_with_loaderd(cluster, shm_guard, tiny_llama_dir, s3_server, tmp_path) as (daemon, model, port):
         with Control(cluster, tiny_llama_dir, loaderd_port=port, s3_endpoint_url=s3_server.endpoint_url) as ctl:
             function_pod(cluster, "chat-00001-deployment-pf", model=model)
             cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-pf"))
@@ -285,8 +297,6 @@ def test_the_chosen_nodes_loaderd_prefetches_and_its_residency_is_what_the_daemo
             [status] = ctl.placement.status().nodes
             assert status.resident_models == []
             loader.close()
-    finally:
-        daemon.stop()
 
 
 @fake_only

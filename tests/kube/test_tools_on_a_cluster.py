@@ -15,10 +15,8 @@ from typing import Any
 
 import yaml
 
-from hydraserve.loaderd.daemon import spawn_loaderd
-from hydraserve.processes import free_port
 from tests.kube.conftest import Cluster, fake_only
-from tests.kube.test_interceptor import LOADERD_TOKEN, loaderd_pod
+from tests.kube.test_interceptor import LOADERD_TOKEN, node_with_loaderd
 
 
 def hydraserve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -31,18 +29,8 @@ def test_loaderctl_and_plan_find_their_way_through_the_api(cluster: Cluster, tin
                                                            shm_guard: str, tmp_path: Path) -> None:
     assert cluster.fake is not None
     node = shm_guard
-    s3_server.create_bucket("tools-models")
-    model = s3_server.upload_dir(tiny_llama_dir, "tools-models", "tiny")
-    (tmp_path / "token").write_text(LOADERD_TOKEN)
-    (tmp_path / "token").chmod(0o600)
-    port = free_port()
-    daemon = spawn_loaderd(port=port, node_name=node, budget_bytes=1 << 30, token=LOADERD_TOKEN,
-                           token_file=tmp_path / "token", endpoint_url=s3_server.endpoint_url,
-                           env=s3_server.client_env(), log_path=tmp_path / "loaderd.log")
-    try:
-        cluster.add_node(node)
+    with node_with_loaderd(cluster, node, tiny_llama_dir, s3_server, tmp_path) as (_daemon, model, port):
         cluster.add_node("cpu-only", gpus=0)
-        loaderd_pod(cluster, node)
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(yaml.safe_dump(cluster.fake.kubeconfig()))
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HYDRASERVE_LOADERD_TOKEN": LOADERD_TOKEN}
@@ -62,5 +50,3 @@ def test_loaderctl_and_plan_find_their_way_through_the_api(cluster: Cluster, tin
         chosen = json.loads(plan.stdout)
         assert [s["node"] for s in chosen["stages"]] == [node]  # where its bytes already are
         assert chosen["stages"][0]["source"] != "s3"
-    finally:
-        daemon.stop()
