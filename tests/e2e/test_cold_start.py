@@ -165,8 +165,12 @@ def test_clients_that_leave_stop_their_generation_in_the_engine(stack: LocalStac
     assert worker_metric(worker.url, tokens) == generated, "tokens still generated for nobody"
     assert worker_metric(worker.url, "hydraserve_runtime_inflight_requests") == 0
     longest = requests.get(f"{worker.url}/v1/models", timeout=5).json()["data"][0]["max_model_len"] - 16
+    started = time.monotonic()  # how fast this machine generates: the client must leave well before the end
+    requests.post(url, json=body | {"max_tokens": 32}, timeout=60).raise_for_status()
+    leave_after_s = min(0.3, max(0.02, (time.monotonic() - started) / 32 * longest / 4))
+    generated = worker_metric(worker.url, tokens)
     with pytest.raises(requests.Timeout):
-        requests.post(url, json=body | {"max_tokens": longest}, timeout=(5, 0.3))
+        requests.post(url, json=body | {"max_tokens": longest}, timeout=(5, leave_after_s))
     deadline = time.monotonic() + 10
     while worker_metric(worker.url, "hydraserve_runtime_client_gone_total") < 2:
         assert time.monotonic() < deadline, "the non-streamed request ran on for a client that left"
