@@ -44,6 +44,7 @@ class LoaderModelFiles(ModelFiles):
                  on_fallback: Callable[[str], None] | None = None, heartbeat: bool = False) -> None:
         self.uri = model_uri
         self._heartbeat = heartbeat  # leases renewed, not tied to our pid (a pod)
+        self._sources: list[ShmTensorSource] = []  # every lease handed out (released at shutdown)
         self._endpoint_url = endpoint_url
         self._s3_retry_budget_s = s3_retry_budget_s
         self._on_fallback = on_fallback
@@ -109,8 +110,17 @@ class LoaderModelFiles(ModelFiles):
         lease = self._client.attach(request)
         log.info("loading through loaderd", extra={"loaderd": self._client.url, "lease": lease.lease_id,
                                                    "bytes": lease.bytes_total, "bytes_new": lease.bytes_new})
-        return ShmTensorSource(self._client, lease.lease_id, [s.path for s in lease.segments], lease.tensor_names,
-                               heartbeat_s=request.heartbeat_s)
+        source = ShmTensorSource(self._client, lease.lease_id, [s.path for s in lease.segments], lease.tensor_names,
+                                 heartbeat_s=request.heartbeat_s)
+        self._sources.append(source)
+        return source
+
+    def release_leases(self) -> None:
+        """Give every loaderd lease back (the worker stops; its mappings stay valid until it
+        exits). A pid lease would go when the process does; a heartbeat lease would linger for
+        a heartbeat, holding the daemon's memory for nobody."""
+        for source in self._sources:
+            source.release()
 
 
 class ShmTensorSource:
@@ -129,6 +139,7 @@ class ShmTensorSource:
                                        wait_timeout_s=wait_timeout_s or DEFAULT_WAIT_S, alive=client.healthy)
         self._names = names
         self._closed = threading.Event()
+        self._release_lock = threading.Lock()
         if heartbeat_s is not None:
             threading.Thread(target=self._beat, args=(heartbeat_s / 3,), name="lease-heartbeat", daemon=True).start()
 
@@ -146,10 +157,17 @@ class ShmTensorSource:
             except Exception as exc:  # a slow or restarting daemon: our mappings stay valid meanwhile
                 log.warning("could not renew loaderd lease %s: %s", self.lease_id, exc)
 
-    def close(self) -> None:
-        self._closed.set()
-        self._tensors.close()
+    def release(self) -> None:
+        """Give the lease back once (the heartbeat stops); the mappings stay."""
+        with self._release_lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
         try:
             self._client.release(self.lease_id)
-        except Exception as exc:  # the daemon reaps leases of dead pids anyway
+        except Exception as exc:  # the daemon reaps leases of dead pids (and unrenewed ones) anyway
             log.warning("could not release loaderd lease %s: %s", self.lease_id, exc)
+
+    def close(self) -> None:
+        self._tensors.close()
+        self.release()

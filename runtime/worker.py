@@ -33,16 +33,18 @@ from hydraserve.runtime.server.state import RuntimeState
 if TYPE_CHECKING:
     from hydraserve.runtime.replica import ReplicaBuilder
     from hydraserve.runtime.transport.link import StageLink
+    from hydraserve.weights.model_files import ModelFiles
 
 log = logging.getLogger("hydraserve.worker")
 
 
 def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetrics,
-          listener: socket.socket | None) -> None:
+          listener: socket.socket | None, opened: list[ModelFiles]) -> None:
     try:
         from hydraserve.runtime.startup import load_my_stage, open_files
 
         files = open_files(settings, state.timeline)  # loaderd's read-ahead starts now
+        opened.append(files)
         from hydraserve.runtime.engine.engine import LLMEngine  # imports torch: the "libraries" phase
         from hydraserve.runtime.roles import role_for
 
@@ -113,7 +115,9 @@ def run_worker(settings: WorkerEnvironment, *, adopted_at: float | None = None) 
     log.info("listening", extra={"url": server.url, "model": settings.model_uri, "instance": settings.instance_id,
                                  "stage": settings.stage.model_dump() if settings.stage else "whole",
                                  "full": settings.full, "peers": settings.peers})
-    threading.Thread(target=_load, args=(settings, state, metrics, listener), name="loader", daemon=True).start()
+    opened: list[ModelFiles] = []
+    threading.Thread(target=_load, args=(settings, state, metrics, listener, opened), name="loader",
+                     daemon=True).start()
 
     def stop_engine() -> None:
         engine = state.engine_or_none()
@@ -122,6 +126,8 @@ def run_worker(settings: WorkerEnvironment, *, adopted_at: float | None = None) 
             close = getattr(getattr(engine, "executor", None), "close", None)
             if close is not None:  # a group's head: the ring ends, the inner stages see it
                 close()
+        for files in opened:
+            files.release_leases()
 
     serve_until_signalled(server, on_drain=state.start_draining, wait_idle=state.wait_idle,
                           drain_timeout_s=settings.drain_timeout_s, on_stop=stop_engine)

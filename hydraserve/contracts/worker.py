@@ -8,7 +8,8 @@ Knative, whose queue-proxy dials the user container at 127.0.0.1:$PORT. The load
 secret: it comes in HYDRASERVE_LOADERD_TOKEN or in the file HYDRASERVE_LOADERD_TOKEN_FILE names,
 and never appears in repr() or logs. A Knative function pod, whose environment its revision
 fixed, finds its stage in the file HYDRASERVE_ROLE_FILE names (hydraserve.contracts.pod): the
-fields there win over the environment's.
+fields there win over the environment's, and it listens on every address of its pod
+(0.0.0.0: peers and probes come from outside) unless HYDRASERVE_HOST pins one.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class WorkerEnvironment(BaseModel):
             role = role_from_file(role_file)
             raw |= role
             if role:  # placed by the interceptor: peers and probes reach it on its pod IP
-                raw["host"] = POD_LISTEN_HOST
+                raw.setdefault("host", POD_LISTEN_HOST)
         token_file = env.get(TOKEN_FILE_KEY)
         if token_file:
             raw["loaderd_token"] = Path(token_file).read_text().strip()

@@ -54,6 +54,11 @@ class ModelFiles(ABC):
     uri: str
     _config: dict[str, Any] | None = None  # config.json, once read
 
+    def release_leases(self) -> None:
+        """Give back what these files hold outside this process (a loaderd's leases); nothing
+        by default."""
+        return None
+
     @abstractmethod
     def read_bytes(self, name: str) -> bytes:
         """A whole small file (config, tokenizer, index); NotFoundError or StorageError

@@ -16,11 +16,7 @@ from hydraserve.contracts.pod import (
 )
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.contracts.worker import WorkerEnvironment
-
-
-def go_quote(value: str) -> str:
-    """strconv.Quote for ASCII text (what the kubelet writes for our JSON, which is ASCII)."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+from tests.kube.kubelet import go_quote
 
 
 def test_the_downward_api_file_format_is_read() -> None:

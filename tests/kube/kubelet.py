@@ -1,0 +1,96 @@
+"""The kubelet's part for one pod, played by a test against the fake API server: the pod's
+container command runs as a local process with the pod's environment (values, and secretKeyRef
+read from the API as the kubelet would) and its annotations written as the Downward API file
+(one key="value" per line, Go-quoted), on a loopback address standing in for its pod IP; the
+pod turns Ready once its readiness probe (queue-proxy's probe of /readyz) answers 200.
+
+The one difference from a pod: the worker is pinned to the pod IP with HYDRASERVE_HOST (a pod
+listens on 0.0.0.0 of its own network namespace; a test must stay on loopback).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from kubernetes.client import CoreV1Api
+
+from hydraserve.contracts.pod import ROLE_FILE_KEY
+from hydraserve.processes import ChildProcess
+
+
+def go_quote(value: str) -> str:
+    """strconv.Quote for ASCII text (what the kubelet writes for our JSON, which is ASCII)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
+def downward_annotations(annotations: dict[str, str]) -> str:
+    return "".join(f"{key}={go_quote(value)}\n" for key, value in sorted(annotations.items()))
+
+
+class ProcessKubelet:
+    def __init__(self, core: CoreV1Api, namespace: str, name: str, ip: str, run_dir: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.core, self.namespace, self.name, self.ip, self.run_dir = core, namespace, name, ip, run_dir
+        self.extra_env = extra_env or {}
+        self.process: ChildProcess | None = None
+
+    def _secret_value(self, ref: dict[str, Any]) -> str | None:
+        try:
+            secret = self.core.read_namespaced_secret(ref["name"], self.namespace)
+        except Exception:
+            if ref.get("optional"):
+                return None
+            raise
+        return base64.b64decode(secret.data[ref["key"]]).decode()
+
+    def start(self) -> None:
+        pod = self.core.api_client.sanitize_for_serialization(self.core.read_namespaced_pod(self.name, self.namespace))
+        container = next(c for c in pod["spec"]["containers"] if c["name"] != "queue-proxy")
+        env = {**os.environ, **self.extra_env}
+        for source in container.get("envFrom", []):
+            secret = self.core.read_namespaced_secret(source["secretRef"]["name"], self.namespace)
+            env |= {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        for item in container.get("env", []):
+            if "value" in item:
+                env[item["name"]] = item["value"]
+            elif (ref := (item.get("valueFrom") or {}).get("secretKeyRef")) is not None:
+                value = self._secret_value(ref)
+                if value is not None:
+                    env[item["name"]] = value
+        if ROLE_FILE_KEY in env:  # the Downward API volume, mounted where the template says
+            role_file = self.run_dir / f"{self.name}.annotations"
+            role_file.write_text(downward_annotations(pod["metadata"].get("annotations") or {}))
+            env[ROLE_FILE_KEY] = str(role_file)
+        env |= {"PORT": "8080", "HYDRASERVE_HOST": self.ip, "K_SERVICE": pod["metadata"]["labels"].get(
+            "serving.knative.dev/service", "")}
+        argv = [sys.executable, "-m", "hydraserve.cli", *container.get("args", ["serve"])]
+        self.process = ChildProcess(self.name, argv, log_path=self.run_dir / f"{self.name}.log", env=env)
+        self.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": {
+            "phase": "Running", "podIP": self.ip, "conditions": [{"type": "PodScheduled", "status": "True"},
+                                                                  {"type": "Ready", "status": "False"}]}})
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """queue-proxy's part: probe /readyz; then the pod is Ready."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert not self.process.lost(), self.process.log_tail(40)
+            try:
+                if requests.get(f"http://{self.ip}:8080/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"pod {self.name} never ready:\n{self.process.log_tail(40)}")
+        self.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": {"conditions": [
+            {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]}})
+
+    def stop(self) -> int | None:
+        return self.process.stop(grace_s=20) if self.process is not None else None

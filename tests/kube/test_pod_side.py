@@ -1,0 +1,62 @@
+"""The pod side, end to end on the fake API server: the interceptor binds a function pod with
+its role; a process plays its kubelet (tests/kube/kubelet.py): the revision template's own
+command, environment (the worker Secret's scoped loaderd token included) and Downward API
+annotations file. The worker learns its role from that file, loads its weights from the node's
+real loaderd with a heartbeat lease, turns /readyz true, serves a completion; the interceptor
+records its start-up in the pod's timeline; deleting the pod leaves no lease behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from hydraserve.contracts.pod import ROLE_ANNOTATION, TIMELINE_ANNOTATION
+from hydraserve.contracts.timeline import Timeline
+from hydraserve.loaderd.client import LoaderClient
+from tests.kube.conftest import Cluster, fake_only
+from tests.kube.kubelet import ProcessKubelet
+from tests.kube.test_interceptor import LOADERD_TOKEN, Control, bound_node, function_pod, node_with_loaderd
+
+POD_IP = "127.0.0.5"  # a loopback address standing in for the pod's IP
+
+
+@fake_only
+def test_a_function_pod_learns_its_role_loads_through_loaderd_and_serves(
+        cluster: Cluster, tiny_llama_dir: Path, s3_server: Any, shm_guard: str, tmp_path: Path) -> None:
+    with node_with_loaderd(cluster, shm_guard, tiny_llama_dir, s3_server, tmp_path) as (daemon, model, port):
+        cluster.core.create_namespaced_secret(cluster.namespace, {
+            "metadata": {"name": "hydraserve-s3"}, "stringData": s3_server.client_env()})
+        loader = LoaderClient(daemon.url, LOADERD_TOKEN)
+        with Control(cluster, tiny_llama_dir, loaderd_port=port, s3_endpoint_url=s3_server.endpoint_url) as ctl:
+            function_pod(cluster, "chat-00001-deployment-run", model=model)
+            cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-run"))
+            pod = cluster.core.read_namespaced_pod("chat-00001-deployment-run", cluster.namespace)
+            assert json.loads(pod.metadata.annotations[ROLE_ANNOTATION])["loaderd_lease"] == "heartbeat"
+            kubelet = ProcessKubelet(cluster.core, cluster.namespace, "chat-00001-deployment-run", POD_IP, tmp_path)
+            kubelet.start()
+            try:
+                kubelet.wait_ready()
+                done = requests.post(f"http://{POD_IP}:8080/v1/completions", timeout=60,
+                                     json={"model": "chat", "prompt": "Hello", "max_tokens": 4})
+                assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 4
+                assert sum(s.refcount for s in loader.status().segments) > 0  # the worker's lease
+                cluster.wait_for("the timeline recorded", lambda: TIMELINE_ANNOTATION in (cluster.core.read_namespaced_pod(
+                    "chat-00001-deployment-run", cluster.namespace).metadata.annotations or {}), timeout_s=30)
+                raw = cluster.core.read_namespaced_pod("chat-00001-deployment-run", cluster.namespace) \
+                    .metadata.annotations[TIMELINE_ANNOTATION]
+                timeline = Timeline.model_validate_json(raw)
+                attached = timeline.first("weights_attached")
+                assert attached is not None and attached.detail["via"] == "loaderd"  # not S3 directly
+                for event in ("pod_pending", "plan_decided", "prefetch_started", "http_listening", "engine_ready",
+                              "instance_ready"):
+                    assert timeline.first(event) is not None, event
+                cluster.core.delete_namespaced_pod("chat-00001-deployment-run", cluster.namespace)
+                cluster.wait_for("the plan released", lambda: ctl.active_plans() == 0)
+            finally:
+                code = kubelet.stop()  # the kubelet stops a deleted pod's container: SIGTERM
+            assert code == 0, kubelet.process.log_tail(40) if kubelet.process else ""
+        assert sum(s.refcount for s in loader.status().segments) == 0  # nothing pinned by a gone pod
+        loader.close()
