@@ -45,6 +45,7 @@ from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import ConflictError, HydraError, InstanceFailedError
 from hydraserve.kube import delete_quietly
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
+from hydraserve.provider.knative.metrics import InterceptorMetrics
 from hydraserve.provider.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
 from hydraserve.provider.knative.pods import PodLauncher, ensure_worker_secret, instance_key, plan_of_pod
 from hydraserve.provider.knative.service import (
@@ -101,9 +102,11 @@ class Interceptor:
     """Watches function pods and carries out their cold starts."""
 
     def __init__(self, core: CoreV1Api, placement: PlacementPort, feed: ClusterFeed,
-                 describe: Callable[[FunctionConfig], FunctionSpec], options: InterceptorOptions | None = None) -> None:
+                 describe: Callable[[FunctionConfig], FunctionSpec], options: InterceptorOptions | None = None,
+                 metrics: InterceptorMetrics | None = None) -> None:
         self._core, self._placement, self._feed, self._describe = core, placement, feed, describe
         self.options = options or InterceptorOptions()
+        self.metrics = metrics or InterceptorMetrics()
         self._lock = threading.Lock()
         self._starts: dict[str, _Start] = {}  # function pod uid ->
         self._specs: dict[str, FunctionSpec] = {}
@@ -234,6 +237,7 @@ class Interceptor:
             spec = self._spec(function)
         except (ValueError, ValidationError, HydraError) as exc:
             log.error("pod %s cannot be started: %s", name, exc)
+            self.metrics.cold_starts.labels("invalid").inc()
             self._forget(start)
             return
         try:
@@ -255,19 +259,23 @@ class Interceptor:
                     REVISION_LABEL, ""), exclude_nodes=exclude, on_plan=launcher.use_plan)
             except ConflictError as exc:  # bound already: by an earlier attempt or incarnation
                 log.info("pod %s: %s", name, exc.message)
+                self.metrics.cold_starts.labels("conflict").inc()
                 self._forget(start)
                 return
             except HydraError as exc:
                 if start.deleted.is_set():
                     log.info("pod %s deleted during its cold start (%s)", name, exc.message)
+                    self.metrics.cold_starts.labels("deleted").inc()
                     self._forget(start)
                     return
                 if launcher.bound:
                     log.warning("pod %s failed after binding (%s): deleting it so Knative makes another",
                                 name, exc.message)
+                    self.metrics.cold_starts.labels("failed_after_binding").inc()
                     self._delete_function_pod(start)
                     self._forget(start)
                     return
+                self.metrics.cold_starts.labels("failed_before_binding").inc()
                 if isinstance(exc, InstanceFailedError):
                     exclude = sorted(set(exclude) | set(exc.nodes))
                 log.warning("pod %s: cold start failed before binding (%s): retrying", name, exc.message)
@@ -276,6 +284,9 @@ class Interceptor:
                 continue
             start.group = group
             timeline.mark("instance_ready", component="interceptor", nodes=group.plan.nodes)
+            self.metrics.cold_starts.labels("serving").inc()
+            self.metrics.cold_start_seconds.observe(timeline.events[-1].at - timeline.events[0].at)
+            self._count_groups()
             self._record_timeline(start, timeline, group)
             log.info("pod %s serves: instance %s on %s", name, group.instance_id, ", ".join(group.plan.nodes))
             if start.deleted.is_set():  # deleted between its readiness and now
@@ -314,6 +325,8 @@ class Interceptor:
         group = Group(plan, list(workers), [plan.stages[w.stage] for w in workers])
         start.launcher, start.coldstart, start.group = launcher, coldstart, group
         coldstart.resume(group, Timeline())
+        self.metrics.adopted.inc()
+        self._count_groups()
         log.info("took over pod %s (instance %s, %d workers)", start.pod["metadata"]["name"], plan.instance_id,
                  len(workers))
         if start.deleted.is_set():
@@ -337,6 +350,7 @@ class Interceptor:
     def _fail(self, start: _Start, reason: str) -> None:
         if start.coldstart is not None and start.group is not None:
             start.coldstart.fail(start.group, reason)
+            self.metrics.groups_failed.inc()
         self._delete_function_pod(start)
         self._forget(start)
 
@@ -348,6 +362,11 @@ class Interceptor:
     def _forget(self, start: _Start) -> None:
         with self._lock:
             self._starts.pop(start.pod["metadata"]["uid"], None)
+        self._count_groups()
+
+    def _count_groups(self) -> None:
+        with self._lock:
+            self.metrics.groups.set(sum(1 for s in self._starts.values() if s.group is not None))
 
     # ---- for tests and the CLI --------------------------------------------------------------------
     def groups(self) -> dict[str, Group]:

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from hydraserve.provider.coldstart import ColdStartOptions
     from hydraserve.provider.knative.interceptor import Interceptor, InterceptorOptions
     from hydraserve.provider.knative.leader import LeaderElection
+    from hydraserve.provider.knative.metrics import InterceptorMetrics
     from hydraserve.provider.knative.nodes import LOADERD_PORT, ClusterFeed
     from hydraserve.provider.model_spec import describe_model
     from hydraserve.provider.service import PlacementService
@@ -70,14 +71,18 @@ def run(args: argparse.Namespace) -> int:
     def describe(function: FunctionConfig) -> FunctionSpec:
         return describe_model(function, open_model(function.model_uri, args.endpoint_url))
 
+    metrics = InterceptorMetrics(service.metrics.registry)  # one GET /metrics for both
+
     def lead(lost: threading.Event) -> None:
         interceptor = Interceptor(core, service, feed, describe, InterceptorOptions(
-            coldstart=ColdStartOptions(s3_endpoint_url=args.endpoint_url)))
+            coldstart=ColdStartOptions(s3_endpoint_url=args.endpoint_url)), metrics)
+        metrics.leading.set(1)
         watcher = threading.Thread(target=interceptor.run, name="interceptor", daemon=True)
         watcher.start()
         print(json.dumps({"event": "leading", "identity": args.identity}), flush=True)
         lost.wait()
         interceptor.stop()
+        metrics.leading.set(0)
         watcher.join(60)
 
     stop = threading.Event()

@@ -92,6 +92,10 @@ class Control:
     def active_plans(self) -> int:
         return self.placement.status().active_plans
 
+    def cold_starts(self, result: str) -> float:
+        return self.interceptor.metrics.registry.get_sample_value(
+            "hydraserve_interceptor_cold_starts_total", {"result": result}) or 0.0
+
     def reports(self, event: str) -> float:
         return self.placement.metrics.registry.get_sample_value(
             "hydraserve_placement_reports_total", {"event": event}) or 0.0
@@ -139,6 +143,8 @@ def test_pending_function_pod_is_bound_with_its_role_and_released_on_delete(clus
     assert scoped is not None and scoped.model_uri == MODEL and not scoped.admin  # its model, nothing more
     cluster.run_pod("chat-00001-deployment-abc")
     cluster.wait_for("the group to serve", lambda: control.interceptor.groups())
+    assert control.cold_starts("serving") == 1
+    assert control.interceptor.metrics.registry.get_sample_value("hydraserve_interceptor_groups") == 1
     cluster.core.delete_namespaced_pod("chat-00001-deployment-abc", cluster.namespace)
     cluster.wait_for("the plan released", lambda: control.active_plans() == 0 and not control.interceptor.groups())
 
@@ -185,6 +191,7 @@ def test_deleting_the_function_pod_mid_cold_start_leaves_nothing(cluster: Cluste
     cluster.wait_for("every pod gone", lambda: not cluster.pods())
     cluster.wait_for("the plan freed", lambda: group_control.active_plans() == 0)
     cluster.wait_for("the interceptor to forget it", lambda: not group_control.interceptor.plans())
+    assert group_control.cold_starts("deleted") == 1
     assert not cluster.core.list_namespaced_service(cluster.namespace).items
 
 
@@ -220,6 +227,7 @@ def test_a_binding_conflict_ends_the_cold_start_and_frees_its_plan(cluster: Clus
         ctl.interceptor.observe("ADDED", stale)  # what a lagging watch would have said
         assert ctl.interceptor.wait_idle(20)
         assert ctl.reports("failed") == 1  # the plan was made, then freed
+        assert ctl.cold_starts("conflict") == 1
         assert ctl.active_plans() == 0 and not ctl.interceptor.plans()
         assert bound_node(cluster, "chat-00001-deployment-409") == sorted(node)[0]
         assert not cluster.pods(label_selector=STAGE_LABEL)  # the pod was not labelled: no stage started

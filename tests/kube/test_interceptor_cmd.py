@@ -52,6 +52,8 @@ def test_the_control_plane_process_leads_binds_and_hands_over(cluster: Cluster, 
         status = requests.get(f"http://127.0.0.1:{port}/v1/cluster", timeout=5,
                               headers={"Authorization": "Bearer placement-secret-token"}).json()
         assert status["active_plans"] == 1 and [n["name"] for n in status["nodes"]] == ["gpu-a"]
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "hydraserve_interceptor_leading 1.0" in metrics and "hydraserve_placement_plans_total" in metrics
     finally:
         code = process.stop(grace_s=30)
     assert code == 0, process.log_tail()
