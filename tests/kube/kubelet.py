@@ -4,13 +4,16 @@ read from the API as the kubelet would) and its annotations written as the Downw
 (one key="value" per line, Go-quoted), on a loopback address standing in for its pod IP; the
 pod turns Ready once its readiness probe (queue-proxy's probe of /readyz) answers 200.
 
-The one difference from a pod: the worker is pinned to the pod IP with HYDRASERVE_HOST (a pod
-listens on 0.0.0.0 of its own network namespace; a test must stay on loopback).
+Two differences from a pod: the worker is pinned to the pod IP with HYDRASERVE_HOST (a pod
+listens on 0.0.0.0 of its own network namespace; a test must stay on loopback), and cluster DNS
+is stood in for by tests/kube/cluster_dns (each headless Service's name resolves to the IP of
+the pod its selector picks, read from the API when the container starts).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sys
 import time
@@ -21,6 +24,8 @@ import requests
 from kubernetes.client import CoreV1Api
 
 from hydraserve.contracts.pod import ROLE_FILE_KEY
+
+CLUSTER_DNS = Path(__file__).with_name("cluster_dns")
 from hydraserve.processes import ChildProcess
 
 
@@ -39,6 +44,7 @@ class ProcessKubelet:
         self.core, self.namespace, self.name, self.ip, self.run_dir = core, namespace, name, ip, run_dir
         self.extra_env = extra_env or {}
         self.process: ChildProcess | None = None
+        self.placed = False
 
     def _secret_value(self, ref: dict[str, Any]) -> str | None:
         try:
@@ -49,7 +55,28 @@ class ProcessKubelet:
             raise
         return base64.b64decode(secret.data[ref["key"]]).decode()
 
+    def cluster_dns(self) -> dict[str, str]:
+        """Each headless Service's DNS name -> the IP of the pod its selector picks."""
+        out = {}
+        for service in self.core.list_namespaced_service(self.namespace).items:
+            selector = ",".join(f"{k}={v}" for k, v in (service.spec.selector or {}).items())
+            pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items if selector else []
+            ips = [p.status.pod_ip for p in pods if p.status and p.status.pod_ip]
+            if ips:
+                out[f"{service.metadata.name}.{self.namespace}.svc"] = ips[0]
+        return out
+
+    def place(self) -> None:
+        """The pod's sandbox exists: it has its IP (before any of a group's containers start,
+        so each finds its peers' names resolving)."""
+        self.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": {
+            "phase": "Running", "podIP": self.ip, "conditions": [{"type": "PodScheduled", "status": "True"},
+                                                                  {"type": "Ready", "status": "False"}]}})
+        self.placed = True
+
     def start(self) -> None:
+        if not self.placed:
+            self.place()
         pod = self.core.api_client.sanitize_for_serialization(self.core.read_namespaced_pod(self.name, self.namespace))
         container = next(c for c in pod["spec"]["containers"] if c["name"] != "queue-proxy")
         env = {**os.environ, **self.extra_env}
@@ -69,11 +96,10 @@ class ProcessKubelet:
             env[ROLE_FILE_KEY] = str(role_file)
         env |= {"PORT": "8080", "HYDRASERVE_HOST": self.ip, "K_SERVICE": pod["metadata"]["labels"].get(
             "serving.knative.dev/service", "")}
+        env |= {"PYTHONPATH": os.pathsep.join([str(CLUSTER_DNS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                "HYDRASERVE_TEST_DNS": json.dumps(self.cluster_dns())}
         argv = [sys.executable, "-m", "hydraserve.cli", *container.get("args", ["serve"])]
         self.process = ChildProcess(self.name, argv, log_path=self.run_dir / f"{self.name}.log", env=env)
-        self.core.patch_namespaced_pod_status(self.name, self.namespace, {"status": {
-            "phase": "Running", "podIP": self.ip, "conditions": [{"type": "PodScheduled", "status": "True"},
-                                                                  {"type": "Ready", "status": "False"}]}})
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """queue-proxy's part: probe /readyz; then the pod is Ready."""

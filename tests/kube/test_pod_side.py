@@ -60,3 +60,43 @@ def test_a_function_pod_learns_its_role_loads_through_loaderd_and_serves(
             assert code == 0, kubelet.process.log_tail(40) if kubelet.process else ""
         assert sum(s.refcount for s in loader.status().segments) == 0  # nothing pinned by a gone pod
         loader.close()
+
+
+@fake_only
+def test_a_pipeline_group_of_pods_serves_then_consolidates_into_the_function_pod(
+        cluster: Cluster, tiny_llama_dir: Path, s3_server: Any, shm_guard: str, tmp_path: Path) -> None:
+    """p = 2 over two nodes, one with a loaderd and one without (its stage reads S3 itself): the
+    helper pod and the function pod link through their stages' Service names, the group serves,
+    the head grows into the whole model, and the interceptor deletes the helper."""
+    with node_with_loaderd(cluster, shm_guard, tiny_llama_dir, s3_server, tmp_path) as (_daemon, model, port):
+        cluster.add_node("gpu-plain")
+        cluster.core.create_namespaced_secret(cluster.namespace, {
+            "metadata": {"name": "hydraserve-s3"}, "stringData": s3_server.client_env()})
+        with Control(cluster, tiny_llama_dir, pipeline=2, loaderd_port=port,
+                     s3_endpoint_url=s3_server.endpoint_url) as ctl:
+            function_pod(cluster, "chat-00001-deployment-grp", model=model)
+            cluster.wait_for("the helper", lambda: cluster.pods(label_selector="hydraserve.dev/stage=1"))
+            [helper] = cluster.pods(label_selector="hydraserve.dev/stage=1")
+            pods = [ProcessKubelet(cluster.core, cluster.namespace, "chat-00001-deployment-grp", POD_IP, tmp_path),
+                    ProcessKubelet(cluster.core, cluster.namespace, helper.metadata.name, "127.0.0.6", tmp_path)]
+            for kubelet in pods:
+                kubelet.place()
+            try:
+                for kubelet in pods:
+                    kubelet.start()
+                for kubelet in pods:
+                    kubelet.wait_ready()
+                cluster.wait_for("the group to serve", lambda: ctl.interceptor.groups(), timeout_s=60)
+                done = requests.post(f"http://{POD_IP}:8080/v1/completions", timeout=60,
+                                     json={"model": "chat", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+                assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 4
+                cluster.wait_for("the helper deleted after consolidation", lambda: not cluster.pods(
+                    label_selector="hydraserve.dev/stage=1"), timeout_s=90)
+                assert pods[1].stop() is not None  # its kubelet stops the deleted pod's container
+                again = requests.post(f"http://{POD_IP}:8080/v1/completions", timeout=60,
+                                      json={"model": "chat", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+                assert again.status_code == 200  # the whole model on its own: the same greedy tokens
+                assert again.json()["choices"][0]["token_ids"] == done.json()["choices"][0]["token_ids"]
+            finally:
+                for kubelet in pods:
+                    kubelet.stop()
