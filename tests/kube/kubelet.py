@@ -24,9 +24,9 @@ import requests
 from kubernetes.client import CoreV1Api
 
 from hydraserve.contracts.pod import ROLE_FILE_KEY
+from hydraserve.processes import ChildProcess
 
 CLUSTER_DNS = Path(__file__).with_name("cluster_dns")
-from hydraserve.processes import ChildProcess
 
 
 def go_quote(value: str) -> str:
