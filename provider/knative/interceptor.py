@@ -96,6 +96,7 @@ class _Start:
     coldstart: ColdStart | None = None
     group: Group | None = None
     deleted: threading.Event = field(default_factory=threading.Event)
+    failing: threading.Event = field(default_factory=threading.Event)  # its group is being failed (once)
 
 
 class Interceptor:
@@ -127,6 +128,9 @@ class Interceptor:
                 stop.wait(1.0)
             except HydraError as exc:
                 log.warning("cluster read failed (%s): trying again", exc.message)
+                stop.wait(1.0)
+            except Exception:  # a broken connection mid-watch, a body we could not read: never stop scheduling
+                log.exception("pod watch failed: listing again")
                 stop.wait(1.0)
 
     def stop(self) -> None:
@@ -199,10 +203,13 @@ class Interceptor:
         gone = kind == "DELETED" or bool(meta.get("deletionTimestamp"))
         with self._lock:
             start = self._starts.get(uid)
-            if start is None and not gone and (not spec.get("nodeName") or plan_of_pod(pod) is not None):
+            new = start is None and not gone and (not spec.get("nodeName") or plan_of_pod(pod) is not None)
+            if new:
                 start = self._starts[uid] = _Start(pod=pod)
-                self._spawn(self._cold_start if not spec.get("nodeName") else self._adopt, start)
-                return  # a new pod, or one an earlier leader bound (its group is taken over)
+        if new:  # a new pod, or one an earlier leader bound (its group is taken over)
+            assert start is not None
+            self._spawn(self._cold_start if not spec.get("nodeName") else self._adopt, start)
+            return
         if gone and start is not None and not start.deleted.is_set():
             start.deleted.set()
             for worker in start.launcher.workers[:1] if start.launcher else []:
@@ -226,7 +233,8 @@ class Interceptor:
 
     def _spawn(self, target: Callable[..., None], *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=f"interceptor-{target.__name__}", daemon=True)
-        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        with self._lock:
+            self.threads = [t for t in self.threads if t.is_alive()] + [thread]
         thread.start()
 
     # ---- a cold start ----------------------------------------------------------------------------
@@ -348,6 +356,10 @@ class Interceptor:
         self._forget(start)
 
     def _fail(self, start: _Start, reason: str) -> None:
+        with self._lock:  # a helper's MODIFIED and DELETED, a lost node: fail it once
+            if start.failing.is_set():
+                return
+            start.failing.set()
         if start.coldstart is not None and start.group is not None:
             start.coldstart.fail(start.group, reason)
             self.metrics.groups_failed.inc()
@@ -381,6 +393,8 @@ class Interceptor:
     def wait_idle(self, timeout_s: float) -> bool:
         """Whether every thread it started has ended within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        for thread in list(self.threads):
+        with self._lock:
+            threads = list(self.threads)
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self.threads)
+        return not any(t.is_alive() for t in threads)
