@@ -109,6 +109,7 @@ class Interceptor:
         self.options = options or InterceptorOptions()
         self.metrics = metrics or InterceptorMetrics()
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._starts: dict[str, _Start] = {}  # function pod uid ->
         self._specs: dict[str, FunctionSpec] = {}
         self._nodes: dict[str, KubeNode] = {}
@@ -149,8 +150,14 @@ class Interceptor:
         self.refresh_nodes()
         pods = self._core.list_pod_for_all_namespaces(field_selector=f"spec.schedulerName={SCHEDULER_NAME}")
         sanitize = self._core.api_client.sanitize_for_serialization
-        for pod in pods.items:
-            self.observe("ADDED", sanitize(pod))
+        listed = [sanitize(pod) for pod in pods.items]
+        for pod in listed:
+            self.observe("ADDED", pod)
+        present = {pod["metadata"]["uid"] for pod in listed}
+        with self._lock:
+            missed = [s.pod for uid, s in self._starts.items() if uid not in present]
+        for pod in missed:  # deleted while no watch ran (a resync, a 410): as if the watch had said so
+            self.observe("DELETED", pod)
         return str(pods.metadata.resource_version or "")
 
     def _watch(self, version: str, stop: threading.Event) -> None:
@@ -162,7 +169,7 @@ class Interceptor:
             window = max(1, round(min(self.options.watch_window_s, resync_at - time.monotonic())))
             for event in watch.Watch().stream(self._core.list_pod_for_all_namespaces, resource_version=version,
                                               field_selector=f"spec.schedulerName={SCHEDULER_NAME}",
-                                              timeout_seconds=window):
+                                              timeout_seconds=window, _request_timeout=window + 10):
                 if event["type"] == "ERROR":
                     raise ApiException(status=(event.get("raw_object") or {}).get("code", 410), reason="watch error")
                 pod = sanitize(event["object"])
@@ -171,7 +178,8 @@ class Interceptor:
 
     def refresh_nodes(self) -> dict[str, KubeNode]:
         """Tell the planner the real cluster; fail the groups on nodes that went away."""
-        nodes = self._feed.refresh(self._under_way())
+        with self._refresh_lock:  # concurrent refreshes would overwrite each other's view
+            nodes = self._feed.refresh(self._under_way())
         with self._lock:
             self._nodes = nodes
             starts = list(self._starts.values())
@@ -186,7 +194,8 @@ class Interceptor:
 
     def _under_way(self) -> dict[StageKey, Placed]:
         with self._lock:
-            plans = [s.launcher.plan for s in self._starts.values() if s.launcher and s.launcher.plan]
+            plans = [s.launcher.plan for s in self._starts.values()  # a serving group's pods say it
+                     if s.launcher and s.launcher.plan and s.group is None]
         return {(instance_key(plan.instance_id), str(st.stage.index)): Placed(st.node, st.gpu, st.memory_gb)
                 for plan in plans for st in plan.stages}
 
@@ -232,7 +241,14 @@ class Interceptor:
                         self._spawn(self._fail, start, f"helper {name} lost")
 
     def _spawn(self, target: Callable[..., None], *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, name=f"interceptor-{target.__name__}", daemon=True)
+        def guarded() -> None:
+            try:
+                target(*args)
+            except Exception:  # never strand a pod: forget it, the next resync or event starts it again
+                log.exception("interceptor %s failed", target.__name__)
+                self._forget(args[0])
+
+        thread = threading.Thread(target=guarded, name=f"interceptor-{target.__name__}", daemon=True)
         with self._lock:
             self.threads = [t for t in self.threads if t.is_alive()] + [thread]
         thread.start()

@@ -21,6 +21,8 @@ from kubernetes.client import ApiException, CoordinationV1Api
 
 log = logging.getLogger(__name__)
 
+CALL_TIMEOUT_S = 5.0  # a hung call must not outlast the renew deadline unseen
+
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
@@ -53,7 +55,7 @@ class LeaderElection:
         spec = {"holderIdentity": self.identity, "leaseDurationSeconds": round(self.lease_s),
                 "renewTime": _stamp(now)}
         try:
-            lease = self._api.read_namespaced_lease(self.name, self.namespace)
+            lease = self._api.read_namespaced_lease(self.name, self.namespace, _request_timeout=CALL_TIMEOUT_S)
         except ApiException as exc:
             if exc.status != 404:
                 log.warning("reading lease %s: %s %s", self.name, exc.status, exc.reason)
@@ -61,7 +63,11 @@ class LeaderElection:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": {**spec, "acquireTime": _stamp(now), "leaseTransitions": 0}}
-            return self._write(lambda: self._api.create_namespaced_lease(self.namespace, body))
+            return self._write(lambda: self._api.create_namespaced_lease(self.namespace, body,
+                                                                         _request_timeout=CALL_TIMEOUT_S))
+        except Exception as exc:  # a timeout, a broken connection: not acquired this time
+            log.warning("reading lease %s: %s", self.name, exc)
+            return False
         held = lease.spec.holder_identity if lease.spec else None
         renewed = _parse(lease.spec.renew_time if lease.spec else None)
         duration = (lease.spec.lease_duration_seconds if lease.spec else None) or self.lease_s
@@ -75,7 +81,8 @@ class LeaderElection:
                 "metadata": {"name": self.name, "namespace": self.namespace,
                              "resourceVersion": lease.metadata.resource_version},
                 "spec": {**self._api.api_client.sanitize_for_serialization(lease.spec), **spec}}
-        return self._write(lambda: self._api.replace_namespaced_lease(self.name, self.namespace, body))
+        return self._write(lambda: self._api.replace_namespaced_lease(self.name, self.namespace, body,
+                                                                      _request_timeout=CALL_TIMEOUT_S))
 
     def _write(self, call: Callable[[], object]) -> bool:
         try:
@@ -85,20 +92,23 @@ class LeaderElection:
             if exc.status != 409:  # 409: another candidate wrote first
                 log.warning("writing lease %s: %s %s", self.name, exc.status, exc.reason)
             return False
+        except Exception as exc:  # a timeout, a broken connection: not renewed
+            log.warning("writing lease %s: %s", self.name, exc)
+            return False
 
     def release(self) -> None:
         """Give the Lease up (a graceful stop), so a successor takes it at once."""
         try:
-            lease = self._api.read_namespaced_lease(self.name, self.namespace)
+            lease = self._api.read_namespaced_lease(self.name, self.namespace, _request_timeout=CALL_TIMEOUT_S)
             if lease.spec and lease.spec.holder_identity == self.identity:
                 spec = self._api.api_client.sanitize_for_serialization(lease.spec)
                 spec.pop("holderIdentity", None)
                 body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                         "metadata": {"name": self.name, "namespace": self.namespace,
                                      "resourceVersion": lease.metadata.resource_version}, "spec": spec}
-                self._api.replace_namespaced_lease(self.name, self.namespace, body)
-        except ApiException as exc:
-            log.warning("releasing lease %s: %s %s", self.name, exc.status, exc.reason)
+                self._api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=CALL_TIMEOUT_S)
+        except Exception as exc:  # the successor waits the lease out instead
+            log.warning("releasing lease %s: %s", self.name, exc)
 
     def run(self, lead: Callable[[threading.Event], None], stop: threading.Event) -> None:
         """Campaign until ``stop``: while we hold the Lease, ``lead(lost)`` runs in a thread and

@@ -69,7 +69,7 @@ def pod_ready(pod: dict[str, Any]) -> bool:
 
 def owner_reference(pod: dict[str, Any]) -> dict[str, Any]:
     meta = pod["metadata"]
-    return {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"], "blockOwnerDeletion": True}
+    return {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
 
 
 class PodWorker:
@@ -211,6 +211,8 @@ class PodLauncher:
     def launch(self, node: str, env: WorkerEnvironment) -> PodWorker:
         if self.plan is None:
             raise RuntimeError("PodLauncher.launch before use_plan")
+        if self._cancel is not None and self._cancel.is_set():
+            raise TemporaryError("the interceptor stops: no more pods bound or created")  # another may lead now
         stage = self._launched
         self._launched += 1
         st = self.plan.stages[stage]
@@ -295,7 +297,7 @@ class PodLauncher:
             "metadata": {"name": stage_service_name(instance_id, stage), "namespace": self.namespace,
                          "labels": {**labels, "app.kubernetes.io/part-of": "hydraserve"},
                          "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": worker.name,
-                                              "uid": owner.metadata.uid, "blockOwnerDeletion": True}]},
+                                              "uid": owner.metadata.uid}]},
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": labels,
                      "ports": [{"name": "stage-link", "port": TRANSPORT_PORT, "targetPort": TRANSPORT_PORT}]},
         }

@@ -391,10 +391,10 @@ class FakeKubernetes(kmock.KubernetesEmulator):  # type: ignore[misc]
         raw = request._raw_request
         assert raw is not None
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(raw)
-        self.watchers.append(watcher)
+        self.watchers.append(watcher)  # before the first await: no event between backlog and live is lost
         timeout = float(params.get("timeoutSeconds") or 1800)
         try:
+            await response.prepare(raw)
             for event in backlog:
                 await response.write(json.dumps(event).encode() + b"\n")
                 if event["type"] == "ERROR":

@@ -390,3 +390,18 @@ def test_once_the_head_consolidates_the_partial_helper_goes(cluster: Cluster, ti
         ctl.__exit__()
     finally:
         head.close()
+
+
+def test_a_pod_deleted_while_no_watch_ran_is_released_at_the_next_resync(cluster: Cluster, tiny_llama_dir: Path) -> None:
+    if cluster.fake is not None:
+        cluster.add_node("gpu-a")
+    with Control(cluster, tiny_llama_dir, watching=False) as ctl:  # the test drives the reads itself
+        function_pod(cluster, "chat-00001-deployment-gap")
+        ctl.interceptor.resync()
+        cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-gap"))
+        cluster.run_pod("chat-00001-deployment-gap")
+        cluster.wait_for("the group to serve", lambda: ctl.interceptor.groups())
+        cluster.core.delete_namespaced_pod("chat-00001-deployment-gap", cluster.namespace)  # no event seen
+        assert ctl.active_plans() == 1
+        ctl.interceptor.resync()
+        cluster.wait_for("the plan released", lambda: ctl.active_plans() == 0 and not ctl.interceptor.groups())
