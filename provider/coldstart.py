@@ -32,6 +32,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import requests
+
 from hydraserve.auth import mint_scoped_token
 from hydraserve.contracts.loader import LeaseResponse
 from hydraserve.contracts.plan import (
@@ -100,6 +102,27 @@ class LaunchedWorker(Protocol):
         """Whether it is gone without having been stopped (killed, its node down); cheap, no
         network call. A worker that failed with a reason is not lost: it says why."""
         ...
+
+
+def worker_status(url: str) -> dict[str, object]:
+    """A worker's /readyz body (status, reason, consolidated), for launchers' ``status``;
+    TemporaryError when it does not answer."""
+    try:
+        body = requests.get(url + "/readyz", timeout=2).json()
+    except (requests.RequestException, ValueError) as exc:
+        raise TemporaryError(f"worker at {url} did not answer: {exc}") from exc
+    return dict(body) if isinstance(body, dict) else {}
+
+
+def worker_timeline(url: str) -> Timeline:
+    """A worker's own start-up timeline, for launchers' ``timeline``; TemporaryError when it
+    does not answer."""
+    try:
+        response = requests.get(url + "/v1/hydraserve/timeline", timeout=5)
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        raise TemporaryError(f"worker at {url} did not answer: {exc}") from exc
+    return Timeline.model_validate(response.json())
 
 
 @dataclass(frozen=True)

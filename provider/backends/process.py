@@ -25,7 +25,7 @@ from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import TemporaryError, UnreachableError
 from hydraserve.processes import ChildProcess, ProcessHandle, free_port
-from hydraserve.provider.coldstart import WorkerSlot
+from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
 from hydraserve.runtime.forkserver_client import ForkServerClient
 
 log = logging.getLogger(__name__)
@@ -137,19 +137,10 @@ class WorkerProcess(ChildProcess):
 
     def status(self) -> dict[str, object]:
         """The worker's /readyz body (status, reason, consolidated)."""
-        try:
-            body = requests.get(self.url + "/readyz", timeout=2).json()
-        except (requests.RequestException, ValueError) as exc:
-            raise TemporaryError(f"worker at {self.url} did not answer: {exc}") from exc
-        return dict(body) if isinstance(body, dict) else {}
+        return worker_status(self.url)
 
     def timeline(self) -> Timeline:
-        try:
-            response = requests.get(self.url + "/v1/hydraserve/timeline", timeout=5)
-            response.raise_for_status()
-        except requests.RequestException as exc:
-            raise TemporaryError(f"worker at {self.url} did not answer: {exc}") from exc
-        return Timeline.model_validate(response.json())
+        return worker_timeline(self.url)
 
     def failure_reason(self) -> str:
         """The last error the worker logged (its JSON log lines), for the 503 message."""

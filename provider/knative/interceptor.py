@@ -58,6 +58,7 @@ from hydraserve.provider.knative.service import (
 log = logging.getLogger(__name__)
 
 REVISION_LABEL = "serving.knative.dev/revision"
+FUNCTION_PODS = f"spec.schedulerName={SCHEDULER_NAME}"  # the field selector of the pods we schedule
 SERVICE_LABEL = "serving.knative.dev/service"
 
 
@@ -148,7 +149,7 @@ class Interceptor:
     def resync(self) -> str:
         """Read every function pod (and the nodes) and act on each; the list's resourceVersion."""
         self.refresh_nodes()
-        pods = self._core.list_pod_for_all_namespaces(field_selector=f"spec.schedulerName={SCHEDULER_NAME}")
+        pods = self._core.list_pod_for_all_namespaces(field_selector=FUNCTION_PODS)
         sanitize = self._core.api_client.sanitize_for_serialization
         listed = [sanitize(pod) for pod in pods.items]
         for pod in listed:
@@ -168,7 +169,7 @@ class Interceptor:
         while not stop.is_set() and time.monotonic() < resync_at:
             window = max(1, round(min(self.options.watch_window_s, resync_at - time.monotonic())))
             for event in watch.Watch().stream(self._core.list_pod_for_all_namespaces, resource_version=version,
-                                              field_selector=f"spec.schedulerName={SCHEDULER_NAME}",
+                                              field_selector=FUNCTION_PODS,
                                               timeout_seconds=window, _request_timeout=window + 10):
                 if event["type"] == "ERROR":
                     raise ApiException(status=(event.get("raw_object") or {}).get("code", 410), reason="watch error")
@@ -274,9 +275,7 @@ class Interceptor:
             timeline = Timeline()
             timeline.mark("pod_pending", component="interceptor", pod=name)
             launcher = PodLauncher(self._core, pod, cancel=self._stop)
-            with self._lock:
-                nodes = dict(self._nodes)
-            coldstart = ColdStart(self._placement, launcher, nodes, self.options.coldstart)
+            coldstart = self._coldstart(launcher)
             start.launcher, start.coldstart = launcher, coldstart
             try:
                 group = coldstart.run(spec, timeline, revision=(pod["metadata"].get("labels") or {}).get(
@@ -343,9 +342,7 @@ class Interceptor:
             log.warning("could not take over pod %s: %s", start.pod["metadata"]["name"], exc.message)
             self._forget(start)
             return
-        with self._lock:
-            nodes = dict(self._nodes)
-        coldstart = ColdStart(self._placement, launcher, nodes, self.options.coldstart)
+        coldstart = self._coldstart(launcher)
         group = Group(plan, list(workers), [plan.stages[w.stage] for w in workers])
         start.launcher, start.coldstart, start.group = launcher, coldstart, group
         coldstart.resume(group, Timeline())
@@ -355,6 +352,11 @@ class Interceptor:
                  len(workers))
         if start.deleted.is_set():
             self._release(start)
+
+    def _coldstart(self, launcher: PodLauncher) -> ColdStart:
+        with self._lock:
+            nodes = dict(self._nodes)
+        return ColdStart(self._placement, launcher, nodes, self.options.coldstart)
 
     def _spec(self, function: FunctionConfig) -> FunctionSpec:
         """The function's model description, read once per (function, model, SLOs). On Knative a

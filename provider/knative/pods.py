@@ -17,7 +17,6 @@ import threading
 import time
 from typing import Any
 
-import requests
 from kubernetes.client import ApiException, CoreV1Api
 
 from hydraserve.auth import mint_scoped_token
@@ -38,7 +37,7 @@ from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment
 from hydraserve.errors import HydraError, TemporaryError
 from hydraserve.kube import api_error, bind_pod, create_or_keep, delete_quietly
-from hydraserve.provider.coldstart import WorkerSlot
+from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
 from hydraserve.provider.knative.service import MODEL_ANNOTATION, RUNTIME_PORT, SCHEDULER_NAME
 
 log = logging.getLogger(__name__)
@@ -60,11 +59,6 @@ def user_container(pod: dict[str, Any]) -> dict[str, Any]:
         if container.get("name") != QUEUE_PROXY:
             return dict(container)
     raise TemporaryError(f"pod {pod['metadata']['name']} has no function container")
-
-
-def pod_ready(pod: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
 
 
 def owner_reference(pod: dict[str, Any]) -> dict[str, Any]:
@@ -140,19 +134,15 @@ class PodWorker:
                 n, ns, grace_period_seconds=max(0, round(grace_s))), self.name, self.namespace, f"pod {self.name}")
 
     def status(self) -> dict[str, object]:
-        body = self._get("/readyz", 2.0)
-        return dict(body) if isinstance(body, dict) else {}
+        return worker_status(self._address())
 
     def timeline(self) -> Timeline:
-        return Timeline.model_validate(self._get("/v1/hydraserve/timeline", 5.0))
+        return worker_timeline(self._address())
 
-    def _get(self, path: str, timeout_s: float) -> Any:
+    def _address(self) -> str:
         if not self.url:
             raise TemporaryError(f"pod {self.name} has no IP yet")
-        try:
-            return requests.get(self.url + path, timeout=timeout_s).json()
-        except (requests.RequestException, ValueError) as exc:
-            raise TemporaryError(f"pod {self.name} did not answer: {exc}") from exc
+        return self.url
 
 
 class PodLauncher:
