@@ -126,7 +126,7 @@ class ClusterFeed:
         labels = pod.metadata.labels or {}
         if INSTANCE_LABEL not in labels:
             return None
-        given = placed_memory({"metadata": {"annotations": pod.metadata.annotations or {}}})
+        given = placed_memory(pod.metadata.annotations or {})
         if given is None:
             return None
         return (labels[INSTANCE_LABEL], labels.get(STAGE_LABEL, "0")), Placed(pod.spec.node_name, *given)

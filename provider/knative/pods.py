@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from kubernetes.client import ApiException, CoreV1Api
@@ -320,9 +321,8 @@ def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_u
             raise api_error(exc, f"replacing secret {name}") from exc
 
 
-def placed_memory(pod: dict[str, Any]) -> tuple[int, float] | None:
+def placed_memory(annotations: Mapping[str, str]) -> tuple[int, float] | None:
     """(device, GB) the placement gave a pod of ours, from its annotations."""
-    annotations = pod["metadata"].get("annotations") or {}
     try:
         return int(annotations[GPU_ANNOTATION]), float(annotations[MEMORY_ANNOTATION])
     except (KeyError, ValueError):
