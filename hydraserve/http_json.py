@@ -1,7 +1,9 @@
-"""JSON request bodies in, validated pydantic models out, for every Flask app of the platform.
+"""JSON request bodies in, validated pydantic models out, for every HTTP server of the platform.
 
 Malformed JSON and validation failures become InvalidRequestError (400) naming the first
-offending field, so every component answers bad input the same way.
+offending field, so every component answers bad input the same way. Flask is imported only by
+``read_json``: a vLLM worker must not have Flask's request proxy among its modules (vLLM walks
+every module's attributes at start-up, and the proxy raises outside a request).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from flask import request
 from pydantic import BaseModel, ValidationError
 
 from hydraserve.errors import InvalidRequestError, UnsupportedMediaTypeError
@@ -21,7 +22,7 @@ def decode_json(raw: bytes) -> Any:
     """``raw`` decoded as JSON, or a 400 saying why it is not (not JSON, nested too deep)."""
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer over Python's 4,300 digits
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequestError("request body is nested too deep") from None
@@ -30,6 +31,8 @@ def decode_json(raw: bytes) -> Any:
 def read_json() -> Any:
     """The Flask request's body decoded as JSON, or a 4xx saying why it is not: not declared as
     JSON (415), not JSON or nested too deep to decode (400)."""
+    from flask import request
+
     if not request.is_json:
         raise UnsupportedMediaTypeError(f"request body must be application/json, not {request.mimetype or 'untyped'!r}")
     return decode_json(request.get_data(cache=True))

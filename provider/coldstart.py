@@ -426,6 +426,7 @@ class ColdStart:
             "configuration": plan.function, "instance_id": plan.instance_id, "model_uri": plan.model_uri,
             "s3_endpoint_url": self.options.s3_endpoint_url,
             "stage": st.stage if plan.pipeline_size > 1 else None, "full": st.full, "peers": peers,
+            "group_layers": [s.stage.layer_end - s.stage.layer_start for s in plan.stages] if plan.pipeline_size > 1 else [],
             "spawned_at": time.time(), **self.options.worker,
         }
         if self.options.prefetch and node.loaderd_url:  # the worker's own token: its model, its leases, not the node's

@@ -357,10 +357,10 @@ def _child(conn: socket.socket) -> int:
     torch.seed()  # not the fork server's generator state, shared by every sibling
     from hydraserve.contracts.worker import WorkerEnvironment
     from hydraserve.logs import configure_logging
-    from hydraserve.runtime.worker import run_worker
+    from hydraserve.runtime.worker import run
 
     configure_logging("worker")
-    return run_worker(WorkerEnvironment.from_env(), adopted_at=float(assignment["adopted_at"]))
+    return run(WorkerEnvironment.from_env(), adopted_at=float(assignment["adopted_at"]))
 
 
 def _reap_one(pid: int, wait_s: float = 0.0) -> int | None:

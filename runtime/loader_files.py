@@ -106,6 +106,11 @@ class LoaderModelFiles(ModelFiles):
                                                      lambda files: files.tensor_source(names))
         return source
 
+    def fallback_source(self, names: Sequence[str]) -> TensorSource:
+        """``names`` fetched from S3 by this process: the daemon went away while they were
+        still arriving (they may be half-written in its segments)."""
+        return self._fall_back(UnreachableError("it stopped answering mid-fetch")).tensor_source(names)
+
     def _attach(self, request: AttachRequest) -> TensorSource:
         lease = self._client.attach(request)
         log.info("loading through loaderd", extra={"loaderd": self._client.url, "lease": lease.lease_id,

@@ -29,11 +29,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment
     from hydraserve.logs import configure_logging
-    from hydraserve.runtime.worker import run_worker
+    from hydraserve.runtime.worker import run
 
     flags = {"model_uri": args.model, "port": args.port, "host": args.host, "s3_endpoint_url": args.endpoint_url,
              "loaderd_url": args.loaderd_url, "dtype": args.dtype, "max_batch": args.max_batch,
              "max_model_len": args.max_model_len, "function": args.name, "torch_threads": args.threads}
     env = {**os.environ, **{ENV_KEYS[k]: str(v) for k, v in flags.items() if v is not None}}
     configure_logging("worker")
-    return run_worker(WorkerEnvironment.from_env(env))
+    return run(WorkerEnvironment.from_env(env))

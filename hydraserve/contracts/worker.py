@@ -42,6 +42,10 @@ ENV_KEYS: dict[str, str] = {
     "full": "HYDRASERVE_FULL",
     "kv_handover": "HYDRASERVE_KV_HANDOVER",
     "peers": "HYDRASERVE_PEERS",
+    "group_layers": "HYDRASERVE_GROUP_LAYERS",
+    "engine": "HYDRASERVE_ENGINE",
+    "kv_cache_bytes": "HYDRASERVE_KV_CACHE_BYTES",
+    "enforce_eager": "HYDRASERVE_ENFORCE_EAGER",
     "loaderd_url": "HYDRASERVE_LOADERD_URL",
     "loaderd_token": "HYDRASERVE_LOADERD_TOKEN",
     "loaderd_lease": "HYDRASERVE_LOADERD_LEASE",
@@ -83,6 +87,14 @@ class WorkerEnvironment(BaseModel):
         "recompute it on the whole model (ahead, outside the step lock) or move it from the inner stages")
     peers: list[str] = Field(default_factory=list,
                              description="every stage's link address host:port, in stage order (this one's too)")
+    group_layers: list[int] = Field(default_factory=list, description="the decoder layers each stage of its "
+                                    "group holds, in stage order (vLLM builds exactly these)")
+    engine: Literal["vllm", "compact"] = Field(
+        default="compact", description="the serving engine: vLLM, or our compact engine (Llama family and OPT)")
+    kv_cache_bytes: int = Field(default=128 << 20, ge=1 << 20, description="vLLM's KV cache, sized by the "
+                                "launcher from the worker's memory grant (no profiling run)")
+    enforce_eager: bool = Field(default=True, description="vLLM without torch.compile (the faster cold start "
+                                "here: docs/PROTOCOLS.md)")
     loaderd_url: str | None = Field(default=None, description="the node's loaderd")
     loaderd_token: SecretStr | None = None
     loaderd_lease: Literal["pid", "heartbeat"] = Field(
@@ -102,6 +114,11 @@ class WorkerEnvironment(BaseModel):
             if len(self.peers) != self.stage.num_stages or self.transport_port is None:
                 raise ValueError(f"stage {self.stage.index} of {self.stage.num_stages} needs transport_port and "
                                  f"one peer address per stage (got {len(self.peers)})")
+            if self.group_layers and (len(self.group_layers) != self.stage.num_stages
+                                      or sum(self.group_layers) != self.stage.num_layers
+                                      or self.group_layers[self.stage.index] != self.stage.layer_end - self.stage.layer_start):
+                raise ValueError(f"group_layers {self.group_layers} do not tile the model as stage "
+                                 f"{self.stage.index}'s layers [{self.stage.layer_start}, {self.stage.layer_end}) say")
         return self
 
     @property
@@ -115,7 +132,7 @@ class WorkerEnvironment(BaseModel):
         out: dict[str, str] = {TOKEN_FILE_KEY: "", KNATIVE_SERVICE_KEY: self.function}
         for name, key in ENV_KEYS.items():
             value = getattr(self, name)
-            if value is None or value == "" or (name == "peers" and not value):
+            if value is None or value == "" or (isinstance(value, list) and not value):
                 out[key] = ""
             elif isinstance(value, SecretStr):
                 out[key] = value.get_secret_value()
@@ -140,9 +157,9 @@ class WorkerEnvironment(BaseModel):
                 continue
             if name == "stage":
                 raw[name] = StageSpec.model_validate_json(value)
-            elif name == "peers":
+            elif name in ("peers", "group_layers"):
                 raw[name] = json.loads(value)
-            elif name == "full":
+            elif name in ("full", "enforce_eager"):
                 raw[name] = value.lower() in ("1", "true", "yes")
             else:
                 raw[name] = value
@@ -160,3 +177,18 @@ class WorkerEnvironment(BaseModel):
         if not raw.get("model_uri"):
             raise ValueError("HYDRASERVE_MODEL_URI is not set: the worker needs a model directory or s3:// URI")
         return cls.model_validate(raw)
+
+
+WorkerState = Literal["starting", "ready", "failed", "draining"]
+
+
+class WorkerStatus(BaseModel):
+    """A worker's ``GET /readyz`` (and ``/healthz``) body: what the cold start, the consolidation
+    watch and replica promotion read of it."""
+
+    status: WorkerState
+    reason: str | None = Field(default=None, description="why it failed")
+    inflight: int = Field(default=0, ge=0, description="requests being answered")
+    function: str = ""
+    revision: str = ""
+    consolidated: bool = Field(default=False, description="a group's head now serving the whole model alone")

@@ -1,12 +1,17 @@
-"""Each supported architecture's checkpoint naming: which tensor is which part of the network.
+"""Each architecture's checkpoint naming: which tensor is which part of the network.
 
-One table per family (the Llama family: llama, mistral, qwen2; OPT) of the tensor names a
-Hugging Face checkpoint uses, the part of the network each belongs to (embeddings, decoder
-layer i, final norm, head) and the parameter of our model it becomes. The stage slicer
-(hydraserve.weights.layout) reads the part and layer; the runtime's loader reads the parameter
-(its modules are named after this table), so slicing and loading cannot disagree. A name the
-table does not know is an UnsupportedModelError naming the tensor and the architecture: a
-checkpoint we do not understand is refused, never loaded half right.
+The stage slicer (hydraserve.weights.layout) reads the part of the network each tensor
+belongs to (embeddings, decoder layer i, final norm, head). Two kinds of naming:
+- a table per family our compact engine runs (the Llama family: llama, mistral, qwen2; OPT),
+  which also names the parameter of our model each tensor becomes (its modules are named
+  after this table, so slicing and loading cannot disagree);
+- for every other architecture (vLLM serves them), the conventions Hugging Face checkpoints
+  share: decoder layers under ``...layers.<i>.`` or ``...h.<i>.``, token embeddings
+  (``embed_tokens``, ``wte``, ``embed_in``), other first-stage tensors (``wpe``,
+  ``embed_positions``), the final norm (``norm``, ``ln_f``, ``final_layer_norm``) and the
+  head (``lm_head``, ``embed_out``). These carry no parameter of ours.
+A name neither knows is an UnsupportedModelError naming the tensor and the architecture: a
+checkpoint we do not understand is refused, never sliced half right.
 """
 
 from __future__ import annotations
@@ -94,16 +99,29 @@ OPT = Family(
 )
 
 FAMILIES = (LLAMA, OPT)
+# Any other architecture: Hugging Face's shared conventions (no parameters of ours).
+GENERIC = Family(name="generic", model_types=frozenset(), root="", fixed={}, layer_params={})
+_GENERIC_LAYER = re.compile(r"(?:^|.*\.)(?:layers|h|blocks)\.(\d+)\..+")
+_GENERIC_PARTS: tuple[tuple[re.Pattern[str], Part], ...] = tuple(
+    (re.compile(rf"(?:^|.*\.){pattern}\.(?:weight|bias)"), part) for pattern, part in (
+        (r"(?:embed_tokens|wte|embed_in|word_embeddings)", Part.EMBEDDING),
+        (r"(?:wpe|embed_positions|project_in)", Part.FIRST),
+        (r"(?:norm|ln_f|final_layer_norm|final_layernorm|project_out)", Part.LAST),
+        (r"(?:lm_head|embed_out)", Part.HEAD),
+    ))
 
 
 def family_of(model_type: str) -> Family:
-    """The family of a config.json ``model_type``; UnsupportedModelError for any other."""
+    """The family of a config.json ``model_type``: a table of ours, else the generic naming."""
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
-    supported = sorted(t for f in FAMILIES for t in f.model_types)
-    raise UnsupportedModelError(f"unsupported model_type {model_type!r}: supported are {', '.join(supported)}",
-                                param="model")
+    return GENERIC
+
+
+def compact_engine_runs(model_type: str) -> bool:
+    """Whether our compact engine has the modules of this architecture (a family table)."""
+    return family_of(model_type) is not GENERIC
 
 
 @dataclass(frozen=True)
@@ -126,6 +144,8 @@ class Architecture:
         """The role of checkpoint tensor ``name``; UnsupportedModelError if this architecture has none."""
         if name == HEAD_TENSOR:
             return TensorRole(Part.UNUSED) if self.tie_word_embeddings else TensorRole(Part.HEAD, param=HEAD_PARAM)
+        if self.family is GENERIC:
+            return self._generic_role(name)
         rest = self._under_root(name)
         if rest is not None:
             fixed = self.family.fixed.get(rest)
@@ -142,6 +162,20 @@ class Architecture:
         raise UnsupportedModelError(
             f"tensor {name!r} is not part of the {self.family.name} architecture (model_type "
             f"{self.model_type!r}): this runtime does not know where it belongs", param="model")
+
+    def _generic_role(self, name: str) -> TensorRole:
+        match = _GENERIC_LAYER.fullmatch(name)
+        if match is not None:
+            return TensorRole(Part.LAYER, int(match.group(1)))
+        for pattern, part in _GENERIC_PARTS:
+            if pattern.fullmatch(name):
+                if part is Part.HEAD and self.tie_word_embeddings:
+                    return TensorRole(Part.UNUSED)
+                return TensorRole(part)
+        raise UnsupportedModelError(
+            f"tensor {name!r} of model_type {self.model_type!r} is neither a decoder layer nor an embedding, "
+            "final norm or head by Hugging Face's naming: the stage slicer does not know where it belongs",
+            param="model")
 
     def _under_root(self, name: str) -> str | None:
         """``name`` without the family's root; old checkpoints omit its leading "model."."""

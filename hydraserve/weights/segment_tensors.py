@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from hydraserve.errors import TemporaryError
+from hydraserve.errors import TemporaryError, UnreachableError
 from hydraserve.weights.segment import FLAG_READY, SegmentFailedError, SegmentReader
 from hydraserve.weights.tensors import tensor_view
 
@@ -42,8 +42,8 @@ class SegmentTensors:
 
     def get(self, name: str, timeout_s: float | None = None) -> torch.Tensor:
         """The tensor once its bytes are in. KeyError for a name outside these segments;
-        TemporaryError if its fetch failed or the writer went away; TimeoutError after
-        ``timeout_s`` (default: the source's wait timeout)."""
+        TemporaryError if its fetch failed, UnreachableError (one) if the writer went away;
+        TimeoutError after ``timeout_s`` (default: the source's wait timeout)."""
         reader, i = self._where[name]
         if not self._readers:
             raise RuntimeError(f"tensor {name}: the source was closed before it was read")
@@ -60,8 +60,8 @@ class SegmentTensors:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"tensor {name} not ready after {limit} s") from None
                 if self._alive is not None and not self._alive():
-                    raise TemporaryError(f"tensor {name}: {self._writer} stopped answering while its bytes "
-                                         "were still arriving", retry_after_s=1) from None
+                    raise UnreachableError(f"tensor {name}: {self._writer} stopped answering while its bytes "
+                                           "were still arriving", retry_after_s=1) from None
         return tensor_view(reader.tensors[i], reader.view, reader.offsets[i])
 
     def close(self) -> None:

@@ -73,7 +73,7 @@ def test_serve_name_sets_the_function_not_the_bind_address(monkeypatch: pytest.M
     from hydraserve.runtime import serve_cmd
 
     seen: list[WorkerEnvironment] = []
-    monkeypatch.setattr("hydraserve.runtime.worker.run_worker", lambda settings: seen.append(settings) or 0)
+    monkeypatch.setattr("hydraserve.runtime.worker.run", lambda settings: seen.append(settings) or 0)
     monkeypatch.setattr("hydraserve.logs.configure_logging", lambda *a, **k: None)
     monkeypatch.delenv("HYDRASERVE_HOST", raising=False)
     parser = argparse.ArgumentParser()

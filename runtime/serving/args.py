@@ -1,0 +1,64 @@
+"""The one translation of a worker's environment into vLLM's engine arguments and environment.
+
+Called by the worker (hydraserve.runtime.serving.engine) and the pipeline stage that follows
+a group's head (hydraserve.runtime.serving.follower) before vLLM builds anything, and by the
+benchmarks that run vLLM with our loader. vLLM's own argument parser reads the result
+(``vllm serve`` takes the same arguments), so its defaults and checks stay vLLM's. No vLLM
+import here: the worker computes this while vLLM is still importing.
+
+A pipeline group is vLLM's own pipeline parallelism across nodes: stage i is node rank i of
+``--nnodes p``, the head (stage 0) is the master whose address and port the plan gave as its
+stage link, and ``VLLM_PP_LAYER_PARTITION`` makes vLLM build exactly the plan's layers on each
+stage (the planner balances bytes, so stages are uneven).
+"""
+
+from __future__ import annotations
+
+from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.runtime.serving.extension import QUALNAME as EXTENSION
+from hydraserve.runtime.serving.fixes import FORK_KEY
+
+LOAD_FORMAT = "hydraserve"  # registered by hydraserve.runtime.serving.plugin
+
+
+def served_model_name(settings: WorkerEnvironment) -> str:
+    """The name clients pass as ``model``: the function's, else the model directory's."""
+    return settings.function or settings.model_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def engine_cli_args(settings: WorkerEnvironment, model_dir: str) -> list[str]:
+    """``vllm serve`` arguments for this worker; ``model_dir`` holds its config and tokenizer."""
+    args = ["--model", model_dir, "--served-model-name", served_model_name(settings),
+            "--load-format", LOAD_FORMAT, "--worker-extension-cls", EXTENSION,
+            "--max-num-seqs", str(settings.max_batch), "--kv-cache-memory-bytes", str(settings.kv_cache_bytes),
+            "--disable-fastapi-docs", "--disable-uvicorn-access-log"]
+    if settings.enforce_eager:
+        args.append("--enforce-eager")
+    if settings.dtype:
+        args += ["--dtype", settings.dtype]
+    if settings.max_model_len:
+        args += ["--max-model-len", str(settings.max_model_len)]
+    stage = settings.stage
+    if stage is None or stage.num_stages == 1:
+        return args  # vLLM on CPUs runs its worker in a process of its own (multiproc) either way
+    head_host, head_port = settings.peers[0].rsplit(":", 1)
+    return [*args, "--distributed-executor-backend", "mp", "--pipeline-parallel-size", str(stage.num_stages),
+            "--nnodes", str(stage.num_stages), "--node-rank", str(stage.index),
+            "--master-addr", head_host, "--master-port", head_port]
+
+
+def engine_environment(settings: WorkerEnvironment, layer_counts: list[int] | None = None) -> dict[str, str]:
+    """Variables vLLM reads (set before it is imported); ``layer_counts``: each stage's layers."""
+    env = {
+        FORK_KEY: "1",  # our processes fork vLLM's engine and workers (hydraserve.runtime.serving.fixes)
+        "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",  # nothing leaves the cluster
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",  # models come from S3 or loaderd, never a hub
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # emulated nodes share the cores: the kernel places threads
+    }
+    if settings.torch_threads:
+        env["OMP_NUM_THREADS"] = str(settings.torch_threads)
+    if layer_counts is not None and len(layer_counts) > 1:
+        env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in layer_counts)
+    if settings.host not in ("127.0.0.1", "0.0.0.0", "localhost"):
+        env["VLLM_HOST_IP"] = settings.host  # the address its peers reach it on (a node's namespace)
+    return env

@@ -1,0 +1,68 @@
+"""Fixes we carry for vLLM 0.32 on CPUs, applied by our plugin in every vLLM process.
+
+1. **Pipeline parallel in eager mode.** A CPU worker of a pipeline stage other than the first
+   allocates its buffers for the hidden states it receives (``intermediate_tensors``) only in
+   the warm-up forward, which the CPU worker skips in eager mode with an explicit KV-cache size
+   (``cpu_worker._should_warm_up_model``). Its first step then fails
+   (``assert self.intermediate_tensors is not None``) and the engine core dies with
+   ``KeyError`` in ``Scheduler.update_from_output``: the pipeline-parallel crash seen here.
+   The fix allocates them right after the model loads, as the warm-up would have.
+2. **Fork, not spawn, for our workers.** The CPU platform forces ``spawn`` for the engine core
+   and worker processes, so each imports vLLM again (7 s here). A worker that sets
+   ``HYDRASERVE_VLLM_FORK=1`` (ours do: they fork before any torch thread pool exists) keeps
+   ``fork``; every other vLLM user of this environment is left as vLLM decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+FORK_KEY = "HYDRASERVE_VLLM_FORK"
+
+
+def apply_fixes() -> None:
+    """Both fixes, each only if the code it fixes is there (a newer vLLM may have neither)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    _allocate_pipeline_buffers_after_load()
+    _keep_fork_for_our_workers()
+
+
+def _allocate_pipeline_buffers_after_load() -> None:
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    original = CPUModelRunner.load_model
+    if getattr(original, "_hydraserve_fix", False):
+        return
+
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        from vllm.distributed.parallel_state import get_pp_group
+
+        if not get_pp_group().is_first_rank and getattr(self, "intermediate_tensors", None) is None:
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device)
+
+    load_model._hydraserve_fix = True  # type: ignore[attr-defined]
+    CPUModelRunner.load_model = load_model  # type: ignore[method-assign]
+
+
+def _keep_fork_for_our_workers() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.check_and_update_config.__func__  # type: ignore[attr-defined]
+    if getattr(original, "_hydraserve_fix", False):
+        return
+
+    def check_and_update_config(cls: Any, vllm_config: Any) -> None:
+        original(cls, vllm_config)
+        if os.environ.get(FORK_KEY) == "1":
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+
+    check_and_update_config._hydraserve_fix = True  # type: ignore[attr-defined]
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[method-assign,assignment]

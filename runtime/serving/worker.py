@@ -1,0 +1,139 @@
+"""The function worker process on vLLM: listen first, then import, fetch and build, overlapped.
+
+Order (each step a moment on the worker's timeline):
+1. process_started (from /proc; for a pooled process, the adoption) -> http_listening: the
+   front answers /healthz at once, so the platform sees a live process while the slow parts
+   run; requests wait (bounded) for readiness.
+2. The start-up task: vLLM's environment set (hydraserve.runtime.serving.args); the model's
+   files opened (through loaderd: config, tokenizer and index read ahead) while vLLM imports
+   (libraries_imported); config + tokenizer written where vLLM reads them (config_loaded);
+   vLLM's engine built (engine_configured -> engine_started: the engine core process loads the
+   weights with our load format as they land, then its KV cache; its moments, and every remote
+   pipeline stage's, are read back through the worker extension); one token of warm-up
+   (warmed_up); engine_ready: the front serves vLLM's OpenAI API.
+3. SIGTERM/SIGINT: readiness off at once, in-flight requests finish (bounded by
+   drain_timeout_s), vLLM's engine stops, the loaderd leases go back, the process exits.
+Started by launchers (``python -m hydraserve.runtime.worker``, which picks this module for
+``engine=vllm``), by a warm pool's adoption, or by ``hydraserve serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Generator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.runtime.proc_clock import process_start_time
+from hydraserve.runtime.serving.args import engine_environment
+from hydraserve.runtime.serving.engine import VllmServer
+from hydraserve.runtime.serving.front import Front
+from hydraserve.runtime.serving.state import ServingState
+from hydraserve.weights.model_files import ModelFiles
+
+log = logging.getLogger("hydraserve.worker")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the worker drains first, then stops it."""
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def run_worker(settings: WorkerEnvironment, *, adopted_at: float | None = None) -> int:
+    """Serve as ``settings`` says until SIGTERM; ``adopted_at``: a pooled process handed its work then."""
+    os.environ.update(engine_environment(settings, settings.group_layers or None))  # before vLLM reads them
+    return asyncio.run(_serve(settings, adopted_at))
+
+
+async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
+    state: ServingState[VllmServer] = ServingState(settings.function, settings.revision)
+    if adopted_at is not None:
+        state.timeline.mark("process_started", at=adopted_at, adopted=True,
+                            pooled_s=round(adopted_at - process_start_time(), 3))
+    else:  # /proc's start time has 10 ms ticks: never report a start before the spawn itself
+        state.timeline.mark("process_started", at=max(process_start_time(), settings.spawned_at or 0.0))
+    front = Front(state, api=settings.is_head)
+    listener = socket.create_server((settings.host, settings.port), reuse_port=False)
+    server = _Uvicorn(uvicorn.Config(front, lifespan="off", log_level="warning", access_log=False,
+                                     timeout_keep_alive=5, timeout_graceful_shutdown=5))
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    state.timeline.mark("http_listening", port=listener.getsockname()[1])
+    log.info("listening", extra={"port": listener.getsockname()[1], "model": settings.model_uri,
+                                 "instance": settings.instance_id, "stage": settings.stage.model_dump()
+                                 if settings.stage else "whole"})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    run_dir = Path(tempfile.mkdtemp(prefix="hydraserve-worker-"))
+    opened: list[ModelFiles] = []
+    starting = asyncio.create_task(_start(settings, state, front, run_dir, opened))
+    await stop.wait()
+    log.info("draining")
+    state.start_draining()
+    if not await state.wait_idle(settings.drain_timeout_s):
+        log.warning("drain timed out after %.0f s; stopping with requests in flight", settings.drain_timeout_s)
+    starting.cancel()
+    server.should_exit = True
+    await serving
+    vllm = state.serving_or_none
+    if vllm is not None:
+        vllm.shutdown()
+    for files in opened:
+        files.release_leases()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("stopped")
+    return 0
+
+
+async def _start(settings: WorkerEnvironment, state: ServingState[VllmServer], front: Front, run_dir: Path,
+                 opened: list[ModelFiles]) -> None:
+    from hydraserve.runtime.serving.engine import import_vllm, start_server, write_model_dir
+    from hydraserve.runtime.startup import open_files
+
+    loop = asyncio.get_running_loop()
+    timeline = state.timeline
+    try:
+        files = await loop.run_in_executor(None, open_files, settings, timeline)  # loaderd's read-ahead starts
+        opened.append(files)
+        imported = loop.run_in_executor(None, import_vllm)
+        model_dir = await loop.run_in_executor(None, write_model_dir, files, run_dir / "model")
+        await imported
+        timeline.mark("libraries_imported")
+        timeline.mark("config_loaded")
+        vllm = await start_server(settings, model_dir, timeline)
+        _merge_load_timelines(state, await vllm.load_timelines())
+        timeline.mark("engine_ready", role="head")
+        t0 = timeline.events[0].at
+        for event in timeline.events:
+            front.metrics.startup_phase.labels(event.name).set(event.at - t0)
+        state.set_serving(vllm)
+        log.info("worker ready", extra={"timeline": {e.name: round(e.at - t0, 3) for e in timeline.events}})
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("worker failed to start")
+        state.set_failed(f"{type(exc).__name__}: {exc}")
+
+
+def _merge_load_timelines(state: ServingState[Any], per_rank: dict[int, list[Any]]) -> None:
+    """The engine's loading moments into the worker's timeline: rank 0's as its own, a remote
+    pipeline stage's labelled with its stage (the cold start shows every stage's load)."""
+    for rank, events in per_rank.items():
+        for event in events:
+            component = "worker" if rank == 0 else f"stage{rank}"
+            state.timeline.events.append(event.model_copy(update={"component": component}))
+    state.timeline.events.sort(key=lambda e: e.at)
