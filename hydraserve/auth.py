@@ -21,10 +21,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from flask import Flask, g, request
+from typing import TYPE_CHECKING
 
 from hydraserve.errors import UnauthorizedError
+
+if TYPE_CHECKING:  # Flask only where a Flask app installs the check: never in a vLLM process
+    from flask import Flask
 
 PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})  # probes and scrapes: counters only
 _SCOPED_PREFIX = "hs1."
@@ -128,6 +130,8 @@ def bearer(header: str) -> str:
 def install_bearer_auth(app: Flask, authenticate: Authenticate) -> None:
     """Every route but /healthz and /metrics needs a bearer token ``authenticate`` accepts; the
     caller is ``g.principal``."""
+    from flask import g, request
+
     @app.before_request
     def _auth() -> None:
         if request.path in PUBLIC_PATHS:

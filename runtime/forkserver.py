@@ -2,7 +2,8 @@
 
 Started once per node (`python -m hydraserve.runtime.forkserver`, inside the node's network
 namespace on the emulated cluster, so every child is there too). It imports torch and the
-whole runtime (the 1.5-2 s a spawned worker spends in `libraries_imported`), does nothing that
+whole runtime of one engine (``--engine``: vLLM, 7-9 s here, or our compact engine, 1.5-2 s: what
+a spawned worker spends in `libraries_imported`), does nothing that
 starts a thread, then forks ``pool_size`` children that wait, idle, for an assignment. A cold
 start *adopts* one (``POST /v1/adopt`` with the worker's environment): the child takes the
 function's identity, stage and loaderd lease from that environment and runs the worker from
@@ -42,10 +43,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 log = logging.getLogger("hydraserve.forkserver")
 
-# What a spawned worker imports before it can load anything (its "libraries" phase).
-PRELOAD = ("hydraserve.runtime.worker", "hydraserve.runtime.startup", "hydraserve.runtime.loader_files",
-           "hydraserve.runtime.roles", "hydraserve.runtime.engine.engine", "hydraserve.runtime.engine.factory",
-           "hydraserve.runtime.server.app", "hydraserve.weights.s3")
+# What a spawned worker of each engine imports before it can load anything (its "libraries"
+# phase). A pool serves one engine: a vLLM worker must not have the compact worker's Flask.
+PRELOAD = {
+    "vllm": ("hydraserve.runtime.worker", "hydraserve.runtime.serving.worker", "hydraserve.runtime.serving.engine",
+             "hydraserve.runtime.startup", "hydraserve.runtime.loader_files", "hydraserve.weights.s3"),
+    "compact": ("hydraserve.runtime.worker", "hydraserve.runtime.compact_worker", "hydraserve.runtime.startup",
+                "hydraserve.runtime.loader_files", "hydraserve.runtime.roles", "hydraserve.runtime.engine.engine",
+                "hydraserve.runtime.engine.factory", "hydraserve.runtime.server.app", "hydraserve.weights.s3"),
+}
 MAX_REQUEST_BYTES = 1 << 20
 ACK = b"ok\n"
 HAND_OVER_S = 1.0  # how long a pooled child gets to acknowledge its assignment
@@ -461,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, required=True, help="file holding the bearer token")
     parser.add_argument("--pool-size", type=int, default=1, help="idle processes it keeps (0: fork on demand)")
     parser.add_argument("--node", default="", help="the node's name (metrics label)")
+    parser.add_argument("--engine", choices=sorted(PRELOAD), default="compact",
+                        help="the serving engine its workers run (what it imports)")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="where adopted workers may write their logs (default: the socket's directory)")
     args = parser.parse_args(argv)
@@ -473,8 +481,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     import importlib
 
-    for module in PRELOAD:
+    if args.engine == "vllm":
+        from hydraserve.runtime.serving.args import PROCESS_ENV
+        from hydraserve.runtime.serving.engine import VLLM_MODULES
+
+        os.environ.update(PROCESS_ENV)  # before vLLM (and huggingface_hub) read them
+        modules: tuple[str, ...] = (*PRELOAD["vllm"], *VLLM_MODULES)
+    else:
+        modules = PRELOAD["compact"]
+    for module in modules:
         importlib.import_module(module)
+    import gc
+
+    gc.freeze()  # the imported heap: children never walk (nor copy-on-write) it in a collection
     log.info("runtime imported", extra={"seconds": round(time.monotonic() - started, 3), "threads": thread_count()})
     if not token:
         raise SystemExit("the token file is empty")

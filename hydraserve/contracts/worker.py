@@ -46,6 +46,7 @@ ENV_KEYS: dict[str, str] = {
     "engine": "HYDRASERVE_ENGINE",
     "kv_cache_bytes": "HYDRASERVE_KV_CACHE_BYTES",
     "enforce_eager": "HYDRASERVE_ENFORCE_EAGER",
+    "handover_s": "HYDRASERVE_HANDOVER_S",
     "loaderd_url": "HYDRASERVE_LOADERD_URL",
     "loaderd_token": "HYDRASERVE_LOADERD_TOKEN",
     "loaderd_lease": "HYDRASERVE_LOADERD_LEASE",
@@ -95,6 +96,8 @@ class WorkerEnvironment(BaseModel):
                                 "launcher from the worker's memory grant (no profiling run)")
     enforce_eager: bool = Field(default=True, description="vLLM without torch.compile (the faster cold start "
                                 "here: docs/PROTOCOLS.md)")
+    handover_s: float = Field(default=10.0, ge=0, description="a consolidating head's requests in flight "
+                              "finish on the group this long, then move to the standalone engine")
     loaderd_url: str | None = Field(default=None, description="the node's loaderd")
     loaderd_token: SecretStr | None = None
     loaderd_lease: Literal["pid", "heartbeat"] = Field(

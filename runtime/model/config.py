@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hydraserve.errors import UnsupportedModelError
-from hydraserve.weights.architectures import Architecture
+from hydraserve.weights.architectures import FAMILIES, Architecture, compact_engine_runs
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -81,7 +81,11 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Parse a Hugging Face config.json dict (transformers 4.x and 5.x spellings)."""
         model_type = str(hf.get("model_type", ""))
-        architecture = Architecture.from_config(hf)  # UnsupportedModelError for other model types
+        if not compact_engine_runs(model_type):
+            raise UnsupportedModelError(f"our compact engine does not run model_type {model_type!r} (it runs "
+                                        f"{', '.join(sorted(t for f in FAMILIES for t in f.model_types))})",
+                                        param="model")
+        architecture = Architecture.from_config(hf)
         dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").removeprefix("torch.")
         eos = hf.get("eos_token_id")
         eos_ids = [int(e) for e in eos] if isinstance(eos, list) else ([int(eos)] if eos is not None else [])

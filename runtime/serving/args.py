@@ -14,6 +14,8 @@ stage (the planner balances bytes, so stages are uneven).
 
 from __future__ import annotations
 
+import json
+
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.runtime.serving.extension import QUALNAME as EXTENSION
 from hydraserve.runtime.serving.fixes import FORK_KEY
@@ -28,8 +30,10 @@ def served_model_name(settings: WorkerEnvironment) -> str:
 
 def engine_cli_args(settings: WorkerEnvironment, model_dir: str) -> list[str]:
     """``vllm serve`` arguments for this worker; ``model_dir`` holds its config and tokenizer."""
+    stage = settings.stage.model_dump() if settings.stage is not None else None
     args = ["--model", model_dir, "--served-model-name", served_model_name(settings),
-            "--load-format", LOAD_FORMAT, "--worker-extension-cls", EXTENSION,
+            "--load-format", LOAD_FORMAT, "--model-loader-extra-config", json.dumps({"stage": stage}),
+            "--worker-extension-cls", EXTENSION,
             "--max-num-seqs", str(settings.max_batch), "--kv-cache-memory-bytes", str(settings.kv_cache_bytes),
             "--disable-fastapi-docs", "--disable-uvicorn-access-log"]
     if settings.enforce_eager:
@@ -38,27 +42,32 @@ def engine_cli_args(settings: WorkerEnvironment, model_dir: str) -> list[str]:
         args += ["--dtype", settings.dtype]
     if settings.max_model_len:
         args += ["--max-model-len", str(settings.max_model_len)]
-    stage = settings.stage
-    if stage is None or stage.num_stages == 1:
+    group = settings.stage
+    if group is None or group.num_stages == 1:
         return args  # vLLM on CPUs runs its worker in a process of its own (multiproc) either way
     head_host, head_port = settings.peers[0].rsplit(":", 1)
-    return [*args, "--distributed-executor-backend", "mp", "--pipeline-parallel-size", str(stage.num_stages),
-            "--nnodes", str(stage.num_stages), "--node-rank", str(stage.index),
+    return [*args, "--distributed-executor-backend", "mp", "--pipeline-parallel-size", str(group.num_stages),
+            "--nnodes", str(group.num_stages), "--node-rank", str(group.index),
             "--master-addr", head_host, "--master-port", head_port]
 
 
-def engine_environment(settings: WorkerEnvironment, layer_counts: list[int] | None = None) -> dict[str, str]:
-    """Variables vLLM reads (set before it is imported); ``layer_counts``: each stage's layers."""
-    env = {
-        FORK_KEY: "1",  # our processes fork vLLM's engine and workers (hydraserve.runtime.serving.fixes)
-        "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",  # nothing leaves the cluster
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",  # models come from S3 or loaderd, never a hub
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # emulated nodes share the cores: the kernel places threads
-    }
+# Variables every process that runs vLLM for us sets before importing it (a warm pool too:
+# huggingface_hub reads its offline switch at import).
+PROCESS_ENV = {
+    FORK_KEY: "1",  # our processes fork vLLM's engine and workers (hydraserve.runtime.serving.fixes)
+    "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",  # nothing leaves the cluster
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",  # models come from S3 or loaderd, never a hub
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # emulated nodes share the cores: the kernel places threads
+}
+
+
+def engine_environment(settings: WorkerEnvironment) -> dict[str, str]:
+    """Variables vLLM reads for this worker (set before it is imported)."""
+    env = dict(PROCESS_ENV)
     if settings.torch_threads:
         env["OMP_NUM_THREADS"] = str(settings.torch_threads)
-    if layer_counts is not None and len(layer_counts) > 1:
-        env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in layer_counts)
+    if len(settings.group_layers) > 1:
+        env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in settings.group_layers)
     if settings.host not in ("127.0.0.1", "0.0.0.0", "localhost"):
         env["VLLM_HOST_IP"] = settings.host  # the address its peers reach it on (a node's namespace)
     return env

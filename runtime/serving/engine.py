@@ -8,8 +8,9 @@ moment on the worker's timeline:
 3. ``start_server``: vLLM's engine arguments (hydraserve.runtime.serving.args), its engine
    (``AsyncLLM``: the engine core process forks from this one and loads the weights with our
    load format, hydraserve.runtime.serving.loader, then allocates the KV cache at the size the
-   plan granted: no profiling run) and its FastAPI app with vLLM's own state, which our front
-   (hydraserve.runtime.serving.front) serves; one one-token request warms it up.
+   plan granted: no profiling run), warmed up by one one-token request, and its FastAPI app with
+   vLLM's own state over a HandoverEngine (hydraserve.runtime.serving.handover), which our front
+   (hydraserve.runtime.serving.front) serves.
 The engine is built in a thread so the event loop keeps answering health probes meanwhile.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from hydraserve.contracts.timeline import Timeline, TimelineEvent
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import UnsupportedModelError
 from hydraserve.runtime.serving.args import engine_cli_args, served_model_name
+from hydraserve.runtime.serving.handover import HandoverEngine
 from hydraserve.weights.model_files import ModelFiles
 
 log = logging.getLogger(__name__)
@@ -42,11 +45,16 @@ VLLM_MODULES = ("vllm.engine.arg_utils", "vllm.v1.engine.async_llm", "vllm.entry
 
 
 def import_vllm() -> None:
-    """Import what the worker needs of vLLM (a no-op where a pooled process already did)."""
+    """Import what the worker needs of vLLM (a no-op where a pooled process already did), then
+    freeze the heap: vLLM runs full garbage collections while its engine starts (after loading
+    the weights, before serving), each a walk over every object its import made (~1 s here);
+    frozen objects are never walked again, in this process or the ones it forks."""
+    import gc
     import importlib
 
     for module in VLLM_MODULES:
         importlib.import_module(module)
+    gc.freeze()
 
 
 def write_model_dir(files: ModelFiles, target: Path) -> Path:
@@ -69,10 +77,11 @@ def write_model_dir(files: ModelFiles, target: Path) -> Path:
 
 @dataclass
 class VllmServer:
-    """vLLM's engine client and its OpenAI app (served through our front)."""
+    """vLLM's OpenAI app (served through our front) over its engine client: a HandoverEngine,
+    so a consolidating group can move the app to a standalone engine underneath."""
 
-    engine: Any  # vllm.v1.engine.async_llm.AsyncLLM
-    app: Any  # its FastAPI app, state initialised
+    engine: HandoverEngine
+    app: Any  # vLLM's FastAPI app, state initialised
     model_name: str
 
     async def load_timelines(self) -> dict[int, list[TimelineEvent]]:
@@ -80,16 +89,8 @@ class VllmServer:
         per_rank = await self.engine.collective_rpc("hydraserve_load_timeline", timeout=10)
         return {rank: [TimelineEvent.model_validate(e) for e in events] for rank, events in enumerate(per_rank)}
 
-    async def warm_up(self) -> None:
-        """One one-token request through the engine: the first client does not pay set-up."""
-        from vllm import SamplingParams
-
-        async for _ in self.engine.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=1),
-                                            request_id="hydraserve-warm-up"):
-            pass
-
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        self.engine.engine.shutdown()
 
 
 def parse_engine_args(settings: WorkerEnvironment, model_dir: Path) -> Any:
@@ -100,24 +101,40 @@ def parse_engine_args(settings: WorkerEnvironment, model_dir: Path) -> Any:
     return make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(settings, str(model_dir)))
 
 
-async def start_server(settings: WorkerEnvironment, model_dir: Path, timeline: Timeline) -> VllmServer:
-    """vLLM's engine (weights through our loader) and OpenAI app; ``engine_ready`` when done."""
+async def build_engine(settings: WorkerEnvironment, model_dir: Path, timeline: Timeline) -> Any:
+    """vLLM's engine (``AsyncLLM``), its weights loaded through our load format, warmed up by
+    one one-token request (the first client does not pay set-up); built in a thread."""
+    from vllm import SamplingParams
+
     args = parse_engine_args(settings, model_dir)
     engine = await asyncio.get_running_loop().run_in_executor(None, _build_engine, args, timeline)
     try:
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.app import build_app
-
-        tasks = await engine.get_supported_tasks()
-        app = build_app(args, tasks, engine.model_config)
-        await init_app_state(engine, app.state, args, tasks)
-        server = VllmServer(engine, app, served_model_name(settings))
-        await server.warm_up()
+        async for _ in engine.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=1),
+                                       request_id=f"hydraserve-warm-up-{os.getpid()}-{time.monotonic_ns()}"):
+            pass
     except BaseException:
         engine.shutdown()
         raise
     timeline.mark("warmed_up")
-    return server
+    return engine
+
+
+async def start_server(settings: WorkerEnvironment, model_dir: Path, timeline: Timeline) -> VllmServer:
+    """vLLM's engine and OpenAI app over it."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    engine = await build_engine(settings, model_dir, timeline)
+    try:
+        handover = HandoverEngine(engine)
+        args = parse_engine_args(settings, model_dir)
+        tasks = await engine.get_supported_tasks()
+        app = build_app(args, tasks, engine.model_config)
+        await init_app_state(handover, app.state, args, tasks)  # type: ignore[arg-type]  # forwards EngineClient's
+    except BaseException:
+        engine.shutdown()
+        raise
+    return VllmServer(handover, app, served_model_name(settings))
 
 
 def _build_engine(args: Any, timeline: Timeline) -> Any:

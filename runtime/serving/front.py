@@ -19,6 +19,7 @@ A pipeline stage that is not the head (``api=False``) serves only the first grou
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -225,7 +226,8 @@ class Front:
                 captured["body"] += message.get("body", b"")
 
         async def never_disconnects() -> Message:  # the event's client waits for the whole reply
-            return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.Event().wait()  # (vLLM listens for a disconnect while it answers)
+            raise AssertionError("unreachable")
 
         await server.app(_with_body(inner, body), _replay(body, never_disconnects), _rewriting_errors(capture))
         try:

@@ -1,7 +1,8 @@
 """The ``hydraserve`` load format: vLLM takes each tensor from loaderd's shared memory as it lands.
 
 vLLM builds the model with its own modules (any architecture it runs) and asks this loader for
-the weights. The loader opens the model as the worker's environment says
+the weights of the stage its arguments name (``--model-loader-extra-config '{"stage": ...}'``,
+null for the whole model). The loader opens the model as the worker's environment says
 (hydraserve.contracts.worker, read in this process: vLLM's engine and worker processes inherit
 it): through the node's loaderd for an s3:// model, whose fetch began at placement; S3 itself
 (the same fetch engine) when no daemon answers; a local directory. It takes exactly the tensors
@@ -44,23 +45,28 @@ class HydraServeModelLoader(BaseModelLoader):
         from hydraserve.runtime.startup import open_files
 
         settings = WorkerEnvironment.from_env()
+        extra = self.load_config.model_loader_extra_config
+        planned = extra.get("stage") if isinstance(extra, dict) else None  # this engine's stage (None: whole)
         files = open_files(settings, LOAD_TIMELINE)
         try:
             load = cast("Callable[..., set[str] | None]", model.load_weights)  # every vLLM model has it
-            loaded = stream_weights(files, self._my_stage(settings, files), load, LOAD_TIMELINE)
+            stage = self._my_stage(StageSpec.model_validate(planned) if planned else None, files)
+            loaded = stream_weights(files, stage, load, LOAD_TIMELINE)
             _check_every_parameter_filled(model, loaded, files.uri)
         finally:
             files.release_leases()
 
     @staticmethod
-    def _my_stage(settings: WorkerEnvironment, files: ModelFiles) -> StageSpec:
-        """The plan's stage for this worker, which must be the layers vLLM built here."""
+    def _my_stage(planned: StageSpec | None, files: ModelFiles) -> StageSpec:
+        """The plan's stage for this engine (the engine's arguments carry it: a consolidating
+        head runs a group's stage and the whole model side by side), which must be the layers
+        vLLM built here."""
         from vllm.distributed.parallel_state import get_pp_group
         from vllm.distributed.utils import get_pp_indices
 
         config = files.config()
         num_layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
-        stage = settings.stage or StageSpec.whole(max(1, num_layers))
+        stage = planned or StageSpec.whole(max(1, num_layers))
         group = get_pp_group()
         if group.world_size != stage.num_stages or group.rank_in_group != stage.index:
             raise ValueError(f"vLLM runs pipeline rank {group.rank_in_group} of {group.world_size}, the plan "

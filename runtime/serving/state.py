@@ -43,6 +43,9 @@ class ServingState(Generic[S]):
             self._failed = reason
         self._settled.set()
 
+    def mark_consolidated(self) -> None:
+        self.consolidated = True
+
     def start_draining(self) -> None:
         self._draining = True
 

@@ -38,6 +38,7 @@ from hydraserve.runtime.proc_clock import process_start_time
 from hydraserve.runtime.serving.args import engine_environment
 from hydraserve.runtime.serving.engine import VllmServer
 from hydraserve.runtime.serving.front import Front
+from hydraserve.runtime.serving.stage import StageWorkers
 from hydraserve.runtime.serving.state import ServingState
 from hydraserve.weights.model_files import ModelFiles
 
@@ -54,12 +55,12 @@ class _Uvicorn(uvicorn.Server):
 
 def run_worker(settings: WorkerEnvironment, *, adopted_at: float | None = None) -> int:
     """Serve as ``settings`` says until SIGTERM; ``adopted_at``: a pooled process handed its work then."""
-    os.environ.update(engine_environment(settings, settings.group_layers or None))  # before vLLM reads them
+    os.environ.update(engine_environment(settings))  # before vLLM reads them
     return asyncio.run(_serve(settings, adopted_at))
 
 
 async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
-    state: ServingState[VllmServer] = ServingState(settings.function, settings.revision)
+    state: ServingState[VllmServer | StageWorkers] = ServingState(settings.function, settings.revision)
     if adopted_at is not None:
         state.timeline.mark("process_started", at=adopted_at, adopted=True,
                             pooled_s=round(adopted_at - process_start_time(), 3))
@@ -69,7 +70,7 @@ async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
     listener = socket.create_server((settings.host, settings.port), reuse_port=False)
     server = _Uvicorn(uvicorn.Config(front, lifespan="off", log_level="warning", access_log=False,
                                      timeout_keep_alive=5, timeout_graceful_shutdown=5))
-    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    http = asyncio.create_task(server.serve(sockets=[listener]))
     state.timeline.mark("http_listening", port=listener.getsockname()[1])
     log.info("listening", extra={"port": listener.getsockname()[1], "model": settings.model_uri,
                                  "instance": settings.instance_id, "stage": settings.stage.model_dump()
@@ -80,18 +81,20 @@ async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
         loop.add_signal_handler(signum, stop.set)
     run_dir = Path(tempfile.mkdtemp(prefix="hydraserve-worker-"))
     opened: list[ModelFiles] = []
-    starting = asyncio.create_task(_start(settings, state, front, run_dir, opened))
+    background: list[asyncio.Task[None]] = []  # consolidation, once started
+    starting = asyncio.create_task(_start(settings, state, front, run_dir, opened, background))
     await stop.wait()
     log.info("draining")
     state.start_draining()
     if not await state.wait_idle(settings.drain_timeout_s):
         log.warning("drain timed out after %.0f s; stopping with requests in flight", settings.drain_timeout_s)
-    starting.cancel()
+    for task in (starting, *background):
+        task.cancel()
     server.should_exit = True
-    await serving
-    vllm = state.serving_or_none
-    if vllm is not None:
-        vllm.shutdown()
+    await http
+    serving = state.serving_or_none
+    if serving is not None:
+        serving.shutdown()
     for files in opened:
         files.release_leases()
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -99,9 +102,11 @@ async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
     return 0
 
 
-async def _start(settings: WorkerEnvironment, state: ServingState[VllmServer], front: Front, run_dir: Path,
-                 opened: list[ModelFiles]) -> None:
+async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: Front, run_dir: Path,
+                 opened: list[ModelFiles], background: list[asyncio.Task[None]]) -> None:
+    from hydraserve.runtime.serving.consolidation import consolidate
     from hydraserve.runtime.serving.engine import import_vllm, start_server, write_model_dir
+    from hydraserve.runtime.serving.stage import start_stage
     from hydraserve.runtime.startup import open_files
 
     loop = asyncio.get_running_loop()
@@ -114,13 +119,25 @@ async def _start(settings: WorkerEnvironment, state: ServingState[VllmServer], f
         await imported
         timeline.mark("libraries_imported")
         timeline.mark("config_loaded")
-        vllm = await start_server(settings, model_dir, timeline)
-        _merge_load_timelines(state, await vllm.load_timelines())
-        timeline.mark("engine_ready", role="head")
+        if settings.is_head:
+            vllm = await start_server(settings, model_dir, timeline)
+            _merge_load_timelines(state, await vllm.load_timelines())
+            state.set_serving(vllm)
+            if settings.stage is not None and settings.stage.num_stages > 1 and settings.full:
+                background.append(asyncio.create_task(consolidate(
+                    settings, files, model_dir, vllm, timeline, state.mark_consolidated,
+                    first_request=vllm.engine.served, handover_s=settings.handover_s)))
+        else:
+            stage = await start_stage(settings, model_dir, timeline)
+            def stage_failed(reason: str) -> None:  # from the monitor's thread
+                loop.call_soon_threadsafe(state.set_failed, f"pipeline stage: {reason}")
+
+            stage.watch(stage_failed)
+            state.set_serving(stage)
+        timeline.mark("engine_ready", role="head" if settings.is_head else "stage")
         t0 = timeline.events[0].at
         for event in timeline.events:
             front.metrics.startup_phase.labels(event.name).set(event.at - t0)
-        state.set_serving(vllm)
         log.info("worker ready", extra={"timeline": {e.name: round(e.at - t0, 3) for e in timeline.events}})
     except asyncio.CancelledError:
         raise

@@ -194,7 +194,7 @@ def test_config_parses_transformers_4_spelling(four_layer_dirs: dict[str, Path])
     cfg = ModelConfig.from_hf(hf)
     assert cfg.rope_theta == 500000.0 and cfg.dtype == "bfloat16"
     assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "llama3"
-    assert cfg.head_dim == 16 and cfg.num_kv_heads == 2
+    assert cfg.head_dim == 32 and cfg.num_kv_heads == 2
 
 
 def test_mistral_sliding_window_caps_the_context(four_layer_dirs: dict[str, Path]) -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import pytest
 
 from hydraserve.contracts.stage import StagePlan, StageSpec
 from hydraserve.errors import UnsupportedModelError
-from hydraserve.weights.architectures import Architecture, Part
+from hydraserve.weights.architectures import Architecture, Part, TensorRole
 from hydraserve.weights.layout import (
     balanced_stage_plan,
+    head_is_embedding,
     num_layers_in,
     segment_group,
     stage_byte_profile,
@@ -66,9 +68,18 @@ def test_an_unknown_tensor_is_refused_naming_it_and_the_architecture(arch: Archi
         stage_tensors([known, name], StageSpec.whole(1), arch)
 
 
-def test_unsupported_model_types_are_refused() -> None:
-    with pytest.raises(UnsupportedModelError, match="gpt_neox"):
-        Architecture.from_config({"model_type": "gpt_neox"})
+def test_other_architectures_follow_hugging_face_naming_and_unknown_tensors_are_refused() -> None:
+    neox = Architecture.from_config({"model_type": "gpt_neox"})
+    assert neox.role("gpt_neox.layers.3.attention.dense.weight") == TensorRole(Part.LAYER, 3)
+    assert neox.role("gpt_neox.embed_in.weight").part is Part.EMBEDDING
+    assert neox.role("embed_out.weight").part is Part.HEAD
+    assert neox.role("gpt_neox.final_layer_norm.bias").part is Part.LAST
+    gpt2 = Architecture.from_config({"model_type": "gpt2", "tie_word_embeddings": True})
+    assert gpt2.role("transformer.wpe.weight").part is Part.FIRST
+    assert gpt2.role("transformer.h.11.attn.c_attn.weight") == TensorRole(Part.LAYER, 11)
+    assert gpt2.role("lm_head.weight").part is Part.UNUSED  # tied: the embedding is the head
+    with pytest.raises(UnsupportedModelError, match="vision_tower"):
+        neox.role("vision_tower.patch_embed.proj.weight")
 
 
 def test_llama_stages_partition_the_checkpoint() -> None:
@@ -167,3 +178,31 @@ def test_balanced_plan_rejects_impossible_sizes() -> None:
         balanced_stage_plan([1, 2], 0, 0, 3)
     with pytest.raises(ValueError):
         balanced_stage_plan([1] * 10, 0, 0, 5)
+
+
+@pytest.fixture(scope="module")
+def every_architecture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from hydraserve.modeltools.tiny import ARCHITECTURES, TinySpec, make_tiny_model
+
+    root = tmp_path_factory.mktemp("archs")
+    return {arch: make_tiny_model(root / arch, TinySpec(arch=arch, layers=4)) for arch in ARCHITECTURES}
+
+
+def test_every_architecture_slices_into_stages_that_cover_it(every_architecture: dict[str, Path]) -> None:
+    """Real checkpoints of the 11 architectures vLLM serves here: for p = 1..4 the stages hold every
+    tensor once, the tied embedding excepted (the first stage's input, the last stage's head)."""
+    from hydraserve.weights.model_files import LocalModelFiles
+
+    for arch_name, root in every_architecture.items():
+        files = LocalModelFiles(root)
+        arch, index = files.architecture(), files.tensor_index()
+        assert num_layers_in(index, arch) == 4, arch_name
+        unused = {n for n in index if arch.role(n).part is Part.UNUSED}
+        for p in range(1, 5):
+            stages = _stages(4, [0, *range(1, p), 4])
+            slices = [set(stage_tensors(index, s, arch)) for s in stages]
+            assert set().union(*slices) == set(index) - unused, (arch_name, p)
+            shared = set.intersection(slices[0], slices[-1]) if p > 1 else set()
+            tied = head_is_embedding(index, arch)
+            assert len(shared) == (1 if tied and p > 1 else 0), (arch_name, p, shared)
+            assert all(arch.role(n).part is Part.EMBEDDING for n in shared)

@@ -1,0 +1,85 @@
+"""Consolidation on vLLM: a group's full head starts a standalone engine and the group steps aside.
+
+Started by the worker of a pipeline group's head that was given memory for the whole model
+(``full``). Each step is a moment on the worker's timeline:
+1. after the group's first request (the first token is not slowed by what follows), the layers
+   the head lacks are fetched through its files (the node's loaderd, at background priority:
+   behind any cold start's bytes), and held until step 2 has them (``consolidation_fetched``);
+2. a standalone vLLM engine of the whole model starts in this process beside the group's
+   (its own engine core and worker, forked; our load format reads every tensor from the node's
+   shared memory) (``standalone_started``);
+3. vLLM's OpenAI app moves to it (hydraserve.runtime.serving.handover): new requests go to it at
+   once, requests in flight finish on the group within ``handover_s`` and are re-prefilled on
+   it after that, none lost (``handover_done``, with how many moved);
+4. the group's engine stops (its other stages see their head go) and the worker says it
+   consolidated (``consolidated``): its launcher stops the partial stages and frees their
+   memory; each other full stage becomes a replica on its own (hydraserve.runtime.serving.stage).
+A failure before step 3 leaves the group serving as it was (logged, on the timeline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydraserve.contracts.stage import StageSpec
+from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.weights.model_files import ModelFiles
+
+log = logging.getLogger(__name__)
+
+
+def standalone(settings: WorkerEnvironment) -> WorkerEnvironment:
+    """The same worker holding the whole model alone (no stage, no peers)."""
+    return settings.model_copy(update={"stage": None, "peers": [], "group_layers": [], "transport_port": None})
+
+
+async def fetch_the_rest(files: ModelFiles, stage: StageSpec, timeline: Timeline) -> Any:
+    """The tensors ``stage`` lacks, fetched at background priority and waited for; the source
+    holding them (close it once the standalone engine has its own lease)."""
+    whole = files.stage_tensor_names(StageSpec.whole(stage.num_layers))
+    mine = set(files.stage_tensor_names(stage))
+    missing = [n for n in whole if n not in mine]
+
+    def fetch() -> Any:
+        source = files.tensor_source(missing, background=True)
+        for name in missing:
+            source.get(name)
+        return source
+
+    source = await asyncio.get_running_loop().run_in_executor(None, fetch)
+    timeline.mark("consolidation_fetched", tensors=len(missing))
+    return source
+
+
+async def consolidate(settings: WorkerEnvironment, files: ModelFiles, model_dir: Path, server: Any,
+                      timeline: Timeline, on_done: Callable[[], None], *, first_request: asyncio.Event,
+                      handover_s: float) -> None:
+    """Steps 1-4 of the module docstring; ``server`` is the head's VllmServer (its engine a
+    HandoverEngine), ``on_done`` marks the worker consolidated."""
+    from hydraserve.runtime.serving.engine import build_engine
+
+    assert settings.stage is not None
+    try:
+        await first_request.wait()
+        held = await fetch_the_rest(files, settings.stage, timeline)
+        try:
+            engine = await build_engine(standalone(settings), model_dir, timeline)
+        finally:
+            held.close()
+        timeline.mark("standalone_started")
+    except Exception:
+        log.exception("consolidation failed: the group serves on")
+        timeline.mark("consolidation_failed")
+        return
+    group_engine = server.engine.engine
+    moved = await server.engine.switch(engine, handover_s)
+    timeline.mark("handover_done", moved=moved)
+    group_engine.shutdown()
+    on_done()
+    timeline.mark("consolidated")
+    log.info("consolidated: the whole model serves alone", extra={"moved": moved})
