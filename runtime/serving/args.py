@@ -15,6 +15,7 @@ stage (the planner balances bytes, so stages are uneven).
 from __future__ import annotations
 
 import json
+import os
 
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.runtime.serving.extension import QUALNAME as EXTENSION
@@ -61,9 +62,17 @@ PROCESS_ENV = {
 }
 
 
+# Every variable engine_environment may set (one it leaves out for a worker is unset).
+ENGINE_KEYS = frozenset({*PROCESS_ENV, "OMP_NUM_THREADS", "VLLM_PP_LAYER_PARTITION", "VLLM_HOST_IP",
+                         "SAGEMAKER_CONTAINER_LOG_LEVEL"})
+
+
 def engine_environment(settings: WorkerEnvironment) -> dict[str, str]:
     """Variables vLLM reads for this worker (set before it is imported)."""
     env = dict(PROCESS_ENV)
+    # vLLM's app set-up runs SageMaker's hosting standards, which set the root logger (and its
+    # handlers) to this level, ERROR unless told: every log line of ours below it would vanish.
+    env["SAGEMAKER_CONTAINER_LOG_LEVEL"] = os.environ.get("HYDRASERVE_LOG_LEVEL", "INFO")
     if settings.torch_threads:
         env["OMP_NUM_THREADS"] = str(settings.torch_threads)
     if len(settings.group_layers) > 1:

@@ -27,7 +27,12 @@ from typing import Any
 from hydraserve.contracts.timeline import Timeline, TimelineEvent
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import UnsupportedModelError
-from hydraserve.runtime.serving.args import engine_cli_args, served_model_name
+from hydraserve.runtime.serving.args import (
+    ENGINE_KEYS,
+    engine_cli_args,
+    engine_environment,
+    served_model_name,
+)
 from hydraserve.runtime.serving.handover import HandoverEngine
 from hydraserve.weights.model_files import ModelFiles
 
@@ -93,6 +98,15 @@ class VllmServer:
         self.engine.engine.shutdown()
 
 
+def use_engine_environment(settings: WorkerEnvironment) -> None:
+    """This process's environment as vLLM should see it for ``settings`` (a consolidating head
+    builds a standalone engine after its group's: the group's layer partition must go)."""
+    wanted = engine_environment(settings)
+    for key in ENGINE_KEYS - wanted.keys():
+        os.environ.pop(key, None)
+    os.environ.update(wanted)
+
+
 def parse_engine_args(settings: WorkerEnvironment, model_dir: Path) -> Any:
     """vLLM's own parser over our arguments (its defaults and checks stay its own)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -106,6 +120,7 @@ async def build_engine(settings: WorkerEnvironment, model_dir: Path, timeline: T
     one one-token request (the first client does not pay set-up); built in a thread."""
     from vllm import SamplingParams
 
+    use_engine_environment(settings)  # its processes fork from this one now: they take this environment
     args = parse_engine_args(settings, model_dir)
     engine = await asyncio.get_running_loop().run_in_executor(None, _build_engine, args, timeline)
     try:

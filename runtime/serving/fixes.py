@@ -10,13 +10,17 @@
 2. **Fork, not spawn, for our workers.** The CPU platform forces ``spawn`` for the engine core
    and worker processes, so each imports vLLM again (7 s here). A worker that sets
    ``HYDRASERVE_VLLM_FORK=1`` (ours do: they fork before any torch thread pool exists) keeps
-   ``fork``; every other vLLM user of this environment is left as vLLM decides.
+   ``fork``; every other vLLM user of this environment is left as vLLM decides. A forked child
+   forgets its parent's signal wake-up descriptor: it is the socket of the parent's asyncio
+   loop, and Python writes every signal number the child receives to it, so an engine core
+   told to stop (SIGTERM) made the worker above it believe it had been told to stop too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -66,3 +70,9 @@ def _keep_fork_for_our_workers() -> None:
 
     check_and_update_config._hydraserve_fix = True  # type: ignore[attr-defined]
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[method-assign,assignment]
+    os.register_at_fork(after_in_child=_forget_the_parents_signal_wakeup)
+
+
+def _forget_the_parents_signal_wakeup() -> None:
+    if os.environ.get(FORK_KEY) == "1":
+        signal.set_wakeup_fd(-1)

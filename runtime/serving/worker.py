@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -35,8 +34,7 @@ import uvicorn
 
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.runtime.proc_clock import process_start_time
-from hydraserve.runtime.serving.args import engine_environment
-from hydraserve.runtime.serving.engine import VllmServer
+from hydraserve.runtime.serving.engine import VllmServer, use_engine_environment
 from hydraserve.runtime.serving.front import Front
 from hydraserve.runtime.serving.stage import StageWorkers
 from hydraserve.runtime.serving.state import ServingState
@@ -55,7 +53,7 @@ class _Uvicorn(uvicorn.Server):
 
 def run_worker(settings: WorkerEnvironment, *, adopted_at: float | None = None) -> int:
     """Serve as ``settings`` says until SIGTERM; ``adopted_at``: a pooled process handed its work then."""
-    os.environ.update(engine_environment(settings))  # before vLLM reads them
+    use_engine_environment(settings)  # before vLLM (and huggingface_hub) read it
     return asyncio.run(_serve(settings, adopted_at))
 
 
