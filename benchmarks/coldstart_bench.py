@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging("bench", "WARNING")
     with contextlib.ExitStack() as exits:
-        options = StackOptions(nodes=1, model_dir=args.model_dir, progress=False)
+        options = StackOptions(nodes=1, model_dir=args.model_dir, progress=False,
+                               engine="compact")  # vLLM's baselines: to do (issue 19, item 7)
         link_mb_s, notes = None, []
         if args.rate_mbit > 0:
             from hydraserve.embedded.netns import EmulatedCluster, NodeSpec, netns_available

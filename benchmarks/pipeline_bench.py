@@ -268,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging("bench", "WARNING")
     options = StackOptions(nodes=args.nodes, model_dir=args.model_dir, progress=False,
-                           link_mbit=args.link_mbit or None, loaderd_budget_bytes=1 << 30)
+                           link_mbit=args.link_mbit or None, loaderd_budget_bytes=1 << 30,
+                           engine="compact")  # its modes and KV handovers are the compact engine's (vLLM's: to do)
     with contextlib.ExitStack() as exits:
         stack = exits.enter_context(LocalStack(options))
         link_mb_s = args.link_mbit / 8 if stack.cluster is not None else None

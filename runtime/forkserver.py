@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, required=True, help="file holding the bearer token")
     parser.add_argument("--pool-size", type=int, default=1, help="idle processes it keeps (0: fork on demand)")
     parser.add_argument("--node", default="", help="the node's name (metrics label)")
-    parser.add_argument("--engine", choices=sorted(PRELOAD), default="compact",
+    parser.add_argument("--engine", choices=sorted(PRELOAD), default="vllm",
                         help="the serving engine its workers run (what it imports)")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="where adopted workers may write their logs (default: the socket's directory)")

@@ -91,7 +91,7 @@ class WorkerEnvironment(BaseModel):
     group_layers: list[int] = Field(default_factory=list, description="the decoder layers each stage of its "
                                     "group holds, in stage order (vLLM builds exactly these)")
     engine: Literal["vllm", "compact"] = Field(
-        default="compact", description="the serving engine: vLLM, or our compact engine (Llama family and OPT)")
+        default="vllm", description="the serving engine: vLLM, or our compact engine (Llama family and OPT)")
     kv_cache_bytes: int = Field(default=128 << 20, ge=1 << 20, description="vLLM's KV cache, sized by the "
                                 "launcher from the worker's memory grant (no profiling run)")
     enforce_eager: bool = Field(default=True, description="vLLM without torch.compile (the faster cold start "

@@ -34,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="push this Hugging Face model directory instead of generating one")
+    parser.add_argument("--engine", choices=["vllm", "compact"], default="vllm",
+                        help="the serving engine: vLLM, or our compact engine (Llama family and OPT)")
     parser.set_defaults(func=run)
 
 
@@ -55,7 +57,7 @@ def stack_options(args: argparse.Namespace) -> tuple[Any, str]:
     else:
         who = f"forced to {forced}" if forced else "the planner's choice"
     options = StackOptions(nodes=args.nodes, model_dir=args.model_dir, link_mbit=args.link_mbit or None,
-                           ttft_slo_s=args.ttft_slo, function=function, idle_timeout_s=DEMO_IDLE_S)
+                           ttft_slo_s=args.ttft_slo, function=function, idle_timeout_s=DEMO_IDLE_S, engine=args.engine)
     return options, who
 
 
@@ -182,4 +184,4 @@ def _wait_for_replicas(stack: Any, group: Any, timeout_s: float = 90.0) -> list[
 if __name__ == "__main__":
     sys.exit(run(argparse.Namespace(nodes=2, link_mbit=100.0, pipeline_size=None, ttft_slo=8.0,
                                     group_replicas=1, prompt=DEFAULT_PROMPT, max_tokens=24,
-                                    model_dir=None)))
+                                    model_dir=None, engine="vllm")))

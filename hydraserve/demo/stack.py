@@ -76,6 +76,8 @@ class StackOptions:
     supervise_interval_s: float = 1.0  # how often a dead loaderd is looked for (and started again)
     reconcile_interval_s: float = 5.0  # how often placement learns what each loaderd really holds
     pool_size: int = 1  # idle pre-imported runtime processes per node (runtime/forkserver.py); 0: no pool
+    engine: str = "vllm"  # the serving engine of every worker: vLLM, or our compact engine ("compact")
+    worker: dict[str, Any] = field(default_factory=dict)  # more WorkerEnvironment fields (dtype, kv_cache_bytes, ...)
 
 
 class LocalStack:
@@ -195,11 +197,12 @@ class LocalStack:
 
     @property
     def worker_settings(self) -> dict[str, object]:
-        """Every worker's share of this machine's cores: the emulated nodes share them, and a
+        """Every worker's engine, extra settings and share of this machine's cores: the emulated nodes share them, and a
         stage's idle OpenMP threads would spin on the core another stage computes on (measured:
         a group of 4 decoded at 44 ms a token with torch's 2 threads each, 22 ms with 1; a
         single worker 17 ms either way)."""
-        return {"torch_threads": max(1, (os.cpu_count() or 1) // self.options.nodes)}
+        return {"torch_threads": max(1, (os.cpu_count() or 1) // self.options.nodes), "engine": self.options.engine,
+                **self.options.worker}
 
     def describe_model(self, function: FunctionConfig) -> FunctionSpec:
         """The function's FunctionSpec, from its model in the embedded S3."""
@@ -254,7 +257,8 @@ class LocalStack:
             process = ChildProcess(f"pool {name}", [*self._node_host(name).prefix, sys.executable, "-m",
                                                     "hydraserve.runtime.forkserver", "--socket", str(socket_path),
                                                     "--token-file", str(token_file), "--node", name,
-                                                    "--pool-size", str(self.options.pool_size)],
+                                                    "--pool-size", str(self.options.pool_size),
+                                                    "--engine", self.options.engine],
                                    log_path=self.run_dir / f"pool-{name}.log")
             self._cleanups.append((f"pool {name}", process.stop))
             pools[name] = (process, ForkServerClient(socket_path, token))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.runtime.serving.extension import QUALNAME as EXTENSION
@@ -49,7 +50,13 @@ def engine_cli_args(settings: WorkerEnvironment, model_dir: str) -> list[str]:
     head_host, head_port = settings.peers[0].rsplit(":", 1)
     return [*args, "--distributed-executor-backend", "mp", "--pipeline-parallel-size", str(group.num_stages),
             "--nnodes", str(group.num_stages), "--node-rank", str(group.index),
-            "--master-addr", head_host, "--master-port", head_port]
+            "--master-addr", ip_address_of(head_host), "--master-port", head_port]
+
+
+def ip_address_of(host: str) -> str:
+    """``host`` as an IPv4 address, looked up here (a stage's Service name on Kubernetes): vLLM's
+    process group resolves the master's name in C++, with none of this process's resolvers."""
+    return socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)[0][4][0]
 
 
 # Variables every process that runs vLLM for us sets before importing it (a warm pool too:
@@ -64,7 +71,7 @@ PROCESS_ENV = {
 
 # Every variable engine_environment may set (one it leaves out for a worker is unset).
 ENGINE_KEYS = frozenset({*PROCESS_ENV, "OMP_NUM_THREADS", "VLLM_PP_LAYER_PARTITION", "VLLM_HOST_IP",
-                         "SAGEMAKER_CONTAINER_LOG_LEVEL"})
+                         "GLOO_SOCKET_IFNAME", "SAGEMAKER_CONTAINER_LOG_LEVEL"})
 
 
 def engine_environment(settings: WorkerEnvironment) -> dict[str, str]:
@@ -79,4 +86,17 @@ def engine_environment(settings: WorkerEnvironment) -> dict[str, str]:
         env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in settings.group_layers)
     if settings.host not in ("127.0.0.1", "0.0.0.0", "localhost"):
         env["VLLM_HOST_IP"] = settings.host  # the address its peers reach it on (a node's namespace)
+        interface = interface_of(settings.host)
+        if interface is not None:  # gloo would take the host name's address (loopback in a namespace)
+            env["GLOO_SOCKET_IFNAME"] = interface
     return env
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface of this process's network namespace that holds ``address``."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addresses):
+            return name
+    return None

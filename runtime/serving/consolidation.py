@@ -11,9 +11,8 @@ Started by the worker of a pipeline group's head that was given memory for the w
 3. vLLM's OpenAI app moves to it (hydraserve.runtime.serving.handover): new requests go to it at
    once, requests in flight finish on the group within ``handover_s`` and are re-prefilled on
    it after that, none lost (``handover_done``, with how many moved);
-4. the group's engine stops (its other stages see their head go) and the worker says it
-   consolidated (``consolidated``): its launcher stops the partial stages and frees their
-   memory; each other full stage becomes a replica on its own (hydraserve.runtime.serving.stage).
+4. the worker says it consolidated (``consolidated``): its launcher stops the partial stages
+   and frees their memory; then the group's engine stops, in a thread (the serving loop goes on).
 A failure before step 3 leaves the group serving as it was (logged, on the timeline).
 """
 
@@ -44,6 +43,8 @@ async def fetch_the_rest(files: ModelFiles, stage: StageSpec, timeline: Timeline
     whole = files.stage_tensor_names(StageSpec.whole(stage.num_layers))
     mine = set(files.stage_tensor_names(stage))
     missing = [n for n in whole if n not in mine]
+
+    timeline.mark("consolidation_fetch_started", tensors=len(missing))
 
     def fetch() -> Any:
         source = files.tensor_source(missing, background=True)
@@ -79,7 +80,7 @@ async def consolidate(settings: WorkerEnvironment, files: ModelFiles, model_dir:
     group_engine = server.engine.engine
     moved = await server.engine.switch(engine, handover_s)
     timeline.mark("handover_done", moved=moved)
-    group_engine.shutdown()
-    on_done()
+    on_done()  # the launcher may stop the other stages now: nothing runs on the group any more
     timeline.mark("consolidated")
+    await asyncio.get_running_loop().run_in_executor(None, server.engine.retire, group_engine)  # off the loop
     log.info("consolidated: the whole model serves alone", extra={"moved": moved})

@@ -140,6 +140,8 @@ async def start_server(settings: WorkerEnvironment, model_dir: Path, timeline: T
     from vllm.entrypoints.launchers.app import build_app
 
     engine = await build_engine(settings, model_dir, timeline)
+    if settings.stage is not None and settings.stage.num_stages > 1:  # every stage joined and loaded
+        timeline.mark("group_linked", stages=settings.stage.num_stages)
     try:
         handover = HandoverEngine(engine)
         args = parse_engine_args(settings, model_dir)

@@ -87,6 +87,9 @@ class FrontMetrics:
         self.latency = Histogram("hydraserve_runtime_request_seconds", "Request latency to the last byte",
                                  ["route"], registry=self.registry)
         self.inflight = Gauge("hydraserve_runtime_inflight_requests", "Requests in flight", registry=self.registry)
+        self.client_gone = Counter("hydraserve_runtime_client_gone_total",
+                                   "Requests whose client left before their end (vLLM aborts them)",
+                                   registry=self.registry)
         self.startup_phase = Gauge("hydraserve_runtime_startup_seconds",
                                    "Seconds from process start to each start-up phase", ["phase"],
                                    registry=self.registry)
@@ -165,7 +168,20 @@ class Front:
         if scope["method"] == "POST":
             body = self._checked(scope["path"], _header(scope, "content-type"), body)
         server = await self.state.serving(self.ready_wait_s)
-        await server.app(_with_body(scope, body), _replay(body, receive), _rewriting_errors(send))
+        answered = [False]
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered[0] = True
+            await send(message)
+
+        async def noticing_departure() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not answered[0]:
+                self.metrics.client_gone.inc()
+            return message
+
+        await server.app(_with_body(scope, body), _replay(body, noticing_departure), _rewriting_errors(watched))
 
     def _checked(self, path: str, content_type: str, body: bytes) -> bytes:
         """The body vLLM gets: JSON, its parameters all taken, ``return_token_ids`` on by default."""

@@ -35,6 +35,7 @@ class HandoverEngine:
         self._move: dict[int, asyncio.Event] = {}  # id(engine) -> set once its requests must move
         self.moved = 0  # requests re-prefilled on a new engine (tests and the timeline read it)
         self.served = asyncio.Event()  # a request has been answered to its end
+        self._retired: list[Any] = []  # kept: collecting one would stop the renderer still in use
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -63,6 +64,18 @@ class HandoverEngine:
         self._move.pop(id(old), None)
         return self.moved - moved_before
 
+    def retire(self, old: Any) -> None:
+        """Stop an engine switched away from, all but its renderer (tokenizer, chat templates):
+        vLLM's serving layer took the first engine's renderer when the app was built and keeps
+        using it (``AsyncLLM.shutdown``, also run when the object is collected, would stop its
+        thread pool under every later request). The object is kept for that reason."""
+        from vllm.utils.async_utils import cancel_task_threadsafe
+
+        self._retired.append(old)
+        old.engine_core.shutdown()
+        if old.output_handler is not None:
+            cancel_task_threadsafe(old.output_handler)
+
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str,
                        **kwargs: Any) -> AsyncGenerator[Any, None]:
         from vllm.sampling_params import RequestOutputKind
@@ -75,8 +88,8 @@ class HandoverEngine:
         original_prompt = prompt
         params = sampling_params
         self._owner[request_id] = engine
+        stream = engine.generate(prompt, params, request_id, **kwargs)
         try:
-            stream = engine.generate(prompt, params, request_id, **kwargs)
             while True:
                 move = self._move.setdefault(id(engine), asyncio.Event()) if movable else None
                 out = await _next_or_moved(stream, move)
@@ -104,6 +117,7 @@ class HandoverEngine:
                     return
         finally:
             self._owner.pop(request_id, None)
+            await stream.aclose()  # a client gone (or any early exit): vLLM aborts the request
 
 
 _MOVED = object()
@@ -124,6 +138,9 @@ async def _next_or_moved(stream: Any, move: asyncio.Event | None) -> Any:
     moving = asyncio.ensure_future(move.wait())
     try:
         await asyncio.wait({step, moving}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the caller went away: the stream is free to close after this
+        await _cancelled(step)
+        raise
     finally:
         moving.cancel()
     if step.done():
@@ -131,13 +148,17 @@ async def _next_or_moved(stream: Any, move: asyncio.Event | None) -> Any:
             return step.result()
         except StopAsyncIteration:
             return _ENDED
+    await _cancelled(step)
+    await stream.aclose()
+    return _MOVED
+
+
+async def _cancelled(step: asyncio.Future[Any]) -> None:
     step.cancel()
     try:
         await step
     except (asyncio.CancelledError, StopAsyncIteration):
         pass
-    await stream.aclose()
-    return _MOVED
 
 
 def _continued(prompt: Any, params: Any, produced: list[int]) -> tuple[Any, Any]:

@@ -33,7 +33,7 @@ def stack(tiny_llama_dir: Path) -> Iterator[LocalStack]:
     # keep_alive fixed: the tests here wait for zero after 2 s idle, whatever the module's requests
     # taught the function's histogram (its policy has tests of its own)
     options = StackOptions(nodes=2, model_dir=tiny_llama_dir, idle_timeout_s=2.0, progress=False,
-                           reconcile_interval_s=1.0, function={"keep_alive": "fixed"})
+                           reconcile_interval_s=1.0, function={"keep_alive": "fixed"}, worker={"dtype": "float32"})
     with LocalStack(options) as s:
         yield s
     assert s.leftovers == [], "shared memory segments left behind"
@@ -137,10 +137,9 @@ def test_a_prewarm_fetches_a_functions_weights_into_a_loaderd_before_its_first_c
 
 
 def worker_metric(url: str, name: str) -> float:
-    for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    """The sum of a metric's samples (every label set) as the worker exports it."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines()
+               if line.startswith((name + " ", name + "{")))
 
 
 def test_clients_that_leave_stop_their_generation_in_the_engine(stack: LocalStack) -> None:
@@ -155,7 +154,7 @@ def test_clients_that_leave_stop_their_generation_in_the_engine(stack: LocalStac
         for _ in range(3):
             next(data)
     (worker,) = stack.gateway.scaler("tiny-llama").endpoints
-    tokens = "hydraserve_runtime_generated_tokens_total"
+    tokens = "vllm:generation_tokens_total"
     deadline = time.monotonic() + 10
     while worker_metric(worker.url, "hydraserve_runtime_client_gone_total") < 1:
         assert time.monotonic() < deadline, "the worker never saw the client leave"
@@ -348,7 +347,7 @@ def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(gro
     then loads the rest through its loaderd and takes over, the inner stage's worker is stopped
     and its memory freed; at zero the head stops too and nothing is left."""
     model_dir = group_llama_dir
-    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=3.0, idle_timeout_s=5.0,
+    options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=3.0, idle_timeout_s=15.0,
                            progress=False, function_name="grouped")
     with LocalStack(options) as stack:
         assert stack.gateway is not None
@@ -376,7 +375,7 @@ def test_a_pipeline_group_cold_starts_serves_consolidates_and_scales_to_zero(gro
         head_events = [e.name for e in merged.events if e.component == "worker"]
         assert head_events.index("consolidation_fetch_started") < head_events.index("consolidated")
         inner_events = [e.name for e in merged.events if e.component == "stage1"]  # kept after it stopped
-        assert {"weights_attached", "kv_cache_allocated", "engine_ready"} <= set(inner_events)
+        assert {"weights_attached", "weights_loaded", "stage_joined", "engine_ready"} <= set(inner_events)
         assert "tokenizer" not in " ".join(inner_events)
         scaler = stack.gateway.scaler("grouped")
         deadline = time.monotonic() + 30
@@ -394,7 +393,8 @@ def test_a_group_with_two_full_workers_becomes_two_replicas_behind_the_gateway(g
     answers transformers' tokens, and at zero both stop and every byte of memory is back."""
     model_dir = group_llama_dir
     options = StackOptions(nodes=2, model_dir=model_dir, node_nic_gbps=0.05, ttft_slo_s=3.0, idle_timeout_s=5.0,
-                           progress=False, function_name="replicated", function={"group_replicas": 2})
+                           progress=False, function_name="replicated", function={"group_replicas": 2},
+                           engine="compact")  # vLLM groups do not split into replicas yet
     with LocalStack(options) as stack:
         assert stack.gateway is not None and stack.backend is not None
         at_zero = free_gb(stack)

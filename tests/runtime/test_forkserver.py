@@ -1,4 +1,5 @@
-"""The node's warm pool (runtime/forkserver.py) as a real process over its real Unix socket:
+"""The node's warm pool (runtime/forkserver.py) as a real process over its real Unix socket (of our
+compact engine, which imports in 2 s; a pool of vLLM workers: tests/runtime/test_vllm_worker.py):
 pooled processes forked while the server is its only thread, adopted as workers with the
 identity and stage their environment names, replaced when they die idle (never handed out), gone
 with the server; the launcher falls back to spawning when the pool does not answer."""
@@ -47,7 +48,8 @@ class Pool:
         self.socket = tmp / "pool.sock"
         self.process = ChildProcess("pool", [sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
                                              str(self.socket), "--token-file", str(token_file), "--pool-size",
-                                             str(size), "--node", "n0"], log_path=tmp / "pool.log")
+                                             str(size), "--node", "n0", "--engine", "compact"],
+                                    log_path=tmp / "pool.log")
         self.client = ForkServerClient(self.socket, token)
         self.token = token
         wait_until_serving(self.client, 60)
@@ -72,7 +74,8 @@ def pool(tmp_path: Path) -> Iterator[Pool]:
 
 def worker_env(model_dir: Path, **fields: object) -> WorkerEnvironment:
     return WorkerEnvironment.model_validate({"model_uri": str(model_dir), "function": "fn", "revision": "fn-00001",
-                                             "instance_id": "fn-abc", "port": free_port(), **fields})
+                                             "instance_id": "fn-abc", "port": free_port(), "engine": "compact",
+                                             **fields})
 
 
 def launch(pool: Pool, tmp: Path, env: WorkerEnvironment):  # type: ignore[no-untyped-def]

@@ -96,7 +96,7 @@ def test_a_group_of_worker_processes_is_ready_only_whole_and_notices_a_dead_stag
         return launcher.launch("node", WorkerEnvironment(
             model_uri=str(model_dir), function="grp", instance_id="grp-1", host=slots[i].host, port=slots[i].port,
             transport_port=slots[i].transport_port, stage=plan.stages[i], peers=peers, full=False,
-            max_batch=2, link_timeout_s=60, spawned_at=time.time()))
+            max_batch=2, link_timeout_s=60, spawned_at=time.time(), engine="compact"))  # its TCP ring
 
     head = start(0)
     inner = None
