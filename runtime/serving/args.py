@@ -56,7 +56,7 @@ def engine_cli_args(settings: WorkerEnvironment, model_dir: str) -> list[str]:
 def ip_address_of(host: str) -> str:
     """``host`` as an IPv4 address, looked up here (a stage's Service name on Kubernetes): vLLM's
     process group resolves the master's name in C++, with none of this process's resolvers."""
-    return socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)[0][4][0]
+    return str(socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)[0][4][0])
 
 
 # Variables every process that runs vLLM for us sets before importing it (a warm pool too:
