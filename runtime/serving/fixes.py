@@ -13,7 +13,10 @@
    ``fork``; every other vLLM user of this environment is left as vLLM decides. A forked child
    forgets its parent's signal wake-up descriptor: it is the socket of the parent's asyncio
    loop, and Python writes every signal number the child receives to it, so an engine core
-   told to stop (SIGTERM) made the worker above it believe it had been told to stop too.
+   told to stop (SIGTERM) made the worker above it believe it had been told to stop too. And it
+   dies with the thread that forked it (``PR_SET_PDEATHSIG``): a pipeline stage's vLLM worker
+   whose parent went (SIGKILLed, or gone without stopping it) spun on forever, deaf to
+   SIGTERM, since vLLM's parent-death monitor marks it stopping and then never stops it.
 """
 
 from __future__ import annotations
@@ -74,5 +77,23 @@ def _keep_fork_for_our_workers() -> None:
 
 
 def _forget_the_parents_signal_wakeup() -> None:
-    if os.environ.get(FORK_KEY) == "1":
-        signal.set_wakeup_fd(-1)
+    if os.environ.get(FORK_KEY) != "1":
+        return
+    signal.set_wakeup_fd(-1)
+    _die_with_parent()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the forking thread's process ends (Linux); nothing elsewhere."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent went between the fork and here
+        os._exit(1)

@@ -20,6 +20,7 @@ Started by launchers (``python -m hydraserve.runtime.worker``, which picks this 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import signal
@@ -96,8 +97,30 @@ async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
     for files in opened:
         files.release_leases()
     shutil.rmtree(run_dir, ignore_errors=True)
+    _stop_what_is_left()
     log.info("stopped")
     return 0
+
+
+def _stop_what_is_left() -> None:
+    """Any process of vLLM's still below this one once it has stopped (one that did not hear
+    its shutdown) is killed: a stopped worker leaves nothing behind."""
+    import psutil
+
+    left = [p for p in psutil.Process().children(recursive=True) if not _is_resource_tracker(p)]
+    for child in left:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    if left:
+        log.warning("killed %d process(es) left after the engine stopped", len(left))
+
+
+def _is_resource_tracker(process: Any) -> bool:
+    """Python's resource tracker (it unlinks vLLM's shared-memory queues once we exit)."""
+    try:
+        return any("resource_tracker" in part for part in process.cmdline())
+    except Exception:
+        return False
 
 
 async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: Front, run_dir: Path,

@@ -35,6 +35,19 @@ def stack(group_model: Path) -> Iterator[LocalStack]:
         yield s
     assert s.leftovers == [], "shared memory segments left behind"
     assert s.backend.launcher.running() == [], "worker processes left behind"
+    assert vllm_processes() == [], "vLLM processes left behind"
+
+
+def vllm_processes() -> list[str]:
+    """vLLM's engine and worker processes anywhere on the machine (they name themselves VLLM::)."""
+    import psutil
+
+    deadline = time.monotonic() + 5  # a stopped worker's children go within a moment
+    while True:
+        left = [f"{p.pid} {p.name()}" for p in psutil.process_iter(["name"]) if p.name().startswith("VLLM::")]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 def client(stack: LocalStack) -> openai.OpenAI:
