@@ -102,6 +102,7 @@ def _measure(stack: Any, args: argparse.Namespace, link_mb_s: float | None, note
     backends = {mode: LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / mode,
                                    describe_model=stack.describe_model,
                                    s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
+                                   worker_settings=stack.worker_settings,
                                    prefetch=mode != "baseline", pools=pools if mode == "warm_pool" else None)
                 for mode in ("baseline", "ours", "warm_pool")}
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": [], "ours_warm_node": [], "warm_pool": []}

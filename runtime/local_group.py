@@ -29,7 +29,8 @@ class LocalGroup:
 
     def __init__(self, model_uri: str, pipeline_size: int, *, endpoint_url: str | None = None,
                  dtype: str | None = None, max_batch: int = 1, log_dir: Path | None = None) -> None:
-        head = WorkerEnvironment(model_uri=model_uri, s3_endpoint_url=endpoint_url, dtype=dtype, max_batch=max_batch)
+        head = WorkerEnvironment(model_uri=model_uri, s3_endpoint_url=endpoint_url, dtype=dtype, max_batch=max_batch,
+                                 engine="compact")  # its stages link by our TCP ring
         files = open_files(head, Timeline())
         sizes = {name: entry.nbytes for name, entry in files.tensor_index().items()}
         profile = stage_byte_profile(sizes, files.architecture())

@@ -117,7 +117,11 @@ class Front:
         own = {("GET", "/healthz"): self._healthz, ("GET", "/readyz"): self._readyz,
                ("GET", "/metrics"): self._metrics, ("GET", "/v1/hydraserve/timeline"): self._timeline}
         if (method, path) in own:
-            await own[(method, path)](send)
+            try:
+                await own[(method, path)](send)
+            except Exception:
+                log.exception("%s %s failed", method, path)
+                await _send_error(send, HydraError("internal error"))
             return
         route = path if self.api and ((method, path) in VLLM_ROUTES or (method, path) == ("POST", "/")) else "unmatched"
         started = time.monotonic()

@@ -89,6 +89,7 @@ class HandoverEngine:
         params = sampling_params
         self._owner[request_id] = engine
         stream = engine.generate(prompt, params, request_id, **kwargs)
+        ended = False
         try:
             while True:
                 move = self._move.setdefault(id(engine), asyncio.Event()) if movable else None
@@ -102,6 +103,7 @@ class HandoverEngine:
                     stream = engine.generate(prompt, params, request_id, **kwargs)
                     continue
                 if out is _ENDED:
+                    ended = True
                     return
                 if prompt is not original_prompt:  # re-prefilled: the client sees its own prompt
                     out = _as_continuation(out, original_prompt, sampling_params.output_kind, *before_move)
@@ -111,13 +113,15 @@ class HandoverEngine:
                 elif sampling_params.output_kind == RequestOutputKind.CUMULATIVE and out.outputs:
                     produced[:] = list(out.outputs[0].token_ids)
                     texts[:] = [out.outputs[0].text]
+                ended = out.finished
                 yield out
                 if out.finished:
                     self.served.set()
                     return
         finally:
             self._owner.pop(request_id, None)
-            await stream.aclose()  # a client gone (or any early exit): vLLM aborts the request
+            if not ended:  # a client gone (or any early exit): closing the stream aborts it in vLLM
+                await stream.aclose()
 
 
 _MOVED = object()

@@ -136,10 +136,10 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
         files = await loop.run_in_executor(None, open_files, settings, timeline)  # loaderd's read-ahead starts
         opened.append(files)
         imported = loop.run_in_executor(None, import_vllm)
+        imported.add_done_callback(lambda _: timeline.mark("libraries_imported"))
         model_dir = await loop.run_in_executor(None, write_model_dir, files, run_dir / "model")
-        await imported
-        timeline.mark("libraries_imported")
         timeline.mark("config_loaded")
+        await imported
         if settings.is_head:
             vllm = await start_server(settings, model_dir, timeline)
             _merge_load_timelines(state, await vllm.load_timelines())

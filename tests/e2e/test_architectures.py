@@ -30,10 +30,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def stack(models: dict[str, Path]) -> Iterator[LocalStack]:
     options = StackOptions(nodes=1, model_dir=models["llama"], function_name="llama", idle_timeout_s=2.0,
                            progress=False, function={"keep_alive": "fixed"}, worker={"dtype": "float32"},
-                           more_functions={arch: str(path) for arch, path in models.items() if arch != "llama"})
+                           more_functions={name(arch): str(path) for arch, path in models.items() if arch != "llama"})
     with LocalStack(options) as s:
         yield s
     assert s.leftovers == []
+
+
+def name(arch: str) -> str:
+    """The function serving ``arch`` (function names are DNS labels)."""
+    return arch.replace("_", "-")
 
 
 def transformers_greedy(model_dir: Path, n: int) -> list[int]:
@@ -49,9 +54,9 @@ def transformers_greedy(model_dir: Path, n: int) -> list[int]:
 def test_each_architecture_answers_transformers_greedy_through_the_gateway(stack: LocalStack, models: dict[str, Path],
                                                                           arch: str) -> None:
     r = requests.post(stack.gateway_url + "/v1/completions", timeout=180, json={
-        "model": arch, "prompt": PROMPT_IDS, "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+        "model": name(arch), "prompt": PROMPT_IDS, "max_tokens": 10, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["token_ids"] == transformers_greedy(models[arch], 10), arch
-    timeline = stack.gateway.cold_start_timeline(arch)  # type: ignore[union-attr]
+    timeline = stack.gateway.cold_start_timeline(name(arch))  # type: ignore[union-attr]
     attached = timeline.first("weights_attached")
     assert attached is not None and attached.detail["via"] == "loaderd"

@@ -144,16 +144,21 @@ def worker_metric(url: str, name: str) -> float:
 
 def test_clients_that_leave_stop_their_generation_in_the_engine(stack: LocalStack) -> None:
     """Through the gateway to a real worker: a stream the client closes after 3 tokens, and a
-    non-streamed request whose client times out, each stop long before their max_tokens."""
-    assert stack.gateway is not None
-    url = stack.function_url() + "/v1/completions"
+    non-streamed request whose client times out, each stop long before their max_tokens. A
+    function of its own, kept through pauses the test's direct reads of the worker make (the
+    module's function scales to zero after 2 s idle)."""
+    assert stack.gateway is not None and stack.backend is not None
+    lingering = FunctionConfig(name="lingering", model_uri=stack.model_uri, keep_alive="fixed", idle_timeout_s=120.0)
+    stack.backend.prepare(lingering)
+    stack.gateway.register(lingering)
+    url = stack.function_url("lingering") + "/v1/completions"
     body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
     with requests.post(url, json=body | {"stream": True}, stream=True, timeout=60) as r:
         assert r.status_code == 200
         data = (line for line in r.iter_lines() if line.startswith(b"data:"))
         for _ in range(3):
             next(data)
-    (worker,) = stack.gateway.scaler("tiny-llama").endpoints
+    (worker,) = stack.gateway.scaler("lingering").endpoints
     tokens = "vllm:generation_tokens_total"
     deadline = time.monotonic() + 10
     while worker_metric(worker.url, "hydraserve_runtime_client_gone_total") < 1:
