@@ -4,6 +4,8 @@ Every backend needs it once per function (at deploy time, not on a cold start): 
 of each decoder layer, of what only stage 0 holds and of what only the last stage holds, by the
 stage slicer's own rules (hydraserve.weights.layout), so the planner's byte counts are the
 bytes loaderd will fetch. Reads config.json and the safetensors headers (one ranged GET each).
+A model whose architecture the serving engine does not run is refused here, naming it: a function
+of it is never created (hydraserve.weights.servable).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE
 from hydraserve.weights.layout import stage_byte_profile
 from hydraserve.weights.model_files import ModelFiles
+from hydraserve.weights.servable import check_servable
 
 
 def describe_model(function: FunctionConfig, files: ModelFiles) -> FunctionSpec:
     """The FunctionSpec of ``function`` (whose model ``files`` opens) with its SLOs."""
+    check_servable(files.config(), function.model_uri)
     sizes = {name: entry.nbytes for name, entry in files.tensor_index().items()}
     profile = stage_byte_profile(sizes, files.architecture())
     return FunctionSpec(

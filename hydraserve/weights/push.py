@@ -70,9 +70,16 @@ def configure_push(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from hydraserve.errors import HydraError
+    import json
+
+    from hydraserve.errors import HydraError, UnsupportedModelError
+    from hydraserve.weights.servable import check_servable
 
     try:
+        config = Path(args.dir) / "config.json"
+        if not config.is_file():
+            raise UnsupportedModelError(f"{args.dir} has no config.json: not a Hugging Face model directory")
+        check_servable(json.loads(config.read_text()), args.dir)  # before a byte is uploaded
         manifest = push_model(args.dir, args.uri, args.endpoint_url, progress=not args.no_progress,
                               create_bucket=args.create_bucket)
     except HydraError as exc:

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     create = sub.add_parser("create", help="write a function's Knative Service")
     add_function_flags(create)
     create.add_argument("--gpu", type=int, default=None, help="GPUs per worker (0: a CPU worker; default 1)")
-    create.add_argument("--image", default=None, help="the runtime image (default: the release's)")
+    create.add_argument("--image", default=None, help="the runtime image (default: the release's GPU image, its CPU "
+                        "image with --gpu 0: only the GPU image asks for GPUs)")
     create.add_argument("--cpu", default=None, help="CPU each worker requests (default 2)")
     create.add_argument("--memory", default=None, help="host memory of each worker, e.g. 4Gi (default 32Gi)")
     create.add_argument("--timeout", type=duration_s, default=None,

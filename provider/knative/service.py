@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from hydraserve.activator.functions import validate_function_name
 from hydraserve.contracts.pod import ROLE_FILE_KEY, WORKER_SECRET_KEY, worker_secret_name
@@ -40,7 +40,8 @@ SCHEDULER_NAME = "hydraserve-scheduler"
 LOADERD_HOST_DIR = "/run/hydraserve/loaderd"  # the DaemonSet's segments (a host tmpfs directory)
 ROLE_DIR = "/etc/hydraserve/pod"  # the pod's annotations, as files
 RUNTIME_PORT = 8080
-DEFAULT_IMAGE = "ghcr.io/OWNER/hydraserve:0.1.0"
+DEFAULT_IMAGE = "ghcr.io/OWNER/hydraserve:0.1.0"  # vLLM for CPUs (manifests/Dockerfile)
+DEFAULT_GPU_IMAGE = DEFAULT_IMAGE + "-cuda"  # vLLM with CUDA (the Dockerfile's ENGINE=gpu variant)
 
 
 def seconds_text(seconds: float) -> str:
@@ -57,7 +58,8 @@ class HydraService(BaseModel):
     ttft_slo_s: float = Field(default=7.5, gt=0)
     tpot_slo_s: float = Field(default=0.2, gt=0)
     gpus: int = Field(default=1, ge=0, le=8, description="GPUs per worker (0: a CPU worker)")
-    image: str = DEFAULT_IMAGE
+    image: str = Field(default="", description="the runtime image; default: the GPU variant when the worker "
+                       "has GPUs, the CPU one when it has none (only the GPU image asks for a GPU)")
     concurrency: int = Field(default=32, ge=0, description="requests one instance serves at once (0: no limit)")
     max_instances: int = Field(default=4, ge=1, le=64)
     group_replicas: int = Field(default=1, description="on Knative always 1: a consolidated group is one pod, "
@@ -68,6 +70,12 @@ class HydraService(BaseModel):
     timeout_s: int = Field(default=600, ge=1, le=600, description="the revision's timeoutSeconds: a cold start and "
                            "the whole answer must fit (at most Knative's default max-revision-timeout-seconds)")
     s3_secret: str | None = Field(default="hydraserve-s3", description="a Secret with the S3 credentials")
+
+    @model_validator(mode="after")
+    def _image_for_the_device(self) -> HydraService:
+        if not self.image:
+            self.image = DEFAULT_GPU_IMAGE if self.gpus else DEFAULT_IMAGE
+        return self
 
     @field_validator("group_replicas")
     @classmethod

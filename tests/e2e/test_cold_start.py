@@ -445,3 +445,25 @@ def test_a_group_with_two_full_workers_becomes_two_replicas_behind_the_gateway(g
         assert stack.placement.cluster().active_plans == 0
         assert free_gb(stack) == pytest.approx(at_zero)
     assert stack.leftovers == []
+
+
+def test_a_function_of_an_architecture_vllm_does_not_run_is_refused_at_creation(stack: LocalStack,
+                                                                                tiny_llama_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from hydraserve.demo.model import push_directory
+
+    model = tmp_path / "bert"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"architectures": ["BertForMaskedLM"]}))
+    uri = push_directory(stack.s3, model, "bert", progress=False)  # pushed by hand, past the push's check
+    r = requests.post(stack.gateway_url + "/v1/functions", timeout=30,
+                      headers={"Authorization": f"Bearer {stack.gateway_token}"}, json={"name": "bert", "model_uri": uri})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "model_uri" and "vLLM does not run the architecture BertForMaskedLM" in error["message"]
+    assert "bert" not in [f["name"] for f in requests.get(stack.gateway_url + "/v1/functions", timeout=10, headers={
+        "Authorization": f"Bearer {stack.gateway_token}"}).json()["functions"]]

@@ -22,13 +22,13 @@ from hydraserve.provider.backends.process import WorkerProcess
 from tests.e2e.test_cold_start import PROMPT, transformers_greedy
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def group_model(group_llama_dir: Path) -> Path:
     return group_llama_dir
 
 
-@pytest.fixture(scope="module")
-def stack(group_model: Path) -> Iterator[LocalStack]:  # each test leaves the function at zero
+@pytest.fixture
+def stack(group_model: Path) -> Iterator[LocalStack]:  # a fresh one: what the last held would change the plan
     options = StackOptions(nodes=2, model_dir=group_model, node_nic_gbps=0.05, ttft_slo_s=3.0, idle_timeout_s=30.0,
                            progress=False, function_name="grouped", function={"consolidate": False})
     with LocalStack(options) as s:

@@ -64,7 +64,20 @@ def test_the_dry_run_passes_the_schemas_and_knatives_rules_with_the_install_sett
     spec = template["spec"]
     assert spec["schedulerName"] == "hydraserve-scheduler" and spec["timeoutSeconds"] == 600
     assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert spec["containers"][0]["image"].endswith("-cuda")  # a GPU asked for: the image with vLLM for CUDA
     assert notes["serving.knative.dev/progress-deadline"] == "600s"  # covers the cold start, as the timeout
+
+
+def test_only_the_gpu_image_asks_for_a_gpu() -> None:
+    from hydraserve.provider.knative.service import DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, HydraService, knative_service
+
+    for gpus, image in ((0, DEFAULT_IMAGE), (2, DEFAULT_GPU_IMAGE)):
+        container = knative_service(HydraService(name="f", model_uri="s3://m/x", gpus=gpus))["spec"]["template"][
+            "spec"]["containers"][0]
+        assert container["image"] == image
+        assert container["resources"]["limits"].get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+    mine = HydraService(name="f", model_uri="s3://m/x", gpus=0, image="registry/mine:1")
+    assert mine.image == "registry/mine:1"  # an image named is the user's
 
 
 def test_under_knatives_defaults_the_same_service_is_refused_for_what_the_install_enables(
