@@ -69,7 +69,12 @@ def test_the_dry_run_passes_the_schemas_and_knatives_rules_with_the_install_sett
 
 
 def test_only_the_gpu_image_asks_for_a_gpu() -> None:
-    from hydraserve.provider.knative.service import DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, HydraService, knative_service
+    from hydraserve.provider.knative.service import (
+        DEFAULT_GPU_IMAGE,
+        DEFAULT_IMAGE,
+        HydraService,
+        knative_service,
+    )
 
     for gpus, image in ((0, DEFAULT_IMAGE), (2, DEFAULT_GPU_IMAGE)):
         container = knative_service(HydraService(name="f", model_uri="s3://m/x", gpus=gpus))["spec"]["template"][
