@@ -219,3 +219,28 @@ def test_a_model_without_a_tokenizer_fails_saying_so(vllm_pool: Any, tiny_llama_
             w.wait_ready(120)
     finally:
         w.stop(grace_s=5)
+
+
+def test_no_body_gives_a_500(worker: Any) -> None:
+    """hypothesis throws JSON at the vLLM worker's body-taking routes: every answer is a success
+    or a 4xx in our error shape (the compact engine's apps: tests/test_fuzz_bodies.py)."""
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.test_fuzz_bodies import bodies
+
+    keys = {"/v1/completions": ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                                "n", "logprobs", "logit_bias", "stream", "frequency_penalty", "min_tokens"],
+            "/v1/chat/completions": ["model", "messages", "max_completion_tokens", "temperature", "logprobs",
+                                     "top_logprobs", "response_format", "tools", "tool_choice", "stream"]}
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(data=bodies(keys["/v1/completions"]) | bodies(keys["/v1/chat/completions"]))
+    def fuzz(data: Any) -> None:
+        for path in keys:
+            r = requests.post(worker.url + path, json=data, timeout=60)
+            assert r.status_code < 500, (path, data, r.text[:300])
+            if r.status_code >= 400:
+                error = r.json()["error"]
+                assert {"message", "type", "param", "code", "retryable"} <= error.keys()
+
+    fuzz()

@@ -67,7 +67,7 @@ def write_model(out: Path, tensors: dict[str, torch.Tensor], shards: int = 1,
                 config: dict | None = None) -> Path:
     """config.json, tokenizer.json and the weights (sharded with an index when shards > 1)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
+    (out / "config.json").write_text(json.dumps(config or {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     (out / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {}}}))
     if shards == 1:
         save_file(tensors, str(out / "model.safetensors"))
