@@ -116,12 +116,37 @@ def parse_engine_args(settings: WorkerEnvironment, model_dir: Path) -> Any:
 
 
 async def build_engine(settings: WorkerEnvironment, model_dir: Path, timeline: Timeline) -> Any:
-    """vLLM's engine (``AsyncLLM``), its weights loaded through our load format, warmed up by
-    one one-token request (the first client does not pay set-up); built in a thread."""
+    """vLLM's engine (``AsyncLLM``) for ``settings``, warmed up (a consolidating head's second one)."""
+    use_engine_environment(settings)  # its processes fork from this one now: they take this environment
+    return await _started(parse_engine_args(settings, model_dir), timeline)
+
+
+async def start_server(settings: WorkerEnvironment, model_dir: Path, timeline: Timeline) -> VllmServer:
+    """vLLM's engine and OpenAI app over it."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    use_engine_environment(settings)
+    args = parse_engine_args(settings, model_dir)
+    engine = await _started(args, timeline)
+    if settings.stage is not None and settings.stage.num_stages > 1:  # every stage joined and loaded
+        timeline.mark("group_linked", stages=settings.stage.num_stages)
+    try:
+        handover = HandoverEngine(engine)
+        tasks = await engine.get_supported_tasks()
+        app = build_app(args, tasks, engine.model_config)
+        await init_app_state(handover, app.state, args, tasks)  # type: ignore[arg-type]  # forwards EngineClient's
+    except BaseException:
+        engine.shutdown()
+        raise
+    return VllmServer(handover, app, served_model_name(settings))
+
+
+async def _started(args: Any, timeline: Timeline) -> Any:
+    """The engine of ``args``, its weights loaded through our load format, warmed up by one
+    one-token request (the first client does not pay set-up); built in a thread."""
     from vllm import SamplingParams
 
-    use_engine_environment(settings)  # its processes fork from this one now: they take this environment
-    args = parse_engine_args(settings, model_dir)
     engine = await asyncio.get_running_loop().run_in_executor(None, _build_engine, args, timeline)
     try:
         async for _ in engine.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=1),
@@ -132,26 +157,6 @@ async def build_engine(settings: WorkerEnvironment, model_dir: Path, timeline: T
         raise
     timeline.mark("warmed_up")
     return engine
-
-
-async def start_server(settings: WorkerEnvironment, model_dir: Path, timeline: Timeline) -> VllmServer:
-    """vLLM's engine and OpenAI app over it."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
-
-    engine = await build_engine(settings, model_dir, timeline)
-    if settings.stage is not None and settings.stage.num_stages > 1:  # every stage joined and loaded
-        timeline.mark("group_linked", stages=settings.stage.num_stages)
-    try:
-        handover = HandoverEngine(engine)
-        args = parse_engine_args(settings, model_dir)
-        tasks = await engine.get_supported_tasks()
-        app = build_app(args, tasks, engine.model_config)
-        await init_app_state(handover, app.state, args, tasks)  # type: ignore[arg-type]  # forwards EngineClient's
-    except BaseException:
-        engine.shutdown()
-        raise
-    return VllmServer(handover, app, served_model_name(settings))
 
 
 def _build_engine(args: Any, timeline: Timeline) -> Any:

@@ -46,6 +46,7 @@ from hydraserve.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
     class_for_status,
+    error_from_response,
 )
 from hydraserve.http_json import decode_json
 from hydraserve.runtime.serving import events
@@ -258,8 +259,6 @@ class Front:
 
 def _error_of(status: int, body: Any) -> HydraError:
     """An error response of ours (rewritten from vLLM's) as its class again."""
-    from hydraserve.errors import error_from_response
-
     return error_from_response(status, body, source="vLLM")
 
 
