@@ -1,18 +1,27 @@
 """Cold start side by side in one run, on the embedded stack (moto S3, loaderd, placement, workers):
+real vLLM baselines, ours on vLLM, and our compact engine, for HydraServe's comparison and for
+deciding which engine should give a function its first token.
 
-- baseline: no prefetch; the worker fetches its weights from S3 itself once it has started
-  (what serverless vLLM does; ours still streams tensor by tensor, so this baseline is kind);
-- ours: loaderd starts the fetch at placement, overlapped with the worker's start-up;
-- ours, warm node: the bytes are already in the node's loaderd (a function scaled to zero and
-  back on the same node);
-- warm_pool: the same, and the node's warm pool has an idle pre-imported runtime that the cold
-  start adopts instead of starting a process (runtime/forkserver.py);
-- bound: the model's bytes at the store's own throughput (one GET per file, no cap), next to
-  the start-up that needs no bytes at all (the warm-node run).
+Baselines (real vLLM, a worker spawned at the cold start, no loaderd):
+- vllm_serverless: the worker downloads the model's files from S3 whole, one stream, to local
+  disk, then vLLM's own loader loads them (serverless vLLM);
+- vllm_runai_s3: vLLM streams the weights from S3 with Run:ai Model Streamer
+  (``load_format=runai_streamer``: ServerlessLLM's kind of loader);
+- vllm_cached: the files already in the node's memory (a tmpfs directory), vLLM's own loader.
+Ours, vLLM with our load format (loaderd prefetches at placement, tensors used as they land):
+- ours: a spawned worker, the bytes from S3;
+- ours_warm_node: a spawned worker, the bytes still in the node's loaderd;
+- warm_pool: the bytes resident, a pooled vLLM process adopted (runtime/forkserver.py);
+- warm_pool_s3: a pooled process adopted, the bytes from S3.
+Our compact engine, for the same four cells (from S3 / resident x spawned / adopted):
+- compact_s3, compact_resident, compact_pool, compact_pool_s3.
+Beside them the bound: the model's bytes at the store's own throughput (one GET per file, no
+cap), next to the start-up that needs no bytes (the warm-node run).
 
-Each mode is a real cold start (placement -> worker process -> ready) followed by one request;
-TTFT is from the start of the cold start to the first streamed token. Machine CPU utilisation
-during each run is reported (2 cores: everything shares them). Last line: one JSON object.
+Each mode is a real cold start (placement -> worker -> ready) followed by one streamed request;
+TTFT is from the start of the cold start to the first token. Each repeat pushes fresh copies of
+the model, so "from S3" modes find nothing in loaderd. Machine CPU utilisation during each run is
+reported (2 cores: everything shares them). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -20,13 +29,50 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from measure import CpuMeter, store_throughput
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How one cold start is made: which engine and loader, loaderd or not, pooled or spawned,
+    and where its copy of the model is (``copy``: a fresh push, or shared with earlier modes)."""
+
+    engine: str
+    copy: str  # "plain": no loaderd involved; "a".."d": the repeat's copies (a fresh one is first used from S3)
+    settings: dict[str, object] = field(default_factory=dict)
+    prefetch: bool = True
+    pooled: bool = False
+    tmpfs: bool = False
+
+
+MODES: dict[str, Mode] = {
+    "vllm_serverless": Mode("vllm", "plain", {"load_format": "auto", "s3_fetch": "download"}, prefetch=False),
+    "vllm_runai_s3": Mode("vllm", "plain", {"load_format": "runai_streamer"}, prefetch=False),
+    "vllm_cached": Mode("vllm", "plain", {"load_format": "auto"}, prefetch=False, tmpfs=True),
+    "ours": Mode("vllm", "a"),
+    "ours_warm_node": Mode("vllm", "a"),
+    "warm_pool": Mode("vllm", "a", pooled=True),
+    "warm_pool_s3": Mode("vllm", "b", pooled=True),
+    "compact_s3": Mode("compact", "c"),
+    "compact_resident": Mode("compact", "c"),
+    "compact_pool": Mode("compact", "c", pooled=True),
+    "compact_pool_s3": Mode("compact", "d", pooled=True),
+}
+# Item 6's table: the first token of each engine, from S3 or resident, spawned or adopted.
+FIRST_TOKEN = {"vllm": {"s3_spawned": "ours", "resident_spawned": "ours_warm_node", "resident_adopted": "warm_pool",
+                        "s3_adopted": "warm_pool_s3"},
+               "compact": {"s3_spawned": "compact_s3", "resident_spawned": "compact_resident",
+                           "resident_adopted": "compact_pool", "s3_adopted": "compact_pool_s3"}}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "needs root, else uncapped loopback); 0 = uncapped")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="a Hugging Face model directory (default: the demo's generated 122 MB Llama)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.set_defaults(func=run)
 
 
@@ -57,10 +104,12 @@ def cold_start(backend: Any, function: Any) -> dict[str, Any]:
     merged = timeline.merged(worker)
     events = {e.name: e.at - t0 for e in merged.events}
     spawned = merged.first("worker_spawned")
+    prefetch = merged.first("prefetch_started")
     return {"ttft_s": round(ttft, 3), "ready_s": round(ready - t0, 3), "cpu_busy": cpu.busy(),
             "adopted": bool(spawned and spawned.detail.get("adopted")),
+            "bytes_new": prefetch.detail.get("bytes_new") if prefetch else None,
             "libraries_imported_s": round(events.get("libraries_imported", 0), 3),
-            "weights_loaded_s": round(events.get("weights_loaded", 0), 3),
+            "weights_loaded_s": round(events["weights_loaded"], 3) if "weights_loaded" in events else None,
             "weights_fetched_s": round(events["weights_fetched"], 3) if "weights_fetched" in events else None}
 
 
@@ -68,10 +117,13 @@ def run(args: argparse.Namespace) -> int:
     from hydraserve.demo.stack import LocalStack, StackOptions
     from hydraserve.logs import configure_logging
 
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {', '.join(sorted(unknown))}: of {', '.join(MODES)}")
     configure_logging("bench", "WARNING")
     with contextlib.ExitStack() as exits:
-        options = StackOptions(nodes=1, model_dir=args.model_dir, progress=False,
-                               engine="compact")  # vLLM's baselines: to do (issue 19, item 7)
+        options = StackOptions(nodes=1, model_dir=args.model_dir, progress=False, engine="vllm")
         link_mb_s, notes = None, []
         if args.rate_mbit > 0:
             from hydraserve.embedded.netns import EmulatedCluster, NodeSpec, netns_available
@@ -84,43 +136,80 @@ def run(args: argparse.Namespace) -> int:
             else:
                 notes.append(f"uncapped loopback: {why}")
         stack = exits.enter_context(LocalStack(options))
-        return _measure(stack, args, link_mb_s, notes)
+        compact_pool = exits.enter_context(_compact_pool(stack)) if any(
+            MODES[m].engine == "compact" and MODES[m].pooled for m in modes) else None
+        return _measure(stack, compact_pool, modes, args, link_mb_s, notes)
     raise AssertionError("unreachable")
 
 
-def _measure(stack: Any, args: argparse.Namespace, link_mb_s: float | None, notes: list[str]) -> int:
+@contextlib.contextmanager
+def _compact_pool(stack: Any) -> Iterator[Any]:
+    """A warm pool of our compact engine on the node, beside the stack's vLLM one."""
+    from hydraserve.auth import new_token_file
+    from hydraserve.processes import ChildProcess
+    from hydraserve.runtime.forkserver_client import ForkServerClient, wait_until_serving
+
+    token, token_file = new_token_file(stack.run_dir)
+    socket_path = stack.run_dir / "pool-compact.sock"
+    process = ChildProcess("compact pool", [sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
+                                            str(socket_path), "--token-file", str(token_file), "--pool-size", "1",
+                                            "--node", stack.node_names[0], "--engine", "compact"],
+                           log_path=stack.run_dir / "pool-compact.log")
+    try:
+        pool = ForkServerClient(socket_path, token)
+        wait_until_serving(pool, 120)
+        yield pool
+    finally:
+        process.stop(grace_s=5)
+
+
+def _backend(stack: Any, mode: Mode, compact_pool: Any, run_dir: Path) -> Any:
+    from hydraserve.provider.backends.local import LocalBackend
+
+    pools = None
+    if mode.pooled:
+        pools = stack.backend.launcher.pools if mode.engine == "vllm" else {stack.node_names[0]: compact_pool}
+    settings = {**stack.worker_settings, "engine": mode.engine, **mode.settings}
+    return LocalBackend(stack.placement, stack.nodes, run_dir=run_dir, describe_model=stack.describe_model,
+                        s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
+                        worker_settings=settings, prefetch=mode.prefetch, pools=pools)
+
+
+def _measure(stack: Any, compact_pool: Any, modes: list[str], args: argparse.Namespace,
+             link_mb_s: float | None, notes: list[str]) -> int:
     from hydraserve.activator.functions import FunctionConfig
     from hydraserve.demo.model import BUCKET
-    from hydraserve.provider.backends.local import LocalBackend
     from hydraserve.runtime.forkserver_client import pool_memory_gb, wait_until_serving
     from hydraserve.weights.push import push_model
 
     model_dir = args.model_dir or stack.run_dir / "model"
     pools = stack.backend.launcher.pools
     if not pools:
-        raise SystemExit("the node's warm pool did not start (see the stack's log): no warm_pool mode")
-    backends = {mode: LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / mode,
-                                   describe_model=stack.describe_model,
-                                   s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
-                                   worker_settings=stack.worker_settings,
-                                   prefetch=mode != "baseline", pools=pools if mode == "warm_pool" else None)
-                for mode in ("baseline", "ours", "warm_pool")}
-    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": [], "ours_warm_node": [], "warm_pool": []}
-    for i in range(args.repeats):
-        # A fresh copy per repeat: nothing of it is on the node yet.
-        uri = f"s3://{BUCKET}/bench-{uuid.uuid4().hex[:8]}"
-        push_model(model_dir, uri, progress=False, client=stack.s3.client())
-        fn = FunctionConfig(name=f"bench-{i}", model_uri=uri)
-        print(f"repeat {i + 1}/{args.repeats}: baseline", flush=True)
-        runs["baseline"].append(cold_start(backends["baseline"], fn))
-        print(f"repeat {i + 1}/{args.repeats}: ours", flush=True)
-        runs["ours"].append(cold_start(backends["ours"], fn))
-        print(f"repeat {i + 1}/{args.repeats}: ours, warm node", flush=True)
-        runs["ours_warm_node"].append(cold_start(backends["ours"], fn))
-        print(f"repeat {i + 1}/{args.repeats}: warm pool (bytes resident, a pooled runtime adopted)", flush=True)
-        wait_until_serving(next(iter(pools.values())), 30)  # refilled since the last adoption
-        runs["warm_pool"].append(cold_start(backends["warm_pool"], fn))
-    pool_status = wait_until_serving(next(iter(pools.values())), 30)
+        raise SystemExit("the node's warm pool did not start (see the stack's log): no pooled modes")
+    backends = {mode: _backend(stack, MODES[mode], compact_pool, stack.run_dir / mode) for mode in modes}
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    tmpfs = Path("/dev/shm") / f"hydraserve-bench-{uuid.uuid4().hex[:8]}"
+    uri = ""
+    try:
+        for i in range(args.repeats):
+            copies: dict[str, str] = {}
+            for mode in modes:
+                spec = MODES[mode]
+                if spec.copy not in copies:  # a fresh copy: nothing of it is in loaderd yet
+                    copies[spec.copy] = uri = f"s3://{BUCKET}/bench-{uuid.uuid4().hex[:8]}"
+                    push_model(model_dir, uri, progress=False, client=stack.s3.client())
+                model_uri = copies[spec.copy]
+                if spec.tmpfs:
+                    shutil.copytree(model_dir, tmpfs, dirs_exist_ok=True)  # in the node's memory beforehand
+                    model_uri = str(tmpfs)
+                if spec.pooled:  # refilled since the last adoption
+                    wait_until_serving(compact_pool if spec.engine == "compact" else next(iter(pools.values())), 60)
+                print(f"repeat {i + 1}/{args.repeats}: {mode}", flush=True)
+                runs[mode].append(cold_start(backends[mode], FunctionConfig(name=f"bench-{mode.replace('_', '-')}-{i}",
+                                                                            model_uri=model_uri)))
+    finally:
+        shutil.rmtree(tmpfs, ignore_errors=True)
+    pool_status = wait_until_serving(next(iter(pools.values())), 60)
     idle_memory = pool_status["idle_memory_kb"]
     assert isinstance(idle_memory, list) and idle_memory
     pool_rss_mb = round(statistics.median(m["rss"] for m in idle_memory) / 1024, 1)
@@ -128,22 +217,38 @@ def _measure(stack: Any, args: argparse.Namespace, link_mb_s: float | None, note
     raw_mb_s, model_bytes = store_throughput(stack.s3.client(), uri)
     median = {mode: statistics.median(r["ttft_s"] for r in rs) for mode, rs in runs.items()}
     fetch_bound = model_bytes / (raw_mb_s * 1e6)
-    bound = max(fetch_bound, median["ours_warm_node"])  # neither the bytes nor the start-up can be skipped
-    print(f"\n{'mode':<16} {'TTFT median':>12} {'runs':>24} {'cpu busy':>9}")
+    start_floor = median.get("ours_warm_node")
+    bound = max(fetch_bound, start_floor) if start_floor is not None else None
+    print(f"\n{'mode':<18} {'TTFT median':>12} {'runs':>30} {'cpu busy':>9}")
     for mode, rs in runs.items():
-        print(f"{mode:<16} {median[mode]:>11.2f}s {[r['ttft_s'] for r in rs]!s:>24} "
+        print(f"{mode:<18} {median[mode]:>11.2f}s {[r['ttft_s'] for r in rs]!s:>30} "
               f"{statistics.mean(r['cpu_busy'] for r in rs):>9.2f}")
-    print(f"{'bound':<16} {bound:>11.2f}s  (fetch {model_bytes / 1e6:.0f} MB at the store's "
-          f"{raw_mb_s:.0f} MB/s = {fetch_bound:.2f} s; start-up without fetch {median['ours_warm_node']:.2f} s)")
-    print(f"one pooled runtime: {pool_rss_mb} MB resident ({pool_private_mb} MB its own, the rest shared with its "
-          f"fork server); the pool holds {pool_memory_gb(pool_status)} GB of the node's budget")
-    print(json.dumps({"benchmark": "coldstart", "link_mb_s": link_mb_s, "notes": notes,
-                      "model_mb": round(model_bytes / 1e6, 1),
-                      "store_raw_mb_s": round(raw_mb_s, 1), "baseline_ttft_s": median["baseline"],
-                      "ours_ttft_s": median["ours"], "ours_warm_node_ttft_s": median["ours_warm_node"],
-                      "warm_pool_ttft_s": median["warm_pool"], "pool_rss_mb": pool_rss_mb,
-                      "pool_private_mb": pool_private_mb, "pool_memory_gb": pool_memory_gb(pool_status),
-                      "fetch_bound_s": round(fetch_bound, 3), "bound_ttft_s": round(bound, 3),
-                      "speedup_vs_baseline": round(median["baseline"] / median["ours"], 2),
-                      "ours_over_bound": round(median["ours"] / bound, 2), "runs": runs}))
+    if bound is not None:
+        print(f"{'bound':<18} {bound:>11.2f}s  (fetch {model_bytes / 1e6:.0f} MB at the store's "
+              f"{raw_mb_s:.0f} MB/s = {fetch_bound:.2f} s; start-up without fetch {start_floor:.2f} s)")
+    first_token = {engine: {cell: median.get(mode) for cell, mode in cells.items()}
+                   for engine, cells in FIRST_TOKEN.items()}
+    print("\nfirst token (median s)        from S3, spawned  resident, spawned  resident, adopted  from S3, adopted")
+    for engine, cells in first_token.items():
+        print(f"{engine:<28} " + "  ".join(f"{cells[c] if cells[c] is not None else '-':>16}"
+                                           for c in ("s3_spawned", "resident_spawned", "resident_adopted", "s3_adopted")))
+    print(f"one pooled vLLM process: {pool_rss_mb} MB resident ({pool_private_mb} MB its own, the rest shared with "
+          f"its fork server); the pool holds {pool_memory_gb(pool_status)} GB of the node's budget")
+    print(json.dumps({
+        "benchmark": "coldstart", "link_mb_s": link_mb_s, "notes": notes, "model_mb": round(model_bytes / 1e6, 1),
+        "store_raw_mb_s": round(raw_mb_s, 1),
+        "baseline_ttft_s": median.get("vllm_serverless"), "vllm_serverless_ttft_s": median.get("vllm_serverless"),
+        "vllm_runai_s3_ttft_s": median.get("vllm_runai_s3"), "vllm_cached_ttft_s": median.get("vllm_cached"),
+        "ours_ttft_s": median.get("ours"), "ours_warm_node_ttft_s": median.get("ours_warm_node"),
+        "warm_pool_ttft_s": median.get("warm_pool"), "pool_rss_mb": pool_rss_mb, "pool_private_mb": pool_private_mb,
+        "pool_memory_gb": pool_memory_gb(pool_status), "fetch_bound_s": round(fetch_bound, 3),
+        "bound_ttft_s": round(bound, 3) if bound is not None else None,
+        "speedup_vs_baseline": _ratio(median.get("vllm_serverless"), median.get("ours")),
+        "ours_over_bound": _ratio(median.get("ours"), bound),
+        "first_token": first_token, "first_token_engine": "vllm",  # the engine that answers it now (README)
+        "runs": runs}))
     return 0
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None

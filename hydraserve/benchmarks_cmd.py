@@ -15,7 +15,7 @@ from types import ModuleType
 BENCHMARKS: list[tuple[str, str, str]] = [
     ("loader", "loaderd vs single-stream boto3 vs Run:ai streamer on a tc-capped emulated node",
      "loader_bench.py"),
-    ("coldstart", "cold start: baseline (no prefetch) vs ours vs ours on a warm node vs the bound",
+    ("coldstart", "cold start: real vLLM baselines vs ours on vLLM vs our compact engine vs the bound",
      "coldstart_bench.py"),
     ("loaderd-startup", "how fast loaderd starts and how much memory it holds (no torch)", "loaderd_startup.py"),
     ("pipeline", "HydraServe's Figure 7 here: serverless vLLM, ServerlessLLM (cold, cached), ours with one "
@@ -36,6 +36,7 @@ def _load(file: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"hydraserve_bench_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 

@@ -47,6 +47,7 @@ ENV_KEYS: dict[str, str] = {
     "kv_cache_bytes": "HYDRASERVE_KV_CACHE_BYTES",
     "enforce_eager": "HYDRASERVE_ENFORCE_EAGER",
     "handover_s": "HYDRASERVE_HANDOVER_S",
+    "load_format": "HYDRASERVE_LOAD_FORMAT",
     "loaderd_url": "HYDRASERVE_LOADERD_URL",
     "loaderd_token": "HYDRASERVE_LOADERD_TOKEN",
     "loaderd_lease": "HYDRASERVE_LOADERD_LEASE",
@@ -98,6 +99,10 @@ class WorkerEnvironment(BaseModel):
                                 "here: docs/PROTOCOLS.md)")
     handover_s: float = Field(default=10.0, ge=0, description="a consolidating head's requests in flight "
                               "finish on the group this long, then move to the standalone engine")
+    load_format: Literal["hydraserve", "auto", "runai_streamer"] = Field(
+        default="hydraserve", description="how vLLM reads the weights: our load format (loaderd's shared memory "
+        "as the bytes land, else our fetch engine); vLLM's own loader over local files (an s3:// model is "
+        "downloaded whole first: the serverless-vLLM baseline); vLLM streaming from S3 (Run:ai Model Streamer)")
     loaderd_url: str | None = Field(default=None, description="the node's loaderd")
     loaderd_token: SecretStr | None = None
     loaderd_lease: Literal["pid", "heartbeat"] = Field(

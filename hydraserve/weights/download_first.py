@@ -1,8 +1,9 @@
 """A baseline's way to read a model from S3: download every weight file whole, one stream at a
 time, to local disk, and load only then (no parallel ranges, no tensor used before its file is
-in). This is what serverless vLLM does on a cold start; the pipeline benchmark's
-serverless_vllm mode selects it (worker setting ``s3_fetch="download"``). The directory is
-removed when the process exits.
+in). This is what serverless vLLM does on a cold start: the compact engine's emulation of it
+(worker setting ``s3_fetch="download"``) reads the tensors from here, and a vLLM worker with
+``load_format="auto"`` downloads into the directory vLLM then loads (real serverless vLLM).
+A directory of its own making is removed when the process exits.
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ class DownloadFirstModelFiles(S3ModelFiles):
 
         return LocalTensorSource(self.download(), names)
 
-    def download(self) -> Path:
-        """Every safetensors file (and the index) to a local directory, one GET after another."""
+    def download(self, into: Path | None = None) -> Path:
+        """Every safetensors file (and the index) to a local directory (``into``, else a
+        temporary one), one GET after another."""
         with self._download_lock:
             if self._directory is None:
-                directory = Path(tempfile.mkdtemp(prefix="hydraserve-download-"))
-                atexit.register(shutil.rmtree, directory, True)
+                if into is None:
+                    directory = Path(tempfile.mkdtemp(prefix="hydraserve-download-"))
+                    atexit.register(shutil.rmtree, directory, True)
+                else:
+                    directory = into
+                    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 files = self.safetensors_files() + ([INDEX_FILE] if self.exists(INDEX_FILE) else [])
                 for name in files:
                     data = bytearray(self.objects()[name].size)

@@ -31,13 +31,15 @@ def served_model_name(settings: WorkerEnvironment) -> str:
 
 
 def engine_cli_args(settings: WorkerEnvironment, model_dir: str) -> list[str]:
-    """``vllm serve`` arguments for this worker; ``model_dir`` holds its config and tokenizer."""
-    stage = settings.stage.model_dump() if settings.stage is not None else None
+    """``vllm serve`` arguments for this worker; ``model_dir`` holds its config and tokenizer (and,
+    for vLLM's own loaders, its weights, or is the s3:// URI Run:ai streams them from)."""
     args = ["--model", model_dir, "--served-model-name", served_model_name(settings),
-            "--load-format", LOAD_FORMAT, "--model-loader-extra-config", json.dumps({"stage": stage}),
-            "--worker-extension-cls", EXTENSION,
+            "--load-format", settings.load_format, "--worker-extension-cls", EXTENSION,
             "--max-num-seqs", str(settings.max_batch), "--kv-cache-memory-bytes", str(settings.kv_cache_bytes),
             "--disable-fastapi-docs", "--disable-uvicorn-access-log"]
+    if settings.load_format == LOAD_FORMAT:
+        stage = settings.stage.model_dump() if settings.stage is not None else None
+        args += ["--model-loader-extra-config", json.dumps({"stage": stage})]
     if settings.enforce_eager:
         args.append("--enforce-eager")
     if settings.dtype:
@@ -71,7 +73,8 @@ PROCESS_ENV = {
 
 # Every variable engine_environment may set (one it leaves out for a worker is unset).
 ENGINE_KEYS = frozenset({*PROCESS_ENV, "OMP_NUM_THREADS", "VLLM_PP_LAYER_PARTITION", "VLLM_HOST_IP",
-                         "GLOO_SOCKET_IFNAME", "SAGEMAKER_CONTAINER_LOG_LEVEL"})
+                         "GLOO_SOCKET_IFNAME", "SAGEMAKER_CONTAINER_LOG_LEVEL",
+                         "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "AWS_EC2_METADATA_DISABLED"})
 
 
 def engine_environment(settings: WorkerEnvironment) -> dict[str, str]:
@@ -84,6 +87,10 @@ def engine_environment(settings: WorkerEnvironment) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(settings.torch_threads)
     if len(settings.group_layers) > 1:
         env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in settings.group_layers)
+    if settings.load_format == "runai_streamer":  # the streamer's S3 client, as DESIGN.md measured it
+        env |= {"RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0", "AWS_EC2_METADATA_DISABLED": "true"}
+        if settings.s3_endpoint_url:
+            env["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
     if settings.host not in ("127.0.0.1", "0.0.0.0", "localhost"):
         env["VLLM_HOST_IP"] = settings.host  # the address its peers reach it on (a node's namespace)
         interface = interface_of(settings.host)

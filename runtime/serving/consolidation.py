@@ -57,7 +57,7 @@ async def fetch_the_rest(files: ModelFiles, stage: StageSpec, timeline: Timeline
     return source
 
 
-async def consolidate(settings: WorkerEnvironment, files: ModelFiles, model_dir: Path, server: Any,
+async def consolidate(settings: WorkerEnvironment, files: ModelFiles, model_dir: Path | str, server: Any,
                       timeline: Timeline, on_done: Callable[[], None], *, first_request: asyncio.Event,
                       handover_s: float) -> None:
     """Steps 1-4 of the module docstring; ``server`` is the head's VllmServer (its engine a

@@ -80,6 +80,22 @@ def write_model_dir(files: ModelFiles, target: Path) -> Path:
     return target
 
 
+def prepare_model(settings: WorkerEnvironment, files: ModelFiles, target: Path) -> str:
+    """What vLLM is given as its model, for the worker's load format: our load format reads only
+    config and tokenizer from ``target`` (the weights stream in through it); vLLM's own loader
+    reads a local directory as it is, or an s3:// model downloaded whole into ``target`` first
+    (serverless vLLM); Run:ai's streamer is given the s3:// URI (vLLM pulls the small files)."""
+    if settings.load_format == "runai_streamer":
+        return settings.model_uri
+    if settings.load_format == "auto":
+        from hydraserve.weights.download_first import DownloadFirstModelFiles
+
+        if not isinstance(files, DownloadFirstModelFiles):
+            return settings.model_uri  # a local directory: vLLM reads it
+        files.download(into=target)
+    return str(write_model_dir(files, target))
+
+
 @dataclass
 class VllmServer:
     """vLLM's OpenAI app (served through our front) over its engine client: a HandoverEngine,
@@ -107,7 +123,7 @@ def use_engine_environment(settings: WorkerEnvironment) -> None:
     os.environ.update(wanted)
 
 
-def parse_engine_args(settings: WorkerEnvironment, model_dir: Path) -> Any:
+def parse_engine_args(settings: WorkerEnvironment, model_dir: Path | str) -> Any:
     """vLLM's own parser over our arguments (its defaults and checks stay its own)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -115,13 +131,13 @@ def parse_engine_args(settings: WorkerEnvironment, model_dir: Path) -> Any:
     return make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(settings, str(model_dir)))
 
 
-async def build_engine(settings: WorkerEnvironment, model_dir: Path, timeline: Timeline) -> Any:
+async def build_engine(settings: WorkerEnvironment, model_dir: Path | str, timeline: Timeline) -> Any:
     """vLLM's engine (``AsyncLLM``) for ``settings``, warmed up (a consolidating head's second one)."""
     use_engine_environment(settings)  # its processes fork from this one now: they take this environment
     return await _started(parse_engine_args(settings, model_dir), timeline)
 
 
-async def start_server(settings: WorkerEnvironment, model_dir: Path, timeline: Timeline) -> VllmServer:
+async def start_server(settings: WorkerEnvironment, model_dir: Path | str, timeline: Timeline) -> VllmServer:
     """vLLM's engine and OpenAI app over it."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.app import build_app

@@ -44,7 +44,7 @@ class StageWorkers:
         self.executor.shutdown()
 
 
-async def start_stage(settings: WorkerEnvironment, model_dir: Path, timeline: Timeline) -> StageWorkers:
+async def start_stage(settings: WorkerEnvironment, model_dir: Path | str, timeline: Timeline) -> StageWorkers:
     """This rank's vLLM workers, loaded and joined to the head's group."""
     args = parse_engine_args(settings, model_dir)
     executor = await asyncio.get_running_loop().run_in_executor(None, _build_executor, args, timeline)

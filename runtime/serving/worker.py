@@ -126,7 +126,7 @@ def _is_resource_tracker(process: Any) -> bool:
 async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: Front, run_dir: Path,
                  opened: list[ModelFiles], background: list[asyncio.Task[None]]) -> None:
     from hydraserve.runtime.serving.consolidation import consolidate
-    from hydraserve.runtime.serving.engine import import_vllm, start_server, write_model_dir
+    from hydraserve.runtime.serving.engine import import_vllm, prepare_model, start_server
     from hydraserve.runtime.serving.stage import start_stage
     from hydraserve.runtime.startup import open_files
 
@@ -137,7 +137,7 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
         opened.append(files)
         imported = loop.run_in_executor(None, import_vllm)
         imported.add_done_callback(lambda _: timeline.mark("libraries_imported"))
-        model_dir = await loop.run_in_executor(None, write_model_dir, files, run_dir / "model")
+        model_dir = await loop.run_in_executor(None, prepare_model, settings, files, run_dir / "model")
         timeline.mark("config_loaded")
         await imported
         if settings.is_head:
