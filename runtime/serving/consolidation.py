@@ -14,6 +14,11 @@ Started by the worker of a pipeline group's head that was given memory for the w
 4. the worker says it consolidated (``consolidated``): its launcher stops the partial stages
    and frees their memory; then the group's engine stops, in a thread (the serving loop goes on).
 A failure before step 3 leaves the group serving as it was (logged, on the timeline).
+
+Every other stage given memory for the whole model becomes a replica (``become_replica``): once it
+joined, it fetches what it lacks the same way, and when the group ends (its head retired the
+group's engine) it starts a standalone engine and serves the API itself (``replica_built``,
+``replica_serving``; its status says consolidated): its launcher makes it an instance of its own.
 """
 
 from __future__ import annotations
@@ -82,5 +87,34 @@ async def consolidate(settings: WorkerEnvironment, files: ModelFiles, model_dir:
     timeline.mark("handover_done", moved=moved)
     on_done()  # the launcher may stop the other stages now: nothing runs on the group any more
     timeline.mark("consolidated")
+    try:
+        await group_engine.collective_rpc("hydraserve_release", timeout=5)  # the other stages: the group ended
+    except Exception as exc:  # a stage already gone: its launcher stops it anyway
+        log.warning("could not tell every stage the group ended: %s", exc)
     await asyncio.get_running_loop().run_in_executor(None, server.engine.retire, group_engine)  # off the loop
     log.info("consolidated: the whole model serves alone", extra={"moved": moved})
+
+
+async def become_replica(settings: WorkerEnvironment, files: ModelFiles, model_dir: Path | str, stage: Any,
+                         state: Any, front: Any) -> None:
+    """A full stage's way to a standalone replica (the module docstring); ``stage`` its
+    StageWorkers, ``state`` and ``front`` the worker's."""
+    from hydraserve.runtime.serving.engine import start_server
+
+    assert settings.stage is not None
+    held = await fetch_the_rest(files, settings.stage, state.timeline)
+    try:
+        while not state.is_draining and stage.running():  # until the group ends
+            await asyncio.sleep(0.1)
+        if state.is_draining:
+            return
+        stage.shutdown()
+        server = await start_server(standalone(settings), model_dir, state.timeline)
+    finally:
+        held.close()
+    state.timeline.mark("replica_built")
+    front.api = True
+    state.set_serving(server)
+    state.mark_consolidated()
+    state.timeline.mark("replica_serving")
+    log.info("serving as a standalone replica")

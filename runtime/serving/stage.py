@@ -5,10 +5,11 @@ the head's engine drives every stage. On a stage's node, this process plays ``vl
 --headless --node-rank i``: it builds vLLM's executor for its rank, whose worker process (forked
 from this one) joins the head's process group, loads this stage's layers with our load format
 (its loading moments reach the head's timeline through the worker extension) and then executes
-whatever the head schedules. The stage is ready once its worker has loaded and joined; it fails
-when its worker exits. It serves no API of its own (the front answers health, readiness, the
-timeline and metrics). Called by the worker (hydraserve.runtime.serving.worker) for every stage
-but the head.
+whatever the head schedules. The stage is ready once its worker has loaded and joined; when its
+worker exits the group has ended: a partial stage drains, a full one becomes a replica
+(hydraserve.runtime.serving.consolidation). It serves no API while in the group (the front answers
+health, readiness, the timeline and metrics). Called by the worker
+(hydraserve.runtime.serving.worker) for every stage but the head.
 """
 
 from __future__ import annotations
@@ -32,11 +33,21 @@ class StageWorkers:
 
     def __init__(self, executor: Any) -> None:
         self.executor = executor
+        self._ended = threading.Event()
+
+    def running(self) -> bool:
+        return not self._ended.is_set()
+
+    def end(self) -> None:
+        """The head released the group (our worker extension signalled it): stop the workers."""
+        self._ended.set()
+        self.shutdown()
 
     def watch(self, on_exit: Callable[[str], None]) -> None:
         def monitor() -> None:
             self.executor.start_worker_monitor(inline=True)  # returns once a worker died
-            on_exit("its vLLM worker exited (the group's head or a peer went away)")
+            self._ended.set()
+            on_exit("its vLLM worker exited (the group's head released it, or a peer went away)")
 
         threading.Thread(target=monitor, name="stage-monitor", daemon=True).start()
 

@@ -54,6 +54,10 @@ class ServingState(Generic[S]):
         return self._failed
 
     @property
+    def is_draining(self) -> bool:
+        return self._draining
+
+    @property
     def is_ready(self) -> bool:
         return self._serving is not None and self._failed is None and not self._draining
 

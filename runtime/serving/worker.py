@@ -125,8 +125,9 @@ def _is_resource_tracker(process: Any) -> bool:
 
 async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: Front, run_dir: Path,
                  opened: list[ModelFiles], background: list[asyncio.Task[None]]) -> None:
-    from hydraserve.runtime.serving.consolidation import consolidate
+    from hydraserve.runtime.serving.consolidation import become_replica, consolidate
     from hydraserve.runtime.serving.engine import import_vllm, prepare_model, start_server
+    from hydraserve.runtime.serving.extension import RELEASED
     from hydraserve.runtime.serving.stage import start_stage
     from hydraserve.runtime.startup import open_files
 
@@ -150,11 +151,21 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
                     first_request=vllm.engine.served, handover_s=settings.handover_s)))
         else:
             stage = await start_stage(settings, model_dir, timeline)
-            def stage_failed(reason: str) -> None:  # from the monitor's thread
-                loop.call_soon_threadsafe(state.set_failed, f"pipeline stage: {reason}")
-
-            stage.watch(stage_failed)
             state.set_serving(stage)
+            replica = asyncio.create_task(become_replica(settings, files, model_dir, stage, state, front)) \
+                if settings.full else None
+            if replica is not None:
+                background.append(replica)
+
+            def group_ended(reason: str) -> None:  # from the monitor's thread: its worker exited
+                loop.call_soon_threadsafe(_stage_done, state, replica, reason)
+
+            def released() -> None:  # the head released the group (hydraserve_release)
+                loop.run_in_executor(None, stage.end)
+                _stage_done(state, replica, "the group's head consolidated")
+
+            stage.watch(group_ended)
+            loop.add_signal_handler(RELEASED, released)
         timeline.mark("engine_ready", role="head" if settings.is_head else "stage")
         t0 = timeline.events[0].at
         for event in timeline.events:
@@ -165,6 +176,19 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
     except Exception as exc:
         log.exception("worker failed to start")
         state.set_failed(f"{type(exc).__name__}: {exc}")
+
+
+def _stage_done(state: ServingState[Any], replica: asyncio.Task[None] | None, reason: str) -> None:
+    """The group ended (its head consolidated, or went): a full stage goes on as a replica
+    (``become_replica`` serves once built); a partial one's part is over. Said once or twice (the
+    head's release, then the worker's exit): the second changes nothing."""
+    if state.is_draining or state.consolidated:
+        return
+    if replica is None:
+        log.info("pipeline stage done: %s", reason)
+        state.start_draining()
+    elif replica.done() and replica.exception() is not None:
+        state.set_failed(f"pipeline stage: {reason}; its replica failed: {replica.exception()}")
 
 
 def _merge_load_timelines(state: ServingState[Any], per_rank: dict[int, list[Any]]) -> None:
