@@ -12,7 +12,10 @@ Ours, vLLM with our load format (loaderd prefetches at placement, tensors used a
 - ours: a spawned worker, the bytes from S3;
 - ours_warm_node: a spawned worker, the bytes still in the node's loaderd;
 - warm_pool: the bytes resident, a pooled vLLM process adopted (runtime/forkserver.py);
-- warm_pool_s3: a pooled process adopted, the bytes from S3.
+- warm_pool_s3: a pooled process adopted, the bytes from S3;
+- ours_warm_node_compiled, warm_pool_compiled: as ours_warm_node and warm_pool, with vLLM's
+  compilation (torch.compile, CPU graph capture) instead of eager mode: item 3's "eager vs
+  compiled" (the first repeat compiles from scratch, later ones find vLLM's compile cache).
 Our compact engine, for the same four cells (from S3 / resident x spawned / adopted):
 - compact_s3, compact_resident, compact_pool, compact_pool_s3.
 Beside them the bound: the model's bytes at the store's own throughput (one GET per file, no
@@ -63,6 +66,8 @@ MODES: dict[str, Mode] = {
     "ours_warm_node": Mode("vllm", "a"),
     "warm_pool": Mode("vllm", "a", pooled=True),
     "warm_pool_s3": Mode("vllm", "b", pooled=True),
+    "ours_warm_node_compiled": Mode("vllm", "a", {"enforce_eager": False}),
+    "warm_pool_compiled": Mode("vllm", "a", {"enforce_eager": False}, pooled=True),
     "compact_s3": Mode("compact", "c"),
     "compact_resident": Mode("compact", "c"),
     "compact_pool": Mode("compact", "c", pooled=True),
@@ -246,6 +251,8 @@ def _measure(stack: Any, compact_pool: Any, modes: list[str], args: argparse.Nam
         "speedup_vs_baseline": _ratio(median.get("vllm_serverless"), median.get("ours")),
         "ours_over_bound": _ratio(median.get("ours"), bound),
         "first_token": first_token, "first_token_engine": "vllm",  # the engine that answers it now (README)
+        "eager_vs_compiled_ttft_s": {mode: {"eager": median.get(mode), "compiled": median.get(f"{mode}_compiled")}
+                                     for mode in ("ours_warm_node", "warm_pool")},
         "runs": runs}))
     return 0
 

@@ -9,6 +9,7 @@ every module's attributes at start-up, and the proxy raises outside a request).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -18,10 +19,23 @@ from hydraserve.errors import InvalidRequestError, UnsupportedMediaTypeError
 M = TypeVar("M", bound=BaseModel)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range for a number")
+    return value
+
+
 def decode_json(raw: bytes) -> Any:
-    """``raw`` decoded as JSON, or a 400 saying why it is not (not JSON, nested too deep)."""
+    """``raw`` decoded as JSON, or a 400 saying why it is not (not JSON, nested too deep, or
+    Python's ``NaN`` and ``Infinity``, or a number past a float such as ``1e999``: a setting
+    of infinity would never end, then be written back as invalid JSON)."""
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
     except ValueError as exc:  # not JSON, not UTF-8, or an integer over Python's 4,300 digits
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:

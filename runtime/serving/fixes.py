@@ -17,10 +17,15 @@
    dies with the thread that forked it (``PR_SET_PDEATHSIG``): a pipeline stage's vLLM worker
    whose parent went (SIGKILLed, or gone without stopping it) spun on forever, deaf to
    SIGTERM, since vLLM's parent-death monitor marks it stopping and then never stops it.
+   And it closes its copies of the worker's HTTP sockets (the listener and the connections it
+   had accepted, all on the port in ``HYDRASERVE_HTTP_PORT``): an engine forked while a client
+   held a kept-alive connection kept that connection open after the worker closed it, so the
+   client's next request on it was read by no one (the gateway waited 300 s for an answer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,6 +33,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 FORK_KEY = "HYDRASERVE_VLLM_FORK"
+HTTP_PORT_KEY = "HYDRASERVE_HTTP_PORT"
 
 
 def apply_fixes() -> None:
@@ -80,7 +86,22 @@ def _forget_the_parents_signal_wakeup() -> None:
     if os.environ.get(FORK_KEY) != "1":
         return
     signal.set_wakeup_fd(-1)
+    _close_the_parents_http_sockets()
     _die_with_parent()
+
+
+def _close_the_parents_http_sockets() -> None:
+    """Closes this process's descriptors of TCP sockets on the worker's HTTP port (the parent's
+    serving loop owns them; this process never runs that loop)."""
+    port = os.environ.get(HTTP_PORT_KEY)
+    if not port:
+        return
+    import psutil
+
+    for connection in psutil.Process().net_connections(kind="tcp"):
+        if connection.fd >= 0 and connection.laddr and connection.laddr.port == int(port):
+            with contextlib.suppress(OSError):
+                os.close(connection.fd)
 
 
 PR_SET_PDEATHSIG = 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ import uvicorn
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.runtime.proc_clock import process_start_time
 from hydraserve.runtime.serving.engine import VllmServer, use_engine_environment
+from hydraserve.runtime.serving.fixes import HTTP_PORT_KEY
 from hydraserve.runtime.serving.front import Front
 from hydraserve.runtime.serving.stage import StageWorkers
 from hydraserve.runtime.serving.state import ServingState
@@ -71,6 +73,7 @@ async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
                                      timeout_keep_alive=5, timeout_graceful_shutdown=5))
     http = asyncio.create_task(server.serve(sockets=[listener]))
     state.timeline.mark("http_listening", port=listener.getsockname()[1])
+    os.environ[HTTP_PORT_KEY] = str(listener.getsockname()[1])  # vLLM's forked processes close it
     log.info("listening", extra={"port": listener.getsockname()[1], "model": settings.model_uri,
                                  "instance": settings.instance_id, "stage": settings.stage.model_dump()
                                  if settings.stage else "whole"})
@@ -79,6 +82,7 @@ async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     run_dir = Path(tempfile.mkdtemp(prefix="hydraserve-worker-"))
+    os.environ["VLLM_RPC_BASE_PATH"] = str(run_dir)  # vLLM's IPC sockets go with it, not litter /tmp
     opened: list[ModelFiles] = []
     background: list[asyncio.Task[None]] = []  # consolidation, once started
     starting = asyncio.create_task(_start(settings, state, front, run_dir, opened, background))

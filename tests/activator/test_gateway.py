@@ -382,3 +382,11 @@ def test_a_malformed_chunked_body_or_contradictory_config_is_a_400(
         "name": "odd", "model_uri": "s3://b/odd", "min_pipeline_size": 3, "max_pipeline_size": 2})
     assert contradictory.status_code == 400 and "min_pipeline_size" in contradictory.json()["error"]["message"]
     assert backend.starts == 0
+    endless = requests.post(f"{server.url}/v1/functions", headers=AUTH | {"Content-Type": "application/json"},
+                            data=b'{"name": "endless", "model_uri": "s3://b/e", "idle_timeout_s": Infinity}')
+    assert endless.status_code == 400 and "Infinity is not a JSON value" in endless.json()["error"]["message"]
+    forever = requests.post(f"{server.url}/v1/functions", headers=AUTH, data=b'{"name": "forever", "model_uri": '
+                            b'"s3://b/f", "idle_timeout_s": 1e999}')
+    assert forever.status_code == 400 and "1e999 is out of range" in forever.json()["error"]["message"]
+    listed = requests.get(f"{server.url}/v1/functions", headers=AUTH)
+    assert "endless" not in listed.text and "forever" not in listed.text and listed.json()  # valid JSON

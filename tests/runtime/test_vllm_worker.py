@@ -5,6 +5,7 @@ leaves no process behind; a model without a tokenizer fails with the reason."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import threading
@@ -120,6 +121,8 @@ def test_a_parameter_the_function_does_not_take_is_a_400_naming_it(client: opena
     (b'{"prompt": "x",', {"Content-Type": "application/json"}, 400, "invalid_request_error"),
     (b'{"prompt": "x", "seed": ' + b"9" * 4301 + b"}", {"Content-Type": "application/json"}, 400,
      "invalid_request_error"),
+    (b'{"prompt": "x", "temperature": Infinity}', {"Content-Type": "application/json"}, 400,
+     "invalid_request_error"),
     (b'{"prompt": "x"}', {"Content-Type": "text/plain"}, 415, "invalid_request_error"),
     (b'{"prompt": "x", "pad": "' + b"a" * (1 << 20) + b'"}', {"Content-Type": "application/json"}, 413,
      "invalid_request_error"),
@@ -182,6 +185,8 @@ def test_sigterm_drains_the_stream_in_flight_and_leaves_no_process(vllm_pool: An
     w = vllm_pool.launch(str(tiny_llama_dir))
     w.wait_ready(120)
     family = [w.proc.pid, *(c.pid for c in psutil.Process(w.proc.pid).children(recursive=True))]
+    sockets = {c.laddr for pid in family for c in psutil.Process(pid).net_connections(kind="unix") if c.laddr}
+    assert sockets and all(Path(s).parent.name.startswith("hydraserve-worker-") for s in sockets), sockets
     assert len(family) >= 3  # the worker, vLLM's engine core, its model worker
     lines: list[str] = []
 
@@ -207,6 +212,7 @@ def test_sigterm_drains_the_stream_in_flight_and_leaves_no_process(vllm_pool: An
     assert w.proc.wait(30) == 0
     time.sleep(0.5)
     assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not [s for s in sockets if Path(s).exists()]  # vLLM's IPC sockets went with the worker's run dir
 
 
 def test_a_model_without_a_tokenizer_fails_saying_so(vllm_pool: Any, tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -237,10 +243,42 @@ def test_no_body_gives_a_500(worker: Any) -> None:
     @given(data=bodies(keys["/v1/completions"]) | bodies(keys["/v1/chat/completions"]))
     def fuzz(data: Any) -> None:
         for path in keys:
-            r = requests.post(worker.url + path, json=data, timeout=60)
+            r = requests.post(worker.url + path, data=json.dumps(data), timeout=60,  # Infinity too: a 400
+                              headers={"Content-Type": "application/json"})
             assert r.status_code < 500, (path, data, r.text[:300])
             if r.status_code >= 400:
                 error = r.json()["error"]
                 assert {"message", "type", "param", "code", "retryable"} <= error.keys()
 
     fuzz()
+
+
+def test_a_connection_kept_alive_across_the_engine_fork_is_closed_by_the_worker(vllm_pool: Any,
+                                                                                tiny_llama_dir: Path) -> None:
+    """A client holds a kept-alive connection while the worker forks vLLM's engine: when the
+    worker closes it (uvicorn's 5 s keep-alive), the client sees the close. Before the fix, the
+    engine's processes held copies of the socket, no FIN was sent, and the next request on it
+    (the gateway's) waited for an answer no one would write."""
+    import socket
+
+    w = vllm_pool.launch(str(tiny_llama_dir))
+    try:
+        port = int(w.url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                held = socket.create_connection(("127.0.0.1", port), timeout=20)
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        connected_at = time.time()
+        held.sendall(b"GET /healthz HTTP/1.1\r\nHost: w\r\n\r\n")
+        assert held.recv(4096).startswith(b"HTTP/1.1 200")
+        w.wait_ready(120)
+        engine = psutil.Process(w.proc.pid).children()
+        assert engine and min(p.create_time() for p in engine) > connected_at, "forked before the connection"
+        assert held.recv(4096) == b""  # the worker's close reached us (within uvicorn's 5 s keep-alive)
+        held.close()
+    finally:
+        w.stop(grace_s=5)
