@@ -16,7 +16,7 @@ _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def validate_function_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ValueError(f"invalid function name {name!r}: lowercase letters, digits and '-', "
                          "starting with a letter, at most 63 characters")
     return name

@@ -39,6 +39,7 @@ from hydraserve.activator.proxy import InstanceProxy
 from hydraserve.activator.scaler import FunctionScaler
 from hydraserve.auth import Authenticate, admin_only, bearer
 from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.worker import FUNCTION_ROUTES
 from hydraserve.errors import (
     ConflictError,
     HydraError,
@@ -277,8 +278,12 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
 
     async def forward(request: web.Request, name: str, path: str, body: bytes | None = None) -> web.StreamResponse:
         request[FUNCTION] = name if gateway.has(name) else UNKNOWN_FUNCTION
-        body = await _read_body(request) if body is None else body
         scaler = gateway.scaler(name)
+        path = "/" + path.lstrip("/")
+        if (request.method, path) not in FUNCTION_ROUTES:  # a favicon or a scan must not wake a function
+            raise NotFoundError(f"function {name!r} has no route {request.method} {path}: it serves "
+                                + ", ".join(f"{m} {p}" for m, p in sorted(FUNCTION_ROUTES)))
+        body = await _read_body(request) if body is None else body
         for attempt in range(MAX_INSTANCE_RETRIES + 1):
             instance = await scaler.acquire()
             try:

@@ -1,23 +1,26 @@
 """HydraServe's Figure 7, scaled to this machine: cold-start TTFT of five ways to start a function,
 side by side in one run on the emulated cluster (each node a network namespace whose link tc
-caps both ways; S3 outside every node), several repetitions, medians.
+caps both ways; S3 outside every node), several repetitions, medians. Every mode serves with
+real vLLM (``--engine vllm``, the default) or with our compact engine (``--engine compact``).
 
-- serverless_vllm: p = 1, no prefetch; the worker starts, imports, downloads every weight file
-  whole with one stream to local disk, then loads (worker setting s3_fetch="download");
-- serverlessllm: p = 1, no prefetch; after its start-up the worker fetches with parallel ranged
-  reads (each tensor used as it lands);
-- serverlessllm_cached: p = 1, the weights already in the node's memory (every node's loaderd
-  holds them);
+- serverless_vllm: p = 1, no prefetch; the worker starts, downloads every weight file whole with
+  one stream to local disk, then the engine's own loader loads them (s3_fetch="download");
+- serverlessllm: p = 1, no prefetch; the weights streamed from S3 as the worker starts: on vLLM
+  its ``runai_streamer`` load format (Run:ai Model Streamer, ServerlessLLM's kind of loader), on
+  the compact engine our fetch engine's parallel ranged reads;
+- serverlessllm_cached: p = 1, the weights already in the node's memory: on vLLM a tmpfs copy
+  that vLLM's own loader reads, on the compact engine every node's loaderd holding them;
 - hydra_1: p = 1, loaderd prefetches at placement, overlapped with the worker's start-up;
 - hydra: the planner's p (up to 4), prefetch + overlap in every stage, then consolidation.
 
 Beside them: the bound (bytes / (p x link bandwidth)), the start-up floor (the same p workers
 with every byte already resident), group vs standalone TPOT (both warm, same stream), the
 longest gap between tokens of streams that run through consolidation, when consolidation ends
-after the first token, and KV migration vs recompute at the switch. The function's TTFT SLO is
-the tightest the planner predicts it can meet (asked with a dry run), so the planner picks the
-group size that minimises TTFT, as in the paper's figure. Machine CPU saturation is reported
-beside every figure: 2 cores are shared by every emulated node. Last line: one JSON object.
+after the first token, and how the requests in flight moved (vLLM: re-prefilled on the
+standalone engine; compact: KV recomputed, and once migrated, side by side). The function's
+TTFT SLO is the tightest the planner predicts it can meet (asked with a dry run), so the planner
+picks the group size that minimises TTFT, as in the paper's figure. Machine CPU saturation is
+reported beside every figure: 2 cores are shared by every emulated node. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-size", type=int, default=None, choices=range(1, 5),
                         help="force hydra's group size (default: the planner's choice)")
     parser.add_argument("--tpot-tokens", type=int, default=48, help="tokens of the TPOT streams")
+    parser.add_argument("--engine", choices=("vllm", "compact"), default="vllm", help="the serving engine of every mode")
     parser.set_defaults(func=run)
 
 
@@ -119,26 +125,30 @@ def cold_start(backend: Any, function: Any, *, tokens: int = 4, through_consolid
 
 def _consolidation(backend: Any, endpoint: Any, first: Any, streams: list[Any]) -> dict[str, Any]:
     """When consolidation ended after the first token, the longest gap between two tokens of a
-    stream around it, and what the KV handover cost: the stall under the step lock, and for a
-    recompute the prefill done ahead of it."""
+    stream around it (and the phase it fell before), and how the requests in flight moved: on
+    vLLM how many were re-prefilled on the standalone engine, on the compact engine the stall
+    under the step lock and, for a recompute, the prefill done ahead of it."""
     timeline = backend.worker_timeline(endpoint)
     switched = timeline.first("consolidated")
     done = timeline.first("group_consolidated") or switched
     assert switched is not None and done is not None
     ahead = timeline.first("kv_recomputed")
+    moved = timeline.first("handover_done")  # vLLM's hand-over (runtime/serving/handover.py)
     start, end = first.token_times[0], done.at + 1.0
     gaps = [(b - a, b) for s in streams for a, b in zip(s.token_times, s.token_times[1:], strict=False)
             if start <= b <= end]
     longest, at = max(gaps) if gaps else (None, 0.0)
     phases = [(e.name, e.at) for e in timeline.events if e.name in (
-        "consolidation_fetch_started", "consolidation_loaded", "kv_recomputed", "consolidated", "group_consolidated")]
+        "consolidation_fetch_started", "consolidation_fetched", "consolidation_loaded", "standalone_started",
+        "kv_recomputed", "handover_done", "consolidated", "group_consolidated")]
     phase = next((f"before {name}" for name, t in phases if at <= t), "after group_consolidated")
     running = next((s for s in streams if s.token_times[0] <= switched.at <= s.token_times[-1]), None)
     return {"consolidated_after_s": round(done.at - start, 3),
             "consolidation_max_gap_s": round(longest, 4) if longest is not None else None,
             "max_gap_phase": phase,
-            "handover": switched.detail.get("handover"), "switch_s": switched.detail.get("switch_s"),
-            "migrated": switched.detail.get("migrated"),
+            "handover": "reprefill" if moved else switched.detail.get("handover"),
+            "switch_s": switched.detail.get("switch_s"),
+            "migrated": switched.detail.get("migrated"), "moved": moved.detail.get("moved") if moved else None,
             "recomputed_ahead_s": ahead.detail.get("seconds") if ahead else None,
             "context_tokens": len([t for t in running.token_times if t <= switched.at]) if running else None}
 
@@ -187,7 +197,7 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
         hydra = fresh("hydra", ttft_slo_s=slo, **forced)
         runs["hydra"].append(cold_start(backends["prefetch"], hydra, through_consolidation=True))
         p = runs["hydra"][-1]["pipeline_size"]
-        if i == 0 and p > 1:  # the other KV handover, side by side, once
+        if i == 0 and p > 1 and args.engine == "compact":  # the other KV handover, side by side, once
             say("hydra, KV migrated instead of recomputed")
             same_p = {"min_pipeline_size": p, "max_pipeline_size": p}
             runs["hydra_migrate"].append(cold_start(backends["migrate"], fresh("migrate", ttft_slo_s=slo, **same_p),
@@ -198,9 +208,25 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
         runs["startup_floor"].append(cold_start(backends["prefetch"], floor, tokens=args.tpot_tokens))
         say("serverlessllm_cached")
         cached = hydra.model_copy(update={"name": f"{hydra.name}-cached", "max_pipeline_size": 1, "min_pipeline_size": 1})
-        make_resident(stack, cached.model_uri)
-        runs["serverlessllm_cached"].append(cold_start(backends["prefetch"], cached, tokens=args.tpot_tokens))
+        if args.engine == "vllm":  # vLLM's own loader from a copy in the node's memory
+            with in_node_memory(model_dir) as copy:
+                runs["serverlessllm_cached"].append(cold_start(backends["cached"], cached.model_copy(
+                    update={"model_uri": str(copy)}), tokens=args.tpot_tokens))
+        else:
+            make_resident(stack, cached.model_uri)
+            runs["serverlessllm_cached"].append(cold_start(backends["prefetch"], cached, tokens=args.tpot_tokens))
     return summarise(name, stack, probe, runs, link_mb_s, slos, predicted)
+
+
+@contextlib.contextmanager
+def in_node_memory(model_dir: Path) -> Iterator[Path]:
+    """A copy of the model's files in tmpfs (every emulated node shares the host's /dev/shm)."""
+    copy = Path("/dev/shm") / f"hydraserve-bench-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(model_dir, copy)
+    try:
+        yield copy
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def make_resident(stack: Any, model_uri: str, timeout_s: float = 600.0) -> None:
@@ -240,7 +266,7 @@ def summarise(name: str, stack: Any, probe: Any, runs: dict[str, list[dict[str, 
            "standalone_tpot_s": median(runs["serverlessllm_cached"], "tpot_s"),
            "consolidation_max_gap_s": median(runs["hydra"], "consolidation_max_gap_s"),
            "consolidated_after_s": median(runs["hydra"], "consolidated_after_s"),
-           "kv_handover": {run["handover"]: {k: run[k] for k in ("switch_s", "recomputed_ahead_s",
+           "kv_handover": {run["handover"]: {k: run[k] for k in ("switch_s", "recomputed_ahead_s", "moved",
                                                                  "consolidation_max_gap_s", "max_gap_phase",
                                                                  "context_tokens")}
                            for run in (runs["hydra"][:1] + runs["hydra_migrate"]) if run.get("handover")},
@@ -268,13 +294,14 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging("bench", "WARNING")
     options = StackOptions(nodes=args.nodes, model_dir=args.model_dir, progress=False,
-                           link_mbit=args.link_mbit or None, loaderd_budget_bytes=1 << 30,
-                           engine="compact")  # its modes and KV handovers are the compact engine's (vLLM's: to do)
+                           link_mbit=args.link_mbit or None, loaderd_budget_bytes=1 << 30, engine=args.engine)
     with contextlib.ExitStack() as exits:
         stack = exits.enter_context(LocalStack(options))
         link_mb_s = args.link_mbit / 8 if stack.cluster is not None else None
         print(f"nodes: {stack.emulation}", flush=True)
-        backends = {kind: backend_for(stack, kind) for kind in ("download", "stream", "prefetch", "migrate")}
+        kinds = ("download", "stream", "prefetch", "cached") if args.engine == "vllm" else (
+            "download", "stream", "prefetch", "migrate")
+        backends = {kind: backend_for(stack, kind, args.engine) for kind in kinds}
         for backend in backends.values():
             exits.callback(backend.close)
         if args.model_dir is not None:
@@ -283,23 +310,32 @@ def run(args: argparse.Namespace) -> int:
             models = {name: make_tiny_model(stack.run_dir / f"shape-{name}", TinySpec(**SHAPES[name]))
                       for name in args.shapes.split(",")}
         shapes = [bench_shape(stack, backends, path, args, link_mb_s, name) for name, path in models.items()]
-        report(shapes, link_mb_s, stack.emulation)
+        report(shapes, link_mb_s, stack.emulation, args.engine)
     return 0
 
 
-def backend_for(stack: Any, kind: str) -> Any:
-    """A local backend on the stack's nodes: no prefetch (whole-file download or streamed reads)
-    for the baselines, loaderd's prefetch for ours (its groups' KV recomputed or migrated)."""
+# What each kind of backend changes in the workers' settings, per engine.
+SETTINGS: dict[str, dict[str, dict[str, object]]] = {
+    "vllm": {"download": {"load_format": "auto", "s3_fetch": "download"}, "stream": {"load_format": "runai_streamer"},
+             "cached": {"load_format": "auto"}},
+    "compact": {"download": {"s3_fetch": "download"}, "migrate": {"kv_handover": "migrate"}},
+}
+
+
+def backend_for(stack: Any, kind: str, engine: str) -> Any:
+    """A local backend on the stack's nodes: no prefetch (whole-file download, streamed reads, or
+    a copy in memory) for the baselines, loaderd's prefetch for ours (on the compact engine, its
+    groups' KV recomputed or migrated). Every worker is spawned at the cold start."""
     from hydraserve.provider.backends.local import LocalBackend
 
-    settings = {"download": {"s3_fetch": "download"}, "migrate": {"kv_handover": "migrate"}}.get(kind, {})
     return LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / kind, describe_model=stack.describe_model,
                         s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
-                        prefetch=kind in ("prefetch", "migrate"), worker_settings={**stack.worker_settings, **settings})
+                        prefetch=kind in ("prefetch", "migrate"),
+                        worker_settings={**stack.worker_settings, **SETTINGS[engine].get(kind, {})})
 
 
-def report(shapes: list[dict[str, Any]], link_mb_s: float | None, emulation: str) -> None:
-    print(f"\nlink {link_mb_s or 'uncapped'} MB/s per node; {emulation}")
+def report(shapes: list[dict[str, Any]], link_mb_s: float | None, emulation: str, engine: str) -> None:
+    print(f"\n{engine}; link {link_mb_s or 'uncapped'} MB/s per node; {emulation}")
     for s in shapes:
         print(f"\n{s['shape']}: {s['model_mb']} MB, hydra p = {s['pipeline_size']} (SLO {s['ttft_slo_s']} s), "
               f"store {s['store_raw_mb_s']} MB/s")
@@ -312,5 +348,5 @@ def report(shapes: list[dict[str, Any]], link_mb_s: float | None, emulation: str
               f"{s['consolidation_max_gap_s']} s; KV handover (stall under the lock, first repeat): "
               f"{s['kv_handover']}")
     busy = [v for s in shapes for v in s["cpu_busy"].values() if v is not None]
-    print(json.dumps({"benchmark": "pipeline", "link_mb_s": link_mb_s, "emulation": emulation, "shapes": shapes,
+    print(json.dumps({"benchmark": "pipeline", "engine": engine, "link_mb_s": link_mb_s, "emulation": emulation, "shapes": shapes,
                       "cpu_busy": round(statistics.mean(busy), 3) if busy else None}))

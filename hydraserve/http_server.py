@@ -6,6 +6,13 @@ at once; the gateway, which parks thousands, runs on aiohttp). Reading ahead on 
 connection lets a request see its client leave (``client_gone``) while it is being answered. On SIGTERM or SIGINT readiness turns
 false at once, in-flight requests finish (bounded by ``drain_timeout_s``), then the engine
 stops and the process exits.
+
+Idle and stalled connections cannot freeze a service (issue 22 item 4: 100 idle sockets, waitress's
+default connection limit, stopped it accepting for 300 s). A connection with no request under
+way closes once silent for ``IDLE_TIMEOUT_S`` (a request line never finished, a chunk size that
+never ends, plain idleness); past 90 % of ``connection_limit`` the idle ones close, least
+recently active first, so the health route keeps answering; waitress polls (its select() fails
+past descriptor 1023) and the process's open-file limit is raised to its hard limit.
 """
 
 from __future__ import annotations
@@ -19,16 +26,25 @@ from typing import Any
 
 import waitress
 
+from hydraserve.processes import raise_open_files_limit
+
 log = logging.getLogger(__name__)
+CONNECTION_LIMIT = 2000
+IDLE_TIMEOUT_S = 15
 
 
 class DrainingServer:
     """A waitress server in a background thread plus a stop protocol for signals and tests."""
 
-    def __init__(self, app: Any, host: str, port: int, *, threads: int = 32) -> None:
-        self._server = waitress.create_server(app, host=host, port=port, threads=threads,
-                                              channel_timeout=300, ident="hydraserve",
+    def __init__(self, app: Any, host: str, port: int, *, threads: int = 32,
+                 idle_timeout_s: int = IDLE_TIMEOUT_S, connection_limit: int = CONNECTION_LIMIT) -> None:
+        raise_open_files_limit()  # connection_limit sockets, and files besides
+        self._server = waitress.create_server(app, host=host, port=port, threads=threads, ident="hydraserve",
+                                              connection_limit=connection_limit, channel_timeout=idle_timeout_s,
+                                              cleanup_interval=max(1, idle_timeout_s // 5),
+                                              asyncore_use_poll=True,  # select() fails past descriptor 1023
                                               channel_request_lookahead=1)  # sees a client leave mid-request
+        _shed_idle_channels_when_full(self._server)
         self.port = int(self._server.effective_port)
         self.host = host
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
@@ -84,6 +100,26 @@ class DrainingServer:
         if self._thread.is_alive() or server._map:  # the loop never ran or is stuck: close here
             close_all()
             self._thread.join(timeout=5)
+
+
+def _shed_idle_channels_when_full(server: Any) -> None:
+    """Before waitress would stop accepting (its connection limit reached), channels with no
+    request under way close at once, least recently active first, down to 90 % of the limit."""
+    stop_accepting_when_full = server.readable
+    limit = server.adj.connection_limit
+    keep = int(limit * 0.9)
+
+    def readable() -> bool:
+        if len(server._map) >= limit:  # the listener and the loop's trigger are in the map too
+            channels = [c for c in list(server._map.values()) if c is not server and c is not server.trigger]
+            idle = sorted((c for c in channels if not c.requests), key=lambda c: c.last_activity)
+            for channel in idle[:len(channels) - keep]:
+                channel.handle_close()
+            log.warning("%d connections open, at the limit of %d: closed %d idle ones", len(channels), limit,
+                        min(len(idle), len(channels) - keep))
+        return bool(stop_accepting_when_full())
+
+    server.readable = readable
 
 
 def client_gone(environ: dict[str, Any]) -> Callable[[], bool]:

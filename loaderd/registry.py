@@ -91,7 +91,7 @@ class Registry:
     def __init__(self, node_name: str, budget_bytes: int, *, shm_dir: str = "/dev/shm",
                  clock: Callable[[], float] = time.time,
                  on_evict: Callable[[Segment], None] | None = None) -> None:
-        if not NODE_NAME.match(node_name):
+        if not NODE_NAME.fullmatch(node_name):
             raise InvalidRequestError(f"node name {node_name!r} must match {NODE_NAME.pattern}")
         if budget_bytes <= 0:
             raise InvalidRequestError("budget must be positive")

@@ -25,6 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from hydraserve.contracts.pod import POD_LISTEN_HOST, ROLE_FILE_KEY, role_from_file
 from hydraserve.contracts.stage import StageSpec
 
+# The routes a function serves to its clients: OpenAI's (as vLLM's server has them) and a
+# CloudEvent on POST /. The gateway forwards these only, so nothing else can wake a function.
+OPENAI_ROUTES = frozenset({("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                           ("POST", "/tokenize"), ("POST", "/detokenize")})
+CLOUDEVENT_ROUTE = ("POST", "/")
+FUNCTION_ROUTES = OPENAI_ROUTES | {CLOUDEVENT_ROUTE}
+
 # field -> environment variable
 ENV_KEYS: dict[str, str] = {
     "port": "PORT",

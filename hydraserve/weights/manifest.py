@@ -115,7 +115,7 @@ def model_dir_files(local_dir: Path) -> list[Path]:
             continue
         if not path.is_file():
             raise InvalidRequestError(f"{path} is not a regular file (subdirectories are not pushed)")
-        if not SAFE_NAME_RE.match(path.name):
+        if not SAFE_NAME_RE.fullmatch(path.name):
             raise InvalidRequestError(f"unsafe file name {path.name!r} in {local_dir}")
         files.append(path)
     if not files:

@@ -22,7 +22,7 @@ _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
 
 def validate_bucket(name: str) -> str:
     """S3 bucket naming rules (3-63 chars, lowercase, digits, dots, hyphens; not an IP)."""
-    if not _BUCKET_RE.match(name) or ".." in name or _IP_RE.match(name) or ".-" in name \
+    if not _BUCKET_RE.fullmatch(name) or ".." in name or _IP_RE.fullmatch(name) or ".-" in name \
             or "-." in name:
         raise InvalidRequestError(f"invalid S3 bucket name {name!r}", param="uri")
     return name
@@ -54,7 +54,7 @@ def validate_file_name(name: str) -> str:
     Names come from untrusted files (``model.safetensors.index.json``), so anything that could
     leave the model's directory or prefix is refused.
     """
-    if not _FILE_NAME_RE.match(name) or name in (".", ".."):
+    if not _FILE_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise InvalidRequestError(f"unsafe model file name {name!r}", param="model")
     return name
 

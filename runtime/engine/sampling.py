@@ -2,7 +2,9 @@
 
 Called by the engine once per step with the logits of every scheduled request. Each row is
 sampled with its own generator, so a request with a seed produces the same tokens whatever
-else is in the batch.
+else is in the batch. A temperature below ``GREEDY_BELOW`` is greedy, as in vLLM: dividing by
+1e-38 made the logits infinite and the probabilities NaN, and the failed draw failed every
+request batched with it (issue 22 item 1).
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ from collections.abc import Sequence
 import torch
 
 from hydraserve.runtime.engine.types import SamplingParams
+
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -38,7 +46,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    if params.temperature == 0.0:
+    if is_greedy(params):
         return int(torch.argmax(logits))
     scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(scaled, dim=-1)
@@ -48,12 +56,12 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator]) -> list[int]:
     """One token per row of ``logits`` [B, V]."""
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    greedy = [i for i, p in enumerate(params) if is_greedy(p)]
     out = [0] * len(params)
     if greedy:
         for i, token in zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist(), strict=True):
             out[i] = int(token)
     for i, p in enumerate(params):
-        if p.temperature != 0.0:
+        if not is_greedy(p):
             out[i] = sample_row(logits[i], p, generators[i])
     return out

@@ -37,6 +37,7 @@ from prometheus_client import (
 )
 
 from hydraserve.contracts import events as event_types
+from hydraserve.contracts.worker import FUNCTION_ROUTES
 from hydraserve.errors import (
     ContextLengthError,
     EngineError,
@@ -59,8 +60,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
-VLLM_ROUTES = {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-               ("POST", "/tokenize"), ("POST", "/detokenize")}
 # Parameters vLLM's request models have that a function does not take: engine internals
 # (disaggregated serving, routing, scheduling), multimodal inputs (text models), tensors sent as
 # bytes, and request ids a client could collide with another's.
@@ -124,7 +123,7 @@ class Front:
                 log.exception("%s %s failed", method, path)
                 await _send_error(send, HydraError("internal error"))
             return
-        route = path if self.api and ((method, path) in VLLM_ROUTES or (method, path) == ("POST", "/")) else "unmatched"
+        route = path if self.api and (method, path) in FUNCTION_ROUTES else "unmatched"
         started = time.monotonic()
         status = [500]
 

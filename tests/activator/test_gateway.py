@@ -68,8 +68,8 @@ class Instance:
 
             return Response(tokens(), mimetype="text/event-stream")
 
-        @app.get("/hello")
-        def hello() -> Response:
+        @app.post("/tokenize")
+        def echo() -> Response:
             return jsonify({"host": request.host, "path": request.path})
 
         self.server = DrainingServer(app, "127.0.0.1", free_port()).start()
@@ -164,6 +164,18 @@ def test_a_full_queue_answers_503_with_retry_after(instance: Instance) -> None:
         server.close()
 
 
+def test_only_the_routes_a_function_serves_wake_it(setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    """Issue 22 item 10: an unauthenticated GET of /functions/fn/favicon.ico cold-started fn."""
+    gw, backend, server = setup
+    for method, path in (("GET", "/functions/fn/favicon.ico"), ("GET", "/functions/fn/"), ("POST", "/functions/fn/x"),
+                         ("GET", "/functions/fn/v1/completions"), ("GET", "/functions/fn/readyz")):
+        refused = requests.request(method, server.url + path)
+        assert refused.status_code == 404 and "POST /v1/completions" in refused.json()["error"]["message"], path
+    assert backend.starts == 0 and metric(gw, "hydraserve_gateway_cold_starts_total", function="fn") == 0
+    assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
+    assert backend.starts == 1
+
+
 def test_a_body_over_the_limit_is_refused_before_a_cold_start_and_takes_no_slot(
         setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
     gw, backend, server = setup
@@ -238,7 +250,7 @@ def test_keep_alive_and_pipelined_requests_go_through_the_proxy(
     assert sockets[0] is not None and sockets.count(sockets[0]) == 3, "each request needed a new connection"
     conn.close()
 
-    one = (b"GET /functions/fn/hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    one = (b"POST /functions/fn/tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(one * 3)  # pipelined: three requests before any answer
         received = b""
@@ -255,9 +267,9 @@ def test_host_routing_names_only_registered_functions_and_never_shadows_the_gate
     unknown = requests.get(f"{server.url}/no/such/route")  # Host 127.0.0.1:port is not function "127"
     assert unknown.status_code == 404 and "'127'" not in unknown.json()["error"]["message"]
     assert "/functions/<name>/" in unknown.json()["error"]["message"]
-    routed = requests.get(f"{server.url}/hello", headers={"Host": "fn.example.com"})
-    assert routed.status_code == 200 and routed.json()["path"] == "/hello"
-    assert requests.get(f"{server.url}/hello", headers={"Host": "other.example.com"}).status_code == 404
+    routed = requests.post(f"{server.url}/tokenize", json={}, headers={"Host": "fn.example.com"})
+    assert routed.status_code == 200 and routed.json()["path"] == "/tokenize"
+    assert requests.post(f"{server.url}/tokenize", json={}, headers={"Host": "other.example.com"}).status_code == 404
     own = requests.get(f"{server.url}/healthz", headers={"Host": "fn.example.com"})
     assert own.json() == {"status": "ok"}  # the gateway's, not the function's
     assert backend.starts == 1
@@ -390,3 +402,37 @@ def test_a_malformed_chunked_body_or_contradictory_config_is_a_400(
     assert forever.status_code == 400 and "1e999 is out of range" in forever.json()["error"]["message"]
     listed = requests.get(f"{server.url}/v1/functions", headers=AUTH)
     assert "endless" not in listed.text and "forever" not in listed.text and listed.json()  # valid JSON
+
+
+def test_idle_connections_are_closed_and_cannot_exhaust_the_gateway(instance: Instance) -> None:
+    """Issue 22 item 5: idle connections were never closed (20,000 took every descriptor and
+    /healthz timed out). Past its connection limit the gateway closes idle ones, oldest first,
+    never one with a request under way; each idle one closes after the idle timeout anyway."""
+    backend = ScriptedBackend(url=instance.server.url)
+    gw = Gateway(backend, reap_interval_s=3600)
+    gw.register(FunctionConfig(name="fn", model_uri="s3://b/m", max_instances=1))
+    server = BackgroundAioServer(create_gateway_app(gw, ADMIN), "127.0.0.1", 0, idle_timeout_s=3,
+                                 max_connections=200).start()
+    held: list[socket.socket] = []
+    try:
+        streaming = requests.post(f"{server.url}/functions/fn/v1/completions", stream=True, timeout=30,
+                                  json={"prompt": "x", "stream": True, "max_tokens": 150})  # 3 s of tokens
+        lines = streaming.iter_lines()
+        assert next(lines).startswith(b"data: ")
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(600)]
+        waits = []
+        for _ in range(20):
+            started = time.monotonic()
+            assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+            waits.append(time.monotonic() - started)
+        assert max(waits) < 1.0, waits
+        assert held[0].recv(1) == b""  # the oldest idle ones were closed (past the limit)
+        rest = [line for line in lines if line]
+        assert len(rest) == 149 and b'"text": "149"' in rest[-1], rest[-2:]  # the stream under way: whole
+        held[-1].settimeout(10)
+        assert held[-1].recv(1) == b""  # and the newest after the idle timeout
+    finally:
+        for sock in held:
+            sock.close()
+        backend.release_start.set()
+        server.close()

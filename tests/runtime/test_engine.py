@@ -93,6 +93,18 @@ def test_top_k_1_and_tiny_top_p_reduce_to_greedy(engine: LLMEngine) -> None:
     assert top_p.token_ids == greedy
 
 
+def test_a_vanishing_temperature_is_greedy_and_harms_no_request_batched_with_it(engine: LLMEngine) -> None:
+    """Issue 22 item 1: temperature 1e-38 passed validation, made the probabilities NaN and
+    failed every request of its batch; now it is greedy, as in vLLM, and the others are served."""
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    greedy = engine.submit(ids, SamplingParams(max_tokens=12, temperature=0.0)).collect().token_ids
+    others = [engine.submit(engine.tokenizer.encode(p), SamplingParams(max_tokens=12, temperature=1.0, seed=7))
+              for p in PROMPTS[:3]]
+    tiny = [engine.submit(ids, SamplingParams(max_tokens=12, temperature=t)) for t in (1e-38, 5e-324, 1e-6)]
+    assert [s.collect().token_ids for s in tiny] == [greedy] * 3
+    assert all(len(s.collect().token_ids) == 12 for s in others)
+
+
 def test_filter_logits_keeps_top_k_and_nucleus() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     assert torch.isfinite(filter_logits(logits, top_k=2, top_p=1.0)).tolist() == [True, True, False, False]
