@@ -64,6 +64,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="force hydra's group size (default: the planner's choice)")
     parser.add_argument("--tpot-tokens", type=int, default=48, help="tokens of the TPOT streams")
     parser.add_argument("--engine", choices=("vllm", "compact"), default="vllm", help="the serving engine of every mode")
+    parser.add_argument("--modes", default=",".join([*MODES, "startup_floor"]),
+                        help="comma-separated, of " + ", ".join([*MODES, "startup_floor"]) + " (hydra always runs)")
     parser.set_defaults(func=run)
 
 
@@ -182,6 +184,7 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
     slo, predicted = tightest_slo(stack, probe)
     forced = {"min_pipeline_size": args.pipeline_size, "max_pipeline_size": args.pipeline_size} \
         if args.pipeline_size else {}
+    modes = set(args.modes.split(",")) | {"hydra"}
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*MODES, "startup_floor", "hydra_migrate"]}
     slos: list[float] = []
     for i in range(args.repeats):
@@ -189,6 +192,8 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
             print(f"{name} repeat {i + 1}/{args.repeats}: {mode}", flush=True)
 
         for mode, backend in (("serverless_vllm", "download"), ("serverlessllm", "stream"), ("hydra_1", "prefetch")):
+            if mode not in modes:
+                continue
             say(mode)
             runs[mode].append(cold_start(backends[backend], fresh(mode, max_pipeline_size=1, ttft_slo_s=slo)))
         say("hydra")
@@ -202,10 +207,13 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
             same_p = {"min_pipeline_size": p, "max_pipeline_size": p}
             runs["hydra_migrate"].append(cold_start(backends["migrate"], fresh("migrate", ttft_slo_s=slo, **same_p),
                                                     through_consolidation=True))
-        say(f"start-up floor (p = {p}, bytes resident)")
-        floor = hydra.model_copy(update={"name": f"{hydra.name}-floor", "min_pipeline_size": p, "max_pipeline_size": p,
-                                         "consolidate": False})
-        runs["startup_floor"].append(cold_start(backends["prefetch"], floor, tokens=args.tpot_tokens))
+        if "startup_floor" in modes:
+            say(f"start-up floor (p = {p}, bytes resident)")
+            floor = hydra.model_copy(update={"name": f"{hydra.name}-floor", "min_pipeline_size": p,
+                                             "max_pipeline_size": p, "consolidate": False})
+            runs["startup_floor"].append(cold_start(backends["prefetch"], floor, tokens=args.tpot_tokens))
+        if "serverlessllm_cached" not in modes:
+            continue
         say("serverlessllm_cached")
         cached = hydra.model_copy(update={"name": f"{hydra.name}-cached", "max_pipeline_size": 1, "min_pipeline_size": 1})
         if args.engine == "vllm":  # vLLM's own loader from a copy in the node's memory
@@ -294,7 +302,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging("bench", "WARNING")
     options = StackOptions(nodes=args.nodes, model_dir=args.model_dir, progress=False,
-                           link_mbit=args.link_mbit or None, loaderd_budget_bytes=1 << 30, engine=args.engine)
+                           link_mbit=args.link_mbit or None, loaderd_budget_bytes=1 << 30, engine=args.engine,
+                           pool_size=0)  # every mode spawns its workers, as the paper's baselines start theirs
     with contextlib.ExitStack() as exits:
         stack = exits.enter_context(LocalStack(options))
         link_mb_s = args.link_mbit / 8 if stack.cluster is not None else None

@@ -107,6 +107,10 @@ class Registry:
         self.evictions = 0
         self._lock_fd: int | None = None
         self._lock_path = ""
+        room = self._shm_room()
+        if room is not None and room < budget_bytes:
+            log.warning("the budget is over what %s can hold: segments are created only where it has room",
+                        shm_dir, extra={"budget_bytes": budget_bytes, "tmpfs_free_bytes": room})
 
     @property
     def prefix(self) -> str:
@@ -193,19 +197,24 @@ class Registry:
             return lease, segs, created
 
     def _make_room(self, need: int, protect: set[str]) -> None:
-        free = self.budget_bytes - self.used_bytes
-        if need <= free:
+        """Evict unleased segments, least recently used first, until ``need`` bytes fit both the
+        budget and the tmpfs (OverloadedError when they cannot)."""
+        if need <= self._free_bytes():
             return
         candidates = sorted((s for s in self.segments.values()
                              if s.refs == 0 and s.state in ("complete", "failed") and s.segment_id not in protect),
                             key=lambda s: s.last_used)
         evictable = sum(s.size for s in candidates)
+        free = self._free_bytes()
         if need > free + evictable:
+            room = self._shm_room()
             raise OverloadedError(
                 f"budget {self.budget_bytes} B: need {need} B, {free} B free and only "
-                f"{evictable} B evictable (the rest is in use or still filling)", retry_after_s=5)
+                f"{evictable} B evictable (the rest is in use or still filling)"
+                + (f"; {self.shm_dir} has room for {room} B more" if room is not None and room == free else ""),
+                retry_after_s=5)
         for seg in candidates:
-            if need <= self.budget_bytes - self.used_bytes:
+            if need <= self._free_bytes():
                 break
             log.info("evicting segment", extra={"segment": seg.segment_id, "group": seg.group,
                                                 "model": seg.model_uri, "bytes": seg.size})
@@ -213,6 +222,29 @@ class Registry:
             self.evictions += 1
             if self._on_evict is not None:
                 self._on_evict(seg)
+
+    def _free_bytes(self) -> int:
+        free = self.budget_bytes - self.used_bytes
+        room = self._shm_room()
+        return free if room is None else min(free, room)
+
+    def _shm_room(self) -> int | None:
+        """Bytes the tmpfs can still take for new segments: its free space less what our sparse
+        segments have yet to fill (a write past a full tmpfs is SIGBUS, not an error: loaderd
+        died of it when /dev/shm filled, issue 22 item 7). None where it cannot be read."""
+        try:
+            st = os.statvfs(self.shm_dir)
+        except OSError:
+            return None
+        pending = 0
+        for seg in [*self.segments.values(), *self.retired.values()]:
+            if seg.writer.path is None:
+                continue
+            try:
+                pending += max(0, seg.size - os.stat(seg.writer.path).st_blocks * 512)
+            except OSError:
+                continue
+        return st.f_bavail * st.f_frsize - pending
 
     def _drop(self, seg: Segment) -> None:
         if self.segments.get(seg.segment_id) is seg:

@@ -31,7 +31,7 @@ from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.auth import write_token_file
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.demo.model import push_directory
-from hydraserve.demo.supervisor import LoaderdSupervisor, SupervisedDaemon
+from hydraserve.demo.supervisor import StackSupervisor, SupervisedDaemon, SupervisedPool
 from hydraserve.errors import HydraError, TemporaryError
 from hydraserve.loaderd.registry import SEGMENT_PREFIX
 from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
@@ -97,7 +97,7 @@ class LocalStack:
         self.s3_env_file: Path | None = None  # KEY=value lines for clients of the embedded S3 (model push)
         self.leftovers: list[str] = []  # segments found after close (should stay empty)
         self.nodes: list[LocalNode] = []
-        self.supervisor: LoaderdSupervisor | None = None
+        self.supervisor: StackSupervisor | None = None
         self.cluster: EmulatedCluster | None = None
         self.emulation = "loopback"  # what the nodes are, in words (the demo and `up` print it)
 
@@ -146,8 +146,9 @@ class LocalStack:
         for _, daemon in daemons:
             self.placement.register_node(daemon.info)
         pools = self._account_pools(starting_pools, {d.info.name: d for _, d in daemons})
-        self.supervisor = LoaderdSupervisor([d for _, d in daemons], self.placement,
-                                            interval_s=opts.supervise_interval_s, reconcile_s=opts.reconcile_interval_s)
+        self.supervisor = StackSupervisor([d for _, d in daemons], self.placement,
+                                          pools=[starting_pools[name][0] for name in pools],
+                                          interval_s=opts.supervise_interval_s, reconcile_s=opts.reconcile_interval_s)
         self._cleanups.append(("loaderd supervisor", self.supervisor.start().close))
 
         backend = LocalBackend(self.placement, nodes, run_dir=self.run_dir / "workers",
@@ -245,7 +246,7 @@ class LocalStack:
         emulated = self.cluster.nodes[name]
         return NodeHost(emulated.ip, tuple(emulated.prefix))
 
-    def _start_pools(self) -> dict[str, tuple[ChildProcess, ForkServerClient]]:
+    def _start_pools(self) -> dict[str, tuple[SupervisedPool, ForkServerClient]]:
         """Each node's warm pool (a fork server in the node's namespace), not waited for yet."""
         if self.options.pool_size <= 0:
             return {}
@@ -254,22 +255,22 @@ class LocalStack:
         pools = {}
         for name in self.node_names:
             socket_path = self.run_dir / f"pool-{name}.sock"
-            process = ChildProcess(f"pool {name}", [*self._node_host(name).prefix, sys.executable, "-m",
-                                                    "hydraserve.runtime.forkserver", "--socket", str(socket_path),
-                                                    "--token-file", str(token_file), "--node", name,
-                                                    "--pool-size", str(self.options.pool_size),
-                                                    "--engine", self.options.engine],
-                                   log_path=self.run_dir / f"pool-{name}.log")
-            self._cleanups.append((f"pool {name}", process.stop))
-            pools[name] = (process, ForkServerClient(socket_path, token))
+            spawn = functools.partial(ChildProcess, f"pool {name}", [
+                *self._node_host(name).prefix, sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
+                str(socket_path), "--token-file", str(token_file), "--node", name, "--pool-size",
+                str(self.options.pool_size), "--engine", self.options.engine], log_path=self.run_dir / f"pool-{name}.log")
+            pool = SupervisedPool(name, spawn, spawn())
+            self._cleanups.append((f"pool {name}", lambda pool=pool: pool.process.stop()))  # whichever runs now
+            pools[name] = (pool, ForkServerClient(socket_path, token))
         return pools
 
-    def _account_pools(self, pools: dict[str, tuple[ChildProcess, ForkServerClient]],
+    def _account_pools(self, pools: dict[str, tuple[SupervisedPool, ForkServerClient]],
                        daemons: dict[str, SupervisedDaemon]) -> dict[str, ForkServerClient]:
         """Wait for each pool, measure what it holds and register that with its node; a node
         whose budget has no room for it (409) or whose pool did not start spawns its workers."""
         kept = {}
-        for name, (process, pool) in pools.items():
+        for name, (supervised, pool) in pools.items():
+            process = supervised.process
             seen: list[dict[str, object]] = []
 
             def serving(pool: ForkServerClient = pool, seen: list[dict[str, object]] = seen) -> bool:

@@ -11,13 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODES = {"serverless_vllm", "serverlessllm", "serverlessllm_cached", "hydra_1", "hydra"}
+MODES = {"serverless_vllm", "serverlessllm", "serverlessllm_cached", "hydra"}  # hydra_1: hydra at p = 1, spared
 
 
 def test_bench_pipeline_smoke(tiny_llama_dir: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "hydraserve.cli", "bench", "pipeline", "--repeats", "1",
                            "--link-mbit", "0", "--nodes", "2", "--pipeline-size", "2", "--tpot-tokens", "8",
-                           "--model-dir", str(tiny_llama_dir)], capture_output=True, text=True, timeout=300)
+                           "--model-dir", str(tiny_llama_dir),
+                           "--modes", ",".join([*MODES, "startup_floor"])], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "pipeline" and result["engine"] == "vllm" and result["link_mb_s"] is None
@@ -26,14 +27,14 @@ def test_bench_pipeline_smoke(tiny_llama_dir: Path) -> None:
     for key in ("shape", "model_mb", "pipeline_size", "ttft_s", "bound_s", "startup_floor_s", "group_tpot_s",
                 "standalone_tpot_s", "consolidation_max_gap_s", "consolidated_after_s"):
         assert shape[key] is not None, key
-    assert set(shape["ttft_s"]) == MODES and all(v > 0 for v in shape["ttft_s"].values())
+    assert all(shape["ttft_s"][m] > 0 for m in MODES) and shape["ttft_s"]["hydra_1"] is None
     runs = shape["runs"]
     for baseline in ("serverless_vllm", "serverlessllm", "serverlessllm_cached"):  # vLLM's own loaders, no loaderd
         assert runs[baseline][0]["bytes_new"] is None, baseline
-    assert runs["hydra_1"][0]["bytes_new"] > 0 and runs["hydra"][0]["bytes_new"] > 0  # fresh copies, prefetched
+    assert runs["hydra"][0]["bytes_new"] > 0  # a fresh copy, prefetched
     assert runs["startup_floor"][0]["bytes_new"] == 0
-    assert [r["pipeline_size"] for m in ("serverless_vllm", "serverlessllm", "hydra_1", "serverlessllm_cached")
-            for r in runs[m]] == [1, 1, 1, 1]
+    assert [r["pipeline_size"] for m in ("serverless_vllm", "serverlessllm", "serverlessllm_cached")
+            for r in runs[m]] == [1, 1, 1]
     assert shape["pipeline_size"] == 2 and runs["startup_floor"][0]["pipeline_size"] == 2
     assert set(shape["kv_handover"]) == {"reprefill"}  # vLLM's hand-over: requests in flight re-prefilled
-    assert runs["hydra"][0]["context_tokens"] >= 1  # a stream ran through the switch
+    assert runs["hydra"][0]["moved"] is not None  # the hand-over happened, counting the requests it moved

@@ -213,6 +213,34 @@ def test_a_loaderd_killed_is_started_again_and_its_models_stop_counting_as_cache
     assert result.status == 200
 
 
+def test_a_warm_pool_killed_is_started_again_and_cold_starts_adopt_from_it(stack: LocalStack) -> None:
+    """SIGKILL every node's fork server (issue 22 item 8: a killed one was never restarted and
+    every later cold start spawned): each is started again on its socket, its idle children are
+    gone, and the next cold start adopts a pooled process."""
+    import psutil
+
+    from hydraserve.runtime.forkserver_client import serving_status
+
+    assert stack.gateway is not None and stack.supervisor is not None and stack.supervisor.pools
+    scaler = stack.gateway.scaler("tiny-llama")
+    deadline = time.monotonic() + 120
+    while scaler.state.value != "zero":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    pools = list(stack.supervisor.pools.values())
+    idle = [c.pid for pool in pools for c in psutil.Process(pool.process.proc.pid).children()]
+    for pool in pools:
+        os.kill(pool.process.proc.pid, signal.SIGKILL)
+    clients = stack.backend.launcher.pools  # type: ignore[union-attr]
+    while not all(pool.restarts and serving_status(clients[pool.node]) for pool in pools):
+        assert time.monotonic() < deadline, "a warm pool was not started again"
+        time.sleep(0.2)
+    assert not [pid for pid in idle if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert stream_completion(stack.function_url() + "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
+    spawned = stack.gateway.cold_start_timeline("tiny-llama").first("worker_spawned")
+    assert spawned is not None and spawned.detail.get("adopted") is True
+
+
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
