@@ -27,9 +27,9 @@ class FunctionConfig(BaseModel):
 
     name: str
     model_uri: str
-    ttft_slo_s: float = Field(default=10.0, gt=0)
-    tpot_slo_s: float = Field(default=0.2, gt=0)
-    idle_timeout_s: float = Field(default=30.0, ge=0, description="keep-alive after the last request (with "
+    ttft_slo_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    tpot_slo_s: float = Field(default=0.2, gt=0, allow_inf_nan=False)
+    idle_timeout_s: float = Field(default=30.0, ge=0, allow_inf_nan=False, description="keep-alive after the last request (with "
                                   "keep_alive histogram: until the function's own history says otherwise)")
     keep_alive: Literal["fixed", "histogram"] = Field(
         default="histogram", description="fixed: idle_timeout_s always; histogram: the hybrid histogram policy "
@@ -37,7 +37,7 @@ class FunctionConfig(BaseModel):
         "to the tail), idle_timeout_s until there is enough history (activator/keepalive.py)")
     max_queue: int = Field(default=10_000, ge=1, description="requests parked at once (as Knative's activator); "
                            "more get 503 + Retry-After")
-    request_timeout_s: float = Field(default=120.0, gt=0, description="longest a request waits for a free instance")
+    request_timeout_s: float = Field(default=120.0, gt=0, allow_inf_nan=False, description="longest a request waits for a free instance")
     concurrency: int = Field(default=32, ge=0, description="requests one instance serves at once (Knative's "
                              "containerConcurrency; 0 = no limit); more wait, and start another instance")
     max_instances: int = Field(default=4, ge=1, le=64, description="instances a function scales out to")

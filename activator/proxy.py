@@ -9,11 +9,14 @@ InstanceFailedError so the gateway can retry the request elsewhere; one that bre
 stream under way ends it with an SSE error event (OpenAI's shape, which the openai client
 raises as an APIError) and a clean end of the body, and the caller is told why. A client
 that goes away cancels the handler: the instance's connection is closed at once, which
-aborts the request in its engine.
+aborts the request in its engine. The gateway's drain ending a request (its task cancelled
+with ``GATEWAY_STOPPING``) ends a stream the same way, with a retryable 503 error event, or
+answers a request not yet answered with that 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping
 
@@ -21,7 +24,25 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from hydraserve.errors import InstanceFailedError, TemporaryError, error_from_response
+from hydraserve.errors import HydraError, InstanceFailedError, TemporaryError, error_from_response
+
+GATEWAY_STOPPING = "the gateway is stopping"
+
+
+def ended_by_drain(exc: asyncio.CancelledError) -> bool:
+    """Whether the gateway's drain cancelled this request (then the cancellation is undone, so
+    the request can still be answered); a client that left is not."""
+    if exc.args and exc.args[0] == GATEWAY_STOPPING:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
+    return False
+
+
+def stopping_error() -> TemporaryError:
+    return TemporaryError(f"{GATEWAY_STOPPING}: send the request again", retry_after_s=1.0)
+
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
@@ -66,6 +87,10 @@ class InstanceProxy:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise TemporaryError(f"function instance did not answer: {type(exc).__name__}",
                                      retry_after_s=1.0) from None
+            except asyncio.CancelledError as exc:
+                if not ended_by_drain(exc):
+                    raise
+                raise stopping_error() from None
         assert upstream is not None
         try:
             if upstream.status == 503 and upstream.content_type == "application/json":
@@ -91,33 +116,38 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> tupl
     while True:
         try:
             chunk = await upstream.content.readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            return await _broken_off(request, upstream, out, exc)
-        if not chunk:
-            break
-        try:
+            if not chunk:
+                break
             await out.write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            broken = InstanceFailedError(f"function instance broke off the response: {type(exc).__name__}")
+            await _end(request, upstream, out, broken)
+            return out, broken.message
         except ConnectionResetError:  # the client went away: nothing more to send, the instance is fine
             out.force_close()
+            return out, None
+        except asyncio.CancelledError as exc:
+            if not ended_by_drain(exc):
+                raise
+            await _end(request, upstream, out, stopping_error())
             return out, None
     await out.write_eof()
     return out, None
 
 
-async def _broken_off(request: web.Request, upstream: aiohttp.ClientResponse, out: web.StreamResponse,
-                      exc: Exception) -> tuple[web.StreamResponse, str]:
-    """End a body the instance broke off: an SSE stream with an error event and a clean end;
-    anything else by aborting the connection (a clean end would pass a cut body for whole)."""
-    broken = InstanceFailedError(f"function instance broke off the response: {type(exc).__name__}")
+async def _end(request: web.Request, upstream: aiohttp.ClientResponse, out: web.StreamResponse,
+               error: HydraError) -> None:
+    """End a body before its end (the instance broke it off, or the gateway stops): an SSE stream
+    with an error event and a clean end; anything else by aborting the connection (a clean end
+    would pass a cut body for whole)."""
     try:
         if upstream.content_type == "text/event-stream":  # the client hears it first
-            await out.write(f"data: {json.dumps(broken.to_openai())}\n\n".encode())
+            await out.write(f"data: {json.dumps(error.to_openai())}\n\n".encode())
             await out.write_eof()
         elif request.transport is not None:
             request.transport.abort()
     except ConnectionResetError:
         out.force_close()
-    return out, broken.message
 
 
 async def _read_failure(upstream: aiohttp.ClientResponse) -> bytes:

@@ -2,6 +2,7 @@
 
 Routes (bodies are hydraserve.contracts.plan models; docs/PLACEMENT.md has examples):
   POST /v1/nodes    NodeInfo -> NodeStatus        register or update a node
+  DELETE /v1/nodes/<name>                         forget a node (409 while a plan has a stage there)
   POST /v1/plan     PlanRequest -> Plan           choose and reserve (dry_run: explain only)
   POST /v1/reports  WorkerReport -> ReportAck     ready / failed / released / consolidated
   GET  /v1/plans/<id>                             a plan still active
@@ -46,6 +47,11 @@ def create_app(service: PlacementService, token: str) -> Flask:
     @app.post("/v1/nodes")
     def register_node() -> Response:
         return jsonify(service.register_node(json_body(NodeInfo)).model_dump(mode="json"))
+
+    @app.delete("/v1/nodes/<name>")
+    def remove_node(name: str) -> Response:
+        service.remove_node(name)
+        return jsonify({"name": name, "removed": True})
 
     @app.post("/v1/plan")
     def plan() -> Response:

@@ -4,6 +4,7 @@ come back as the service raised them (hydraserve.http_client); none answering is
 from __future__ import annotations
 
 from typing import TypeVar
+from urllib.parse import quote
 
 import requests
 from pydantic import BaseModel
@@ -33,6 +34,10 @@ class PlacementClient:
 
     def register_node(self, node: NodeInfo) -> NodeStatus:
         return self._call("POST", "/v1/nodes", node, NodeStatus)
+
+    def remove_node(self, name: str) -> None:
+        """Placement forgets node ``name`` (404 unknown; 409 while a plan has a stage there)."""
+        self._http.request("DELETE", f"/v1/nodes/{quote(name, safe='')}")
 
     def plan(self, request: PlanRequest) -> Plan:
         return self._call("POST", "/v1/plan", request, Plan)

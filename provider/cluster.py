@@ -101,6 +101,25 @@ class ClusterState:
         self.sync(state)
         return state
 
+    def remove_node(self, name: str) -> None:
+        """Forget a node (KeyError when unknown; ConflictError, nothing changed, while an active
+        plan has a stage there). The last row moves into its place, so the planner's arrays stay
+        dense."""
+        state = self.nodes[name]
+        holding = sorted(pid for pid, active in self.plans.items() if name in active.plan.nodes)
+        if holding:
+            raise ConflictError(f"node {name} runs stages of active plan(s) {', '.join(holding)}: remove it once "
+                                "they are released")
+        for uri in state.residency:
+            self.holders.get(uri, set()).discard(name)
+        last = self.nodes[self.order[-1]]
+        if last is not state:
+            self.order[state.row] = last.info.name
+            last.row = state.row
+            self.sync(last)
+        self.order.pop()
+        del self.nodes[name]
+
     def _set_residency(self, state: NodeState, residency: list[Residency]) -> None:
         for uri in list(state.residency):
             self.holders.get(uri, set()).discard(state.info.name)

@@ -7,6 +7,7 @@ hydraserve.provider.planner and hydraserve.provider.lifecycle, the same code the
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from hydraserve.contracts.plan import (
     ReportAck,
     WorkerReport,
 )
-from hydraserve.errors import HydraError
+from hydraserve.errors import HydraError, NotFoundError
 from hydraserve.provider.calibration import Calibration
 from hydraserve.provider.cluster import ClusterState
 from hydraserve.provider.lifecycle import apply_report, commit
@@ -48,6 +49,18 @@ class PlacementService:
             self.metrics.nodes.set(self.cluster.size)
             self._node_metrics(info.name)
             return self._node_status(info.name)
+
+    def remove_node(self, name: str) -> None:
+        """Forget node ``name`` (NotFoundError when unknown; ConflictError while a plan uses it)."""
+        with self._lock:
+            if name not in self.cluster.nodes:
+                raise NotFoundError(f"no node {name!r}", param="name")
+            self.cluster.remove_node(name)
+            self.metrics.nodes.set(self.cluster.size)
+            if self.per_node_metrics:
+                for gauge in (self.metrics.gpu_free_gb, self.metrics.nic_estimate_gbps):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(name)
 
     def plan(self, request: PlanRequest, now: float | None = None) -> Plan:
         with self._lock:

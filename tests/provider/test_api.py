@@ -9,7 +9,7 @@ import requests
 from flask.testing import FlaskClient
 
 from hydraserve.contracts.plan import NodeInfo, PlanRequest, WorkerReport, WorkerTimings
-from hydraserve.errors import InvalidRequestError, NotFoundError, OverloadedError
+from hydraserve.errors import ConflictError, InvalidRequestError, NotFoundError, OverloadedError
 from hydraserve.http_server import DrainingServer
 from hydraserve.provider.api import create_app
 from hydraserve.provider.client import PlacementClient
@@ -153,4 +153,35 @@ def test_idle_and_stalled_connections_do_not_freeze_the_service(service: Placeme
     finally:
         for sock in held:
             sock.close()
+        server.close()
+
+
+def test_a_node_can_be_removed_once_no_plan_uses_it(service: PlacementService) -> None:
+    """Issue 22 item 10: placement could not forget a node (a fake one failed 11 of 12 cold
+    starts with "unknown node(s)"). A node a plan uses is a 409; an unknown one a 404; the others
+    go, and plans keep choosing among the rest."""
+    server = DrainingServer(create_app(service, TOKEN), "127.0.0.1", 0, threads=2).start()
+    client = PlacementClient(server.url, TOKEN)
+    try:
+        nodes = paper_nodes()
+        for node in nodes:
+            client.register_node(node)
+        plan = client.plan(PlanRequest(function=llama()))
+        used, unused = plan.nodes[0], next(n.name for n in nodes if n.name not in plan.nodes)
+        with pytest.raises(ConflictError, match=plan.plan_id):
+            client.remove_node(used)
+        client.remove_node(unused)
+        with pytest.raises(NotFoundError):
+            client.remove_node(unused)
+        names = [n.name for n in client.cluster().nodes]
+        assert unused not in names and len(names) == len(nodes) - 1
+        for _ in range(3):  # the rows moved: every plan still names registered nodes only
+            again = client.plan(PlanRequest(function=llama()))
+            assert set(again.nodes) <= set(names)
+            client.report(WorkerReport(plan_id=again.plan_id, event="released"))
+        client.report(WorkerReport(plan_id=plan.plan_id, event="released"))
+        client.remove_node(used)
+        assert used not in [n.name for n in client.cluster().nodes]
+    finally:
+        client.close()
         server.close()
