@@ -53,6 +53,7 @@ PRELOAD = {
                 "hydraserve.runtime.engine.factory", "hydraserve.runtime.server.app", "hydraserve.weights.s3"),
 }
 MAX_REQUEST_BYTES = 1 << 20
+REQUEST_S = 2.0  # how long a client has to send its whole request (the server serves one at a time)
 ACK = b"ok\n"
 HAND_OVER_S = 1.0  # how long a pooled child gets to acknowledge its assignment
 MAX_HAND_OVERS = 2  # pooled children tried before forking a fresh one (bounds an adoption's time)
@@ -291,9 +292,8 @@ class ForkServer:
     # HTTP/1.1 on the Unix socket, one request per connection ------------------------------
     def _handle(self, listener: socket.socket) -> None:
         conn, _ = listener.accept()
-        conn.settimeout(2.0)
         try:
-            request = _read_request(conn)
+            request = _read_request(conn, time.monotonic() + REQUEST_S)
         except ValueError as exc:
             _write_response(conn, 400, {"error": {"type": "invalid_request", "message": str(exc)}})
             return
@@ -309,7 +309,11 @@ class ForkServer:
             status, body = 503, {"error": {"type": "temporarily_unavailable", "message": str(exc)}}
         finally:
             self._client = None
-        _write_response(conn, status, body)
+        delivered = _write_response(conn, status, body)
+        if not delivered and request[:2] == ("POST", "/v1/adopt") and status == 200:
+            assert isinstance(body, dict)
+            log.warning("the launcher left before it heard of worker %d: stopping it", body["pid"])
+            _kill(body["pid"])  # nobody would ever stop it (it holds its leases until then)
 
     def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, object]:
         if path == "/healthz":
@@ -404,10 +408,16 @@ def _hand_over(child: Pooled, assignment: bytes, timeout_s: float = HAND_OVER_S)
         return False
 
 
-def _read_request(conn: socket.socket) -> tuple[str, str, dict[str, str], bytes]:
+def _read_request(conn: socket.socket, deadline: float) -> tuple[str, str, dict[str, str], bytes]:
+    """One request, all of it before ``deadline`` (a client sending a byte a second must not
+    hold the server, which serves one connection at a time; socket.timeout otherwise)."""
+    def recv() -> bytes:
+        conn.settimeout(max(0.001, deadline - time.monotonic()))
+        return conn.recv(65536)
+
     data = b""
     while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
+        chunk = recv()
         if not chunk:
             raise ValueError("the request ended before its headers")
         data += chunk
@@ -421,14 +431,15 @@ def _read_request(conn: socket.socket) -> tuple[str, str, dict[str, str], bytes]
     if length > MAX_REQUEST_BYTES:
         raise ValueError("request too large")
     while len(body) < length:
-        chunk = conn.recv(65536)
+        chunk = recv()
         if not chunk:
             raise ValueError("the request ended before its body")
         body += chunk
     return method, path.split("?", 1)[0], headers, body[:length]
 
 
-def _write_response(conn: socket.socket, status: int, body: object) -> None:
+def _write_response(conn: socket.socket, status: int, body: object) -> bool:
+    """Whether the answer reached the client's socket (False: it had left)."""
     if isinstance(body, bytes):
         payload, kind = body, "text/plain; version=0.0.4"
     else:
@@ -438,8 +449,9 @@ def _write_response(conn: socket.socket, status: int, body: object) -> None:
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
     try:
         conn.sendall(head + payload)
+        return True
     except OSError:
-        pass
+        return False
     finally:
         conn.close()
 
