@@ -121,7 +121,7 @@ class LocalStack:
         self._emulate_nodes()
         starting_pools = self._start_pools()  # they import torch while S3 starts and the model is pushed
         s3_host = self.cluster.host_ip if self.cluster else opts.s3_host or opts.host
-        self.s3 = EmbeddedS3(host=s3_host, prefix=opts.s3_prefix).start()
+        self.s3 = EmbeddedS3(host=s3_host, prefix=opts.s3_prefix, require_auth=True).start()  # its keys only
         self._cleanups.append(("s3", self.s3.close))
         s3_env = self.s3.client_env()
         self.s3_env_file = write_token_file(self.run_dir / "s3.env", "".join(f"{k}={v}\n" for k, v in s3_env.items()))

@@ -246,6 +246,30 @@ def test_a_warm_pool_killed_is_started_again_and_cold_starts_adopt_from_it(stack
     assert spawned is not None and spawned.detail.get("adopted") is True
 
 
+def test_the_stacks_s3_takes_its_own_keys_only(stack: LocalStack) -> None:
+    """Issue 22 item 6: the embedded S3 took any credentials (list, put, delete with a wrong key;
+    unsigned requests too). Now it checks signatures against the keys it made at start."""
+    import requests as http
+
+    from hydraserve.errors import StorageError
+    from hydraserve.weights.s3 import S3Client, S3Credentials
+    from hydraserve.weights.s3_uri import parse_s3_uri
+
+    uri = parse_s3_uri(stack.model_uri)
+    bucket, prefix = uri.bucket, uri.key
+    good = stack.s3.credentials
+    wrong = S3Client(stack.s3.endpoint_url, credentials=S3Credentials(good.access_key_id, "not-the-secret-0"))
+    for act in (lambda: wrong.list_prefix(bucket, prefix), lambda: wrong.put_bytes(bucket, "x", b"x")):
+        with pytest.raises(StorageError, match="rejected the credentials"):
+            act()
+    for method in ("GET", "PUT", "DELETE"):  # unsigned
+        answer = http.request(method, f"{stack.s3.endpoint_url}/{bucket}/{prefix}/config.json", data=b"x", timeout=10)
+        assert answer.status_code == 403, (method, answer.status_code)
+    listed = http.get(f"{stack.s3.endpoint_url}/{bucket}?list-type=2", timeout=10)  # moto refuses it with a 500
+    assert listed.status_code != 200 and "ListBucketResult" not in listed.text
+    assert stack.s3.client().list_prefix(bucket, prefix)  # the stack's own keys still work
+
+
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
