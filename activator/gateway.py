@@ -162,20 +162,22 @@ class Gateway:
         left is ended by the gateway (a stream with an error event and its end, a parked request
         with a 503), so no client is cut off without a word (issue 22 item 9: 94 of 150 streams
         were, and the exit took twice the drain time: aiohttp waits it out twice)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._drain_timeout_s
-        while self._forwarding and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        left = list(self._forwarding)
-        if not left:
+        if await self._all_answered(self._drain_timeout_s):
             return
-        log.warning("%d request(s) still under way after the %.0f s drain: ending them", len(left),
+        log.warning("%d request(s) still under way after the %.0f s drain: ending them", len(self._forwarding),
                     self._drain_timeout_s)
-        for task in left:
+        for task in list(self._forwarding):
             task.cancel(GATEWAY_STOPPING)
-        deadline = loop.time() + 5.0
-        while self._forwarding and loop.time() < deadline:  # each answers (the tasks serve on: keep-alive)
+        await self._all_answered(5.0)
+
+    async def _all_answered(self, timeout_s: float) -> bool:
+        """Waits (up to ``timeout_s``) until no request is under way (the tasks themselves serve
+        on: a kept-alive connection's next request); whether none is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._forwarding and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        return not self._forwarding
 
     async def aclose(self, _app: web.Application | None = None) -> None:
         if self._reaper is not None:

@@ -119,10 +119,11 @@ class BackgroundAioServer:
             if excess <= 0:
                 continue
             idle = [h for h in handlers if not getattr(h, "_request_in_progress", False)]  # aiohttp's own flag
-            for handler in idle[:excess + self._max_connections // 10]:
+            closing = idle[:excess + self._max_connections // 10]
+            for handler in closing:
                 handler.force_close()
             log.warning("%d connections open, over the limit of %d: closed %d idle ones", len(handlers),
-                        self._max_connections, min(len(idle), excess + self._max_connections // 10))
+                        self._max_connections, len(closing))
 
     def close(self) -> None:
         """Stop listening, give requests in flight the drain time, run the app's cleanup, stop."""

@@ -113,10 +113,11 @@ def _shed_idle_channels_when_full(server: Any) -> None:
         if len(server._map) >= limit:  # the listener and the loop's trigger are in the map too
             channels = [c for c in list(server._map.values()) if c is not server and c is not server.trigger]
             idle = sorted((c for c in channels if not c.requests), key=lambda c: c.last_activity)
-            for channel in idle[:len(channels) - keep]:
+            closing = idle[:len(channels) - keep]
+            for channel in closing:
                 channel.handle_close()
             log.warning("%d connections open, at the limit of %d: closed %d idle ones", len(channels), limit,
-                        min(len(idle), len(channels) - keep))
+                        len(closing))
         return bool(stop_accepting_when_full())
 
     server.readable = readable

@@ -199,15 +199,16 @@ class Registry:
     def _make_room(self, need: int, protect: set[str]) -> None:
         """Evict unleased segments, least recently used first, until ``need`` bytes fit both the
         budget and the tmpfs (OverloadedError when they cannot)."""
-        if need <= self._free_bytes():
+        within_budget = self.budget_bytes - self.used_bytes
+        room = self._shm_room()
+        free = within_budget if room is None else min(within_budget, room)
+        if need <= free:
             return
         candidates = sorted((s for s in self.segments.values()
                              if s.refs == 0 and s.state in ("complete", "failed") and s.segment_id not in protect),
                             key=lambda s: s.last_used)
         evictable = sum(s.size for s in candidates)
-        free = self._free_bytes()
         if need > free + evictable:
-            room = self._shm_room()
             raise OverloadedError(
                 f"budget {self.budget_bytes} B: need {need} B, {free} B free and only "
                 f"{evictable} B evictable (the rest is in use or still filling)"

@@ -259,7 +259,7 @@ class LocalStack:
                 *self._node_host(name).prefix, sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
                 str(socket_path), "--token-file", str(token_file), "--node", name, "--pool-size",
                 str(self.options.pool_size), "--engine", self.options.engine], log_path=self.run_dir / f"pool-{name}.log")
-            pool = SupervisedPool(name, spawn, spawn())
+            pool = SupervisedPool(f"the warm pool of {name}", spawn, spawn(), node=name)
             self._cleanups.append((f"pool {name}", lambda pool=pool: pool.process.stop()))  # whichever runs now
             pools[name] = (pool, ForkServerClient(socket_path, token))
         return pools
@@ -314,6 +314,6 @@ class LocalStack:
         node = LocalNode(name=name, loaderd_url=process.url, loaderd_token=token,
                          gpu_memory_gb=opts.node_gpu_memory_gb, nic_gbps=nic_gbps, host=host)
         info = NodeInfo(name=name, gpus=1, gpu_memory_gb=node.gpu_memory_gb, nic_gbps=nic_gbps, loaderd_url=process.url)
-        daemon = SupervisedDaemon(info, spawn, process)
+        daemon = SupervisedDaemon(f"loaderd of {name}", spawn, process, info=info)
         self._cleanups.append((f"loaderd {name}", lambda: daemon.process.stop()))  # whichever process runs now
         return node, daemon

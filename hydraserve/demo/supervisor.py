@@ -16,7 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from hydraserve.contracts.plan import NodeInfo
 from hydraserve.loaderd.daemon import DaemonProcess
@@ -26,20 +27,38 @@ from hydraserve.provider.residency import Registrar, reconcile_node
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SupervisedDaemon:
-    info: NodeInfo
-    spawn: Callable[[], DaemonProcess]
-    process: DaemonProcess
-    restarts: int = 0
+P = TypeVar("P", bound=ChildProcess)
 
 
 @dataclass
-class SupervisedPool:
-    node: str
-    spawn: Callable[[], ChildProcess]
-    process: ChildProcess
+class Supervised(Generic[P]):
+    """A child the stack keeps running: how to start it, the process running now, its restarts."""
+
+    name: str  # what the log calls it
+    spawn: Callable[[], P]
+    process: P
     restarts: int = 0
+
+    def restart(self) -> bool:
+        """Start it again after it exited unasked (False: it did not start; the next tick tries again)."""
+        log.warning("%s exited (code %s): starting it again", self.name, self.process.proc.poll())
+        try:
+            self.process = self.spawn()
+        except Exception as exc:
+            log.error("%s did not start again: %s (the next tick tries again)", self.name, exc)
+            return False
+        self.restarts += 1
+        return True
+
+
+@dataclass
+class SupervisedDaemon(Supervised[DaemonProcess]):
+    info: NodeInfo = field(kw_only=True)
+
+
+@dataclass
+class SupervisedPool(Supervised[ChildProcess]):
+    node: str = field(kw_only=True)
 
 
 class StackSupervisor:
@@ -66,8 +85,8 @@ class StackSupervisor:
         while not self._stop.wait(self._interval_s):
             for pool in self.pools.values():
                 if pool.process.lost():
-                    self._restart_pool(pool)
-            restarted = [d for d in self.daemons.values() if d.process.lost() and self._restart(d)]
+                    pool.restart()
+            restarted = [d for d in self.daemons.values() if d.process.lost() and d.restart()]
             due = time.monotonic() - last_reconcile >= self._reconcile_s
             for daemon in self.daemons.values() if due else restarted:
                 try:
@@ -76,25 +95,3 @@ class StackSupervisor:
                     log.warning("could not reconcile %s: %s", daemon.info.name, exc)
             if due:
                 last_reconcile = time.monotonic()
-
-    def _restart(self, daemon: SupervisedDaemon) -> bool:
-        code = daemon.process.proc.returncode
-        log.warning("loaderd of %s exited (code %s): starting it again", daemon.info.name, code)
-        try:
-            daemon.process = daemon.spawn()
-        except Exception as exc:
-            log.error("loaderd of %s did not start again: %s (next try in %.0f s)", daemon.info.name, exc,
-                      self._interval_s)
-            return False
-        daemon.restarts += 1
-        return True
-
-    def _restart_pool(self, pool: SupervisedPool) -> None:
-        log.warning("the warm pool of %s exited (code %s): starting it again", pool.node,
-                    pool.process.proc.poll())
-        try:
-            pool.process = pool.spawn()
-        except Exception as exc:
-            log.error("the warm pool of %s did not start again: %s", pool.node, exc)
-            return
-        pool.restarts += 1
