@@ -35,3 +35,7 @@ class GatewayMetrics:
                              ["function"], registry=self.registry)
         self.instances = Gauge("hydraserve_gateway_instances", "Ready instances", ["function"],
                                registry=self.registry)
+        self.failed_functions = Gauge("hydraserve_gateway_function_failed",
+                                      "1 while the function is failed (its cold start failed for a reason no "
+                                      "retry fixes; it waits for a change to it or its model)", ["function"],
+                                      registry=self.registry)

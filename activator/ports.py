@@ -29,6 +29,11 @@ class FunctionBackend(Protocol):
         HydraError when the model cannot be read or run (nothing has started then)."""
         ...
 
+    def model_fingerprint(self, function: FunctionConfig) -> str:
+        """A digest that changes whenever the function's model does (a new push), asked of its
+        store now; a failed function starts again when it changes."""
+        ...
+
     def start(self, function: FunctionConfig, timeline: Timeline,
               exclude_nodes: Sequence[str] = ()) -> Endpoint:
         """Bring one instance up, avoiding ``exclude_nodes``, and return once it is ready.

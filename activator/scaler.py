@@ -8,7 +8,12 @@ requests at once, 0 = unlimited) or parks the request, bounded by ``max_queue`` 
 (ready and starting) have, another cold start begins, up to ``max_instances``. A start that lost
 a worker is tried again at once on a plan avoiding that node (up to ``max_start_attempts``); a
 start that fails while no other instance is up or coming fails every parked request with the
-reason (503), and the next request tries again. An instance that fails while serving
+reason (503, Retry-After), and the next start waits out a backoff (doubling per failure, capped).
+A start that fails for a reason no retry can fix (a model file missing, an unsupported or
+corrupt model: ``fails_every_start``) marks the function failed: every request is answered at
+once with the reason (424, not retryable) and nothing starts again until the function's settings
+(``update_config``) or its model (a new push: its fingerprint, asked at most every few seconds)
+change. An instance that fails while serving
 (``instance_failed``: the gateway saw it, or the reaper found a worker lost) is failed in the
 backend and dropped; the next start avoids its lost nodes. A pipeline group that consolidated
 into several replicas (its other full workers) adds each as an instance at the next reaper tick. Backend calls block (a cold start
@@ -40,17 +45,27 @@ from hydraserve.activator.keepalive import (
 from hydraserve.activator.metrics import GatewayMetrics
 from hydraserve.activator.ports import Endpoint, FunctionBackend
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import HydraError, InstanceFailedError, OverloadedError, TemporaryError
+from hydraserve.errors import (
+    FunctionFailedError,
+    HydraError,
+    InstanceFailedError,
+    OverloadedError,
+    TemporaryError,
+    fails_every_start,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCALE_OUT_HOLD_S = 10.0  # after a failed scale-out start (no capacity?), wait before the next
+BACKOFF_FIRST_S = 1.0  # after a failed start, the next waits this long, doubling per failure
+BACKOFF_MAX_S = 60.0
+MODEL_RECHECK_S = 5.0  # a failed function asks whether its model changed at most this often
 
 
 class ScaleState(StrEnum):
     ZERO = "zero"
+    FAILED = "failed"
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
@@ -69,6 +84,16 @@ class Instance:
     @property
     def instance_id(self) -> str:
         return self.endpoint.instance_id
+
+
+@dataclass(frozen=True)
+class StartFailure:
+    """Why the function cannot start until it or its model changes, and which model it failed on."""
+
+    reason: str
+    error_type: str
+    model_fingerprint: str | None  # None: unknown (asked again at the next check)
+    at: float
 
 
 def _handed_a_slot(waiter: asyncio.Future[Instance]) -> bool:
@@ -92,7 +117,11 @@ class FunctionScaler:
         self._starting = 0
         self._failing = 0  # failed instances the backend is still tearing down
         self._stopping = 0  # idle instances the backend is stopping
-        self._scale_out_hold_until = 0.0
+        self.failed: StartFailure | None = None
+        self._next_model_check = 0.0
+        self.start_failures = 0  # consecutive failed starts: the backoff's exponent
+        self._backoff: asyncio.TimerHandle | None = None  # pending: no start begins until it fires
+        self._backoff_ends = 0.0  # on the injected clock, for status
         self._closed = False
         self._avoid_next: tuple[str, ...] = ()  # nodes the next cold start avoids (lost workers)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,12 +141,18 @@ class FunctionScaler:
             return ScaleState.READY
         if self._starting:
             return ScaleState.STARTING
+        if self.failed is not None:
+            return ScaleState.FAILED
         return ScaleState.STOPPING if self._stopping or self._failing else ScaleState.ZERO
 
     async def acquire(self) -> Instance:
         """A slot on an instance for one request (parked through a cold start); pair with release()."""
         if self._closed:
             raise TemporaryError(f"function {self.config.name} is shutting down", retry_after_s=1.0)
+        if self.failed is not None and not self.instances:
+            await self._recheck_model()
+            if self.failed is not None:
+                raise self._failed_error(self.failed)
         if not self._waiting and not self.inflight:  # the function turns busy: its idle time ends
             self.history.busy(self._clock())
             self._prewarmed = False  # the next idle period may pre-warm again
@@ -210,11 +245,9 @@ class FunctionScaler:
 
     def _scale_out(self) -> None:
         """Begin cold starts while the demand needs more instances than are up or coming."""
-        if self._closed:
-            return
+        if self._closed or self.failed is not None or self._backoff is not None:
+            return  # a failed function starts again once it changes; a backoff's end calls again
         have = len(self.instances) + self._starting + self._failing  # a failing one's replacement waits
-        if have and self._clock() < self._scale_out_hold_until:
-            return
         for _ in range(self._wanted_instances() - have):
             self._begin_start()
 
@@ -254,16 +287,10 @@ class FunctionScaler:
             endpoint = await self._blocking(self._start_avoiding_lost_nodes, timeline, avoid)
         except Exception as exc:  # any failure must answer the parked requests
             self._starting -= 1
-            reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
-            log.warning("cold start of %s failed: %s", self.config.name, reason)
-            self.last_failure = reason
-            if self.instances or self._starting or self._failing:  # others serve or come: the parked requests wait for them
-                self._scale_out_hold_until = self._clock() + SCALE_OUT_HOLD_S
-            else:
-                self._fail_waiters(TemporaryError(f"function {self.config.name} failed to start: {reason}",
-                                                  retry_after_s=1.0))
+            await self._start_failed(exc)
             return
         self._starting -= 1
+        self.start_failures = 0
         timeline.mark("instance_ready", component="gateway")
         if self._closed:  # the gateway shut down while it started
             await self._blocking(self._backend.stop, self.config.name, endpoint.instance_id)
@@ -272,6 +299,78 @@ class FunctionScaler:
         self.cold_starts += 1
         self.last_failure = None
         self._dispatch()
+
+    async def _start_failed(self, exc: Exception) -> None:
+        """Back off before the next start; with nothing else serving or coming, answer the parked
+        requests, and mark the function failed if no retry can help."""
+        reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
+        log.warning("cold start of %s failed: %s", self.config.name, reason)
+        self.last_failure = reason
+        self.start_failures += 1
+        backoff_s = min(BACKOFF_FIRST_S * 2 ** (self.start_failures - 1), BACKOFF_MAX_S)
+        self._back_off(backoff_s)
+        if self.instances or self._starting or self._failing:  # others serve or come: the parked requests wait for them
+            return
+        if not fails_every_start(exc):
+            self._fail_waiters(TemporaryError(f"function {self.config.name} failed to start: {reason}",
+                                              retry_after_s=backoff_s))
+            return
+        error_type = exc.error_type if isinstance(exc, HydraError) else "internal_error"
+        self.failed = StartFailure(reason, error_type, None, self._clock())
+        self._fail_waiters(self._failed_error(self.failed))
+        self._metrics.failed_functions.labels(self.config.name).set(1)
+        log.error("function %s failed: %s (not started again until it or its model changes)",
+                  self.config.name, reason)
+        fingerprint = await self._model_fingerprint()
+        if self.failed is not None and self.failed.reason == reason:
+            self.failed = StartFailure(reason, error_type, fingerprint, self.failed.at)
+            self._next_model_check = self._clock() + MODEL_RECHECK_S
+
+    def _back_off(self, delay_s: float) -> None:
+        """No start begins for ``delay_s`` (real seconds); then demand starts one again."""
+        if self._backoff is not None:
+            self._backoff.cancel()
+        self._backoff_ends = self._clock() + delay_s
+        self._backoff = asyncio.get_running_loop().call_later(delay_s, self._backoff_over)
+
+    def _backoff_over(self) -> None:
+        self._backoff = None
+        self._scale_out()
+
+    def _failed_error(self, failure: StartFailure) -> FunctionFailedError:
+        name = self.config.name
+        return FunctionFailedError(
+            f"function {name} failed to start and is not started again until it or its model changes: "
+            f"{failure.reason}. Fix the model and push it again (hydraserve model push DIR "
+            f"{self.config.model_uri}) or change the function (hydraserve fn update {name} ...)",
+            param="function")
+
+    async def _model_fingerprint(self) -> str | None:
+        try:
+            return await self._blocking(self._backend.model_fingerprint, self.config)
+        except Exception as exc:  # storage unreachable: unknown, asked again at the next check
+            log.warning("could not read the fingerprint of %s's model: %s", self.config.name, exc)
+            return None
+
+    async def _recheck_model(self) -> None:
+        """A failed function whose model was pushed again (its fingerprint changed) may start."""
+        now = self._clock()
+        if self.failed is None or now < self._next_model_check:
+            return
+        self._next_model_check = now + MODEL_RECHECK_S
+        fingerprint = await self._model_fingerprint()
+        if self.failed is not None and fingerprint is not None and fingerprint != self.failed.model_fingerprint:
+            log.info("the model of failed function %s changed: it may start again", self.config.name)
+            self._clear_failure()
+
+    def _clear_failure(self) -> None:
+        """The function or its model changed: the next request starts it at once."""
+        self.failed = None
+        self.start_failures = 0
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+        self._metrics.failed_functions.labels(self.config.name).set(0)
 
     # failures while serving ---------------------------------------------------------------
     def instance_failed(self, instance: Instance, reason: str) -> bool:
@@ -399,6 +498,8 @@ class FunctionScaler:
     async def shutdown(self) -> None:
         """Stop every instance now and answer parked requests (gateway exit, function deleted)."""
         self._closed = True
+        if self._backoff is not None:
+            self._backoff.cancel()
         self._fail_waiters(TemporaryError(f"function {self.config.name} is shutting down", retry_after_s=1.0))
         instances, self.instances = list(self.instances.values()), {}
         for instance in instances:
@@ -423,5 +524,9 @@ class FunctionScaler:
                 "keep_alive": {"prewarm_s": (ka := self.keep_alive()).prewarm_s, "keep_alive_s": ka.keep_alive_s,
                                "reason": ka.reason},
                 "instance_failures": self.instance_failures, "last_failure": self.last_failure,
+                "failed": None if self.failed is None else {"reason": self.failed.reason,
+                                                            "error_type": self.failed.error_type},
+                "start_failures": self.start_failures,
+                "next_start_in_s": round(max(0.0, self._backoff_ends - self._clock()), 3) if self._backoff else 0.0,
                 "instances": [{"id": i.instance_id, "url": i.endpoint.url, "inflight": i.inflight}
                               for i in self.instances.values()]}

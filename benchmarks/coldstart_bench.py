@@ -175,7 +175,7 @@ def _backend(stack: Any, mode: Mode, compact_pool: Any, run_dir: Path) -> Any:
     if mode.pooled:
         pools = stack.backend.launcher.pools if mode.engine == "vllm" else {stack.node_names[0]: compact_pool}
     settings = {**stack.worker_settings, "engine": mode.engine, **mode.settings}
-    return LocalBackend(stack.placement, stack.nodes, run_dir=run_dir, describe_model=stack.describe_model,
+    return LocalBackend(stack.placement, stack.nodes, run_dir=run_dir, open_model=stack.open_model,
                         s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
                         worker_settings=settings, prefetch=mode.prefetch, pools=pools)
 

@@ -337,7 +337,7 @@ def backend_for(stack: Any, kind: str, engine: str) -> Any:
     groups' KV recomputed or migrated). Every worker is spawned at the cold start."""
     from hydraserve.provider.backends.local import LocalBackend
 
-    return LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / kind, describe_model=stack.describe_model,
+    return LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / kind, open_model=stack.open_model,
                         s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
                         prefetch=kind in ("prefetch", "migrate"),
                         worker_settings={**stack.worker_settings, **SETTINGS[engine].get(kind, {})})

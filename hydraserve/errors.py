@@ -163,6 +163,25 @@ class StageTransportError(InstanceFailedError):
     error_type = "stage_transport_error"
 
 
+class FunctionFailedError(HydraError):
+    """The function's last cold start failed for a reason another start cannot fix (its model is
+    missing a file, unsupported, corrupt): answered at once, without starting again, until the
+    function or its model changes. A 4xx, so neither OpenAI clients nor Eventing retry it."""
+
+    status = 424
+    error_type = "function_failed"
+
+
+def fails_every_start(exc: BaseException) -> bool:
+    """Whether a cold start that raised ``exc`` would fail the same way every time: the request
+    or the model is wrong (4xx), storage refused for good, or the bytes do not match their
+    manifest after loaderd's own retries. Crashes, timeouts and overload may pass."""
+    if isinstance(exc, IntegrityError | PermanentError):
+        return True
+    return isinstance(exc, HydraError) and not exc.retryable and 400 <= exc.status < 500 \
+        and not isinstance(exc, UnauthorizedError | ForbiddenError)
+
+
 class PermanentError(HydraError):
     """Something failed that will fail the same way again (bad credentials, missing object)."""
 

@@ -65,7 +65,7 @@ def _load(settings: WorkerEnvironment, state: RuntimeState, metrics: RuntimeMetr
                                                                         for e in state.timeline.events}})
     except Exception as exc:
         log.exception("worker failed to start")
-        state.set_failed(f"{type(exc).__name__}: {exc}")
+        state.set_failed(f"{type(exc).__name__}: {exc}", exc)
 
 
 def _serve_link(link: StageLink, state: RuntimeState, replica: ReplicaBuilder | None, build_timeout_s: float) -> None:

@@ -203,6 +203,9 @@ class WorkerStatus(BaseModel):
 
     status: WorkerState
     reason: str | None = Field(default=None, description="why it failed")
+    error_type: str | None = Field(default=None, description="the wire name of the error it failed with "
+                                   "(hydraserve.errors), so its launcher raises the same class")
+    error_code: str | None = None
     inflight: int = Field(default=0, ge=0, description="requests being answered")
     function: str = ""
     revision: str = ""

@@ -29,7 +29,6 @@ from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import Gateway, create_gateway_app
 from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.auth import write_token_file
-from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.demo.model import push_directory
 from hydraserve.demo.supervisor import StackSupervisor, SupervisedDaemon, SupervisedPool
 from hydraserve.errors import HydraError, TemporaryError
@@ -41,6 +40,7 @@ from hydraserve.runtime.forkserver_client import ForkServerClient, pool_memory_g
 
 if TYPE_CHECKING:
     from hydraserve.embedded.netns import EmulatedCluster
+    from hydraserve.weights.model_files import StoredModelFiles
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class LocalStack:
         self._cleanups.append(("loaderd supervisor", self.supervisor.start().close))
 
         backend = LocalBackend(self.placement, nodes, run_dir=self.run_dir / "workers",
-                               describe_model=self.describe_model, s3_endpoint_url=self.s3.endpoint_url,
+                               open_model=self.open_model, s3_endpoint_url=self.s3.endpoint_url,
                                worker_env=s3_env, worker_settings=self.worker_settings, pools=pools)
         self._cleanups.append(("workers", backend.close))
         self.backend = backend
@@ -205,12 +205,11 @@ class LocalStack:
         return {"torch_threads": max(1, (os.cpu_count() or 1) // self.options.nodes), "engine": self.options.engine,
                 **self.options.worker}
 
-    def describe_model(self, function: FunctionConfig) -> FunctionSpec:
-        """The function's FunctionSpec, from its model in the embedded S3."""
-        from hydraserve.provider.model_spec import describe_model
+    def open_model(self, uri: str) -> StoredModelFiles:
+        """A model in the embedded S3, read with the stack's keys."""
         from hydraserve.weights.model_files import open_model
 
-        return describe_model(function, open_model(function.model_uri, client=self.s3.client()))
+        return open_model(uri, client=self.s3.client())
 
     def function_url(self, name: str | None = None) -> str:
         return f"{self.gateway_url}/functions/{name or self.options.function_name}"

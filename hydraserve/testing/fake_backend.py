@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.ports import Endpoint
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import InstanceFailedError, StorageError, TemporaryError
+from hydraserve.errors import HydraError, InstanceFailedError, StorageError, TemporaryError
 
 
 class ScriptedBackend:
@@ -25,7 +25,8 @@ class ScriptedBackend:
         self.next_urls: list[str] = []  # each start answers at the next of these, then at ``url``
         self.starts = 0
         self.stops: list[str] = []
-        self.fail_next: str | None = None
+        self.fail_next: str | HydraError | None = None  # a reason (TemporaryError) or the error itself
+        self.model_version = "v1"  # model_fingerprint(): a test "pushes" by changing it
         self.lose_next: list[str] = []  # each start raises "worker lost on <node>" while this lasts
         self.excluded: list[tuple[str, ...]] = []  # exclude_nodes of each start
         self.failed: list[tuple[str, str]] = []  # (instance, reason) of each fail()
@@ -44,6 +45,9 @@ class ScriptedBackend:
         self.prepared.append(function.name)
         return function
 
+    def model_fingerprint(self, function: FunctionConfig) -> str:
+        return f"{function.model_uri}@{self.model_version}"
+
     def start(self, function: FunctionConfig, timeline: Timeline, exclude_nodes: Sequence[str] = ()) -> Endpoint:
         self.starts += 1
         self.excluded.append(tuple(exclude_nodes))
@@ -53,8 +57,8 @@ class ScriptedBackend:
         if self.lose_next:
             raise InstanceFailedError("worker lost", nodes=(self.lose_next.pop(0),))
         if self.fail_next is not None:
-            reason, self.fail_next = self.fail_next, None
-            raise TemporaryError(reason)
+            failure, self.fail_next = self.fail_next, None
+            raise TemporaryError(failure) if isinstance(failure, str) else failure
         url = self.next_urls.pop(0) if self.next_urls else self.url
         return Endpoint(url=url, instance_id=f"{function.name}-{self.starts}")
 

@@ -21,7 +21,9 @@ from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import TemporaryError
 from hydraserve.provider.backends.process import NodeHost, ProcessLauncher
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
+from hydraserve.provider.model_spec import describe_model
 from hydraserve.runtime.forkserver_client import ForkServerClient
+from hydraserve.weights.model_files import StoredModelFiles
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +43,15 @@ class LocalNode:
 
 class LocalBackend:
     def __init__(self, placement: PlacementPort, nodes: list[LocalNode], *,
-                 describe_model: Callable[[FunctionConfig], FunctionSpec], run_dir: Path,
+                 open_model: Callable[[str], StoredModelFiles], run_dir: Path,
                  s3_endpoint_url: str | None = None, worker_env: dict[str, str] | None = None,
                  ready_timeout_s: float = 180.0, prefetch: bool = True,
                  worker_settings: Mapping[str, object] | None = None,
                  pools: Mapping[str, ForkServerClient] | None = None) -> None:
         if not nodes:
             raise ValueError("the local backend needs at least one node")
-        self._describe_model = describe_model
-        self._specs: dict[str, FunctionSpec] = {}
+        self._open_model = open_model
+        self._specs: dict[str, tuple[FunctionSpec, str]] = {}  # config -> its spec, and its model's fingerprint
         # prefetch=False: the baselines the benchmarks compare against (no loaderd: the worker
         # fetches from S3 itself once it has started; worker_settings s3_fetch="download": whole
         # files first, as serverless vLLM does).
@@ -139,7 +141,18 @@ class LocalBackend:
         """The function's model description, read once per deployed config (at deploy time, not
         on a cold start; a function created again with other settings is read again)."""
         key = function.model_dump_json()
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = self._describe_model(function)
-        return spec
+        known = self._specs.get(key)
+        if known is None:
+            files = self._open_model(function.model_uri)
+            known = self._specs[key] = (describe_model(function, files), files.fingerprint())
+        return known[0]
+
+    def model_fingerprint(self, function: FunctionConfig) -> str:
+        """Asked of the store now; a model pushed again since it was read is read again at the
+        next cold start."""
+        fingerprint = self._open_model(function.model_uri).fingerprint(fresh=True)
+        key = function.model_dump_json()
+        known = self._specs.get(key)
+        if known is not None and known[1] != fingerprint:
+            self._specs.pop(key, None)
+        return fingerprint

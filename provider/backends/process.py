@@ -18,12 +18,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
-from hydraserve.errors import TemporaryError, UnreachableError
+from hydraserve.errors import HydraError, TemporaryError, UnreachableError, error_class
 from hydraserve.processes import ChildProcess, ProcessHandle, free_port
 from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
 from hydraserve.runtime.forkserver_client import ForkServerClient
@@ -110,7 +111,7 @@ class WorkerProcess(ChildProcess):
     def wait_ready(self, timeout_s: float, poll_s: float = 0.02) -> None:
         """Return when /readyz says ready; raise TemporaryError with the reason otherwise."""
         session = requests.Session()
-        failed: list[str] = []
+        failed: list[HydraError] = []
 
         def ready() -> bool:
             try:
@@ -121,7 +122,7 @@ class WorkerProcess(ChildProcess):
                 return True
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             if body.get("status") == "failed":
-                failed.append(str(body.get("reason")))
+                failed.append(_start_failure(body))
                 return True
             return False
 
@@ -133,7 +134,7 @@ class WorkerProcess(ChildProcess):
             raise TemporaryError(f"worker not ready within {timeout_s:.0f} s (log: {self.log_path})")
         if failed:
             self.stop(grace_s=2)
-            raise TemporaryError(f"worker failed to start: {failed[0]}")
+            raise failed[0]
 
     def status(self) -> dict[str, object]:
         """The worker's /readyz body (status, reason, consolidated)."""
@@ -156,3 +157,11 @@ class WorkerProcess(ChildProcess):
                 exc = str(entry.get("exc", "")).strip().splitlines()
                 return exc[-1] if exc else str(entry.get("msg"))
         return lines[-1][-300:] if lines else "no output"
+
+
+def _start_failure(status: dict[str, Any]) -> HydraError:
+    """The error a failed worker's /readyz names, as the class it failed with (a missing model
+    file stays a NotFoundError: its function fails for good, not retried); TemporaryError when
+    it names none."""
+    cls = error_class(status.get("error_type"), status.get("error_code")) or TemporaryError
+    return cls(f"worker failed to start: {status.get('reason')}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import InstanceFailedError, TemporaryError
+from hydraserve.errors import HydraError, InstanceFailedError, TemporaryError
 from hydraserve.runtime.server.ports import ServingEngine
 
 
@@ -27,6 +27,7 @@ class RuntimeState:
         self.consolidated = False  # a group's head that became the whole model
         self._ready = threading.Event()
         self._failed: str | None = None
+        self._failed_with: HydraError | None = None
         self._draining = False
         self._inflight = 0
         self._idle = threading.Condition()
@@ -47,8 +48,10 @@ class RuntimeState:
     def mark_consolidated(self) -> None:
         self.consolidated = True
 
-    def set_failed(self, reason: str) -> None:
+    def set_failed(self, reason: str, error: BaseException | None = None) -> None:
+        """Failed for good; ``error`` (when it is a HydraError) names its class in the status."""
         self._failed = reason
+        self._failed_with = error if isinstance(error, HydraError) else None
         self._ready.set()  # wake waiters so they fail fast
 
     def start_draining(self) -> None:
@@ -69,8 +72,10 @@ class RuntimeState:
     def status(self) -> dict[str, object]:
         state = ("failed" if self._failed else "draining" if self._draining
                  else "ready" if self._serving else "starting")
+        error = self._failed_with
         return {"status": state, "reason": self._failed, "inflight": self._inflight,
-                "function": self.function_name, "revision": self.revision, "consolidated": self.consolidated}
+                "function": self.function_name, "revision": self.revision, "consolidated": self.consolidated,
+                "error_type": error.error_type if error else None, "error_code": error.code if error else None}
 
     def engine_or_none(self) -> ServingEngine | None:
         return self._engine

@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerState, WorkerStatus
-from hydraserve.errors import InstanceFailedError, TemporaryError
+from hydraserve.errors import HydraError, InstanceFailedError, TemporaryError
 
 S = TypeVar("S")
 
@@ -28,6 +28,7 @@ class ServingState(Generic[S]):
         self._serving: S | None = None
         self._settled = asyncio.Event()  # serving or failed: waiters stop waiting
         self._failed: str | None = None
+        self._failed_with: HydraError | None = None
         self._draining = False
         self.consolidated = False
         self._inflight = 0
@@ -38,9 +39,11 @@ class ServingState(Generic[S]):
         self._serving = serving
         self._settled.set()
 
-    def set_failed(self, reason: str) -> None:
+    def set_failed(self, reason: str, error: BaseException | None = None) -> None:
+        """Failed for good; ``error`` (when it is a HydraError) names its class in the status."""
         if self._failed is None:
             self._failed = reason
+            self._failed_with = error if isinstance(error, HydraError) else None
         self._settled.set()
 
     def mark_consolidated(self) -> None:
@@ -68,8 +71,10 @@ class ServingState(Generic[S]):
     def status(self) -> WorkerStatus:
         state: WorkerState = ("failed" if self._failed else "draining" if self._draining
                               else "ready" if self._serving is not None else "starting")
+        error = self._failed_with
         return WorkerStatus(status=state, reason=self._failed, inflight=self._inflight, function=self.function_name,
-                            revision=self.revision, consolidated=self.consolidated)
+                            revision=self.revision, consolidated=self.consolidated,
+                            error_type=error.error_type if error else None, error_code=error.code if error else None)
 
     async def serving(self, wait_s: float) -> S:
         """What serves, waiting up to ``wait_s`` for start-up; a retryable 503 if it does not come."""

@@ -179,7 +179,7 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
         raise
     except Exception as exc:
         log.exception("worker failed to start")
-        state.set_failed(f"{type(exc).__name__}: {exc}")
+        state.set_failed(f"{type(exc).__name__}: {exc}", exc)
 
 
 def _stage_done(state: ServingState[Any], replica: asyncio.Task[None] | None, reason: str) -> None:

@@ -12,8 +12,15 @@ from typing import Any
 import pytest
 
 from hydraserve.activator.functions import FunctionConfig
-from hydraserve.activator.scaler import FunctionScaler, Instance, ScaleState
-from hydraserve.errors import OverloadedError, TemporaryError
+from hydraserve.activator.scaler import BACKOFF_FIRST_S, MODEL_RECHECK_S, FunctionScaler, Instance, ScaleState
+from hydraserve.errors import (
+    FunctionFailedError,
+    IntegrityError,
+    NotFoundError,
+    OverloadedError,
+    TemporaryError,
+    UnsupportedModelError,
+)
 from hydraserve.testing.fake_backend import ScriptedBackend
 
 
@@ -69,6 +76,75 @@ def test_failed_start_answers_every_waiter_and_the_next_request_tries_again() ->
         assert scaler.state == ScaleState.ZERO and scaler.status()["waiting"] == 0
         assert (await scaler.acquire()).instance_id == "fn-2"
         assert backend.starts == 2
+    run(body())
+
+
+def test_a_start_that_cannot_succeed_fails_the_function_until_its_model_changes() -> None:
+    """A missing model file: every parked request and every later one is answered at once (424,
+    not retryable) without another start; a new push (the model's fingerprint changes) lets the
+    next request start it, checked at most every MODEL_RECHECK_S."""
+    async def body() -> None:
+        clock = Clock()
+        backend = ScriptedBackend()
+        backend.fail_next = NotFoundError("S3 object s3://b/m/tokenizer.json does not exist")
+        scaler = make(backend, clock)
+        results = await asyncio.gather(scaler.acquire(), scaler.acquire(), return_exceptions=True)
+        assert all(isinstance(r, FunctionFailedError) and "tokenizer.json" in r.message for r in results)
+        assert scaler.state == ScaleState.FAILED and scaler.status()["failed"]["error_type"] == "not_found_error"
+        error = results[0]
+        assert isinstance(error, FunctionFailedError)
+        assert error.status == 424 and error.to_openai()["error"]["retryable"] is False
+        await until(lambda: scaler.failed is not None and scaler.failed.model_fingerprint == "s3://b/m@v1")
+        for _ in range(3):
+            with pytest.raises(FunctionFailedError):
+                await scaler.acquire()
+        assert backend.starts == 1, "a failed function is not started again"
+        backend.model_version = "v2"  # pushed again
+        with pytest.raises(FunctionFailedError):
+            await scaler.acquire()  # within the recheck interval: not asked yet
+        clock.now += MODEL_RECHECK_S
+        instance = await scaler.acquire()
+        assert instance.instance_id == "fn-2" and scaler.state == ScaleState.READY and scaler.failed is None
+    run(body())
+
+
+def test_unsupported_and_corrupt_models_fail_the_function_but_a_crash_does_not() -> None:
+    async def body() -> None:
+        for error, fails in ((UnsupportedModelError("vLLM does not run FooForCausalLM"), True),
+                             (IntegrityError("sha256 mismatch"), True),
+                             (TemporaryError("worker exited with code -9"), False)):
+            backend = ScriptedBackend()
+            backend.fail_next = error
+            scaler = make(backend)
+            with pytest.raises((FunctionFailedError, TemporaryError)) as caught:
+                await scaler.acquire()
+            assert isinstance(caught.value, FunctionFailedError) is fails, error
+            assert (scaler.state == ScaleState.FAILED) is fails
+            await scaler.shutdown()
+    run(body())
+
+
+def test_transient_start_failures_back_off_exponentially_and_a_success_resets_it() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        scaler = make(backend)
+        backend.fail_next = "worker not ready within 180 s"
+        with pytest.raises(TemporaryError) as caught:
+            await scaler.acquire()
+        assert caught.value.retry_after_s == BACKOFF_FIRST_S
+        status = scaler.status()
+        assert status["start_failures"] == 1 and 0 < status["next_start_in_s"] <= BACKOFF_FIRST_S
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        backend.fail_next = "worker not ready within 180 s"
+        with pytest.raises(TemporaryError) as caught:
+            await scaler.acquire()  # parked until the backoff ends, then its start fails too
+        assert loop.time() - began >= BACKOFF_FIRST_S * 0.9 and backend.starts == 2
+        assert caught.value.retry_after_s == 2 * BACKOFF_FIRST_S and scaler.status()["start_failures"] == 2
+        began = loop.time()
+        instance = await scaler.acquire()
+        assert loop.time() - began >= 2 * BACKOFF_FIRST_S * 0.9, "the second backoff is twice the first"
+        assert instance.instance_id == "fn-3" and scaler.status()["start_failures"] == 0
     run(body())
 
 

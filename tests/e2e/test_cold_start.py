@@ -328,15 +328,32 @@ def test_nothing_the_stack_runs_listens_beyond_loopback(stack: LocalStack) -> No
     assert all(addr.startswith("127.") for addr in ours.values()), ours
 
 
-def test_worker_that_cannot_start_gives_503_with_reason_then_retries(stack: LocalStack) -> None:
+def test_a_function_whose_model_is_missing_fails_until_the_model_is_pushed(stack: LocalStack) -> None:
+    """A cold start that cannot succeed (no model at the URI) marks the function failed: answered
+    at once with the reason (424, not retryable) and not started again, until a push changes the
+    model; then the next request cold-starts it."""
+    from hydraserve.weights.push import push_model
+
     assert stack.gateway is not None
-    stack.gateway.register(FunctionConfig(name="broken", model_uri="s3://models/does-not-exist"))
+    uri = f"{stack.model_uri}-pushed-later"
+    stack.gateway.register(FunctionConfig(name="broken", model_uri=uri))
     url = stack.gateway_url + "/functions/broken/v1/completions"
-    for _ in range(2):  # the second request tries again (and fails the same way)
-        r = requests.post(url, json={"prompt": "x"}, timeout=120)
-        assert r.status_code == 503
-        assert "does-not-exist" in r.json()["error"]["message"]
-    assert stack.gateway.scaler("broken").status()["state"] == "zero"
+    for _ in range(2):
+        r = requests.post(url, json={"prompt": "x", "max_tokens": 2}, timeout=120)
+        assert r.status_code == 424, r.text
+        error = r.json()["error"]
+        assert "pushed-later" in error["message"] and error["retryable"] is False and error["type"] == "function_failed"
+    status = stack.gateway.scaler("broken").status()
+    assert status["state"] == "failed" and status["cold_starts"] == 0 and status["failed"] is not None
+    push_model(stack.run_dir / "model" if stack.options.model_dir is None else stack.options.model_dir, uri,
+               progress=False, client=stack.s3.client())
+    deadline = time.monotonic() + 60
+    while (r := requests.post(url, json={"prompt": "x", "max_tokens": 2}, timeout=120)).status_code == 424:
+        assert time.monotonic() < deadline, "the pushed model was never noticed"
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+    assert 1 <= r.json()["usage"]["completion_tokens"] <= 2
+    assert stack.gateway.scaler("broken").status()["state"] == "ready"
 
 
 def test_cold_start_against_an_unreachable_s3_fails_within_the_retry_budget(stack: LocalStack) -> None:

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from hydraserve.contracts.worker import WorkerEnvironment
-from hydraserve.errors import TemporaryError
+from hydraserve.errors import NotFoundError, fails_every_start
 from hydraserve.provider.backends.process import ProcessLauncher, WorkerProcess
 
 
@@ -72,11 +72,15 @@ def test_worker_serves_reports_timeline_and_drains_on_sigterm(tiny_llama_dir: Pa
         worker.stop(grace_s=5)
 
 
-def test_worker_failure_reason_reaches_the_caller(tmp_path: Path) -> None:
+def test_worker_failure_reason_and_class_reach_the_caller(tmp_path: Path) -> None:
+    """A worker that cannot start says why in its /readyz, naming its error's class: the launcher
+    raises the same class (a missing model is a NotFoundError, which fails its function for good,
+    not a retryable 503)."""
     worker = launch(tmp_path, model_uri=str(tmp_path / "no-such-model"))
     try:
-        with pytest.raises(TemporaryError, match="no-such-model"):
+        with pytest.raises(NotFoundError, match="no-such-model") as caught:
             worker.wait_ready(timeout_s=60)
+        assert fails_every_start(caught.value)
     finally:
         worker.stop(grace_s=5)
 
