@@ -14,13 +14,14 @@ from hydraserve.activator.functions import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE
 from hydraserve.weights.layout import stage_byte_profile
-from hydraserve.weights.model_files import ModelFiles
+from hydraserve.weights.model_files import StoredModelFiles
 from hydraserve.weights.servable import check_servable
 
 
-def describe_model(function: FunctionConfig, files: ModelFiles) -> FunctionSpec:
+def describe_model(function: FunctionConfig, files: StoredModelFiles) -> FunctionSpec:
     """The FunctionSpec of ``function`` (whose model ``files`` opens) with its SLOs."""
-    check_servable(files.config(), function.model_uri)
+    names = files.list_files()
+    check_servable(files.config() if "config.json" in names else {}, function.model_uri, names)
     sizes = {name: entry.nbytes for name, entry in files.tensor_index().items()}
     profile = stage_byte_profile(sizes, files.architecture())
     return FunctionSpec(

@@ -72,14 +72,16 @@ def configure_push(subparsers: Any) -> argparse.ArgumentParser:
 def _run_push(args: argparse.Namespace) -> int:
     import json
 
-    from hydraserve.errors import HydraError, UnsupportedModelError
+    from hydraserve.errors import HydraError, NotFoundError
     from hydraserve.weights.servable import check_servable
 
     try:
-        config = Path(args.dir) / "config.json"
-        if not config.is_file():
-            raise UnsupportedModelError(f"{args.dir} has no config.json: not a Hugging Face model directory")
-        check_servable(json.loads(config.read_text()), args.dir)  # before a byte is uploaded
+        directory = Path(args.dir)
+        if not directory.is_dir():
+            raise NotFoundError(f"{args.dir} is not a directory")
+        files = [p.name for p in directory.iterdir() if p.is_file()]
+        config = json.loads((directory / "config.json").read_text()) if "config.json" in files else {}
+        check_servable(config, args.dir, files)  # before a byte is uploaded
         manifest = push_model(args.dir, args.uri, args.endpoint_url, progress=not args.no_progress,
                               create_bucket=args.create_bucket)
     except HydraError as exc:

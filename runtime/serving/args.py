@@ -30,6 +30,9 @@ def served_model_name(settings: WorkerEnvironment) -> str:
     return settings.function or settings.model_uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+AUTO_FIT_CONTEXT = -1  # vLLM's max_model_len: as long as the KV cache holds
+
+
 def engine_cli_args(settings: WorkerEnvironment, model_dir: str) -> list[str]:
     """``vllm serve`` arguments for this worker; ``model_dir`` holds its config and tokenizer (and,
     for vLLM's own loaders, its weights, or is the s3:// URI Run:ai streams them from)."""
@@ -44,8 +47,9 @@ def engine_cli_args(settings: WorkerEnvironment, model_dir: str) -> list[str]:
         args.append("--enforce-eager")
     if settings.dtype:
         args += ["--dtype", settings.dtype]
-    if settings.max_model_len:
-        args += ["--max-model-len", str(settings.max_model_len)]
+    # unset: the longest context the KV cache holds (vLLM's auto-fit), up to the model's own; a
+    # model whose full context does not fit its memory grant serves shorter requests, never fails
+    args += ["--max-model-len", str(settings.max_model_len or AUTO_FIT_CONTEXT)]
     group = settings.stage
     if group is None or group.num_stages == 1:
         return args  # vLLM on CPUs runs its worker in a process of its own (multiproc) either way

@@ -228,6 +228,25 @@ def test_a_model_without_a_tokenizer_fails_saying_so(vllm_pool: Any, tiny_llama_
         w.stop(grace_s=5)
 
 
+def test_a_context_longer_than_the_kv_cache_holds_is_fitted_to_it(vllm_pool: Any, tiny_llama_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """A model whose context (here 1M tokens) needs more KV cache than its memory grant (8 MiB):
+    the worker serves the longest context the cache holds (vLLM's auto-fit) instead of failing."""
+    model = tmp_path / "long-context"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 1 << 20}))
+    w = vllm_pool.launch(str(model), kv_cache_bytes=8 << 20)
+    try:
+        w.wait_ready(120)
+        served = requests.get(w.url + "/v1/models", timeout=10).json()["data"][0]["max_model_len"]
+        assert 0 < served < 1 << 20
+        r = requests.post(w.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        w.stop(grace_s=5)
+
+
 def test_no_body_gives_a_500(worker: Any) -> None:
     """hypothesis throws JSON at the vLLM worker's body-taking routes: every answer is a success
     or a 4xx in our error shape (the compact engine's apps: tests/test_fuzz_bodies.py)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +39,43 @@ def test_what_vllm_does_not_run_is_refused_by_name(config: dict[str, Any], named
         check_servable(config, "s3://models/x")
 
 
-def test_model_push_refuses_an_unsupported_architecture_before_uploading(
-        tiny_llama_dir: Path, s3_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in s3_server.client_env().items():
-        monkeypatch.setenv(key, value)
-    model = tmp_path / "bert"
-    shutil.copytree(tiny_llama_dir, model)
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps(config | {"architectures": ["BertForMaskedLM"]}))
+def _config(**changes: object) -> Callable[[Path], None]:
+    def change(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps(config | changes))
+    return change
+
+
+def _pickled_only(model: Path) -> None:
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+
+
+# kind -> (how the tiny Llama is spoiled, what the refusal says)
+BAD_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "bert": (_config(architectures=["BertForMaskedLM"]), "vLLM does not run the architecture BertForMaskedLM"),
+    "no-config": (lambda m: (m / "config.json").unlink(), "has no config.json"),
+    "pickled": (_pickled_only, "no *.safetensors weights (only pytorch_model.bin): convert it"),
+    "no-tokenizer": (lambda m: (m / "tokenizer.json").unlink(), "has no tokenizer.json"),
+    "fp8": (_config(torch_dtype="float8_e4m3fn"), "its weights are float8_e4m3fn"),
+    "head-16": (_config(head_dim=16), "its attention heads are 16 wide"),
+}
+
+
+def bad_model(good: Path, where: Path, kind: str) -> Path:
+    shutil.copytree(good, where)
+    BAD_MODELS[kind][0](where)
+    return where
+
+
+@pytest.mark.parametrize("kind", list(BAD_MODELS))
+def test_model_push_refuses_a_model_vllm_cannot_serve_before_uploading(
+        kind: str, tiny_llama_dir: Path, s3_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each refusal names what is wrong (and how to fix it where a command can), and not a byte
+    is uploaded."""
+    model = bad_model(tiny_llama_dir, tmp_path / kind, kind)
     client = s3_server.client()
-    client.create_bucket("servable")
-    assert main(["model", "push", str(model), "s3://servable/bert", "--no-progress",
+    client.create_bucket(bucket := f"servable-{kind}")
+    assert main(["model", "push", str(model), f"s3://{bucket}/m", "--no-progress",
                  "--endpoint-url", s3_server.endpoint_url]) == 1
-    assert "vLLM does not run the architecture BertForMaskedLM" in capsys.readouterr().err
-    assert client.list_prefix("servable", "bert") == []  # not a byte uploaded
+    assert BAD_MODELS[kind][1] in capsys.readouterr().err
+    assert client.list_prefix(bucket, "m") == []
