@@ -35,8 +35,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from hydraserve.activator.ports import FunctionBackend
-from hydraserve.activator.proxy import GATEWAY_STOPPING, InstanceProxy, ended_by_drain, stopping_error
+from hydraserve.activator.proxy import (
+    GATEWAY_STOPPING,
+    InstanceProxy,
+    end_with_error,
+    ended_by_drain,
+    stopping_error,
+)
 from hydraserve.activator.scaler import FunctionScaler
+from hydraserve.activator.waiting import EarlyStream, progress_text, waited_headers, wants_stream
 from hydraserve.auth import Authenticate, admin_only, bearer
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import FUNCTION_ROUTES
@@ -329,6 +336,31 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
 
     async def to_an_instance(request: web.Request, scaler: FunctionScaler, name: str, path: str,
                              body: bytes) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        cold = not scaler.instances  # it meets a cold start (or waits behind one)
+        early: EarlyStream | None = None
+        if scaler.must_wait() and wants_stream(request.method, path, body):
+            early = await EarlyStream.open(request, lambda: progress_text(scaler.last_timeline), cold)
+        try:
+            return await _serve(request, scaler, name, path, body, arrived, cold, early)
+        except HydraError as exc:
+            if early is None:
+                raise
+            log.warning("request to %s failed after its stream began: %s", name, exc.message)
+            await early.stop(loop.time() - arrived)
+            return await end_with_error(early.response, exc)
+        finally:
+            if early is not None:
+                early.cancel()  # the client left, or the gateway stops: no more progress
+
+    async def _serve(request: web.Request, scaler: FunctionScaler, name: str, path: str, body: bytes,
+                     arrived: float, cold: bool, early: EarlyStream | None) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+
+        def first_token() -> None:
+            gateway.metrics.time_to_first_token_seconds.labels(name).observe(loop.time() - arrived)
+
         for attempt in range(MAX_INSTANCE_RETRIES + 1):
             try:
                 instance = await scaler.acquire()
@@ -336,10 +368,16 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
                 if not ended_by_drain(exc):
                     raise
                 raise stopping_error() from None
+            waited_s = loop.time() - arrived
+            if attempt == 0:
+                gateway.metrics.queue_wait_seconds.labels(name).observe(waited_s)
+            if early is not None:
+                await early.stop(waited_s)
             try:
                 response, broken = await gateway.proxy.forward(
                     instance.endpoint.url, path, request, body,
-                    on_first_byte=functools.partial(scaler.first_response, instance))
+                    on_first_byte=functools.partial(scaler.first_response, instance), on_first_chunk=first_token,
+                    headers_out=waited_headers(cold, waited_s), into=early.response if early else None)
             except InstanceFailedError as exc:
                 scaler.instance_failed(instance, exc.message)  # dropped before its slot frees
                 scaler.release(instance)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-UNKNOWN_FUNCTION = "_unknown"  # the label of requests that named no registered function
+UNKNOWN_FUNCTION = "_unknown"
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)  # the label of requests that named no registered function
 
 
 class GatewayMetrics:
@@ -39,3 +40,13 @@ class GatewayMetrics:
                                       "1 while the function is failed (its cold start failed for a reason no "
                                       "retry fixes; it waits for a change to it or its model)", ["function"],
                                       registry=self.registry)
+        self.queue_wait_seconds = Histogram("hydraserve_gateway_queue_wait_seconds",
+                                            "Seconds a request waited for a free instance (a cold start, a busy one)",
+                                            ["function"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.cold_start_seconds = Histogram("hydraserve_gateway_cold_start_seconds",
+                                            "Seconds from a cold start's first request to its instance ready",
+                                            ["function"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.time_to_first_token_seconds = Histogram(
+            "hydraserve_gateway_time_to_first_token_seconds",
+            "Seconds from a request's arrival to the first byte of its instance's body (a stream's first token)",
+            ["function"], buckets=SECONDS_BUCKETS, registry=self.registry)

@@ -11,12 +11,15 @@ raises as an APIError) and a clean end of the body, and the caller is told why. 
 that goes away cancels the handler: the instance's connection is closed at once, which
 aborts the request in its engine. The gateway's drain ending a request (its task cancelled
 with ``GATEWAY_STOPPING``) ends a stream the same way, with a retryable 503 error event, or
-answers a request not yet answered with that 503.
+answers a request not yet answered with that 503. A stream whose headers the gateway already
+sent (``into``: it waited for a cold start with SSE comments) gets the instance's events in it,
+and an instance's error answer becomes an SSE error event there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 
@@ -44,6 +47,7 @@ def stopping_error() -> TemporaryError:
     return TemporaryError(f"{GATEWAY_STOPPING}: send the request again", retry_after_s=1.0)
 
 
+MAX_ERROR_BODY_BYTES = 64 << 10  # an instance's error answer, turned into an SSE error event
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
 
@@ -65,9 +69,13 @@ class InstanceProxy:
             await self._session.close()
 
     async def forward(self, base_url: str, path: str, request: web.Request, body: bytes, *,
-                      on_first_byte: Callable[[], None]) -> tuple[web.StreamResponse, str | None]:
+                      on_first_byte: Callable[[], None], on_first_chunk: Callable[[], None] = lambda: None,
+                      headers_out: Mapping[str, str] | None = None, into: web.StreamResponse | None = None
+                      ) -> tuple[web.StreamResponse, str | None]:
         """Send ``request`` (its ``body`` already read) to ``base_url + path`` and stream the
-        answer; with it, why the instance broke the answer off (None when it did not)."""
+        answer (``headers_out`` added to the instance's headers; into the SSE response ``into``
+        when its headers went out already); with it, why the instance broke the answer off
+        (None when it did not)."""
         headers = _end_to_end(request.headers)
         url = base_url.rstrip("/") + "/" + path.lstrip("/")
         upstream = None
@@ -96,9 +104,18 @@ class InstanceProxy:
             if upstream.status == 503 and upstream.content_type == "application/json":
                 raw = await _read_failure(upstream)
                 on_first_byte()
-                return web.Response(status=503, body=raw, headers=_end_to_end(upstream.headers)), None
+                if into is not None:
+                    return await end_with_error(into, error_from_response(503, json.loads(raw), source="function")), None
+                return web.Response(status=503, body=raw, headers=_answer_headers(upstream, headers_out)), None
             on_first_byte()
-            return await _relay(request, upstream)
+            if into is not None:
+                return await _relay_into(request, upstream, into, on_first_chunk)
+            out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                     headers=_answer_headers(upstream, headers_out))
+            if upstream.content_length is not None:
+                out.content_length = upstream.content_length
+            await out.prepare(request)
+            return await _pump(request, upstream, out, on_first_chunk)
         finally:
             upstream.close()  # no-op after a full read; after a cancel it drops the connection
 
@@ -108,16 +125,47 @@ def _end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> tuple[web.StreamResponse, str | None]:
-    out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=_end_to_end(upstream.headers))
-    if upstream.content_length is not None:
-        out.content_length = upstream.content_length
-    await out.prepare(request)
+def _answer_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str] | None) -> CIMultiDict[str]:
+    headers = _end_to_end(upstream.headers)
+    headers.update(extra or {})
+    return headers
+
+
+async def _relay_into(request: web.Request, upstream: aiohttp.ClientResponse, into: web.StreamResponse,
+                      on_first_chunk: Callable[[], None]) -> tuple[web.StreamResponse, str | None]:
+    """The instance's answer into a stream already under way: its events as they come, or (an
+    error answer, a body that is no stream) one SSE error event."""
+    if upstream.status == 200 and upstream.content_type == "text/event-stream":
+        return await _pump(request, upstream, into, on_first_chunk)
+    try:
+        raw = await upstream.content.read(MAX_ERROR_BODY_BYTES)
+        body: object = json.loads(raw)
+    except (ValueError, aiohttp.ClientError, TimeoutError):
+        body = "the function answered with no stream"
+    status = upstream.status if upstream.status >= 400 else 502
+    return await end_with_error(into, error_from_response(status, body, source="function")), None
+
+
+async def end_with_error(out: web.StreamResponse, error: HydraError) -> web.StreamResponse:
+    """End an SSE stream with OpenAI's error event (the openai client raises it as an APIError)."""
+    with contextlib.suppress(ConnectionResetError):
+        await out.write(f"data: {json.dumps(error.to_openai())}\n\n".encode())
+        await out.write_eof()
+    return out
+
+
+async def _pump(request: web.Request, upstream: aiohttp.ClientResponse, out: web.StreamResponse,
+                on_first_chunk: Callable[[], None]) -> tuple[web.StreamResponse, str | None]:
+    """Copy the instance's body to the client as it comes."""
+    first = True
     while True:
         try:
             chunk = await upstream.content.readany()
             if not chunk:
                 break
+            if first:
+                on_first_chunk()
+                first = False
             await out.write(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             broken = InstanceFailedError(f"function instance broke off the response: {type(exc).__name__}")
@@ -140,14 +188,11 @@ async def _end(request: web.Request, upstream: aiohttp.ClientResponse, out: web.
     """End a body before its end (the instance broke it off, or the gateway stops): an SSE stream
     with an error event and a clean end; anything else by aborting the connection (a clean end
     would pass a cut body for whole)."""
-    try:
-        if upstream.content_type == "text/event-stream":  # the client hears it first
-            await out.write(f"data: {json.dumps(error.to_openai())}\n\n".encode())
-            await out.write_eof()
-        elif request.transport is not None:
-            request.transport.abort()
-    except ConnectionResetError:
-        out.force_close()
+    if upstream.content_type == "text/event-stream":  # the client hears it first
+        await end_with_error(out, error)
+        return
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _read_failure(upstream: aiohttp.ClientResponse) -> bytes:

@@ -184,6 +184,12 @@ class FunctionScaler:
             self._metrics.waiting.labels(self.config.name).dec()
             self._maybe_idle()
 
+    def must_wait(self) -> bool:
+        """Whether a request arriving now would be parked (no free slot), rather than served or
+        refused at once (failed, queue full, shutting down)."""
+        return (self._free_instance() is None or self._waiting > 0) and self.failed is None \
+            and not self._closed and self._waiting < self.config.max_queue
+
     def release(self, instance: Instance) -> None:
         instance.inflight -= 1
         instance.last_active = self._clock()
@@ -291,7 +297,8 @@ class FunctionScaler:
             return
         self._starting -= 1
         self.start_failures = 0
-        timeline.mark("instance_ready", component="gateway")
+        ready = timeline.mark("instance_ready", component="gateway")
+        self._metrics.cold_start_seconds.labels(self.config.name).observe(ready.at - timeline.events[0].at)
         if self._closed:  # the gateway shut down while it started
             await self._blocking(self._backend.stop, self.config.name, endpoint.instance_id)
             return

@@ -225,7 +225,7 @@ class ColdStart:
                 group.stages.append(st)
                 timeline.mark("worker_spawned", component="backend", at=worker.spawned_at, node=st.node,
                               stage=st.stage.index, adopted=worker.adopted)
-            ready_at = _wait_all_ready(group.workers, opts.ready_timeout_s)
+            ready_at = _wait_all_ready(group.workers, opts.ready_timeout_s, timeline)
             group.stage_timelines = self._inner_timelines(group)
         except Exception as exc:
             reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
@@ -501,6 +501,8 @@ class _Prefetch:
                 log.debug("loaderd status failed: %s", exc.message)
                 self._stop.wait(self._poll_s)
                 continue
+            self._timeline.progress(**{f"fetched_bytes.{self.stage}": sum(s.bytes_ready for s in segments),
+                                       f"fetch_bytes.{self.stage}": sum(s.tensor_bytes for s in segments)})
             if segments and all(s.state == "complete" for s in segments):
                 now = time.time()
                 self.fetch_s = now - self._started
@@ -519,12 +521,17 @@ class _Prefetch:
         self.loader.close()
 
 
-def _wait_all_ready(workers: Sequence[LaunchedWorker], timeout_s: float) -> list[float]:
+def _wait_all_ready(workers: Sequence[LaunchedWorker], timeout_s: float, timeline: Timeline) -> list[float]:
     """Wait for every worker at once and return when each was ready (unix time): the first to
     fail ends the wait with its error (a stage lost early must not wait behind a head that
-    keeps trying to link to it)."""
+    keeps trying to link to it). How many are ready is the timeline's progress meanwhile."""
+    ready_now: list[LaunchedWorker] = []
+    timeline.progress(workers_ready=0, workers=len(workers))
+
     def ready(worker: LaunchedWorker) -> float:
         worker.wait_ready(timeout_s)
+        ready_now.append(worker)
+        timeline.progress(workers_ready=len(ready_now))
         return time.time()
 
     if len(workers) == 1:

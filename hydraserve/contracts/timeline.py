@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 
 class TimelineEvent(BaseModel):
@@ -24,6 +24,17 @@ class Timeline(BaseModel):
     """Ordered events of one cold start (or of one worker's start-up)."""
 
     events: list[TimelineEvent] = Field(default_factory=list)
+    # what is under way now (bytes fetched so far, workers ready), for requests waiting on the
+    # cold start; not a moment, so never serialized
+    _progress: dict[str, float] = PrivateAttr(default_factory=dict)
+
+    def progress(self, **values: float) -> None:
+        """Record how far something under way has come (``weights_fetched_bytes=...``)."""
+        self._progress.update(values)
+
+    @property
+    def current_progress(self) -> dict[str, float]:
+        return dict(self._progress)
 
     def mark(self, name: str, component: str = "worker", at: float | None = None,
              **detail: object) -> TimelineEvent:

@@ -52,7 +52,8 @@ class ScriptedBackend:
         self.starts += 1
         self.excluded.append(tuple(exclude_nodes))
         self.started.set()
-        timeline.mark("plan_decided", component="fake")
+        timeline.mark("plan_decided", component="fake", nodes=["fake-node"], pipeline_size=1)
+        timeline.progress(**{"fetch_bytes.0": 50e6, "fetched_bytes.0": 20e6, "workers": 1, "workers_ready": 0})
         self.release_start.wait(10)
         if self.lose_next:
             raise InstanceFailedError("worker lost", nodes=(self.lose_next.pop(0),))

@@ -204,7 +204,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_instance_generating(
     with requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x", "stream": True},
                        stream=True, timeout=10) as r:
         lines = r.iter_lines()
-        assert next(line for line in lines if line).startswith(b"data:")
+        assert next(line for line in lines if line.startswith(b"data:"))
     # the client closed its connection after the first token
     assert instance.gone.wait(5), "the instance kept generating for a client that left"
     assert settled(gw)["inflight"] == 0
@@ -343,7 +343,7 @@ def test_functions_are_created_described_and_deleted_at_run_time(
                               json={"prompt": "x", "stream": True, "max_tokens": 50},
                               stream=True, timeout=10)
     lines = streaming.iter_lines()
-    next(line for line in lines if line)
+    next(line for line in lines if line.startswith(b"data:"))
     deleting = threading.Thread(target=lambda: gw_deleted.append(admin.delete("second")))
     gw_deleted: list[dict[str, object]] = []
     deleting.start()
@@ -420,7 +420,7 @@ def test_idle_connections_are_closed_and_cannot_exhaust_the_gateway(instance: In
         streaming = requests.post(f"{server.url}/functions/fn/v1/completions", stream=True, timeout=30,
                                   json={"prompt": "x", "stream": True, "max_tokens": 150})  # 3 s of tokens
         lines = streaming.iter_lines()
-        assert next(lines).startswith(b"data: ")
+        assert next(line for line in lines if line.startswith(b"data:")).startswith(b"data: ")
         held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(600)]
         waits = []
         for _ in range(20):

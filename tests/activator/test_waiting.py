@@ -1,0 +1,95 @@
+"""What a request waiting for a cold start hears (activator/waiting.py), over real HTTP through
+the gateway with a scripted backend whose start the test holds: a streamed request gets its
+headers at once and progress comments until its first token, which the `openai` client reads
+past; every answer says whether it met a cold start and how long it waited; the waits are in
+/metrics; a start that fails after the headers went out ends the stream with an error event."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+import requests
+
+from hydraserve.activator.functions import FunctionConfig
+from hydraserve.activator.gateway import Gateway, create_gateway_app
+from hydraserve.activator.waiting import COLD_START_HEADER, QUEUE_SECONDS_HEADER, TICK_S
+from hydraserve.aio_server import BackgroundAioServer
+from hydraserve.errors import NotFoundError
+from hydraserve.testing.fake_backend import ScriptedBackend
+from tests.activator.test_gateway import ADMIN, Instance, instance, metric  # noqa: F401  (fixture)
+
+Setup = tuple[Gateway, ScriptedBackend, BackgroundAioServer]
+
+
+@pytest.fixture
+def held(instance: Instance) -> Iterator[Setup]:  # noqa: F811
+    """A function at zero whose cold start waits until the test releases it."""
+    backend = ScriptedBackend(url=instance.server.url, auto_release=False)
+    gw = Gateway(backend, reap_interval_s=3600)
+    gw.register(FunctionConfig(name="fn", model_uri="s3://b/m", max_instances=1))
+    server = BackgroundAioServer(create_gateway_app(gw, ADMIN), "127.0.0.1", 0).start()
+    yield gw, backend, server
+    backend.release_start.set()
+    server.close()
+
+
+def test_a_stream_waiting_for_a_cold_start_gets_headers_at_once_and_progress_until_its_first_token(
+        held: Setup) -> None:
+    gw, backend, server = held
+    began = time.monotonic()
+    with requests.post(f"{server.url}/functions/fn/v1/completions", stream=True, timeout=30,
+                       json={"prompt": "x", "stream": True, "max_tokens": 3}) as r:
+        assert time.monotonic() - began < 2 and not backend.release_start.is_set(), "headers before the start ends"
+        assert r.status_code == 200 and r.headers[COLD_START_HEADER] == "true"
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        first = next(lines)
+        assert first.startswith(b": cold start 0."), first  # at once
+        planned = next(line for line in lines if b"planned" in line)  # once the backend planned (next tick)
+        assert planned.startswith(b": cold start 1.") and b"planned: 1 stage(s) on fake-node" in planned
+        assert b"weights 20.0/50.0 MB fetched" in planned and b"workers 0/1 ready" in planned
+        backend.release_start.set()
+        rest = [line for line in lines if line]
+    assert any(line.startswith(b": waited ") for line in rest)
+    data = [line for line in rest if line.startswith(b"data:")]
+    assert len(data) == 3 and time.monotonic() - began >= TICK_S
+    assert metric(gw, "hydraserve_gateway_queue_wait_seconds_count", function="fn") == 1
+    assert metric(gw, "hydraserve_gateway_queue_wait_seconds_sum", function="fn") >= TICK_S * 0.9
+    assert metric(gw, "hydraserve_gateway_cold_start_seconds_count", function="fn") == 1
+    assert metric(gw, "hydraserve_gateway_time_to_first_token_seconds_count", function="fn") == 1
+
+
+def test_every_answer_says_whether_it_met_a_cold_start_and_how_long_it_waited(held: Setup) -> None:
+    _gw, backend, server = held
+    threading.Timer(0.5, backend.release_start.set).start()
+    cold = requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}, timeout=30)
+    assert cold.status_code == 200 and cold.headers[COLD_START_HEADER] == "true"
+    assert float(cold.headers[QUEUE_SECONDS_HEADER]) >= 0.4
+    warm = requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}, timeout=30)
+    assert warm.headers[COLD_START_HEADER] == "false" and float(warm.headers[QUEUE_SECONDS_HEADER]) < 0.4
+    warm_stream = requests.post(f"{server.url}/functions/fn/v1/completions", timeout=30,
+                                json={"prompt": "x", "stream": True, "max_tokens": 2})
+    assert warm_stream.headers[COLD_START_HEADER] == "false"
+    assert not [line for line in warm_stream.iter_lines() if line.startswith(b":")], "no progress when nothing waits"
+
+
+def test_the_openai_client_reads_a_stream_through_a_cold_start(held: Setup) -> None:
+    _gw, backend, server = held
+    threading.Timer(TICK_S * 2.5, backend.release_start.set).start()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    chunks = list(client.completions.create(model="fn", prompt="x", max_tokens=4, stream=True))
+    assert [c.choices[0].text for c in chunks] == ["0", "1", "2", "3"]
+
+
+def test_a_start_that_fails_after_the_headers_ends_the_stream_with_an_error_event(held: Setup) -> None:
+    _gw, backend, server = held
+    backend.fail_next = NotFoundError("S3 object s3://b/m/tokenizer.json does not exist")
+    threading.Timer(TICK_S * 1.5, backend.release_start.set).start()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    with pytest.raises(openai.APIError, match=r"tokenizer\.json") as caught:
+        list(client.completions.create(model="fn", prompt="x", max_tokens=4, stream=True))
+    assert "not started again" in str(caught.value)
