@@ -13,7 +13,9 @@ admin routes (/v1/functions...) need the gateway's bearer token, the function an
 routes are the public way in. A
 reaper task scales idle instances in with the injected clock (each function's keep-alive from its
 own idle-time history: activator/keepalive.py), pre-warms functions due for it, and fails
-instances whose workers the backend lost.
+instances whose workers the backend lost. A CloudEvent the gateway fails itself (no such
+function, failed to start, overloaded, body too large) is answered with a ``dev.hydraserve.error``
+event in its own mode, as its function would (docs/CLOUDEVENTS.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from hydraserve import http_events
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from hydraserve.activator.ports import FunctionBackend
@@ -45,6 +48,7 @@ from hydraserve.activator.proxy import (
 from hydraserve.activator.scaler import FunctionScaler
 from hydraserve.activator.waiting import EarlyStream, progress_text, waited_headers, wants_stream
 from hydraserve.auth import Authenticate, admin_only, bearer
+from hydraserve.contracts import events
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import FUNCTION_ROUTES
 from hydraserve.errors import (
@@ -68,6 +72,7 @@ MAX_BODY_BYTES = 1 << 20  # as the runtime's limit: a larger body is refused bef
 ADMIN_PREFIX = "/v1/functions"
 METRICS = web.AppKey("metrics", GatewayMetrics)
 FUNCTION = web.RequestKey("function", str)  # the function a request is counted under
+BODY = web.RequestKey("body", bytes)  # the request's body, once read
 
 
 class Gateway:
@@ -231,19 +236,47 @@ class Gateway:
 
 # the app ----------------------------------------------------------------------------------
 
-def _json_error(exc: HydraError, status: int | None = None) -> web.Response:
-    response = web.json_response(exc.to_openai(), status=status or exc.status)
+async def _error_response(request: web.Request, exc: HydraError, status: int | None = None) -> web.Response:
+    """``exc`` in OpenAI's error shape; to a CloudEvent, inside an error event in the request's
+    own mode, as the function's worker answers (an Eventing broker reads events, not JSON)."""
+    status = status or exc.status
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    mode = http_events.mode_of(headers)
+    if mode is None:
+        response = web.json_response(exc.to_openai(), status=status)
+    else:
+        event = http_events.error_event(_event_source(request), exc, await _event_subject(request, headers, exc))
+        event_headers, body = http_events.encode(event, mode)
+        response = web.Response(body=body, status=status, headers=event_headers)
     retry_after = retry_after_header(exc)
     if retry_after is not None:
         response.headers["Retry-After"] = retry_after
     return response
 
 
+async def _event_subject(request: web.Request, headers: dict[str, str], exc: HydraError) -> str | None:
+    """The id of the event an error is about: a binary event's from its headers, a structured
+    one's from its body, read now if the request failed before reading it (unless refused for
+    its size)."""
+    body = request.get(BODY)
+    unread = body is None and not isinstance(exc, PayloadTooLargeError)
+    if unread and http_events.mode_of(headers) == "structured":
+        with contextlib.suppress(HydraError):
+            body = await _read_body(request)
+    return http_events.event_id(headers, body)
+
+
+def _event_source(request: web.Request) -> str:
+    """An error event's source: the function's own, when the request named one the gateway hosts."""
+    name = request.get(FUNCTION, UNKNOWN_FUNCTION)
+    return events.GATEWAY_SOURCE if name == UNKNOWN_FUNCTION else events.SOURCE_PREFIX + name
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                   ) -> web.StreamResponse:
-    """Every failure in OpenAI's error shape (as hydraserve.http_errors does for Flask apps),
-    and each function request counted by its status."""
+    """Every failure in OpenAI's error shape (as hydraserve.http_errors does for Flask apps; to
+    a CloudEvent, as an error event), and each function request counted by its status."""
     metrics: GatewayMetrics = request.app[METRICS]
     status = 500
     try:
@@ -254,11 +287,11 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         if exc.status >= 500:
             log.warning("request failed: %s", exc.message)
         status = exc.status
-        return _json_error(exc)
+        return await _error_response(request, exc)
     except web.HTTPException as exc:
         status = exc.status
         message = exc.reason if exc.text is None else exc.text.removeprefix(f"{exc.status}: ")
-        return _json_error(framework_error(exc.status, message), exc.status)
+        return await _error_response(request, framework_error(exc.status, message), exc.status)
     except asyncio.CancelledError:
         status = 499  # nginx's "client closed request"
         if FUNCTION in request:
@@ -266,7 +299,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         raise
     except Exception as exc:
         log.exception("unhandled error")
-        return _json_error(HydraError(f"internal error: {type(exc).__name__}"))
+        return await _error_response(request, HydraError(f"internal error: {type(exc).__name__}"))
     finally:
         if FUNCTION in request and status != 499:
             metrics.requests.labels(request[FUNCTION], str(status)).inc()
@@ -294,12 +327,14 @@ def _host_function(gateway: Gateway, request: web.Request) -> str | None:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    """The whole body, refused with a 413 by its declared length before anything is read."""
+    """The whole body, refused with a 413 by its declared length before anything is read; kept
+    in the request (an error about a structured CloudEvent names the event's id)."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise PayloadTooLargeError(f"request body of {request.content_length} bytes is over the "
                                    f"{MAX_BODY_BYTES} byte limit")
     try:
-        return await request.read()
+        request[BODY] = await request.read()
+        return request[BODY]
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLargeError(f"request body is over the {MAX_BODY_BYTES} byte limit") from None
     except RequestPayloadError as exc:  # a malformed chunked body, say

@@ -59,9 +59,11 @@ class InstanceProxy:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:  # created on the gateway's loop, on first use
+            # no header the client did not send: a body without Content-Type would get
+            # application/octet-stream, and a binary CloudEvent's JSON data would be read as text
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
-                auto_decompress=False, timeout=self._timeout, skip_auto_headers=("User-Agent", "Accept-Encoding"))
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0), auto_decompress=False,
+                timeout=self._timeout, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
         return self._session
 
     async def close(self) -> None:

@@ -15,4 +15,5 @@ ERROR = "dev.hydraserve.error"
 
 REPLY_TYPE = {COMPLETION_REQUEST: COMPLETION_RESPONSE, CHAT_REQUEST: CHAT_RESPONSE}
 
-SOURCE_PREFIX = "/hydraserve/functions/"
+SOURCE_PREFIX = "/hydraserve/functions/"  # + the function's name: its replies and errors
+GATEWAY_SOURCE = "/hydraserve/gateway"  # errors about an event that names no function the gateway hosts

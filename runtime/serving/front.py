@@ -4,7 +4,7 @@ An ASGI app (served by uvicorn; hydraserve.runtime.serving.worker), assembled he
 - ours: ``GET /healthz`` (true while the process can serve or is still starting), ``GET /readyz``
   (true once vLLM serves and no drain is under way; its body is the WorkerStatus contract),
   ``GET /metrics`` (ours and vLLM's), ``GET /v1/hydraserve/timeline``, and CloudEvents on
-  ``POST /`` (hydraserve.runtime.serving.events; each event becomes one OpenAI request below);
+  ``POST /`` (hydraserve.http_events; each event becomes one OpenAI request below);
 - vLLM's, once it serves (earlier requests wait, bounded): ``POST /v1/completions``,
   ``POST /v1/chat/completions``, ``GET /v1/models``, ``POST /tokenize``, ``POST /detokenize``.
   Every other route of vLLM's server is closed. Bodies are checked before vLLM sees them: JSON
@@ -36,6 +36,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from hydraserve import http_events as events
 from hydraserve.contracts import events as event_types
 from hydraserve.contracts.worker import FUNCTION_ROUTES
 from hydraserve.errors import (
@@ -50,7 +51,6 @@ from hydraserve.errors import (
     error_from_response,
 )
 from hydraserve.http_json import decode_json
-from hydraserve.runtime.serving import events
 from hydraserve.runtime.serving.state import ServingState
 
 Scope = MutableMapping[str, Any]
@@ -214,7 +214,7 @@ class Front:
     async def _cloudevent(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _read_body(receive, self.max_body_bytes)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        event, binary = events.parse_event(headers, body)
+        event, mode = events.parse_event(headers, body)
         source = event_types.SOURCE_PREFIX + (self.state.function_name or "local")
         try:
             path, data = events.request_of(event)
@@ -228,7 +228,7 @@ class Front:
             log.exception("event %s could not be processed", event.get_id())
             out, code = events.error_reply(event, source, EngineError(
                 f"the event could not be processed: {type(exc).__name__}"))
-        reply_headers, reply_body = events.encode(out, binary)
+        reply_headers, reply_body = events.encode(out, mode)
         await _send(send, code, reply_body, reply_headers.pop("content-type", "application/json"), reply_headers)
 
     async def _call_vllm(self, scope: Scope, path: str, data: dict[str, Any]) -> tuple[int, Any]:

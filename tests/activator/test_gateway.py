@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -16,19 +17,27 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
 import pytest
 import requests
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.bindings import http as ce_http
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
 from flask import Flask, Response, jsonify, request
 
+from hydraserve import http_events
 from hydraserve.activator.admin_client import GatewayAdminClient
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import MAX_BODY_BYTES, Gateway, create_gateway_app
 from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.auth import write_token_file
+from hydraserve.contracts import events
 from hydraserve.errors import ConflictError, InvalidRequestError
+from hydraserve.http_errors import install_error_handlers
 from hydraserve.http_server import DrainingServer, client_gone
 from hydraserve.processes import free_port
 from hydraserve.testing.fake_backend import ScriptedBackend
@@ -39,12 +48,23 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 class Instance:
     """A function instance: answers completions at once, or streams a token every 20 ms until
-    its client leaves (``gone`` is set then)."""
+    its client leaves (``gone`` is set then); answers a completion event on ``POST /`` with
+    "ok", reading it as the workers do (hydraserve.http_events)."""
 
     def __init__(self) -> None:
         self.gone = threading.Event()
         self.requests = 0
         app = Flask("instance")
+        install_error_handlers(app)
+
+        @app.post("/")
+        def cloudevent() -> Response:
+            cause, mode = http_events.parse_event({k.lower(): v for k, v in request.headers.items()},
+                                                  request.get_data())
+            http_events.request_of(cause)  # its data must be a JSON object
+            answer = {"object": "text_completion", "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]}
+            headers, body = http_events.encode(http_events.reply(cause, events.SOURCE_PREFIX + "fn", answer), mode)
+            return Response(body, headers=headers)
 
         @app.post("/v1/completions")
         def completions() -> Response:
@@ -475,3 +495,109 @@ def test_stopping_ends_every_stream_and_parked_request_within_the_drain(instance
         error = json.loads(received[-1][len(b"data: "):])["error"]
         assert error["retryable"] is True and "gateway is stopping" in error["message"]
     assert parked[0].status_code == 503 and parked[0].json()["error"]["retryable"] is True
+
+
+# CloudEvents ------------------------------------------------------------------------------
+
+DOC = Path(__file__).parents[2] / "docs" / "CLOUDEVENTS.md"
+
+
+def post_event(url: str, mode: str, data: dict[str, object] | None = None) -> requests.Response:
+    """A completion event (no datacontenttype: in binary mode, no Content-Type, as the SDKs send it)."""
+    event = CloudEvent({"type": events.COMPLETION_REQUEST, "source": "/tests", "id": "evt-1"}, data or {"prompt": "x"})
+    message = ce_http.to_binary(event, JSONFormat()) if mode == "binary" else ce_http.to_structured(event, JSONFormat())
+    return requests.post(url, data=message.body, headers=message.headers, timeout=10)
+
+
+def answered_event(r: requests.Response, mode: str, event_type: str = events.ERROR) -> BaseCloudEvent:
+    """The event ``r`` carries, read by the SDK, checked to be of ``event_type`` and in ``mode``."""
+    assert ("ce-type" in {k.lower() for k in r.headers}) == (mode == "binary"), r.headers
+    if mode == "structured":
+        assert r.headers["Content-Type"].startswith("application/cloudevents+json")
+    event = ce_http.from_http(ce_http.HTTPMessage(dict(r.headers), r.content), JSONFormat())
+    assert event.get_type() == event_type and event.get_id() != "evt-1", r.content
+    return event
+
+
+def error_of(event: BaseCloudEvent) -> dict[str, Any]:
+    """An error event's OpenAI error."""
+    data = event.get_data()
+    assert isinstance(data, dict)
+    return data["error"]
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_an_event_the_gateway_refuses_is_answered_with_an_error_event_in_its_mode(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer], mode: str) -> None:
+    """Issue 21 item 6: the gateway answered events with plain JSON errors, which a broker cannot
+    read as a reply; a plain request keeps its JSON error."""
+    _gw, backend, server = setup
+    unknown = post_event(f"{server.url}/functions/nope/", mode)
+    event = answered_event(unknown, mode)
+    assert unknown.status_code == 404 and error_of(event)["type"] == "not_found_error"
+    assert event.get_source() == events.GATEWAY_SOURCE and event.get_subject() == "evt-1"
+    unserved = post_event(f"{server.url}/functions/fn/nope", mode)  # a route fn does not serve
+    event = answered_event(unserved, mode)
+    assert unserved.status_code == 404 and event.get_source() == events.SOURCE_PREFIX + "fn"
+    big = post_event(f"{server.url}/functions/fn/", mode, {"prompt": "x" * MAX_BODY_BYTES})
+    event = answered_event(big, mode)
+    assert big.status_code == 413 and error_of(event)["code"] == "payload_too_large"
+    assert event.get_subject() == ("evt-1" if mode == "binary" else None)  # a structured body refused unread
+    plain = requests.post(f"{server.url}/functions/nope/v1/completions", json={"prompt": "x"}, timeout=10)
+    assert plain.status_code == 404 and plain.json()["error"]["type"] == "not_found_error"
+    assert not any(k.lower().startswith("ce-") for k in plain.headers)
+    assert backend.starts == 0
+
+
+def test_an_event_whose_function_fails_to_start_gets_a_503_error_event_with_retry_after(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    _gw, backend, server = setup
+    for mode in ("binary", "structured"):
+        backend.fail_next = "worker exited with code 1: bad weights"
+        failed = post_event(f"{server.url}/functions/fn/", mode)
+        event = answered_event(failed, mode)
+        assert failed.status_code == 503 and failed.headers["Retry-After"] == "1"
+        error = error_of(event)
+        assert error["type"] == "service_unavailable" and error["retryable"] and "bad weights" in error["message"]
+        assert event.get_source() == events.SOURCE_PREFIX + "fn" and event.get_subject() == "evt-1"
+    backend.fail_next = "bad weights"
+    plain = requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}, timeout=10)
+    assert plain.status_code == 503 and plain.headers["Retry-After"] == "1"
+    assert plain.json()["error"]["type"] == "service_unavailable" and backend.starts == 3
+
+
+def test_a_binary_event_without_content_type_reaches_the_function_as_json(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    """The gateway forwarded it as application/octet-stream (aiohttp's default), so the worker
+    read its data as text and refused it with a 400."""
+    _gw, _backend, server = setup
+    served = post_event(f"{server.url}/functions/fn/", "binary")
+    assert "content-type" not in {k.lower() for k in served.request.headers}
+    reply = answered_event(served, "binary", events.COMPLETION_RESPONSE)
+    assert served.status_code == 200 and reply.get_subject() == "evt-1"
+
+
+def doc_example(imports: str) -> str:
+    """The python block of docs/CLOUDEVENTS.md that contains ``imports``, as written there."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S) if imports in b]
+    assert len(blocks) == 1, f"{len(blocks)} blocks with {imports!r} in {DOC}"
+    return blocks[0]
+
+
+@pytest.mark.parametrize("sdk", ["2.x", "1.x"])
+def test_the_documented_sdk_examples_work(setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer], sdk: str,
+                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The docs' client examples run as written (2.x ships 1.x's API as ``cloudevents.v1``: the
+    1.x example runs with that prefix), against a function and against one that does not exist."""
+    _gw, _backend, server = setup
+    if sdk == "2.x":
+        code = doc_example("from cloudevents.core")
+    else:
+        code = doc_example("from cloudevents.conversion").replace("from cloudevents.", "from cloudevents.v1.")
+    example = compile(code, str(DOC), "exec")
+    monkeypatch.setenv("FUNCTION_URL", f"{server.url}/functions/fn/")
+    exec(example, {})
+    assert capsys.readouterr().out.split() == ["ok", "ok"]  # binary, then structured
+    monkeypatch.setenv("FUNCTION_URL", f"{server.url}/functions/nope/")
+    with pytest.raises(RuntimeError, match="404 not_found_error: unknown function 'nope'"):
+        exec(example, {})

@@ -12,6 +12,7 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from flask.testing import FlaskClient
 
+from hydraserve import http_events
 from hydraserve.contracts import events
 from hydraserve.runtime.engine.factory import load_engine
 from hydraserve.runtime.engine.types import SamplingParams
@@ -258,6 +259,38 @@ def test_a_cloudevent_missing_a_required_attribute_is_400(client: FlaskClient, m
         body = json.dumps(attributes | {"datacontenttype": "application/json", "data": {"prompt": "x"}})
         r = client.post("/", data=body, content_type="application/cloudevents+json")
     assert r.status_code == 400 and missing in r.json["error"]["message"]
+
+
+@pytest.mark.parametrize(("content_type", "status"), [
+    (None, 200), ("application/json; charset=utf-8", 200),
+    ("text/plain", 415), ("application/octet-stream", 415), ("application/x-www-form-urlencoded", 415)])
+def test_a_binary_cloudevent_without_content_type_is_json_and_one_of_another_type_a_415(
+        client: FlaskClient, content_type: str | None, status: int) -> None:
+    """The SDKs send no Content-Type for an event without datacontenttype (its data is JSON); a
+    non-JSON one was a 400 that did not say why."""
+    headers = {"ce-specversion": "1.0", "ce-id": "e1", "ce-source": "/t", "ce-type": events.COMPLETION_REQUEST}
+    if content_type is not None:
+        headers["content-type"] = content_type
+    r = client.post("/", data=b'{"prompt": "x", "max_tokens": 2}', headers=headers)
+    reply = ce_http.from_http(ce_http.HTTPMessage(headers=dict(r.headers), body=r.data), JSONFormat())
+    assert r.status_code == status, r.data
+    if status == 200:
+        assert reply.get_type() == events.COMPLETION_RESPONSE and reply.get_subject() == "e1"
+    else:
+        data = reply.get_data()
+        assert reply.get_type() == events.ERROR and isinstance(data, dict)
+        error = data["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert repr(content_type) in error["message"] and error["param"] == "datacontenttype"
+
+
+def test_a_binary_cloudevent_with_an_empty_content_type_is_json() -> None:
+    """An empty header reaches the vLLM worker's front as sent (Flask's test client drops it, so
+    this asks the parser); the SDK refused it as an empty datacontenttype (400 malformed)."""
+    headers = {"ce-specversion": "1.0", "ce-id": "e1", "ce-source": "/t", "ce-type": events.COMPLETION_REQUEST,
+               "content-type": ""}
+    event, mode = http_events.parse_event(headers, b'{"prompt": "x"}')
+    assert mode == "binary" and http_events.request_of(event) == ("/v1/completions", {"prompt": "x"})
 
 
 def test_a_cloudevent_of_another_specversion_is_400(client: FlaskClient) -> None:
