@@ -396,3 +396,24 @@ def test_with_a_prewarm_window_an_instance_idle_under_load_is_kept_and_a_backend
         assert decision.prewarm_s == 0 and decision.keep_alive_s > 450  # kept to the window's end instead
         assert not await scaler.prewarm_if_due(clock.now + 3600)
     run(body())
+
+
+def test_an_update_lets_parked_requests_on_at_once_and_the_next_start_uses_it() -> None:
+    """`fn update` while requests wait: a higher concurrency hands them the running instance's
+    free slots, a higher max_instances starts another instance, with the new settings, for them."""
+    async def body() -> None:
+        backend = ScriptedBackend()
+        scaler = make(backend, concurrency=1, max_instances=1)
+        first = await scaler.acquire()
+        parked = asyncio.create_task(scaler.acquire())
+        await until(lambda: scaler.status()["waiting"] == 1)
+        scaler.update_config(scaler.config.model_copy(update={"concurrency": 2}))
+        assert await asyncio.wait_for(parked, 1) is first and backend.starts == 1
+        parked = asyncio.create_task(scaler.acquire())
+        await until(lambda: scaler.status()["waiting"] == 1)
+        scaler.update_config(scaler.config.model_copy(update={"max_instances": 2, "ttft_slo_s": 7.5}))
+        assert await asyncio.wait_for(parked, 5) is not first
+        assert [c.ttft_slo_s for c in backend.started_with] == [10.0, 7.5]
+        with pytest.raises(ValueError, match="cannot become"):
+            scaler.update_config(scaler.config.model_copy(update={"name": "other"}))
+    run(body())
