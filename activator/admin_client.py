@@ -6,6 +6,8 @@ from typing import Any
 
 from hydraserve.http_client import ServiceClient
 
+Records = list[dict[str, Any]]  # named here: the class's own `list` method hides the builtin
+
 
 class GatewayAdminClient:
     def __init__(self, base_url: str, token: str, *, timeout_s: float = 120.0) -> None:
@@ -23,6 +25,18 @@ class GatewayAdminClient:
     def describe(self, name: str) -> dict[str, Any]:
         answer: dict[str, Any] = self._http.request("GET", f"/v1/functions/{name}").json()
         return answer
+
+    def update(self, name: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Change some FunctionConfig fields; the next cold start uses them. Its status, config and
+        ``changed`` ({field: {"from", "to"}})."""
+        answer: dict[str, Any] = self._http.request("PATCH", f"/v1/functions/{name}", json=fields).json()
+        return answer
+
+    def logs(self, name: str, tail: int | None = None) -> Records:
+        """The end of each worker's log: {"instance", "stage", "node", "log", "failed_start"}."""
+        params = {} if tail is None else {"tail": tail}
+        workers: Records = self._http.request("GET", f"/v1/functions/{name}/logs", params=params).json()["workers"]
+        return workers
 
     def delete(self, name: str) -> dict[str, Any]:
         """Drain, scale to zero and forget the function; returns when it is gone."""

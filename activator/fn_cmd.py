@@ -1,6 +1,7 @@
-"""`hydraserve fn`: create, list, describe and delete functions on a running gateway (its admin
-API, with its token). The verbs and flags are the ones `kn hydra` uses on Knative, so users
-learn one vocabulary: ``fn create NAME --model s3://... --ttft-slo 7.5s --tpot-slo 200ms``.
+"""`hydraserve fn`: create, update, list, describe, read the logs of and delete functions on a
+running gateway (its admin API, with its token). The verbs and flags are the ones `kn hydra`
+uses on Knative, so users learn one vocabulary: ``fn create NAME --model s3://... --ttft-slo
+7.5s --tpot-slo 200ms``; ``list`` and ``describe`` print JSON or YAML for scripts (``-o``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from typing import Any
 
 GATEWAY_ENV = "HYDRASERVE_GATEWAY"
@@ -25,11 +27,11 @@ def duration_s(text: str) -> float:
     return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
-def add_function_flags(create: argparse.ArgumentParser) -> None:
-    """The flags `fn create` and `kn hydra create` share (one vocabulary); each is None unless
-    given, so the platform's defaults apply."""
+def add_function_flags(create: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    """The flags `fn create`, `fn update` and `kn hydra create` share (one vocabulary); each is
+    None unless given, so the platform's defaults (or, on update, the current settings) apply."""
     create.add_argument("name", help="function name: lowercase letters, digits, '-' (also its OpenAI model name)")
-    create.add_argument("--model", required=True, help="the model: s3://bucket/prefix of a Hugging Face directory")
+    create.add_argument("--model", required=model_required, help="the model: s3://bucket/prefix of a Hugging Face directory")
     create.add_argument("--ttft-slo", type=duration_s, default=None, help="time-to-first-token target, e.g. 7.5s")
     create.add_argument("--tpot-slo", type=duration_s, default=None, help="time-per-output-token target, e.g. 200ms")
     create.add_argument("--concurrency", type=int, default=None,
@@ -47,13 +49,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"file holding the gateway's admin token (`up` prints it); else ${TOKEN_ENV}")
     sub = parser.add_subparsers(dest="fn_command", metavar="VERB")
     create = sub.add_parser("create", parents=[common], help="deploy a function (at zero until its first request)")
-    add_function_flags(create)
-    create.add_argument("--idle-timeout", type=duration_s, default=None, help="idle time before scaling to zero")
+    _add_settings(create, model_required=True)
     create.set_defaults(func=_create)
-    sub.add_parser("list", parents=[common], help="every function and its state").set_defaults(func=_list)
+    update = sub.add_parser("update", parents=[common], help="change some settings; the next cold start uses "
+                            "them, running instances serve on")
+    _add_settings(update, model_required=False)
+    update.set_defaults(func=_update)
+    listing = sub.add_parser("list", parents=[common], help="every function and its state")
+    _add_output(listing)
+    listing.set_defaults(func=_list)
     describe = sub.add_parser("describe", parents=[common], help="state, instances, the last cold start's plan and timeline")
     describe.add_argument("name")
+    _add_output(describe)
     describe.set_defaults(func=_describe)
+    logs = sub.add_parser("logs", parents=[common], help="the end of each worker's log (running instances, "
+                          "the last failed cold start)")
+    logs.add_argument("name")
+    logs.add_argument("--tail", type=int, default=None, help="lines per worker (1 to 10000; default 200)")
+    logs.set_defaults(func=_logs)
     delete = sub.add_parser("delete", parents=[common], help="drain, scale to zero, release, forget")
     delete.add_argument("name")
     delete.set_defaults(func=_delete)
@@ -64,6 +77,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=usage)
 
 
+def _add_settings(verb: argparse.ArgumentParser, *, model_required: bool) -> None:
+    add_function_flags(verb, model_required=model_required)
+    verb.add_argument("--idle-timeout", type=duration_s, default=None, help="idle time before scaling to zero")
+
+
+def _add_output(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument("-o", "--output", choices=("json", "yaml"), default=None,
+                      help="print the gateway's answer as JSON or YAML (default: for people)")
+
+
+def _print_as(data: object, output: str) -> None:
+    """``data`` as JSON or YAML, for scripts (the default output is for people)."""
+    if output == "json":
+        print(json.dumps(data, indent=2))
+        return
+    import yaml
+
+    print(yaml.safe_dump(data, sort_keys=False), end="")
+
+
 def _client(args: argparse.Namespace) -> Any:
     from hydraserve.activator.admin_client import GatewayAdminClient
     from hydraserve.auth import read_token
@@ -71,19 +104,40 @@ def _client(args: argparse.Namespace) -> Any:
     return GatewayAdminClient(args.gateway, read_token(args.token_file, TOKEN_ENV))
 
 
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The FunctionConfig fields the flags give (those not given are left out)."""
+    fields = {"model_uri": args.model, "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo,
+              "idle_timeout_s": args.idle_timeout, "concurrency": args.concurrency,
+              "max_instances": args.max_instances, "group_replicas": args.group_replicas}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def _create(args: argparse.Namespace) -> int:
-    fields = {"ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "idle_timeout_s": args.idle_timeout,
-              "concurrency": args.concurrency, "max_instances": args.max_instances,
-              "group_replicas": args.group_replicas}
-    body = {"name": args.name, "model_uri": args.model} | {k: v for k, v in fields.items() if v is not None}
-    created = _client(args).create(body)
+    created = _client(args).create({"name": args.name} | _settings(args))
     print(f"function {created['name']} created: at zero; first request cold-starts it "
           f"({args.gateway}/v1/completions with model {created['name']!r})")
     return 0
 
 
+def _update(args: argparse.Namespace) -> int:
+    fields = _settings(args)
+    if not fields:
+        print("hydraserve fn update: nothing to change (give --model, --ttft-slo, --concurrency, ...)", file=sys.stderr)
+        return 2
+    updated = _client(args).update(args.name, fields)
+    changes = ", ".join(f"{k} {c['from']} -> {c['to']}" for k, c in updated["changed"].items())
+    print(f"function {args.name} updated: {changes or 'nothing changed'}")
+    running = len(updated["instances"])
+    print("its next cold start uses the new settings" + (
+        f"; the {running} instance(s) running keep serving as they started, until they scale in" if running else ""))
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     functions = _client(args).list()
+    if args.output:
+        _print_as(functions, args.output)
+        return 0
     print(f"{'NAME':24} {'STATE':9} {'INSTANCES':>9} {'INFLIGHT':>8} {'WAITING':>7} {'COLD STARTS':>11}  MODEL")
     for f in functions:
         print(f"{f['name']:24} {f['state']:9} {len(f['instances']):>9} {f['inflight']:>8} {f['waiting']:>7} "
@@ -96,11 +150,27 @@ def _describe(args: argparse.Namespace) -> int:
     from hydraserve.contracts.timeline_report import format_timeline
 
     described = _client(args).describe(args.name)
+    if args.output:
+        _print_as(described, args.output)
+        return 0
     timeline = described.pop("last_cold_start", None)
     print(json.dumps(described, indent=2))
     if timeline and timeline["events"]:
         print("\nLast cold start:")
         print(format_timeline(Timeline.model_validate(timeline)))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    workers = _client(args).logs(args.name, args.tail)
+    if not workers:
+        print(f"function {args.name}: no worker logs (no instance running, no failed cold start)", file=sys.stderr)
+    for index, worker in enumerate(workers):
+        if index:
+            print()
+        what = "last failed cold start" if worker.get("failed_start") else "running"
+        print(f"==> instance {worker['instance']} stage {worker['stage']} on {worker['node']} ({what}) <==")
+        print(worker["log"])  # JSON lines, as the worker wrote them
     return 0
 
 

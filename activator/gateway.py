@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -37,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from hydraserve import http_events
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.metrics import UNKNOWN_FUNCTION, GatewayMetrics
-from hydraserve.activator.ports import FunctionBackend
+from hydraserve.activator.ports import FunctionBackend, WorkerLog
 from hydraserve.activator.proxy import (
     GATEWAY_STOPPING,
     InstanceProxy,
@@ -70,6 +71,7 @@ T = TypeVar("T")
 MAX_INSTANCE_RETRIES = 2  # a request is sent to at most three instances
 MAX_BODY_BYTES = 1 << 20  # as the runtime's limit: a larger body is refused before a cold start
 ADMIN_PREFIX = "/v1/functions"
+DEFAULT_LOG_TAIL, MAX_LOG_TAIL = 200, 10_000  # lines per worker that GET /v1/functions/{name}/logs returns
 METRICS = web.AppKey("metrics", GatewayMetrics)
 FUNCTION = web.RequestKey("function", str)  # the function a request is counted under
 BODY = web.RequestKey("body", bytes)  # the request's body, once read
@@ -102,12 +104,33 @@ class Gateway:
         return scaler
 
     async def create(self, config: FunctionConfig) -> FunctionScaler:
-        """Deploy a function at run time: its model is read now (a model that cannot be read is
-        refused, nothing starts), then it is hosted at zero. Its model must be in S3 (a local path
-        would be read on this host now and on a node later: it failed there, retried forever)."""
+        """Deploy a function at run time: its model is read now, then it is hosted at zero."""
         if config.name in self._scalers:
             raise ConflictError(f"function {config.name!r} already exists", param="name")
-        if not config.model_uri.startswith("s3://"):
+        await self._prepare(config, new_model=True)
+        log.info("function %s created (model %s)", config.name, config.model_uri)
+        return self.register(config)
+
+    async def update(self, name: str, fields: dict[str, Any]) -> tuple[FunctionScaler, dict[str, Any]]:
+        """Change some of a function's settings: the merged config is checked and its model read
+        as create does (the description depends on the SLOs too), then swapped in; the next cold
+        start uses it, instances already running serve on. The scaler and what changed (old, new)."""
+        scaler = self.scaler(name)
+        old = scaler.config
+        config = validate(FunctionConfig, old.model_dump() | _changeable(name, fields))
+        await self._prepare(config, new_model=config.model_uri != old.model_uri)
+        if self._scalers.get(name) is not scaler:  # deleted while its model was read
+            raise NotFoundError(f"unknown function {name!r}", param="function")
+        scaler.update_config(config)
+        changed = {k: (v, getattr(config, k)) for k, v in old.model_dump().items() if getattr(config, k) != v}
+        log.info("function %s updated: %s", name, ", ".join(f"{k}={new}" for k, (_, new) in changed.items()) or "no change")
+        return scaler, changed
+
+    async def _prepare(self, config: FunctionConfig, *, new_model: bool) -> None:
+        """Read ``config``'s model description now (at deploy time, not at a cold start): one that
+        cannot be read is refused, nothing starts. A new model must be in S3 (a local path
+        would be read on this host now and on a node later: it failed there, retried forever)."""
+        if new_model and not config.model_uri.startswith("s3://"):
             raise InvalidRequestError(f"model_uri {config.model_uri!r}: a function's model lives in S3 "
                                       "(s3://bucket/prefix); push a directory first: hydraserve model push DIR "
                                       "s3://bucket/prefix", param="model_uri")
@@ -119,8 +142,6 @@ class Gateway:
             raise InvalidRequestError(f"model {config.model_uri}: {exc.message}", param="model_uri") from None
         except ValueError as exc:  # a model URI no reader can take, settings its model cannot have
             raise InvalidRequestError(f"function {config.name}: {exc}", param="model_uri") from None
-        log.info("function %s created (model %s)", config.name, config.model_uri)
-        return self.register(config)
 
     async def delete(self, name: str) -> int:
         """Stop taking requests for ``name`` (new ones get 404), let those under way finish (up to
@@ -229,9 +250,40 @@ class Gateway:
                     log.warning("could not read the instance's timeline: %s", exc)
         return timeline
 
+    def worker_logs(self, name: str, tail: int) -> list[WorkerLog]:
+        """The function's workers' last ``tail`` lines (blocks: it reads files or asks nodes)."""
+        self.scaler(name)
+        return self.backend.worker_logs(name, tail)
+
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the gateway's thread pool (backend calls block)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _changeable(name: str, fields: Any) -> dict[str, Any]:
+    """An update's fields, each a FunctionConfig setting (a misspelt one would be ignored
+    silently, and the user told it changed); a function keeps its name."""
+    if not isinstance(fields, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    unknown = sorted(set(fields) - set(FunctionConfig.model_fields))
+    if unknown:
+        raise InvalidRequestError(f"{unknown[0]}: not a function setting", param=unknown[0])
+    if fields.get("name", name) != name:
+        raise InvalidRequestError("name: a function cannot be renamed (create another)", param="name")
+    return fields
+
+
+def _log_tail(text: str | None) -> int:
+    """?tail=N, the lines per worker: bounded (a worker's log grows for as long as it serves)."""
+    if text is None:
+        return DEFAULT_LOG_TAIL
+    try:
+        tail = int(text)
+    except ValueError:
+        tail = 0
+    if not 1 <= tail <= MAX_LOG_TAIL:
+        raise InvalidRequestError(f"tail: must be a whole number from 1 to {MAX_LOG_TAIL}", param="tail")
+    return tail
 
 
 # the app ----------------------------------------------------------------------------------
@@ -482,6 +534,16 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
         return web.json_response(scaler.status() | {"config": scaler.config.model_dump(mode="json"),
                                                     "last_cold_start": merged.model_dump(mode="json")})
 
+    async def update_function(request: web.Request) -> web.Response:
+        scaler, changed = await gateway.update(request.match_info["name"], decode_json(await _read_body(request)))
+        return web.json_response(scaler.status() | {"config": scaler.config.model_dump(mode="json"), "changed": {
+            k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
+
+    async def function_logs(request: web.Request) -> web.Response:
+        tail = _log_tail(request.query.get("tail"))
+        logs = await gateway.blocking(gateway.worker_logs, request.match_info["name"], tail)
+        return web.json_response({"workers": [dataclasses.asdict(w) for w in logs]})
+
     async def delete_function(request: web.Request) -> web.Response:
         stopped = await gateway.delete(request.match_info["name"])
         return web.json_response({"name": request.match_info["name"], "deleted": True, "stopped_instances": stopped})
@@ -496,7 +558,9 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
     app.router.add_get("/v1/functions", list_functions)
     app.router.add_post("/v1/functions", create_function)
     app.router.add_get("/v1/functions/{name}", describe_function)
+    app.router.add_patch("/v1/functions/{name}", update_function)
     app.router.add_delete("/v1/functions/{name}", delete_function)
+    app.router.add_get("/v1/functions/{name}/logs", function_logs)
     app.router.add_get("/v1/functions/{name}/timeline", timeline)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", openai_route)

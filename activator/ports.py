@@ -22,6 +22,18 @@ class Endpoint:
     instance_id: str
 
 
+@dataclass(frozen=True)
+class WorkerLog:
+    """The end of one worker's log (``fn logs``): a running instance's, or one of the last failed
+    cold start's (``failed_start``)."""
+
+    instance: str
+    stage: int
+    node: str
+    log: str  # its last lines as written (JSON lines), secrets already redacted where written
+    failed_start: bool = False
+
+
 class FunctionBackend(Protocol):
     can_prewarm: bool  # prewarm() can put a function's bytes where its next cold start reads them
     def prepare(self, function: FunctionConfig) -> object:
@@ -71,4 +83,10 @@ class FunctionBackend(Protocol):
 
     def worker_timeline(self, endpoint: Endpoint) -> Timeline:
         """The instance's own start-up timeline (worker and loaderd events)."""
+        ...
+
+    def worker_logs(self, function_name: str, tail: int) -> list[WorkerLog]:
+        """The last ``tail`` lines of each worker of the function's running instances, and of the
+        workers of its last failed cold start whose logs exist (they are gone: their log is what
+        says why); never a secret (a worker's env is not logged)."""
         ...

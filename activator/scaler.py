@@ -515,6 +515,19 @@ class FunctionScaler:
         if self._tasks:  # cold starts under way stop their instance when they finish
             await asyncio.wait(list(self._tasks), timeout=30)
 
+    def update_config(self, config: FunctionConfig) -> None:
+        """Swap in new settings (`fn update`): the next cold start and the gateway's own limits use
+        them at once; instances already running serve on as they started, until they scale in."""
+        if config.name != self.config.name:
+            raise ValueError(f"function {self.config.name} cannot become {config.name}")
+        self.config = config
+        self.history.settings = PolicySettings(fixed_keep_alive_s=config.idle_timeout_s)
+        if self.failed is not None:
+            log.info("failed function %s changed: it may start again", config.name)
+            self._clear_failure()
+        self._dispatch()  # a higher concurrency has free slots for parked requests
+        self._scale_out()  # a higher max_instances may start another for them
+
     @property
     def endpoints(self) -> list[Endpoint]:
         """The ready instances' endpoints, oldest first."""

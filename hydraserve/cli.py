@@ -31,7 +31,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "start everything locally, cold-start one request, print the timeline, exit",
      "hydraserve.demo.commands"),
     ("up", "start everything locally and keep it running", "hydraserve.demo.up_cmd"),
-    ("fn", "create, list, describe, delete functions on a running gateway (the verbs of kn hydra)",
+    ("fn", "create, update, list, describe, logs, delete functions on a running gateway (kn hydra's vocabulary)",
      "hydraserve.activator.fn_cmd"),
     ("bench", "benchmarks (loader, cold start, serving)", "hydraserve.benchmarks_cmd"),
 ]

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable, Mapping
 
 _SECRET_KEYS = re.compile(r"(secret|token|password|credential|authorization|access_key)", re.I)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HYDRASERVE_LOADERD_TOKEN", "AWS_ACCESS_KEY_ID")
@@ -23,8 +24,14 @@ def _known_secrets() -> list[str]:
     return [v for k in _SECRET_ENV if (v := os.environ.get(k)) and len(v) >= 4]
 
 
-def redact(text: str) -> str:
-    for secret in _known_secrets():
+def secret_values(env: Mapping[str, str]) -> list[str]:
+    """The values in ``env`` that are secrets (by their key), as ``redact`` takes them."""
+    return [v for k, v in env.items() if (k in _SECRET_ENV or _SECRET_KEYS.search(k)) and len(v) >= 4]
+
+
+def redact(text: str, secrets: Iterable[str] | None = None) -> str:
+    """``text`` with each of ``secrets`` (default: this process's, from its environment) as "***"."""
+    for secret in _known_secrets() if secrets is None else secrets:
         text = text.replace(secret, "***")
     return text
 

@@ -52,6 +52,25 @@ def hydraserve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "hydraserve.cli", *args]
 
 
+def tail_lines(path: Path, n: int, *, max_bytes: int = 1 << 20, block: int = 1 << 16) -> str:
+    """The last ``n`` lines of ``path`` within its last ``max_bytes``, read back from its end (a
+    worker's log grows for as long as it serves: a reader must not load it whole); "" if it
+    cannot be read."""
+    try:
+        with path.open("rb") as f:
+            start = f.seek(0, os.SEEK_END)
+            data = b""
+            while start > 0 and len(data) < max_bytes and data.count(b"\n") <= n:
+                step = min(block, start, max_bytes - len(data))
+                start -= step
+                f.seek(start)
+                data = f.read(step) + data
+    except OSError:
+        return ""
+    lines = data.decode(errors="replace").splitlines()
+    return "\n".join(lines[1 if start > 0 else 0:][-n:])  # a line cut at the start of what was read is left out
+
+
 class ProcessHandle(Protocol):
     """What ChildProcess uses of a process: subprocess.Popen's, or an adopted pooled worker's
     (hydraserve.runtime.forkserver_client.AdoptedProcess)."""
@@ -116,12 +135,7 @@ class ChildProcess:
             raise RuntimeError(f"{self.name} not healthy within {timeout_s:.0f} s; log {self.log_path}")
 
     def log_tail(self, n: int = 20) -> str:
-        if self.log_path is None:
-            return "(no log)"
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return "(no log)" if self.log_path is None else tail_lines(self.log_path, n)
 
     def lost(self) -> bool:
         """Whether the child is gone without stop() having been asked (killed, crashed)."""

@@ -29,3 +29,10 @@ def test_help_is_instant_and_imports_no_heavy_library() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_fn_update_with_nothing_to_change_is_refused_before_asking_the_gateway(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HYDRASERVE_GATEWAY_TOKEN", "t" * 32)
+    assert cli.main(["fn", "update", "f", "--gateway", "http://127.0.0.1:9"]) == 2  # asking would be a 1: unreachable
+    assert "nothing to change" in capsys.readouterr().err

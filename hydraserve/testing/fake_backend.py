@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 
 from hydraserve.activator.functions import FunctionConfig
-from hydraserve.activator.ports import Endpoint
+from hydraserve.activator.ports import Endpoint, WorkerLog
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import HydraError, InstanceFailedError, StorageError, TemporaryError
 
@@ -34,6 +34,9 @@ class ScriptedBackend:
         self.replicas: dict[str, list[Endpoint]] = {}
         self.prewarmed: list[tuple[str, float]] = []  # (function, hold_s) of each prewarm()  # instance -> replicas it becomes (handed out once)
         self.prepared: list[str] = []  # names prepare() read (a model ending in /missing cannot be read)
+        self.started_with: list[FunctionConfig] = []  # the config of each start
+        self.running: dict[str, str] = {}  # instance -> function, until stopped or failed
+        self.log_lines: list[str] = []  # what every instance's one worker wrote (worker_logs)
         self.release_start = threading.Event()
         if auto_release:
             self.release_start.set()
@@ -50,6 +53,7 @@ class ScriptedBackend:
 
     def start(self, function: FunctionConfig, timeline: Timeline, exclude_nodes: Sequence[str] = ()) -> Endpoint:
         self.starts += 1
+        self.started_with.append(function)
         self.excluded.append(tuple(exclude_nodes))
         self.started.set()
         timeline.mark("plan_decided", component="fake", nodes=["fake-node"], pipeline_size=1)
@@ -61,13 +65,17 @@ class ScriptedBackend:
             failure, self.fail_next = self.fail_next, None
             raise TemporaryError(failure) if isinstance(failure, str) else failure
         url = self.next_urls.pop(0) if self.next_urls else self.url
-        return Endpoint(url=url, instance_id=f"{function.name}-{self.starts}")
+        instance_id = f"{function.name}-{self.starts}"
+        self.running[instance_id] = function.name
+        return Endpoint(url=url, instance_id=instance_id)
 
     def stop(self, function_name: str, instance_id: str) -> None:
         self.stops.append(instance_id)
+        self.running.pop(instance_id, None)
 
     def fail(self, function_name: str, instance_id: str, reason: str) -> tuple[str, ...]:
         self.failed.append((instance_id, reason))
+        self.running.pop(instance_id, None)
         return tuple(self.lost.pop(instance_id, ()))
 
     def prewarm(self, function: FunctionConfig, hold_s: float) -> int:
@@ -82,3 +90,7 @@ class ScriptedBackend:
 
     def worker_timeline(self, endpoint: Endpoint) -> Timeline:
         return Timeline()
+
+    def worker_logs(self, function_name: str, tail: int) -> list[WorkerLog]:
+        return [WorkerLog(instance, 0, "fake-node", "\n".join(self.log_lines[-tail:]))
+                for instance, function in self.running.items() if function == function_name]

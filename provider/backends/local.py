@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydraserve.activator.functions import FunctionConfig
-from hydraserve.activator.ports import Endpoint
-from hydraserve.contracts.plan import FunctionSpec
+from hydraserve.activator.ports import Endpoint, WorkerLog
+from hydraserve.contracts.plan import FunctionSpec, Plan, StagePlacement
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import TemporaryError
 from hydraserve.provider.backends.process import NodeHost, ProcessLauncher
@@ -62,13 +62,22 @@ class LocalBackend:
                                    ColdStartOptions(s3_endpoint_url=s3_endpoint_url, prefetch=prefetch,
                                                     ready_timeout_s=ready_timeout_s, worker=dict(worker_settings or {})))
         self._groups: dict[str, Group] = {}
+        self._failed_starts: dict[str, Plan] = {}  # function -> the plan of its last failed cold start
         self.can_prewarm = prefetch  # the baseline's workers fetch from S3 themselves: loaderd bytes would go unused
         self._closed = False
         self._lock = threading.Lock()
 
     # FunctionBackend ---------------------------------------------------------------------
     def start(self, function: FunctionConfig, timeline: Timeline, exclude_nodes: Sequence[str] = ()) -> Endpoint:
-        group = self.coldstart.run(self.prepare(function), timeline, exclude_nodes=exclude_nodes)
+        plans: list[Plan] = []
+        try:
+            group = self.coldstart.run(self.prepare(function), timeline, exclude_nodes=exclude_nodes,
+                                       on_plan=plans.append)
+        except Exception:
+            if plans:  # its workers are gone; their logs say why (worker_logs)
+                with self._lock:
+                    self._failed_starts[function.name] = plans[-1]
+            raise
         with self._lock:
             closed = self._closed
             if not closed:
@@ -124,6 +133,22 @@ class LocalBackend:
         if group is None:
             raise TemporaryError(f"no running instance {endpoint.instance_id}")
         return group.head.timeline().merged(group.stage_timelines)
+
+    def worker_logs(self, function_name: str, tail: int) -> list[WorkerLog]:
+        """Each running instance's workers, then its last failed cold start's (those that wrote a log)."""
+        with self._lock:
+            starts = [(g.instance_id, g.plan, list(g.stages), False) for g in self._groups.values()
+                      if g.plan.function == function_name]
+            failed = self._failed_starts.get(function_name)
+        if failed is not None:
+            starts.append((failed.instance_id, failed, failed.stages, True))
+        return [entry for instance, plan, stages, failed_start in starts for st in stages
+                if (entry := self._worker_log(instance, plan, st, tail, failed_start)) is not None]
+
+    def _worker_log(self, instance: str, plan: Plan, st: StagePlacement, tail: int,
+                    failed_start: bool) -> WorkerLog | None:
+        text = self.launcher.read_log(plan.instance_id, st.stage.index, tail)  # a replica's worker is its plan's
+        return None if text is None else WorkerLog(instance, st.stage.index, st.node, text, failed_start)
 
     def close(self) -> None:
         """Stop every instance, and every worker of a cold start still under way (a start that

@@ -22,10 +22,12 @@ from typing import Any
 
 import requests
 
+from hydraserve.auth import SCOPED_TOKEN
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import HydraError, TemporaryError, UnreachableError, error_class
-from hydraserve.processes import ChildProcess, ProcessHandle, free_port
+from hydraserve.logs import redact, secret_values
+from hydraserve.processes import ChildProcess, ProcessHandle, free_port, tail_lines
 from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
 from hydraserve.runtime.forkserver_client import ForkServerClient
 
@@ -71,9 +73,10 @@ class ProcessLauncher:
         return WorkerSlot(host.ip, port, port + 1)
 
     def launch(self, node: str, env: WorkerEnvironment) -> WorkerProcess:
-        label = f"{env.instance_id or env.function}-{env.stage.index if env.stage else 0}"
+        instance, stage = env.instance_id or env.function, env.stage.index if env.stage else 0
+        label = f"{instance}-{stage}"
         variables = {**self._extra_env, **env.to_env()}
-        log_path = self.run_dir / f"{label}.log"
+        log_path = self.log_path(instance, stage)
         adopted: ProcessHandle | None = None
         pool = self.pools.get(node)
         if pool is not None:
@@ -86,6 +89,19 @@ class ProcessLauncher:
         with self._lock:
             self._launched = [w for w in self._launched if w.proc.poll() is None] + [worker]
         return worker
+
+    def log_path(self, instance_id: str, stage: int) -> Path:
+        """Where the worker of ``instance_id``'s ``stage`` writes its output (kept after it stops)."""
+        return self.run_dir / f"{instance_id}-{stage}.log"
+
+    def read_log(self, instance_id: str, stage: int, tail: int) -> str | None:
+        """The last ``tail`` lines of that worker's log (None: it has none), with the secrets
+        workers are handed blanked out: a worker redacts its JSON lines itself, but not raw
+        output (a traceback printed before its logging was set up, a library's own lines)."""
+        path = self.log_path(instance_id, stage)
+        if not path.is_file():
+            return None
+        return SCOPED_TOKEN.sub("***", redact(tail_lines(path, tail), secret_values(self._extra_env)))
 
     def running(self) -> list[WorkerProcess]:
         """Workers whose process is alive (what a teardown must have stopped)."""

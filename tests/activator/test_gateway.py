@@ -23,20 +23,21 @@ import aiohttp
 import openai
 import pytest
 import requests
+import yaml
 from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from flask import Flask, Response, jsonify, request
 
-from hydraserve import http_events
+from hydraserve import cli, http_events
 from hydraserve.activator.admin_client import GatewayAdminClient
 from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import MAX_BODY_BYTES, Gateway, create_gateway_app
 from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.auth import write_token_file
 from hydraserve.contracts import events
-from hydraserve.errors import ConflictError, InvalidRequestError
+from hydraserve.errors import ConflictError, InvalidRequestError, NotFoundError
 from hydraserve.http_errors import install_error_handlers
 from hydraserve.http_server import DrainingServer, client_gone
 from hydraserve.processes import free_port
@@ -402,6 +403,106 @@ def test_the_fn_command_speaks_to_the_admin_api(
     assert fn("create", "x", "--model", "s3://b/x", "--ttft-slo", "soon").returncode == 2  # not a duration
 
 
+def test_an_update_reaches_the_next_cold_start_while_the_running_instance_serves_on(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    _gw, backend, server = setup
+    admin = GatewayAdminClient(server.url, ADMIN)
+    assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
+    updated = admin.update("fn", {"ttft_slo_s": 7.5, "model_uri": "s3://b/m2", "concurrency": 1, "max_instances": 2})
+    assert updated["changed"]["ttft_slo_s"] == {"from": 10.0, "to": 7.5} and "tpot_slo_s" not in updated["changed"]
+    assert backend.prepared == ["fn"] and len(updated["instances"]) == 1  # the new model read; the instance kept
+    stream = requests.post(f"{server.url}/functions/fn/v1/completions", stream=True, timeout=10,
+                           json={"prompt": "x", "stream": True, "max_tokens": 50})
+    lines = stream.iter_lines()  # kept: a dropped generator closes the connection, ending the stream
+    assert next(lines).startswith(b"data: ") and backend.starts == 1  # the old instance serves it
+    # its one slot (concurrency 1 now) is taken: the next request needs a second instance (max 2 now)
+    assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
+    assert len([line for line in lines if line]) == 49  # the stream ran to its end on the old instance
+    first, second = backend.started_with
+    assert (first.ttft_slo_s, first.model_uri) == (10.0, "s3://b/m")
+    assert (second.ttft_slo_s, second.model_uri, second.concurrency) == (7.5, "s3://b/m2", 1)
+    assert backend.stops == [] and admin.describe("fn")["config"]["model_uri"] == "s3://b/m2"
+
+
+def test_a_bad_update_is_a_400_naming_the_field_and_changes_nothing(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    gw, backend, server = setup
+    admin = GatewayAdminClient(server.url, ADMIN)
+    before = gw.scaler("fn").config
+    for fields, param, says in (({"ttft_slo_s": -1, "concurrency": 4}, "ttft_slo_s", "ttft_slo_s: Input should be"),
+                                ({"concurency": 4}, "concurency", "not a function setting"),  # not ignored
+                                ({"name": "other"}, "name", "cannot be renamed"),
+                                ({"min_pipeline_size": 3, "max_pipeline_size": 2}, None, "min_pipeline_size 3"),
+                                ({"model_uri": "/tmp/m"}, "model_uri", "hydraserve model push"),
+                                ({"model_uri": "s3://b/missing", "concurrency": 4}, "model_uri", "NoSuchKey")):
+        with pytest.raises(InvalidRequestError) as bad:
+            admin.update("fn", fields)
+        assert bad.value.param == param and says in bad.value.message, bad.value
+    raw = requests.patch(f"{server.url}/v1/functions/fn", headers=AUTH, json=[1])
+    assert raw.status_code == 400 and "JSON object" in raw.json()["error"]["message"]
+    with pytest.raises(NotFoundError, match="unknown function 'ghost'"):
+        admin.update("ghost", {"concurrency": 4})
+    assert gw.scaler("fn").config == before
+    assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
+    assert backend.started_with == [before]
+
+
+def test_logs_are_each_workers_tail_and_a_bad_tail_is_a_400(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
+    _gw, backend, server = setup
+    admin = GatewayAdminClient(server.url, ADMIN)
+    backend.log_lines = [json.dumps({"level": "info", "msg": f"line {i}"}) for i in range(300)]
+    assert admin.logs("fn") == []  # at zero: no worker
+    assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
+    (worker,) = admin.logs("fn")
+    assert (worker["instance"], worker["stage"], worker["node"]) == ("fn-1", 0, "fake-node")
+    assert worker["log"].splitlines() == backend.log_lines[-200:]  # the default tail
+    assert admin.logs("fn", tail=3)[0]["log"].splitlines() == backend.log_lines[-3:]
+    for tail in ("0", "10001", "-5", "many"):
+        refused = requests.get(f"{server.url}/v1/functions/fn/logs", params={"tail": tail}, headers=AUTH)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tail", tail
+    assert requests.get(f"{server.url}/v1/functions/ghost/logs", headers=AUTH).status_code == 404
+    assert requests.get(f"{server.url}/v1/functions/fn/logs").status_code == 401
+
+
+def test_the_fn_command_updates_reads_logs_and_prints_json_and_yaml(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _gw, backend, server = setup
+    token_file = write_token_file(tmp_path / "gateway.token", ADMIN)
+
+    def fn(*args: str) -> tuple[int, str, str]:
+        code = cli.main(["fn", *args, "--gateway", server.url, "--token-file", str(token_file)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
+    code, out, _ = fn("update", "fn", "--ttft-slo", "7.5s", "--idle-timeout", "2m")
+    assert code == 0 and "ttft_slo_s 10.0 -> 7.5" in out and "idle_timeout_s 30.0 -> 120.0" in out
+    assert "the 1 instance(s) running keep serving" in out
+    code, _, err = fn("update", "fn", "--concurrency", "-1")
+    assert code == 1 and "concurrency" in err
+
+    code, out, _ = fn("list", "-o", "json")
+    listed = json.loads(out)
+    assert code == 0 and [f["name"] for f in listed] == ["fn"] and listed[0]["instances"][0]["id"] == "fn-1"
+    code, out, _ = fn("list", "-o", "yaml")
+    assert code == 0 and out.startswith("- name: fn\n") and yaml.safe_load(out) == listed  # YAML, not JSON
+    code, out, _ = fn("describe", "fn", "-o", "yaml")
+    described = yaml.safe_load(out)
+    assert described["config"]["ttft_slo_s"] == 7.5 and "plan_decided" in [
+        e["name"] for e in described["last_cold_start"]["events"]]
+    code, out, _ = fn("describe", "fn", "-o", "json")
+    assert json.loads(out)["config"] == described["config"]
+
+    backend.log_lines = ['{"level": "info", "msg": "listening"}', '{"level": "info", "msg": "worker ready"}']
+    code, out, _ = fn("logs", "fn", "--tail", "1")
+    assert code == 0 and out.splitlines() == ["==> instance fn-1 stage 0 on fake-node (running) <==",
+                                              '{"level": "info", "msg": "worker ready"}']
+    code, _, err = fn("logs", "fn", "--tail", "0")
+    assert code == 1 and "tail" in err
+
+
 def test_a_malformed_chunked_body_or_contradictory_config_is_a_400(
         setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
     _gw, backend, server = setup
@@ -556,13 +657,13 @@ def test_an_event_whose_function_fails_to_start_gets_a_503_error_event_with_retr
         backend.fail_next = "worker exited with code 1: bad weights"
         failed = post_event(f"{server.url}/functions/fn/", mode)
         event = answered_event(failed, mode)
-        assert failed.status_code == 503 and failed.headers["Retry-After"] == "1"
+        assert failed.status_code == 503 and int(failed.headers["Retry-After"]) >= 1  # the start's backoff
         error = error_of(event)
         assert error["type"] == "service_unavailable" and error["retryable"] and "bad weights" in error["message"]
         assert event.get_source() == events.SOURCE_PREFIX + "fn" and event.get_subject() == "evt-1"
     backend.fail_next = "bad weights"
     plain = requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}, timeout=10)
-    assert plain.status_code == 503 and plain.headers["Retry-After"] == "1"
+    assert plain.status_code == 503 and int(plain.headers["Retry-After"]) >= 1
     assert plain.json()["error"]["type"] == "service_unavailable" and backend.starts == 3
 
 

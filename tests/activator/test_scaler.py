@@ -108,6 +108,18 @@ def test_a_start_that_cannot_succeed_fails_the_function_until_its_model_changes(
     run(body())
 
 
+def test_a_failed_function_starts_again_once_its_settings_change() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        backend.fail_next = UnsupportedModelError("its attention heads are 16 wide")
+        scaler = make(backend)
+        with pytest.raises(FunctionFailedError):
+            await scaler.acquire()
+        scaler.update_config(scaler.config.model_copy(update={"model_uri": "s3://b/fixed"}))
+        assert scaler.state == ScaleState.ZERO and (await scaler.acquire()).instance_id == "fn-2"
+    run(body())
+
+
 def test_unsupported_and_corrupt_models_fail_the_function_but_a_crash_does_not() -> None:
     async def body() -> None:
         for error, fails in ((UnsupportedModelError("vLLM does not run FooForCausalLM"), True),
@@ -471,4 +483,25 @@ def test_with_a_prewarm_window_an_instance_idle_under_load_is_kept_and_a_backend
         decision = scaler.keep_alive()
         assert decision.prewarm_s == 0 and decision.keep_alive_s > 450  # kept to the window's end instead
         assert not await scaler.prewarm_if_due(clock.now + 3600)
+    run(body())
+
+
+def test_an_update_lets_parked_requests_on_at_once_and_the_next_start_uses_it() -> None:
+    """`fn update` while requests wait: a higher concurrency hands them the running instance's
+    free slots, a higher max_instances starts another instance, with the new settings, for them."""
+    async def body() -> None:
+        backend = ScriptedBackend()
+        scaler = make(backend, concurrency=1, max_instances=1)
+        first = await scaler.acquire()
+        parked = asyncio.create_task(scaler.acquire())
+        await until(lambda: scaler.status()["waiting"] == 1)
+        scaler.update_config(scaler.config.model_copy(update={"concurrency": 2}))
+        assert await asyncio.wait_for(parked, 1) is first and backend.starts == 1
+        parked = asyncio.create_task(scaler.acquire())
+        await until(lambda: scaler.status()["waiting"] == 1)
+        scaler.update_config(scaler.config.model_copy(update={"max_instances": 2, "ttft_slo_s": 7.5}))
+        assert await asyncio.wait_for(parked, 5) is not first
+        assert [c.ttft_slo_s for c in backend.started_with] == [10.0, 7.5]
+        with pytest.raises(ValueError, match="cannot become"):
+            scaler.update_config(scaler.config.model_copy(update={"name": "other"}))
     run(body())
