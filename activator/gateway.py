@@ -47,6 +47,7 @@ from hydraserve.activator.proxy import (
     stopping_error,
 )
 from hydraserve.activator.scaler import FunctionScaler
+from hydraserve.activator.usage import ask_for_usage
 from hydraserve.activator.waiting import EarlyStream, progress_text, waited_headers, wants_stream
 from hydraserve.auth import Authenticate, admin_only, bearer
 from hydraserve.contracts import events
@@ -225,6 +226,7 @@ class Gateway:
         """One reaper tick (the loop runs it every reap_interval_s; tests call it)."""
         for scaler in self.functions():
             try:
+                await scaler.accrue_usage()
                 await scaler.check_instances()
                 await scaler.scale_in_idle(self._clock())
                 await scaler.prewarm_if_due(self._clock())
@@ -444,6 +446,7 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
     async def _serve(request: web.Request, scaler: FunctionScaler, name: str, path: str, body: bytes,
                      arrived: float, cold: bool, early: EarlyStream | None) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
+        body, drop_usage_chunk = ask_for_usage(request.method, path, body)
 
         def first_token() -> None:
             gateway.metrics.time_to_first_token_seconds.labels(name).observe(loop.time() - arrived)
@@ -464,7 +467,8 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
                 response, broken = await gateway.proxy.forward(
                     instance.endpoint.url, path, request, body,
                     on_first_byte=functools.partial(scaler.first_response, instance), on_first_chunk=first_token,
-                    headers_out=waited_headers(cold, waited_s), into=early.response if early else None)
+                    headers_out=waited_headers(cold, waited_s), into=early.response if early else None,
+                    on_usage=scaler.usage.tokens, drop_usage_chunk=drop_usage_chunk)
             except InstanceFailedError as exc:
                 scaler.instance_failed(instance, exc.message)  # dropped before its slot frees
                 scaler.release(instance)

@@ -40,6 +40,15 @@ class GatewayMetrics:
                                       "1 while the function is failed (its cold start failed for a reason no "
                                       "retry fixes; it waits for a change to it or its model)", ["function"],
                                       registry=self.registry)
+        self.tokens = Counter("hydraserve_gateway_tokens_total",
+                              "Tokens the function read (kind=prompt) and wrote (kind=completion), from its "
+                              "answers' usage", ["function", "kind"], registry=self.registry)
+        self.instance_seconds = Counter("hydraserve_gateway_instance_seconds_total",
+                                        "Seconds of instances up (each instance counts its own)", ["function"],
+                                        registry=self.registry)
+        self.memory_gb_seconds = Counter("hydraserve_gateway_memory_gb_seconds_total",
+                                         "Device memory its instances' workers held (GB), times seconds",
+                                         ["function"], registry=self.registry)
         self.queue_wait_seconds = Histogram("hydraserve_gateway_queue_wait_seconds",
                                             "Seconds a request waited for a free instance (a cold start, a busy one)",
                                             ["function"], buckets=SECONDS_BUCKETS, registry=self.registry)

@@ -77,6 +77,11 @@ class FunctionBackend(Protocol):
         Best effort: a node that cannot take them is skipped."""
         ...
 
+    def instance_memory_gb(self, instance_id: str) -> float:
+        """Device memory the instance's workers hold now (GB; 0 for an unknown instance): what its
+        usage is billed by (cheap; asked every reaper tick)."""
+        ...
+
     def lost_nodes(self, instance_id: str) -> tuple[str, ...]:
         """Nodes where the instance lost a worker (cheap; asked every reaper tick)."""
         ...

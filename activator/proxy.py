@@ -27,6 +27,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from hydraserve.activator.usage import UsageTap
 from hydraserve.errors import HydraError, InstanceFailedError, TemporaryError, error_from_response
 
 GATEWAY_STOPPING = "the gateway is stopping"
@@ -72,12 +73,14 @@ class InstanceProxy:
 
     async def forward(self, base_url: str, path: str, request: web.Request, body: bytes, *,
                       on_first_byte: Callable[[], None], on_first_chunk: Callable[[], None] = lambda: None,
-                      headers_out: Mapping[str, str] | None = None, into: web.StreamResponse | None = None
+                      headers_out: Mapping[str, str] | None = None, into: web.StreamResponse | None = None,
+                      on_usage: Callable[[int, int], None] | None = None, drop_usage_chunk: bool = False,
                       ) -> tuple[web.StreamResponse, str | None]:
         """Send ``request`` (its ``body`` already read) to ``base_url + path`` and stream the
         answer (``headers_out`` added to the instance's headers; into the SSE response ``into``
         when its headers went out already); with it, why the instance broke the answer off
-        (None when it did not)."""
+        (None when it did not). A successful answer's token usage goes to ``on_usage`` (a usage
+        chunk only the gateway asked for is dropped: ``drop_usage_chunk``)."""
         headers = _end_to_end(request.headers)
         url = base_url.rstrip("/") + "/" + path.lstrip("/")
         upstream = None
@@ -110,14 +113,19 @@ class InstanceProxy:
                     return await end_with_error(into, error_from_response(503, json.loads(raw), source="function")), None
                 return web.Response(status=503, body=raw, headers=_answer_headers(upstream, headers_out)), None
             on_first_byte()
+            tap = UsageTap(upstream.content_type, drop_usage_chunk) if upstream.status == 200 else None
             if into is not None:
-                return await _relay_into(request, upstream, into, on_first_chunk)
-            out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                     headers=_answer_headers(upstream, headers_out))
-            if upstream.content_length is not None:
-                out.content_length = upstream.content_length
-            await out.prepare(request)
-            return await _pump(request, upstream, out, on_first_chunk)
+                answered = await _relay_into(request, upstream, into, on_first_chunk, tap)
+            else:
+                out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                         headers=_answer_headers(upstream, headers_out))
+                if upstream.content_length is not None:
+                    out.content_length = upstream.content_length
+                await out.prepare(request)
+                answered = await _pump(request, upstream, out, on_first_chunk, tap)
+            if tap is not None and tap.usage is not None and on_usage is not None:
+                on_usage(*tap.usage)
+            return answered
         finally:
             upstream.close()  # no-op after a full read; after a cancel it drops the connection
 
@@ -134,11 +142,12 @@ def _answer_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str] |
 
 
 async def _relay_into(request: web.Request, upstream: aiohttp.ClientResponse, into: web.StreamResponse,
-                      on_first_chunk: Callable[[], None]) -> tuple[web.StreamResponse, str | None]:
+                      on_first_chunk: Callable[[], None], tap: UsageTap | None
+                      ) -> tuple[web.StreamResponse, str | None]:
     """The instance's answer into a stream already under way: its events as they come, or (an
     error answer, a body that is no stream) one SSE error event."""
     if upstream.status == 200 and upstream.content_type == "text/event-stream":
-        return await _pump(request, upstream, into, on_first_chunk)
+        return await _pump(request, upstream, into, on_first_chunk, tap)
     try:
         raw = await upstream.content.read(MAX_ERROR_BODY_BYTES)
         body: object = json.loads(raw)
@@ -157,8 +166,9 @@ async def end_with_error(out: web.StreamResponse, error: HydraError) -> web.Stre
 
 
 async def _pump(request: web.Request, upstream: aiohttp.ClientResponse, out: web.StreamResponse,
-                on_first_chunk: Callable[[], None]) -> tuple[web.StreamResponse, str | None]:
-    """Copy the instance's body to the client as it comes."""
+                on_first_chunk: Callable[[], None], tap: UsageTap | None = None
+                ) -> tuple[web.StreamResponse, str | None]:
+    """Copy the instance's body to the client as it comes (through ``tap``, which reads usage)."""
     first = True
     while True:
         try:
@@ -168,7 +178,10 @@ async def _pump(request: web.Request, upstream: aiohttp.ClientResponse, out: web
             if first:
                 on_first_chunk()
                 first = False
-            await out.write(chunk)
+            if tap is not None:
+                chunk = tap.feed(chunk)
+            if chunk:
+                await out.write(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             broken = InstanceFailedError(f"function instance broke off the response: {type(exc).__name__}")
             await _end(request, upstream, out, broken)
@@ -181,7 +194,11 @@ async def _pump(request: web.Request, upstream: aiohttp.ClientResponse, out: web
                 raise
             await _end(request, upstream, out, stopping_error())
             return out, None
-    await out.write_eof()
+    rest = tap.end() if tap is not None else b""
+    with contextlib.suppress(ConnectionResetError):
+        if rest:
+            await out.write(rest)
+        await out.write_eof()
     return out, None
 
 

@@ -44,6 +44,7 @@ from hydraserve.activator.keepalive import (
 )
 from hydraserve.activator.metrics import GatewayMetrics
 from hydraserve.activator.ports import Endpoint, FunctionBackend
+from hydraserve.activator.usage import FunctionUsage
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import (
     FunctionFailedError,
@@ -133,6 +134,8 @@ class FunctionScaler:
         self.cold_starts = 0  # instances that became ready
         self.replicas = 0  # instances that came from a consolidated group's other full workers
         self.instance_failures = 0
+        self.usage = FunctionUsage(config.name, self._metrics)
+        self._accrued_at = clock()
 
     # request path ------------------------------------------------------------------------
     @property
@@ -298,7 +301,7 @@ class FunctionScaler:
         self._starting -= 1
         self.start_failures = 0
         ready = timeline.mark("instance_ready", component="gateway")
-        self._metrics.cold_start_seconds.labels(self.config.name).observe(ready.at - timeline.events[0].at)
+        self.usage.cold_start(ready.at - timeline.events[0].at)
         if self._closed:  # the gateway shut down while it started
             await self._blocking(self._backend.stop, self.config.name, endpoint.instance_id)
             return
@@ -405,6 +408,14 @@ class FunctionScaler:
             self._failing -= 1
             self._avoid_next = tuple(dict.fromkeys((*self._avoid_next, *lost)))
             self._scale_out()  # parked requests need a fresh instance
+
+    async def accrue_usage(self) -> None:
+        """Reaper tick: the seconds since the last, for each instance up and the memory it holds."""
+        now = self._clock()
+        seconds, self._accrued_at = now - self._accrued_at, now
+        memory = [await self._blocking(self._backend.instance_memory_gb, i.instance_id)
+                  for i in list(self.instances.values())]
+        self.usage.accrue(memory, seconds)
 
     async def check_instances(self) -> int:
         """Reaper tick: fail instances whose backend lost a worker (how many it failed) and
@@ -544,6 +555,7 @@ class FunctionScaler:
                 "keep_alive": {"prewarm_s": (ka := self.keep_alive()).prewarm_s, "keep_alive_s": ka.keep_alive_s,
                                "reason": ka.reason},
                 "instance_failures": self.instance_failures, "last_failure": self.last_failure,
+                "usage": self.usage.as_dict(),
                 "failed": None if self.failed is None else {"reason": self.failed.reason,
                                                             "error_type": self.failed.error_type},
                 "start_failures": self.start_failures,

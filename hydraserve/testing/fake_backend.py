@@ -26,6 +26,7 @@ class ScriptedBackend:
         self.starts = 0
         self.stops: list[str] = []
         self.fail_next: str | HydraError | None = None  # a reason (TemporaryError) or the error itself
+        self.memory_gb = 2.0  # instance_memory_gb() of every instance
         self.model_version = "v1"  # model_fingerprint(): a test "pushes" by changing it
         self.lose_next: list[str] = []  # each start raises "worker lost on <node>" while this lasts
         self.excluded: list[tuple[str, ...]] = []  # exclude_nodes of each start
@@ -84,6 +85,9 @@ class ScriptedBackend:
 
     def take_replicas(self, instance_id: str) -> list[Endpoint]:
         return self.replicas.pop(instance_id, [])
+
+    def instance_memory_gb(self, instance_id: str) -> float:
+        return self.memory_gb
 
     def lost_nodes(self, instance_id: str) -> tuple[str, ...]:
         return tuple(self.lost.get(instance_id, ()))

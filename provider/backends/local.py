@@ -121,6 +121,10 @@ class LocalBackend:
             group = self._groups.get(instance_id)
         return () if group is None else self.coldstart.lost_nodes(group)
 
+    def instance_memory_gb(self, instance_id: str) -> float:
+        group = self.group(instance_id)
+        return sum(st.memory_gb for st in group.stages) if group is not None else 0.0
+
     def group(self, instance_id: str) -> Group | None:
         """The running group of an instance (its plan, workers and consolidation state)."""
         with self._lock:

@@ -73,17 +73,24 @@ class Instance:
             body = request.get_json()
             if not body.get("stream"):
                 return jsonify({"object": "text_completion", "model": body.get("model"),
-                                "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]})
+                                "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+                                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
             environ = request.environ
+            with_usage = (body.get("stream_options") or {}).get("include_usage") is True
 
             def tokens() -> Iterator[str]:
                 gone = client_gone(environ)
                 try:
-                    for i in range(body.get("max_tokens", 500)):
+                    n = body.get("max_tokens", 500)
+                    for i in range(n):
                         if gone():
                             break
                         yield f"data: {json.dumps({'choices': [{'index': 0, 'text': str(i)}]})}\n\n"
                         time.sleep(0.02)
+                    if with_usage:  # as vLLM: one more chunk, no choices
+                        usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+                        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                    yield "data: [DONE]\n\n"
                 finally:
                     self.gone.set()
 
@@ -375,7 +382,7 @@ def test_functions_are_created_described_and_deleted_at_run_time(
     assert requests.post(f"{server.url}/v1/completions", json={"model": "second", "prompt": "x"}).status_code == 404
     assert deleting.is_alive(), "delete waits for the stream under way"
     rest = [line for line in lines if line]  # the stream under way runs to its end
-    assert len(rest) == 49
+    assert len(rest) == 50 and rest[-1] == b"data: [DONE]"
     deleting.join(10)
     assert gw_deleted == [{"name": "second", "deleted": True, "stopped_instances": 1}]
     assert backend.stops == ["second-1"] and [f["name"] for f in admin.list()] == ["fn"]
@@ -417,7 +424,7 @@ def test_an_update_reaches_the_next_cold_start_while_the_running_instance_serves
     assert next(lines).startswith(b"data: ") and backend.starts == 1  # the old instance serves it
     # its one slot (concurrency 1 now) is taken: the next request needs a second instance (max 2 now)
     assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
-    assert len([line for line in lines if line]) == 49  # the stream ran to its end on the old instance
+    assert len([line for line in lines if line.startswith(b"data: {")]) == 49  # the stream ran to its end on the old instance
     first, second = backend.started_with
     assert (first.ttft_slo_s, first.model_uri) == (10.0, "s3://b/m")
     assert (second.ttft_slo_s, second.model_uri, second.concurrency) == (7.5, "s3://b/m2", 1)
@@ -550,7 +557,7 @@ def test_idle_connections_are_closed_and_cannot_exhaust_the_gateway(instance: In
             waits.append(time.monotonic() - started)
         assert max(waits) < 1.0, waits
         assert held[0].recv(1) == b""  # the oldest idle ones were closed (past the limit)
-        rest = [line for line in lines if line]
+        rest = [line for line in lines if line.startswith(b"data: {")]
         assert len(rest) == 149 and b'"text": "149"' in rest[-1], rest[-2:]  # the stream under way: whole
         held[-1].settimeout(10)
         assert held[-1].recv(1) == b""  # and the newest after the idle timeout

@@ -6,6 +6,7 @@ past; every answer says whether it met a cold start and how long it waited; the 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -55,8 +56,8 @@ def test_a_stream_waiting_for_a_cold_start_gets_headers_at_once_and_progress_unt
         backend.release_start.set()
         rest = [line for line in lines if line]
     assert any(line.startswith(b": waited ") for line in rest)
-    data = [line for line in rest if line.startswith(b"data:")]
-    assert len(data) == 3 and time.monotonic() - began >= TICK_S
+    data = [line for line in rest if line.startswith(b"data: {")]
+    assert len(data) == 3 and rest[-1] == b"data: [DONE]" and time.monotonic() - began >= TICK_S
     assert metric(gw, "hydraserve_gateway_queue_wait_seconds_count", function="fn") == 1
     assert metric(gw, "hydraserve_gateway_queue_wait_seconds_sum", function="fn") >= TICK_S * 0.9
     assert metric(gw, "hydraserve_gateway_cold_start_seconds_count", function="fn") == 1
@@ -93,3 +94,35 @@ def test_a_start_that_fails_after_the_headers_ends_the_stream_with_an_error_even
     with pytest.raises(openai.APIError, match=r"tokenizer\.json") as caught:
         list(client.completions.create(model="fn", prompt="x", max_tokens=4, stream=True))
     assert "not started again" in str(caught.value)
+
+
+def test_usage_counts_tokens_of_answers_and_streams_and_a_stream_gets_only_what_it_asked_for(held: Setup) -> None:
+    """Tokens from the answers' usage (a stream that did not ask for usage is asked for it, and
+    the usage chunk dropped on its way back); instance-seconds and memory x seconds at each
+    reaper tick; all in /metrics and fn describe."""
+    gw, backend, server = held
+    backend.release_start.set()
+    url = f"{server.url}/functions/fn/v1/completions"
+    assert requests.post(url, json={"prompt": "x"}, timeout=30).status_code == 200  # usage 3 + 1
+    plain = requests.post(url, json={"prompt": "x", "stream": True, "max_tokens": 4}, timeout=30)
+    events = [line for line in plain.iter_lines() if line.startswith(b"data: {")]
+    assert len(events) == 4 and not any(b'"usage"' in e for e in events), "no usage chunk it did not ask for"
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    asked = list(client.completions.create(model="fn", prompt="x", max_tokens=5, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert asked[-1].usage is not None and asked[-1].usage.completion_tokens == 5
+    usage = gw.scaler("fn").status()["usage"]
+    assert (usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]) == (3, 9, 10)
+    assert metric(gw, "hydraserve_gateway_tokens_total", function="fn", kind="completion") == 10
+    assert usage["cold_starts"] == 1 and usage["cold_start_seconds"] >= 0
+
+    async def ticks() -> None:
+        await gw.reap()  # the seconds since the scaler was made
+        await asyncio.sleep(0.3)
+        await gw.reap()
+    backend.memory_gb = 4.0
+    asyncio.run_coroutine_threadsafe(ticks(), server.loop).result(10)
+    usage = gw.scaler("fn").status()["usage"]
+    assert usage["instance_seconds"] > 0.3 and usage["memory_gb_seconds"] == pytest.approx(4 * usage["instance_seconds"], rel=0.01)
+    assert metric(gw, "hydraserve_gateway_memory_gb_seconds_total", function="fn") == pytest.approx(
+        usage["memory_gb_seconds"], rel=0.01)
