@@ -31,7 +31,9 @@ def add_function_flags(create: argparse.ArgumentParser, *, model_required: bool 
     """The flags `fn create`, `fn update` and `kn hydra create` share (one vocabulary); each is
     None unless given, so the platform's defaults (or, on update, the current settings) apply."""
     create.add_argument("name", help="function name: lowercase letters, digits, '-' (also its OpenAI model name)")
-    create.add_argument("--model", required=model_required, help="the model: s3://bucket/prefix of a Hugging Face directory")
+    create.add_argument("--model", required=model_required,
+                        help="the model: s3://bucket/prefix of a Hugging Face directory (fn create: or a local "
+                             "directory, pushed first to s3://BUCKET/NAME)")
     create.add_argument("--ttft-slo", type=duration_s, default=None, help="time-to-first-token target, e.g. 7.5s")
     create.add_argument("--tpot-slo", type=duration_s, default=None, help="time-per-output-token target, e.g. 200ms")
     create.add_argument("--concurrency", type=int, default=None,
@@ -50,6 +52,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="fn_command", metavar="VERB")
     create = sub.add_parser("create", parents=[common], help="deploy a function (at zero until its first request)")
     _add_settings(create, model_required=True)
+    create.add_argument("--bucket", default="models",
+                        help="with --model DIR: the bucket it is pushed to, as s3://BUCKET/NAME (default models)")
+    create.add_argument("--endpoint-url", default=None,
+                        help="with --model DIR: the S3 endpoint (default AWS_ENDPOINT_URL; `up` writes an env file)")
     create.set_defaults(func=_create)
     update = sub.add_parser("update", parents=[common], help="change some settings; the next cold start uses "
                             "them, running instances serve on")
@@ -113,10 +119,29 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _create(args: argparse.Namespace) -> int:
+    if not args.model.startswith("s3://") and os.path.isdir(args.model):
+        args.model = _push_directory(args)
     created = _client(args).create({"name": args.name} | _settings(args))
     print(f"function {created['name']} created: at zero; first request cold-starts it "
           f"({args.gateway}/v1/completions with model {created['name']!r})")
     return 0
+
+
+def _push_directory(args: argparse.Namespace) -> str:
+    """Push the local model directory ``--model`` (checked first, with a progress bar) to
+    s3://BUCKET/NAME; its URI."""
+    from hydraserve.activator.functions import validate_function_name
+    from hydraserve.errors import InvalidRequestError
+    from hydraserve.weights.push import push_checked
+
+    try:
+        uri = f"s3://{args.bucket}/{validate_function_name(args.name)}"
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="name") from None
+    print(f"pushing {args.model} to {uri}", file=sys.stderr)
+    manifest = push_checked(args.model, uri, args.endpoint_url, create_bucket=True)
+    print(f"pushed {len(manifest.files)} files, {manifest.total_bytes} bytes", file=sys.stderr)
+    return uri
 
 
 def _update(args: argparse.Namespace) -> int:

@@ -69,21 +69,30 @@ def configure_push(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _run_push(args: argparse.Namespace) -> int:
+def push_checked(local_dir: str | Path, uri: str, endpoint_url: str | None = None, *, progress: bool = True,
+                 create_bucket: bool = False) -> ModelManifest:
+    """``push_model`` of a directory the serving engine can serve: one it cannot is refused,
+    saying what to fix, before a byte is uploaded (hydraserve.weights.servable)."""
     import json
 
-    from hydraserve.errors import HydraError, NotFoundError
+    from hydraserve.errors import NotFoundError
     from hydraserve.weights.servable import check_servable
 
+    directory = Path(local_dir)
+    if not directory.is_dir():
+        raise NotFoundError(f"{local_dir} is not a directory")
+    files = [p.name for p in directory.iterdir() if p.is_file()]
+    config = json.loads((directory / "config.json").read_text()) if "config.json" in files else {}
+    check_servable(config, str(local_dir), files)
+    return push_model(directory, uri, endpoint_url, progress=progress, create_bucket=create_bucket)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from hydraserve.errors import HydraError
+
     try:
-        directory = Path(args.dir)
-        if not directory.is_dir():
-            raise NotFoundError(f"{args.dir} is not a directory")
-        files = [p.name for p in directory.iterdir() if p.is_file()]
-        config = json.loads((directory / "config.json").read_text()) if "config.json" in files else {}
-        check_servable(config, args.dir, files)  # before a byte is uploaded
-        manifest = push_model(args.dir, args.uri, args.endpoint_url, progress=not args.no_progress,
-                              create_bucket=args.create_bucket)
+        manifest = push_checked(args.dir, args.uri, args.endpoint_url, progress=not args.no_progress,
+                                create_bucket=args.create_bucket)
     except HydraError as exc:
         print(f"hydraserve model push: {exc.message}", file=sys.stderr)
         return 1

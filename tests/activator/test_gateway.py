@@ -510,6 +510,32 @@ def test_the_fn_command_updates_reads_logs_and_prints_json_and_yaml(
     assert code == 1 and "tail" in err
 
 
+def test_fn_create_with_a_local_directory_pushes_it_checked_then_creates_the_function(
+        setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer], tmp_path: Path, tiny_llama_dir: Path,
+        s3_server: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model is pushed to s3://BUCKET/NAME (the real S3 protocol) before the function is
+    created with that URI; a directory the engine cannot serve is refused before a byte goes."""
+    import shutil
+
+    gw, _backend, server = setup
+    for key, value in s3_server.client_env().items():
+        monkeypatch.setenv(key, value)
+    token_file = write_token_file(tmp_path / "gateway.token", ADMIN)
+    common = ["--gateway", server.url, "--token-file", str(token_file), "--endpoint-url", s3_server.endpoint_url,
+              "--bucket", "fn-create-push"]
+    assert cli.main(["fn", "create", "pushed", "--model", str(tiny_llama_dir), *common]) == 0
+    _out, err = capsys.readouterr()
+    assert "pushing" in err and gw.scaler("pushed").config.model_uri == "s3://fn-create-push/pushed"
+    stored = {o.key.rsplit("/", 1)[-1] for o in s3_server.client().list_prefix("fn-create-push", "pushed/")}
+    assert {"config.json", "tokenizer.json", "model.safetensors", "hydraserve-manifest.json"} <= stored
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "tokenizer.json").unlink()
+    assert cli.main(["fn", "create", "broken", "--model", str(broken), *common]) == 1
+    assert "has no tokenizer.json" in capsys.readouterr().err and not gw.has("broken")
+    assert s3_server.client().list_prefix("fn-create-push", "broken/") == []
+
+
 def test_a_malformed_chunked_body_or_contradictory_config_is_a_400(
         setup: tuple[Gateway, ScriptedBackend, BackgroundAioServer]) -> None:
     _gw, backend, server = setup
