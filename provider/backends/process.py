@@ -26,6 +26,7 @@ from hydraserve.auth import SCOPED_TOKEN
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import HydraError, TemporaryError, UnreachableError, error_class
+from hydraserve.leftovers import LEFTOVERS_KEY, remove_leftovers
 from hydraserve.logs import redact, secret_values
 from hydraserve.processes import ChildProcess, ProcessHandle, free_port, tail_lines
 from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
@@ -75,8 +76,8 @@ class ProcessLauncher:
     def launch(self, node: str, env: WorkerEnvironment) -> WorkerProcess:
         instance, stage = env.instance_id or env.function, env.stage.index if env.stage else 0
         label = f"{instance}-{stage}"
-        variables = {**self._extra_env, **env.to_env()}
         log_path = self.log_path(instance, stage)
+        variables = {**self._extra_env, **env.to_env(), LEFTOVERS_KEY: str(log_path.with_suffix(".leftovers"))}
         adopted: ProcessHandle | None = None
         pool = self.pools.get(node)
         if pool is not None:
@@ -118,11 +119,20 @@ class WorkerProcess(ChildProcess):
         super().__init__("worker", [*prefix, sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path,
                          env=env, proc=proc)
         self.adopted = proc is not None
+        self.leftovers = Path(env[LEFTOVERS_KEY]) if LEFTOVERS_KEY in env else None  # what it wrote down
         self.url = url
         self.label = label  # <instance>-<stage>
         self.node = node
         # The worker clamps its /proc start time (10 ms ticks) to the spawn moment its env says.
         self.spawned_at = spawned_at
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """Stop it, then remove what it wrote down and could not remove itself (killed)."""
+        code = super().stop(grace_s)
+        removed = remove_leftovers(self.leftovers) if self.leftovers is not None else []
+        if removed:
+            log.info("removed what worker %s left behind: %s", self.label, ", ".join(removed))
+        return code
 
     def wait_ready(self, timeout_s: float, poll_s: float = 0.02) -> None:
         """Return when /readyz says ready; raise TemporaryError with the reason otherwise."""

@@ -24,8 +24,10 @@ def register() -> None:
     _registered = True
     from vllm.model_executor.model_loader import register_model_loader
 
+    from hydraserve.leftovers import record_shared_memory
     from hydraserve.runtime.serving.fixes import apply_fixes
     from hydraserve.runtime.serving.loader import HydraServeModelLoader
 
     register_model_loader(LOAD_FORMAT)(HydraServeModelLoader)
     apply_fixes()
+    record_shared_memory()  # its segments are removed even if the worker is killed

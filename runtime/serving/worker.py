@@ -35,6 +35,7 @@ from typing import Any
 import uvicorn
 
 from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.leftovers import LEFTOVERS_KEY, RUN_DIR_PREFIX, record, remove_leftovers
 from hydraserve.runtime.proc_clock import process_start_time
 from hydraserve.runtime.serving.engine import VllmServer, use_engine_environment
 from hydraserve.runtime.serving.fixes import HTTP_PORT_KEY
@@ -81,7 +82,8 @@ async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    run_dir = Path(tempfile.mkdtemp(prefix="hydraserve-worker-"))
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+    record("dir", str(run_dir))  # its launcher removes it if this process is killed
     os.environ["VLLM_RPC_BASE_PATH"] = str(run_dir)  # vLLM's IPC sockets go with it, not litter /tmp
     opened: list[ModelFiles] = []
     background: list[asyncio.Task[None]] = []  # consolidation, once started
@@ -102,6 +104,8 @@ async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
         files.release_leases()
     shutil.rmtree(run_dir, ignore_errors=True)
     _stop_what_is_left()
+    if os.environ.get(LEFTOVERS_KEY):  # vLLM's segments of processes that had to be killed
+        remove_leftovers(Path(os.environ[LEFTOVERS_KEY]))
     log.info("stopped")
     return 0
 
