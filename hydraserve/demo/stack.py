@@ -121,7 +121,8 @@ class LocalStack:
         self._emulate_nodes()
         starting_pools = self._start_pools()  # they import torch while S3 starts and the model is pushed
         s3_host = self.cluster.host_ip if self.cluster else opts.s3_host or opts.host
-        self.s3 = EmbeddedS3(host=s3_host, prefix=opts.s3_prefix, require_auth=True).start()  # its keys only
+        # its keys only; every object written through to disk, so a restart (the supervisor's) keeps them
+        self.s3 = EmbeddedS3(host=s3_host, prefix=opts.s3_prefix, require_auth=True, persist=True).start()
         self._cleanups.append(("s3", self.s3.close))
         s3_env = self.s3.client_env()
         self.s3_env_file = write_token_file(self.run_dir / "s3.env", "".join(f"{k}={v}\n" for k, v in s3_env.items()))
@@ -146,7 +147,7 @@ class LocalStack:
         for _, daemon in daemons:
             self.placement.register_node(daemon.info)
         pools = self._account_pools(starting_pools, {d.info.name: d for _, d in daemons})
-        self.supervisor = StackSupervisor([d for _, d in daemons], self.placement,
+        self.supervisor = StackSupervisor([d for _, d in daemons], self.placement, s3=self.s3,
                                           pools=[starting_pools[name][0] for name in pools],
                                           interval_s=opts.supervise_interval_s, reconcile_s=opts.reconcile_interval_s)
         self._cleanups.append(("loaderd supervisor", self.supervisor.start().close))

@@ -7,7 +7,9 @@ re-registered with what its daemon holds (provider.residency), so a dead or rest
 models stop counting as cache. A node's warm pool (fork server) that exited without being asked
 is started again on the same socket (issue 22 item 8: a killed one was never restarted, and every
 later cold start on its node spawned instead of adopting); its idle children exited with it
-(their end of its socket pair read EOF).
+(their end of its socket pair read EOF). The embedded S3, if it exited unasked, is started again
+on the same port with the same keys and objects (issue 22 item 6: its death was permanent, and
+even models loaderd had cached failed their next cold start).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from hydraserve.contracts.plan import NodeInfo
+from hydraserve.embedded.s3 import EmbeddedS3
 from hydraserve.loaderd.daemon import DaemonProcess
 from hydraserve.processes import ChildProcess
 from hydraserve.provider.residency import Registrar, reconcile_node
@@ -63,9 +66,11 @@ class SupervisedPool(Supervised[ChildProcess]):
 
 class StackSupervisor:
     def __init__(self, daemons: list[SupervisedDaemon], placement: Registrar, *, pools: Sequence[SupervisedPool] = (),
-                 interval_s: float = 1.0, reconcile_s: float = 5.0) -> None:
+                 s3: EmbeddedS3 | None = None, interval_s: float = 1.0, reconcile_s: float = 5.0) -> None:
         self.daemons = {d.info.name: d for d in daemons}
         self.pools = {p.node: p for p in pools}
+        self.s3 = s3
+        self.s3_restarts = 0
         self._placement = placement
         self._interval_s = interval_s
         self._reconcile_s = reconcile_s
@@ -83,6 +88,7 @@ class StackSupervisor:
     def _run(self) -> None:
         last_reconcile = time.monotonic()
         while not self._stop.wait(self._interval_s):
+            self._keep_s3()
             for pool in self.pools.values():
                 if pool.process.lost():
                     pool.restart()
@@ -95,3 +101,14 @@ class StackSupervisor:
                     log.warning("could not reconcile %s: %s", daemon.info.name, exc)
             if due:
                 last_reconcile = time.monotonic()
+
+    def _keep_s3(self) -> None:
+        if self.s3 is None or not self.s3.lost():
+            return
+        log.warning("the embedded S3 exited: starting it again on %s", self.s3.endpoint_url)
+        try:
+            self.s3.start()
+        except Exception as exc:
+            log.error("the embedded S3 did not start again: %s (the next tick tries again)", exc)
+            return
+        self.s3_restarts += 1

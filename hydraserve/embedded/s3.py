@@ -8,14 +8,13 @@ moto keeps its objects in memory: a killed server forgets them. Objects put with
 :meth:`EmbeddedS3.upload_file` / :meth:`upload_dir` and buckets made with
 :meth:`create_bucket` are remembered in a seed file and loaded into the new process before it
 opens its port, so ``kill()`` + ``start()`` (or ``restart()``) brings back the same port with
-the same objects. Objects written by other clients (for example ``push_model``) are NOT
-remembered automatically: call :meth:`snapshot` before ``kill()`` (it remembers everything
-the server holds), or :meth:`remember` for single files. With ``require_auth`` a restart
-creates new credentials (moto's IAM state is in memory too).
+the same objects. With ``persist=True`` (the stack's) every object any client puts (``model
+push``) is also written through to the state directory as it is put, and loaded back at a
+restart; otherwise call :meth:`snapshot` before ``kill()``, or :meth:`remember` for single files.
 
 By default the server accepts any credentials (moto's default). With ``require_auth=True``
-IAM authentication is switched on and only :attr:`credentials` are accepted, so tests can
-check what a client does with rejected credentials.
+IAM authentication is on from the first request and only :attr:`credentials` (made here, kept
+across restarts) are accepted.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import os
 import secrets
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import tempfile
@@ -44,13 +44,27 @@ REGION = "us-east-1"
 
 
 TEST_CREDENTIALS = S3Credentials("hydraserve-test", "hydraserve-test-secret")
+CREDENTIALS_FILE = "credentials.json"
+
+
+def _new_credentials(state_dir: Path) -> S3Credentials:
+    """A fresh access key, written (0600) where the server reads it at each start."""
+    alphabet = string.ascii_uppercase + string.digits
+    credentials = S3Credentials("AKIA" + "".join(secrets.choice(alphabet) for _ in range(16)),
+                                secrets.token_urlsafe(30))
+    path = state_dir / CREDENTIALS_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"access_key_id": credentials.access_key_id,
+                   "secret_access_key": credentials.secret_access_key}, out)
+    return credentials
 
 
 class EmbeddedS3:
     """A moto S3 server subprocess with a stable endpoint across kill/start."""
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1",
-                 require_auth: bool = False, startup_timeout_s: float = 30.0,
+                 require_auth: bool = False, persist: bool = False, startup_timeout_s: float = 30.0,
                  prefix: Sequence[str] = ()) -> None:
         self.host = host
         self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", NS]: serve from an emulated node
@@ -58,8 +72,9 @@ class EmbeddedS3:
         self.port = port or (free_port(host) if not prefix else 20000 + secrets.randbelow(30000))
         self.require_auth = require_auth
         self.startup_timeout_s = startup_timeout_s
-        self.credentials: S3Credentials = TEST_CREDENTIALS
+        self.persist = persist
         self._state_dir = Path(tempfile.mkdtemp(prefix="hydraserve-s3-"))
+        self.credentials: S3Credentials = _new_credentials(self._state_dir) if require_auth else TEST_CREDENTIALS
         self._seed_path = self._state_dir / "seed.json"
         self._log_path = self._state_dir / "moto.log"
         self._seed: dict[str, list] = {"buckets": [], "objects": []}
@@ -75,6 +90,14 @@ class EmbeddedS3:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def lost(self) -> bool:
+        """It exited without being asked to (killed, crashed): a supervisor starts it again."""
+        return self._proc is not None and self._proc.poll() is not None
+
     def start(self) -> EmbeddedS3:
         """Start the server (seeded with everything remembered) and wait until it answers."""
         if self.running:
@@ -84,7 +107,7 @@ class EmbeddedS3:
         try:
             self._proc = subprocess.Popen(
                 [*self.prefix, sys.executable, "-m", "hydraserve.embedded.moto_main", "--host", self.host,
-                 "--port", str(self.port), "--seed", str(self._seed_path)],
+                 "--port", str(self.port), "--seed", str(self._seed_path), *self._options()],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, "MOTO_PORT": str(self.port)},
             )
@@ -92,9 +115,13 @@ class EmbeddedS3:
             log.close()
         atexit.register(self.stop)  # never leave a moto process behind a crashed caller
         self._wait_ready()
-        if self.require_auth:
-            self._enable_auth()
         return self
+
+    def _options(self) -> list[str]:
+        options = ["--store", str(self._state_dir / "store")] if self.persist else []
+        if self.require_auth:
+            options += ["--credentials", str(self._state_dir / CREDENTIALS_FILE)]
+        return options
 
     def kill(self) -> None:
         """Kill the server abruptly (SIGKILL): in-flight requests see a dropped connection."""
@@ -222,21 +249,3 @@ class EmbeddedS3:
                 self.upload_file(path, bucket, f"{prefix}/{path.name}" if prefix else path.name,
                                  client=client, create_bucket=False)
         return f"s3://{bucket}/{prefix}"
-
-    def _enable_auth(self) -> None:
-        """Create an IAM user with full access, use its keys, then turn authentication on."""
-        import boto3
-
-        iam = boto3.client("iam", endpoint_url=self.endpoint_url, region_name=REGION,
-                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
-        iam.create_user(UserName="hydraserve")
-        iam.put_user_policy(UserName="hydraserve", PolicyName="all", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17",
-             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-        key = iam.create_access_key(UserName="hydraserve")["AccessKey"]
-        self.credentials = S3Credentials(key["AccessKeyId"], key["SecretAccessKey"])
-        request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset-auth",
-                                         data=b"0", method="POST",
-                                         headers={"Content-Type": "text/plain"})
-        with urllib.request.urlopen(request, timeout=5):
-            pass

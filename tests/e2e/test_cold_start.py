@@ -270,6 +270,35 @@ def test_the_stacks_s3_takes_its_own_keys_only(stack: LocalStack) -> None:
     assert stack.s3.client().list_prefix(bucket, prefix)  # the stack's own keys still work
 
 
+def test_the_embedded_s3_killed_is_started_again_with_its_keys_and_every_object(stack: LocalStack) -> None:
+    """Issue 22 item 6: the stack's S3 dying was permanent. Killed (not asked to stop), it is
+    started again on its port with the same keys, holding what any client had pushed (written
+    through to disk as it was put), and a function on a model pushed before the kill cold-starts."""
+    import os
+    import signal
+
+    from hydraserve.weights.push import push_model
+
+    assert stack.gateway is not None and stack.supervisor is not None
+    uri = f"{stack.model_uri}-outlives-s3"
+    push_model(stack.run_dir / "model" if stack.options.model_dir is None else stack.options.model_dir, uri,
+               progress=False, client=stack.s3.client())  # by a client: only the write-through keeps it
+    before, pid = stack.supervisor.s3_restarts, stack.s3.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not (stack.supervisor.s3_restarts > before and stack.s3.running):
+        assert time.monotonic() < deadline, "the S3 was not started again"
+        time.sleep(0.1)
+    assert stack.s3.pid != pid
+    keys = {o.key.rsplit("/", 1)[-1] for o in stack.s3.client().list_prefix("models", uri.split("/", 3)[3] + "/")}
+    assert {"config.json", "model.safetensors", "hydraserve-manifest.json"} <= keys  # same keys accepted too
+    stack.gateway.register(FunctionConfig(name="outlives-s3", model_uri=uri))
+    r = requests.post(stack.gateway_url + "/functions/outlives-s3/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+
+
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
