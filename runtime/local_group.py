@@ -10,9 +10,12 @@ serving path of a cold-started group, minus placement and loaderd. ``close()`` s
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
@@ -30,7 +33,8 @@ class LocalGroup:
     def __init__(self, model_uri: str, pipeline_size: int, *, endpoint_url: str | None = None,
                  dtype: str | None = None, max_batch: int = 1, log_dir: Path | None = None) -> None:
         head = WorkerEnvironment(model_uri=model_uri, s3_endpoint_url=endpoint_url, dtype=dtype, max_batch=max_batch,
-                                 engine="compact")  # its stages link by our TCP ring
+                                 engine="compact",  # its stages link by our TCP ring, proven by the group's secret
+                                 link_secret=SecretStr(secrets.token_urlsafe(32)))
         files = open_files(head, Timeline())
         sizes = {name: entry.nbytes for name, entry in files.tensor_index().items()}
         profile = stage_byte_profile(sizes, files.architecture())

@@ -28,7 +28,7 @@ from hydraserve.runtime.model.config import ModelConfig
 from hydraserve.runtime.replica import ReplicaBuilder
 from hydraserve.runtime.tokenizer import Tokenizer
 from hydraserve.runtime.transport.group import GroupExecutor
-from hydraserve.runtime.transport.link import StageLink, accept, connect
+from hydraserve.runtime.transport.link import StageLink, link_ring
 from hydraserve.weights.model_files import ModelFiles
 
 
@@ -81,8 +81,8 @@ class HeadRole:
         if self._listener is None:
             raise ValueError("the head of a pipeline group needs its stage-link listener")
         runner = StageRunner(loaded.model, settings.max_batch, context_limit(loaded.config, settings.max_model_len))
-        outbound = connect(settings.peers[1], settings.link_timeout_s)
-        inbound = accept(self._listener, settings.link_timeout_s)
+        outbound, inbound = link_ring(self._listener, settings.peers[1], group_secret(settings),
+                                      settings.link_timeout_s)
         executor = GroupExecutor(runner, outbound, inbound, loaded.model.stage.num_stages, on_broken=self._on_broken)
         executor.ping(settings.link_timeout_s)  # every stage serves: the group is ready
         timeline.mark("group_linked", stages=loaded.model.stage.num_stages)
@@ -119,12 +119,20 @@ class InnerStageRole:
         runner = StageRunner(loaded.model, settings.max_batch, limit)
         timeline.mark("kv_cache_allocated", slots=settings.max_batch, max_model_len=limit)
         link = StageLink(runner, self._listener, settings.peers[(stage.index + 1) % stage.num_stages],
-                         link_timeout_s=settings.link_timeout_s)
+                         secret=group_secret(settings), link_timeout_s=settings.link_timeout_s)
         if self._tokenizer is not None and self._files is not None:
             tokenizer = self._tokenizer
             self.replica = ReplicaBuilder(link, self._files, loaded.config, timeline,
                                           lambda whole: start_engine(whole, tokenizer, settings, timeline)).start()
         return link
+
+
+def group_secret(settings: WorkerEnvironment) -> bytes:
+    """The group's link secret as the handshake's HMAC key: a stage without one never links."""
+    if settings.link_secret is None:
+        raise ValueError("a pipeline group's stage needs its group's link secret (HYDRASERVE_LINK_SECRET): "
+                         "its links are never made unauthenticated")
+    return settings.link_secret.get_secret_value().encode()
 
 
 def start_engine(loaded: LoadedStage, tokenizer: Tokenizer, settings: WorkerEnvironment, timeline: Timeline,

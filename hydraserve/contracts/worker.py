@@ -4,12 +4,14 @@ Written by launchers (the local process launcher today, the pod launcher next) w
 ``to_env()`` and read by the worker with ``from_env()``, so the two sides cannot drift apart.
 Knative's own keys (PORT, K_SERVICE, K_REVISION, K_CONFIGURATION) are part of it; the rest are
 HYDRASERVE_*. The worker binds 127.0.0.1 unless HYDRASERVE_HOST says otherwise, also under
-Knative, whose queue-proxy dials the user container at 127.0.0.1:$PORT. The loaderd token is a
-secret: it comes in HYDRASERVE_LOADERD_TOKEN or in the file HYDRASERVE_LOADERD_TOKEN_FILE names,
-and never appears in repr() or logs. A Knative function pod, whose environment its revision
-fixed, finds its stage in the file HYDRASERVE_ROLE_FILE names (hydraserve.contracts.pod): the
-fields there win over the environment's, and it listens on every address of its pod
-(0.0.0.0: peers and probes come from outside) unless HYDRASERVE_HOST pins one.
+Knative, whose queue-proxy dials the user container at 127.0.0.1:$PORT. The loaderd token and
+a pipeline group's stage-link secret are secrets: each comes in its variable or in the file its
+``*_FILE`` variable names (``SECRET_FILE_KEYS``), and never appears in repr() or logs. A Knative
+function pod, whose environment its revision fixed, finds its stage in the file
+HYDRASERVE_ROLE_FILE names (hydraserve.contracts.pod): the fields there win over the
+environment's, and it listens on every address of its pod (0.0.0.0: peers and probes come from
+outside) unless HYDRASERVE_HOST pins one. A pod's link secret is its group's, derived from its
+function's link key (HYDRASERVE_LINK_KEY, from the function's worker Secret) and its instance.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from hydraserve.contracts.pod import POD_LISTEN_HOST, ROLE_FILE_KEY, role_from_file
+from hydraserve.contracts.pod import (
+    LINK_KEY_ENV,
+    POD_LISTEN_HOST,
+    ROLE_FILE_KEY,
+    derive_link_secret,
+    role_from_file,
+)
 from hydraserve.contracts.stage import StageSpec
 
 # The routes a function serves to its clients: OpenAI's (as vLLM's server has them) and a
@@ -58,6 +66,7 @@ ENV_KEYS: dict[str, str] = {
     "loaderd_url": "HYDRASERVE_LOADERD_URL",
     "loaderd_token": "HYDRASERVE_LOADERD_TOKEN",
     "loaderd_lease": "HYDRASERVE_LOADERD_LEASE",
+    "link_secret": "HYDRASERVE_LINK_SECRET",
     "dtype": "HYDRASERVE_DTYPE",
     "max_batch": "HYDRASERVE_MAX_BATCH",
     "max_model_len": "HYDRASERVE_MAX_MODEL_LEN",
@@ -67,6 +76,9 @@ ENV_KEYS: dict[str, str] = {
     "drain_timeout_s": "HYDRASERVE_DRAIN_TIMEOUT_S",
 }
 TOKEN_FILE_KEY = "HYDRASERVE_LOADERD_TOKEN_FILE"
+LINK_SECRET_FILE_KEY = "HYDRASERVE_LINK_SECRET_FILE"
+SECRET_FILE_KEYS = {"loaderd_token": TOKEN_FILE_KEY, "link_secret": LINK_SECRET_FILE_KEY}  # secret -> its file
+MIN_LINK_SECRET = 32  # characters: a guess at it must be hopeless
 KNATIVE_SERVICE_KEY = "K_SERVICE"
 
 
@@ -115,6 +127,9 @@ class WorkerEnvironment(BaseModel):
     loaderd_lease: Literal["pid", "heartbeat"] = Field(
         default="pid", description="how its loaderd leases live: as long as its pid (same PID namespace as the "
         "daemon) or while it renews them (a pod: its pid means nothing to the daemon)")
+    link_secret: SecretStr | None = Field(
+        default=None, description="its pipeline group's: fresh per group from its "
+        "launcher, both ends of every stage link prove they hold it (our TCP ring: engine=compact)")
     dtype: str | None = None
     max_batch: int = Field(default=8, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
@@ -122,6 +137,13 @@ class WorkerEnvironment(BaseModel):
     spawned_at: float | None = Field(default=None, description="when the launcher spawned it (unix s)")
     link_timeout_s: float = Field(default=180.0, gt=0, description="how long to wait for the group's other stages")
     drain_timeout_s: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _link_secret_is_long(self) -> WorkerEnvironment:
+        """Checked here, not by a field constraint, whose error would quote the value."""
+        if self.link_secret is not None and len(self.link_secret.get_secret_value()) < MIN_LINK_SECRET:
+            raise ValueError(f"link_secret is shorter than {MIN_LINK_SECRET} characters")
+        return self
 
     @model_validator(mode="after")
     def _group_needs_links(self) -> WorkerEnvironment:
@@ -134,6 +156,9 @@ class WorkerEnvironment(BaseModel):
                                       or self.group_layers[self.stage.index] != self.stage.layer_end - self.stage.layer_start):
                 raise ValueError(f"group_layers {self.group_layers} do not tile the model as stage "
                                  f"{self.stage.index}'s layers [{self.stage.layer_start}, {self.stage.layer_end}) say")
+            if self.engine == "compact" and self.link_secret is None:
+                raise ValueError(f"stage {self.stage.index} of {self.stage.num_stages} needs its group's link_secret "
+                                 f"({ENV_KEYS['link_secret']}): its links are never made unauthenticated")
         return self
 
     @property
@@ -144,7 +169,8 @@ class WorkerEnvironment(BaseModel):
     def to_env(self) -> dict[str, str]:
         """Every variable of the contract (and Knative's K_SERVICE); unset fields are written
         empty, which reads as unset, so nothing the launcher's own environment holds leaks in."""
-        out: dict[str, str] = {TOKEN_FILE_KEY: "", KNATIVE_SERVICE_KEY: self.function}
+        out: dict[str, str] = {**dict.fromkeys([*SECRET_FILE_KEYS.values(), LINK_KEY_ENV], ""),
+                               KNATIVE_SERVICE_KEY: self.function}
         for name, key in ENV_KEYS.items():
             value = getattr(self, name)
             if value is None or value == "" or (isinstance(value, list) and not value):
@@ -176,6 +202,8 @@ class WorkerEnvironment(BaseModel):
                 raw[name] = json.loads(value)
             elif name in ("full", "enforce_eager"):
                 raw[name] = value.lower() in ("1", "true", "yes")
+            elif name in SECRET_FILE_KEYS:  # wrapped before validation: an error quotes its input
+                raw[name] = SecretStr(value)
             else:
                 raw[name] = value
         raw.setdefault("function", env.get(KNATIVE_SERVICE_KEY, ""))
@@ -186,9 +214,12 @@ class WorkerEnvironment(BaseModel):
             raw |= role
             if role:  # placed by the interceptor: peers and probes reach it on its pod IP
                 raw.setdefault("host", POD_LISTEN_HOST)
-        token_file = env.get(TOKEN_FILE_KEY)
-        if token_file:
-            raw["loaderd_token"] = Path(token_file).read_text().strip()
+        for name, file_key in SECRET_FILE_KEYS.items():
+            if env.get(file_key):
+                raw[name] = SecretStr(Path(env[file_key]).read_text().strip())
+        link_key = env.get(LINK_KEY_ENV)
+        if link_key and "link_secret" not in raw and raw.get("instance_id"):  # a pod: its group's, derived
+            raw["link_secret"] = SecretStr(derive_link_secret(link_key, raw["instance_id"]))
         if not raw.get("model_uri"):
             raise ValueError("HYDRASERVE_MODEL_URI is not set: the worker needs a model directory or s3:// URI")
         return cls.model_validate(raw)

@@ -15,7 +15,8 @@ What the Service carries, and why:
   Knative allows without a flag): the role the interceptor writes at bind time (stage, peers,
   layer range, full or partial) reaches the runtime there (``HYDRASERVE_ROLE_FILE``);
 - the loaderd token from the function's worker Secret, which the interceptor writes (a token
-  scoped to the function's model; optional, so a pod starts without it and reads S3 itself);
+  scoped to the function's model; optional, so a pod starts without it and reads S3 itself),
+  and from the same Secret the link key each stage derives its group's link secret from;
 - ``autoscaling.knative.dev/initial-scale: "0"``: a function created is at zero and costs
   nothing until its first request (needs ``allow-zero-initial-scale``); min-scale 0;
 - ``timeoutSeconds`` and ``serving.knative.dev/progress-deadline`` that cover a cold start
@@ -30,7 +31,14 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from hydraserve.activator.functions import validate_function_name
-from hydraserve.contracts.pod import ROLE_FILE_KEY, WORKER_SECRET_KEY, worker_secret_name
+from hydraserve.contracts.pod import (
+    LINK_KEY_ENV,
+    LINK_KEY_SECRET_KEY,
+    ROLE_FILE_KEY,
+    WORKER_SECRET_KEY,
+    worker_secret_name,
+)
+from hydraserve.contracts.worker import ENV_KEYS
 
 ANNOTATION_PREFIX = "hydraserve.dev/"
 MODEL_ANNOTATION = ANNOTATION_PREFIX + "model"
@@ -91,6 +99,15 @@ class HydraService(BaseModel):
         return validate_function_name(value)
 
 
+def worker_secret_env(function: str) -> list[dict[str, Any]]:
+    """What a function's workers take from its worker Secret (the revision's and every helper
+    pod's environment): the loaderd token and the link key. Optional: a pod starts without them
+    (it reads S3 itself; a group's stages would refuse to link)."""
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": worker_secret_name(function), "key": key,
+                                                         "optional": True}}}
+            for env, key in ((ENV_KEYS["loaderd_token"], WORKER_SECRET_KEY), (LINK_KEY_ENV, LINK_KEY_SECRET_KEY))]
+
+
 def knative_service(fn: HydraService) -> dict[str, Any]:
     """The serving.knative.dev/v1 Service for ``fn``."""
     annotations = {
@@ -113,9 +130,7 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
         "args": ["serve"],
         "ports": [{"containerPort": RUNTIME_PORT}],
         "env": [{"name": "HYDRASERVE_MODEL_URI", "value": fn.model_uri},
-                {"name": ROLE_FILE_KEY, "value": f"{ROLE_DIR}/annotations"},
-                {"name": "HYDRASERVE_LOADERD_TOKEN", "valueFrom": {"secretKeyRef": {
-                    "name": worker_secret_name(fn.name), "key": WORKER_SECRET_KEY, "optional": True}}}],
+                {"name": ROLE_FILE_KEY, "value": f"{ROLE_DIR}/annotations"}, *worker_secret_env(fn.name)],
         "readinessProbe": {"httpGet": {"path": "/readyz"}, "periodSeconds": 1, "failureThreshold": fn.timeout_s},
         "resources": {"requests": {"cpu": fn.cpu, "memory": fn.memory}, "limits": limits},
         "volumeMounts": [

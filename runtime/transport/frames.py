@@ -69,7 +69,7 @@ def send(sock: socket.socket, frame: Frame) -> None:
             parts[0] = parts[0][sent:]
 
 
-def _recv_exactly(sock: socket.socket, n: int, what: str, have: int = 0) -> bytearray:
+def recv_exactly(sock: socket.socket, n: int, what: str, have: int = 0) -> bytearray:
     """``n`` more bytes of a ``what`` of which ``have`` bytes were read already."""
     buf = bytearray(n)
     view = memoryview(buf)
@@ -88,18 +88,18 @@ def recv(sock: socket.socket, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Fram
     if not first:
         return None
     if len(first) < _PREFIX.size:
-        first += _recv_exactly(sock, _PREFIX.size - len(first), "frame prefix", len(first))
+        first += recv_exactly(sock, _PREFIX.size - len(first), "frame prefix", len(first))
     magic, header_len = _PREFIX.unpack(first)
     if magic != MAGIC:
         raise StageTransportError(f"not a stage-transport frame (magic {magic!r})")
     if header_len > MAX_HEADER_BYTES:
         raise StageTransportError(f"frame header of {header_len} B exceeds {MAX_HEADER_BYTES} B")
-    header = parse_header(bytes(_recv_exactly(sock, header_len, "frame header")), max_payload=max_payload)
+    header = parse_header(bytes(recv_exactly(sock, header_len, "frame header")), max_payload=max_payload)
     kind, specs, fields = header
     tensors = []
     for dtype, shape in specs:
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        data = _recv_exactly(sock, nbytes, "tensor") if nbytes else bytearray()
+        data = recv_exactly(sock, nbytes, "tensor") if nbytes else bytearray()
         tensor = torch.frombuffer(data, dtype=TORCH_DTYPES[dtype]) if nbytes else torch.empty(0, dtype=TORCH_DTYPES[dtype])
         tensors.append(tensor.view(shape))
     return Frame(kind, fields, tensors)

@@ -28,8 +28,8 @@ from hydraserve.kube import bind_pod
 from hydraserve.provider.coldstart import ColdStartOptions
 from hydraserve.provider.knative.interceptor import Interceptor, InterceptorOptions
 from hydraserve.provider.knative.nodes import ClusterFeed
-from hydraserve.provider.knative.pods import MEMORY_ANNOTATION
-from hydraserve.provider.knative.service import HydraService, knative_service
+from hydraserve.provider.knative.pods import MEMORY_ANNOTATION, ensure_worker_secret
+from hydraserve.provider.knative.service import MODEL_ANNOTATION, HydraService, knative_service
 from hydraserve.provider.model_spec import describe_model
 from hydraserve.provider.service import PlacementService
 from hydraserve.weights.model_files import LocalModelFiles
@@ -149,6 +149,24 @@ def test_pending_function_pod_is_bound_with_its_role_and_released_on_delete(clus
     cluster.wait_for("the plan released", lambda: control.active_plans() == 0 and not control.interceptor.groups())
 
 
+def test_the_worker_secret_keeps_its_link_key_and_gains_one_it_lacked(cluster: Cluster) -> None:
+    """The key every group's link secret derives from: added to a Secret an older interceptor
+    wrote, and kept when the model changes (pods of running groups derived theirs from it)."""
+    def held(key: str) -> str:
+        data = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace).data
+        return base64.b64decode(data[key]).decode()
+
+    cluster.core.create_namespaced_secret(cluster.namespace, {"metadata": {
+        "name": "chat-hydraserve-worker", "annotations": {MODEL_ANNOTATION: MODEL}}, "stringData": {"loaderd-token": "x"}})
+    ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN)
+    link_key = held("stage-link-key")
+    assert len(link_key) >= 32
+    ensure_worker_secret(cluster.core, cluster.namespace, "chat", "s3://models/other", LOADERD_TOKEN)
+    assert held("stage-link-key") == link_key
+    scoped = verify_scoped_token(LOADERD_TOKEN, held("loaderd-token"))
+    assert scoped is not None and scoped.model_uri == "s3://models/other"
+
+
 def test_pipeline_group_gets_helper_pods_owned_by_the_function_pod(cluster: Cluster, group_control: Control) -> None:
     head = function_pod(cluster, "chat-00001-deployment-grp")
     cluster.wait_for("the helper", lambda: cluster.pods(label_selector=f"{STAGE_LABEL}=1"))
@@ -163,6 +181,13 @@ def test_pipeline_group_gets_helper_pods_owned_by_the_function_pod(cluster: Clus
     peers = json.loads(env["HYDRASERVE_PEERS"].value)
     assert len(peers) == 2 and all(p.endswith(f".{cluster.namespace}.svc:8090") for p in peers)
     assert env["HYDRASERVE_LOADERD_TOKEN"].value_from.secret_key_ref.name == "chat-hydraserve-worker"
+    # no pod carries its group's link secret: each stage derives it from the function's link key
+    link_key = env["HYDRASERVE_LINK_KEY"].value_from.secret_key_ref
+    assert (link_key.name, link_key.key) == ("chat-hydraserve-worker", "stage-link-key")
+    assert "HYDRASERVE_LINK_SECRET" not in env
+    secret = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace)
+    assert len(base64.b64decode(secret.data["stage-link-key"])) >= 32
+    assert "link_secret" not in json.loads(pod.metadata.annotations[ROLE_ANNOTATION])
     assert env["HYDRASERVE_HOST"].value == "0.0.0.0"
     services = cluster.core.list_namespaced_service(cluster.namespace).items
     assert sorted(s.metadata.name.rsplit("-", 1)[1] for s in services) == ["s0", "s1"]

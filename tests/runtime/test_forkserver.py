@@ -178,7 +178,7 @@ def test_an_adopted_inner_stage_takes_its_stage(pool: Pool, tmp_path: Path, tiny
     stage = StagePlan.from_boundaries(2, [0, 1, 2]).stages[1]
     peers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     env = worker_env(tiny_llama_dir, stage=stage.model_dump(), full=False, peers=peers,
-                     transport_port=int(peers[1].rsplit(":", 1)[1]))
+                     transport_port=int(peers[1].rsplit(":", 1)[1]), link_secret="s" * 32)
     worker = launch(pool, tmp_path, env)
     worker.wait_ready(60)
     ready = worker.timeline().first("engine_ready")

@@ -76,7 +76,7 @@ def test_the_head_of_a_whole_model_serves_like_the_engine_factory(model_dir: Pat
         engine.shutdown()
 
 
-GROUP = {"peers": ["127.0.0.1:1", "127.0.0.1:2"], "transport_port": 1}
+GROUP = {"peers": ["127.0.0.1:1", "127.0.0.1:2"], "transport_port": 1, "link_secret": "s" * 32}
 
 
 def test_a_head_over_part_of_the_model_links_its_group_or_says_why(model_dir: Path) -> None:

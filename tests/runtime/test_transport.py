@@ -1,7 +1,10 @@
 """The stage transport: frames (checked, never pickle), and pipeline groups over real TCP links on
 loopback: a group of p = 2, 3, 4 stages gives exactly a standalone worker's tokens (greedy,
 concurrent, seeded sampling) with up to p micro-batches in flight; a stage's failure fails its
-step only; a broken ring or a malformed frame fails cleanly with the reason."""
+step only; a broken ring or a malformed frame fails cleanly with the reason. Links are proven
+both ways with the group's secret: a probe that reaches a stage's port first (speaking frames,
+holding a wrong secret, replaying a recorded handshake, or saying nothing) is refused and the
+real peer links after it; a stage never links to a next stage that cannot prove the secret."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,9 @@ from hydraserve.runtime.engine.types import SamplingParams
 from hydraserve.runtime.model.config import ModelConfig
 from hydraserve.runtime.model.loader import load_stage
 from hydraserve.runtime.tokenizer import Tokenizer
-from hydraserve.runtime.transport import frames
+from hydraserve.runtime.transport import frames, handshake
 from hydraserve.runtime.transport.group import GroupExecutor
-from hydraserve.runtime.transport.link import StageLink, accept, connect, listen
+from hydraserve.runtime.transport.link import StageLink, accept, connect, link_ring, listen
 from hydraserve.runtime.transport.messages import step_frame, step_of
 from hydraserve.weights.local import LocalTensorSource
 
@@ -102,10 +106,30 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("group") / "m", TinySpec(arch="llama", layers=4, kv_heads=2))
 
 
-class Group:
-    """A pipeline group of in-process stages linked by real TCP sockets on loopback."""
+SECRET = b"the-group's-link-secret-0123456789"  # what the launcher handed every stage of the group
 
-    def __init__(self, model_dir: Path, boundaries: list[int], slots: int = 4, max_len: int = 128) -> None:
+
+def in_thread(call: Callable[[], Any]) -> Future[Any]:
+    """``call()`` in a daemon thread; its result or exception in the future."""
+    done: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(call())
+        except BaseException as exc:
+            done.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return done
+
+
+class Group:
+    """A pipeline group of in-process stages linked by real TCP sockets on loopback;
+    ``while_the_head_waits`` gets every stage's address once the head waits for its links and
+    before any other stage starts linking."""
+
+    def __init__(self, model_dir: Path, boundaries: list[int], slots: int = 4, max_len: int = 128, *,
+                 while_the_head_waits: Callable[[list[str]], None] | None = None) -> None:
         cfg = ModelConfig.from_json((model_dir / "config.json").read_text())
         plan = StagePlan.from_boundaries(cfg.num_layers, boundaries)
         self.runners = [StageRunner(load_stage(cfg, LocalTensorSource(model_dir), s), slots, max_len)
@@ -113,13 +137,15 @@ class Group:
         self.listeners = [listen("127.0.0.1:0") for _ in plan.stages]
         addresses = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in self.listeners]
         p = len(plan.stages)
-        self.links = [StageLink(self.runners[i], self.listeners[i], addresses[(i + 1) % p], link_timeout_s=30)
-                      for i in range(1, p)]
+        head = in_thread(lambda: link_ring(self.listeners[0], addresses[1], SECRET, 30))
+        if while_the_head_waits is not None:
+            while_the_head_waits(addresses)
+        self.links = [StageLink(self.runners[i], self.listeners[i], addresses[(i + 1) % p], secret=SECRET,
+                                link_timeout_s=30) for i in range(1, p)]
         self.threads = [threading.Thread(target=link.run, daemon=True) for link in self.links]
         for t in self.threads:
             t.start()
-        outbound = connect(addresses[1], 30)
-        inbound = accept(self.listeners[0], 30)
+        outbound, inbound = head.result(30)
         self.executor = GroupExecutor(self.runners[0], outbound, inbound, p)
         self.executor.ping(30)
         self.engine = LLMEngine(self.executor, Tokenizer.from_dir(str(model_dir)), model_name="group",
@@ -228,11 +254,10 @@ def test_a_malformed_frame_ends_the_stage_link_with_the_reason(model_dir: Path) 
     stage = StagePlan.from_boundaries(4, [0, 2, 4]).stages[1]
     runner = StageRunner(load_stage(cfg, LocalTensorSource(model_dir), stage), 2, 32)
     listener, head = listen("127.0.0.1:0"), listen("127.0.0.1:0")
-    link = StageLink(runner, listener, f"127.0.0.1:{head.getsockname()[1]}", link_timeout_s=10)
+    link = StageLink(runner, listener, f"127.0.0.1:{head.getsockname()[1]}", secret=SECRET, link_timeout_s=10)
     thread = threading.Thread(target=link.run)
     thread.start()
-    out = connect(f"127.0.0.1:{listener.getsockname()[1]}", 10)
-    back = accept(head, 10)
+    out, back = link_ring(head, f"127.0.0.1:{listener.getsockname()[1]}", SECRET, 10)  # the test is its head
     bad = StepInput(decode_tokens=[1], decode_positions=[40], decode_slots=[0])  # position past its cache
     frames.send(out, step_frame(0, bad, [torch.zeros(1, 1, cfg.hidden_size)]))
     thread.join(10)
@@ -379,3 +404,146 @@ def test_an_inner_full_stage_grows_into_a_replica_while_it_serves_the_ring(model
             engine.shutdown()
     finally:
         group.close()
+
+
+# ------------------------------------------------------------------ links proven by the group's secret
+
+def address_of(listener: socket.socket) -> str:
+    return f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def recorded_handshake() -> tuple[bytes, bytes]:
+    """A real dialer's and a real acceptor's bytes of a handshake that linked (both holding
+    SECRET), as a probe on the wire between them saw them: (dialer's, acceptor's)."""
+    acceptor, relay = listen("127.0.0.1:0"), listen("127.0.0.1:0")
+    accepted = in_thread(lambda: accept(acceptor, 10, SECRET))
+    dialed = in_thread(lambda: connect(address_of(relay), 10, SECRET))
+    near, _ = relay.accept()
+    far = socket.create_connection(acceptor.getsockname())
+    said: dict[socket.socket, bytes] = {near: b"", far: b""}
+    for src, dst, n in ((near, far, handshake.HELLO_BYTES), (far, near, handshake.NONCE_BYTES + handshake.MAC_BYTES),
+                        (near, far, handshake.MAC_BYTES), (far, near, len(handshake.WELCOME))):
+        data = bytes(frames.recv_exactly(src, n, "recorded handshake"))
+        said[src] += data
+        dst.sendall(data)
+    for sock in (accepted.result(10), dialed.result(10), near, far, acceptor, relay):
+        sock.close()
+    return said[near], said[far]
+
+
+def until_closed(sock: socket.socket) -> bytes:
+    """All the peer sent before it closed the connection (a reset counts as closed)."""
+    got = b""
+    try:
+        while chunk := sock.recv(1 << 16):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def probe_frames(sock: socket.socket) -> None:
+    """The probe of the issue: it speaks frames at once, as a previous stage would have."""
+    frames.send(sock, frames.Frame("ping", {"seq": 0}))
+
+
+def probe_wrong_secret(sock: socket.socket) -> None:
+    """The handshake done right, with a secret of its own."""
+    mine = b"n" * handshake.NONCE_BYTES
+    sock.sendall(handshake.MAGIC + bytes([handshake.VERSION]) + mine)
+    theirs = bytes(frames.recv_exactly(sock, handshake.NONCE_BYTES + handshake.MAC_BYTES, "challenge"))
+    sock.sendall(handshake._mac(b"a-wrong-secret-of-the-same-length!", handshake._DIALER, mine,
+                                theirs[:handshake.NONCE_BYTES]))
+
+
+def probe_replay(sock: socket.socket) -> None:
+    """A handshake of this very group, recorded on the wire and sent again."""
+    sock.sendall(recorded_handshake()[0])
+
+
+def probe_silent(sock: socket.socket) -> None:
+    """Connects and says nothing (its 5 s deadline is far longer than the real link takes)."""
+
+
+@pytest.mark.parametrize("probe", [probe_frames, probe_wrong_secret, probe_replay, probe_silent],
+                         ids=["frames", "wrong-secret", "replay", "silent"])
+def test_a_probe_first_at_the_heads_port_is_refused_and_the_group_links_and_serves(
+        model_dir: Path, reference: LLMEngine, probe: Callable[[socket.socket], None],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The probe connects to the head's inbound port while the head waits for its links and
+    before the last stage links: it is refused (a silent one stays pending without holding
+    anyone up), and the real last stage links after it, so the client gets the model's tokens."""
+    probes: list[socket.socket] = []
+    heard: list[bytes] = []
+
+    def connect_first(addresses: list[str]) -> None:
+        sock = socket.create_connection(("127.0.0.1", int(addresses[0].rsplit(":", 1)[1])), timeout=20)
+        probes.append(sock)
+        probe(sock)
+        if probe is not probe_silent:
+            heard.append(until_closed(sock))  # refused before the real stage even started
+
+    caplog.set_level("INFO", logger="hydraserve.runtime.transport.link")
+    group = Group(model_dir, [0, 2, 4], while_the_head_waits=connect_first)
+    try:
+        if not heard:  # the silent one: closed once the group linked
+            heard.append(until_closed(probes[0]))
+        assert not heard[0].endswith(handshake.WELCOME)  # never welcomed, never sent a frame
+        group.engine.start()
+        greedy = [SamplingParams(max_tokens=8, temperature=0.0)] * len(PROMPTS)
+        assert outputs(group.engine, greedy) == outputs(reference, greedy)
+        assert all(link.failed is None for link in group.links)
+    finally:
+        group.close()
+        for sock in probes:
+            sock.close()
+    refusals = [r.getMessage() for r in caplog.records if "refused a stage link" in r.getMessage()]
+    assert len(refusals) == 1, refusals
+    assert SECRET.decode() not in caplog.text
+
+
+def test_a_silent_connection_is_dropped_at_its_deadline_and_holds_no_one_up() -> None:
+    listener = listen("127.0.0.1:0")
+    linked = in_thread(lambda: accept(listener, 30, SECRET, handshake_s=1.5))
+    silent = socket.create_connection(listener.getsockname())
+    silent.settimeout(10)
+    started = time.monotonic()
+    assert silent.recv(1) == b""  # dropped ...
+    assert 1.4 <= time.monotonic() - started < 5  # ... at its deadline,
+    assert not linked.done()  # and the stage waits on for its real peer
+    holding = socket.create_connection(listener.getsockname())  # another one holds the port meanwhile
+    started = time.monotonic()
+    real = connect(address_of(listener), 10, SECRET)
+    inbound = linked.result(10)
+    assert time.monotonic() - started < 1.5  # linked before the silent one's deadline: not behind it
+    frames.send(real, frames.Frame("ping", {"seq": 7}))
+    got = frames.recv(inbound)
+    assert got is not None and got.fields == {"seq": 7}  # the link accepted is the real peer's
+    for sock in (silent, holding, real, inbound, listener):
+        sock.close()
+
+
+def fake_next_stage_with_a_wrong_secret(listener: socket.socket) -> None:
+    in_thread(lambda: accept(listener, 10, b"another-group's-secret-0123456789"))
+
+
+def fake_next_stage_replaying_a_challenge(listener: socket.socket) -> None:
+    _, answers = recorded_handshake()
+
+    def replay() -> None:
+        sock, _ = listener.accept()
+        sock.recv(handshake.HELLO_BYTES)
+        sock.sendall(answers)  # challenge and welcome of a handshake that once linked
+
+    in_thread(replay)
+
+
+@pytest.mark.parametrize("fake", [fake_next_stage_with_a_wrong_secret, fake_next_stage_replaying_a_challenge],
+                         ids=["wrong-secret", "replayed-challenge"])
+def test_a_stage_does_not_link_to_a_next_stage_that_cannot_prove_the_secret(
+        fake: Callable[[socket.socket], None]) -> None:
+    listener = listen("127.0.0.1:0")
+    fake(listener)
+    with pytest.raises(StageTransportError, match="does not hold this group's link secret"):
+        connect(address_of(listener), 10, SECRET)
+    listener.close()

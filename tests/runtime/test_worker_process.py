@@ -87,34 +87,57 @@ def test_worker_failure_reason_and_class_reach_the_caller(tmp_path: Path) -> Non
 
 def test_a_group_of_worker_processes_is_ready_only_whole_and_notices_a_dead_stage(tmp_path: Path) -> None:
     """Head and inner stage as real workers, neither given memory for the whole model: the head's
-    /readyz stays 503 until the inner stage serves; then completions through the head equal a
-    standalone worker's; the inner stage serves no API; the group stays a group (no full
-    worker); SIGKILL on the inner stage turns the head failed with the reason."""
+    /readyz stays 503 until the inner stage serves, and a probe that reached the head's stage
+    port first (speaking frames, as the previous stage would) is refused, not linked; then
+    completions through the head equal a standalone worker's; the group's link secret is in no
+    log, status or timeline of either worker; the inner stage serves no API; the group stays a
+    group (no full worker); SIGKILL on the inner stage turns the head failed with the reason."""
     import os
+    import secrets
     import signal
+    import socket
+
+    from pydantic import SecretStr
 
     from hydraserve.contracts.stage import StagePlan
     from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
     from hydraserve.runtime.engine.factory import load_engine
     from hydraserve.runtime.engine.types import SamplingParams
+    from hydraserve.runtime.transport import frames
 
     model_dir = make_tiny_model(tmp_path / "m", TinySpec(arch="llama", layers=4, kv_heads=2))
     launcher = ProcessLauncher(tmp_path)
     slots = [launcher.reserve("node") for _ in range(2)]
     peers = [s.transport_address for s in slots]
     plan = StagePlan.from_boundaries(4, [0, 2, 4])
+    link_secret = secrets.token_urlsafe(32)  # the launcher's, fresh for this group
+    envs = [WorkerEnvironment(
+        model_uri=str(model_dir), function="grp", instance_id="grp-1", host=slot.host, port=slot.port,
+        transport_port=slot.transport_port, stage=stage, peers=peers, full=False, max_batch=2, link_timeout_s=60,
+        engine="compact", link_secret=SecretStr(link_secret))  # its TCP ring, proven by the group's secret
+        for slot, stage in zip(slots, plan.stages, strict=True)]
 
     def start(i: int) -> WorkerProcess:
-        return launcher.launch("node", WorkerEnvironment(
-            model_uri=str(model_dir), function="grp", instance_id="grp-1", host=slots[i].host, port=slots[i].port,
-            transport_port=slots[i].transport_port, stage=plan.stages[i], peers=peers, full=False,
-            max_batch=2, link_timeout_s=60, spawned_at=time.time(), engine="compact"))  # its TCP ring
+        return launcher.launch("node", envs[i].model_copy(update={"spawned_at": time.time()}))
 
     head = start(0)
     inner = None
+    probe = None
     try:
+        deadline = time.monotonic() + 30
+        while probe is None:  # first at the head's stage port, as soon as it listens
+            try:
+                probe = socket.create_connection((slots[0].host, slots[0].transport_port), timeout=30)
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, head.log_tail()
+                time.sleep(0.05)
+        frames.send(probe, frames.Frame("ping", {"seq": 0}))
         time.sleep(4)  # the head has loaded and waits for its group
         assert requests.get(head.url + "/readyz", timeout=5).status_code == 503
+        try:
+            assert probe.recv(1 << 16) == b""  # refused: closed without a word
+        except ConnectionResetError:
+            pass
         inner = start(1)
         head.wait_ready(timeout_s=120)
         inner.wait_ready(timeout_s=60)
@@ -127,6 +150,12 @@ def test_a_group_of_worker_processes_is_ready_only_whole_and_notices_a_dead_stag
         finally:
             alone.shutdown()
         assert got == want
+        assert "refused a stage link" in head.log_path.read_text()  # type: ignore[union-attr]
+        for worker, env in zip((head, inner), envs, strict=True):
+            seen = [worker.log_path.read_text(), repr(env), str(env), env.model_dump_json()]  # type: ignore[union-attr]
+            seen += [requests.get(worker.url + path, timeout=5).text for path in
+                     ("/readyz", "/healthz", "/metrics", "/v1/hydraserve/timeline")]
+            assert not [text for text in seen if link_secret in text]
         assert requests.post(inner.url + "/v1/completions", json=body, timeout=5).status_code == 404
         names = [e["name"] for e in requests.get(head.url + "/v1/hydraserve/timeline", timeout=5).json()["events"]]
         assert "group_linked" in names and names.index("group_linked") < names.index("engine_ready")
@@ -144,3 +173,5 @@ def test_a_group_of_worker_processes_is_ready_only_whole_and_notices_a_dead_stag
         head.stop(grace_s=5)
         if inner is not None:
             inner.stop(grace_s=5)
+        if probe is not None:
+            probe.close()
