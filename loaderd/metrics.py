@@ -24,6 +24,8 @@ class LoaderMetrics:
                                     registry=r)
         self.segments = Gauge("loaderd_segments", "Segments by state", ["state"], registry=r)
         self.leases = Gauge("loaderd_leases", "Live leases (prefetch pins and attaches)", registry=r)
+        self.abandoned = Counter("loaderd_abandoned_segments_total",
+                                 "Segments whose fill stopped because no lease held them any more", registry=r)
         self.evictions = Counter("loaderd_evictions_total", "Segments evicted (LRU)", registry=r)
         self.failures = Counter("loaderd_segment_failures_total", "Segments that failed to fill",
                                 registry=r)

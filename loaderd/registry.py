@@ -50,6 +50,7 @@ class Segment:
     error: str | None = None
     attempts: int = 1
     done: threading.Event = field(default_factory=threading.Event)
+    abandon: Callable[[], None] | None = None  # stops its fill (set while one runs)
 
     @property
     def size(self) -> int:
@@ -103,6 +104,7 @@ class Registry:
         self.segments: dict[str, Segment] = {}
         self.leases: dict[str, Lease] = {}
         self.retired: dict[str, Segment] = {}  # failed but still leased: unlinked on release
+        self._abandoned: list[Segment] = []  # filling, no lease left: take_abandoned() hands them out
         self._on_evict = on_evict
         self.evictions = 0
         self._lock_fd: int | None = None
@@ -290,6 +292,15 @@ class Registry:
             seg.last_used = now
             if seg.refs == 0 and (seg.writer.path or "") in self.retired:
                 self._drop(seg)
+            elif seg.refs == 0 and seg.state == "filling" and seg.abandon is not None:
+                self._abandoned.append(seg)  # stopped by the caller, outside the lock
+
+    def take_abandoned(self) -> list[Segment]:
+        """Segments still filling that no lease holds any more, once each: their fills should
+        stop (issue 22 item 8: an abandoned prefetch went on downloading)."""
+        with self.lock:
+            abandoned, self._abandoned = [s for s in self._abandoned if s.refs == 0 and s.state == "filling"], []
+        return abandoned
 
     def reap(self, now: float | None = None) -> int:
         """Drop leases whose pin expired or whose reader process is gone."""

@@ -45,6 +45,7 @@ from hydraserve.weights.fetch import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CONCURRENCY,
     DEFAULT_MIN_CHUNK_BYTES,
+    FetchCancelled,
     FetchEngine,
     Fill,
     RangeReader,
@@ -133,6 +134,7 @@ class LoaderService:
     def release(self, req: ReleaseRequest, owner: str | None = None) -> ReleaseResponse:
         """Drop a lease; with ``owner``, only one that owner took (else it is unknown to it)."""
         released = self.registry.release(req.lease_id, owner=owner)
+        self._stop_abandoned()
         if not released:
             raise NotFoundError(f"no lease {req.lease_id!r} (released already or expired)",
                                 param="lease_id")
@@ -183,7 +185,19 @@ class LoaderService:
                                   defer_publish=strict and any(h is None for h in seg.layout.sha256),
                                   max_refetch=self.config.max_refetch))
                  for seg in segs]
+        for seg, (_, fill) in zip(segs, fills, strict=True):
+            seg.abandon = functools.partial(self.engine.cancel, fill, "no lease holds the segment any more")
         self.engine.submit(fills, background=background)
+
+    def _stop_abandoned(self) -> None:
+        """Stop the fills of segments nobody holds any more (a cold start that failed or was
+        given up, a pin that expired): their bytes would be fetched for no one."""
+        for seg in self.registry.take_abandoned():
+            log.info("segment abandoned while filling: fetch stopped", extra={"segment": seg.segment_id,
+                                                                            "model": seg.model_uri})
+            self.metrics.abandoned.inc()
+            if seg.abandon is not None:
+                seg.abandon()
 
     def _on_tensor(self, seg: Segment, fill: Fill, i: int) -> None:
         with self.registry.lock:
@@ -192,6 +206,10 @@ class LoaderService:
 
     def _on_fill_done(self, held: HeldModel, seg: Segment, fill: Fill, exc: BaseException | None) -> None:
         elapsed = time.monotonic() - fill.started
+        seg.abandon = None
+        if isinstance(exc, FetchCancelled):  # nobody holds it: gone, not a failure
+            self.registry.mark(seg, "failed", "abandoned")
+            return
         if exc is not None:
             self.metrics.failures.inc()
             if isinstance(exc, IntegrityError):  # a tensor's bytes never matched its sha256
@@ -375,6 +393,7 @@ class LoaderService:
     def reap(self) -> int:
         """Drop expired pins and leases of dead readers (the daemon calls this every second)."""
         dropped = self.registry.reap()
+        self._stop_abandoned()
         if dropped:
             self._update_gauges()
         return dropped

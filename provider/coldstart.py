@@ -198,19 +198,31 @@ class ColdStart:
         self.options = options or ColdStartOptions()
         self._lock = threading.Lock()  # a group's worker list: consolidation vs scale to zero
 
+    def _plan_on_own_nodes(self, spec: FunctionSpec, exclude_nodes: Sequence[str]) -> Plan:
+        """The placement's plan, asked again without any node this backend cannot launch on (a
+        node registered by someone else, or one it no longer has: issue 22 item 10, one such node
+        failed 11 of 12 cold starts)."""
+        exclude = tuple(exclude_nodes)
+        for _ in range(len(self._nodes) + 1):
+            plan = self._placement.plan(self.plan_request(spec, exclude))
+            unknown = [st.node for st in plan.stages if st.node not in self._nodes]
+            if not unknown:
+                return plan
+            self._report(plan, "failed", reason=f"unknown nodes {unknown}")
+            log.warning("placement chose node(s) %s this backend has no access to: planning again without them",
+                        ", ".join(unknown))
+            exclude = (*exclude, *unknown)
+        raise TemporaryError(f"placement keeps choosing node(s) this backend has no access to (last: {unknown})")
+
     def run(self, spec: FunctionSpec, timeline: Timeline, *, revision: str = "",
             exclude_nodes: Sequence[str] = (), on_plan: Callable[[Plan], None] | None = None) -> Group:
         """One cold start of ``spec``'s function, ready when this returns; ``exclude_nodes``:
         nodes the plan must avoid (where an earlier attempt lost a worker); ``on_plan`` hears
         the plan before any worker is reserved (a launcher that names workers after it)."""
         opts = self.options
-        plan = self._placement.plan(self.plan_request(spec, exclude_nodes))
+        plan = self._plan_on_own_nodes(spec, exclude_nodes)
         if on_plan is not None:
             on_plan(plan)
-        unknown = [st.node for st in plan.stages if st.node not in self._nodes]
-        if unknown:
-            self._report(plan, "failed", reason=f"unknown nodes {unknown}")
-            raise TemporaryError(f"placement chose unknown node(s) {unknown}")
         timeline.mark("plan_decided", component="placement", nodes=plan.nodes, pipeline_size=plan.pipeline_size,
                       predicted_ttft_s=round(plan.predicted_ttft_s, 2), sources=[s.source for s in plan.stages])
         group = Group(plan)

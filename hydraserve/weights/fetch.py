@@ -85,6 +85,10 @@ class NullObserver:
     def on_hedge(self, outcome: str) -> None: ...
 
 
+class FetchCancelled(Exception):
+    """A fill stopped because nobody holds its segment any more (an abandoned prefetch)."""
+
+
 @dataclass
 class Fill:
     """One segment being filled: bytes left per tensor and the completion callback."""
@@ -400,6 +404,16 @@ class FetchEngine:
         fill.tensors_done += 1
         if fill.on_tensor is not None:
             fill.on_tensor(fill, i)
+
+    def cancel(self, fill: Fill, reason: str) -> None:
+        """Stop filling ``fill`` (nobody wants it any more): its queued chunks are dropped, a read
+        under way is let finish and its bytes ignored, and on_done hears FetchCancelled."""
+        with self._cv:
+            kept = [entry for entry in self._heap if entry[2].fill is not fill]
+            if len(kept) != len(self._heap):
+                self._heap = kept
+                heapq.heapify(self._heap)
+        self._fail(fill, FetchCancelled(reason))
 
     def _fail(self, fill: Fill, exc: BaseException) -> None:
         with fill.lock:

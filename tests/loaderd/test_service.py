@@ -215,6 +215,36 @@ def test_prefetch_pin_expires_and_dead_reader_is_reaped(shm_guard: str, model_di
         n.service.close()
 
 
+def test_a_prefetch_released_while_filling_stops_downloading(node: Node) -> None:
+    """Issue 22 item 8: an abandoned prefetch (its cold start failed or was given up) went on
+    downloading for no one. Once no lease holds a segment still filling, its fill stops: no
+    more reads, the segment is gone, and the next prefetch fetches it afresh, whole."""
+    real_read = node.store.read_into
+    gate, reads = threading.Event(), []
+
+    def slow_read(file: str, start: int, out: memoryview, cancel: object = None) -> None:
+        reads.append(start)
+        gate.wait(10)  # every read waits for the test
+        real_read(file, start, out)
+
+    node.store.read_into = slow_read  # type: ignore[method-assign]
+    lease = node.service.prefetch(PrefetchRequest(model_uri=URI, pin_s=60))
+    deadline = time.monotonic() + 5
+    while len(reads) < 4 and time.monotonic() < deadline:  # the 4 streams each hold a read
+        time.sleep(0.01)
+    node.service.release(ReleaseRequest(lease_id=lease.lease_id))
+    gate.set()
+    wait_done(node.service)
+    time.sleep(0.2)
+    started = len(reads)
+    total_chunks = sum(t.nbytes for t in node.tensors()) // 4096  # reads of 4 KiB at most: at least this many
+    assert started <= 8 < total_chunks, (started, total_chunks)  # the reads under way, no more
+    assert not node.service.registry.segments and node.service.metrics.abandoned._value.get() >= 1
+    node.store.read_into = real_read  # type: ignore[method-assign]
+    again = node.service.attach(AttachRequest(model_uri=URI))
+    assert read_all(again.segments) == expected_bytes(node.root)
+
+
 def test_bad_requests(node: Node) -> None:
     with pytest.raises(InvalidRequestError, match="unknown tensors"):
         node.service.prefetch(PrefetchRequest(model_uri=URI, tensors=["nope"]))

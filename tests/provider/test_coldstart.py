@@ -165,6 +165,23 @@ def test_the_protocol_runs_in_order_and_writes_the_worker_environment(loaderds: 
     assert worker.stopped and placement.status().active_plans == 0
 
 
+def test_a_node_the_backend_cannot_launch_on_is_planned_around(loaderds: list[LoaderDaemon],
+                                                                model_dir: Path) -> None:
+    """Issue 22 item 10: a node registered with the placement that this backend does not have
+    (a fake one, or one it lost) failed every cold start planned on it; it is planned around,
+    its reservation released."""
+    launcher = FakeLauncher()
+    coldstart, placement = setup(loaderds, launcher)
+    placement.register_node(NodeInfo(name="aaa-fake", gpus=1, gpu_memory_gb=400, nic_gbps=400))  # the planner's favourite
+    probe = placement.plan(coldstart.plan_request(spec(model_dir)))
+    assert probe.nodes == ["aaa-fake"]
+    placement.report(WorkerReport(plan_id=probe.plan_id, event="failed"))
+    group = coldstart.run(spec(model_dir), Timeline())
+    assert "aaa-fake" not in group.plan.nodes and placement.status().active_plans == 1
+    coldstart.stop(group)
+    assert placement.status().active_plans == 0
+
+
 def test_a_worker_that_cannot_start_stops_the_group_and_frees_plan_and_leases(
         loaderds: list[LoaderDaemon], model_dir: Path) -> None:
     launcher = FakeLauncher(fail_ready="worker failed to start: no GPU")
