@@ -18,10 +18,11 @@ from hydraserve.weights.model_files import StoredModelFiles
 from hydraserve.weights.servable import check_servable
 
 
-def describe_model(function: FunctionConfig, files: StoredModelFiles) -> FunctionSpec:
-    """The FunctionSpec of ``function`` (whose model ``files`` opens) with its SLOs."""
+def describe_model(function: FunctionConfig, files: StoredModelFiles, *, engine: str = "vllm") -> FunctionSpec:
+    """The FunctionSpec of ``function`` (whose model ``files`` opens) with its SLOs, for workers of
+    ``engine``."""
     names = files.list_files()
-    check_servable(files.config() if "config.json" in names else {}, function.model_uri, names)
+    check_servable(files.config() if "config.json" in names else {}, function.model_uri, names, engine=engine)
     sizes = {name: entry.nbytes for name, entry in files.tensor_index().items()}
     profile = stage_byte_profile(sizes, files.architecture())
     return FunctionSpec(

@@ -34,6 +34,8 @@ from hydraserve.runtime.forkserver_client import ForkServerClient
 
 log = logging.getLogger(__name__)
 
+FROZEN_AFTER_S = 3.0  # a worker stopped by a signal this long counts as lost (its instance fails over)
+
 
 @dataclass(frozen=True)
 class NodeHost:
@@ -119,12 +121,26 @@ class WorkerProcess(ChildProcess):
         super().__init__("worker", [*prefix, sys.executable, "-m", "hydraserve.runtime.worker"], log_path=log_path,
                          env=env, proc=proc)
         self.adopted = proc is not None
+        self._frozen_since: float | None = None
         self.leftovers = Path(env[LEFTOVERS_KEY]) if LEFTOVERS_KEY in env else None  # what it wrote down
         self.url = url
         self.label = label  # <instance>-<stage>
         self.node = node
         # The worker clamps its /proc start time (10 ms ticks) to the spawn moment its env says.
         self.spawned_at = spawned_at
+
+    def lost(self) -> bool:
+        """Gone without being stopped, or frozen (stopped by a signal: SIGSTOP, a debugger) for
+        FROZEN_AFTER_S: its requests would wait for as long as it stays so (issue 22 item 8: 50 s
+        frozen, 50 s stalled, no failover). Cheap: a read of /proc."""
+        if super().lost():
+            return True
+        if not _stopped_by_signal(self.proc.pid):
+            self._frozen_since = None
+            return False
+        now = time.monotonic()
+        self._frozen_since = self._frozen_since or now
+        return now - self._frozen_since >= FROZEN_AFTER_S
 
     def stop(self, grace_s: float = 10.0) -> int | None:
         """Stop it, then remove what it wrote down and could not remove itself (killed)."""
@@ -191,3 +207,12 @@ def _start_failure(status: dict[str, Any]) -> HydraError:
     it names none."""
     cls = error_class(status.get("error_type"), status.get("error_code")) or TemporaryError
     return cls(f"worker failed to start: {status.get('reason')}")
+
+
+def _stopped_by_signal(pid: int) -> bool:
+    """Whether the process is in state T (stopped) or t (traced), from /proc/<pid>/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] in ("T", "t")  # the name, in parentheses, may hold anything

@@ -110,15 +110,19 @@ def instance() -> Iterator[Instance]:
     inst.server.close()
 
 
-@pytest.fixture
-def setup(instance: Instance) -> Iterator[tuple[Gateway, ScriptedBackend, BackgroundAioServer]]:
-    backend = ScriptedBackend(url=instance.server.url)
+def serving_fn(backend: ScriptedBackend) -> Iterator[tuple[Gateway, ScriptedBackend, BackgroundAioServer]]:
+    """A gateway on loopback hosting function ``fn`` (one instance at most) on ``backend``."""
     gw = Gateway(backend, reap_interval_s=3600)
     gw.register(FunctionConfig(name="fn", model_uri="s3://b/m", max_instances=1))
     server = BackgroundAioServer(create_gateway_app(gw, ADMIN), "127.0.0.1", 0).start()
     yield gw, backend, server
     backend.release_start.set()
     server.close()
+
+
+@pytest.fixture
+def setup(instance: Instance) -> Iterator[tuple[Gateway, ScriptedBackend, BackgroundAioServer]]:
+    yield from serving_fn(ScriptedBackend(url=instance.server.url))
 
 
 def settled(gw: Gateway, name: str = "fn") -> dict[str, object]:

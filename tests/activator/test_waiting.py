@@ -15,13 +15,12 @@ import openai
 import pytest
 import requests
 
-from hydraserve.activator.functions import FunctionConfig
-from hydraserve.activator.gateway import Gateway, create_gateway_app
+from hydraserve.activator.gateway import Gateway
 from hydraserve.activator.waiting import COLD_START_HEADER, QUEUE_SECONDS_HEADER, TICK_S
 from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.errors import NotFoundError
 from hydraserve.testing.fake_backend import ScriptedBackend
-from tests.activator.test_gateway import ADMIN, Instance, instance, metric  # noqa: F401  (fixture)
+from tests.activator.test_gateway import Instance, instance, metric, serving_fn  # noqa: F401  (fixture)
 
 Setup = tuple[Gateway, ScriptedBackend, BackgroundAioServer]
 
@@ -29,13 +28,7 @@ Setup = tuple[Gateway, ScriptedBackend, BackgroundAioServer]
 @pytest.fixture
 def held(instance: Instance) -> Iterator[Setup]:  # noqa: F811
     """A function at zero whose cold start waits until the test releases it."""
-    backend = ScriptedBackend(url=instance.server.url, auto_release=False)
-    gw = Gateway(backend, reap_interval_s=3600)
-    gw.register(FunctionConfig(name="fn", model_uri="s3://b/m", max_instances=1))
-    server = BackgroundAioServer(create_gateway_app(gw, ADMIN), "127.0.0.1", 0).start()
-    yield gw, backend, server
-    backend.release_start.set()
-    server.close()
+    yield from serving_fn(ScriptedBackend(url=instance.server.url, auto_release=False))
 
 
 def test_a_stream_waiting_for_a_cold_start_gets_headers_at_once_and_progress_until_its_first_token(

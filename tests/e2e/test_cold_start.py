@@ -4,6 +4,7 @@ tokens is Hugging Face transformers' greedy generate() on the same weights."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -274,9 +275,6 @@ def test_the_embedded_s3_killed_is_started_again_with_its_keys_and_every_object(
     """Issue 22 item 6: the stack's S3 dying was permanent. Killed (not asked to stop), it is
     started again on its port with the same keys, holding what any client had pushed (written
     through to disk as it was put), and a function on a model pushed before the kill cold-starts."""
-    import os
-    import signal
-
     from hydraserve.weights.push import push_model
 
     assert stack.gateway is not None and stack.supervisor is not None
@@ -297,6 +295,36 @@ def test_the_embedded_s3_killed_is_started_again_with_its_keys_and_every_object(
     r = requests.post(stack.gateway_url + "/functions/outlives-s3/v1/completions", json={"prompt": "x", "max_tokens": 2},
                       timeout=120)
     assert r.status_code == 200, r.text
+
+
+def test_a_frozen_worker_is_failed_over_and_its_request_answered_by_another(stack: LocalStack) -> None:
+    """Issue 22 item 8: a worker frozen (SIGSTOP) for 50 s stalled its requests 50 s, no failover.
+    Stopped by a signal for 3 s it counts as lost: its instance fails (the frozen process killed)
+    and the request waiting on it is sent to a fresh instance."""
+    from hydraserve.provider.backends.process import FROZEN_AFTER_S
+
+    assert stack.gateway is not None and stack.backend is not None
+    url = stack.function_url() + "/v1/completions"
+    assert requests.post(url, json={"prompt": "x", "max_tokens": 2}, timeout=120).status_code == 200
+    scaler = stack.gateway.scaler(stack.options.function_name)
+    (instance,) = scaler.instances.values()
+    group = stack.backend.group(instance.instance_id)
+    assert group is not None
+    frozen = group.head.proc
+    failures = scaler.instance_failures
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        r = requests.post(url, json={"prompt": "x", "max_tokens": 2}, timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen.pid, signal.SIGCONT)
+    assert r.status_code == 200, r.text
+    assert scaler.instance_failures == failures + 1 and instance.instance_id not in scaler.instances
+    assert frozen.poll() is not None, "the frozen worker was stopped"
+    print(f"frozen worker failed over: its request answered in {elapsed:.1f} s")
+    assert FROZEN_AFTER_S <= elapsed < 45, elapsed  # noticed, failed over, a fresh cold start (not 50 s+ of waiting)
 
 
 def _descendants(pid: int) -> set[int]:

@@ -47,7 +47,7 @@ def test_every_user_of_the_slicer_agrees(model_dirs: dict[str, Path], name: str,
     files = LocalModelFiles(root)
     arch, index = files.architecture(), files.tensor_index()
     cfg = ModelConfig.from_hf(files.config())
-    spec = describe_model(FunctionConfig(name="sliced", model_uri=URI), files)
+    spec = describe_model(FunctionConfig(name="sliced", model_uri=URI), files, engine="compact")  # head size 16
     unused = {n for n in index if arch.role(n).part is Part.UNUSED}
     tied = head_is_embedding(index, arch)
     service = LoaderService(LoaderConfig(node_name=shm_guard, budget_bytes=256 << 20),
