@@ -430,7 +430,8 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
         cold = not scaler.instances  # it meets a cold start (or waits behind one)
         early: EarlyStream | None = None
         if scaler.must_wait() and wants_stream(request.method, path, body):
-            early = await EarlyStream.open(request, lambda: progress_text(scaler.last_timeline), cold)
+            early = await EarlyStream.open(request, lambda: progress_text(scaler.last_timeline if scaler.starting
+                                                                          else None), cold)
         try:
             return await _serve(request, scaler, name, path, body, arrived, cold, early)
         except HydraError as exc:

@@ -187,6 +187,11 @@ class FunctionScaler:
             self._metrics.waiting.labels(self.config.name).dec()
             self._maybe_idle()
 
+    @property
+    def starting(self) -> int:
+        """Cold starts under way."""
+        return self._starting
+
     def must_wait(self) -> bool:
         """Whether a request arriving now would be parked (no free slot), rather than served or
         refused at once (failed, queue full, shutting down)."""

@@ -44,7 +44,7 @@ def waited_headers(cold: bool, waited_s: float) -> dict[str, str]:
 def progress_text(timeline: Timeline | None, now: float | None = None) -> str:
     """One line on the cold start under way: seconds so far, its plan, bytes fetched, workers ready."""
     if timeline is None or not timeline.events:
-        return "waiting for a free instance"
+        return "waiting for a free instance (no cold start under way: every instance is busy)"
     parts = [f"cold start {(now or time.time()) - timeline.events[0].at:.1f} s"]
     plan = timeline.first("plan_decided")
     if plan is not None:

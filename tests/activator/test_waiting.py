@@ -104,7 +104,9 @@ def test_usage_counts_tokens_of_answers_and_streams_and_a_stream_gets_only_what_
     asked = list(client.completions.create(model="fn", prompt="x", max_tokens=5, stream=True,
                                            stream_options={"include_usage": True}))
     assert asked[-1].usage is not None and asked[-1].usage.completion_tokens == 5
-    usage = gw.scaler("fn").status()["usage"]
+    deadline = time.monotonic() + 5  # counted once the gateway has sent the end (the client may read it first)
+    while (usage := gw.scaler("fn").status()["usage"])["requests"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert (usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]) == (3, 9, 10)
     assert metric(gw, "hydraserve_gateway_tokens_total", function="fn", kind="completion") == 10
     assert usage["cold_starts"] == 1 and usage["cold_start_seconds"] >= 0
@@ -119,3 +121,23 @@ def test_usage_counts_tokens_of_answers_and_streams_and_a_stream_gets_only_what_
     assert usage["instance_seconds"] > 0.3 and usage["memory_gb_seconds"] == pytest.approx(4 * usage["instance_seconds"], rel=0.01)
     assert metric(gw, "hydraserve_gateway_memory_gb_seconds_total", function="fn") == pytest.approx(
         usage["memory_gb_seconds"], rel=0.01)
+
+
+def test_a_stream_waiting_behind_a_busy_instance_is_not_told_of_a_cold_start(held: Setup) -> None:
+    gw, backend, server = held
+    backend.release_start.set()
+    scaler = gw.scaler("fn")
+    scaler.config = scaler.config.model_copy(update={"concurrency": 1})  # before any request: no loop work
+    url = f"{server.url}/functions/fn/v1/completions"
+    with requests.post(url, json={"prompt": "x", "stream": True, "max_tokens": 60}, stream=True, timeout=30) as busy:
+        lines = busy.iter_lines()
+        next(line for line in lines if line.startswith(b"data: {"))  # it holds the only slot
+        with requests.post(url, json={"prompt": "x", "stream": True, "max_tokens": 2}, stream=True,
+                           timeout=30) as waiting:
+            assert waiting.headers[COLD_START_HEADER] == "false"
+            waiting_lines = waiting.iter_lines()
+            first = next(line for line in waiting_lines if line)
+            assert first.startswith(b": waiting for a free instance (no cold start under way"), first
+            list(lines)  # the busy one ends; the waiting one is served
+            assert [line for line in waiting_lines if line.startswith(b"data: {")]
+    assert backend.starts == 1
