@@ -19,6 +19,14 @@ import threading
 from hydraserve.provider.commands.placement import PLACEMENT_TOKEN_ENV
 
 LOADERD_TOKEN_ENV = "HYDRASERVE_LOADERD_TOKEN"
+FUNCTION_NAMESPACES_ENV = "HYDRASERVE_FUNCTION_NAMESPACES"
+
+
+def served_namespaces(text: str) -> frozenset[str] | None:
+    """The function namespaces from a comma-separated list; None for ``*`` (every namespace:
+    then its function rights must be bound cluster-wide)."""
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    return None if "*" in names else names
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +42,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement-token-file", help=f"the placement API's token (0600); else {PLACEMENT_TOKEN_ENV}")
     parser.add_argument("--loaderd-token-file", help=f"the loaderd daemons' token (0600); else {LOADERD_TOKEN_ENV}")
     parser.add_argument("--loaderd-port", type=int, default=None, help="where each node's loaderd listens (7070)")
+    parser.add_argument("--function-namespaces", type=served_namespaces,
+                        default=served_namespaces(os.environ.get(FUNCTION_NAMESPACES_ENV, "default")),
+                        help="comma-separated namespaces whose function pods it schedules, where its rights on "
+                        f"pods and Secrets are bound; '*' for all (default: {FUNCTION_NAMESPACES_ENV} or 'default')")
     parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     parser.set_defaults(func=run)
@@ -75,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     def lead(lost: threading.Event) -> None:
         interceptor = Interceptor(core, service, feed, describe, InterceptorOptions(
-            coldstart=ColdStartOptions(s3_endpoint_url=args.endpoint_url)), metrics)
+            coldstart=ColdStartOptions(s3_endpoint_url=args.endpoint_url), control_namespace=args.namespace,
+            namespaces=args.function_namespaces), metrics)
         metrics.leading.set(1)
         watcher = threading.Thread(target=interceptor.run, name="interceptor", daemon=True)
         watcher.start()

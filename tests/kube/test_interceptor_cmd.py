@@ -15,6 +15,7 @@ import yaml
 from kubernetes.client import CoordinationV1Api
 
 from hydraserve.processes import ChildProcess, free_port, hydraserve_command
+from hydraserve.provider.knative.interceptor_cmd import served_namespaces
 from tests.kube.conftest import Cluster, fake_only
 from tests.kube.test_interceptor import bound_node, function_pod
 
@@ -61,3 +62,8 @@ def test_the_control_plane_process_leads_binds_and_hands_over(cluster: Cluster, 
     log = (tmp_path / "interceptor.log").read_text()
     assert "secret-token" not in log
     assert any(json.loads(line).get("event") == "leading" for line in log.splitlines() if line.startswith("{\"event"))
+
+
+def test_the_function_namespaces_setting() -> None:
+    assert served_namespaces("default, team-a,,") == frozenset({"default", "team-a"})
+    assert served_namespaces("*") is None  # every namespace
