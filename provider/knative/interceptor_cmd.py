@@ -1,6 +1,8 @@
 """`hydraserve interceptor`: the control plane on Kubernetes, one process per replica of its
 Deployment: the placement service (its HTTP API, for `hydraserve plan` and the metrics) and,
-on the replica holding the Lease, the interceptor that schedules function pods.
+on the replica holding the Lease, the interceptor that schedules function pods. Only that
+replica's placement state is fed the cluster, so only it answers the placement API (the others
+answer 503 ``not_leader`` with Retry-After; their /healthz stays up, so a rollout is not held).
 
 Only wiring: tokens from 0600 files or the environment (a Secret's keys), the API client (the
 pod's service account, or --kubeconfig), the model description read from S3 once per function.
@@ -74,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
     placement_token = read_token(args.placement_token_file, PLACEMENT_TOKEN_ENV)
     loaderd_token = read_token(args.loaderd_token_file, LOADERD_TOKEN_ENV)
     service = PlacementService(args.policy)
-    server = DrainingServer(create_app(service, placement_token), args.host, args.port).start()
     client = api_client(args.kubeconfig)
+    election = LeaderElection(CoordinationV1Api(client), args.namespace, args.lease, args.identity)
+    server = DrainingServer(create_app(service, placement_token, serving=election.leading.is_set),
+                            args.host, args.port).start()  # a follower's state is nobody's: 503 until it leads
     core = CoreV1Api(client)
     feed = ClusterFeed(core, service, loaderd_namespace=args.namespace, loaderd_token=loaderd_token,
                        loaderd_port=args.loaderd_port or LOADERD_PORT)
@@ -99,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
         watcher.join(60)
 
     stop = threading.Event()
-    election = LeaderElection(CoordinationV1Api(client), args.namespace, args.lease, args.identity)
     campaign = threading.Thread(target=election.run, args=(lead, stop), name="election", daemon=True)
     campaign.start()
     print(json.dumps({"event": "listening", "url": server.url, "identity": args.identity}), flush=True)
