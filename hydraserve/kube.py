@@ -4,11 +4,13 @@ official client).
 One place for the calls whose details bite: the pod binding (kubernetes-client/python #547,
 #825: the server answers a Status that does not deserialize into V1Binding, so the call is made
 with ``_preload_content=False``), create-or-keep on 409 AlreadyExists, and how a client is made
-(in the cluster: the pod's service account; outside: KUBECONFIG or ~/.kube/config).
+(in the cluster: the pod's service account; outside: KUBECONFIG or ~/.kube/config), and the
+one Event per (pod, reason) the interceptor leaves where ``kubectl describe pod`` shows it.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import Any
 
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 LOADERD_SELECTOR = "app.kubernetes.io/name=hydraserve-loaderd"  # the DaemonSet's pods (manifests/install)
 LOADERD_PORT = 7070  # the daemon's default port
+EVENT_SOURCE = "hydraserve-scheduler"  # the component our Events name (the scheduler function pods ask for)
 
 
 def api_client(kubeconfig: str | None = None, *, in_cluster: bool = True) -> ApiClient:
@@ -68,6 +71,23 @@ def create_or_keep(create: Any, namespace: str, body: dict[str, Any], what: str)
             log.info("%s exists already: kept", what)
             return False
         raise api_error(exc, f"creating {what}") from exc
+
+
+def pod_event(core: CoreV1Api, pod: dict[str, Any], reason: str, message: str) -> None:
+    """A Warning Event on ``pod`` (``kubectl describe`` shows it), one per (pod, reason): its
+    name is fixed, so a retry or another leader keeps the one there instead of adding more."""
+    meta = pod["metadata"]
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {"apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": reason, "message": message[:1024],
+            "metadata": {"name": f"{meta['name']}.{reason.lower()}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "source": {"component": EVENT_SOURCE}, "reportingComponent": EVENT_SOURCE,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+    try:
+        create_or_keep(core.create_namespaced_event, meta["namespace"], body, f"event {reason} on {meta['name']}")
+    except HydraError as exc:  # an event is a courtesy: the log has it too
+        log.warning("%s", exc.message)
 
 
 def delete_quietly(delete: Any, name: str, namespace: str, what: str) -> None:

@@ -20,8 +20,10 @@ What it survives, and how:
 - node loss (deleted, NotReady or cordoned): the groups with a worker there are failed and their
   function pods deleted, so Knative makes new ones, which are planned on other nodes;
 - a loaderd that does not answer: the cold start skips its prefetch; the worker fetches from S3.
-A cold start that fails before binding is retried while the pod is pending (back-off); one that
-fails after binding deletes its function pod (a bound pod cannot move).
+A cold start that fails before binding is retried while the pod is pending (exponential back-off
+up to ``retry_max_s``, never sooner than the error's own Retry-After); one that fails after
+binding deletes its function pod (a bound pod cannot move). A pod that cannot be started at all
+(no model, a bad SLO) gets one Warning Event and is not looked at again until it is deleted.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import watch
-from kubernetes.client import ApiException, CoreV1Api
+from kubernetes.client import ApiException, CoreV1Api, NetworkingV1Api
 from pydantic import ValidationError
 
 from hydraserve.activator.fn_cmd import duration_s
@@ -43,11 +45,18 @@ from hydraserve.contracts.plan import FunctionSpec, Plan
 from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL, TIMELINE_ANNOTATION
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import ConflictError, HydraError, InstanceFailedError
-from hydraserve.kube import delete_quietly
+from hydraserve.kube import delete_quietly, pod_event
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
 from hydraserve.provider.knative.metrics import InterceptorMetrics
 from hydraserve.provider.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
-from hydraserve.provider.knative.pods import PodLauncher, ensure_worker_secret, instance_key, plan_of_pod
+from hydraserve.provider.knative.pods import (
+    ForeignSecretError,
+    PodLauncher,
+    ensure_worker_secret,
+    instance_key,
+    plan_of_pod,
+)
+from hydraserve.provider.knative.policy import ensure_network_policy
 from hydraserve.provider.knative.service import (
     MODEL_ANNOTATION,
     SCHEDULER_NAME,
@@ -83,9 +92,12 @@ def function_of(pod: dict[str, Any]) -> FunctionConfig:
 @dataclass
 class InterceptorOptions:
     coldstart: ColdStartOptions = field(default_factory=ColdStartOptions)
-    retry_s: float = 2.0  # back-off between attempts while the pod is pending
+    retry_s: float = 2.0  # the first back-off while the pod is pending; it doubles with each failure
+    retry_max_s: float = 60.0  # ... up to this
     resync_s: float = 30.0  # how often the whole cluster is read again (and the watch restarted from a list)
     watch_window_s: float = 5.0  # one watch request's length: a stop (a lost Lease) is seen within it
+    control_namespace: str = "hydraserve-system"  # the control plane's (its function NetworkPolicies admit it)
+    namespaces: frozenset[str] | None = None  # the function namespaces it serves (None: all); its RBAC is bound there
 
 
 @dataclass
@@ -112,6 +124,7 @@ class Interceptor:
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._starts: dict[str, _Start] = {}  # function pod uid ->
+        self._skipped: set[str] = set()  # uids of pods not to act on: invalid ones (told once), other namespaces
         self._specs: dict[str, FunctionSpec] = {}
         self._nodes: dict[str, KubeNode] = {}
         self._stop = threading.Event()
@@ -157,6 +170,7 @@ class Interceptor:
         present = {pod["metadata"]["uid"] for pod in listed}
         with self._lock:
             missed = [s.pod for uid, s in self._starts.items() if uid not in present]
+            self._skipped &= present  # deleted while no watch ran
         for pod in missed:  # deleted while no watch ran (a resync, a 410): as if the watch had said so
             self.observe("DELETED", pod)
         return str(pods.metadata.resource_version or "")
@@ -206,10 +220,12 @@ class Interceptor:
             return
         meta, spec = pod["metadata"], pod.get("spec") or {}
         labels = meta.get("labels") or {}
+        uid = meta["uid"]
+        if self._skip(kind, pod):
+            return
         if labels.get(STAGE_LABEL, "0") != "0" and INSTANCE_LABEL in labels:
             self._helper_event(kind, pod)
             return
-        uid = meta["uid"]
         gone = kind == "DELETED" or bool(meta.get("deletionTimestamp"))
         with self._lock:
             start = self._starts.get(uid)
@@ -226,6 +242,23 @@ class Interceptor:
                 worker.mark_lost("function pod deleted")
             if start.group is not None:
                 self._spawn(self._release, start)
+
+    def _skip(self, kind: str, pod: dict[str, Any]) -> bool:
+        """Whether to leave ``pod`` alone: one found invalid before (told once already), or one in
+        a namespace not served (no rights there to bind it: logged once)."""
+        meta = pod["metadata"]
+        served = self.options.namespaces is None or meta["namespace"] in self.options.namespaces
+        with self._lock:
+            if meta["uid"] in self._skipped:
+                if kind == "DELETED":
+                    self._skipped.discard(meta["uid"])
+                return True
+            if served or kind == "DELETED":
+                return not served
+            self._skipped.add(meta["uid"])
+        log.warning("pod %s/%s names %s, but namespace %s is not served (--function-namespaces): left pending",
+                    meta["namespace"], meta["name"], SCHEDULER_NAME, meta["namespace"])
+        return True
 
     def _helper_event(self, kind: str, pod: dict[str, Any]) -> None:
         phase = (pod.get("status") or {}).get("phase")
@@ -261,16 +294,11 @@ class Interceptor:
             function = function_of(pod)
             spec = self._spec(function)
         except (ValueError, ValidationError, HydraError) as exc:
-            log.error("pod %s cannot be started: %s", name, exc)
-            self.metrics.cold_starts.labels("invalid").inc()
-            self._forget(start)
+            self._mark_skipped(start, str(exc))
             return
-        try:
-            ensure_worker_secret(self._core, pod["metadata"]["namespace"], function.name, function.model_uri,
-                                 self._feed.loaderd_token)
-        except HydraError as exc:  # its workers read S3 themselves (the token is optional)
-            log.warning("pod %s: no worker secret (%s)", name, exc.message)
+        self._prepare_function(pod, function)
         exclude: list[str] = []
+        failures = 0
         while not start.deleted.is_set() and not self._stop.is_set():
             timeline = Timeline()
             timeline.mark("pod_pending", component="interceptor", pod=name)
@@ -301,8 +329,11 @@ class Interceptor:
                 self.metrics.cold_starts.labels("failed_before_binding").inc()
                 if isinstance(exc, InstanceFailedError):
                     exclude = sorted(set(exclude) | set(exc.nodes))
-                log.warning("pod %s: cold start failed before binding (%s): retrying", name, exc.message)
-                self._stop.wait(exc.retry_after_s or self.options.retry_s)
+                delay = self._retry_delay(failures, exc.retry_after_s)
+                failures += 1
+                log.warning("pod %s: cold start failed before binding (%s): retrying in %.1f s", name, exc.message,
+                            delay)
+                self._stop.wait(delay)
                 self.refresh_nodes()
                 continue
             start.group = group
@@ -315,6 +346,41 @@ class Interceptor:
             if start.deleted.is_set():  # deleted between its readiness and now
                 self._release(start)
             return
+
+    def _retry_delay(self, failures: int, hint_s: float | None) -> float:
+        """Exponential back-off with a cap: a pod that cannot be placed (no capacity, a planner
+        down) is tried less and less often instead of every few seconds for as long as it waits."""
+        backoff = self.options.retry_s * 2 ** min(failures, 32)
+        return min(self.options.retry_max_s, max(hint_s or 0.0, backoff))
+
+    def _mark_skipped(self, start: _Start, reason: str) -> None:
+        """A pod whose annotations say too little to start it: logged and marked with an Event
+        once, then left alone (the next resync finds it again and skips it) until deleted."""
+        meta = start.pod["metadata"]
+        log.error("pod %s/%s cannot be started: %s", meta["namespace"], meta["name"], reason)
+        self.metrics.cold_starts.labels("invalid").inc()
+        with self._lock:
+            self._skipped.add(meta["uid"])
+        pod_event(self._core, start.pod, "InvalidFunctionPod", f"{SCHEDULER_NAME} cannot start this pod: {reason}")
+        self._forget(start)
+
+    def _prepare_function(self, pod: dict[str, Any], function: FunctionConfig) -> None:
+        """The function's worker Secret and NetworkPolicy in its namespace. Neither failing stops
+        the cold start: its workers read S3 themselves (the token is optional), and a policy
+        missing leaves the namespace as open as it was."""
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        try:
+            ensure_worker_secret(self._core, namespace, function.name, function.model_uri, self._feed.loaderd_token)
+        except ForeignSecretError as exc:  # someone's own Secret: refused, and told where they look
+            log.warning("pod %s/%s: %s", namespace, name, exc.message)
+            pod_event(self._core, pod, "WorkerSecretNotOurs", exc.message)
+        except HydraError as exc:
+            log.warning("pod %s/%s: no worker secret (%s)", namespace, name, exc.message)
+        try:
+            ensure_network_policy(NetworkingV1Api(self._core.api_client), namespace, function.name,
+                                  self.options.control_namespace)
+        except HydraError as exc:
+            log.warning("pod %s/%s: no network policy (%s)", namespace, name, exc.message)
 
     def _record_timeline(self, start: _Start, timeline: Timeline, group: Group) -> None:
         """The cold start's timeline on its function pod (``kn hydra describe`` shows it), with

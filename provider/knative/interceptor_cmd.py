@@ -1,6 +1,8 @@
 """`hydraserve interceptor`: the control plane on Kubernetes, one process per replica of its
 Deployment: the placement service (its HTTP API, for `hydraserve plan` and the metrics) and,
-on the replica holding the Lease, the interceptor that schedules function pods.
+on the replica holding the Lease, the interceptor that schedules function pods. Only that
+replica's placement state is fed the cluster, so only it answers the placement API (the others
+answer 503 ``not_leader`` with Retry-After; their /healthz stays up, so a rollout is not held).
 
 Only wiring: tokens from 0600 files or the environment (a Secret's keys), the API client (the
 pod's service account, or --kubeconfig), the model description read from S3 once per function.
@@ -19,6 +21,14 @@ import threading
 from hydraserve.provider.commands.placement import PLACEMENT_TOKEN_ENV
 
 LOADERD_TOKEN_ENV = "HYDRASERVE_LOADERD_TOKEN"
+FUNCTION_NAMESPACES_ENV = "HYDRASERVE_FUNCTION_NAMESPACES"
+
+
+def served_namespaces(text: str) -> frozenset[str] | None:
+    """The function namespaces from a comma-separated list; None for ``*`` (every namespace:
+    then its function rights must be bound cluster-wide)."""
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    return None if "*" in names else names
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +44,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement-token-file", help=f"the placement API's token (0600); else {PLACEMENT_TOKEN_ENV}")
     parser.add_argument("--loaderd-token-file", help=f"the loaderd daemons' token (0600); else {LOADERD_TOKEN_ENV}")
     parser.add_argument("--loaderd-port", type=int, default=None, help="where each node's loaderd listens (7070)")
+    parser.add_argument("--function-namespaces", type=served_namespaces,
+                        default=served_namespaces(os.environ.get(FUNCTION_NAMESPACES_ENV, "default")),
+                        help="comma-separated namespaces whose function pods it schedules, where its rights on "
+                        f"pods and Secrets are bound; '*' for all (default: {FUNCTION_NAMESPACES_ENV} or 'default')")
     parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     parser.set_defaults(func=run)
@@ -62,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
     placement_token = read_token(args.placement_token_file, PLACEMENT_TOKEN_ENV)
     loaderd_token = read_token(args.loaderd_token_file, LOADERD_TOKEN_ENV)
     service = PlacementService(args.policy)
-    server = DrainingServer(create_app(service, placement_token), args.host, args.port).start()
     client = api_client(args.kubeconfig)
+    election = LeaderElection(CoordinationV1Api(client), args.namespace, args.lease, args.identity)
+    server = DrainingServer(create_app(service, placement_token, serving=election.leading.is_set),
+                            args.host, args.port).start()  # a follower's state is nobody's: 503 until it leads
     core = CoreV1Api(client)
     feed = ClusterFeed(core, service, loaderd_namespace=args.namespace, loaderd_token=loaderd_token,
                        loaderd_port=args.loaderd_port or LOADERD_PORT)
@@ -75,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     def lead(lost: threading.Event) -> None:
         interceptor = Interceptor(core, service, feed, describe, InterceptorOptions(
-            coldstart=ColdStartOptions(s3_endpoint_url=args.endpoint_url)), metrics)
+            coldstart=ColdStartOptions(s3_endpoint_url=args.endpoint_url), control_namespace=args.namespace,
+            namespaces=args.function_namespaces), metrics)
         metrics.leading.set(1)
         watcher = threading.Thread(target=interceptor.run, name="interceptor", daemon=True)
         watcher.start()
@@ -86,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
         watcher.join(60)
 
     stop = threading.Event()
-    election = LeaderElection(CoordinationV1Api(client), args.namespace, args.lease, args.identity)
     campaign = threading.Thread(target=election.run, args=(lead, stop), name="election", daemon=True)
     campaign.start()
     print(json.dumps({"event": "listening", "url": server.url, "identity": args.identity}), flush=True)

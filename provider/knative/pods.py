@@ -43,10 +43,11 @@ from hydraserve.contracts.pod import (
 )
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment
-from hydraserve.errors import HydraError, TemporaryError
+from hydraserve.errors import HydraError, PermanentError, TemporaryError
 from hydraserve.kube import api_error, bind_pod, create_or_keep, delete_quietly
 from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
 from hydraserve.provider.knative.service import (
+    FUNCTION_LABEL,
     MODEL_ANNOTATION,
     RUNTIME_PORT,
     SCHEDULER_NAME,
@@ -57,8 +58,15 @@ log = logging.getLogger(__name__)
 
 MEMORY_ANNOTATION = "hydraserve.dev/memory-gb"  # what the placement gave the pod's worker
 GPU_ANNOTATION = "hydraserve.dev/gpu"  # which device of its node
-FUNCTION_LABEL = "hydraserve.dev/function"
 QUEUE_PROXY = "queue-proxy"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"  # on the worker Secrets we write: only those we replace
+MANAGED_BY = "hydraserve-interceptor"
+
+
+class ForeignSecretError(PermanentError):
+    """A function's worker Secret name is taken by a Secret the interceptor did not write."""
+
+    error_code = "foreign_secret"
 
 
 def instance_key(instance_id: str) -> str:
@@ -239,6 +247,7 @@ class PodLauncher:
                        PLAN_ANNOTATION: plan.model_copy(update={"candidates": []}).model_dump_json()}
         bind_pod(self._core, self.namespace, name, node, annotations)
         self.bound = True
+        labels = {**labels, FUNCTION_LABEL: self.function}  # a revision not made by kn hydra lacks it
         try:  # after the binding, so a pod someone else bound is never marked ours
             self._core.patch_namespaced_pod(name, self.namespace, {"metadata": {"labels": labels}})
         except ApiException as exc:
@@ -311,7 +320,9 @@ def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_u
     """The function's worker Secret: a loaderd token that may read only its model and release
     only its own leases (the daemons' own token never leaves the control plane), and the random
     link key its pods derive each group's stage-link secret from (kept while the Secret lives).
-    Written again when the function's model changed or the key is missing."""
+    Written again when the function's model changed or the key is missing; a Secret of that
+    name the interceptor did not write (no ``MANAGED_BY_LABEL``) is never touched
+    (ForeignSecretError): it may be someone's own."""
     name = worker_secret_name(function)
     try:
         current = core.read_namespaced_secret(name, namespace)
@@ -319,13 +330,17 @@ def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_u
         if exc.status != 404:
             raise api_error(exc, f"reading secret {name}") from exc
         current = None
+    if current is not None and (current.metadata.labels or {}).get(MANAGED_BY_LABEL) != MANAGED_BY:
+        raise ForeignSecretError(f"secret {namespace}/{name} exists and was not written by the interceptor "
+                                 f"(no label {MANAGED_BY_LABEL}={MANAGED_BY}): left as it is")
     link_key = _link_key_of(current)
     if current is not None and link_key and (current.metadata.annotations or {}).get(MODEL_ANNOTATION) == model_uri:
         return
     token = mint_scoped_token(loaderd_token, subject=f"{namespace}/{function}", model_uri=model_uri)
     body: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": name, "namespace": namespace, "annotations": {MODEL_ANNOTATION: model_uri},
-                         "labels": {FUNCTION_LABEL: function, "app.kubernetes.io/part-of": "hydraserve"}},
+                         "labels": {FUNCTION_LABEL: function, "app.kubernetes.io/part-of": "hydraserve",
+                                    MANAGED_BY_LABEL: MANAGED_BY}},
             "stringData": {WORKER_SECRET_KEY: token, LINK_KEY_SECRET_KEY: link_key or secrets.token_urlsafe(32)}}
     if current is None:
         create_or_keep(core.create_namespaced_secret, namespace, body, f"secret {name}")

@@ -3,6 +3,9 @@ volume and scheduler setting the fast path needs (``kn hydra create`` writes it;
 interceptor reads the same keys back from the function's pods).
 
 What the Service carries, and why:
+- the label ``hydraserve.dev/function`` on the revision template, so its pods carry it from
+  creation (the install's NetworkPolicy lets them reach loaderd, the function's lets its
+  stages link);
 - ``hydraserve.dev/*`` annotations on the revision template: the model and the SLOs the
   placement service plans with (the interceptor reads them from the pending pod);
 - ``schedulerName: hydraserve-scheduler``: a new pod of the revision is the scale-from-zero
@@ -45,6 +48,7 @@ MODEL_ANNOTATION = ANNOTATION_PREFIX + "model"
 TTFT_SLO_ANNOTATION = ANNOTATION_PREFIX + "ttft-slo"
 TPOT_SLO_ANNOTATION = ANNOTATION_PREFIX + "tpot-slo"
 SCHEDULER_NAME = "hydraserve-scheduler"
+FUNCTION_LABEL = ANNOTATION_PREFIX + "function"  # on every pod of a function (NetworkPolicies select by it)
 LOADERD_HOST_DIR = "/run/hydraserve/loaderd"  # the DaemonSet's segments (a host tmpfs directory)
 ROLE_DIR = "/etc/hydraserve/pod"  # the pod's annotations, as files
 RUNTIME_PORT = 8080
@@ -158,6 +162,7 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
         "apiVersion": "serving.knative.dev/v1",
         "kind": "Service",
         "metadata": {"name": fn.name, "namespace": fn.namespace,
-                     "labels": {"app.kubernetes.io/part-of": "hydraserve", "hydraserve.dev/function": fn.name}},
-        "spec": {"template": {"metadata": {"annotations": annotations}, "spec": spec}},
+                     "labels": {"app.kubernetes.io/part-of": "hydraserve", FUNCTION_LABEL: fn.name}},
+        "spec": {"template": {"metadata": {"labels": {FUNCTION_LABEL: fn.name}, "annotations": annotations},
+                              "spec": spec}},
     }

@@ -21,8 +21,9 @@ subclass serves every resource request from a store of its own that adds what ou
   is stored base64-encoded in ``data``;
 - deletion honours finalizers (deletionTimestamp until they are removed) and collects dependents
   (ownerReferences by uid, background policy);
-- a bearer token is required (401 without it); each user's requests are counted apart (RBAC is
-  not enforced: tests check a role against what its user did).
+- a bearer token is required (401 without it); each user's requests are counted apart, with the
+  namespace each was made in (None: cluster-wide) (RBAC is not enforced: tests check a role
+  against what its user did, and where).
 
 Not emulated (tests that need them play the part, or run against a real cluster): the kubelet
 (pods never run: a test sets their status as a kubelet would), the scheduler and every
@@ -162,6 +163,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):  # type: ignore[misc]
         self.token = ""
         self.users: dict[str, str] = {}  # bearer token -> user name (more users than the admin)
         self.requests_by_user: dict[str, dict[str, int]] = {}
+        self.scoped_by_user: dict[str, set[tuple[str, str | None]]] = {}  # ("VERB plural", namespace or None)
         self.store: dict[Key, dict[str, Any]] = {}
         self.history: list[tuple[int, Key, dict[str, Any]]] = []
         self.watchers: list[Watcher] = []
@@ -195,6 +197,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):  # type: ignore[misc]
         self.counts[what] = self.counts.get(what, 0) + 1
         mine = self.requests_by_user.setdefault(user, {})
         mine[what] = mine.get(what, 0) + 1
+        self.scoped_by_user.setdefault(user, set()).add((what, namespace))
         if verb == "WATCH":
             return await self._watch(request, api, plural, namespace, name)
         if name is None:

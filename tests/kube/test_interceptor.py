@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,18 @@ from hydraserve.auth import verify_scoped_token
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.pod import INSTANCE_LABEL, PLAN_ANNOTATION, ROLE_ANNOTATION, STAGE_LABEL
 from hydraserve.contracts.timeline import Timeline
+from hydraserve.errors import TemporaryError
 from hydraserve.kube import bind_pod
 from hydraserve.provider.coldstart import ColdStartOptions
 from hydraserve.provider.knative.interceptor import Interceptor, InterceptorOptions
 from hydraserve.provider.knative.nodes import ClusterFeed
-from hydraserve.provider.knative.pods import MEMORY_ANNOTATION, ensure_worker_secret
+from hydraserve.provider.knative.pods import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    MEMORY_ANNOTATION,
+    ForeignSecretError,
+    ensure_worker_secret,
+)
 from hydraserve.provider.knative.service import MODEL_ANNOTATION, HydraService, knative_service
 from hydraserve.provider.model_spec import describe_model
 from hydraserve.provider.service import PlacementService
@@ -52,7 +61,7 @@ def function_pod(cluster: Cluster, name: str, *, function: str = "chat", annotat
                                "ports": [{"containerPort": 8012}]})
     pod = {"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": cluster.namespace,
-                        "labels": {"serving.knative.dev/service": function,
+                        "labels": {**template["metadata"]["labels"], "serving.knative.dev/service": function,
                                    "serving.knative.dev/revision": f"{function}-00001"},
                         "annotations": {**template["metadata"]["annotations"], **(annotations or {})}},
            "spec": spec}
@@ -64,7 +73,8 @@ class Control:
     """The placement service and the interceptor, running against the cluster."""
 
     def __init__(self, cluster: Cluster, model_dir: Path, *, pipeline: int = 1, loaderd_port: int = 7070,
-                 watching: bool = True, s3_endpoint_url: str | None = None) -> None:
+                 watching: bool = True, s3_endpoint_url: str | None = None,
+                 namespaces: frozenset[str] | None = None) -> None:
         self.placement = PlacementService()
         self.feed = ClusterFeed(cluster.core, self.placement, loaderd_namespace=cluster.namespace,
                                 loaderd_token=LOADERD_TOKEN, loaderd_port=loaderd_port)
@@ -74,7 +84,8 @@ class Control:
             return spec.model_copy(update={"min_pipeline_size": pipeline, "max_pipeline_size": pipeline})
 
         self.interceptor = Interceptor(cluster.core, self.placement, self.feed, describe, InterceptorOptions(
-            coldstart=ColdStartOptions(ready_timeout_s=60, watch_s=0.05, s3_endpoint_url=s3_endpoint_url), retry_s=0.2, resync_s=1))
+            coldstart=ColdStartOptions(ready_timeout_s=60, watch_s=0.05, s3_endpoint_url=s3_endpoint_url), retry_s=0.2, resync_s=1,
+            namespaces=namespaces))
         self._thread = threading.Thread(target=self.interceptor.run, daemon=True)
         self._watching = watching
 
@@ -157,7 +168,8 @@ def test_the_worker_secret_keeps_its_link_key_and_gains_one_it_lacked(cluster: C
         return base64.b64decode(data[key]).decode()
 
     cluster.core.create_namespaced_secret(cluster.namespace, {"metadata": {
-        "name": "chat-hydraserve-worker", "annotations": {MODEL_ANNOTATION: MODEL}}, "stringData": {"loaderd-token": "x"}})
+        "name": "chat-hydraserve-worker", "annotations": {MODEL_ANNOTATION: MODEL}, "labels": {MANAGED_BY_LABEL: MANAGED_BY}},
+        "stringData": {"loaderd-token": "x"}})
     ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN)
     link_key = held("stage-link-key")
     assert len(link_key) >= 32
@@ -165,6 +177,22 @@ def test_the_worker_secret_keeps_its_link_key_and_gains_one_it_lacked(cluster: C
     assert held("stage-link-key") == link_key
     scoped = verify_scoped_token(LOADERD_TOKEN, held("loaderd-token"))
     assert scoped is not None and scoped.model_uri == "s3://models/other"
+
+
+def test_a_secret_the_interceptor_did_not_write_is_never_overwritten(cluster: Cluster, control: Control) -> None:
+    """Someone's own Secret under the worker Secret's name: left as it is, and the pod says why
+    its workers have no token of ours (an Event); the cold start goes on (they read S3)."""
+    cluster.core.create_namespaced_secret(cluster.namespace, {"metadata": {"name": "chat-hydraserve-worker"},
+                                                              "stringData": {"loaderd-token": "users-own"}})
+    with pytest.raises(ForeignSecretError):
+        ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN)
+    pod = function_pod(cluster, "chat-00001-deployment-fs")
+    cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-fs"))
+    data = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace).data
+    assert data == {"loaderd-token": base64.b64encode(b"users-own").decode()}
+    events = cluster.core.list_namespaced_event(
+        cluster.namespace, field_selector=f"involvedObject.name={pod['metadata']['name']}").items
+    assert [e.reason for e in events] == ["WorkerSecretNotOurs"]
 
 
 def test_pipeline_group_gets_helper_pods_owned_by_the_function_pod(cluster: Cluster, group_control: Control) -> None:
@@ -351,6 +379,42 @@ def test_a_pod_without_a_model_is_left_alone(cluster: Cluster, control: Control)
     cluster.wait_for("the interceptor to see it", lambda: control.interceptor.threads)
     assert control.interceptor.wait_idle(10)
     assert bound_node(cluster, pod["metadata"]["name"]) is None and control.active_plans() == 0
+
+
+@fake_only
+def test_an_invalid_pod_is_marked_with_one_event_however_many_resyncs(cluster: Cluster, control: Control) -> None:
+    assert cluster.fake is not None
+    pod = function_pod(cluster, "chat-00001-deployment-nomodel", annotations={"hydraserve.dev/model": ""})
+    lists = cluster.fake.handler.counts.get("LIST pods", 0)
+    cluster.wait_for("three resyncs", lambda: cluster.fake.handler.counts.get("LIST pods", 0) >= lists + 9,
+                     timeout_s=30)
+    events = cluster.core.list_namespaced_event(
+        cluster.namespace, field_selector=f"involvedObject.name={pod['metadata']['name']}").items
+    assert [(e.reason, e.type, e.involved_object.uid) for e in events] == [
+        ("InvalidFunctionPod", "Warning", pod["metadata"]["uid"])]
+    assert "hydraserve.dev/model" in events[0].message
+    assert control.cold_starts("invalid") == 1  # found again at each resync, but not started (nor told) again
+
+
+def test_retries_before_binding_back_off_exponentially_up_to_a_cap(cluster: Cluster, tiny_llama_dir: Path) -> None:
+    if cluster.fake is not None:
+        cluster.add_node("gpu-a")
+    asked: list[float] = []
+
+    def planner_down(request: object) -> None:
+        asked.append(time.monotonic())
+        raise TemporaryError("the planner is down")
+
+    with Control(cluster, tiny_llama_dir, watching=False) as ctl:
+        ctl.placement.plan = planner_down  # type: ignore[method-assign,assignment]
+        ctl.interceptor.options.retry_s, ctl.interceptor.options.retry_max_s = 0.1, 0.8
+        function_pod(cluster, "chat-00001-deployment-retry")
+        ctl.interceptor.resync()
+        cluster.wait_for("six attempts", lambda: len(asked) >= 6, timeout_s=30)
+    gaps = [b - a for a, b in itertools.pairwise(asked)]
+    assert all(later >= 1.3 * earlier for earlier, later in itertools.pairwise(gaps[:4])), gaps
+    assert 0.8 <= gaps[3] and all(0.8 <= g < 1.5 for g in gaps[3:5]), gaps  # capped
+    assert ctl.cold_starts("failed_before_binding") == len(asked)
 
 
 class FakeHead:

@@ -23,6 +23,7 @@ from .test_kn_hydra import kn_hydra, rules
 from .test_manifests import K8S_VERSION, ROOT
 
 INSTALL = ROOT / "install"
+FUNCTION_NAMESPACE = ROOT / "function-namespace"  # applied in each function namespace
 EXAMPLES = ROOT / "examples"
 ISO_DURATION = re.compile(r"^PT(\d+H)?(\d+M)?(\d+(\.\d+)?S)?$")
 
@@ -39,7 +40,7 @@ def builtin(doc: dict[str, Any]) -> bool:
     return "knative.dev" not in doc["apiVersion"]
 
 
-@pytest.mark.parametrize("doc", [d for d in docs_of(INSTALL) if builtin(d)],
+@pytest.mark.parametrize("doc", [d for d in docs_of(INSTALL) + docs_of(FUNCTION_NAMESPACE) if builtin(d)],
                          ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
 def test_every_install_object_passes_the_kubernetes_schemas(doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -89,7 +90,7 @@ def test_names_referred_to_exist_and_loaderd_shares_the_functions_host_directory
     [segments] = [v for v in daemonset["spec"]["template"]["spec"]["volumes"] if v["name"] == "segments"]
     assert segments["hostPath"]["path"] == LOADERD_HOST_DIR
     assert f"--shm-dir={LOADERD_HOST_DIR}" in daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
-    for binding in (d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+    for binding in (d for d in docs + docs_of(FUNCTION_NAMESPACE) if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
         assert (binding["roleRef"]["kind"], binding["roleRef"]["name"]) in names
         for subject in binding["subjects"]:
             assert ("ServiceAccount", subject["name"]) in names and subject["namespace"] == "hydraserve-system"
