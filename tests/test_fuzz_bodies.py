@@ -148,3 +148,24 @@ def test_gateway(gateway: str, route: str, body: Any) -> None:
     r = requests.post(gateway + route, data=json.dumps(body), headers=AUTH | {"Content-Type": "application/json"},
                       timeout=30)
     check(r.status_code, r.content)
+
+
+@pytest.fixture(scope="module")
+def hosting() -> Iterator[str]:
+    """A gateway hosting one function, whose settings the updates below throw bodies at."""
+    from hydraserve.activator.functions import FunctionConfig
+
+    gw = Gateway(ScriptedBackend(), reap_interval_s=3600)
+    gw.register(FunctionConfig(name="fuzzed", model_uri="s3://b/m"))
+    server = BackgroundAioServer(create_gateway_app(gw, TOKEN), "127.0.0.1", 0).start()
+    yield server.url
+    server.close()
+
+
+@FUZZ
+@given(body=bodies(["name", "model_uri", "ttft_slo_s", "tpot_slo_s", "concurrency", "max_instances", "idle_timeout_s",
+                    "group_replicas", "min_pipeline_size", "max_pipeline_size"]))
+def test_gateway_update(hosting: str, body: Any) -> None:
+    r = requests.patch(hosting + "/v1/functions/fuzzed", data=json.dumps(body),
+                       headers=AUTH | {"Content-Type": "application/json"}, timeout=30)
+    check(r.status_code, r.content)
