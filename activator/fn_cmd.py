@@ -9,38 +9,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import Any
 
+from hydraserve.cli_flags import add_setting_flags, given_settings
+
 GATEWAY_ENV = "HYDRASERVE_GATEWAY"
 TOKEN_ENV = "HYDRASERVE_GATEWAY_TOKEN"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# The FunctionConfig fields `fn create/update` and `kn hydra create` take as flags (one vocabulary).
+FUNCTION_FLAGS = ("ttft_slo_s", "tpot_slo_s", "idle_timeout_s", "concurrency", "max_instances", "group_replicas")
 
 
-def duration_s(text: str) -> float:
-    """'7.5s', '200ms', '2m' or a bare number of seconds, as seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 7.5s, 200ms, 2m)")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
-
-
-def add_function_flags(create: argparse.ArgumentParser, *, model_required: bool = True) -> None:
-    """The flags `fn create`, `fn update` and `kn hydra create` share (one vocabulary); each is
-    None unless given, so the platform's defaults (or, on update, the current settings) apply."""
+def add_function_flags(create: argparse.ArgumentParser, *, model_required: bool = True, defaults: bool = True) -> None:
+    """The name, the model and the settings `fn create`, `fn update` and `kn hydra create` share;
+    ``defaults=False`` (update): a setting not given is None, so the current one stays."""
     create.add_argument("name", help="function name: lowercase letters, digits, '-' (also its OpenAI model name)")
     create.add_argument("--model", required=model_required,
                         help="the model: s3://bucket/prefix of a Hugging Face directory (fn create: or a local "
                              "directory, pushed first to s3://BUCKET/NAME)")
-    create.add_argument("--ttft-slo", type=duration_s, default=None, help="time-to-first-token target, e.g. 7.5s")
-    create.add_argument("--tpot-slo", type=duration_s, default=None, help="time-per-output-token target, e.g. 200ms")
-    create.add_argument("--concurrency", type=int, default=None,
-                        help="requests one instance serves at once (0: no limit)")
-    create.add_argument("--max-instances", type=int, default=None, help="instances it scales out to")
-    create.add_argument("--group-replicas", type=int, default=None,
-                        help="standalone replicas a consolidated pipeline group becomes at least (default 1)")
+    add_setting_flags(create, FUNCTION_FLAGS, defaults=defaults)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"file holding the gateway's admin token (`up` prints it); else ${TOKEN_ENV}")
     sub = parser.add_subparsers(dest="fn_command", metavar="VERB")
     create = sub.add_parser("create", parents=[common], help="deploy a function (at zero until its first request)")
-    _add_settings(create, model_required=True)
+    add_function_flags(create)
     create.add_argument("--bucket", default="models",
                         help="with --model DIR: the bucket it is pushed to, as s3://BUCKET/NAME (default models)")
     create.add_argument("--endpoint-url", default=None,
@@ -59,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     create.set_defaults(func=_create)
     update = sub.add_parser("update", parents=[common], help="change some settings; the next cold start uses "
                             "them, running instances serve on")
-    _add_settings(update, model_required=False)
+    add_function_flags(update, model_required=False, defaults=False)
     update.set_defaults(func=_update)
     listing = sub.add_parser("list", parents=[common], help="every function and its state")
     _add_output(listing)
@@ -81,11 +68,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         return 2
 
     parser.set_defaults(func=usage)
-
-
-def _add_settings(verb: argparse.ArgumentParser, *, model_required: bool) -> None:
-    add_function_flags(verb, model_required=model_required)
-    verb.add_argument("--idle-timeout", type=duration_s, default=None, help="idle time before scaling to zero")
 
 
 def _add_output(verb: argparse.ArgumentParser) -> None:
@@ -112,10 +94,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The FunctionConfig fields the flags give (those not given are left out)."""
-    fields = {"model_uri": args.model, "ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo,
-              "idle_timeout_s": args.idle_timeout, "concurrency": args.concurrency,
-              "max_instances": args.max_instances, "group_replicas": args.group_replicas}
-    return {k: v for k, v in fields.items() if v is not None}
+    model = {"model_uri": args.model} if args.model is not None else {}
+    return model | given_settings(args, FUNCTION_FLAGS)
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -130,7 +110,7 @@ def _create(args: argparse.Namespace) -> int:
 def _push_directory(args: argparse.Namespace) -> str:
     """Push the local model directory ``--model`` (checked first, with a progress bar) to
     s3://BUCKET/NAME; its URI."""
-    from hydraserve.activator.functions import validate_function_name
+    from hydraserve.contracts.function import validate_function_name
     from hydraserve.errors import InvalidRequestError
     from hydraserve.weights.push import push_checked
 

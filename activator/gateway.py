@@ -36,7 +36,6 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hydraserve import http_events
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from hydraserve.activator.ports import FunctionBackend, WorkerLog
 from hydraserve.activator.proxy import (
@@ -51,6 +50,7 @@ from hydraserve.activator.usage import ask_for_usage
 from hydraserve.activator.waiting import EarlyStream, progress_text, waited_headers, wants_stream
 from hydraserve.auth import Authenticate, admin_only, bearer
 from hydraserve.contracts import events
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import FUNCTION_ROUTES
 from hydraserve.errors import (

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from hydraserve.activator.functions import FunctionConfig
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.timeline import Timeline
 
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.keepalive import (
     InvocationHistory,
     KeepAlive,
@@ -45,6 +44,7 @@ from hydraserve.activator.keepalive import (
 from hydraserve.activator.metrics import GatewayMetrics
 from hydraserve.activator.ports import Endpoint, FunctionBackend
 from hydraserve.activator.usage import FunctionUsage
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import (
     FunctionFailedError,

@@ -182,7 +182,7 @@ def _backend(stack: Any, mode: Mode, compact_pool: Any, run_dir: Path) -> Any:
 
 def _measure(stack: Any, compact_pool: Any, modes: list[str], args: argparse.Namespace,
              link_mb_s: float | None, notes: list[str]) -> int:
-    from hydraserve.activator.functions import FunctionConfig
+    from hydraserve.contracts.function import FunctionConfig
     from hydraserve.demo.model import BUCKET
     from hydraserve.runtime.forkserver_client import pool_memory_gb, wait_until_serving
     from hydraserve.weights.push import push_model

@@ -169,7 +169,7 @@ def tightest_slo(stack: Any, function: Any) -> tuple[float, list[dict[str, Any]]
 
 def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: argparse.Namespace,
                 link_mb_s: float | None, name: str) -> dict[str, Any]:
-    from hydraserve.activator.functions import FunctionConfig
+    from hydraserve.contracts.function import FunctionConfig
     from hydraserve.demo.model import BUCKET
     from hydraserve.weights.push import push_model
 

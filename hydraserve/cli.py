@@ -37,9 +37,23 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+def version() -> str:
+    """The installed distribution's version (what pip shows), else the package's own."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("hydraserve")
+    except PackageNotFoundError:  # run from a source tree without an install
+        from hydraserve import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraserve", description="HydraServe on Knative: serverless LLM functions that cold-start in seconds.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, module_name in COMMANDS:  # a missing or broken module fails loudly here
         importlib.import_module(module_name).configure(sub.add_parser(name, help=help_text, description=help_text))

@@ -10,7 +10,7 @@ of it is never created (hydraserve.weights.servable).
 
 from __future__ import annotations
 
-from hydraserve.activator.functions import FunctionConfig
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE
 from hydraserve.weights.layout import stage_byte_profile

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from hydraserve.activator.functions import validate_function_name
+from hydraserve.contracts.function import validate_function_name
 from hydraserve.errors import InvalidRequestError
 from hydraserve.loaderd.registry import Registry
 from hydraserve.weights.s3_uri import validate_bucket, validate_file_name

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hydraserve.contracts.function import setting_default
 from hydraserve.contracts.loader import PrefetchRequest
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE, StagePlan, StageSpec
 
@@ -82,8 +83,8 @@ class FunctionSpec(_Strict):
     head_bytes: int = Field(default=0, ge=0, description="bytes the last stage holds beyond its layers")
     tied_bytes: int = Field(default=0, ge=0, description="bytes counted in both embed_bytes and head_bytes "
                             "(an LM head tied to the token embedding): a one-stage model holds them once")
-    ttft_slo_s: float = Field(default=10.0, gt=0)
-    tpot_slo_s: float = Field(default=0.2, gt=0)
+    ttft_slo_s: float = Field(default=setting_default("ttft_slo_s"), gt=0)
+    tpot_slo_s: float = Field(default=setting_default("tpot_slo_s"), gt=0)
     prompt_len: int = Field(default=512, ge=1)
     prefill_s: float | None = Field(default=None, ge=0,
                                     description="profiled prefill of prompt_len on one worker")

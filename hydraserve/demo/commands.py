@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydraserve.cli_flags import add_setting_flags
+
 DEFAULT_PROMPT = "The quick brown fox"
 DEMO_IDLE_S = 10.0  # zero this soon after the last request (after the consolidation), for a second cold start
 
@@ -25,11 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="each node's link cap, both ways (network namespaces + tc; needs root); 0: loopback")
     parser.add_argument("--pipeline-size", type=int, default=None, choices=range(1, 5),
                         help="force the group size (default: the planner's choice; 2 when links cannot be capped)")
-    parser.add_argument("--ttft-slo", type=float, default=8.0,
-                        help="the function's TTFT SLO in seconds (the planner splits when one node would miss it)")
-    parser.add_argument("--group-replicas", type=int, default=1, choices=range(1, 5),
-                        help="standalone replicas the group becomes when it consolidates (its first N stages "
-                        "get memory for the whole model)")
+    add_setting_flags(parser, ("ttft_slo_s", "group_replicas"))  # the planner splits when one node would miss the SLO
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--model-dir", type=Path, default=None,
@@ -57,7 +55,7 @@ def stack_options(args: argparse.Namespace) -> tuple[Any, str]:
     else:
         who = f"forced to {forced}" if forced else "the planner's choice"
     options = StackOptions(nodes=args.nodes, model_dir=args.model_dir, link_mbit=args.link_mbit or None,
-                           ttft_slo_s=args.ttft_slo, function=function, idle_timeout_s=DEMO_IDLE_S, engine=args.engine)
+                           ttft_slo_s=args.ttft_slo_s, function=function, idle_timeout_s=DEMO_IDLE_S, engine=args.engine)
     return options, who
 
 
@@ -182,6 +180,6 @@ def _wait_for_replicas(stack: Any, group: Any, timeout_s: float = 90.0) -> list[
 
 
 if __name__ == "__main__":
-    sys.exit(run(argparse.Namespace(nodes=2, link_mbit=100.0, pipeline_size=None, ttft_slo=8.0,
-                                    group_replicas=1, prompt=DEFAULT_PROMPT, max_tokens=24,
-                                    model_dir=None, engine="vllm")))
+    demo = argparse.ArgumentParser(prog="hydraserve demo")
+    configure(demo)
+    sys.exit(run(demo.parse_args()))

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import Gateway, create_gateway_app
 from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.auth import write_token_file
+from hydraserve.contracts.function import FunctionConfig, setting_default
 from hydraserve.demo.model import push_directory
 from hydraserve.demo.supervisor import StackSupervisor, SupervisedDaemon, SupervisedPool
 from hydraserve.errors import HydraError, TemporaryError
@@ -61,8 +61,8 @@ class StackOptions:
     tiny: dict[str, Any] = field(default_factory=lambda: {
         "arch": "llama", "layers": 8, "hidden": 512, "heads": 8, "kv_heads": 4,
         "intermediate": 1408, "vocab": 8192, "dtype": "float32", "shard_size": "24MB"})
-    idle_timeout_s: float = 30.0
-    ttft_slo_s: float = 10.0
+    idle_timeout_s: float = setting_default("idle_timeout_s")
+    ttft_slo_s: float = setting_default("ttft_slo_s")
     function: dict[str, Any] = field(default_factory=dict)  # more FunctionConfig fields (consolidate, ...)
     more_functions: dict[str, str] = field(default_factory=dict)  # name -> local HF directory (pushed) or s3:// URI
     host: str = "127.0.0.1"

@@ -11,6 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
+from hydraserve.cli_flags import add_setting_flags, given_settings
+
+# The hosted functions' settings `up` takes as flags (their defaults are FunctionConfig's).
+UP_FLAGS = ("ttft_slo_s", "tpot_slo_s", "idle_timeout_s", "concurrency", "max_instances", "request_timeout_s")
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=2, help="emulated GPU nodes, one loaderd each")
@@ -18,8 +23,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address every service listens on (default loopback only; 0.0.0.0 exposes the "
                         "gateway, placement, loaderd and S3 to the network)")
-    parser.add_argument("--idle-timeout", type=float, default=30.0,
-                        help="seconds without requests before the function scales to zero")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="push this Hugging Face model directory instead of generating one")
     parser.add_argument("--function", action="append", default=[], metavar="NAME[=DIR|URI]",
@@ -30,14 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link-mbit", type=float, default=None,
                         help="emulate the nodes as network namespaces, each link capped at this rate both "
                         "ways (needs root; without it: loopback, said so)")
-    parser.add_argument("--ttft-slo", type=float, default=10.0, help="the function's TTFT SLO in seconds")
-    parser.add_argument("--concurrency", type=int, default=32,
-                        help="requests one instance serves at once (0: no limit); more start another instance")
-    parser.add_argument("--max-instances", type=int, default=4, help="instances the function scales out to")
+    add_setting_flags(parser, UP_FLAGS)
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on Ctrl-C (or fn delete), seconds requests under way get to finish")
-    parser.add_argument("--request-timeout", type=float, default=120.0,
-                        help="seconds a request may wait for a free instance")
     parser.add_argument("--pool-size", type=int, default=1,
                         help="idle pre-imported runtime processes each node's warm pool keeps (a cold start "
                         "adopts one instead of starting a process; 0: no pool)")
@@ -63,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    options = StackOptions(nodes=args.nodes, gateway_port=args.port, host=args.host,
-                           idle_timeout_s=args.idle_timeout, model_dir=args.model_dir,
-                           function_name=function, more_functions=more, drain_timeout_s=args.drain_timeout, link_mbit=args.link_mbit, ttft_slo_s=args.ttft_slo,
-                           pool_size=args.pool_size,
-                           function={"concurrency": args.concurrency, "max_instances": args.max_instances,
-                                     "request_timeout_s": args.request_timeout})
+    settings = given_settings(args, UP_FLAGS)
+    options = StackOptions(nodes=args.nodes, gateway_port=args.port, host=args.host, model_dir=args.model_dir,
+                           function_name=function, more_functions=more, drain_timeout_s=args.drain_timeout,
+                           link_mbit=args.link_mbit, pool_size=args.pool_size,
+                           idle_timeout_s=settings.pop("idle_timeout_s"), ttft_slo_s=settings.pop("ttft_slo_s"),
+                           function=settings)
     try:
         check_port_free(args.host, args.port)
     except OSError as exc:
@@ -85,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 HydraServe embedded stack is up (Ctrl-C to stop).{exposed}
   gateway      {stack.gateway_url}   (OpenAI API at {stack.gateway_url}/v1, model "{function}")
   admin        {stack.gateway_url}/v1/functions  (token: {stack.gateway_token_file})
-  functions    {function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout:.0f} s idle){"".join(f"; {n}" for n in more)}
+  functions    {function}  model {stack.model_uri}  (at zero; scales to zero after {args.idle_timeout_s:g} s idle){"".join(f"; {n}" for n in more)}
   nodes        {" ".join(stack.node_names)} (one loaderd each)
   warm pool    {args.pool_size} idle pre-imported runtime(s) on each of {len(stack.backend.launcher.pools) if stack.backend else 0} node(s)
   network      {stack.emulation}

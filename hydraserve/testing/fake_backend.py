@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.ports import Endpoint, WorkerLog
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import HydraError, InstanceFailedError, StorageError, TemporaryError
 

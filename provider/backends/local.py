@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.ports import Endpoint, WorkerLog
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, Plan, StagePlacement
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import TemporaryError

@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from hydraserve.cli_flags import add_setting_flags
+
 if TYPE_CHECKING:
     from hydraserve.contracts.plan import FunctionSpec
     from hydraserve.provider.service import PlacementService
@@ -32,8 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-uri", default="s3://models/llama2-7b")
     parser.add_argument("--size-gb", type=float, default=13.5)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--ttft-slo", type=float, default=7.5)
-    parser.add_argument("--tpot-slo", type=float, default=0.2)
+    add_setting_flags(parser, ("ttft_slo_s", "tpot_slo_s"))
     parser.add_argument("--tpot", type=float, default=None, help="profiled TPOT on one worker (s)")
     parser.add_argument("--prefill", type=float, default=None, help="profiled prefill on one worker (s)")
     parser.add_argument("--json", action="store_true", help="print only the plan JSON")
@@ -47,7 +48,7 @@ def _spec(args: argparse.Namespace) -> FunctionSpec:
         with open(args.function) as f:
             return FunctionSpec.model_validate(json.load(f))
     return FunctionSpec(name=args.name, model_uri=args.model_uri, model_size_bytes=int(args.size_gb * 1e9),
-                        num_layers=args.layers, ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo,
+                        num_layers=args.layers, ttft_slo_s=args.ttft_slo_s, tpot_slo_s=args.tpot_slo_s,
                         tpot_s=args.tpot, prefill_s=args.prefill)
 
 

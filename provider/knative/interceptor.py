@@ -39,8 +39,8 @@ from kubernetes import watch
 from kubernetes.client import ApiException, CoreV1Api, NetworkingV1Api
 from pydantic import ValidationError
 
-from hydraserve.activator.fn_cmd import duration_s
-from hydraserve.activator.functions import FunctionConfig
+from hydraserve.contracts.durations import parse_duration
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, Plan
 from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL, TIMELINE_ANNOTATION
 from hydraserve.contracts.timeline import Timeline
@@ -83,7 +83,7 @@ def function_of(pod: dict[str, Any]) -> FunctionConfig:
     for key, name in ((TTFT_SLO_ANNOTATION, "ttft_slo_s"), (TPOT_SLO_ANNOTATION, "tpot_slo_s")):
         if key in annotations:
             try:
-                slos[name] = duration_s(annotations[key])
+                slos[name] = parse_duration(annotations[key])
             except Exception as exc:
                 raise ValueError(f"{key}: {exc}") from exc
     return FunctionConfig.model_validate({"name": labels.get(SERVICE_LABEL, meta["name"][:63]), "model_uri": model, **slos})

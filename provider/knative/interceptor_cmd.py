@@ -56,8 +56,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kubernetes.client import CoordinationV1Api, CoreV1Api
 
-    from hydraserve.activator.functions import FunctionConfig
     from hydraserve.auth import read_token
+    from hydraserve.contracts.function import FunctionConfig
     from hydraserve.contracts.plan import FunctionSpec
     from hydraserve.http_server import DrainingServer
     from hydraserve.kube import api_client

@@ -1,6 +1,6 @@
 """`kn hydra`: the kn plugin (an executable ``kn-hydra`` on PATH, installed with the package).
 
-``kn hydra create NAME --model s3://... [--ttft-slo 7.5s --tpot-slo 200ms --gpu 1 --namespace NS]``
+``kn hydra create NAME --model s3://... [--ttft-slo 7.5s --tpot-slo 200ms --idle-timeout 30s --gpu 1 -n NS]``
 writes the Knative Service with every annotation, volume and scheduler setting the fast path
 needs (provider/knative/service.py); ``--dry-run -o yaml`` prints it without a cluster.
 ``describe NAME`` shows the Service and its last cold start (the plan and timeline the
@@ -17,7 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from hydraserve.activator.fn_cmd import add_function_flags, duration_s
+from hydraserve.activator.fn_cmd import FUNCTION_FLAGS, add_function_flags
+from hydraserve.cli_flags import duration_arg, given_settings
 
 GROUP, VERSION, PLURAL = "serving.knative.dev", "v1", "services"
 PART_OF = "app.kubernetes.io/part-of=hydraserve"
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "image with --gpu 0: only the GPU image asks for GPUs)")
     create.add_argument("--cpu", default=None, help="CPU each worker requests (default 2)")
     create.add_argument("--memory", default=None, help="host memory of each worker, e.g. 4Gi (default 32Gi)")
-    create.add_argument("--timeout", type=duration_s, default=None,
+    create.add_argument("--timeout", type=duration_arg, default=None,
                         help="the revision's timeout, covering a cold start and the whole answer (default 600s)")
     create.add_argument("--s3-secret", default="hydraserve-s3", help="Secret with the S3 credentials ('' for none)")
     create.add_argument("--dry-run", action="store_true", help="print the Service, touch no cluster")
@@ -66,13 +67,12 @@ def _create(args: argparse.Namespace) -> int:
 
     from hydraserve.provider.knative.service import HydraService, knative_service
 
-    given = {"ttft_slo_s": args.ttft_slo, "tpot_slo_s": args.tpot_slo, "gpus": args.gpu,
-             "concurrency": args.concurrency, "max_instances": args.max_instances,
-             "group_replicas": args.group_replicas, "image": args.image, "cpu": args.cpu, "memory": args.memory,
+    where = {"gpus": args.gpu, "image": args.image, "cpu": args.cpu, "memory": args.memory,
              "timeout_s": None if args.timeout is None else round(args.timeout)}
+    given = {k: v for k, v in where.items() if v is not None} | given_settings(args, FUNCTION_FLAGS)
     try:
         fn = HydraService(name=args.name, namespace=args.namespace, model_uri=args.model,
-                          s3_secret=args.s3_secret or None, **{k: v for k, v in given.items() if v is not None})
+                          s3_secret=args.s3_secret or None, **given)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         print(f"kn hydra create: {problems}", file=sys.stderr)

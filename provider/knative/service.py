@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from hydraserve.activator.functions import validate_function_name
+from hydraserve.contracts.durations import duration_text
+from hydraserve.contracts.function import FunctionConfig, validate_function_name
 from hydraserve.contracts.pod import (
     LINK_KEY_ENV,
     LINK_KEY_SECRET_KEY,
@@ -47,6 +48,9 @@ ANNOTATION_PREFIX = "hydraserve.dev/"
 MODEL_ANNOTATION = ANNOTATION_PREFIX + "model"
 TTFT_SLO_ANNOTATION = ANNOTATION_PREFIX + "ttft-slo"
 TPOT_SLO_ANNOTATION = ANNOTATION_PREFIX + "tpot-slo"
+# The idle timeout: Knative keeps the last pod this long once its autoscaler has seen no request
+# for its stable window (60 s by default) and decided to scale to zero.
+IDLE_TIMEOUT_ANNOTATION = "autoscaling.knative.dev/scale-to-zero-pod-retention-period"
 SCHEDULER_NAME = "hydraserve-scheduler"
 FUNCTION_LABEL = ANNOTATION_PREFIX + "function"  # on every pod of a function (NetworkPolicies select by it)
 LOADERD_HOST_DIR = "/run/hydraserve/loaderd"  # the DaemonSet's segments (a host tmpfs directory)
@@ -56,26 +60,15 @@ DEFAULT_IMAGE = "ghcr.io/OWNER/hydraserve:0.1.0"  # vLLM for CPUs (manifests/Doc
 DEFAULT_GPU_IMAGE = DEFAULT_IMAGE + "-cuda"  # vLLM with CUDA (the Dockerfile's ENGINE=gpu variant)
 
 
-def seconds_text(seconds: float) -> str:
-    """'7.5s' or '200ms': how the annotations spell a duration (kn hydra's flags read both)."""
-    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
+class HydraService(FunctionConfig):
+    """What a user says about one function (``kn hydra create``'s flags): its settings, the
+    FunctionConfig every deployment shares, and where on Knative its workers run."""
 
-
-class HydraService(BaseModel):
-    """What a user says about one function (``kn hydra create``'s flags)."""
-
-    name: str
     namespace: str = "default"
     model_uri: str = Field(pattern=r"^s3://[^/]+/.+")
-    ttft_slo_s: float = Field(default=7.5, gt=0)
-    tpot_slo_s: float = Field(default=0.2, gt=0)
     gpus: int = Field(default=1, ge=0, le=8, description="GPUs per worker (0: a CPU worker)")
     image: str = Field(default="", description="the runtime image; default: the GPU variant when the worker "
                        "has GPUs, the CPU one when it has none (only the GPU image asks for a GPU)")
-    concurrency: int = Field(default=32, ge=0, description="requests one instance serves at once (0: no limit)")
-    max_instances: int = Field(default=4, ge=1, le=64)
-    group_replicas: int = Field(default=1, description="on Knative always 1: a consolidated group is one pod, "
-                                "and scaling out is Knative's (more pods, up to max_instances)")
     cpu: str = Field(default="2", pattern=r"^\d+(\.\d+)?m?$", description="CPU each worker requests")
     memory: str = Field(default="32Gi", pattern=r"^\d+(Ki|Mi|Gi|Ti)?$", description="host memory of each worker "
                         "(request and limit)")
@@ -92,12 +85,13 @@ class HydraService(BaseModel):
     @field_validator("group_replicas")
     @classmethod
     def _one_replica(cls, value: int) -> int:
+        """On Knative a consolidated group is one pod; scaling out is Knative's."""
         if value != 1:
             raise ValueError("on Knative a consolidated group is one pod; scale out with --max-instances "
                              "(Knative adds pods, each a cold start the planner places)")
         return value
 
-    @field_validator("name", "namespace")
+    @field_validator("namespace")
     @classmethod
     def _dns_label(cls, value: str) -> str:
         return validate_function_name(value)
@@ -116,10 +110,11 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
     """The serving.knative.dev/v1 Service for ``fn``."""
     annotations = {
         MODEL_ANNOTATION: fn.model_uri,
-        TTFT_SLO_ANNOTATION: seconds_text(fn.ttft_slo_s),
-        TPOT_SLO_ANNOTATION: seconds_text(fn.tpot_slo_s),
+        TTFT_SLO_ANNOTATION: duration_text(fn.ttft_slo_s),
+        TPOT_SLO_ANNOTATION: duration_text(fn.tpot_slo_s),
         "autoscaling.knative.dev/initial-scale": "0",
         "autoscaling.knative.dev/min-scale": "0",
+        IDLE_TIMEOUT_ANNOTATION: duration_text(fn.idle_timeout_s),
         "autoscaling.knative.dev/max-scale": str(fn.max_instances),
         "serving.knative.dev/progress-deadline": f"{fn.timeout_s}s",
     }

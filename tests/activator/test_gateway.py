@@ -32,11 +32,11 @@ from flask import Flask, Response, jsonify, request
 
 from hydraserve import cli, http_events
 from hydraserve.activator.admin_client import GatewayAdminClient
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.gateway import MAX_BODY_BYTES, Gateway, create_gateway_app
 from hydraserve.aio_server import BackgroundAioServer
 from hydraserve.auth import write_token_file
 from hydraserve.contracts import events
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.errors import ConflictError, InvalidRequestError, NotFoundError
 from hydraserve.http_errors import install_error_handlers
 from hydraserve.http_server import DrainingServer, client_gone
@@ -419,8 +419,8 @@ def test_an_update_reaches_the_next_cold_start_while_the_running_instance_serves
     _gw, backend, server = setup
     admin = GatewayAdminClient(server.url, ADMIN)
     assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
-    updated = admin.update("fn", {"ttft_slo_s": 7.5, "model_uri": "s3://b/m2", "concurrency": 1, "max_instances": 2})
-    assert updated["changed"]["ttft_slo_s"] == {"from": 10.0, "to": 7.5} and "tpot_slo_s" not in updated["changed"]
+    updated = admin.update("fn", {"ttft_slo_s": 5.0, "model_uri": "s3://b/m2", "concurrency": 1, "max_instances": 2})
+    assert updated["changed"]["ttft_slo_s"] == {"from": 7.5, "to": 5.0} and "tpot_slo_s" not in updated["changed"]
     assert backend.prepared == ["fn"] and len(updated["instances"]) == 1  # the new model read; the instance kept
     stream = requests.post(f"{server.url}/functions/fn/v1/completions", stream=True, timeout=10,
                            json={"prompt": "x", "stream": True, "max_tokens": 50})
@@ -430,8 +430,8 @@ def test_an_update_reaches_the_next_cold_start_while_the_running_instance_serves
     assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
     assert len([line for line in lines if line.startswith(b"data: {")]) == 49  # the stream ran to its end on the old instance
     first, second = backend.started_with
-    assert (first.ttft_slo_s, first.model_uri) == (10.0, "s3://b/m")
-    assert (second.ttft_slo_s, second.model_uri, second.concurrency) == (7.5, "s3://b/m2", 1)
+    assert (first.ttft_slo_s, first.model_uri) == (7.5, "s3://b/m")
+    assert (second.ttft_slo_s, second.model_uri, second.concurrency) == (5.0, "s3://b/m2", 1)
     assert backend.stops == [] and admin.describe("fn")["config"]["model_uri"] == "s3://b/m2"
 
 
@@ -488,8 +488,8 @@ def test_the_fn_command_updates_reads_logs_and_prints_json_and_yaml(
         return code, out, err
 
     assert requests.post(f"{server.url}/functions/fn/v1/completions", json={"prompt": "x"}).status_code == 200
-    code, out, _ = fn("update", "fn", "--ttft-slo", "7.5s", "--idle-timeout", "2m")
-    assert code == 0 and "ttft_slo_s 10.0 -> 7.5" in out and "idle_timeout_s 30.0 -> 120.0" in out
+    code, out, _ = fn("update", "fn", "--ttft-slo", "5s", "--idle-timeout", "2m")
+    assert code == 0 and "ttft_slo_s 7.5 -> 5.0" in out and "idle_timeout_s 30.0 -> 120.0" in out
     assert "the 1 instance(s) running keep serving" in out
     code, _, err = fn("update", "fn", "--concurrency", "-1")
     assert code == 1 and "concurrency" in err
@@ -501,7 +501,7 @@ def test_the_fn_command_updates_reads_logs_and_prints_json_and_yaml(
     assert code == 0 and out.startswith("- name: fn\n") and yaml.safe_load(out) == listed  # YAML, not JSON
     code, out, _ = fn("describe", "fn", "-o", "yaml")
     described = yaml.safe_load(out)
-    assert described["config"]["ttft_slo_s"] == 7.5 and "plan_decided" in [
+    assert described["config"]["ttft_slo_s"] == 5.0 and "plan_decided" in [
         e["name"] for e in described["last_cold_start"]["events"]]
     code, out, _ = fn("describe", "fn", "-o", "json")
     assert json.loads(out)["config"] == described["config"]

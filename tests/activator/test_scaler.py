@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.scaler import BACKOFF_FIRST_S, MODEL_RECHECK_S, FunctionScaler, Instance, ScaleState
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.errors import (
     FunctionFailedError,
     IntegrityError,
@@ -499,9 +499,9 @@ def test_an_update_lets_parked_requests_on_at_once_and_the_next_start_uses_it() 
         assert await asyncio.wait_for(parked, 1) is first and backend.starts == 1
         parked = asyncio.create_task(scaler.acquire())
         await until(lambda: scaler.status()["waiting"] == 1)
-        scaler.update_config(scaler.config.model_copy(update={"max_instances": 2, "ttft_slo_s": 7.5}))
+        scaler.update_config(scaler.config.model_copy(update={"max_instances": 2, "ttft_slo_s": 5.0}))
         assert await asyncio.wait_for(parked, 5) is not first
-        assert [c.ttft_slo_s for c in backend.started_with] == [10.0, 7.5]
+        assert [c.ttft_slo_s for c in backend.started_with] == [7.5, 5.0]
         with pytest.raises(ValueError, match="cannot become"):
             scaler.update_config(scaler.config.model_copy(update={"name": "other"}))
     run(body())

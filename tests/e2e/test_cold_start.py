@@ -17,9 +17,9 @@ from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.activator.ports import Endpoint
 from hydraserve.contracts import events
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.demo.client import stream_completion
 from hydraserve.demo.stack import LocalStack, StackOptions
 

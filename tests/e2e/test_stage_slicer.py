@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hydraserve.activator.functions import FunctionConfig
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.loader import PrefetchRequest
 from hydraserve.loaderd.service import LoaderConfig, LoaderService
 from hydraserve.modeltools.tiny import make_tiny_model

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException
 
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.auth import verify_scoped_token
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.pod import INSTANCE_LABEL, PLAN_ANNOTATION, ROLE_ANNOTATION, STAGE_LABEL
 from hydraserve.contracts.timeline import Timeline

@@ -6,6 +6,7 @@ under Knative's defaults the same Service is refused, for exactly the settings t
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from hydraserve.activator.fn_cmd import duration_s
+from hydraserve.contracts.durations import parse_duration
 
 from .knative_rules import as_pod, knative_violations
 from .test_manifests import K8S_VERSION, ROOT
@@ -60,7 +61,7 @@ def test_the_dry_run_passes_the_schemas_and_knatives_rules_with_the_install_sett
     assert (meta["name"], meta["namespace"]) == ("llama", "team-a")
     notes = template["metadata"]["annotations"]
     assert notes["hydraserve.dev/model"] == "s3://models/llama-2-7b"
-    assert duration_s(notes["hydraserve.dev/ttft-slo"]) == 7.5 and duration_s(notes["hydraserve.dev/tpot-slo"]) == 0.2
+    assert parse_duration(notes["hydraserve.dev/ttft-slo"]) == 7.5 and parse_duration(notes["hydraserve.dev/tpot-slo"]) == 0.2
     spec = template["spec"]
     assert spec["schedulerName"] == "hydraserve-scheduler" and spec["timeoutSeconds"] == 600
     assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -83,6 +84,23 @@ def test_only_the_gpu_image_asks_for_a_gpu() -> None:
         assert container["resources"]["limits"].get("nvidia.com/gpu") == (str(gpus) if gpus else None)
     mine = HydraService(name="f", model_uri="s3://m/x", gpus=0, image="registry/mine:1")
     assert mine.image == "registry/mine:1"  # an image named is the user's
+
+
+def test_the_settings_reach_the_annotations_and_the_interceptor_reads_them_back() -> None:
+    from hydraserve.contracts.function import setting_default
+    from hydraserve.provider.knative.interceptor import function_of
+    from hydraserve.provider.knative.service import IDLE_TIMEOUT_ANNOTATION
+
+    for flags, ttft, idle in (([], setting_default("ttft_slo_s"), setting_default("idle_timeout_s")),
+                              (["--ttft-slo", "7500ms", "--idle-timeout", "2m"], 7.5, 120.0)):
+        done = kn_hydra("create", "fn", "--model", "s3://m/x", "--tpot-slo", "0.05", *flags, "--dry-run", "-o", "json")
+        assert done.returncode == 0, done.stderr
+        template = json.loads(done.stdout)["spec"]["template"]
+        notes = template["metadata"]["annotations"]
+        assert parse_duration(notes[IDLE_TIMEOUT_ANNOTATION]) == idle
+        read = function_of({"metadata": {"name": "fn-00001-deployment-x", "annotations": notes,
+                                          "labels": {"serving.knative.dev/service": "fn"}}})
+        assert (read.name, read.ttft_slo_s, read.tpot_slo_s) == ("fn", ttft, 0.05)
 
 
 def test_under_knatives_defaults_the_same_service_is_refused_for_what_the_install_enables(

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.auth import Principal, verify_scoped_token
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, NodeInfo, WorkerReport
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hydraserve.activator.functions import FunctionConfig
 from hydraserve.auth import mint_scoped_token
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import NodeInfo
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import HydraError

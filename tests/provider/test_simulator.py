@@ -206,8 +206,8 @@ def test_the_simulator_and_the_live_gateway_make_the_same_prewarm_decision_for_t
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from hydraserve.activator.functions import FunctionConfig
     from hydraserve.activator.scaler import FunctionScaler
+    from hydraserve.contracts.function import FunctionConfig
     from hydraserve.provider.sim.spec import LLAMA2_7B, NodeSpec, SimSpec, function_spec
     from hydraserve.provider.sim.workload import Arrivals
     from hydraserve.testing.fake_backend import ScriptedBackend
