@@ -153,7 +153,7 @@ def test_gateway(gateway: str, route: str, body: Any) -> None:
 @pytest.fixture(scope="module")
 def hosting() -> Iterator[str]:
     """A gateway hosting one function, whose settings the updates below throw bodies at."""
-    from hydraserve.activator.functions import FunctionConfig
+    from hydraserve.contracts.function import FunctionConfig
 
     gw = Gateway(ScriptedBackend(), reap_interval_s=3600)
     gw.register(FunctionConfig(name="fuzzed", model_uri="s3://b/m"))
