@@ -43,11 +43,11 @@ from hydraserve.activator.keepalive import (
 )
 from hydraserve.activator.metrics import GatewayMetrics
 from hydraserve.activator.ports import Endpoint, FunctionBackend
+from hydraserve.activator.start_failures import StartFailure, StartFailures
 from hydraserve.activator.usage import FunctionUsage
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import (
-    FunctionFailedError,
     HydraError,
     InstanceFailedError,
     OverloadedError,
@@ -59,9 +59,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-BACKOFF_FIRST_S = 1.0  # after a failed start, the next waits this long, doubling per failure
-BACKOFF_MAX_S = 60.0
-MODEL_RECHECK_S = 5.0  # a failed function asks whether its model changed at most this often
 
 
 class ScaleState(StrEnum):
@@ -87,16 +84,6 @@ class Instance:
         return self.endpoint.instance_id
 
 
-@dataclass(frozen=True)
-class StartFailure:
-    """Why the function cannot start until it or its model changes, and which model it failed on."""
-
-    reason: str
-    error_type: str
-    model_fingerprint: str | None  # None: unknown (asked again at the next check)
-    at: float
-
-
 def _handed_a_slot(waiter: asyncio.Future[Instance]) -> bool:
     return waiter.done() and not waiter.cancelled() and waiter.exception() is None
 
@@ -118,11 +105,7 @@ class FunctionScaler:
         self._starting = 0
         self._failing = 0  # failed instances the backend is still tearing down
         self._stopping = 0  # idle instances the backend is stopping
-        self.failed: StartFailure | None = None
-        self._next_model_check = 0.0
-        self.start_failures = 0  # consecutive failed starts: the backoff's exponent
-        self._backoff: asyncio.TimerHandle | None = None  # pending: no start begins until it fires
-        self._backoff_ends = 0.0  # on the injected clock, for status
+        self.start_failures = StartFailures(config.name, self._metrics, clock, resume=self._scale_out)
         self._closed = False
         self._avoid_next: tuple[str, ...] = ()  # nodes the next cold start avoids (lost workers)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -139,6 +122,11 @@ class FunctionScaler:
 
     # request path ------------------------------------------------------------------------
     @property
+    def failed(self) -> StartFailure | None:
+        """Why the function cannot start until it or its model changes (None: it can)."""
+        return self.start_failures.failed
+
+    @property
     def state(self) -> ScaleState:
         if self.instances:
             return ScaleState.READY
@@ -153,9 +141,10 @@ class FunctionScaler:
         if self._closed:
             raise TemporaryError(f"function {self.config.name} is shutting down", retry_after_s=1.0)
         if self.failed is not None and not self.instances:
-            await self._recheck_model()
+            if self.start_failures.check_due():
+                self.start_failures.model_is(await self._model_fingerprint())
             if self.failed is not None:
-                raise self._failed_error(self.failed)
+                raise self.start_failures.error(self.config.model_uri)
         if not self._waiting and not self.inflight:  # the function turns busy: its idle time ends
             self.history.busy(self._clock())
             self._prewarmed = False  # the next idle period may pre-warm again
@@ -259,7 +248,7 @@ class FunctionScaler:
 
     def _scale_out(self) -> None:
         """Begin cold starts while the demand needs more instances than are up or coming."""
-        if self._closed or self.failed is not None or self._backoff is not None:
+        if self._closed or self.start_failures.holding:
             return  # a failed function starts again once it changes; a backoff's end calls again
         have = len(self.instances) + self._starting + self._failing  # a failing one's replacement waits
         for _ in range(self._wanted_instances() - have):
@@ -304,7 +293,7 @@ class FunctionScaler:
             await self._start_failed(exc)
             return
         self._starting -= 1
-        self.start_failures = 0
+        self.start_failures.succeeded()
         ready = timeline.mark("instance_ready", component="gateway")
         self.usage.cold_start(ready.at - timeline.events[0].at)
         if self._closed:  # the gateway shut down while it started
@@ -317,48 +306,21 @@ class FunctionScaler:
 
     async def _start_failed(self, exc: Exception) -> None:
         """Back off before the next start; with nothing else serving or coming, answer the parked
-        requests, and mark the function failed if no retry can help."""
+        requests, and fail the function if no retry can help."""
         reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
         log.warning("cold start of %s failed: %s", self.config.name, reason)
         self.last_failure = reason
-        self.start_failures += 1
-        backoff_s = min(BACKOFF_FIRST_S * 2 ** (self.start_failures - 1), BACKOFF_MAX_S)
-        self._back_off(backoff_s)
+        backoff_s = self.start_failures.failed_once()
         if self.instances or self._starting or self._failing:  # others serve or come: the parked requests wait for them
             return
         if not fails_every_start(exc):
             self._fail_waiters(TemporaryError(f"function {self.config.name} failed to start: {reason}",
                                               retry_after_s=backoff_s))
             return
-        error_type = exc.error_type if isinstance(exc, HydraError) else "internal_error"
-        self.failed = StartFailure(reason, error_type, None, self._clock())
-        self._fail_waiters(self._failed_error(self.failed))
-        self._metrics.failed_functions.labels(self.config.name).set(1)
-        log.error("function %s failed: %s (not started again until it or its model changes)",
-                  self.config.name, reason)
-        fingerprint = await self._model_fingerprint()
-        if self.failed is not None and self.failed.reason == reason:
-            self.failed = StartFailure(reason, error_type, fingerprint, self.failed.at)
-            self._next_model_check = self._clock() + MODEL_RECHECK_S
-
-    def _back_off(self, delay_s: float) -> None:
-        """No start begins for ``delay_s`` (real seconds); then demand starts one again."""
-        if self._backoff is not None:
-            self._backoff.cancel()
-        self._backoff_ends = self._clock() + delay_s
-        self._backoff = asyncio.get_running_loop().call_later(delay_s, self._backoff_over)
-
-    def _backoff_over(self) -> None:
-        self._backoff = None
-        self._scale_out()
-
-    def _failed_error(self, failure: StartFailure) -> FunctionFailedError:
-        name = self.config.name
-        return FunctionFailedError(
-            f"function {name} failed to start and is not started again until it or its model changes: "
-            f"{failure.reason}. Fix the model and push it again (hydraserve model push DIR "
-            f"{self.config.model_uri}) or change the function (hydraserve fn update {name} ...)",
-            param="function")
+        failure = self.start_failures.fail_for_good(reason, exc.error_type if isinstance(exc, HydraError)
+                                                    else "internal_error")
+        self._fail_waiters(self.start_failures.error(self.config.model_uri))
+        self.start_failures.failed_on(failure, await self._model_fingerprint())
 
     async def _model_fingerprint(self) -> str | None:
         try:
@@ -366,26 +328,6 @@ class FunctionScaler:
         except Exception as exc:  # storage unreachable: unknown, asked again at the next check
             log.warning("could not read the fingerprint of %s's model: %s", self.config.name, exc)
             return None
-
-    async def _recheck_model(self) -> None:
-        """A failed function whose model was pushed again (its fingerprint changed) may start."""
-        now = self._clock()
-        if self.failed is None or now < self._next_model_check:
-            return
-        self._next_model_check = now + MODEL_RECHECK_S
-        fingerprint = await self._model_fingerprint()
-        if self.failed is not None and fingerprint is not None and fingerprint != self.failed.model_fingerprint:
-            log.info("the model of failed function %s changed: it may start again", self.config.name)
-            self._clear_failure()
-
-    def _clear_failure(self) -> None:
-        """The function or its model changed: the next request starts it at once."""
-        self.failed = None
-        self.start_failures = 0
-        if self._backoff is not None:
-            self._backoff.cancel()
-            self._backoff = None
-        self._metrics.failed_functions.labels(self.config.name).set(0)
 
     # failures while serving ---------------------------------------------------------------
     def instance_failed(self, instance: Instance, reason: str) -> bool:
@@ -521,8 +463,7 @@ class FunctionScaler:
     async def shutdown(self) -> None:
         """Stop every instance now and answer parked requests (gateway exit, function deleted)."""
         self._closed = True
-        if self._backoff is not None:
-            self._backoff.cancel()
+        self.start_failures.cancel()
         self._fail_waiters(TemporaryError(f"function {self.config.name} is shutting down", retry_after_s=1.0))
         instances, self.instances = list(self.instances.values()), {}
         for instance in instances:
@@ -540,7 +481,7 @@ class FunctionScaler:
         self.history.settings = PolicySettings(fixed_keep_alive_s=config.idle_timeout_s)
         if self.failed is not None:
             log.info("failed function %s changed: it may start again", config.name)
-            self._clear_failure()
+        self.start_failures.clear()
         self._dispatch()  # a higher concurrency has free slots for parked requests
         self._scale_out()  # a higher max_instances may start another for them
 
@@ -561,9 +502,6 @@ class FunctionScaler:
                                "reason": ka.reason},
                 "instance_failures": self.instance_failures, "last_failure": self.last_failure,
                 "usage": self.usage.as_dict(),
-                "failed": None if self.failed is None else {"reason": self.failed.reason,
-                                                            "error_type": self.failed.error_type},
-                "start_failures": self.start_failures,
-                "next_start_in_s": round(max(0.0, self._backoff_ends - self._clock()), 3) if self._backoff else 0.0,
+                **self.start_failures.status(),
                 "instances": [{"id": i.instance_id, "url": i.endpoint.url, "inflight": i.inflight}
                               for i in self.instances.values()]}

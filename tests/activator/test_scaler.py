@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from hydraserve.activator.scaler import BACKOFF_FIRST_S, MODEL_RECHECK_S, FunctionScaler, Instance, ScaleState
+from hydraserve.activator.scaler import FunctionScaler, Instance, ScaleState
+from hydraserve.activator.start_failures import BACKOFF_FIRST_S, MODEL_RECHECK_S
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.errors import (
     FunctionFailedError,
