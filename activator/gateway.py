@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import ipaddress
 import logging
@@ -36,6 +35,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hydraserve import http_events
+from hydraserve.activator.admin_routes import add_admin_routes
 from hydraserve.activator.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from hydraserve.activator.ports import FunctionBackend, WorkerLog
 from hydraserve.activator.proxy import (
@@ -72,7 +72,6 @@ T = TypeVar("T")
 MAX_INSTANCE_RETRIES = 2  # a request is sent to at most three instances
 MAX_BODY_BYTES = 1 << 20  # as the runtime's limit: a larger body is refused before a cold start
 ADMIN_PREFIX = "/v1/functions"
-DEFAULT_LOG_TAIL, MAX_LOG_TAIL = 200, 10_000  # lines per worker that GET /v1/functions/{name}/logs returns
 METRICS = web.AppKey("metrics", GatewayMetrics)
 FUNCTION = web.RequestKey("function", str)  # the function a request is counted under
 BODY = web.RequestKey("body", bytes)  # the request's body, once read
@@ -273,19 +272,6 @@ def _changeable(name: str, fields: Any) -> dict[str, Any]:
     if fields.get("name", name) != name:
         raise InvalidRequestError("name: a function cannot be renamed (create another)", param="name")
     return fields
-
-
-def _log_tail(text: str | None) -> int:
-    """?tail=N, the lines per worker: bounded (a worker's log grows for as long as it serves)."""
-    if text is None:
-        return DEFAULT_LOG_TAIL
-    try:
-        tail = int(text)
-    except ValueError:
-        tail = 0
-    if not 1 <= tail <= MAX_LOG_TAIL:
-        raise InvalidRequestError(f"tail: must be a whole number from 1 to {MAX_LOG_TAIL}", param="tail")
-    return tail
 
 
 # the app ----------------------------------------------------------------------------------
@@ -524,49 +510,10 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
         return web.Response(body=generate_latest(gateway.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def list_functions(_request: web.Request) -> web.Response:
-        return web.json_response({"functions": [s.status() for s in gateway.functions()]})
-
-    async def create_function(request: web.Request) -> web.Response:
-        config = validate(FunctionConfig, decode_json(await _read_body(request)))
-        scaler = await gateway.create(config)
-        return web.json_response(scaler.status() | {"config": config.model_dump(mode="json")}, status=201)
-
-    async def describe_function(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        scaler = gateway.scaler(name)
-        merged = await gateway.blocking(gateway.cold_start_timeline, name)
-        return web.json_response(scaler.status() | {"config": scaler.config.model_dump(mode="json"),
-                                                    "last_cold_start": merged.model_dump(mode="json")})
-
-    async def update_function(request: web.Request) -> web.Response:
-        scaler, changed = await gateway.update(request.match_info["name"], decode_json(await _read_body(request)))
-        return web.json_response(scaler.status() | {"config": scaler.config.model_dump(mode="json"), "changed": {
-            k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
-
-    async def function_logs(request: web.Request) -> web.Response:
-        tail = _log_tail(request.query.get("tail"))
-        logs = await gateway.blocking(gateway.worker_logs, request.match_info["name"], tail)
-        return web.json_response({"workers": [dataclasses.asdict(w) for w in logs]})
-
-    async def delete_function(request: web.Request) -> web.Response:
-        stopped = await gateway.delete(request.match_info["name"])
-        return web.json_response({"name": request.match_info["name"], "deleted": True, "stopped_instances": stopped})
-
-    async def timeline(request: web.Request) -> web.Response:
-        merged = await gateway.blocking(gateway.cold_start_timeline, request.match_info["name"])
-        return web.json_response(merged.model_dump(mode="json"))
-
     methods: Any = "*"
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/functions", list_functions)
-    app.router.add_post("/v1/functions", create_function)
-    app.router.add_get("/v1/functions/{name}", describe_function)
-    app.router.add_patch("/v1/functions/{name}", update_function)
-    app.router.add_delete("/v1/functions/{name}", delete_function)
-    app.router.add_get("/v1/functions/{name}/logs", function_logs)
-    app.router.add_get("/v1/functions/{name}/timeline", timeline)
+    add_admin_routes(app.router, gateway, _read_body)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", openai_route)
     app.router.add_post("/v1/chat/completions", openai_route)
