@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydraserve.errors import HydraError, TemporaryError, UnreachableError
+from hydraserve.errors import HydraError, TemporaryError, UnreachableError, error_from_response
 
 UNKNOWN_EXIT = -255  # the fork server that reaped it is gone: its code is lost
 
@@ -73,9 +73,11 @@ class ForkServerClient:
             raise TemporaryError(f"warm pool at {self.socket_path} gave no answer: {exc}") from exc
         finally:
             conn.close()
-        if response.status != 200:
-            raise TemporaryError(f"warm pool at {self.socket_path}: HTTP {response.status} {data[:300]!r}")
-        return json.loads(data) if response.getheader("Content-Type", "").startswith("application/json") else data
+        is_json = response.getheader("Content-Type", "").startswith("application/json")
+        if response.status != 200:  # the class the status says: a wrong token is no reason to try again
+            raise error_from_response(response.status, _decoded(data, is_json), source=f"warm pool at {self.socket_path}",
+                                      retry_after=response.getheader("Retry-After"))
+        return json.loads(data) if is_json else data
 
     def adopt(self, env: dict[str, str], log_path: Path) -> AdoptedProcess:
         """A pooled process becomes the worker ``env`` describes, its output appended to ``log_path``."""
@@ -194,3 +196,13 @@ def wait_until_serving(pool: ForkServerClient, timeout_s: float, poll_s: float =
         if time.monotonic() > deadline:
             raise TemporaryError(f"warm pool at {pool.socket_path} not serving within {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+def _decoded(data: bytes, is_json: bool) -> object:
+    """An error answer's body: its JSON, or its text when it is not JSON (a proxy's, a crash's)."""
+    if is_json:
+        try:
+            return json.loads(data)
+        except ValueError:
+            pass
+    return data[:300].decode(errors="replace")

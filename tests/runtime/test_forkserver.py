@@ -19,7 +19,7 @@ import requests
 from hydraserve.auth import new_token_file
 from hydraserve.contracts.stage import StagePlan
 from hydraserve.contracts.worker import WorkerEnvironment
-from hydraserve.errors import TemporaryError, UnreachableError
+from hydraserve.errors import InvalidRequestError, UnauthorizedError, UnreachableError
 from hydraserve.processes import ChildProcess, free_port
 from hydraserve.provider.backends.process import ProcessLauncher
 from hydraserve.runtime.forkserver_client import ForkServerClient, pool_memory_gb, wait_until_serving
@@ -95,8 +95,9 @@ def test_the_pool_forks_only_as_a_single_thread_and_reports_itself(pool: Pool) -
     metrics = pool.client.metrics()
     assert 'hydraserve_pool_size{node="n0"} 2.0' in metrics and 'hydraserve_pool_idle{node="n0"} 2.0' in metrics
     assert ForkServerClient(pool.socket, "wrong").metrics() == metrics  # probes and scrapes are public
-    with pytest.raises(TemporaryError, match="401"):
+    with pytest.raises(UnauthorizedError, match="401") as refused:  # not retryable: a cold start does not try again
         ForkServerClient(pool.socket, "wrong").status()
+    assert not refused.value.retryable
     assert oct(pool.socket.stat().st_mode & 0o777) == "0o600"
 
 
@@ -105,7 +106,7 @@ def test_bad_adoption_requests_are_400_and_adopt_nothing(pool: Pool) -> None:
     outside = str(pool.socket.parent / ".." / "elsewhere.log")  # worker logs stay under the pool's log dir
     for body in ({"env": "x", "log_path": "/tmp/x"}, {"env": {"A": 1}, "log_path": "/tmp/x"}, [1],
                  {"env": {}, "log_path": outside}, {"env": {}, "log_path": "/etc/cron.d/x"}):
-        with pytest.raises(TemporaryError, match="400"):
+        with pytest.raises(InvalidRequestError, match="400"):
             pool.client._call("POST", "/v1/adopt", body)
     assert pool.client.status()["idle"] == before
 
