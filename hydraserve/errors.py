@@ -117,6 +117,14 @@ class NotFoundError(HydraError):
     error_type = "not_found_error"
 
 
+class MissingObjectError(NotFoundError):
+    """A model's file is not there: no such key in S3, no such file on disk. One class for both
+    stores, so a caller asks ``isinstance``, never an error code (an optional file's absence is
+    not an error; a missing weight file is, and no retry makes it appear)."""
+
+    error_code = "no_such_key"
+
+
 class ConflictError(HydraError):
     """The thing already exists (a function of that name)."""
 

@@ -35,7 +35,6 @@ from hydraserve.errors import (
     IntegrityError,
     InvalidRequestError,
     NotFoundError,
-    StorageError,
 )
 from hydraserve.loaderd.file_check import FileCheck, file_check
 from hydraserve.loaderd.metrics import LoaderMetrics
@@ -319,12 +318,7 @@ class LoaderService:
         with self._lock:
             data = self._small_files.get(key)
         if data is None:
-            try:
-                data = held.files.read_bytes(name)
-            except StorageError as exc:
-                if exc.code == "no_such_key":  # an optional file (generation_config.json): 404
-                    raise NotFoundError(exc.message, param="name") from None
-                raise
+            data = held.files.read_bytes(name)  # a file it lacks: MissingObjectError, a 404
             if len(data) > MAX_SMALL_FILE:
                 raise InvalidRequestError(f"{name} is {len(data)} B; /v1/file serves at most {MAX_SMALL_FILE} B",
                                           param="name")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hydraserve.contracts.model import MANIFEST_FILE, SAFE_NAME_RE, ManifestFile, ModelManifest
-from hydraserve.errors import IntegrityError, InvalidRequestError, NotFoundError, StorageError
+from hydraserve.errors import IntegrityError, InvalidRequestError, MissingObjectError, NotFoundError
 
 if TYPE_CHECKING:
     from hydraserve.weights.model_files import StoredModelFiles
@@ -178,7 +178,5 @@ def read_manifest(model: StoredModelFiles) -> ModelManifest | None:
         if MANIFEST_FILE not in model.list_files():
             return None
         return parse_manifest(model.read_bytes(MANIFEST_FILE))
-    except (NotFoundError, StorageError) as exc:
-        if getattr(exc, "code", None) == "no_such_key" or isinstance(exc, NotFoundError):
-            return None
-        raise
+    except MissingObjectError:
+        return None

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from hydraserve.contracts.model import MANIFEST_FILE
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.contracts.tensors import TensorEntry
-from hydraserve.errors import HydraError, InvalidRequestError, NotFoundError, StorageError
+from hydraserve.errors import HydraError, InvalidRequestError, MissingObjectError, NotFoundError, StorageError
 from hydraserve.weights.architectures import Architecture
 from hydraserve.weights.layout import num_layers_in, stage_tensors
 from hydraserve.weights.s3_uri import ObjectInfo, S3Uri, is_s3_uri, parse_s3_uri, validate_file_name
@@ -61,8 +61,8 @@ class ModelFiles(ABC):
 
     @abstractmethod
     def read_bytes(self, name: str) -> bytes:
-        """A whole small file (config, tokenizer, index); NotFoundError or StorageError
-        (code no_such_key) if the model has no such file."""
+        """A whole small file (config, tokenizer, index); MissingObjectError if the model has no
+        such file."""
 
     @abstractmethod
     def tensor_index(self) -> dict[str, TensorEntry]:
@@ -80,12 +80,8 @@ class ModelFiles(ABC):
         """A file's text, or None if the model does not have it (other errors propagate)."""
         try:
             return self.read_text(name)
-        except NotFoundError:
+        except MissingObjectError:  # absent; a denied one is an error
             return None
-        except StorageError as exc:  # S3: a missing key is "absent", a denied one is an error
-            if exc.code == "no_such_key":
-                return None
-            raise
 
     def read_json(self, name: str) -> Any:
         try:
@@ -245,13 +241,13 @@ class LocalModelFiles(StoredModelFiles):
         super().__init__()
         self.path = Path(path).resolve()
         if not self.path.is_dir():
-            raise NotFoundError(f"model directory {path} does not exist")
+            raise MissingObjectError(f"model directory {path} does not exist")
         self.uri = str(self.path)
 
     def _file(self, name: str) -> Path:
         path = self.path / validate_file_name(name)
         if not path.is_file():
-            raise NotFoundError(f"{path} does not exist")
+            raise MissingObjectError(f"{path} does not exist")
         return path
 
     def read_bytes(self, name: str) -> bytes:
@@ -322,7 +318,7 @@ class S3ModelFiles(StoredModelFiles):
         named = {o.key[len(prefix):]: o for o in listed}
         objects = {n: o for n, o in sorted(named.items()) if n and "/" not in n}
         if not objects:
-            raise StorageError(f"no model files under {self.uri}", code="no_such_key")
+            raise MissingObjectError(f"no model files under {self.uri}")
         return objects
 
     def fingerprint(self, fresh: bool = False) -> str:
@@ -336,10 +332,8 @@ class S3ModelFiles(StoredModelFiles):
             obj = self.location.child(MANIFEST_FILE)
             try:
                 return f"manifest:{self.client.head(obj.bucket, obj.key).etag}"
-            except StorageError as exc:
-                if exc.code == "no_such_key":
-                    return "manifest:gone"
-                raise
+            except MissingObjectError:
+                return "manifest:gone"
         return self._listing_digest(self._list() if fresh else objects)
 
     def _read_index(self) -> bytes | None:
@@ -357,10 +351,8 @@ class S3ModelFiles(StoredModelFiles):
     def _read_if_present(self, name: str) -> bytes | None:
         try:
             return self.read_bytes(name)
-        except StorageError as exc:
-            if exc.code == "no_such_key":
-                return None
-            raise
+        except MissingObjectError:
+            return None
 
     def _read_header_bytes(self, file: str) -> tuple[bytes, int]:
         obj = self.location.child(file)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.contracts.tensors import TensorEntry
-from hydraserve.errors import IntegrityError, InvalidRequestError, StorageError
+from hydraserve.errors import IntegrityError, InvalidRequestError, MissingObjectError
 from hydraserve.weights.architectures import Architecture
 from hydraserve.weights.layout import num_layers_in, segment_group, stage_tensors
 from hydraserve.weights.manifest import read_manifest
@@ -118,7 +118,7 @@ def resolve_version(files: StoredModelFiles) -> ModelVersion:
     for name, header in headers.items():
         obj = listing.get(name)
         if obj is None:
-            raise StorageError(f"{uri}/{name} is listed in the index but not in the store", code="no_such_key")
+            raise MissingObjectError(f"{uri}/{name} is listed in the index but not in the store")
         sha = head_sha = None
         tensor_sha: dict[str, str] | None = None
         entry = None

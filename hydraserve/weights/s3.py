@@ -38,7 +38,7 @@ import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from hydraserve.errors import HydraError, StorageError, TemporaryError
+from hydraserve.errors import HydraError, MissingObjectError, StorageError, TemporaryError
 from hydraserve.weights.retry import RetryPolicy
 from hydraserve.weights.s3_uri import (
     ObjectInfo,
@@ -98,7 +98,7 @@ def classify(exc: BaseException, uri: str) -> HydraError | None:
             bucket = uri[len("s3://"):].split("/", 1)[0]
             return StorageError(f"S3 bucket {bucket!r} does not exist ({uri})", code="no_such_bucket")
         if code in _NOT_FOUND or status == 404:
-            return StorageError(f"S3 object {uri} does not exist", code="no_such_key")
+            return MissingObjectError(f"S3 object {uri} does not exist")
         if code in _CREDENTIALS or status == 403:
             return StorageError(
                 f"S3 rejected the credentials for {uri} ({code or status}): check "

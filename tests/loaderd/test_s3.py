@@ -23,8 +23,8 @@ from hydraserve.contracts.stage import StageSpec
 from hydraserve.errors import (
     IntegrityError,
     InvalidRequestError,
+    MissingObjectError,
     NotFoundError,
-    PermanentError,
     TemporaryError,
 )
 from hydraserve.loaderd.daemon import LoaderDaemon, spawn_loaderd
@@ -336,7 +336,7 @@ def test_bad_uris_get_clear_errors(s3_env: dict, shm_guard: str) -> None:
             d.client().prefetch(PrefetchRequest(model_uri="s3://a/../../dev/shm"))
         with pytest.raises(InvalidRequestError):
             d.client().prefetch(PrefetchRequest(model_uri="file:///etc/passwd"))
-        with pytest.raises(PermanentError, match=r"does not exist|no model files"):
+        with pytest.raises(MissingObjectError, match=r"does not exist|no model files"):
             d.client().prefetch(PrefetchRequest(model_uri=f"s3://{BUCKET}/missing-{uuid.uuid4().hex[:6]}"))
     finally:
         d.stop()

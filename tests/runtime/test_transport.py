@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from hydraserve.contracts.stage import StagePlan
-from hydraserve.errors import EngineError, StageTransportError
+from hydraserve.errors import EngineError, MissingObjectError, StageTransportError
 from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 from hydraserve.runtime.engine.engine import LLMEngine
 from hydraserve.runtime.engine.factory import load_engine
@@ -326,7 +326,6 @@ def test_consolidation_under_load_loses_nothing_and_changes_no_token(model_dir: 
 
 def test_a_failure_during_consolidation_leaves_the_group_serving(model_dir: Path, reference: LLMEngine) -> None:
     from hydraserve.contracts.timeline import Timeline
-    from hydraserve.errors import StorageError
     from hydraserve.runtime.consolidation import Consolidator
     from hydraserve.weights.model_files import LocalModelFiles
 
@@ -334,7 +333,7 @@ def test_a_failure_during_consolidation_leaves_the_group_serving(model_dir: Path
         """The model's store loses the bytes the head still lacks."""
 
         def tensor_source(self, names, *, background=False):  # type: ignore[no-untyped-def]
-            raise StorageError("s3://models/m/model.safetensors does not exist", code="no_such_key")
+            raise MissingObjectError("s3://models/m/model.safetensors does not exist")
 
     group = Group(model_dir, [0, 2, 4])
     timeline = Timeline()
@@ -361,7 +360,6 @@ def test_an_inner_full_stage_grows_into_a_replica_while_it_serves_the_ring(model
     released the ring its engine answers as a standalone worker. A store that lost the bytes
     fails the build only: the group served on, and the stage has no replica to hand over."""
     from hydraserve.contracts.timeline import Timeline
-    from hydraserve.errors import StorageError
     from hydraserve.runtime.consolidation import Consolidator
     from hydraserve.runtime.engine.factory import build_engine
     from hydraserve.runtime.replica import ReplicaBuilder
@@ -369,7 +367,7 @@ def test_an_inner_full_stage_grows_into_a_replica_while_it_serves_the_ring(model
 
     class Vanishing(LocalModelFiles):
         def tensor_source(self, names, *, background=False):  # type: ignore[no-untyped-def]
-            raise StorageError("s3://models/m/model.safetensors does not exist", code="no_such_key")
+            raise MissingObjectError("s3://models/m/model.safetensors does not exist")
 
     group = Group(model_dir, [0, 2, 4])
     head_timeline, stage_timeline = Timeline(), Timeline()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from hydraserve.contracts.stage import StagePlan, StageSpec
 from hydraserve.embedded.s3 import EmbeddedS3
-from hydraserve.errors import InvalidRequestError, NotFoundError, StorageError
+from hydraserve.errors import InvalidRequestError, MissingObjectError, NotFoundError, StorageError
 from hydraserve.weights.fetched_source import FetchedTensorSource
 from hydraserve.weights.layout import segment_group, stage_tensors
 from hydraserve.weights.model_files import HEADER_PROBE_BYTES, S3ModelFiles, StoredModelFiles, open_model
@@ -226,9 +226,9 @@ def test_big_tensor_is_split_into_chunks(s3_server: EmbeddedS3, s3_client: S3Cli
 
 def test_s3_errors_name_the_object(s3_server: EmbeddedS3, s3_client: S3Client, bucket: str,
                                    tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match=f"no model files under s3://{bucket}/absent"):
+    with pytest.raises(MissingObjectError, match=f"no model files under s3://{bucket}/absent"):
         open_model(f"s3://{bucket}/absent", client=s3_client).safetensors_files()
-    with pytest.raises(StorageError, match=f"s3://{bucket}/absent/config.json does not exist"):
+    with pytest.raises(MissingObjectError, match=f"s3://{bucket}/absent/config.json does not exist"):
         open_model(f"s3://{bucket}/absent", client=s3_client).config()
     with pytest.raises(StorageError, match="bucket 'missing-bucket-y' does not exist"):
         open_model("s3://missing-bucket-y/m", client=s3_client).config()
@@ -239,7 +239,7 @@ def test_s3_errors_name_the_object(s3_server: EmbeddedS3, s3_client: S3Client, b
     model_dir = write_model(tmp_path / "m", llama_tensors(layers=2), shards=2)
     s3_server.upload_dir(model_dir, bucket, "partial")
     s3_client.delete(bucket, "partial/model-00002-of-00002.safetensors")
-    with pytest.raises(StorageError, match=f"s3://{bucket}/partial/model-00002-of-00002.safetensors"):
+    with pytest.raises(MissingObjectError, match=f"s3://{bucket}/partial/model-00002-of-00002.safetensors"):
         open_model(f"s3://{bucket}/partial", client=s3_client).tensor_index()
 
 
@@ -343,7 +343,7 @@ def test_fetch_error_surfaces_from_get(s3_server: EmbeddedS3, s3_client: S3Clien
     model.version()
     s3_client.delete(bucket, "gone/model.safetensors")
     source = model.tensor_source([name])
-    with pytest.raises(StorageError, match=f"s3://{bucket}/gone/model.safetensors does not exist"):
+    with pytest.raises(MissingObjectError, match=f"s3://{bucket}/gone/model.safetensors does not exist"):
         source.get(name, timeout=10)
 
 

@@ -11,7 +11,7 @@ import botocore.exceptions as bexc
 import pytest
 
 from hydraserve.embedded.s3 import EmbeddedS3
-from hydraserve.errors import InvalidRequestError, StorageError, TemporaryError
+from hydraserve.errors import InvalidRequestError, MissingObjectError, StorageError, TemporaryError
 from hydraserve.weights.s3 import (
     RetryPolicy,
     S3Client,
@@ -92,9 +92,9 @@ def test_multipart_upload_for_big_files(s3_server: EmbeddedS3, bucket: str, tmp_
 # ------------------------------------------------------------------ error mapping
 
 def test_missing_object_names_it(s3_client: S3Client, bucket: str) -> None:
-    with pytest.raises(StorageError, match=f"s3://{bucket}/no/such.bin does not exist"):
+    with pytest.raises(MissingObjectError, match=f"s3://{bucket}/no/such.bin does not exist"):
         s3_client.get_range(bucket, "no/such.bin", 0, 10)
-    with pytest.raises(StorageError, match=f"s3://{bucket}/no/such.bin"):
+    with pytest.raises(MissingObjectError, match=f"s3://{bucket}/no/such.bin"):
         s3_client.head(bucket, "no/such.bin")
 
 
