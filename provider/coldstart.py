@@ -48,7 +48,7 @@ from hydraserve.contracts.plan import (
 )
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.contracts.worker import WorkerEnvironment, WorkerStatus
 from hydraserve.errors import HydraError, InstanceFailedError, TemporaryError, UnreachableError
 from hydraserve.loaderd.client import LoaderClient
 
@@ -91,9 +91,9 @@ class LaunchedWorker(Protocol):
         """Drain and stop it; must not raise for a worker that is already gone."""
         ...
 
-    def status(self) -> dict[str, object]:
-        """What it says of itself (its /readyz body: status, reason, consolidated); raises
-        HydraError when it does not answer."""
+    def status(self) -> WorkerStatus:
+        """What it says of itself (its /readyz: status, reason, consolidated); raises HydraError
+        when it does not answer."""
         ...
 
     def timeline(self) -> Timeline:
@@ -106,14 +106,13 @@ class LaunchedWorker(Protocol):
         ...
 
 
-def worker_status(url: str) -> dict[str, object]:
-    """A worker's /readyz body (status, reason, consolidated), for launchers' ``status``;
-    TemporaryError when it does not answer."""
+def worker_status(url: str) -> WorkerStatus:
+    """A worker's /readyz (status, reason, consolidated), for launchers' ``status``;
+    TemporaryError when it does not answer, or not with a worker's status."""
     try:
-        body = requests.get(url + "/readyz", timeout=2).json()
-    except (requests.RequestException, ValueError) as exc:
-        raise TemporaryError(f"worker at {url} did not answer: {exc}") from exc
-    return dict(body) if isinstance(body, dict) else {}
+        return WorkerStatus.model_validate(requests.get(url + "/readyz", timeout=2).json())
+    except (requests.RequestException, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise TemporaryError(f"worker at {url} did not answer with its status: {exc}") from exc
 
 
 def worker_timeline(url: str) -> Timeline:
@@ -337,7 +336,7 @@ class ColdStart:
         each other full stage to become a replica."""
         while not group.stopping.wait(self.options.watch_s):
             try:
-                consolidated = group.head.status().get("consolidated") is True
+                consolidated = group.head.status().consolidated
             except HydraError:
                 continue  # a slow or restarting head: ask again
             if not consolidated:
@@ -377,9 +376,9 @@ class ColdStart:
                     status = worker.status()
                 except HydraError:
                     continue  # slow or busy: ask again
-                if status.get("status") in ("failed", "draining"):
-                    reason = str(status.get("reason") or status["status"])
-                elif status.get("consolidated") is True:
+                if status.status in ("failed", "draining"):
+                    reason = status.reason or status.status
+                elif status.consolidated:
                     replica = Group(group.plan, [worker], [st], instance_id=f"{group.instance_id}-s{st.stage.index}",
                                     split=True)
                     with self._lock:

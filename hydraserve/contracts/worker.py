@@ -32,6 +32,7 @@ from hydraserve.contracts.pod import (
     role_from_file,
 )
 from hydraserve.contracts.stage import StageSpec
+from hydraserve.errors import HydraError, TemporaryError, error_class
 
 # The routes a function serves to its clients: OpenAI's (as vLLM's server has them) and a
 # CloudEvent on POST /. The gateway forwards these only, so nothing else can wake a function.
@@ -241,3 +242,9 @@ class WorkerStatus(BaseModel):
     function: str = ""
     revision: str = ""
     consolidated: bool = Field(default=False, description="a group's head now serving the whole model alone")
+
+    def failure(self) -> HydraError:
+        """The error a failed worker names, as the class it failed with (a missing model file
+        stays a MissingObjectError: its function fails for good); TemporaryError if it names none."""
+        cls = error_class(self.error_type, self.error_code) or TemporaryError
+        return cls(f"worker failed to start: {self.reason}")

@@ -18,14 +18,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import requests
 
 from hydraserve.auth import SCOPED_TOKEN
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.contracts.worker import WorkerEnvironment
-from hydraserve.errors import HydraError, TemporaryError, UnreachableError, error_class
+from hydraserve.contracts.worker import WorkerEnvironment, WorkerStatus
+from hydraserve.errors import HydraError, TemporaryError, UnreachableError
 from hydraserve.leftovers import LEFTOVERS_KEY, remove_leftovers
 from hydraserve.logs import redact, secret_values
 from hydraserve.processes import ChildProcess, ProcessHandle, free_port, tail_lines
@@ -162,9 +161,12 @@ class WorkerProcess(ChildProcess):
                 return False
             if r.status_code == 200:
                 return True
-            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-            if body.get("status") == "failed":
-                failed.append(_start_failure(body))
+            try:
+                status = WorkerStatus.model_validate(r.json())
+            except ValueError:  # not a worker's status (yet): keep asking
+                return False
+            if status.status == "failed":
+                failed.append(status.failure())
                 return True
             return False
 
@@ -178,8 +180,7 @@ class WorkerProcess(ChildProcess):
             self.stop(grace_s=2)
             raise failed[0]
 
-    def status(self) -> dict[str, object]:
-        """The worker's /readyz body (status, reason, consolidated)."""
+    def status(self) -> WorkerStatus:
         return worker_status(self.url)
 
     def timeline(self) -> Timeline:
@@ -199,14 +200,6 @@ class WorkerProcess(ChildProcess):
                 exc = str(entry.get("exc", "")).strip().splitlines()
                 return exc[-1] if exc else str(entry.get("msg"))
         return lines[-1][-300:] if lines else "no output"
-
-
-def _start_failure(status: dict[str, Any]) -> HydraError:
-    """The error a failed worker's /readyz names, as the class it failed with (a missing model
-    file stays a NotFoundError: its function fails for good, not retried); TemporaryError when
-    it names none."""
-    cls = error_class(status.get("error_type"), status.get("error_code")) or TemporaryError
-    return cls(f"worker failed to start: {status.get('reason')}")
 
 
 def _stopped_by_signal(pid: int) -> bool:

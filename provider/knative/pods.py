@@ -42,7 +42,7 @@ from hydraserve.contracts.pod import (
     worker_secret_name,
 )
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment
+from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment, WorkerStatus
 from hydraserve.errors import HydraError, PermanentError, TemporaryError
 from hydraserve.kube import api_error, bind_pod, create_or_keep, delete_quietly
 from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
@@ -154,7 +154,7 @@ class PodWorker:
             delete_quietly(lambda n, ns: self._core.delete_namespaced_pod(
                 n, ns, grace_period_seconds=max(0, round(grace_s))), self.name, self.namespace, f"pod {self.name}")
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> WorkerStatus:
         return worker_status(self._address())
 
     def timeline(self) -> Timeline:

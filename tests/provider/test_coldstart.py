@@ -17,7 +17,7 @@ from hydraserve.auth import Principal, verify_scoped_token
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, NodeInfo, WorkerReport
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.contracts.worker import WorkerEnvironment, WorkerStatus
 from hydraserve.errors import InstanceFailedError, TemporaryError
 from hydraserve.loaderd.daemon import LoaderDaemon
 from hydraserve.loaderd.service import LoaderConfig
@@ -52,8 +52,8 @@ class FakeWorker:
         if self.fail:
             raise TemporaryError(self.fail)
 
-    def status(self) -> dict[str, object]:
-        return {"status": self.state, "consolidated": self.consolidated}
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(status=self.state, consolidated=self.consolidated)  # type: ignore[arg-type]
 
     def timeline(self) -> Timeline:
         return Timeline()
