@@ -47,7 +47,7 @@ from hydraserve.activator.proxy import (
 )
 from hydraserve.activator.scaler import FunctionScaler
 from hydraserve.activator.usage import ask_for_usage
-from hydraserve.activator.waiting import EarlyStream, progress_text, waited_headers, wants_stream
+from hydraserve.activator.waiting import EarlyStream, progress_text, streamed_request, waited_headers
 from hydraserve.auth import Authenticate, admin_only, bearer
 from hydraserve.contracts import events
 from hydraserve.contracts.function import FunctionConfig
@@ -415,11 +415,12 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
         arrived = loop.time()
         cold = not scaler.instances  # it meets a cold start (or waits behind one)
         early: EarlyStream | None = None
-        if scaler.must_wait() and wants_stream(request.method, path, body):
+        stream = streamed_request(request.method, path, body)
+        if scaler.must_wait() and stream is not None:
             early = await EarlyStream.open(request, lambda: progress_text(scaler.last_timeline if scaler.starting
                                                                           else None), cold)
         try:
-            return await _serve(request, scaler, name, path, body, arrived, cold, early)
+            return await _serve(request, scaler, name, path, ask_for_usage(body, stream), arrived, cold, early)
         except HydraError as exc:
             if early is None:
                 raise
@@ -430,10 +431,11 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
             if early is not None:
                 early.cancel()  # the client left, or the gateway stops: no more progress
 
-    async def _serve(request: web.Request, scaler: FunctionScaler, name: str, path: str, body: bytes,
-                     arrived: float, cold: bool, early: EarlyStream | None) -> web.StreamResponse:
+    async def _serve(request: web.Request, scaler: FunctionScaler, name: str, path: str,
+                     sent: tuple[bytes, bool], arrived: float, cold: bool, early: EarlyStream | None
+                     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        body, drop_usage_chunk = ask_for_usage(request.method, path, body)
+        body, drop_usage_chunk = sent  # the body to send, and whether the usage chunk is the gateway's
 
         def first_token() -> None:
             gateway.metrics.time_to_first_token_seconds.labels(name).observe(loop.time() - arrived)

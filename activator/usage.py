@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from hydraserve.activator.metrics import GatewayMetrics
-from hydraserve.contracts.worker import OPENAI_ROUTES
 
 MAX_TAPPED_BYTES = 4 << 20  # a JSON answer read for its usage (larger ones go uncounted)
-GENERATION_ROUTES = frozenset(r for r in OPENAI_ROUTES if r[1] in ("/v1/completions", "/v1/chat/completions"))
 
 
 @dataclass
@@ -68,17 +67,13 @@ class FunctionUsage:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self.totals).items()}
 
 
-def ask_for_usage(method: str, path: str, body: bytes) -> tuple[bytes, bool]:
-    """The body to send: a stream that does not ask for usage asks for it (and True: the usage
-    chunk is the gateway's, dropped on the way back)."""
-    if (method, path) not in GENERATION_ROUTES:
+def ask_for_usage(body: bytes, stream: dict[str, Any] | None) -> tuple[bytes, bool]:
+    """The body to send: a stream (``stream``: its parsed body, waiting.streamed_request) that does
+    not ask for usage asks for it (and True: the usage chunk is the gateway's, dropped on the way
+    back)."""
+    if stream is None:
         return body, False
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body, False
-    if not isinstance(data, dict) or data.get("stream") is not True:
-        return body, False
+    data = dict(stream)
     options = data.get("stream_options")
     if options is None:
         options = {}

@@ -15,6 +15,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -24,17 +25,19 @@ from hydraserve.contracts.worker import OPENAI_ROUTES
 COLD_START_HEADER = "X-HydraServe-Cold-Start"  # "true": it arrived while no instance was ready
 QUEUE_SECONDS_HEADER = "X-HydraServe-Queue-Seconds"  # how long it waited for an instance
 TICK_S = 1.0
+GENERATION_ROUTES = frozenset(r for r in OPENAI_ROUTES if r[1] in ("/v1/completions", "/v1/chat/completions"))
 
 
-def wants_stream(method: str, path: str, body: bytes) -> bool:
-    """An OpenAI request asking for a stream (``"stream": true``)."""
-    if (method, path) not in OPENAI_ROUTES:
-        return False
+def streamed_request(method: str, path: str, body: bytes) -> dict[str, Any] | None:
+    """The body of an OpenAI generation request asking for a stream (``"stream": true``), parsed
+    once per request (the wait and the usage both read it); None for any other request."""
+    if (method, path) not in GENERATION_ROUTES:
+        return None
     try:
         data = json.loads(body)
     except ValueError:
-        return False
-    return isinstance(data, dict) and data.get("stream") is True
+        return None
+    return data if isinstance(data, dict) and data.get("stream") is True else None
 
 
 def waited_headers(cold: bool, waited_s: float) -> dict[str, str]:

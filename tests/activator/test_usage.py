@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from hydraserve.activator.usage import UsageTap, ask_for_usage
+from hydraserve.activator.usage import UsageTap
+from hydraserve.activator.usage import ask_for_usage as ask_for
+from hydraserve.activator.waiting import streamed_request
 
 CHUNKS = [{"choices": [{"index": 0, "text": str(i)}]} for i in range(3)]
 USAGE = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
@@ -31,6 +33,11 @@ def test_a_json_answer_is_passed_on_untouched_and_its_usage_read() -> None:
     body = json.dumps({"choices": [{"text": "ok"}], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}).encode()
     tap = UsageTap("application/json", drop_usage_chunk=True)
     assert through(tap, body, 5) == body and tap.usage == (2, 1)
+
+
+def ask_for_usage(method: str, path: str, body: bytes) -> tuple[bytes, bool]:
+    """The gateway's two steps: the request read once, then asked for usage if it streams."""
+    return ask_for(body, streamed_request(method, path, body))
 
 
 def test_only_a_stream_that_did_not_ask_for_usage_is_asked_for_it() -> None:
