@@ -47,7 +47,8 @@ log = logging.getLogger("hydraserve.forkserver")
 # phase). A pool serves one engine: a vLLM worker must not have the compact worker's Flask.
 PRELOAD = {
     "vllm": ("hydraserve.runtime.worker", "hydraserve.runtime.serving.worker", "hydraserve.runtime.serving.engine",
-             "hydraserve.runtime.startup", "hydraserve.runtime.loader_files", "hydraserve.weights.s3"),
+             "hydraserve.runtime.startup", "hydraserve.runtime.loader_files", "hydraserve.weights.s3",
+             "hydraserve.runtime.serving.first_token", "hydraserve.runtime.roles", "hydraserve.runtime.engine.factory"),
     "compact": ("hydraserve.runtime.worker", "hydraserve.runtime.compact_worker", "hydraserve.runtime.startup",
                 "hydraserve.runtime.loader_files", "hydraserve.runtime.roles", "hydraserve.runtime.engine.engine",
                 "hydraserve.runtime.engine.factory", "hydraserve.runtime.server.app", "hydraserve.weights.s3"),
@@ -495,14 +496,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.engine == "vllm":
         from hydraserve.runtime.serving.args import PROCESS_ENV
-        from hydraserve.runtime.serving.engine import VLLM_MODULES
 
         os.environ.update(PROCESS_ENV)  # before vLLM (and huggingface_hub) read them
-        modules: tuple[str, ...] = (*PRELOAD["vllm"], *VLLM_MODULES)
-    else:
-        modules = PRELOAD["compact"]
-    for module in modules:
+    for module in PRELOAD[args.engine]:
         importlib.import_module(module)
+    if args.engine == "vllm":
+        from hydraserve.runtime.serving.engine import import_vllm
+
+        import_vllm()  # what a worker would import, and vLLM's argument parser built
     import gc
 
     gc.freeze()  # the imported heap: children never walk (nor copy-on-write) it in a collection

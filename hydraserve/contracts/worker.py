@@ -60,6 +60,7 @@ ENV_KEYS: dict[str, str] = {
     "peers": "HYDRASERVE_PEERS",
     "group_layers": "HYDRASERVE_GROUP_LAYERS",
     "engine": "HYDRASERVE_ENGINE",
+    "first_token_engine": "HYDRASERVE_FIRST_TOKEN_ENGINE",
     "kv_cache_bytes": "HYDRASERVE_KV_CACHE_BYTES",
     "enforce_eager": "HYDRASERVE_ENFORCE_EAGER",
     "handover_s": "HYDRASERVE_HANDOVER_S",
@@ -113,6 +114,10 @@ class WorkerEnvironment(BaseModel):
                                     "group holds, in stage order (vLLM builds exactly these)")
     engine: Literal["vllm", "compact"] = Field(
         default="vllm", description="the serving engine: vLLM, or our compact engine (Llama family and OPT)")
+    first_token_engine: Literal["compact", "vllm"] = Field(
+        default="compact", description="with engine=vllm, what answers the first requests of a worker that "
+        "holds the whole model: our compact engine (where it runs the architecture) while vLLM's starts "
+        "beside it, then vLLM (measured faster: README), or vLLM from the start")
     kv_cache_bytes: int = Field(default=128 << 20, ge=1 << 20, description="vLLM's KV cache, sized by the "
                                 "launcher from the worker's memory grant (no profiling run)")
     enforce_eager: bool = Field(default=True, description="vLLM without torch.compile (the faster cold start "

@@ -57,16 +57,19 @@ class LLMEngine:
     # ---- caller side (any thread) ----
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
-               request_id: str | None = None) -> RequestStream:
-        """Queue a request; raises InvalidRequestError / ContextLengthError before queueing."""
+               request_id: str | None = None, on_put: Callable[[], None] | None = None) -> RequestStream:
+        """Queue a request; raises InvalidRequestError / ContextLengthError before queueing.
+        ``on_put`` is called from the engine's thread after each delta (an event loop's wake-up)."""
         validate_request(prompt_token_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
         request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
         prompt = list(prompt_token_ids)
-        stream = RequestStream(request_id, prompt, on_cancel=self._wake)
+        stream = RequestStream(request_id, prompt, on_cancel=self._wake, on_put=on_put)
+        eos = params.stop_token_ids if params.stop_token_ids is not None else \
+            frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
         request = Request(
             request_id=request_id, prompt_token_ids=prompt, params=params, stream=stream,
             generator=make_generator(params.seed), detokenizer=self.tokenizer.detokenizer(prompt),
-            eos_token_ids=frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids,
+            eos_token_ids=eos,
         )
         with self._cond:
             if not self._accepting:

@@ -33,19 +33,25 @@ class GenerationResult:
 class RequestStream:
     """GenerationStream implementation: iterate to get deltas; the last has a finish_reason."""
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], on_cancel: Callable[[], None]) -> None:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], on_cancel: Callable[[], None],
+                 on_put: Callable[[], None] | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self._queue: queue.Queue[TokenDelta | BaseException] = queue.Queue()
         self._on_cancel = on_cancel
+        self._on_put = on_put  # told (from the engine's thread) after each delta or failure
         self._done = False
         self.cancelled = threading.Event()
 
     def put(self, delta: TokenDelta) -> None:
         self._queue.put(delta)
+        if self._on_put is not None:
+            self._on_put()
 
     def fail(self, error: BaseException) -> None:
         self._queue.put(error)
+        if self._on_put is not None:
+            self._on_put()
 
     def __iter__(self) -> Iterator[TokenDelta]:
         while not self._done:

@@ -24,6 +24,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+    # The tokens that end the request, when the caller decides them (vLLM's EOS and stop_token_ids,
+    # hydraserve.runtime.serving.first_token); None: the tokenizer's EOS ids unless ignore_eos.
+    stop_token_ids: frozenset[int] | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ The engine is built in a thread so the event loop keeps answering health probes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -59,6 +60,7 @@ def import_vllm() -> None:
 
     for module in VLLM_MODULES:
         importlib.import_module(module)
+    _engine_arg_parser()
     gc.freeze()
 
 
@@ -125,10 +127,16 @@ def use_engine_environment(settings: WorkerEnvironment) -> None:
 
 def parse_engine_args(settings: WorkerEnvironment, model_dir: Path | str) -> Any:
     """vLLM's own parser over our arguments (its defaults and checks stay its own)."""
+    return _engine_arg_parser().parse_args(engine_cli_args(settings, str(model_dir)))
+
+
+@functools.cache
+def _engine_arg_parser() -> Any:
+    """vLLM's ``serve`` parser, built once (0.3 s here: a pooled process builds it before adoption)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    return make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(settings, str(model_dir)))
+    return make_arg_parser(FlexibleArgumentParser())
 
 
 async def build_engine(settings: WorkerEnvironment, model_dir: Path | str, timeline: Timeline) -> Any:
@@ -139,22 +147,28 @@ async def build_engine(settings: WorkerEnvironment, model_dir: Path | str, timel
 
 async def start_server(settings: WorkerEnvironment, model_dir: Path | str, timeline: Timeline) -> VllmServer:
     """vLLM's engine and OpenAI app over it."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
-
     use_engine_environment(settings)
     args = parse_engine_args(settings, model_dir)
     engine = await _started(args, timeline)
     if settings.stage is not None and settings.stage.num_stages > 1:  # every stage joined and loaded
         timeline.mark("group_linked", stages=settings.stage.num_stages)
     try:
-        handover = HandoverEngine(engine)
-        tasks = await engine.get_supported_tasks()
-        app = build_app(args, tasks, engine.model_config)
-        await init_app_state(handover, app.state, args, tasks)  # type: ignore[arg-type]  # forwards EngineClient's
+        return await serve_app(settings, args, engine)
     except BaseException:
         engine.shutdown()
         raise
+
+
+async def serve_app(settings: WorkerEnvironment, args: Any, engine: Any) -> VllmServer:
+    """vLLM's OpenAI app with its state over ``engine`` (vLLM's, or the compact engine's
+    CompactLLM), behind a HandoverEngine."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    handover = HandoverEngine(engine)
+    tasks = await engine.get_supported_tasks()
+    app = build_app(args, tasks, engine.model_config)
+    await init_app_state(handover, app.state, args, tasks)  # type: ignore[arg-type]  # forwards EngineClient's
     return VllmServer(handover, app, served_model_name(settings))
 
 

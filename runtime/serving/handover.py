@@ -12,7 +12,10 @@ once the old engine has nothing in flight; the caller then stops it. Greedy requ
 token for token; a sampled request continues with the new engine's randomness (a seed does not
 carry over mid-sequence), and a stop string split across the move may be missed. Requests with
 ``n > 1`` or beam search are not moved: they finish on the old engine whatever the bound.
-Called by the consolidation (hydraserve.runtime.serving.consolidation).
+An engine with a ``takes(prompt, params)`` (the compact engine answering a worker's first
+requests: hydraserve.runtime.serving.first_token) gets only the requests it takes; the others
+wait for the engine switched to next. Called by the consolidation
+(hydraserve.runtime.serving.consolidation) and the first-token hand-over.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ class HandoverEngine:
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
+        self._app_model_config = getattr(engine, "model_config", None)  # the one vLLM's serving layer holds
         self._owner: dict[str, Any] = {}  # request id -> the engine it runs on
         self._move: dict[int, asyncio.Event] = {}  # id(engine) -> set once its requests must move
         self.moved = 0  # requests re-prefilled on a new engine (tests and the timeline read it)
+        self.deferred = 0  # requests the first engine did not take, answered by the next
         self.served = asyncio.Event()  # a request has been answered to its end
         self._retired: list[Any] = []  # kept: collecting one would stop the renderer still in use
+        self._next: asyncio.Future[Any] | None = None  # the engine switched to next (deferred requests wait)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -49,10 +55,30 @@ class HandoverEngine:
         for rid in ids:
             await self._owner.get(rid, self._engine).abort(rid, internal)
 
+    def _successor(self) -> asyncio.Future[Any]:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        return self._next
+
+    def no_successor(self, error: BaseException) -> None:
+        """No engine will follow (it failed to start): requests waiting for one fail with ``error``."""
+        successor = self._successor()
+        if not successor.done():
+            successor.set_exception(error)
+            successor.exception()  # retrieved: no "never retrieved" warning when nobody waited
+
     async def switch(self, new: Any, bound_s: float) -> int:
         """Serve from ``new``; move the old engine's stragglers after ``bound_s``; return once the
         old engine holds no request (the number moved)."""
         old, self._engine = self._engine, new
+        # vLLM's serving layer checks lengths against the first engine's model config: the new
+        # engine's context (its KV cache's auto-fit) is the one that holds from now on
+        if self._app_model_config is not None:
+            self._app_model_config.max_model_len = new.model_config.max_model_len
+        successor = self._successor()
+        if not successor.done():
+            successor.set_result(new)
+        self._next = None
         move = self._move.setdefault(id(old), asyncio.Event())
         deadline = time.monotonic() + bound_s
         moved_before = self.moved
@@ -81,6 +107,10 @@ class HandoverEngine:
         from vllm.sampling_params import RequestOutputKind
 
         engine = self._engine
+        takes = getattr(engine, "takes", None)  # an engine that answers only some requests (first_token)
+        if takes is not None and not takes(prompt, sampling_params):
+            self.deferred += 1
+            engine = await asyncio.shield(self._successor())
         movable = sampling_params.n == 1 and not getattr(sampling_params, "use_beam_search", False)
         produced: list[int] = []  # tokens this request has yielded so far (n == 1)
         texts: list[str] = []

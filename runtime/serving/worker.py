@@ -136,6 +136,11 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
     from hydraserve.runtime.serving.consolidation import become_replica, consolidate
     from hydraserve.runtime.serving.engine import import_vllm, prepare_model, start_server
     from hydraserve.runtime.serving.extension import RELEASED
+    from hydraserve.runtime.serving.first_token import (
+        compact_runs,
+        hand_over_to_vllm,
+        start_first_token_server,
+    )
     from hydraserve.runtime.serving.stage import start_stage
     from hydraserve.runtime.startup import open_files
 
@@ -149,7 +154,13 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
         model_dir = await loop.run_in_executor(None, prepare_model, settings, files, run_dir / "model")
         timeline.mark("config_loaded")
         await imported
-        if settings.is_head:
+        first_token_engine = "compact" if settings.is_head and compact_runs(settings, files.config()) else "vllm"
+        if first_token_engine == "compact":
+            server, compact_source = await start_first_token_server(settings, files, model_dir, timeline)
+            state.set_serving(server)
+            background.append(asyncio.create_task(hand_over_to_vllm(settings, model_dir, server, compact_source,
+                                                                    state)))
+        elif settings.is_head:
             vllm = await start_server(settings, model_dir, timeline)
             _merge_load_timelines(state, await vllm.load_timelines())
             state.set_serving(vllm)
@@ -174,7 +185,8 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
 
             stage.watch(group_ended)
             loop.add_signal_handler(RELEASED, released)
-        timeline.mark("engine_ready", role="head" if settings.is_head else "stage")
+        timeline.mark("engine_ready", role="head" if settings.is_head else "stage",
+                      first_token_engine=first_token_engine)
         t0 = timeline.events[0].at
         for event in timeline.events:
             front.metrics.startup_phase.labels(event.name).set(event.at - t0)

@@ -144,3 +144,34 @@ def test_a_consumer_that_leaves_aborts_the_request_where_it_runs(moving: bool) -
         await handover.abort("someone")  # nothing runs: the current engine is asked
         assert old.aborted == ["gone", "someone"]
     asyncio.run(scenario())
+
+
+class Choosy(Engine):
+    """An engine that takes only greedy requests (as the compact engine answering first requests)."""
+
+    def takes(self, prompt: Any, params: Any) -> bool:
+        return bool(params.temperature == 0.0)
+
+
+def test_a_request_the_first_engine_does_not_take_waits_for_the_next_one() -> None:
+    async def scenario() -> None:
+        first, vllm = Choosy("first"), Engine("vllm")
+        handover = HandoverEngine(first)
+        taken = await collect(handover, [4], params(RequestOutputKind.DELTA, 3), "greedy")
+        waiting = asyncio.create_task(collect(handover, [4], params(RequestOutputKind.DELTA, 3, temperature=0.7), "hot"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and handover.deferred == 1 and [s[0] for s in first.started] == ["greedy"]
+        await handover.switch(vllm, bound_s=0.0)
+        assert len(await waiting) == 3 and [s[0] for s in vllm.started] == ["hot"] and len(taken) == 3
+    asyncio.run(scenario())
+
+
+def test_requests_waiting_for_an_engine_that_never_comes_get_its_error() -> None:
+    async def scenario() -> None:
+        handover = HandoverEngine(Choosy("first"))
+        waiting = asyncio.create_task(collect(handover, [4], params(RequestOutputKind.DELTA, 3, temperature=0.7), "hot"))
+        await asyncio.sleep(0.02)
+        handover.no_successor(RuntimeError("vLLM failed to start"))
+        with pytest.raises(RuntimeError, match="failed to start"):
+            await waiting
+    asyncio.run(scenario())
