@@ -109,9 +109,10 @@ class VllmPool:
         self.client = ForkServerClient(self.socket, token)
         wait_until_serving(self.client, 120)
 
-    def launch(self, model_uri: str, **fields: object):  # type: ignore[no-untyped-def]  # -> WorkerProcess
-        """A vLLM worker of ``model_uri`` (fp32 unless ``dtype`` says otherwise), adopted from the pool;
-        vLLM answers its first requests too unless ``first_token_engine`` says otherwise."""
+    def launch(self, model_uri: str, pooled: bool = True, **fields: object):  # type: ignore[no-untyped-def]
+        """A vLLM worker (a WorkerProcess) of ``model_uri`` (fp32 unless ``dtype`` says otherwise),
+        adopted from the pool (or spawned: it imports vLLM itself); vLLM answers its first requests
+        too unless ``first_token_engine`` says otherwise."""
         from hydraserve.contracts.worker import WorkerEnvironment
         from hydraserve.processes import free_port
         from hydraserve.provider.backends.process import ProcessLauncher
@@ -120,7 +121,7 @@ class VllmPool:
             "model_uri": model_uri, "function": "fn", "revision": "fn-00001", "instance_id": f"fn-{uuid.uuid4().hex[:6]}",
             "port": free_port(), "engine": "vllm", "dtype": "float32", "kv_cache_bytes": 32 << 20,
             "first_token_engine": "vllm", **fields})
-        return ProcessLauncher(self.run_dir / "workers", pools={"n0": self.client}).launch("n0", env)
+        return ProcessLauncher(self.run_dir / "workers", pools={"n0": self.client} if pooled else None).launch("n0", env)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODES = "vllm_serverless,ours,warm_pool,compact_pool"  # vllm_cached's tmpfs: tests/e2e/test_bench_pipeline.py
+MODES = "vllm_serverless,ours,warm_pool,vllm_first_pool"  # vllm_cached's tmpfs: tests/e2e/test_bench_pipeline.py
 
 
 def test_bench_coldstart_smoke(tiny_llama_dir: Path) -> None:
@@ -24,11 +24,15 @@ def test_bench_coldstart_smoke(tiny_llama_dir: Path) -> None:
         assert result[key] > 0, key
     for key in ("vllm_cached_ttft_s", "vllm_runai_s3_ttft_s", "ours_warm_node_ttft_s", "bound_ttft_s"):
         assert key in result and result[key] is None  # modes not run this time
-    assert result["first_token_engine"] == "vllm"
-    assert result["first_token"]["compact"]["resident_adopted"] > 0
+    assert result["first_token_engine"] == "compact"  # a Llama: the compact engine answers first by default
+    first = result["first_token"]
+    assert first["compact_then_vllm"]["resident_adopted"] == result["warm_pool_ttft_s"] > 0
+    assert first["vllm"]["resident_adopted"] > 0 and first["compact"]["resident_adopted"] is None
     runs = result["runs"]
     assert runs["vllm_serverless"][0]["bytes_new"] is None  # no loaderd: the worker downloads the files itself
     assert runs["ours"][0]["bytes_new"] > 0 and runs["warm_pool"][0]["bytes_new"] == 0  # fresh, then resident
     assert [runs[m][0]["adopted"] for m in MODES.split(",")] == [False, False, True, True]
     assert runs["warm_pool"][0]["libraries_imported_s"] < runs["ours"][0]["libraries_imported_s"]
-    assert result["eager_vs_compiled_ttft_s"]["warm_pool"] == {"eager": result["warm_pool_ttft_s"], "compiled": None}
+    assert result["eager_vs_compiled_ttft_s"]["warm_pool"] == {"eager": first["vllm"]["resident_adopted"],
+                                                               "compiled": None}
+    assert [runs[m][0]["first_token_engine"] for m in MODES.split(",")] == ["vllm", "compact", "compact", "vllm"]

@@ -304,10 +304,11 @@ def test_a_connection_kept_alive_across_the_engine_fork_is_closed_by_the_worker(
     """A client holds a kept-alive connection while the worker forks vLLM's engine: when the
     worker closes it (uvicorn's 5 s keep-alive), the client sees the close. Before the fix, the
     engine's processes held copies of the socket, no FIN was sent, and the next request on it
-    (the gateway's) waited for an answer no one would write."""
+    (the gateway's) waited for an answer no one would write. Spawned, not adopted: its import of
+    vLLM makes sure the connection is made before the fork."""
     import socket
 
-    w = vllm_pool.launch(str(tiny_llama_dir))
+    w = vllm_pool.launch(str(tiny_llama_dir), pooled=False)
     try:
         port = int(w.url.rsplit(":", 1)[1])
         deadline = time.monotonic() + 30
