@@ -1,6 +1,6 @@
 """Cold start side by side in one run, on the embedded stack (moto S3, loaderd, placement, workers):
-real vLLM baselines, ours on vLLM, and our compact engine, for HydraServe's comparison and for
-deciding which engine should give a function its first token.
+real vLLM baselines and ours, for HydraServe's comparison and for deciding which engine should
+give a function its first token.
 
 Baselines (real vLLM, a worker spawned at the cold start, no loaderd):
 - vllm_serverless: the worker downloads the model's files from S3 whole, one stream, to local
@@ -20,8 +20,6 @@ Ours, vLLM with our load format (loaderd prefetches at placement, tensors used a
 - ours_warm_node_compiled, warm_pool_compiled: as vllm_first_resident and vllm_first_pool, with
   vLLM's compilation (torch.compile, CPU graph capture) instead of eager mode: item 3's "eager vs
   compiled" (the first repeat compiles from scratch, later ones find vLLM's compile cache).
-Our compact engine, for the same four cells (from S3 / resident x spawned / adopted):
-- compact_s3, compact_resident, compact_pool, compact_pool_s3.
 Beside them the bound: the model's bytes at the store's own throughput (one GET per file, no
 cap), next to the start-up that needs no bytes (the warm-node run).
 
@@ -38,10 +36,8 @@ import contextlib
 import json
 import shutil
 import statistics
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,11 +47,11 @@ from measure import CpuMeter, store_throughput
 
 @dataclass(frozen=True)
 class Mode:
-    """How one cold start is made: which engine and loader, loaderd or not, pooled or spawned,
-    and where its copy of the model is (``copy``: a fresh push, or shared with earlier modes)."""
+    """How one cold start is made: the workers' settings (loader, which engine answers first),
+    loaderd or not, pooled or spawned, and where its copy of the model is (``copy``: a fresh push,
+    or shared with earlier modes)."""
 
-    engine: str
-    copy: str  # "plain": no loaderd involved; "a".."d": the repeat's copies (a fresh one is first used from S3)
+    copy: str  # "plain": no loaderd involved; "a", "b", "e", "f": the repeat's copies (a fresh one is first used from S3)
     settings: dict[str, object] = field(default_factory=dict)
     prefetch: bool = True
     pooled: bool = False
@@ -64,32 +60,26 @@ class Mode:
 
 VLLM_FIRST = {"first_token_engine": "vllm"}
 MODES: dict[str, Mode] = {
-    "vllm_serverless": Mode("vllm", "plain", {"load_format": "auto", "s3_fetch": "download"}, prefetch=False),
-    "vllm_runai_s3": Mode("vllm", "plain", {"load_format": "runai_streamer"}, prefetch=False),
-    "vllm_cached": Mode("vllm", "plain", {"load_format": "auto"}, prefetch=False, tmpfs=True),
-    "ours": Mode("vllm", "a"),
-    "ours_warm_node": Mode("vllm", "a"),
-    "warm_pool": Mode("vllm", "a", pooled=True),
-    "warm_pool_s3": Mode("vllm", "b", pooled=True),
-    "vllm_first_s3": Mode("vllm", "e", VLLM_FIRST),
-    "vllm_first_resident": Mode("vllm", "e", VLLM_FIRST),
-    "vllm_first_pool": Mode("vllm", "e", VLLM_FIRST, pooled=True),
-    "vllm_first_pool_s3": Mode("vllm", "f", VLLM_FIRST, pooled=True),
-    "ours_warm_node_compiled": Mode("vllm", "a", {"enforce_eager": False, **VLLM_FIRST}),
-    "warm_pool_compiled": Mode("vllm", "a", {"enforce_eager": False, **VLLM_FIRST}, pooled=True),
-    "compact_s3": Mode("compact", "c"),
-    "compact_resident": Mode("compact", "c"),
-    "compact_pool": Mode("compact", "c", pooled=True),
-    "compact_pool_s3": Mode("compact", "d", pooled=True),
+    "vllm_serverless": Mode("plain", {"load_format": "auto", "s3_fetch": "download"}, prefetch=False),
+    "vllm_runai_s3": Mode("plain", {"load_format": "runai_streamer"}, prefetch=False),
+    "vllm_cached": Mode("plain", {"load_format": "auto"}, prefetch=False, tmpfs=True),
+    "ours": Mode("a"),
+    "ours_warm_node": Mode("a"),
+    "warm_pool": Mode("a", pooled=True),
+    "warm_pool_s3": Mode("b", pooled=True),
+    "vllm_first_s3": Mode("e", VLLM_FIRST),
+    "vllm_first_resident": Mode("e", VLLM_FIRST),
+    "vllm_first_pool": Mode("e", VLLM_FIRST, pooled=True),
+    "vllm_first_pool_s3": Mode("f", VLLM_FIRST, pooled=True),
+    "ours_warm_node_compiled": Mode("a", {"enforce_eager": False, **VLLM_FIRST}),
+    "warm_pool_compiled": Mode("a", {"enforce_eager": False, **VLLM_FIRST}, pooled=True),
 }
-# Item 6's table: the first token of each engine, from S3 or resident, spawned or adopted: vLLM
-# alone, our compact engine alone, and what a worker does by default (the compact engine's first
-# token on vLLM's serving layer while vLLM's engine starts beside it).
+# Item 6's table: the first token, from S3 or resident, spawned or adopted: vLLM alone, and what
+# a worker does by default (the compact engine's first token on vLLM's serving layer while vLLM's
+# engine starts beside it).
 CELLS = ("s3_spawned", "resident_spawned", "resident_adopted", "s3_adopted")
 FIRST_TOKEN = {"vllm": dict(zip(CELLS, ("vllm_first_s3", "vllm_first_resident", "vllm_first_pool",
                                         "vllm_first_pool_s3"), strict=True)),
-               "compact": dict(zip(CELLS, ("compact_s3", "compact_resident", "compact_pool", "compact_pool_s3"),
-                                   strict=True)),
                "compact_then_vllm": dict(zip(CELLS, ("ours", "ours_warm_node", "warm_pool", "warm_pool_s3"),
                                              strict=True))}
 
@@ -126,8 +116,7 @@ def cold_start(backend: Any, function: Any) -> dict[str, Any]:
     prefetch = merged.first("prefetch_started")
     return {"ttft_s": round(ttft, 3), "ready_s": round(ready - t0, 3), "cpu_busy": cpu.busy(),
             "adopted": bool(spawned and spawned.detail.get("adopted")),
-            "first_token_engine": ready_event.detail.get("first_token_engine", "compact")
-            if (ready_event := merged.first("engine_ready")) else None,
+            "first_token_engine": ready.detail.get("first_token_engine") if (ready := merged.first("engine_ready")) else None,
             "bytes_new": prefetch.detail.get("bytes_new") if prefetch else None,
             "libraries_imported_s": round(events.get("libraries_imported", 0), 3),
             "weights_loaded_s": round(events["weights_loaded"], 3) if "weights_loaded" in events else None,
@@ -144,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown mode(s) {', '.join(sorted(unknown))}: of {', '.join(MODES)}")
     configure_logging("bench", "WARNING")
     with contextlib.ExitStack() as exits:
-        options = StackOptions(nodes=1, model_dir=args.model_dir, progress=False, engine="vllm")
+        options = StackOptions(nodes=1, model_dir=args.model_dir, progress=False)
         link_mb_s, notes = None, []
         if args.rate_mbit > 0:
             from hydraserve.embedded.netns import EmulatedCluster, NodeSpec, netns_available
@@ -157,46 +146,21 @@ def run(args: argparse.Namespace) -> int:
             else:
                 notes.append(f"uncapped loopback: {why}")
         stack = exits.enter_context(LocalStack(options))
-        compact_pool = exits.enter_context(_compact_pool(stack)) if any(
-            MODES[m].engine == "compact" and MODES[m].pooled for m in modes) else None
-        return _measure(stack, compact_pool, modes, args, link_mb_s, notes)
+        return _measure(stack, modes, args, link_mb_s, notes)
     raise AssertionError("unreachable")
 
 
-@contextlib.contextmanager
-def _compact_pool(stack: Any) -> Iterator[Any]:
-    """A warm pool of our compact engine on the node, beside the stack's vLLM one."""
-    from hydraserve.auth import new_token_file
-    from hydraserve.processes import ChildProcess
-    from hydraserve.runtime.forkserver_client import ForkServerClient, wait_until_serving
-
-    token, token_file = new_token_file(stack.run_dir)
-    socket_path = stack.run_dir / "pool-compact.sock"
-    process = ChildProcess("compact pool", [sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
-                                            str(socket_path), "--token-file", str(token_file), "--pool-size", "1",
-                                            "--node", stack.node_names[0], "--engine", "compact"],
-                           log_path=stack.run_dir / "pool-compact.log")
-    try:
-        pool = ForkServerClient(socket_path, token)
-        wait_until_serving(pool, 120)
-        yield pool
-    finally:
-        process.stop(grace_s=5)
-
-
-def _backend(stack: Any, mode: Mode, compact_pool: Any, run_dir: Path) -> Any:
+def _backend(stack: Any, mode: Mode, run_dir: Path) -> Any:
     from hydraserve.provider.backends.local import LocalBackend
 
-    pools = None
-    if mode.pooled:
-        pools = stack.backend.launcher.pools if mode.engine == "vllm" else {stack.node_names[0]: compact_pool}
-    settings = {**stack.worker_settings, "engine": mode.engine, **mode.settings}
+    pools = stack.backend.launcher.pools if mode.pooled else None
+    settings = {**stack.worker_settings, **mode.settings}
     return LocalBackend(stack.placement, stack.nodes, run_dir=run_dir, open_model=stack.open_model,
                         s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
                         worker_settings=settings, prefetch=mode.prefetch, pools=pools)
 
 
-def _measure(stack: Any, compact_pool: Any, modes: list[str], args: argparse.Namespace,
+def _measure(stack: Any, modes: list[str], args: argparse.Namespace,
              link_mb_s: float | None, notes: list[str]) -> int:
     from hydraserve.contracts.function import FunctionConfig
     from hydraserve.demo.model import BUCKET
@@ -207,7 +171,7 @@ def _measure(stack: Any, compact_pool: Any, modes: list[str], args: argparse.Nam
     pools = stack.backend.launcher.pools
     if not pools:
         raise SystemExit("the node's warm pool did not start (see the stack's log): no pooled modes")
-    backends = {mode: _backend(stack, MODES[mode], compact_pool, stack.run_dir / mode) for mode in modes}
+    backends = {mode: _backend(stack, MODES[mode], stack.run_dir / mode) for mode in modes}
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     tmpfs = Path("/dev/shm") / f"hydraserve-bench-{uuid.uuid4().hex[:8]}"
     uri = ""
@@ -224,7 +188,7 @@ def _measure(stack: Any, compact_pool: Any, modes: list[str], args: argparse.Nam
                     shutil.copytree(model_dir, tmpfs, dirs_exist_ok=True)  # in the node's memory beforehand
                     model_uri = str(tmpfs)
                 if spec.pooled:  # refilled since the last adoption
-                    wait_until_serving(compact_pool if spec.engine == "compact" else next(iter(pools.values())), 60)
+                    wait_until_serving(next(iter(pools.values())), 60)
                 print(f"repeat {i + 1}/{args.repeats}: {mode}", flush=True)
                 runs[mode].append(cold_start(backends[mode], FunctionConfig(name=f"bench-{mode.replace('_', '-')}-{i}",
                                                                             model_uri=model_uri)))

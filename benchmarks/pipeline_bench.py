@@ -1,23 +1,23 @@
 """HydraServe's Figure 7, scaled to this machine: cold-start TTFT of five ways to start a function,
 side by side in one run on the emulated cluster (each node a network namespace whose link tc
 caps both ways; S3 outside every node), several repetitions, medians. Every mode serves with
-real vLLM (``--engine vllm``, the default) or with our compact engine (``--engine compact``).
+real vLLM.
 
 - serverless_vllm: p = 1, no prefetch; the worker starts, downloads every weight file whole with
   one stream to local disk, then the engine's own loader loads them (s3_fetch="download");
-- serverlessllm: p = 1, no prefetch; the weights streamed from S3 as the worker starts: on vLLM
-  its ``runai_streamer`` load format (Run:ai Model Streamer, ServerlessLLM's kind of loader), on
-  the compact engine our fetch engine's parallel ranged reads;
-- serverlessllm_cached: p = 1, the weights already in the node's memory: on vLLM a tmpfs copy
-  that vLLM's own loader reads, on the compact engine every node's loaderd holding them;
-- hydra_1: p = 1, loaderd prefetches at placement, overlapped with the worker's start-up;
+- serverlessllm: p = 1, no prefetch; the weights streamed from S3 as the worker starts with
+  vLLM's ``runai_streamer`` load format (Run:ai Model Streamer, ServerlessLLM's kind of loader);
+- serverlessllm_cached: p = 1, the weights already in the node's memory: a tmpfs copy that
+  vLLM's own loader reads;
+- hydra_1: p = 1, loaderd prefetches at placement, overlapped with the worker's start-up (its
+  first token from our compact engine while vLLM's starts, as every whole-model worker);
 - hydra: the planner's p (up to 4), prefetch + overlap in every stage, then consolidation.
 
 Beside them: the bound (bytes / (p x link bandwidth)), the start-up floor (the same p workers
 with every byte already resident), group vs standalone TPOT (both warm, same stream), the
 longest gap between tokens of streams that run through consolidation, when consolidation ends
-after the first token, and how the requests in flight moved (vLLM: re-prefilled on the
-standalone engine; compact: KV recomputed, and once migrated, side by side). The function's
+after the first token, and how many requests in flight were re-prefilled on the standalone
+engine. The function's
 TTFT SLO is the tightest the planner predicts it can meet (asked with a dry run), so the planner
 picks the group size that minimises TTFT, as in the paper's figure. Machine CPU saturation is
 reported beside every figure: 2 cores are shared by every emulated node. Last line: one JSON object.
@@ -63,7 +63,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-size", type=int, default=None, choices=range(1, 5),
                         help="force hydra's group size (default: the planner's choice)")
     parser.add_argument("--tpot-tokens", type=int, default=48, help="tokens of the TPOT streams")
-    parser.add_argument("--engine", choices=("vllm", "compact"), default="vllm", help="the serving engine of every mode")
     parser.add_argument("--modes", default=",".join([*MODES, "startup_floor"]),
                         help="comma-separated, of " + ", ".join([*MODES, "startup_floor"]) + " (hydra always runs)")
     parser.set_defaults(func=run)
@@ -127,31 +126,26 @@ def cold_start(backend: Any, function: Any, *, tokens: int = 4, through_consolid
 
 def _consolidation(backend: Any, endpoint: Any, first: Any, streams: list[Any]) -> dict[str, Any]:
     """When consolidation ended after the first token, the longest gap between two tokens of a
-    stream around it (and the phase it fell before), and how the requests in flight moved: on
-    vLLM how many were re-prefilled on the standalone engine, on the compact engine the stall
-    under the step lock and, for a recompute, the prefill done ahead of it."""
+    stream around it (and the phase it fell before), and how many requests in flight were
+    re-prefilled on the standalone engine."""
     timeline = backend.worker_timeline(endpoint)
     switched = timeline.first("consolidated")
     done = timeline.first("group_consolidated") or switched
     assert switched is not None and done is not None
-    ahead = timeline.first("kv_recomputed")
     moved = timeline.first("handover_done")  # vLLM's hand-over (runtime/serving/handover.py)
     start, end = first.token_times[0], done.at + 1.0
     gaps = [(b - a, b) for s in streams for a, b in zip(s.token_times, s.token_times[1:], strict=False)
             if start <= b <= end]
     longest, at = max(gaps) if gaps else (None, 0.0)
     phases = [(e.name, e.at) for e in timeline.events if e.name in (
-        "consolidation_fetch_started", "consolidation_fetched", "consolidation_loaded", "standalone_started",
-        "kv_recomputed", "handover_done", "consolidated", "group_consolidated")]
+        "consolidation_fetch_started", "consolidation_fetched", "standalone_started", "handover_done",
+        "consolidated", "group_consolidated")]
     phase = next((f"before {name}" for name, t in phases if at <= t), "after group_consolidated")
     running = next((s for s in streams if s.token_times[0] <= switched.at <= s.token_times[-1]), None)
     return {"consolidated_after_s": round(done.at - start, 3),
             "consolidation_max_gap_s": round(longest, 4) if longest is not None else None,
             "max_gap_phase": phase,
-            "handover": "reprefill" if moved else switched.detail.get("handover"),
-            "switch_s": switched.detail.get("switch_s"),
-            "migrated": switched.detail.get("migrated"), "moved": moved.detail.get("moved") if moved else None,
-            "recomputed_ahead_s": ahead.detail.get("seconds") if ahead else None,
+            "handover": "reprefill", "moved": moved.detail.get("moved") if moved else None,
             "context_tokens": len([t for t in running.token_times if t <= switched.at]) if running else None}
 
 
@@ -185,7 +179,7 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
     forced = {"min_pipeline_size": args.pipeline_size, "max_pipeline_size": args.pipeline_size} \
         if args.pipeline_size else {}
     modes = set(args.modes.split(",")) | {"hydra"}
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*MODES, "startup_floor", "hydra_migrate"]}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*MODES, "startup_floor"]}
     slos: list[float] = []
     for i in range(args.repeats):
         def say(mode: str, i: int = i) -> None:
@@ -202,11 +196,6 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
         hydra = fresh("hydra", ttft_slo_s=slo, **forced)
         runs["hydra"].append(cold_start(backends["prefetch"], hydra, through_consolidation=True))
         p = runs["hydra"][-1]["pipeline_size"]
-        if i == 0 and p > 1 and args.engine == "compact":  # the other KV handover, side by side, once
-            say("hydra, KV migrated instead of recomputed")
-            same_p = {"min_pipeline_size": p, "max_pipeline_size": p}
-            runs["hydra_migrate"].append(cold_start(backends["migrate"], fresh("migrate", ttft_slo_s=slo, **same_p),
-                                                    through_consolidation=True))
         if "startup_floor" in modes:
             say(f"start-up floor (p = {p}, bytes resident)")
             floor = hydra.model_copy(update={"name": f"{hydra.name}-floor", "min_pipeline_size": p,
@@ -216,13 +205,9 @@ def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: arg
             continue
         say("serverlessllm_cached")
         cached = hydra.model_copy(update={"name": f"{hydra.name}-cached", "max_pipeline_size": 1, "min_pipeline_size": 1})
-        if args.engine == "vllm":  # vLLM's own loader from a copy in the node's memory
-            with in_node_memory(model_dir) as copy:
-                runs["serverlessllm_cached"].append(cold_start(backends["cached"], cached.model_copy(
-                    update={"model_uri": str(copy)}), tokens=args.tpot_tokens))
-        else:
-            make_resident(stack, cached.model_uri)
-            runs["serverlessllm_cached"].append(cold_start(backends["prefetch"], cached, tokens=args.tpot_tokens))
+        with in_node_memory(model_dir) as copy:  # vLLM's own loader from a copy in the node's memory
+            runs["serverlessllm_cached"].append(cold_start(backends["cached"], cached.model_copy(
+                update={"model_uri": str(copy)}), tokens=args.tpot_tokens))
     return summarise(name, stack, probe, runs, link_mb_s, slos, predicted)
 
 
@@ -235,23 +220,6 @@ def in_node_memory(model_dir: Path) -> Iterator[Path]:
         yield copy
     finally:
         shutil.rmtree(copy, ignore_errors=True)
-
-
-def make_resident(stack: Any, model_uri: str, timeout_s: float = 600.0) -> None:
-    """The whole model in every node's loaderd, so the cached mode's worker finds it wherever the
-    planner puts it (with a tiny model its per-node start-up estimates, not the bytes, decide)."""
-    from hydraserve.contracts.loader import PrefetchRequest
-    from hydraserve.loaderd.client import LoaderClient
-
-    clients = [LoaderClient(node.loaderd_url, node.loaderd_token) for node in stack.nodes]
-    for client in clients:
-        client.prefetch(PrefetchRequest(model_uri=model_uri, endpoint_url=stack.s3.endpoint_url, pin_s=timeout_s))
-    deadline = time.monotonic() + timeout_s
-    for client in clients:
-        while not any(m.model_uri == model_uri and m.bytes_complete == m.model_bytes for m in client.status().models):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{model_uri} not resident on {client.url} within {timeout_s:.0f} s")
-            time.sleep(0.1)
 
 
 def median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -274,10 +242,9 @@ def summarise(name: str, stack: Any, probe: Any, runs: dict[str, list[dict[str, 
            "standalone_tpot_s": median(runs["serverlessllm_cached"], "tpot_s"),
            "consolidation_max_gap_s": median(runs["hydra"], "consolidation_max_gap_s"),
            "consolidated_after_s": median(runs["hydra"], "consolidated_after_s"),
-           "kv_handover": {run["handover"]: {k: run[k] for k in ("switch_s", "recomputed_ahead_s", "moved",
-                                                                 "consolidation_max_gap_s", "max_gap_phase",
+           "kv_handover": {run["handover"]: {k: run[k] for k in ("moved", "consolidation_max_gap_s", "max_gap_phase",
                                                                  "context_tokens")}
-                           for run in (runs["hydra"][:1] + runs["hydra_migrate"]) if run.get("handover")},
+                           for run in runs["hydra"][:1] if run.get("handover")},
            "cpu_busy": {m: median(rs, "cpu_busy") for m, rs in runs.items()},
            "floor_bytes_new": median(runs["startup_floor"], "bytes_new"),
            "ttft_slo_s": slos, "planner_candidates": predicted, "store_raw_mb_s": round(raw_mb_s, 1),
@@ -302,15 +269,13 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging("bench", "WARNING")
     options = StackOptions(nodes=args.nodes, model_dir=args.model_dir, progress=False,
-                           link_mbit=args.link_mbit or None, loaderd_budget_bytes=1 << 30, engine=args.engine,
+                           link_mbit=args.link_mbit or None, loaderd_budget_bytes=1 << 30,
                            pool_size=0)  # every mode spawns its workers, as the paper's baselines start theirs
     with contextlib.ExitStack() as exits:
         stack = exits.enter_context(LocalStack(options))
         link_mb_s = args.link_mbit / 8 if stack.cluster is not None else None
         print(f"nodes: {stack.emulation}", flush=True)
-        kinds = ("download", "stream", "prefetch", "cached") if args.engine == "vllm" else (
-            "download", "stream", "prefetch", "migrate")
-        backends = {kind: backend_for(stack, kind, args.engine) for kind in kinds}
+        backends = {kind: backend_for(stack, kind) for kind in ("download", "stream", "prefetch", "cached")}
         for backend in backends.values():
             exits.callback(backend.close)
         if args.model_dir is not None:
@@ -319,32 +284,28 @@ def run(args: argparse.Namespace) -> int:
             models = {name: make_tiny_model(stack.run_dir / f"shape-{name}", TinySpec(**SHAPES[name]))
                       for name in args.shapes.split(",")}
         shapes = [bench_shape(stack, backends, path, args, link_mb_s, name) for name, path in models.items()]
-        report(shapes, link_mb_s, stack.emulation, args.engine)
+        report(shapes, link_mb_s, stack.emulation)
     return 0
 
 
-# What each kind of backend changes in the workers' settings, per engine.
-SETTINGS: dict[str, dict[str, dict[str, object]]] = {
-    "vllm": {"download": {"load_format": "auto", "s3_fetch": "download"}, "stream": {"load_format": "runai_streamer"},
-             "cached": {"load_format": "auto"}},
-    "compact": {"download": {"s3_fetch": "download"}, "migrate": {"kv_handover": "migrate"}},
-}
+# What each kind of backend changes in the workers' settings.
+SETTINGS: dict[str, dict[str, object]] = {"download": {"load_format": "auto", "s3_fetch": "download"},
+                                          "stream": {"load_format": "runai_streamer"}, "cached": {"load_format": "auto"}}
 
 
-def backend_for(stack: Any, kind: str, engine: str) -> Any:
+def backend_for(stack: Any, kind: str) -> Any:
     """A local backend on the stack's nodes: no prefetch (whole-file download, streamed reads, or
-    a copy in memory) for the baselines, loaderd's prefetch for ours (on the compact engine, its
-    groups' KV recomputed or migrated). Every worker is spawned at the cold start."""
+    a copy in memory) for the baselines, loaderd's prefetch for ours. Every worker is spawned at
+    the cold start."""
     from hydraserve.provider.backends.local import LocalBackend
 
     return LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / kind, open_model=stack.open_model,
                         s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),
-                        prefetch=kind in ("prefetch", "migrate"),
-                        worker_settings={**stack.worker_settings, **SETTINGS[engine].get(kind, {})})
+                        prefetch=kind == "prefetch", worker_settings={**stack.worker_settings, **SETTINGS.get(kind, {})})
 
 
-def report(shapes: list[dict[str, Any]], link_mb_s: float | None, emulation: str, engine: str) -> None:
-    print(f"\n{engine}; link {link_mb_s or 'uncapped'} MB/s per node; {emulation}")
+def report(shapes: list[dict[str, Any]], link_mb_s: float | None, emulation: str) -> None:
+    print(f"\nvLLM; link {link_mb_s or 'uncapped'} MB/s per node; {emulation}")
     for s in shapes:
         print(f"\n{s['shape']}: {s['model_mb']} MB, hydra p = {s['pipeline_size']} (SLO {s['ttft_slo_s']} s), "
               f"store {s['store_raw_mb_s']} MB/s")
@@ -354,8 +315,7 @@ def report(shapes: list[dict[str, Any]], link_mb_s: float | None, emulation: str
             print(f"  {mode:<22} {value if value is not None else '-':>10}s {s['cpu_busy'].get(mode)!s:>9}")
         print(f"  bound {s['bound_s']} s; group TPOT {s['group_tpot_s']} s vs standalone {s['standalone_tpot_s']} s; "
               f"consolidated {s['consolidated_after_s']} s after the first token, longest gap "
-              f"{s['consolidation_max_gap_s']} s; KV handover (stall under the lock, first repeat): "
-              f"{s['kv_handover']}")
+              f"{s['consolidation_max_gap_s']} s; requests moved: {s['kv_handover']}")
     busy = [v for s in shapes for v in s["cpu_busy"].values() if v is not None]
-    print(json.dumps({"benchmark": "pipeline", "engine": engine, "link_mb_s": link_mb_s, "emulation": emulation, "shapes": shapes,
+    print(json.dumps({"benchmark": "pipeline", "engine": "vllm", "link_mb_s": link_mb_s, "emulation": emulation, "shapes": shapes,
                       "cpu_busy": round(statistics.mean(busy), 3) if busy else None}))

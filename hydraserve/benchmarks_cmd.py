@@ -15,7 +15,7 @@ from types import ModuleType
 BENCHMARKS: list[tuple[str, str, str]] = [
     ("loader", "loaderd vs single-stream boto3 vs Run:ai streamer on a tc-capped emulated node",
      "loader_bench.py"),
-    ("coldstart", "cold start: real vLLM baselines vs ours on vLLM vs our compact engine vs the bound",
+    ("coldstart", "cold start: real vLLM baselines vs ours (vLLM, the first token from our compact engine) vs the bound",
      "coldstart_bench.py"),
     ("loaderd-startup", "how fast loaderd starts and how much memory it holds (no torch)", "loaderd_startup.py"),
     ("pipeline", "HydraServe's Figure 7 here: serverless vLLM, ServerlessLLM (cold, cached), ours with one "

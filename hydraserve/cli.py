@@ -17,7 +17,7 @@ from collections.abc import Sequence
 COMMANDS: list[tuple[str, str, str]] = [
     ("model", "make and push model directories (tiny random models, S3 upload)",
      "hydraserve.modeltools.commands"),
-    ("generate", "generate text with the built-in engine from a local dir or s3:// URI",
+    ("generate", "generate text with our compact engine from a local dir or s3:// URI",
      "hydraserve.runtime.generate_cmd"),
     ("serve", "run the function runtime server (one worker)", "hydraserve.runtime.serve_cmd"),
     ("loaderd", "run the per-node loader daemon", "hydraserve.loaderd.commands"),

@@ -153,8 +153,7 @@ class UnreachableError(TemporaryError):
 
 
 class InstanceFailedError(TemporaryError):
-    """A function instance can no longer serve (a stage died, its ring broke, a worker was
-    lost): a request that has no token yet can be tried again on a fresh instance. ``nodes``
+    """A function instance can no longer serve (a stage died, a worker was lost): a request that has no token yet can be tried again on a fresh instance. ``nodes``
     names the nodes whose workers were lost (a fresh plan avoids them), when known."""
 
     error_type = "instance_failed"
@@ -162,13 +161,6 @@ class InstanceFailedError(TemporaryError):
     def __init__(self, message: str, *, nodes: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.nodes = nodes
-
-
-class StageTransportError(InstanceFailedError):
-    """The link between two stages of a pipeline group broke or carried a malformed frame: the
-    group cannot serve (a fresh cold start can)."""
-
-    error_type = "stage_transport_error"
 
 
 class FunctionFailedError(HydraError):

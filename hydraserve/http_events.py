@@ -1,7 +1,6 @@
 """CloudEvents over HTTP, framework-free: parse a request event, build reply and error events.
 
-Shared by the workers' fronts (hydraserve.runtime.serving.front, the compact engine's
-hydraserve.runtime.server.cloudevents_api) on ``POST /`` and by the gateway, which answers an
+Shared by the workers' front (hydraserve.runtime.serving.front) on ``POST /`` and by the gateway, which answers an
 event it fails itself with the same error event; it pulls in neither torch nor a web framework.
 Types and the data schema are in hydraserve.contracts.events; docs/CLOUDEVENTS.md says what a
 client sees. Required attributes are checked as sent (the SDK would make up a missing id).

@@ -16,8 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 _SECRET_KEYS = re.compile(r"(secret|token|password|credential|authorization|access_key)", re.I)
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HYDRASERVE_LOADERD_TOKEN", "AWS_ACCESS_KEY_ID",
-               "HYDRASERVE_LINK_SECRET", "HYDRASERVE_LINK_KEY")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HYDRASERVE_LOADERD_TOKEN", "AWS_ACCESS_KEY_ID")
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 

@@ -5,9 +5,8 @@ Used by every backend that brings functions up (the local backend today, the Kub
 next) through the port declared here, :class:`WorkerLauncher`: how a worker comes to exist (a
 child process, a pod) is the launcher's business; what happens around it is this module's. Each
 worker learns its part from one typed environment (hydraserve.contracts.worker): function,
-model, its stage, the addresses of every stage, full or partial, its node's loaderd, and a
-group's link secret (fresh for each cold start: the stages' links prove it). Every step
-is marked on the cold start's timeline; docs/PROTOCOLS.md walks them.
+model, its stage, the addresses of every stage, full or partial, and its node's loaderd. Every
+step is marked on the cold start's timeline; docs/PROTOCOLS.md walks them.
 
 A failure anywhere stops the workers already launched, reports the plan failed (the placement
 service frees its memory) and raises the HydraError that says why (InstanceFailedError naming
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import secrets
 import threading
 import time
 import uuid
@@ -231,9 +229,8 @@ class ColdStart:
             if not opts.prefetch:
                 timeline.mark("prefetch_skipped", component="backend", reason="prefetch disabled (baseline)")
             slots = [self._launcher.reserve(st.node) for st in plan.stages]
-            link_secret = secrets.token_urlsafe(32) if plan.pipeline_size > 1 else None  # fresh for each group
             for st, slot in zip(plan.stages, slots, strict=True):
-                env = self._environment(plan, st, slot, [s.transport_address for s in slots], revision, link_secret)
+                env = self._environment(plan, st, slot, [s.transport_address for s in slots], revision)
                 worker = self._launcher.launch(st.node, env)
                 group.workers.append(worker)
                 group.stages.append(st)
@@ -433,9 +430,8 @@ class ColdStart:
         return started
 
     def _environment(self, plan: Plan, st: StagePlacement, slot: WorkerSlot, peers: list[str],
-                     revision: str, link_secret: str | None) -> WorkerEnvironment:
-        """One stage's environment; ``link_secret``: its group's, the same for every stage (their
-        links prove it), never another group's."""
+                     revision: str) -> WorkerEnvironment:
+        """One stage's environment."""
         node = self._nodes[st.node]
         values: dict[str, object] = {
             "host": slot.host, "port": slot.port, "transport_port": slot.transport_port, "function": plan.function, "revision": revision or f"{plan.function}-00001",
@@ -443,7 +439,7 @@ class ColdStart:
             "s3_endpoint_url": self.options.s3_endpoint_url,
             "stage": st.stage if plan.pipeline_size > 1 else None, "full": st.full, "peers": peers,
             "group_layers": [s.stage.layer_end - s.stage.layer_start for s in plan.stages] if plan.pipeline_size > 1 else [],
-            "spawned_at": time.time(), **self.options.worker, "link_secret": link_secret,
+            "spawned_at": time.time(), **self.options.worker,
         }
         if self.options.prefetch and node.loaderd_url:  # the worker's own token: its model, its leases, not the node's
             token = mint_scoped_token(node.loaderd_token, subject=f"{plan.instance_id}/{st.stage.index}",

@@ -18,11 +18,16 @@ from hydraserve.weights.model_files import StoredModelFiles
 from hydraserve.weights.servable import check_servable
 
 
-def describe_model(function: FunctionConfig, files: StoredModelFiles, *, engine: str = "vllm") -> FunctionSpec:
-    """The FunctionSpec of ``function`` (whose model ``files`` opens) with its SLOs, for workers of
-    ``engine``."""
+def describe_model(function: FunctionConfig, files: StoredModelFiles) -> FunctionSpec:
+    """The FunctionSpec of ``function`` (whose model ``files`` opens) with its SLOs, once vLLM is
+    known to serve the model."""
     names = files.list_files()
-    check_servable(files.config() if "config.json" in names else {}, function.model_uri, names, engine=engine)
+    check_servable(files.config() if "config.json" in names else {}, function.model_uri, names)
+    return spec_of(function, files)
+
+
+def spec_of(function: FunctionConfig, files: StoredModelFiles) -> FunctionSpec:
+    """The FunctionSpec of any model the stage slicer reads (whether vLLM serves it or not)."""
     sizes = {name: entry.nbytes for name, entry in files.tensor_index().items()}
     profile = stage_byte_profile(sizes, files.architecture())
     return FunctionSpec(

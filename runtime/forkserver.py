@@ -2,8 +2,8 @@
 
 Started once per node (`python -m hydraserve.runtime.forkserver`, inside the node's network
 namespace on the emulated cluster, so every child is there too). It imports torch and the
-whole runtime of one engine (``--engine``: vLLM, 7-9 s here, or our compact engine, 1.5-2 s: what
-a spawned worker spends in `libraries_imported`), does nothing that
+whole runtime, vLLM and our compact engine (7-9 s here: what a spawned worker spends in
+`libraries_imported`), does nothing that
 starts a thread, then forks ``pool_size`` children that wait, idle, for an assignment. A cold
 start *adopts* one (``POST /v1/adopt`` with the worker's environment): the child takes the
 function's identity, stage and loaderd lease from that environment and runs the worker from
@@ -43,16 +43,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 log = logging.getLogger("hydraserve.forkserver")
 
-# What a spawned worker of each engine imports before it can load anything (its "libraries"
-# phase). A pool serves one engine: a vLLM worker must not have the compact worker's Flask.
-PRELOAD = {
-    "vllm": ("hydraserve.runtime.worker", "hydraserve.runtime.serving.worker", "hydraserve.runtime.serving.engine",
-             "hydraserve.runtime.startup", "hydraserve.runtime.loader_files", "hydraserve.weights.s3",
-             "hydraserve.runtime.serving.first_token", "hydraserve.runtime.roles", "hydraserve.runtime.engine.factory"),
-    "compact": ("hydraserve.runtime.worker", "hydraserve.runtime.compact_worker", "hydraserve.runtime.startup",
-                "hydraserve.runtime.loader_files", "hydraserve.runtime.roles", "hydraserve.runtime.engine.engine",
-                "hydraserve.runtime.engine.factory", "hydraserve.runtime.server.app", "hydraserve.weights.s3"),
-}
+# What a spawned worker imports before it can load anything (its "libraries" phase; vLLM's own
+# modules: hydraserve.runtime.serving.engine.import_vllm).
+PRELOAD = ("hydraserve.runtime.worker", "hydraserve.runtime.serving.worker", "hydraserve.runtime.serving.engine",
+           "hydraserve.runtime.startup", "hydraserve.runtime.loader_files", "hydraserve.weights.s3",
+           "hydraserve.runtime.serving.first_token", "hydraserve.runtime.engine.factory",
+           "hydraserve.runtime.model.llama", "hydraserve.runtime.model.opt", "hydraserve.weights.local")
 MAX_REQUEST_BYTES = 1 << 20
 REQUEST_S = 2.0  # how long a client has to send its whole request (the server serves one at a time)
 ACK = b"ok\n"
@@ -480,8 +476,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, required=True, help="file holding the bearer token")
     parser.add_argument("--pool-size", type=int, default=1, help="idle processes it keeps (0: fork on demand)")
     parser.add_argument("--node", default="", help="the node's name (metrics label)")
-    parser.add_argument("--engine", choices=sorted(PRELOAD), default="vllm",
-                        help="the serving engine its workers run (what it imports)")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="where adopted workers may write their logs (default: the socket's directory)")
     args = parser.parse_args(argv)
@@ -494,16 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     import importlib
 
-    if args.engine == "vllm":
-        from hydraserve.runtime.serving.args import PROCESS_ENV
+    from hydraserve.runtime.serving.args import PROCESS_ENV
 
-        os.environ.update(PROCESS_ENV)  # before vLLM (and huggingface_hub) read them
-    for module in PRELOAD[args.engine]:
+    os.environ.update(PROCESS_ENV)  # before vLLM (and huggingface_hub) read them
+    for module in PRELOAD:
         importlib.import_module(module)
-    if args.engine == "vllm":
-        from hydraserve.runtime.serving.engine import import_vllm
+    from hydraserve.runtime.serving.engine import import_vllm
 
-        import_vllm()  # what a worker would import, and vLLM's argument parser built
+    import_vllm()  # what a worker would import, and vLLM's argument parser built
     import gc
 
     gc.freeze()  # the imported heap: children never walk (nor copy-on-write) it in a collection

@@ -1,4 +1,4 @@
-"""``hydraserve generate``: one prompt through the built-in engine, from a local dir or s3:// URI.
+"""``hydraserve generate``: one prompt through our compact engine, from a local dir or s3:// URI.
 
 Wired by hydraserve.cli. Streams the text to stderr as it is generated and prints, as its last
 stdout line, one JSON object: token_ids (generated only), text, finish_reason, prompt_token_ids,
@@ -28,8 +28,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's; 1 is much faster on a busy CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as one user chat message")
-    parser.add_argument("--pipeline-size", type=int, default=1, choices=[1, 2, 3, 4],
-                        help="serve through a pipeline group of this many stage processes on loopback")
     parser.add_argument("--quiet", action="store_true", help="do not stream text to stderr")
     parser.set_defaults(func=run)
 
@@ -44,16 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    group = None
     try:
-        if args.pipeline_size > 1:
-            from hydraserve.runtime.local_group import LocalGroup
-
-            group = LocalGroup(args.model, args.pipeline_size, endpoint_url=args.endpoint_url, dtype=args.dtype)
-            assert group.engine is not None
-            engine = group.engine
-        else:
-            engine = load_engine(args.model, endpoint_url=args.endpoint_url, dtype=args.dtype, max_num_seqs=1)
+        engine = load_engine(args.model, endpoint_url=args.endpoint_url, dtype=args.dtype, max_num_seqs=1)
     except (FileNotFoundError, HydraError, ValueError) as exc:
         print(f"error: cannot load {args.model}: {exc}", file=sys.stderr)
         return 1
@@ -82,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(exc.to_openai()))
         return 1
     finally:
-        if group is not None:
-            group.close()
-        else:
-            engine.shutdown(drain=False)
+        engine.shutdown(drain=False)
     done = time.perf_counter()
     if not args.quiet:
         print(file=sys.stderr)

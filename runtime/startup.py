@@ -1,11 +1,11 @@
-"""The worker's slow start-up, first half: open the model's files and load my stage.
+"""The worker's slow start-up: open the model's files (every worker) and load the whole model into
+our compact engine (a worker whose first requests it answers: hydraserve.runtime.serving.first_token).
 
-Called by the worker's loader thread (runtime/worker.py) after the HTTP server is up; the
-second half, wiring the loaded stage into what this worker serves, is its role's
-(runtime/roles.py). Files come through the node's loaderd for an s3:// model (config, tokenizer
-and the tensor index over its API, read while torch imports; weights as zero-copy views of its
-shared memory, fetched since placement), straight from S3 when no daemon is configured or
-none answers, or from a local directory. Each step is marked on the start-up timeline.
+Called by the worker (hydraserve.runtime.serving.worker) after its HTTP server is up. Files come
+through the node's loaderd for an s3:// model (config, tokenizer and the tensor index over its
+API, read while vLLM imports; weights as zero-copy views of its shared memory, fetched since
+placement), straight from S3 when no daemon is configured or none answers, or from a local
+directory. Each step is marked on the start-up timeline.
 """
 
 from __future__ import annotations

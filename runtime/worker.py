@@ -2,9 +2,9 @@
 
 The entry point every launcher starts (the process launcher, a warm pool's adoption, a pod's
 ``hydraserve serve``): it reads the worker's environment (hydraserve.contracts.worker) and runs
-the worker of its engine, vLLM (hydraserve.runtime.serving.worker) or our compact engine
-(hydraserve.runtime.compact_worker). Light on purpose: a vLLM worker must never import Flask
-(vLLM walks every loaded module's attributes at start-up, and Flask's request proxy raises).
+the vLLM worker (hydraserve.runtime.serving.worker). Light on purpose: a worker must never
+import Flask (vLLM walks every loaded module's attributes at start-up, and Flask's request
+proxy raises).
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from hydraserve.logs import configure_logging
 
 def run(settings: WorkerEnvironment, *, adopted_at: float | None = None) -> int:
     """Serve as ``settings`` says until SIGTERM; ``adopted_at``: a pooled process handed its work then."""
-    if settings.engine == "vllm":
-        from hydraserve.runtime.serving.worker import run_worker
-    else:
-        from hydraserve.runtime.compact_worker import run_worker
+    from hydraserve.runtime.serving.worker import run_worker
+
     return run_worker(settings, adopted_at=adopted_at)
 
 

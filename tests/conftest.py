@@ -105,7 +105,7 @@ class VllmPool:
         self.socket = tmp / "pool.sock"
         self.process = ChildProcess("pool", [sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
                                              str(self.socket), "--token-file", str(token_file), "--pool-size", "1",
-                                             "--node", "n0", "--engine", "vllm"], log_path=tmp / "pool.log")
+                                             "--node", "n0"], log_path=tmp / "pool.log")
         self.client = ForkServerClient(self.socket, token)
         wait_until_serving(self.client, 120)
 
@@ -119,7 +119,7 @@ class VllmPool:
 
         env = WorkerEnvironment.model_validate({
             "model_uri": model_uri, "function": "fn", "revision": "fn-00001", "instance_id": f"fn-{uuid.uuid4().hex[:6]}",
-            "port": free_port(), "engine": "vllm", "dtype": "float32", "kv_cache_bytes": 32 << 20,
+            "port": free_port(), "dtype": "float32", "kv_cache_bytes": 32 << 20,
             "first_token_engine": "vllm", **fields})
         return ProcessLauncher(self.run_dir / "workers", pools={"n0": self.client} if pooled else None).launch("n0", env)
 

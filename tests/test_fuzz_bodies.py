@@ -1,15 +1,16 @@
 """No body gives a 500: hypothesis throws JSON (and not-quite-JSON) at every route that takes a
-body, on the real apps (the runtime with its engine on a tiny Llama, the placement service,
+body, on the real apps (a worker's front over the compact engine on a tiny Llama, the placement service,
 loaderd, the gateway's admin and OpenAI routes). Each answer is either a success or a 4xx in
 OpenAI's error shape; bounded in examples and time."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import requests
@@ -44,16 +45,72 @@ def check(status: int, body: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_llama_dir: Path) -> Iterator[FlaskClient]:
-    from hydraserve.runtime.engine.factory import load_engine
-    from hydraserve.runtime.server.app import create_app
-    from hydraserve.runtime.server.state import RuntimeState
+def runtime(tiny_llama_dir: Path) -> Iterator[Client]:
+    """A worker's front (vLLM's OpenAI app behind our strict door) over the compact engine that
+    answers a worker's first requests, served by uvicorn on loopback; no vLLM engine follows, so a
+    request the compact engine does not take is a retryable 503 (as when vLLM's fails to start)."""
+    import asyncio
+    import threading
 
-    engine = load_engine(tiny_llama_dir, model_name="tiny-llama")
-    state = RuntimeState(function_name="fn")
-    state.set_engine(engine)
-    yield create_app(state, max_body_bytes=64 * 1024).test_client()
-    engine.shutdown(drain=False, timeout=5)
+    import uvicorn
+    from vllm.exceptions import RetryableRequestError
+
+    from hydraserve.contracts.timeline import Timeline
+    from hydraserve.contracts.worker import WorkerEnvironment
+    from hydraserve.processes import free_port
+    from hydraserve.runtime.serving.first_token import start_first_token_server
+    from hydraserve.runtime.serving.front import Front
+    from hydraserve.runtime.serving.state import ServingState
+    from hydraserve.weights.model_files import open_model
+
+    port = free_port()
+    held: dict[str, Any] = {}
+    up = threading.Event()
+
+    async def serve() -> None:
+        settings = WorkerEnvironment(model_uri=str(tiny_llama_dir), function="fn", dtype="float32", max_batch=4)
+        server, held["source"] = await start_first_token_server(settings, open_model(str(tiny_llama_dir)),
+                                                                tiny_llama_dir, Timeline())
+        server.engine.no_successor(RetryableRequestError("no vLLM engine in this test"))
+        state: ServingState[Any] = ServingState("fn")
+        state.set_serving(server)
+        held["server"] = server
+        held["uvicorn"] = uvicorn.Server(uvicorn.Config(Front(state, max_body_bytes=64 * 1024), host="127.0.0.1",
+                                                        port=port, lifespan="off", log_level="warning"))
+        up.set()
+        await held["uvicorn"].serve()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert up.wait(60)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while not held["uvicorn"].started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield Client(url)
+    held["uvicorn"].should_exit = True
+    thread.join(10)
+    held["server"].shutdown()
+    held["source"].close()
+
+
+class Answer(NamedTuple):
+    status_code: int
+    data: bytes
+
+
+class Client:
+    """The calls the fuzz makes, over real HTTP, answered as Flask's test client answers them."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.session = requests.Session()
+
+    def post(self, path: str, data: str, content_type: str | None = None,
+             headers: dict[str, str] | None = None) -> Answer:
+        headers = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
+        r = self.session.post(self.url + path, data=data, headers=headers, timeout=60)
+        return Answer(r.status_code, r.content)
 
 
 SAMPLING = ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "ignore_eos", "n"]
@@ -68,14 +125,14 @@ def small(body: Any) -> Any:
 
 @FUZZ
 @given(body=bodies(["prompt", "echo", "logprobs", *SAMPLING]))
-def test_completions(runtime: FlaskClient, body: Any) -> None:
+def test_completions(runtime: Client, body: Any) -> None:
     r = runtime.post("/v1/completions", data=json.dumps(small(body)), content_type="application/json")
     check(r.status_code, r.data)
 
 
 @FUZZ
 @given(body=bodies(["messages", *SAMPLING]))
-def test_chat_completions(runtime: FlaskClient, body: Any) -> None:
+def test_chat_completions(runtime: Client, body: Any) -> None:
     r = runtime.post("/v1/chat/completions", data=json.dumps(small(body)), content_type="application/json")
     check(r.status_code, r.data)
 
@@ -83,7 +140,7 @@ def test_chat_completions(runtime: FlaskClient, body: Any) -> None:
 @FUZZ
 @given(data=bodies(["prompt", "messages", *SAMPLING]), attributes=bodies(["id", "source", "type", "specversion"]),
        kind=st.sampled_from([events.COMPLETION_REQUEST, events.CHAT_REQUEST, "x"]))
-def test_cloudevents(runtime: FlaskClient, data: Any, attributes: Any, kind: str) -> None:
+def test_cloudevents(runtime: Client, data: Any, attributes: Any, kind: str) -> None:
     headers = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/f", "ce-type": kind,
                "content-type": "application/json"}
     r = runtime.post("/", data=json.dumps(small(data)), headers=headers)

@@ -8,9 +8,7 @@ Binding that places it (the pod registry copies a Binding's annotations onto the
 write that sets its node, so the kubelet sees them before it starts the container), and the
 revision template projects the pod's annotations into a file with the Downward API;
 ``HYDRASERVE_ROLE_FILE`` names that file. No secret is ever in an annotation: the loaderd token
-comes from a Secret (``WORKER_SECRET``) through the environment, and so does the function's link
-key, from which each stage derives its group's stage-link secret (``derive_link_secret``: the
-revision's environment cannot name one cold start's secret, but every stage knows its instance).
+comes from a Secret (``WORKER_SECRET``) through the environment.
 
 Labels tie a cold start's pods together: every pod of an instance has ``INSTANCE_LABEL``, and
 ``STAGE_LABEL`` selects one stage's pod for its headless Service (the stage's stable DNS name,
@@ -21,7 +19,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import hmac
 import json
 from pathlib import Path
 from typing import Any
@@ -33,22 +30,14 @@ INSTANCE_LABEL = "hydraserve.dev/instance"
 STAGE_LABEL = "hydraserve.dev/stage"
 ROLE_FILE_KEY = "HYDRASERVE_ROLE_FILE"
 WORKER_SECRET_KEY = "loaderd-token"  # the key of the per-function Secret the worker's token is in
-LINK_KEY_SECRET_KEY = "stage-link-key"  # ... and the key its groups' link secrets derive from
-LINK_KEY_ENV = "HYDRASERVE_LINK_KEY"  # where a pod's worker finds that link key
 POD_LISTEN_HOST = "0.0.0.0"  # a pod's worker listens on its pod IP: peers and probes come from outside
 TRANSPORT_PORT = 8090  # not one of Knative's reserved ports (8012, 8013, 8022, 8008, 9090, 9091)
-NOT_IN_ROLE = frozenset({"loaderd_token", "link_secret", "spawned_at", "host", "port"})  # secret, or the pod's own
+NOT_IN_ROLE = frozenset({"loaderd_token", "spawned_at", "host", "port"})  # secret, or the pod's own
 
 
 def worker_secret_name(function: str) -> str:
     """The Secret holding a function's workers' loaderd token (scoped to its model)."""
     return f"{function}-hydraserve-worker"
-
-
-def derive_link_secret(link_key: str, instance_id: str) -> str:
-    """One group's stage-link secret: its function's link key, HMAC'd with the instance's id
-    (another group's, or one knowing only ids, learns nothing of it)."""
-    return hmac.new(link_key.encode(), f"stage-link/{instance_id}".encode(), hashlib.sha256).hexdigest()
 
 
 def stage_service_name(instance_id: str, stage: int) -> str:

@@ -4,14 +4,13 @@ Written by launchers (the local process launcher today, the pod launcher next) w
 ``to_env()`` and read by the worker with ``from_env()``, so the two sides cannot drift apart.
 Knative's own keys (PORT, K_SERVICE, K_REVISION, K_CONFIGURATION) are part of it; the rest are
 HYDRASERVE_*. The worker binds 127.0.0.1 unless HYDRASERVE_HOST says otherwise, also under
-Knative, whose queue-proxy dials the user container at 127.0.0.1:$PORT. The loaderd token and
-a pipeline group's stage-link secret are secrets: each comes in its variable or in the file its
-``*_FILE`` variable names (``SECRET_FILE_KEYS``), and never appears in repr() or logs. A Knative
+Knative, whose queue-proxy dials the user container at 127.0.0.1:$PORT. The loaderd token is a
+secret: it comes in its variable or in the file its ``*_FILE`` variable names
+(``SECRET_FILE_KEYS``), and never appears in repr() or logs. A Knative
 function pod, whose environment its revision fixed, finds its stage in the file
 HYDRASERVE_ROLE_FILE names (hydraserve.contracts.pod): the fields there win over the
 environment's, and it listens on every address of its pod (0.0.0.0: peers and probes come from
-outside) unless HYDRASERVE_HOST pins one. A pod's link secret is its group's, derived from its
-function's link key (HYDRASERVE_LINK_KEY, from the function's worker Secret) and its instance.
+outside) unless HYDRASERVE_HOST pins one.
 """
 
 from __future__ import annotations
@@ -24,13 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from hydraserve.contracts.pod import (
-    LINK_KEY_ENV,
-    POD_LISTEN_HOST,
-    ROLE_FILE_KEY,
-    derive_link_secret,
-    role_from_file,
-)
+from hydraserve.contracts.pod import POD_LISTEN_HOST, ROLE_FILE_KEY, role_from_file
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.errors import HydraError, TemporaryError, error_class
 
@@ -56,10 +49,8 @@ ENV_KEYS: dict[str, str] = {
     "s3_fetch": "HYDRASERVE_S3_FETCH",
     "stage": "HYDRASERVE_STAGE",
     "full": "HYDRASERVE_FULL",
-    "kv_handover": "HYDRASERVE_KV_HANDOVER",
     "peers": "HYDRASERVE_PEERS",
     "group_layers": "HYDRASERVE_GROUP_LAYERS",
-    "engine": "HYDRASERVE_ENGINE",
     "first_token_engine": "HYDRASERVE_FIRST_TOKEN_ENGINE",
     "kv_cache_bytes": "HYDRASERVE_KV_CACHE_BYTES",
     "enforce_eager": "HYDRASERVE_ENFORCE_EAGER",
@@ -68,19 +59,15 @@ ENV_KEYS: dict[str, str] = {
     "loaderd_url": "HYDRASERVE_LOADERD_URL",
     "loaderd_token": "HYDRASERVE_LOADERD_TOKEN",
     "loaderd_lease": "HYDRASERVE_LOADERD_LEASE",
-    "link_secret": "HYDRASERVE_LINK_SECRET",
     "dtype": "HYDRASERVE_DTYPE",
     "max_batch": "HYDRASERVE_MAX_BATCH",
     "max_model_len": "HYDRASERVE_MAX_MODEL_LEN",
     "torch_threads": "HYDRASERVE_TORCH_THREADS",
     "spawned_at": "HYDRASERVE_SPAWNED_AT",
-    "link_timeout_s": "HYDRASERVE_LINK_TIMEOUT_S",
     "drain_timeout_s": "HYDRASERVE_DRAIN_TIMEOUT_S",
 }
 TOKEN_FILE_KEY = "HYDRASERVE_LOADERD_TOKEN_FILE"
-LINK_SECRET_FILE_KEY = "HYDRASERVE_LINK_SECRET_FILE"
-SECRET_FILE_KEYS = {"loaderd_token": TOKEN_FILE_KEY, "link_secret": LINK_SECRET_FILE_KEY}  # secret -> its file
-MIN_LINK_SECRET = 32  # characters: a guess at it must be hopeless
+SECRET_FILE_KEYS = {"loaderd_token": TOKEN_FILE_KEY}  # secret -> its file
 KNATIVE_SERVICE_KEY = "K_SERVICE"
 
 
@@ -105,25 +92,21 @@ class WorkerEnvironment(BaseModel):
         "are needed, or download whole files first (the serverless-vLLM baseline)")
     stage: StageSpec | None = Field(default=None, description="layers it holds; None: the whole model")
     full: bool = Field(default=True, description="given memory for the whole model (it will consolidate)")
-    kv_handover: Literal["recompute", "migrate"] = Field(
-        default="recompute", description="how a consolidating head takes the running sequences' KV over: "
-        "recompute it on the whole model (ahead, outside the step lock) or move it from the inner stages")
     peers: list[str] = Field(default_factory=list,
                              description="every stage's link address host:port, in stage order (this one's too)")
     group_layers: list[int] = Field(default_factory=list, description="the decoder layers each stage of its "
                                     "group holds, in stage order (vLLM builds exactly these)")
-    engine: Literal["vllm", "compact"] = Field(
-        default="vllm", description="the serving engine: vLLM, or our compact engine (Llama family and OPT)")
     first_token_engine: Literal["compact", "vllm"] = Field(
-        default="compact", description="with engine=vllm, what answers the first requests of a worker that "
+        default="compact", description="what answers the first requests of a worker that "
         "holds the whole model: our compact engine (where it runs the architecture) while vLLM's starts "
         "beside it, then vLLM (measured faster: README), or vLLM from the start")
     kv_cache_bytes: int = Field(default=128 << 20, ge=1 << 20, description="vLLM's KV cache, sized by the "
                                 "launcher from the worker's memory grant (no profiling run)")
     enforce_eager: bool = Field(default=True, description="vLLM without torch.compile (the faster cold start "
                                 "here: docs/PROTOCOLS.md)")
-    handover_s: float = Field(default=10.0, ge=0, description="a consolidating head's requests in flight "
-                              "finish on the group this long, then move to the standalone engine")
+    handover_s: float = Field(default=10.0, ge=0, description="requests in flight on an engine being replaced "
+                              "(a consolidating group's, or the compact engine's first requests) finish there this "
+                              "long, then move to the new one")
     load_format: Literal["hydraserve", "auto", "runai_streamer"] = Field(
         default="hydraserve", description="how vLLM reads the weights: our load format (loaderd's shared memory "
         "as the bytes land, else our fetch engine); vLLM's own loader over local files (an s3:// model is "
@@ -133,23 +116,12 @@ class WorkerEnvironment(BaseModel):
     loaderd_lease: Literal["pid", "heartbeat"] = Field(
         default="pid", description="how its loaderd leases live: as long as its pid (same PID namespace as the "
         "daemon) or while it renews them (a pod: its pid means nothing to the daemon)")
-    link_secret: SecretStr | None = Field(
-        default=None, description="its pipeline group's: fresh per group from its "
-        "launcher, both ends of every stage link prove they hold it (our TCP ring: engine=compact)")
     dtype: str | None = None
     max_batch: int = Field(default=8, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     torch_threads: int | None = Field(default=None, ge=1, description="None: torch's default (one per core)")
     spawned_at: float | None = Field(default=None, description="when the launcher spawned it (unix s)")
-    link_timeout_s: float = Field(default=180.0, gt=0, description="how long to wait for the group's other stages")
     drain_timeout_s: float = Field(default=30.0, ge=0)
-
-    @model_validator(mode="after")
-    def _link_secret_is_long(self) -> WorkerEnvironment:
-        """Checked here, not by a field constraint, whose error would quote the value."""
-        if self.link_secret is not None and len(self.link_secret.get_secret_value()) < MIN_LINK_SECRET:
-            raise ValueError(f"link_secret is shorter than {MIN_LINK_SECRET} characters")
-        return self
 
     @model_validator(mode="after")
     def _group_needs_links(self) -> WorkerEnvironment:
@@ -162,9 +134,6 @@ class WorkerEnvironment(BaseModel):
                                       or self.group_layers[self.stage.index] != self.stage.layer_end - self.stage.layer_start):
                 raise ValueError(f"group_layers {self.group_layers} do not tile the model as stage "
                                  f"{self.stage.index}'s layers [{self.stage.layer_start}, {self.stage.layer_end}) say")
-            if self.engine == "compact" and self.link_secret is None:
-                raise ValueError(f"stage {self.stage.index} of {self.stage.num_stages} needs its group's link_secret "
-                                 f"({ENV_KEYS['link_secret']}): its links are never made unauthenticated")
         return self
 
     @property
@@ -175,7 +144,7 @@ class WorkerEnvironment(BaseModel):
     def to_env(self) -> dict[str, str]:
         """Every variable of the contract (and Knative's K_SERVICE); unset fields are written
         empty, which reads as unset, so nothing the launcher's own environment holds leaks in."""
-        out: dict[str, str] = {**dict.fromkeys([*SECRET_FILE_KEYS.values(), LINK_KEY_ENV], ""),
+        out: dict[str, str] = {**dict.fromkeys(SECRET_FILE_KEYS.values(), ""),
                                KNATIVE_SERVICE_KEY: self.function}
         for name, key in ENV_KEYS.items():
             value = getattr(self, name)
@@ -223,9 +192,6 @@ class WorkerEnvironment(BaseModel):
         for name, file_key in SECRET_FILE_KEYS.items():
             if env.get(file_key):
                 raw[name] = SecretStr(Path(env[file_key]).read_text().strip())
-        link_key = env.get(LINK_KEY_ENV)
-        if link_key and "link_secret" not in raw and raw.get("instance_id"):  # a pod: its group's, derived
-            raw["link_secret"] = SecretStr(derive_link_secret(link_key, raw["instance_id"]))
         if not raw.get("model_uri"):
             raise ValueError("HYDRASERVE_MODEL_URI is not set: the worker needs a model directory or s3:// URI")
         return cls.model_validate(raw)

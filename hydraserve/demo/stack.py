@@ -76,7 +76,6 @@ class StackOptions:
     supervise_interval_s: float = 1.0  # how often a dead loaderd is looked for (and started again)
     reconcile_interval_s: float = 5.0  # how often placement learns what each loaderd really holds
     pool_size: int = 1  # idle pre-imported runtime processes per node (runtime/forkserver.py); 0: no pool
-    engine: str = "vllm"  # the serving engine of every worker: vLLM, or our compact engine ("compact")
     worker: dict[str, Any] = field(default_factory=dict)  # more WorkerEnvironment fields (dtype, kv_cache_bytes, ...)
 
 
@@ -199,12 +198,11 @@ class LocalStack:
 
     @property
     def worker_settings(self) -> dict[str, object]:
-        """Every worker's engine, extra settings and share of this machine's cores: the emulated nodes share them, and a
+        """Every worker's extra settings and share of this machine's cores: the emulated nodes share them, and a
         stage's idle OpenMP threads would spin on the core another stage computes on (measured:
         a group of 4 decoded at 44 ms a token with torch's 2 threads each, 22 ms with 1; a
         single worker 17 ms either way)."""
-        return {"torch_threads": max(1, (os.cpu_count() or 1) // self.options.nodes), "engine": self.options.engine,
-                **self.options.worker}
+        return {"torch_threads": max(1, (os.cpu_count() or 1) // self.options.nodes), **self.options.worker}
 
     def open_model(self, uri: str) -> StoredModelFiles:
         """A model in the embedded S3, read with the stack's keys."""
@@ -258,7 +256,7 @@ class LocalStack:
             spawn = functools.partial(ChildProcess, f"pool {name}", [
                 *self._node_host(name).prefix, sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
                 str(socket_path), "--token-file", str(token_file), "--node", name, "--pool-size",
-                str(self.options.pool_size), "--engine", self.options.engine], log_path=self.run_dir / f"pool-{name}.log")
+                str(self.options.pool_size)], log_path=self.run_dir / f"pool-{name}.log")
             pool = SupervisedPool(f"the warm pool of {name}", spawn, spawn(), node=name)
             self._cleanups.append((f"pool {name}", lambda pool=pool: pool.process.stop()))  # whichever runs now
             pools[name] = (pool, ForkServerClient(socket_path, token))

@@ -1,8 +1,8 @@
 """A baseline's way to read a model from S3: download every weight file whole, one stream at a
 time, to local disk, and load only then (no parallel ranges, no tensor used before its file is
-in). This is what serverless vLLM does on a cold start: the compact engine's emulation of it
-(worker setting ``s3_fetch="download"``) reads the tensors from here, and a vLLM worker with
-``load_format="auto"`` downloads into the directory vLLM then loads (real serverless vLLM).
+in). This is what serverless vLLM does on a cold start: a vLLM worker with
+``load_format="auto"`` (and ``s3_fetch="download"``) downloads into the directory vLLM then
+loads (real serverless vLLM).
 A directory of its own making is removed when the process exits.
 """
 

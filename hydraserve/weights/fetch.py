@@ -343,8 +343,13 @@ class FetchEngine:
                                            "seconds": round(time.monotonic() - started, 3),
                                            "since_fill": round(time.monotonic() - fill.started, 3)})
         for i in ready:
-            if self._verify(fill, i):
-                self._publish(fill, i)
+            try:
+                if self._verify(fill, i):
+                    self._publish(fill, i)
+            except ValueError:  # its segment's memory was released meanwhile: the fill was cancelled
+                if not fill.failed:
+                    raise
+                break
         with fill.lock:
             fill.verifying -= len(ready)
         self._finish(fill)

@@ -81,18 +81,14 @@ def cpu_head_sizes() -> frozenset[int] | None:
     raise RuntimeError(f"{backend} has no get_supported_head_sizes: this vLLM names them elsewhere")
 
 
-def check_servable(config: Mapping[str, Any], where: str, files: Collection[str] | None = None, *,
-                   engine: str = "vllm") -> None:
+def check_servable(config: Mapping[str, Any], where: str, files: Collection[str] | None = None) -> None:
     """UnsupportedModelError saying what to fix if vLLM cannot serve the model at ``where``:
-    ``config`` is its parsed config.json, ``files`` the names of its files (None: not checked).
-    ``engine`` "compact" (our engine, still selectable for workers and benchmarks) takes any head
-    size."""
+    ``config`` is its parsed config.json, ``files`` the names of its files (None: not checked)."""
     if files is not None:
         _check_files(set(files), where)
     _check_architecture(config, where)
     _check_dtype(config, where)
-    if engine == "vllm":
-        _check_head_size(config, where)
+    _check_head_size(config, where)
 
 
 def _check_architecture(config: Mapping[str, Any], where: str) -> None:

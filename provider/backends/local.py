@@ -51,7 +51,6 @@ class LocalBackend:
         if not nodes:
             raise ValueError("the local backend needs at least one node")
         self._open_model = open_model
-        self._engine = str((worker_settings or {}).get("engine", "vllm"))  # its workers' serving engine
         self._specs: dict[str, tuple[FunctionSpec, str]] = {}  # config -> its spec, and its model's fingerprint
         # prefetch=False: the baselines the benchmarks compare against (no loaderd: the worker
         # fetches from S3 itself once it has started; worker_settings s3_fetch="download": whole
@@ -174,7 +173,7 @@ class LocalBackend:
         known = self._specs.get(key)
         if known is None:
             files = self._open_model(function.model_uri)
-            known = self._specs[key] = (describe_model(function, files, engine=self._engine), files.fingerprint())
+            known = self._specs[key] = (describe_model(function, files), files.fingerprint())
         return known[0]
 
     def model_fingerprint(self, function: FunctionConfig) -> str:

@@ -4,10 +4,7 @@ creates on its node (owned by the function pod, so it is collected with it).
 
 A stage's peers dial it by a stable name, its headless Service (``publishNotReadyAddresses``:
 the link comes up before the pod is ready), because pod IPs are not known when the group's
-environments are written. No pod is given its group's link secret: the function pod's
-environment was fixed by its revision, so every stage derives the secret from its function's
-link key in the worker Secret and its instance id (hydraserve.contracts.pod); the one the cold
-start drew is left out of pods and annotations. A worker is ready when its pod's Ready
+environments are written. A worker is ready when its pod's Ready
 condition is true (for the function pod that is queue-proxy's probe of our /readyz, which says
 ready only when the group serves); it is lost when its pod is gone, failed, or on a node the
 interceptor saw go away.
@@ -15,10 +12,8 @@ interceptor saw go away.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -30,7 +25,6 @@ from hydraserve.auth import mint_scoped_token
 from hydraserve.contracts.plan import Plan
 from hydraserve.contracts.pod import (
     INSTANCE_LABEL,
-    LINK_KEY_SECRET_KEY,
     PLAN_ANNOTATION,
     POD_LISTEN_HOST,
     ROLE_ANNOTATION,
@@ -42,7 +36,7 @@ from hydraserve.contracts.pod import (
     worker_secret_name,
 )
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.contracts.worker import ENV_KEYS, WorkerEnvironment, WorkerStatus
+from hydraserve.contracts.worker import WorkerEnvironment, WorkerStatus
 from hydraserve.errors import HydraError, PermanentError, TemporaryError
 from hydraserve.kube import api_error, bind_pod, create_or_keep, delete_quietly
 from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
@@ -267,11 +261,11 @@ class PodLauncher:
     def helper_pod(self, name: str, node: str, role: WorkerEnvironment, labels: dict[str, str],
                    placed: dict[str, str]) -> dict[str, Any]:
         """A helper stage's pod: the function's image, resources and loaderd mount, its role in
-        its environment, its loaderd token and link key from the function's worker Secret,
+        its environment, its loaderd token from the function's worker Secret,
         bound to ``node`` at creation (no scheduler), collected with the function pod."""
         source = user_container(self.pod)
         from_secret = worker_secret_env(self.function)
-        dropped = {e["name"] for e in from_secret} | {ENV_KEYS["link_secret"]}
+        dropped = {e["name"] for e in from_secret}
         env = [{"name": k, "value": v} for k, v in role.to_env().items() if k not in dropped] + from_secret
         host_volumes = [v for v in self.pod["spec"].get("volumes") or [] if "hostPath" in v]
         mounts = [m for m in source.get("volumeMounts") or [] if m["name"] in {v["name"] for v in host_volumes}]
@@ -318,9 +312,8 @@ class PodLauncher:
 
 def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_uri: str, loaderd_token: str) -> None:
     """The function's worker Secret: a loaderd token that may read only its model and release
-    only its own leases (the daemons' own token never leaves the control plane), and the random
-    link key its pods derive each group's stage-link secret from (kept while the Secret lives).
-    Written again when the function's model changed or the key is missing; a Secret of that
+    only its own leases (the daemons' own token never leaves the control plane). Written again
+    when the function's model changed; a Secret of that
     name the interceptor did not write (no ``MANAGED_BY_LABEL``) is never touched
     (ForeignSecretError): it may be someone's own."""
     name = worker_secret_name(function)
@@ -333,15 +326,14 @@ def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_u
     if current is not None and (current.metadata.labels or {}).get(MANAGED_BY_LABEL) != MANAGED_BY:
         raise ForeignSecretError(f"secret {namespace}/{name} exists and was not written by the interceptor "
                                  f"(no label {MANAGED_BY_LABEL}={MANAGED_BY}): left as it is")
-    link_key = _link_key_of(current)
-    if current is not None and link_key and (current.metadata.annotations or {}).get(MODEL_ANNOTATION) == model_uri:
+    if current is not None and (current.metadata.annotations or {}).get(MODEL_ANNOTATION) == model_uri:
         return
     token = mint_scoped_token(loaderd_token, subject=f"{namespace}/{function}", model_uri=model_uri)
     body: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": name, "namespace": namespace, "annotations": {MODEL_ANNOTATION: model_uri},
                          "labels": {FUNCTION_LABEL: function, "app.kubernetes.io/part-of": "hydraserve",
                                     MANAGED_BY_LABEL: MANAGED_BY}},
-            "stringData": {WORKER_SECRET_KEY: token, LINK_KEY_SECRET_KEY: link_key or secrets.token_urlsafe(32)}}
+            "stringData": {WORKER_SECRET_KEY: token}}
     if current is None:
         create_or_keep(core.create_namespaced_secret, namespace, body, f"secret {name}")
     else:
@@ -350,12 +342,6 @@ def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_u
             core.replace_namespaced_secret(name, namespace, body)
         except ApiException as exc:
             raise api_error(exc, f"replacing secret {name}") from exc
-
-
-def _link_key_of(secret: Any) -> str:
-    """The link key a worker Secret holds ('' for none: an older interceptor wrote it)."""
-    data = (secret.data or {}) if secret is not None else {}
-    return base64.b64decode(data[LINK_KEY_SECRET_KEY]).decode() if data.get(LINK_KEY_SECRET_KEY) else ""
 
 
 def placed_memory(annotations: Mapping[str, str]) -> tuple[int, float] | None:

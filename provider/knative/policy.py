@@ -1,8 +1,10 @@
 """A function's NetworkPolicy, which the interceptor writes into the function's namespace with
 its worker Secret: the ports of its pods that we own are reachable only from what needs them.
 
-- the stage-link port (``TRANSPORT_PORT``): from pods of the same function (its groups' stages;
-  another function's pods, or any other pod, cannot even open a link);
+- any port, from pods of the same function: its groups' stages link there (vLLM's pipeline
+  parallelism: torch.distributed's store on ``TRANSPORT_PORT``, then gloo's and ZeroMQ's
+  connections on ports vLLM picks at start). These links are not authenticated: this rule is
+  what keeps another function's pods, or any other pod, from opening one;
 - the worker's HTTP port (``RUNTIME_PORT``): from the control plane (readiness, timelines).
   Knative's queue-proxy reaches it over the pod's loopback, which no policy governs;
 - Knative's queue-proxy ports stay as open as they were: its activator, its autoscaler and the
@@ -18,7 +20,6 @@ from typing import Any
 
 from kubernetes.client import NetworkingV1Api
 
-from hydraserve.contracts.pod import TRANSPORT_PORT
 from hydraserve.kube import create_or_keep
 from hydraserve.provider.knative.service import FUNCTION_LABEL, RUNTIME_PORT
 
@@ -45,7 +46,7 @@ def function_network_policy(namespace: str, function: str, control_namespace: st
         "metadata": {"name": policy_name(function), "namespace": namespace,
                      "labels": {FUNCTION_LABEL: function, "app.kubernetes.io/part-of": "hydraserve"}},
         "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": [
-            {"ports": _tcp(TRANSPORT_PORT), "from": [{"podSelector": own}]},
+            {"from": [{"podSelector": own}]},  # every port: vLLM's group links are not all on TRANSPORT_PORT
             {"ports": _tcp(RUNTIME_PORT), "from": [control_plane]},
             {"ports": _tcp(*QUEUE_PROXY_PORTS)},
         ]},

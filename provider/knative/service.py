@@ -18,8 +18,7 @@ What the Service carries, and why:
   Knative allows without a flag): the role the interceptor writes at bind time (stage, peers,
   layer range, full or partial) reaches the runtime there (``HYDRASERVE_ROLE_FILE``);
 - the loaderd token from the function's worker Secret, which the interceptor writes (a token
-  scoped to the function's model; optional, so a pod starts without it and reads S3 itself),
-  and from the same Secret the link key each stage derives its group's link secret from;
+  scoped to the function's model; optional, so a pod starts without it and reads S3 itself);
 - ``autoscaling.knative.dev/initial-scale: "0"``: a function created is at zero and costs
   nothing until its first request (needs ``allow-zero-initial-scale``); min-scale 0;
 - ``timeoutSeconds`` and ``serving.knative.dev/progress-deadline`` that cover a cold start
@@ -36,8 +35,6 @@ from pydantic import Field, field_validator, model_validator
 from hydraserve.contracts.durations import duration_text
 from hydraserve.contracts.function import FunctionConfig, validate_function_name
 from hydraserve.contracts.pod import (
-    LINK_KEY_ENV,
-    LINK_KEY_SECRET_KEY,
     ROLE_FILE_KEY,
     WORKER_SECRET_KEY,
     worker_secret_name,
@@ -99,11 +96,9 @@ class HydraService(FunctionConfig):
 
 def worker_secret_env(function: str) -> list[dict[str, Any]]:
     """What a function's workers take from its worker Secret (the revision's and every helper
-    pod's environment): the loaderd token and the link key. Optional: a pod starts without them
-    (it reads S3 itself; a group's stages would refuse to link)."""
-    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": worker_secret_name(function), "key": key,
-                                                         "optional": True}}}
-            for env, key in ((ENV_KEYS["loaderd_token"], WORKER_SECRET_KEY), (LINK_KEY_ENV, LINK_KEY_SECRET_KEY))]
+    pod's environment): the loaderd token. Optional: a pod starts without it (it reads S3 itself)."""
+    return [{"name": ENV_KEYS["loaderd_token"], "valueFrom": {"secretKeyRef": {
+        "name": worker_secret_name(function), "key": WORKER_SECRET_KEY, "optional": True}}}]
 
 
 def knative_service(fn: HydraService) -> dict[str, Any]:

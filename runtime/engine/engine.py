@@ -1,12 +1,9 @@
 """LLMEngine: thread-safe front of the engine loop (submit -> stream of deltas).
 
-Used by the OpenAI/CloudEvents server, the worker and ``hydraserve generate``. Callers submit
-from any thread; one background thread runs steps, each step = schedule (scheduler.py) ->
-execute (an Executor: runner.py in-process, or a pipeline group's head:
-hydraserve.runtime.transport.group) -> update (sample, detokenize, stop checks, deltas to
-streams). An executor with ``max_inflight`` > 1 (a group of p stages) takes up to that many
-steps at once, each over requests none of the others holds, so every stage is busy with its
-own micro-batch; results are applied in the order the steps were issued. The engine knows
+Used by a vLLM worker's first requests (hydraserve.runtime.serving.first_token: vLLM's serving
+layer over this engine) and ``hydraserve generate``. Callers submit from any thread; one
+background thread runs steps, each step = schedule (scheduler.py) -> execute (the executor,
+runner.py) -> update (sample, detokenize, stop checks, deltas to streams). The engine knows
 nothing about where the model came from: it is built from an executor, a tokenizer and a few
 sizes (factory.py loads them).
 """
@@ -17,11 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
-
-import torch
 
 from hydraserve.errors import EngineError, HydraError, TemporaryError
 from hydraserve.runtime.engine.request import Request, RequestStream
@@ -49,8 +42,6 @@ class LLMEngine:
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._step_lock = threading.Lock()  # held for a whole step: reconfigure() waits for it
-        self._inflight: deque[tuple[SchedulerOutput, Future[torch.Tensor]]] = deque()
         self.steps = 0
         self.aborted_at_shutdown = 0
 
@@ -113,27 +104,6 @@ class LLMEngine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
-    def reconfigure(self, build: Callable[[Executor, dict[int, int]], Executor]) -> None:
-        """Swap the executor between two steps (pipeline consolidation).
-
-        ``build(old_executor, {slot: cached_tokens})`` runs while no step is in flight and must
-        return an executor whose KV cache already holds those slots' first cached_tokens
-        positions (migrated from the stages being retired). Running requests then continue.
-        """
-        with self._step_lock:
-            while self._inflight:
-                self._complete_oldest()
-            with self._cond:
-                cached = {r.slot: r.num_computed for r in self._scheduler.running if r.slot is not None}
-            self.executor = build(self.executor, cached)
-
-    def contexts(self) -> dict[int, tuple[str, list[int]]]:
-        """{slot: (request id, the tokens whose KV is cached)} of the running requests: what a
-        new executor must hold to take them over (consolidation recomputes it)."""
-        with self._cond:
-            return {r.slot: (r.request_id, (r.prompt_token_ids + r.output_token_ids)[:r.num_computed])
-                    for r in self._scheduler.running if r.slot is not None}
-
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
@@ -158,60 +128,24 @@ class LLMEngine:
                     self._cond.notify_all()
 
     def step(self) -> bool:
-        """One engine step; False if there was nothing to do. Called by the loop (or tests).
-        Issues steps while the executor has room (one at a time in-process), then applies the
-        oldest one's result."""
-        with self._step_lock:
-            issued = False
-            depth = max(1, getattr(self.executor, "max_inflight", 1))
-            while len(self._inflight) < depth:
-                if not self._issue(None if depth == 1 else -(-self.max_num_seqs // depth)):
-                    break
-                issued = True
-            if self._inflight:
-                self._complete_oldest()
-                return True
-            return issued
-
-    def _issue(self, max_rows: int | None) -> bool:
-        """Schedule a step over requests not already in flight and hand it to the executor."""
+        """One engine step; False if there was nothing to do. Called by the loop (or tests)."""
         with self._cond:
-            out = self._scheduler.schedule(max_rows)
+            out = self._scheduler.schedule()
             for request in out.aborted:
                 request.abort()
-            for request, _ in out.rows:
-                request.in_flight = True
         if not out.rows:
             return bool(out.aborted)
-        step = self._step_input(out)
-        submit = getattr(self.executor, "submit", None)  # a group's head; in-process runners compute now
-        future: Future[torch.Tensor] = Future()
-        try:
-            if submit is not None:
-                future = submit(step)
-            else:
-                future.set_result(self.executor.execute(step))
-        except Exception as exc:  # a model failure must not hang callers
-            future = Future()
-            future.set_exception(exc)
-        self._inflight.append((out, future))
-        return True
-
-    def _complete_oldest(self) -> None:
-        out, future = self._inflight.popleft()
         rows = out.rows
         sampled = [i for i, (_, samples) in enumerate(rows) if samples]
         try:
-            logits = future.result()
+            logits = self.executor.execute(self._step_input(out))
             tokens = sample(logits[sampled], [rows[i][0].params for i in sampled],
                             [rows[i][0].generator for i in sampled])
         except Exception as exc:  # a model failure must not hang callers
             log.exception("engine step failed")
             self._fail(out, exc)
-            return
+            return True
         with self._cond:
-            for request, _ in rows:
-                request.in_flight = False
             for request in out.decode:
                 request.num_computed += 1
             for chunk in out.prefill:
@@ -225,6 +159,7 @@ class LLMEngine:
                     self._scheduler.finish(request)
             self.steps += 1
             self._cond.notify_all()
+        return True
 
     @staticmethod
     def _step_input(out: SchedulerOutput) -> StepInput:
@@ -245,7 +180,6 @@ class LLMEngine:
         error = exc if isinstance(exc, HydraError) and exc.retryable else EngineError(f"generation failed: {exc}")
         with self._cond:
             for request, _ in out.rows:
-                request.in_flight = False
                 self._scheduler.finish(request)
                 request.finish_reason = "abort"
                 request.stream.fail(error)

@@ -3,9 +3,9 @@
 ``load_model`` loads a stage (default: the whole model) through the ModelFiles seam (a local
 directory, S3, or the node's loaderd), asking the files for exactly the tensors the stage
 slicer gives it; ``load_tokenizer`` reads the tokenizer; ``build_engine`` wraps a whole model
-in a ModelRunner and an LLMEngine. The worker's head role (hydraserve.runtime.roles) calls
-these three with its timeline; ``load_engine`` is the same three in one call, for
-``hydraserve generate`` and tests.
+in a ModelRunner and an LLMEngine, ``start_engine`` starts it warmed up. A vLLM worker's first
+requests (hydraserve.runtime.serving.first_token) go through these; ``load_engine`` is the same
+in one call, for ``hydraserve generate`` and tests.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.runtime.engine.engine import LLMEngine
-from hydraserve.runtime.engine.runner import Executor, ModelRunner
+from hydraserve.runtime.engine.runner import ModelRunner
+from hydraserve.runtime.engine.types import SamplingParams
 from hydraserve.runtime.model.config import ModelConfig
 from hydraserve.runtime.model.layers import StageModel
 from hydraserve.runtime.model.loader import load_stage
@@ -79,15 +80,24 @@ def context_limit(cfg: ModelConfig, max_model_len: int | None) -> int:
 
 
 def build_engine(loaded: LoadedStage, tokenizer: Tokenizer, *, max_num_seqs: int = 8,
-                 max_model_len: int | None = None, model_name: str = "model",
-                 executor: Executor | None = None) -> LLMEngine:
-    """An engine (not started) over a whole model, or over ``executor`` (a pipeline group's,
-    built on this stage); the KV caches hold ``max_num_seqs`` sequences of up to
-    :func:`context_limit` tokens."""
+                 max_model_len: int | None = None, model_name: str = "model") -> LLMEngine:
+    """An engine (not started) over a whole model; its KV cache holds ``max_num_seqs`` sequences
+    of up to :func:`context_limit` tokens."""
     cfg = loaded.config
     limit = context_limit(cfg, max_model_len)
-    return LLMEngine(executor or ModelRunner(loaded.model, max_num_seqs, limit), tokenizer, model_name=model_name,
+    return LLMEngine(ModelRunner(loaded.model, max_num_seqs, limit), tokenizer, model_name=model_name,
                      max_model_len=limit, vocab_size=cfg.vocab_size, max_num_seqs=max_num_seqs)
+
+
+def start_engine(loaded: LoadedStage, tokenizer: Tokenizer, *, max_num_seqs: int, max_model_len: int | None,
+                 model_name: str) -> LLMEngine:
+    """:func:`build_engine`, started and warmed up by one tiny forward: the first request should
+    not pay set-up."""
+    engine = build_engine(loaded, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                          model_name=model_name).start()
+    for _ in engine.submit([0], SamplingParams(max_tokens=1, temperature=0.0)):
+        pass
+    return engine
 
 
 def load_engine(model: str | Path | ModelFiles, *, endpoint_url: str | None = None,

@@ -107,7 +107,6 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     slot: int | None = None
     num_computed: int = 0  # tokens whose keys/values are in the KV cache
-    in_flight: bool = False  # part of a step whose logits have not come back (pipeline groups)
     finish_reason: FinishReason | None = None
     text: str = ""
     _sent_chars: int = 0

@@ -63,38 +63,29 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def can_schedule(self) -> bool:
-        """Something could go into a step now (work that is not already in flight)."""
-        return bool(self.waiting) or any(not r.in_flight for r in self.running)
-
     def num_active(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def schedule(self, max_rows: int | None = None) -> SchedulerOutput:
-        """The next step; at most ``max_rows`` requests in it (a pipeline group splits its
-        requests over one micro-batch per stage)."""
+    def schedule(self) -> SchedulerOutput:
+        """The next step: every running request's next decode, then prefill chunks (running
+        requests' first, then new ones while slots are free) within the token budget."""
         out = SchedulerOutput()
-        for request in [r for r in self.running if r.stream.cancelled.is_set() and not r.in_flight]:
+        for request in [r for r in self.running if r.stream.cancelled.is_set()]:
             self.finish(request)
             out.aborted.append(request)
         for request in [r for r in self.waiting if r.stream.cancelled.is_set()]:
             self.waiting.remove(request)
             out.aborted.append(request)
-        ready = [r for r in self.running if not r.in_flight and not r.stream.cancelled.is_set()]
-        rows = len(self.running) + len(self.waiting) if max_rows is None else max_rows
-        out.decode = [r for r in ready if r.prefill_done][:rows]
-        rows -= len(out.decode)
+        out.decode = [r for r in self.running if r.prefill_done]
         budget = self.max_prefill_tokens
-        for request in ready:
-            if not request.prefill_done and budget > 0 and rows > 0:
+        for request in self.running:
+            if not request.prefill_done and budget > 0:
                 budget -= self._chunk(out, request, budget)
-                rows -= 1
-        while self.waiting and self._free_slots and budget > 0 and rows > 0:
+        while self.waiting and self._free_slots and budget > 0:
             request = self.waiting.popleft()
             request.slot = heapq.heappop(self._free_slots)
             self.running.append(request)
             budget -= self._chunk(out, request, budget)
-            rows -= 1
         return out
 
     @staticmethod

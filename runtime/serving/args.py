@@ -1,7 +1,7 @@
 """The one translation of a worker's environment into vLLM's engine arguments and environment.
 
 Called by the worker (hydraserve.runtime.serving.engine) and the pipeline stage that follows
-a group's head (hydraserve.runtime.serving.follower) before vLLM builds anything, and by the
+a group's head (hydraserve.runtime.serving.stage) before vLLM builds anything, and by the
 benchmarks that run vLLM with our loader. vLLM's own argument parser reads the result
 (``vllm serve`` takes the same arguments), so its defaults and checks stay vLLM's. No vLLM
 import here: the worker computes this while vLLM is still importing.

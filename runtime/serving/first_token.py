@@ -34,6 +34,7 @@ from hydraserve.runtime.engine.types import SamplingParams as CompactParams
 from hydraserve.weights.model_files import ModelFiles
 
 log = logging.getLogger(__name__)
+FIRST_ANSWER_WAIT_S = 1.0  # vLLM's engine starts once a request has its first token, or after this
 
 # vLLM sampling parameters our engine does as vLLM does (the rest of what a request carries is
 # the front half's: stop strings, detokenization, output kind, n > 1 fanned out into requests).
@@ -47,12 +48,18 @@ DONE_HERE = frozenset({"temperature", "top_p", "top_k", "max_tokens", "stop_toke
 def compact_runs(settings: WorkerEnvironment, config: dict[str, Any]) -> bool:
     """Whether this worker's first requests can be the compact engine's: asked for, the whole
     model in this worker (a pipeline stage is vLLM's), read with our load format (vLLM's own
-    loaders are the baselines), a model the compact engine runs."""
+    loaders are the baselines), a model the compact engine runs, and vLLM on the CPU (the
+    compact engine computes on the CPU views of the weights; on a GPU vLLM answers first: never
+    measured, no GPU here)."""
+    from vllm.platforms import current_platform
+
     from hydraserve.errors import UnsupportedModelError
     from hydraserve.runtime.model.config import ModelConfig
 
     whole = settings.stage is None or settings.stage.num_stages == 1
     if settings.first_token_engine != "compact" or not whole or settings.load_format != "hydraserve":
+        return False
+    if not current_platform.is_cpu():
         return False
     try:
         ModelConfig.from_hf(config)  # refuses what the compact engine does not run (architecture, window, rope)
@@ -224,19 +231,21 @@ def load_compact_engine(settings: WorkerEnvironment, files: ModelFiles, timeline
     started and warmed up, and its LoadedStage; its cache holds ``max_batch`` sequences of up to
     ``model_max_len`` tokens (vLLM's context before its engine fits it), at most the compact
     engine's usual cap. Runs in a thread (the event loop answers probes meanwhile)."""
-    from hydraserve.runtime.engine.factory import DEFAULT_MAX_MODEL_LEN, load_tokenizer
-    from hydraserve.runtime.roles import start_engine
+    from hydraserve.runtime.engine.factory import DEFAULT_MAX_MODEL_LEN, load_tokenizer, start_engine
+    from hydraserve.runtime.serving.args import served_model_name
     from hydraserve.runtime.startup import load_my_stage
 
     tokenizers: list[Any] = []
     loaded = load_my_stage(settings, files, timeline, lambda f, cfg: tokenizers.append(load_tokenizer(f, cfg)))
-    limit = min(model_max_len, settings.max_model_len or DEFAULT_MAX_MODEL_LEN)
     try:
-        return start_engine(loaded, tokenizers[0], settings.model_copy(update={"max_model_len": limit}),
-                            timeline), loaded
+        engine = start_engine(loaded, tokenizers[0], max_num_seqs=settings.max_batch,
+                              max_model_len=min(model_max_len, settings.max_model_len or DEFAULT_MAX_MODEL_LEN),
+                              model_name=served_model_name(settings))
     except BaseException:
         loaded.source.close()
         raise
+    timeline.mark("warmed_up")
+    return engine, loaded
 
 
 async def start_first_token_server(settings: WorkerEnvironment, files: ModelFiles, model_dir: Path | str,
@@ -253,8 +262,10 @@ async def start_first_token_server(settings: WorkerEnvironment, files: ModelFile
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
         usage_context=UsageContext.OPENAI_API_SERVER)
     loading = Timeline()
+    served_as = str(vllm_config.model_config.dtype).removeprefix("torch.")  # vLLM's choice (bf16 for fp32 on CPUs)
     engine, loaded = await asyncio.get_running_loop().run_in_executor(
-        None, load_compact_engine, settings, files, loading, vllm_config.model_config.max_model_len)
+        None, load_compact_engine, settings.model_copy(update={"dtype": served_as}), files, loading,
+        vllm_config.model_config.max_model_len)
     absorb(timeline, loading, "compact")
     try:
         server = await serve_app(settings, args, compact_llm_class()(vllm_config, engine))
@@ -267,13 +278,19 @@ async def start_first_token_server(settings: WorkerEnvironment, files: ModelFile
 
 async def hand_over_to_vllm(settings: WorkerEnvironment, model_dir: Path | str, server: Any, compact_source: Any,
                             state: Any) -> None:
-    """vLLM's engine built beside the compact one (its moments on the timeline as ``vllm``),
-    then the app moved onto it (``handed_over``) and the compact engine stopped. If vLLM's engine
-    cannot start, the worker has failed: requests waiting for it get a retryable error."""
-    from hydraserve.errors import InstanceFailedError
+    """vLLM's engine built beside the compact one once a first request has its first token (or
+    after FIRST_ANSWER_WAIT_S; its moments on the timeline as ``vllm``), then the app moved onto
+    it (``handed_over``) and the compact engine stopped. If vLLM's engine
+    cannot start, the worker has failed: requests waiting for it get a retryable error (503)."""
+    from vllm.exceptions import RetryableRequestError
+
     from hydraserve.runtime.serving.engine import build_engine
 
     building = Timeline()
+    try:  # the first request's tokens before vLLM's set-up takes the cores (measured: 0.3 s later on 2)
+        await asyncio.wait_for(server.engine.answered.wait(), FIRST_ANSWER_WAIT_S)
+    except TimeoutError:
+        pass
     try:
         engine = await build_engine(settings, model_dir, building)
         per_rank = await engine.collective_rpc("hydraserve_load_timeline", timeout=10)
@@ -282,7 +299,7 @@ async def hand_over_to_vllm(settings: WorkerEnvironment, model_dir: Path | str, 
     except Exception as exc:
         log.exception("vLLM's engine failed to start beside the compact one")
         state.set_failed(f"vLLM's engine failed to start: {type(exc).__name__}: {exc}", exc)
-        server.engine.no_successor(InstanceFailedError("the worker's vLLM engine failed to start", retry_after_s=1.0))
+        server.engine.no_successor(RetryableRequestError("the worker's vLLM engine failed to start; retry"))  # a 503
         return
     from hydraserve.contracts.timeline import TimelineEvent
 

@@ -83,7 +83,9 @@ def _keep_fork_for_our_workers() -> None:
 
 
 def _forget_the_parents_signal_wakeup() -> None:
-    if os.environ.get(FORK_KEY) != "1":
+    # Only vLLM's children of a worker (whose HTTP port is known by then): a warm pool that
+    # imported vLLM runs this hook too, and its pooled children must outlive their fork server.
+    if os.environ.get(FORK_KEY) != "1" or not os.environ.get(HTTP_PORT_KEY):
         return
     signal.set_wakeup_fd(-1)
     _close_the_parents_http_sockets()

@@ -40,6 +40,7 @@ class HandoverEngine:
         self.moved = 0  # requests re-prefilled on a new engine (tests and the timeline read it)
         self.deferred = 0  # requests the first engine did not take, answered by the next
         self.served = asyncio.Event()  # a request has been answered to its end
+        self.answered = asyncio.Event()  # a request's first output has gone out
         self._retired: list[Any] = []  # kept: collecting one would stop the renderer still in use
         self._next: asyncio.Future[Any] | None = None  # the engine switched to next (deferred requests wait)
 
@@ -144,6 +145,7 @@ class HandoverEngine:
                     produced[:] = list(out.outputs[0].token_ids)
                     texts[:] = [out.outputs[0].text]
                 ended = out.finished
+                self.answered.set()
                 yield out
                 if out.finished:
                     self.served.set()

@@ -1,4 +1,4 @@
-"""A pipeline stage after the head: vLLM's workers of one node rank, serving the group's ring.
+"""A pipeline stage after the head: vLLM's workers of one node rank, serving the head's steps.
 
 A pipeline group is vLLM's own pipeline parallelism across nodes (hydraserve.runtime.serving.args):
 the head's engine drives every stage. On a stage's node, this process plays ``vllm serve

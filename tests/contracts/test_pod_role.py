@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 
 from hydraserve.contracts.pod import (
-    LINK_KEY_ENV,
     ROLE_ANNOTATION,
     ROLE_FILE_KEY,
-    derive_link_secret,
     parse_downward_annotations,
     role_annotation,
 )
@@ -34,26 +32,19 @@ def test_a_function_pod_takes_its_stage_from_its_role_file(tmp_path: Path) -> No
     placed = WorkerEnvironment(model_uri="s3://m/tiny", function="chat", instance_id="chat-1a2b3c4d", stage=stage,
                                transport_port=8090, peers=["hs-a-s0.ns.svc:8090", "hs-a-s1.ns.svc:8090"],
                                loaderd_url="http://10.0.0.7:8470", loaderd_token="secret-token",
-                               loaderd_lease="heartbeat", full=True, link_secret="the-cold-start's-own-" * 2)
+                               loaderd_lease="heartbeat", full=True)
     value = role_annotation(placed.model_dump(mode="json"))
     assert "secret-token" not in value and "loaderd_token" not in json.loads(value)
-    assert "link_secret" not in json.loads(value)
     role_file = tmp_path / "annotations"
     role_file.write_text(f'autoscaling.knative.dev/initial-scale="0"\n{ROLE_ANNOTATION}={go_quote(value)}\n')
     # What Knative's revision template gives the container (its env was fixed before placement).
     env = {"PORT": "8080", "K_SERVICE": "chat", "HYDRASERVE_MODEL_URI": "s3://m/tiny",
-           "HYDRASERVE_LOADERD_TOKEN": "from-the-secret", ROLE_FILE_KEY: str(role_file),
-           LINK_KEY_ENV: "the-functions-link-key-from-its-worker-secret"}
+           "HYDRASERVE_LOADERD_TOKEN": "from-the-secret", ROLE_FILE_KEY: str(role_file)}
     got = WorkerEnvironment.from_env(env)
     assert got.stage == stage and got.peers == placed.peers and got.instance_id == "chat-1a2b3c4d"
     assert got.loaderd_url == "http://10.0.0.7:8470" and got.loaderd_lease == "heartbeat"
     assert got.host == "0.0.0.0" and got.port == 8080  # its peers and probes come from outside the pod
     assert got.loaderd_token is not None and got.loaderd_token.get_secret_value() == "from-the-secret"
-    # its group's link secret: the function's key and its instance (a helper pod derives the same)
-    assert got.link_secret is not None and got.link_secret.get_secret_value() == derive_link_secret(
-        "the-functions-link-key-from-its-worker-secret", "chat-1a2b3c4d")
-    assert derive_link_secret("the-functions-link-key-from-its-worker-secret", "chat-2") != \
-        got.link_secret.get_secret_value()
 
 
 def test_a_pod_not_placed_by_the_interceptor_keeps_its_environment(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ FULL = WorkerEnvironment(
     port=9123, host="10.0.0.7", transport_port=9124, function="llama", revision="llama-00003", configuration="llama",
     instance_id="llama-1a2b", model_uri="s3://models/llama", s3_endpoint_url="http://s3:9000",
     s3_retry_budget_s=4.5, s3_fetch="download", stage=StageSpec(index=1, num_stages=2, layer_start=16, layer_end=32, num_layers=32),
-    full=False, kv_handover="migrate", peers=["10.0.0.6:9002", "10.0.0.7:9124"], loaderd_url="http://127.0.0.1:7070",
-    loaderd_token="t" * 32, link_secret="l" * 40, dtype="bfloat16", max_batch=4, max_model_len=2048, torch_threads=1,
+    full=False, first_token_engine="vllm", peers=["10.0.0.6:9002", "10.0.0.7:9124"], loaderd_url="http://127.0.0.1:7070",
+    loaderd_token="t" * 32, dtype="bfloat16", max_batch=4, max_model_len=2048, torch_threads=1,
     spawned_at=1700000000.25, drain_timeout_s=12.0)
 
 
@@ -27,9 +27,8 @@ def test_every_field_crosses_the_environment_and_comes_back_equal() -> None:
     assert not FULL.is_head and WorkerEnvironment(model_uri="m").is_head
 
 
-@pytest.mark.parametrize(("field", "value"), [("loaderd_token", "t" * 32), ("link_secret", "l" * 40)])
-def test_the_token_and_link_secret_are_secrets_and_may_come_from_a_file(tmp_path: Path, field: str,
-                                                                        value: str) -> None:
+@pytest.mark.parametrize(("field", "value"), [("loaderd_token", "t" * 32)])
+def test_the_token_is_a_secret_and_may_come_from_a_file(tmp_path: Path, field: str, value: str) -> None:
     assert value not in repr(FULL) and value not in str(FULL) and value not in FULL.model_dump_json()
     secret_file = tmp_path / field
     secret_file.write_text("f" * 32 + "\n")
@@ -37,18 +36,6 @@ def test_the_token_and_link_secret_are_secrets_and_may_come_from_a_file(tmp_path
                                       f"{ENV_KEYS[field]}_FILE": str(secret_file)})
     got = getattr(env, field)
     assert got is not None and got.get_secret_value() == "f" * 32
-
-
-def test_a_compact_groups_stage_needs_a_long_link_secret_and_no_error_quotes_it() -> None:
-    stage = StageSpec(index=1, num_stages=2, layer_start=1, layer_end=2, num_layers=2)
-    group = {"HYDRASERVE_MODEL_URI": "m", "HYDRASERVE_STAGE": stage.model_dump_json(), "HYDRASERVE_ENGINE": "compact",
-             "HYDRASERVE_PEERS": '["a:1", "b:2"]', "HYDRASERVE_TRANSPORT_PORT": "2"}
-    with pytest.raises(ValidationError, match="needs its group's link_secret"):
-        WorkerEnvironment.from_env(group)
-    with pytest.raises(ValidationError, match="shorter than 32") as short:
-        WorkerEnvironment.from_env({**group, "HYDRASERVE_LINK_SECRET": "a-short-guessable"})
-    assert "a-short-guessable" not in str(short.value)
-    assert WorkerEnvironment.from_env({**group, "HYDRASERVE_LINK_SECRET": "k" * 32}).link_secret is not None
 
 
 def test_knative_keys_and_defaults() -> None:

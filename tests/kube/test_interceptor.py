@@ -32,13 +32,11 @@ from hydraserve.provider.coldstart import ColdStartOptions
 from hydraserve.provider.knative.interceptor import Interceptor, InterceptorOptions
 from hydraserve.provider.knative.nodes import ClusterFeed
 from hydraserve.provider.knative.pods import (
-    MANAGED_BY,
-    MANAGED_BY_LABEL,
     MEMORY_ANNOTATION,
     ForeignSecretError,
     ensure_worker_secret,
 )
-from hydraserve.provider.knative.service import MODEL_ANNOTATION, HydraService, knative_service
+from hydraserve.provider.knative.service import HydraService, knative_service
 from hydraserve.provider.model_spec import describe_model
 from hydraserve.provider.service import PlacementService
 from hydraserve.weights.model_files import LocalModelFiles
@@ -160,23 +158,22 @@ def test_pending_function_pod_is_bound_with_its_role_and_released_on_delete(clus
     cluster.wait_for("the plan released", lambda: control.active_plans() == 0 and not control.interceptor.groups())
 
 
-def test_the_worker_secret_keeps_its_link_key_and_gains_one_it_lacked(cluster: Cluster) -> None:
-    """The key every group's link secret derives from: added to a Secret an older interceptor
-    wrote, and kept when the model changes (pods of running groups derived theirs from it)."""
-    def held(key: str) -> str:
+def test_the_worker_secret_follows_its_functions_model(cluster: Cluster) -> None:
+    """A token scoped to the function's model, written again (scoped to the new one) when the model
+    changes, and left as it is while the model stays."""
+    def token_model() -> str | None:
         data = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace).data
-        return base64.b64decode(data[key]).decode()
+        scoped = verify_scoped_token(LOADERD_TOKEN, base64.b64decode(data["loaderd-token"]).decode())
+        return scoped.model_uri if scoped is not None else None
 
-    cluster.core.create_namespaced_secret(cluster.namespace, {"metadata": {
-        "name": "chat-hydraserve-worker", "annotations": {MODEL_ANNOTATION: MODEL}, "labels": {MANAGED_BY_LABEL: MANAGED_BY}},
-        "stringData": {"loaderd-token": "x"}})
     ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN)
-    link_key = held("stage-link-key")
-    assert len(link_key) >= 32
+    assert token_model() == MODEL
+    version = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace).metadata.resource_version
+    ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN)
+    assert cluster.core.read_namespaced_secret("chat-hydraserve-worker",
+                                               cluster.namespace).metadata.resource_version == version
     ensure_worker_secret(cluster.core, cluster.namespace, "chat", "s3://models/other", LOADERD_TOKEN)
-    assert held("stage-link-key") == link_key
-    scoped = verify_scoped_token(LOADERD_TOKEN, held("loaderd-token"))
-    assert scoped is not None and scoped.model_uri == "s3://models/other"
+    assert token_model() == "s3://models/other"
 
 
 def test_a_secret_the_interceptor_did_not_write_is_never_overwritten(cluster: Cluster, control: Control) -> None:
@@ -209,13 +206,6 @@ def test_pipeline_group_gets_helper_pods_owned_by_the_function_pod(cluster: Clus
     peers = json.loads(env["HYDRASERVE_PEERS"].value)
     assert len(peers) == 2 and all(p.endswith(f".{cluster.namespace}.svc:8090") for p in peers)
     assert env["HYDRASERVE_LOADERD_TOKEN"].value_from.secret_key_ref.name == "chat-hydraserve-worker"
-    # no pod carries its group's link secret: each stage derives it from the function's link key
-    link_key = env["HYDRASERVE_LINK_KEY"].value_from.secret_key_ref
-    assert (link_key.name, link_key.key) == ("chat-hydraserve-worker", "stage-link-key")
-    assert "HYDRASERVE_LINK_SECRET" not in env
-    secret = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace)
-    assert len(base64.b64decode(secret.data["stage-link-key"])) >= 32
-    assert "link_secret" not in json.loads(pod.metadata.annotations[ROLE_ANNOTATION])
     assert env["HYDRASERVE_HOST"].value == "0.0.0.0"
     services = cluster.core.list_namespaced_service(cluster.namespace).items
     assert sorted(s.metadata.name.rsplit("-", 1)[1] for s in services) == ["s0", "s1"]

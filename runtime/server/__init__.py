@@ -1,1 +1,0 @@
-"""The function's HTTP face: OpenAI-compatible API, CloudEvents, health and readiness."""
