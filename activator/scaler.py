@@ -46,7 +46,7 @@ from hydraserve.activator.ports import Endpoint, FunctionBackend
 from hydraserve.activator.start_failures import StartFailure, StartFailures
 from hydraserve.activator.usage import FunctionUsage
 from hydraserve.contracts.function import FunctionConfig
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.errors import (
     HydraError,
     InstanceFailedError,
@@ -200,7 +200,7 @@ class FunctionScaler:
     def first_response(self, instance: Instance) -> None:
         """The proxy saw the instance's first response byte: close its cold start's timeline."""
         if instance.first_response_pending:
-            instance.timeline.mark("first_response_byte", component="gateway")
+            instance.timeline.mark(Moment.FIRST_RESPONSE_BYTE, component="gateway")
             instance.first_response_pending = False
 
     def _free_instance(self) -> Instance | None:
@@ -258,7 +258,7 @@ class FunctionScaler:
         self._starting += 1
         self._metrics.cold_starts.labels(self.config.name).inc()
         timeline = Timeline()
-        timeline.mark("request_received", component="gateway")
+        timeline.mark(Moment.REQUEST_RECEIVED, component="gateway")
         self.last_timeline = timeline
         avoid, self._avoid_next = self._avoid_next, ()
         self._spawn(self._cold_start(timeline, avoid))
@@ -282,7 +282,7 @@ class FunctionScaler:
                 avoid = tuple(dict.fromkeys((*avoid, *exc.nodes)))
                 log.warning("cold start of %s lost a worker, starting again without %s: %s",
                             self.config.name, ", ".join(avoid), exc.message)
-                timeline.mark("cold_start_retry", component="gateway", avoid=list(avoid), reason=exc.message[:200])
+                timeline.mark(Moment.COLD_START_RETRY, component="gateway", avoid=list(avoid), reason=exc.message[:200])
         raise AssertionError("unreachable")
 
     async def _cold_start(self, timeline: Timeline, avoid: tuple[str, ...]) -> None:
@@ -294,7 +294,7 @@ class FunctionScaler:
             return
         self._starting -= 1
         self.start_failures.succeeded()
-        ready = timeline.mark("instance_ready", component="gateway")
+        ready = timeline.mark(Moment.INSTANCE_READY, component="gateway")
         self.usage.cold_start(ready.at - timeline.events[0].at)
         if self._closed:  # the gateway shut down while it started
             await self._blocking(self._backend.stop, self.config.name, endpoint.instance_id)
@@ -384,7 +384,7 @@ class FunctionScaler:
             self._spawn(self._stop_in_backend(Instance(endpoint, Timeline(), last_active=self._clock())))
             return
         timeline = Timeline()
-        timeline.mark("replica_ready", component="gateway", of=origin.instance_id)
+        timeline.mark(Moment.REPLICA_READY, component="gateway", of=origin.instance_id)
         self.instances[endpoint.instance_id] = Instance(endpoint, timeline, last_active=self._clock(),
                                                         first_response_pending=False)
         self.replicas += 1

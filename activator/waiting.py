@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.contracts.worker import OPENAI_ROUTES
 
 COLD_START_HEADER = "X-HydraServe-Cold-Start"  # "true": it arrived while no instance was ready
@@ -49,7 +49,7 @@ def progress_text(timeline: Timeline | None, now: float | None = None) -> str:
     if timeline is None or not timeline.events:
         return "waiting for a free instance (no cold start under way: every instance is busy)"
     parts = [f"cold start {(now or time.time()) - timeline.events[0].at:.1f} s"]
-    plan = timeline.first("plan_decided")
+    plan = timeline.first(Moment.PLAN_DECIDED)
     if plan is not None:
         nodes = plan.detail.get("nodes")
         parts.append(f"planned: {plan.detail.get('pipeline_size')} stage(s) on "

@@ -44,6 +44,8 @@ from typing import Any
 
 from measure import CpuMeter, store_throughput
 
+from hydraserve.contracts.timeline import Moment
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -101,7 +103,7 @@ def cold_start(backend: Any, function: Any) -> dict[str, Any]:
 
     cpu, t0 = CpuMeter(), time.time()
     timeline = Timeline()
-    timeline.mark("request_received", component="bench", at=t0)
+    timeline.mark(Moment.REQUEST_RECEIVED, component="bench", at=t0)
     endpoint = backend.start(function, timeline)
     ready = time.time()
     result = stream_completion(endpoint.url + "/v1/completions",
@@ -112,11 +114,11 @@ def cold_start(backend: Any, function: Any) -> dict[str, Any]:
     backend.stop(function.name, endpoint.instance_id)
     merged = timeline.merged(worker)
     events = {e.name: e.at - t0 for e in merged.events}
-    spawned = merged.first("worker_spawned")
-    prefetch = merged.first("prefetch_started")
+    spawned = merged.first(Moment.WORKER_SPAWNED)
+    prefetch = merged.first(Moment.PREFETCH_STARTED)
     return {"ttft_s": round(ttft, 3), "ready_s": round(ready - t0, 3), "cpu_busy": cpu.busy(),
             "adopted": bool(spawned and spawned.detail.get("adopted")),
-            "first_token_engine": ready.detail.get("first_token_engine") if (ready := merged.first("engine_ready")) else None,
+            "first_token_engine": ready.detail.get("first_token_engine") if (ready := merged.first(Moment.ENGINE_READY)) else None,
             "bytes_new": prefetch.detail.get("bytes_new") if prefetch else None,
             "libraries_imported_s": round(events.get("libraries_imported", 0), 3),
             "weights_loaded_s": round(events["weights_loaded"], 3) if "weights_loaded" in events else None,

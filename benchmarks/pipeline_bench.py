@@ -38,6 +38,8 @@ from typing import Any
 
 from measure import CpuMeter, store_throughput
 
+from hydraserve.contracts.timeline import Moment
+
 MODES = ["serverless_vllm", "serverlessllm", "serverlessllm_cached", "hydra_1", "hydra"]
 PROMPT = "The quick brown fox"
 
@@ -99,7 +101,7 @@ def cold_start(backend: Any, function: Any, *, tokens: int = 4, through_consolid
 
     cpu, t0 = CpuMeter(), time.time()
     timeline = Timeline()
-    timeline.mark("request_received", component="bench", at=t0)
+    timeline.mark(Moment.REQUEST_RECEIVED, component="bench", at=t0)
     endpoint = backend.start(function, timeline)
     ready = time.time()
     group = backend.group(endpoint.instance_id)
@@ -129,10 +131,10 @@ def _consolidation(backend: Any, endpoint: Any, first: Any, streams: list[Any]) 
     stream around it (and the phase it fell before), and how many requests in flight were
     re-prefilled on the standalone engine."""
     timeline = backend.worker_timeline(endpoint)
-    switched = timeline.first("consolidated")
-    done = timeline.first("group_consolidated") or switched
+    switched = timeline.first(Moment.CONSOLIDATED)
+    done = timeline.first(Moment.GROUP_CONSOLIDATED) or switched
     assert switched is not None and done is not None
-    moved = timeline.first("handover_done")  # vLLM's hand-over (runtime/serving/handover.py)
+    moved = timeline.first(Moment.HANDOVER_DONE)  # vLLM's hand-over (runtime/serving/handover.py)
     start, end = first.token_times[0], done.at + 1.0
     gaps = [(b - a, b) for s in streams for a, b in zip(s.token_times, s.token_times[1:], strict=False)
             if start <= b <= end]

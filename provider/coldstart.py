@@ -1,9 +1,10 @@
 """The cold start, backend-neutral: plan -> prefetch on every chosen node -> launch each stage's
 worker -> wait until the group is ready -> report -> release the prefetch leases.
 
-Used by every backend that brings functions up (the local backend today, the Kubernetes one
-next) through the port declared here, :class:`WorkerLauncher`: how a worker comes to exist (a
-child process, a pod) is the launcher's business; what happens around it is this module's. Each
+Used by every backend that brings functions up (the local process launcher, the Kubernetes pod
+launcher) through the ports of hydraserve.provider.worker_port: how a worker comes to exist (a
+child process, a pod) is the launcher's business; what happens around it is this module's
+(loaderd's prefetch: hydraserve.provider.prefetch). Each
 worker learns its part from one typed environment (hydraserve.contracts.worker): function,
 model, its stage, the addresses of every stage, full or partial, and its node's loaderd. Every
 step is marked on the cold start's timeline; docs/PROTOCOLS.md walks them.
@@ -30,12 +31,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import requests
 
 from hydraserve.auth import mint_scoped_token
-from hydraserve.contracts.loader import LeaseResponse
 from hydraserve.contracts.plan import (
     FunctionSpec,
     Plan,
@@ -45,108 +42,19 @@ from hydraserve.contracts.plan import (
     WorkerTimings,
 )
 from hydraserve.contracts.stage import MAX_PIPELINE_SIZE
-from hydraserve.contracts.timeline import Timeline
-from hydraserve.contracts.worker import WorkerEnvironment, WorkerStatus
-from hydraserve.errors import HydraError, InstanceFailedError, TemporaryError, UnreachableError
-from hydraserve.loaderd.client import LoaderClient
+from hydraserve.contracts.timeline import Moment, Timeline
+from hydraserve.contracts.worker import WorkerEnvironment
+from hydraserve.errors import HydraError, InstanceFailedError, TemporaryError
+from hydraserve.provider.prefetch import Prefetch, prefetch_pinned, start_prefetches
+from hydraserve.provider.worker_port import (
+    LaunchedWorker,
+    NodeAccess,
+    PlacementPort,
+    WorkerLauncher,
+    WorkerSlot,
+)
 
 log = logging.getLogger(__name__)
-
-
-class PlacementPort(Protocol):
-    """What the cold start needs from the placement service (its HTTP client fits)."""
-
-    def plan(self, request: PlanRequest) -> Plan: ...
-
-    def report(self, report: WorkerReport) -> object: ...
-
-
-class NodeAccess(Protocol):
-    """How to reach one node's loaderd."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def loaderd_url(self) -> str: ...
-
-    @property
-    def loaderd_token(self) -> str: ...
-
-
-class LaunchedWorker(Protocol):
-    """One worker a launcher started."""
-
-    url: str
-    spawned_at: float
-    adopted: bool  # a pooled process of the node's warm pool took the work (no process start)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Return once it serves; raise a HydraError with its reason if it cannot."""
-        ...
-
-    def stop(self, grace_s: float = 10.0) -> object:
-        """Drain and stop it; must not raise for a worker that is already gone."""
-        ...
-
-    def status(self) -> WorkerStatus:
-        """What it says of itself (its /readyz: status, reason, consolidated); raises HydraError
-        when it does not answer."""
-        ...
-
-    def timeline(self) -> Timeline:
-        """Its own start-up timeline; raises HydraError when it does not answer."""
-        ...
-
-    def lost(self) -> bool:
-        """Whether it is gone without having been stopped (killed, its node down); cheap, no
-        network call. A worker that failed with a reason is not lost: it says why."""
-        ...
-
-
-def worker_status(url: str) -> WorkerStatus:
-    """A worker's /readyz (status, reason, consolidated), for launchers' ``status``;
-    TemporaryError when it does not answer, or not with a worker's status."""
-    try:
-        return WorkerStatus.model_validate(requests.get(url + "/readyz", timeout=2).json())
-    except (requests.RequestException, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-        raise TemporaryError(f"worker at {url} did not answer with its status: {exc}") from exc
-
-
-def worker_timeline(url: str) -> Timeline:
-    """A worker's own start-up timeline, for launchers' ``timeline``; TemporaryError when it
-    does not answer."""
-    try:
-        response = requests.get(url + "/v1/hydraserve/timeline", timeout=5)
-        response.raise_for_status()
-    except requests.RequestException as exc:
-        raise TemporaryError(f"worker at {url} did not answer: {exc}") from exc
-    return Timeline.model_validate(response.json())
-
-
-@dataclass(frozen=True)
-class WorkerSlot:
-    """Where a worker about to be launched will answer: its HTTP port and its stage link's."""
-
-    host: str
-    port: int
-    transport_port: int
-
-    @property
-    def transport_address(self) -> str:
-        return f"{self.host}:{self.transport_port}"
-
-
-class WorkerLauncher(Protocol):
-    """The port: makes workers exist on nodes (child processes, pods)."""
-
-    def reserve(self, node: str) -> WorkerSlot:
-        """Where a worker about to be launched on ``node`` will answer."""
-        ...
-
-    def launch(self, node: str, env: WorkerEnvironment) -> LaunchedWorker:
-        """Start a worker with this environment (host and ports from ``reserve``)."""
-        ...
 
 
 @dataclass
@@ -220,21 +128,22 @@ class ColdStart:
         plan = self._plan_on_own_nodes(spec, exclude_nodes)
         if on_plan is not None:
             on_plan(plan)
-        timeline.mark("plan_decided", component="placement", nodes=plan.nodes, pipeline_size=plan.pipeline_size,
+        timeline.mark(Moment.PLAN_DECIDED, component="placement", nodes=plan.nodes, pipeline_size=plan.pipeline_size,
                       predicted_ttft_s=round(plan.predicted_ttft_s, 2), sources=[s.source for s in plan.stages])
         group = Group(plan)
-        prefetches: list[_Prefetch] = []
+        prefetches: list[Prefetch] = []
         try:
-            prefetches = self._prefetch(plan, timeline) if opts.prefetch else []
+            prefetches = start_prefetches(plan, self._nodes, timeline, opts.s3_endpoint_url, opts.pin_s) \
+                if opts.prefetch else []
             if not opts.prefetch:
-                timeline.mark("prefetch_skipped", component="backend", reason="prefetch disabled (baseline)")
+                timeline.mark(Moment.PREFETCH_SKIPPED, component="backend", reason="prefetch disabled (baseline)")
             slots = [self._launcher.reserve(st.node) for st in plan.stages]
             for st, slot in zip(plan.stages, slots, strict=True):
                 env = self._environment(plan, st, slot, [s.transport_address for s in slots], revision)
                 worker = self._launcher.launch(st.node, env)
                 group.workers.append(worker)
                 group.stages.append(st)
-                timeline.mark("worker_spawned", component="backend", at=worker.spawned_at, node=st.node,
+                timeline.mark(Moment.WORKER_SPAWNED, component="backend", at=worker.spawned_at, node=st.node,
                               stage=st.stage.index, adopted=worker.adopted)
             ready_at = _wait_all_ready(group.workers, opts.ready_timeout_s, timeline)
             group.stage_timelines = self._inner_timelines(group)
@@ -242,7 +151,7 @@ class ColdStart:
             reason = exc.message if isinstance(exc, HydraError) else f"{type(exc).__name__}: {exc}"
             lost = self.fail(group, reason)
             if lost:
-                timeline.mark("cold_start_failed", component="backend", lost=list(lost), reason=reason[:200])
+                timeline.mark(Moment.COLD_START_FAILED, component="backend", lost=list(lost), reason=reason[:200])
                 raise InstanceFailedError(f"cold start failed, worker lost on {', '.join(lost)}: {reason}",
                                           nodes=lost, retry_after_s=1.0) from exc
             if isinstance(exc, HydraError):
@@ -279,19 +188,7 @@ class ColdStart:
         loaderd, pinned for ``hold_s`` (no worker, no plan kept: a dry run); the bytes fetched.
         A node whose loaderd does not answer or has no room is skipped."""
         plan = self._placement.plan(self.plan_request(spec, dry_run=True))
-        fetched = 0
-        for st, request in plan.prefetch_orders(self.options.s3_endpoint_url, min(hold_s, 86_400.0)):
-            node = self._nodes.get(st.node)
-            if node is None or not node.loaderd_url:
-                continue
-            loader = LoaderClient(node.loaderd_url, node.loaderd_token)
-            try:
-                fetched += loader.prefetch(request).bytes_new
-            except HydraError as exc:
-                log.warning("no pre-warm of %s on %s: %s", spec.name, st.node, exc.message)
-            finally:
-                loader.close()
-        return fetched
+        return prefetch_pinned(plan, self._nodes, self.options.s3_endpoint_url, min(hold_s, 86_400.0))
 
     def stop(self, group: Group) -> None:
         """Scale the group down: every worker drained and stopped (replicas nobody took too),
@@ -348,7 +245,7 @@ class ColdStart:
             for st, worker in retired:
                 self._retire(group.plan, st, worker)
             self._report(group.plan, "consolidated")
-            timeline.mark("group_consolidated", component="backend", stopped=[st.node for st, _ in retired],
+            timeline.mark(Moment.GROUP_CONSOLIDATED, component="backend", stopped=[st.node for st, _ in retired],
                           replicas=[st.node for st, _ in becoming])
             group.consolidated.set()
             for st, worker in becoming:
@@ -381,11 +278,11 @@ class ColdStart:
                     with self._lock:
                         if not group.stopping.is_set():
                             group.replicas.append(replica)
-                            timeline.mark("replica_ready", component="backend", node=st.node,
+                            timeline.mark(Moment.REPLICA_READY, component="backend", node=st.node,
                                           instance=replica.instance_id)
                             return
         self._retire(group.plan, st, worker)
-        timeline.mark("replica_failed", component="backend", node=st.node, reason=reason[:200])
+        timeline.mark(Moment.REPLICA_FAILED, component="backend", node=st.node, reason=reason[:200])
         log.warning("stage %d of %s did not become a replica: %s", st.stage.index, group.instance_id, reason)
 
     def _retire(self, plan: Plan, st: StagePlacement, worker: LaunchedWorker) -> None:
@@ -402,33 +299,6 @@ class ColdStart:
             self._report(group.plan, event, reason=reason)
 
     # steps -------------------------------------------------------------------------------
-    def _prefetch(self, plan: Plan, timeline: Timeline) -> list[_Prefetch]:
-        """Tell every chosen node's loaderd to fetch its stage now, before any worker exists.
-        A node whose loaderd does not answer is skipped: its worker fetches from S3 itself."""
-        started: list[_Prefetch] = []
-        for st, request in plan.prefetch_orders(self.options.s3_endpoint_url, self.options.pin_s):
-            node = self._nodes[st.node]
-            if not node.loaderd_url:
-                timeline.mark("prefetch_skipped", component="backend", node=node.name, reason="no loaderd on the node")
-                continue
-            loader = LoaderClient(node.loaderd_url, node.loaderd_token)
-            try:
-                lease = loader.prefetch(request)
-            except UnreachableError as exc:
-                log.warning("no prefetch on %s, its worker will fetch from S3: %s", node.name, exc.message)
-                timeline.mark("prefetch_skipped", component="backend", node=node.name, reason=exc.message)
-                loader.close()
-                continue
-            except BaseException:
-                loader.close()
-                for prefetch in started:
-                    prefetch.finish()
-                raise
-            timeline.mark("prefetch_started", component="loaderd", node=node.name, stage=st.stage.index,
-                          bytes=lease.bytes_total, bytes_new=lease.bytes_new)
-            started.append(_Prefetch(loader, lease, timeline, node.name, st.stage.index))
-        return started
-
     def _environment(self, plan: Plan, st: StagePlacement, slot: WorkerSlot, peers: list[str],
                      revision: str) -> WorkerEnvironment:
         """One stage's environment."""
@@ -468,7 +338,7 @@ class ColdStart:
         for worker in reversed(workers):
             _quietly(functools.partial(worker.stop, grace_s=2))
 
-    def _report_ready(self, plan: Plan, workers: Sequence[LaunchedWorker], prefetches: list[_Prefetch],
+    def _report_ready(self, plan: Plan, workers: Sequence[LaunchedWorker], prefetches: list[Prefetch],
                       cold_start_s: list[float]) -> None:
         """One report per stage, as the simulator sends them: its node's own fetch (a group's
         nodes fetch their own bytes in parallel: each calibrates its own bandwidth) and its
@@ -488,49 +358,6 @@ class ColdStart:
         _quietly(lambda: self._placement.report(WorkerReport(
             plan_id=plan.plan_id, event=event, reason=reason, stage=stage,  # type: ignore[arg-type]
             timings=timings or WorkerTimings())))
-
-
-class _Prefetch:
-    """One stage's prefetch lease, and when loaderd held every byte of it: marks
-    'weights_fetched' (polls the daemon's status with its own client, ~20 ms resolution)."""
-
-    def __init__(self, loader: LoaderClient, lease: LeaseResponse, timeline: Timeline, node: str, stage: int,
-                 poll_s: float = 0.02) -> None:
-        self.loader, self.lease, self.stage = loader, lease, stage
-        self._timeline, self._node, self._poll_s = timeline, node, poll_s
-        self._segments = {s.segment_id for s in lease.segments}
-        self._stop = threading.Event()
-        self._started = time.time()
-        self.fetch_s: float | None = None
-        self._thread = threading.Thread(target=self._watch, name="fetch-watch", daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                segments = [s for s in self.loader.status().segments if s.segment_id in self._segments]
-            except HydraError as exc:  # a slow or busy daemon: keep watching
-                log.debug("loaderd status failed: %s", exc.message)
-                self._stop.wait(self._poll_s)
-                continue
-            self._timeline.progress(**{f"fetched_bytes.{self.stage}": sum(s.bytes_ready for s in segments),
-                                       f"fetch_bytes.{self.stage}": sum(s.tensor_bytes for s in segments)})
-            if segments and all(s.state == "complete" for s in segments):
-                now = time.time()
-                self.fetch_s = now - self._started
-                self._timeline.mark("weights_fetched", component="loaderd", at=now, node=self._node,
-                                    bytes=sum(s.tensor_bytes for s in segments))
-                return
-            if any(s.state == "failed" for s in segments):
-                return
-            self._stop.wait(self._poll_s)
-
-    def finish(self) -> None:
-        """Stop watching and drop the prefetch's pin (the worker holds its own lease by now)."""
-        self._stop.set()
-        self._thread.join(timeout=2)
-        _quietly(lambda: self.loader.release(self.lease.lease_id))
-        self.loader.close()
 
 
 def _wait_all_ready(workers: Sequence[LaunchedWorker], timeout_s: float, timeline: Timeline) -> list[float]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.weights.model_files import ModelFiles
 
@@ -28,7 +28,7 @@ def open_files(settings: WorkerEnvironment, timeline: Timeline) -> ModelFiles:
         from hydraserve.runtime.loader_files import LoaderModelFiles
 
         def fell_back(reason: str) -> None:
-            timeline.mark("loaderd_fallback", reason=reason)
+            timeline.mark(Moment.LOADERD_FALLBACK, reason=reason)
 
         token = settings.loaderd_token.get_secret_value() if settings.loaderd_token else ""
         return LoaderModelFiles(settings.model_uri, settings.loaderd_url, token,
@@ -66,18 +66,18 @@ def load_my_stage(settings: WorkerEnvironment, files: ModelFiles, timeline: Time
         torch.set_num_threads(settings.torch_threads)
     cfg = ModelConfig.from_hf(files.config())
     prepare(files, cfg)
-    timeline.mark("config_loaded")
+    timeline.mark(Moment.CONFIG_LOADED)
     waited = [0.0]
 
     def attached(source: object) -> None:
-        timeline.mark("weights_attached", via=getattr(source, "via", None) or "local")
+        timeline.mark(Moment.WEIGHTS_ATTACHED, via=getattr(source, "via", None) or "local")
 
     def on_tensor(_name: str, seconds_waited: float) -> None:
-        if timeline.first("first_tensor_loaded") is None:
-            timeline.mark("first_tensor_loaded")
+        if timeline.first(Moment.FIRST_TENSOR_LOADED) is None:
+            timeline.mark(Moment.FIRST_TENSOR_LOADED)
         waited[0] += seconds_waited
 
     loaded = load_model(files, settings.stage or StageSpec.whole(cfg.num_layers), config=cfg,
                         dtype=settings.dtype, on_tensor=on_tensor, on_attached=attached)
-    timeline.mark("weights_loaded", waited_for_bytes_s=round(waited[0], 3))
+    timeline.mark(Moment.WEIGHTS_LOADED, waited_for_bytes_s=round(waited[0], 3))
     return loaded

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 
 # (phase name, from event, to event): the breakdown a reader wants, in cold-start order.
-PHASES: list[tuple[str, str, str]] = [
-    ("placement", "request_received", "plan_decided"),
-    ("placement (Kubernetes: from the function pod pending)", "pod_pending", "plan_decided"),
-    ("fetch (loaderd, S3 -> shared memory)", "prefetch_started", "weights_fetched"),
-    ("process start -> listening", "process_started", "http_listening"),
-    ("library import (vLLM; a pooled process did it already)", "http_listening", "libraries_imported"),
-    ("config + tokenizer (read while the libraries import)", "http_listening", "config_loaded"),
-    ("engine set-up before the weights (processes, model built)", "config_loaded", "weights_attached"),
-    ("weights load (after attach)", "weights_attached", "weights_loaded"),
-    ("KV cache, engine ready, warm-up", "weights_loaded", "warmed_up"),
-    ("ready -> first response byte", "instance_ready", "first_response_byte"),
-    ("total (Kubernetes): pod pending -> group ready", "pod_pending", "instance_ready"),
-    ("total: request -> first response byte", "request_received", "first_response_byte"),
+PHASES: list[tuple[str, Moment, Moment]] = [
+    ("placement", Moment.REQUEST_RECEIVED, Moment.PLAN_DECIDED),
+    ("placement (Kubernetes: from the function pod pending)", Moment.POD_PENDING, Moment.PLAN_DECIDED),
+    ("fetch (loaderd, S3 -> shared memory)", Moment.PREFETCH_STARTED, Moment.WEIGHTS_FETCHED),
+    ("process start -> listening", Moment.PROCESS_STARTED, Moment.HTTP_LISTENING),
+    ("library import (vLLM; a pooled process did it already)", Moment.HTTP_LISTENING, Moment.LIBRARIES_IMPORTED),
+    ("config + tokenizer (read while the libraries import)", Moment.HTTP_LISTENING, Moment.CONFIG_LOADED),
+    ("engine set-up before the weights (processes, model built)", Moment.CONFIG_LOADED, Moment.WEIGHTS_ATTACHED),
+    ("weights load (after attach)", Moment.WEIGHTS_ATTACHED, Moment.WEIGHTS_LOADED),
+    ("KV cache, engine ready, warm-up", Moment.WEIGHTS_LOADED, Moment.WARMED_UP),
+    ("ready -> first response byte", Moment.INSTANCE_READY, Moment.FIRST_RESPONSE_BYTE),
+    ("total (Kubernetes): pod pending -> group ready", Moment.POD_PENDING, Moment.INSTANCE_READY),
+    ("total: request -> first response byte", Moment.REQUEST_RECEIVED, Moment.FIRST_RESPONSE_BYTE),
 ]
 
 
@@ -54,8 +54,8 @@ def format_timeline(timeline: Timeline) -> str:
 
 def fetch_overlap(timeline: Timeline) -> float | None:
     """Seconds during which the fetch and the worker's start-up ran at the same time."""
-    fetch_a, fetch_b = timeline.first("prefetch_started"), timeline.first("weights_fetched")
-    start_a, start_b = timeline.first("worker_spawned"), timeline.first("engine_ready")
+    fetch_a, fetch_b = timeline.first(Moment.PREFETCH_STARTED), timeline.first(Moment.WEIGHTS_FETCHED)
+    start_a, start_b = timeline.first(Moment.WORKER_SPAWNED), timeline.first(Moment.ENGINE_READY)
     if None in (fetch_a, fetch_b, start_a, start_b):
         return None
     assert fetch_a and fetch_b and start_a and start_b

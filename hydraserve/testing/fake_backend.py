@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from hydraserve.activator.ports import Endpoint, WorkerLog
 from hydraserve.contracts.function import FunctionConfig
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.errors import HydraError, InstanceFailedError, StorageError, TemporaryError
 
 
@@ -57,7 +57,7 @@ class ScriptedBackend:
         self.started_with.append(function)
         self.excluded.append(tuple(exclude_nodes))
         self.started.set()
-        timeline.mark("plan_decided", component="fake", nodes=["fake-node"], pipeline_size=1)
+        timeline.mark(Moment.PLAN_DECIDED, component="fake", nodes=["fake-node"], pipeline_size=1)
         timeline.progress(**{"fetch_bytes.0": 50e6, "fetched_bytes.0": 20e6, "workers": 1, "workers_ready": 0})
         self.release_start.wait(10)
         if self.lose_next:

@@ -20,8 +20,9 @@ from hydraserve.contracts.plan import FunctionSpec, Plan, StagePlacement
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import TemporaryError
 from hydraserve.provider.backends.process import NodeHost, ProcessLauncher
-from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
+from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group
 from hydraserve.provider.model_spec import describe_model
+from hydraserve.provider.worker_port import PlacementPort
 from hydraserve.runtime.forkserver_client import ForkServerClient
 from hydraserve.weights.model_files import StoredModelFiles
 

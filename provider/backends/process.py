@@ -28,7 +28,7 @@ from hydraserve.errors import HydraError, TemporaryError, UnreachableError
 from hydraserve.leftovers import LEFTOVERS_KEY, remove_leftovers
 from hydraserve.logs import redact, secret_values
 from hydraserve.processes import ChildProcess, ProcessHandle, free_port, tail_lines
-from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
+from hydraserve.provider.worker_port import WorkerSlot, worker_status, worker_timeline
 from hydraserve.runtime.forkserver_client import ForkServerClient
 
 log = logging.getLogger(__name__)

@@ -43,10 +43,10 @@ from hydraserve.contracts.durations import parse_duration
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, Plan
 from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL, TIMELINE_ANNOTATION
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.errors import ConflictError, HydraError, InstanceFailedError
 from hydraserve.kube import delete_quietly, pod_event
-from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group, PlacementPort
+from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group
 from hydraserve.provider.knative.metrics import InterceptorMetrics
 from hydraserve.provider.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
 from hydraserve.provider.knative.pods import (
@@ -63,6 +63,7 @@ from hydraserve.provider.knative.service import (
     TPOT_SLO_ANNOTATION,
     TTFT_SLO_ANNOTATION,
 )
+from hydraserve.provider.worker_port import PlacementPort
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +302,7 @@ class Interceptor:
         failures = 0
         while not start.deleted.is_set() and not self._stop.is_set():
             timeline = Timeline()
-            timeline.mark("pod_pending", component="interceptor", pod=name)
+            timeline.mark(Moment.POD_PENDING, component="interceptor", pod=name)
             launcher = PodLauncher(self._core, pod, cancel=self._stop)
             coldstart = self._coldstart(launcher)
             start.launcher, start.coldstart = launcher, coldstart
@@ -337,7 +338,7 @@ class Interceptor:
                 self.refresh_nodes()
                 continue
             start.group = group
-            timeline.mark("instance_ready", component="interceptor", nodes=group.plan.nodes)
+            timeline.mark(Moment.INSTANCE_READY, component="interceptor", nodes=group.plan.nodes)
             self.metrics.cold_starts.labels("serving").inc()
             self.metrics.cold_start_seconds.observe(timeline.events[-1].at - timeline.events[0].at)
             self._count_groups()

@@ -39,7 +39,6 @@ from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment, WorkerStatus
 from hydraserve.errors import HydraError, PermanentError, TemporaryError
 from hydraserve.kube import api_error, bind_pod, create_or_keep, delete_quietly
-from hydraserve.provider.coldstart import WorkerSlot, worker_status, worker_timeline
 from hydraserve.provider.knative.service import (
     FUNCTION_LABEL,
     MODEL_ANNOTATION,
@@ -47,6 +46,7 @@ from hydraserve.provider.knative.service import (
     SCHEDULER_NAME,
     worker_secret_env,
 )
+from hydraserve.provider.worker_port import WorkerSlot, worker_status, worker_timeline
 
 log = logging.getLogger(__name__)
 

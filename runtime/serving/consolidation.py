@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hydraserve.contracts.stage import StageSpec
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.weights.model_files import ModelFiles
 
@@ -49,7 +49,7 @@ async def fetch_the_rest(files: ModelFiles, stage: StageSpec, timeline: Timeline
     mine = set(files.stage_tensor_names(stage))
     missing = [n for n in whole if n not in mine]
 
-    timeline.mark("consolidation_fetch_started", tensors=len(missing))
+    timeline.mark(Moment.CONSOLIDATION_FETCH_STARTED, tensors=len(missing))
 
     def fetch() -> Any:
         source = files.tensor_source(missing, background=True)
@@ -58,7 +58,7 @@ async def fetch_the_rest(files: ModelFiles, stage: StageSpec, timeline: Timeline
         return source
 
     source = await asyncio.get_running_loop().run_in_executor(None, fetch)
-    timeline.mark("consolidation_fetched", tensors=len(missing))
+    timeline.mark(Moment.CONSOLIDATION_FETCHED, tensors=len(missing))
     return source
 
 
@@ -77,16 +77,16 @@ async def consolidate(settings: WorkerEnvironment, files: ModelFiles, model_dir:
             engine = await build_engine(standalone(settings), model_dir, timeline)
         finally:
             held.close()
-        timeline.mark("standalone_started")
+        timeline.mark(Moment.STANDALONE_STARTED)
     except Exception:
         log.exception("consolidation failed: the group serves on")
-        timeline.mark("consolidation_failed")
+        timeline.mark(Moment.CONSOLIDATION_FAILED)
         return
     group_engine = server.engine.engine
     moved = await server.engine.switch(engine, handover_s)
-    timeline.mark("handover_done", moved=moved)
+    timeline.mark(Moment.HANDOVER_DONE, moved=moved)
     on_done()  # the launcher may stop the other stages now: nothing runs on the group any more
-    timeline.mark("consolidated")
+    timeline.mark(Moment.CONSOLIDATED)
     try:
         await group_engine.collective_rpc("hydraserve_release", timeout=5)  # the other stages: the group ended
     except Exception as exc:  # a stage already gone: its launcher stops it anyway
@@ -112,9 +112,9 @@ async def become_replica(settings: WorkerEnvironment, files: ModelFiles, model_d
         server = await start_server(standalone(settings), model_dir, state.timeline)
     finally:
         held.close()
-    state.timeline.mark("replica_built")
+    state.timeline.mark(Moment.REPLICA_BUILT)
     front.api = True
     state.set_serving(server)
     state.mark_consolidated()
-    state.timeline.mark("replica_serving")
+    state.timeline.mark(Moment.REPLICA_SERVING)
     log.info("serving as a standalone replica")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydraserve.contracts.timeline import Timeline, TimelineEvent
+from hydraserve.contracts.timeline import Moment, Timeline, TimelineEvent
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import UnsupportedModelError
 from hydraserve.runtime.serving.args import (
@@ -159,7 +159,7 @@ async def start_server(settings: WorkerEnvironment, model_dir: Path | str, timel
     args = parse_engine_args(settings, model_dir)
     engine = await _started(args, timeline)
     if settings.stage is not None and settings.stage.num_stages > 1:  # every stage joined and loaded
-        timeline.mark("group_linked", stages=settings.stage.num_stages)
+        timeline.mark(Moment.GROUP_LINKED, stages=settings.stage.num_stages)
     try:
         return await serve_app(settings, args, engine)
     except BaseException:
@@ -193,7 +193,7 @@ async def _started(args: Any, timeline: Timeline) -> Any:
     except BaseException:
         engine.shutdown()
         raise
-    timeline.mark("warmed_up")
+    timeline.mark(Moment.WARMED_UP)
     return engine
 
 
@@ -204,8 +204,8 @@ def _build_engine(args: Any, timeline: Timeline) -> Any:
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
     vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-    timeline.mark("engine_configured", pid=os.getpid())
+    timeline.mark(Moment.ENGINE_CONFIGURED, pid=os.getpid())
     engine = AsyncLLM.from_vllm_config(vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
                                        enable_log_requests=False, disable_log_stats=False)
-    timeline.mark("engine_started")  # the engine core holds the weights and its KV cache
+    timeline.mark(Moment.ENGINE_STARTED)  # the engine core holds the weights and its KV cache
     return engine

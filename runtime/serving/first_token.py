@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.runtime.engine.engine import LLMEngine
 from hydraserve.runtime.engine.request import RequestStream
@@ -244,7 +244,7 @@ def load_compact_engine(settings: WorkerEnvironment, files: ModelFiles, timeline
     except BaseException:
         loaded.source.close()
         raise
-    timeline.mark("warmed_up")
+    timeline.mark(Moment.WARMED_UP)
     return engine, loaded
 
 
@@ -307,7 +307,7 @@ async def hand_over_to_vllm(settings: WorkerEnvironment, model_dir: Path | str, 
     absorb(state.timeline, building, "vllm")
     compact = server.engine.engine
     moved = await server.engine.switch(engine, settings.handover_s)
-    state.timeline.mark("handed_over", to="vllm", moved=moved, deferred=server.engine.deferred)
+    state.timeline.mark(Moment.HANDED_OVER, to="vllm", moved=moved, deferred=server.engine.deferred)
     await asyncio.get_running_loop().run_in_executor(None, server.engine.retire, compact)
     compact_source.close()
     log.info("vLLM's engine serves; the compact engine stopped", extra={"moved": moved,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.runtime.serving.engine import parse_engine_args
 
@@ -59,7 +59,7 @@ async def start_stage(settings: WorkerEnvironment, model_dir: Path | str, timeli
     """This rank's vLLM workers, loaded and joined to the head's group."""
     args = parse_engine_args(settings, model_dir)
     executor = await asyncio.get_running_loop().run_in_executor(None, _build_executor, args, timeline)
-    timeline.mark("stage_joined", stage=settings.stage.index if settings.stage else 0)
+    timeline.mark(Moment.STAGE_JOINED, stage=settings.stage.index if settings.stage else 0)
     return StageWorkers(executor)
 
 
@@ -70,5 +70,5 @@ def _build_executor(args: Any, timeline: Timeline) -> Any:
 
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
         usage_context=UsageContext.OPENAI_API_SERVER, headless=True)
-    timeline.mark("engine_configured")
+    timeline.mark(Moment.ENGINE_CONFIGURED)
     return MultiprocExecutor(vllm_config, monitor_workers=False)

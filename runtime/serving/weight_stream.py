@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from hydraserve.contracts.stage import StageSpec
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.errors import UnreachableError
 from hydraserve.weights.model_files import ModelFiles
 from hydraserve.weights.source import TensorSource
@@ -33,14 +33,14 @@ def stream_weights(files: ModelFiles, stage: StageSpec, load: Load, timeline: Ti
     Marks weights_attached, first_tensor_loaded, [loaderd_fallback], weights_loaded."""
     names = files.stage_tensor_names(stage)
     stream = _Stream(files, names, timeline)
-    timeline.mark("weights_attached", via=stream.via, stage=stage.index, tensors=len(names))
+    timeline.mark(Moment.WEIGHTS_ATTACHED, via=stream.via, stage=stage.index, tensors=len(names))
     try:
         result = load(stream)
         if stream.handed < len(names):
             raise ValueError(f"the model's load_weights stopped after {stream.handed} of {len(names)} tensors")
     finally:
         stream.close()
-    timeline.mark("weights_loaded", waited_for_bytes_s=round(stream.waited_s, 3), via=stream.via)
+    timeline.mark(Moment.WEIGHTS_LOADED, waited_for_bytes_s=round(stream.waited_s, 3), via=stream.via)
     return result
 
 
@@ -62,7 +62,7 @@ class _Stream:
             tensor = self._get(i, name)
             self.waited_s += time.monotonic() - started
             if self.handed == 0:
-                self._timeline.mark("first_tensor_loaded")
+                self._timeline.mark(Moment.FIRST_TENSOR_LOADED)
             self.handed += 1
             yield name, tensor
 
@@ -75,7 +75,7 @@ class _Stream:
                 raise
             rest = self._names[i:]
             log.warning("loaderd went away mid-load: %s; the %d remaining tensors come from S3", exc.message, len(rest))
-            self._timeline.mark("loaderd_fallback", reason=exc.message, tensors=len(rest))
+            self._timeline.mark(Moment.LOADERD_FALLBACK, reason=exc.message, tensors=len(rest))
             self._sources.append(fallback(rest))
             self.via = "loaderd+s3"
             return self._sources[-1].get(name)

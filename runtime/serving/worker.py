@@ -34,6 +34,7 @@ from typing import Any
 
 import uvicorn
 
+from hydraserve.contracts.timeline import Moment
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.leftovers import LEFTOVERS_KEY, RUN_DIR_PREFIX, record, remove_leftovers
 from hydraserve.runtime.proc_clock import process_start_time
@@ -64,16 +65,16 @@ def run_worker(settings: WorkerEnvironment, *, adopted_at: float | None = None) 
 async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
     state: ServingState[VllmServer | StageWorkers] = ServingState(settings.function, settings.revision)
     if adopted_at is not None:
-        state.timeline.mark("process_started", at=adopted_at, adopted=True,
+        state.timeline.mark(Moment.PROCESS_STARTED, at=adopted_at, adopted=True,
                             pooled_s=round(adopted_at - process_start_time(), 3))
     else:  # /proc's start time has 10 ms ticks: never report a start before the spawn itself
-        state.timeline.mark("process_started", at=max(process_start_time(), settings.spawned_at or 0.0))
+        state.timeline.mark(Moment.PROCESS_STARTED, at=max(process_start_time(), settings.spawned_at or 0.0))
     front = Front(state, api=settings.is_head)
     listener = socket.create_server((settings.host, settings.port), reuse_port=False)
     server = _Uvicorn(uvicorn.Config(front, lifespan="off", log_level="warning", access_log=False,
                                      timeout_keep_alive=5, timeout_graceful_shutdown=5))
     http = asyncio.create_task(server.serve(sockets=[listener]))
-    state.timeline.mark("http_listening", port=listener.getsockname()[1])
+    state.timeline.mark(Moment.HTTP_LISTENING, port=listener.getsockname()[1])
     os.environ[HTTP_PORT_KEY] = str(listener.getsockname()[1])  # vLLM's forked processes close it
     log.info("listening", extra={"port": listener.getsockname()[1], "model": settings.model_uri,
                                  "instance": settings.instance_id, "stage": settings.stage.model_dump()
@@ -150,9 +151,9 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
         files = await loop.run_in_executor(None, open_files, settings, timeline)  # loaderd's read-ahead starts
         opened.append(files)
         imported = loop.run_in_executor(None, import_vllm)
-        imported.add_done_callback(lambda _: timeline.mark("libraries_imported"))
+        imported.add_done_callback(lambda _: timeline.mark(Moment.LIBRARIES_IMPORTED))
         model_dir = await loop.run_in_executor(None, prepare_model, settings, files, run_dir / "model")
-        timeline.mark("config_loaded")
+        timeline.mark(Moment.CONFIG_LOADED)
         await imported
         first_token_engine = "compact" if settings.is_head and compact_runs(settings, files.config()) else "vllm"
         if first_token_engine == "compact":
@@ -185,7 +186,7 @@ async def _start(settings: WorkerEnvironment, state: ServingState[Any], front: F
 
             stage.watch(group_ended)
             loop.add_signal_handler(RELEASED, released)
-        timeline.mark("engine_ready", role="head" if settings.is_head else "stage",
+        timeline.mark(Moment.ENGINE_READY, role="head" if settings.is_head else "stage",
                       first_token_engine=first_token_engine)
         t0 = timeline.events[0].at
         for event in timeline.events:

@@ -16,16 +16,17 @@ import pytest
 from hydraserve.auth import Principal, verify_scoped_token
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, NodeInfo, WorkerReport
-from hydraserve.contracts.timeline import Timeline
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.contracts.worker import WorkerEnvironment, WorkerStatus
 from hydraserve.errors import InstanceFailedError, TemporaryError
 from hydraserve.loaderd.daemon import LoaderDaemon
 from hydraserve.loaderd.service import LoaderConfig
 from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 from hydraserve.provider.backends.local import LocalNode
-from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, WorkerSlot
+from hydraserve.provider.coldstart import ColdStart, ColdStartOptions
 from hydraserve.provider.model_spec import describe_model
 from hydraserve.provider.service import PlacementService
+from hydraserve.provider.worker_port import WorkerSlot
 from hydraserve.weights.model_files import LocalModelFiles
 from tests.loaderd.conftest import LocalStores, write_manifest
 
@@ -139,7 +140,7 @@ def test_the_protocol_runs_in_order_and_writes_the_worker_environment(loaderds: 
     launcher = FakeLauncher()
     coldstart, placement = setup(loaderds, launcher, s3_endpoint_url=S3_URL)
     timeline = Timeline()
-    timeline.mark("request_received", component="test")
+    timeline.mark(Moment.REQUEST_RECEIVED, component="test")
     group = coldstart.run(spec(model_dir), timeline)
 
     names = [e.name for e in timeline.events]

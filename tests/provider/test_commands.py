@@ -32,7 +32,6 @@ def test_simulate_command_json_last(capsys: pytest.CaptureFixture[str], tmp_path
 
 
 def test_simulate_plot(tmp_path) -> None:
-    pytest.importorskip("matplotlib")
     out = tmp_path / "f.png"
     assert main(["simulate", "--rate", "0.2,0.3", "--cv", "2", "--policy", "serverless-vllm,hydraserve",
                  "--duration", "300", "--copies", "2", "--plot", str(out), "--json"]) == 0

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a test dependency: a broken install fails here, never skips
 
 from hydraserve.modeltools.tiny import make_tiny_model
 from hydraserve.runtime.engine.factory import load_engine
 from hydraserve.runtime.engine.types import SamplingParams
 from tests.variants import VARIANTS
-
-transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["The lighthouse keeper", "Hello! How are you today?", "One, two, three, four"]
 NEW_TOKENS = 24
