@@ -34,6 +34,8 @@ from hydraserve.runtime.forkserver_client import ForkServerClient
 log = logging.getLogger(__name__)
 
 FROZEN_AFTER_S = 3.0  # a worker stopped by a signal this long counts as lost (its instance fails over)
+UNRESPONSIVE_AFTER_S = 10.0  # a ready worker whose process runs but answers no /healthz this long: deadlocked
+PROBE_EVERY_S = 1.0  # how often a ready worker's /healthz is asked (1 s timeout)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class WorkerProcess(ChildProcess):
                          env=env, proc=proc)
         self.adopted = proc is not None
         self._frozen_since: float | None = None
+        self._liveness: Liveness | None = None  # once ready
         self.leftovers = Path(env[LEFTOVERS_KEY]) if LEFTOVERS_KEY in env else None  # what it wrote down
         self.url = url
         self.label = label  # <instance>-<stage>
@@ -129,11 +132,14 @@ class WorkerProcess(ChildProcess):
         self.spawned_at = spawned_at
 
     def lost(self) -> bool:
-        """Gone without being stopped, or frozen (stopped by a signal: SIGSTOP, a debugger) for
-        FROZEN_AFTER_S: its requests would wait for as long as it stays so (issue 22 item 8: 50 s
-        frozen, 50 s stalled, no failover). Cheap: a read of /proc."""
+        """Gone without being stopped, frozen (stopped by a signal: SIGSTOP, a debugger) for
+        FROZEN_AFTER_S, or, once ready, silent on /healthz for UNRESPONSIVE_AFTER_S while it runs
+        (deadlocked): its requests would wait for as long as it stays so (issue 22 item 8: 50 s
+        frozen, 50 s stalled, no failover). Cheap: a read of /proc and of the last probe's time."""
         if super().lost():
             return True
+        if self._liveness is not None and self._liveness.silent_for() >= UNRESPONSIVE_AFTER_S:
+            return True  # deadlocked (its loop blocked, a lock never released): nothing would answer its requests
         if not _stopped_by_signal(self.proc.pid):
             self._frozen_since = None
             return False
@@ -143,6 +149,8 @@ class WorkerProcess(ChildProcess):
 
     def stop(self, grace_s: float = 10.0) -> int | None:
         """Stop it, then remove what it wrote down and could not remove itself (killed)."""
+        if self._liveness is not None:
+            self._liveness.stop()
         code = super().stop(grace_s)
         removed = remove_leftovers(self.leftovers) if self.leftovers is not None else []
         if removed:
@@ -179,6 +187,8 @@ class WorkerProcess(ChildProcess):
         if failed:
             self.stop(grace_s=2)
             raise failed[0]
+        if self._liveness is None:
+            self._liveness = Liveness(self.url, self.label)
 
     def status(self) -> WorkerStatus:
         return worker_status(self.url)
@@ -200,6 +210,34 @@ class WorkerProcess(ChildProcess):
                 exc = str(entry.get("exc", "")).strip().splitlines()
                 return exc[-1] if exc else str(entry.get("msg"))
         return lines[-1][-300:] if lines else "no output"
+
+
+class Liveness:
+    """Asks a ready worker's /healthz every PROBE_EVERY_S in a daemon thread and remembers when it
+    last answered (with any status: a failed worker answers and says why; a deadlocked one does
+    not answer at all)."""
+
+    def __init__(self, url: str, label: str = "") -> None:
+        self.url = url
+        self.last_answer = time.monotonic()
+        self._stop = threading.Event()
+        threading.Thread(target=self._probe, name=f"liveness-{label}", daemon=True).start()
+
+    def _probe(self) -> None:
+        session = requests.Session()
+        while not self._stop.wait(PROBE_EVERY_S):
+            try:
+                session.get(self.url + "/healthz", timeout=PROBE_EVERY_S)
+                self.last_answer = time.monotonic()
+            except requests.RequestException:
+                pass
+        session.close()
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_answer
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _stopped_by_signal(pid: int) -> bool:
