@@ -34,8 +34,8 @@ from hydraserve.runtime.forkserver_client import ForkServerClient
 log = logging.getLogger(__name__)
 
 FROZEN_AFTER_S = 3.0  # a worker stopped by a signal this long counts as lost (its instance fails over)
-UNRESPONSIVE_AFTER_S = 10.0  # a ready worker whose process runs but answers no /healthz this long: deadlocked
-PROBE_EVERY_S = 1.0  # how often a ready worker's /healthz is asked (1 s timeout)
+UNRESPONSIVE_AFTER_S = 10.0  # a ready worker whose process runs but answers no /livez this long: deadlocked
+PROBE_EVERY_S = 1.0  # how often a ready worker's /livez is asked (1 s timeout)
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class WorkerProcess(ChildProcess):
 
     def lost(self) -> bool:
         """Gone without being stopped, frozen (stopped by a signal: SIGSTOP, a debugger) for
-        FROZEN_AFTER_S, or, once ready, silent on /healthz for UNRESPONSIVE_AFTER_S while it runs
+        FROZEN_AFTER_S, or, once ready, silent on /livez for UNRESPONSIVE_AFTER_S while it runs
         (deadlocked): its requests would wait for as long as it stays so (issue 22 item 8: 50 s
         frozen, 50 s stalled, no failover). Cheap: a read of /proc and of the last probe's time."""
         if super().lost():
@@ -213,9 +213,8 @@ class WorkerProcess(ChildProcess):
 
 
 class Liveness:
-    """Asks a ready worker's /healthz every PROBE_EVERY_S in a daemon thread and remembers when it
-    last answered (with any status: a failed worker answers and says why; a deadlocked one does
-    not answer at all)."""
+    """Asks a ready worker's /livez every PROBE_EVERY_S in a daemon thread and remembers when it
+    last answered (with any status: a failed worker answers; a deadlocked one does not)."""
 
     def __init__(self, url: str, label: str = "") -> None:
         self.url = url
@@ -227,7 +226,7 @@ class Liveness:
         session = requests.Session()
         while not self._stop.wait(PROBE_EVERY_S):
             try:
-                session.get(self.url + "/healthz", timeout=PROBE_EVERY_S)
+                session.get(self.url + "/livez", timeout=PROBE_EVERY_S)
                 self.last_answer = time.monotonic()
             except requests.RequestException:
                 pass

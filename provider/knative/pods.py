@@ -41,6 +41,7 @@ from hydraserve.errors import HydraError, PermanentError, TemporaryError
 from hydraserve.kube import api_error, bind_pod, create_or_keep, delete_quietly
 from hydraserve.provider.knative.service import (
     FUNCTION_LABEL,
+    LIVENESS_PROBE,
     MODEL_ANNOTATION,
     RUNTIME_PORT,
     SCHEDULER_NAME,
@@ -275,6 +276,7 @@ class PodLauncher:
                       {"containerPort": TRANSPORT_PORT, "name": "stage-link"}],
             "readinessProbe": {"httpGet": {"path": "/readyz", "port": RUNTIME_PORT}, "periodSeconds": 1,
                                "failureThreshold": 600},
+            "livenessProbe": {**LIVENESS_PROBE, "httpGet": {**LIVENESS_PROBE["httpGet"], "port": RUNTIME_PORT}},
             "resources": source.get("resources") or {}, "volumeMounts": mounts,
             "securityContext": source.get("securityContext") or {"allowPrivilegeEscalation": False},
         }

@@ -53,6 +53,10 @@ FUNCTION_LABEL = ANNOTATION_PREFIX + "function"  # on every pod of a function (N
 LOADERD_HOST_DIR = "/run/hydraserve/loaderd"  # the DaemonSet's segments (a host tmpfs directory)
 ROLE_DIR = "/etc/hydraserve/pod"  # the pod's annotations, as files
 RUNTIME_PORT = 8080
+# The worker's /livez answers whenever its serving loop runs (failed or not): 3 misses 5 s apart
+# and the kubelet restarts a deadlocked worker's container.
+LIVENESS_PROBE: dict[str, Any] = {"httpGet": {"path": "/livez"}, "periodSeconds": 5, "timeoutSeconds": 2,
+                                  "failureThreshold": 3}
 DEFAULT_IMAGE = "ghcr.io/OWNER/hydraserve:0.1.0"  # vLLM for CPUs (manifests/Dockerfile)
 DEFAULT_GPU_IMAGE = DEFAULT_IMAGE + "-cuda"  # vLLM with CUDA (the Dockerfile's ENGINE=gpu variant)
 
@@ -126,6 +130,7 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
         "env": [{"name": "HYDRASERVE_MODEL_URI", "value": fn.model_uri},
                 {"name": ROLE_FILE_KEY, "value": f"{ROLE_DIR}/annotations"}, *worker_secret_env(fn.name)],
         "readinessProbe": {"httpGet": {"path": "/readyz"}, "periodSeconds": 1, "failureThreshold": fn.timeout_s},
+        "livenessProbe": LIVENESS_PROBE,  # a deadlocked worker is restarted (a failed one answers it)
         "resources": {"requests": {"cpu": fn.cpu, "memory": fn.memory}, "limits": limits},
         "volumeMounts": [
             {"name": "loaderd", "mountPath": LOADERD_HOST_DIR, "readOnly": True},

@@ -1,7 +1,8 @@
 """The worker's HTTP front: our routes, then vLLM's OpenAI server behind one strict door.
 
 An ASGI app (served by uvicorn; hydraserve.runtime.serving.worker), assembled here in one place:
-- ours: ``GET /healthz`` (true while the process can serve or is still starting), ``GET /readyz``
+- ours: ``GET /livez`` (200 while the serving loop answers: the liveness its launcher and the
+  kubelet probe), ``GET /healthz`` (true while the process can serve or is still starting), ``GET /readyz``
   (true once vLLM serves and no drain is under way; its body is the WorkerStatus contract),
   ``GET /metrics`` (ours and vLLM's), ``GET /v1/hydraserve/timeline``, and CloudEvents on
   ``POST /`` (hydraserve.http_events; each event becomes one OpenAI request below);
@@ -114,7 +115,7 @@ class Front:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        own = {("GET", "/healthz"): self._healthz, ("GET", "/readyz"): self._readyz,
+        own = {("GET", "/livez"): self._livez, ("GET", "/healthz"): self._healthz, ("GET", "/readyz"): self._readyz,
                ("GET", "/metrics"): self._metrics, ("GET", "/v1/hydraserve/timeline"): self._timeline}
         if (method, path) in own:
             try:
@@ -153,6 +154,11 @@ class Front:
             self.metrics.latency.labels(route).observe(time.monotonic() - started)
 
     # our routes ---------------------------------------------------------------------------
+    async def _livez(self, send: Send) -> None:
+        """200 whenever the serving loop answers, failed or not (liveness: a deadlocked worker does
+        not answer; a failed one does, and says why on /healthz)."""
+        await _send_json(send, 200, {"status": "alive"})
+
     async def _healthz(self, send: Send) -> None:
         await _send_json(send, 500 if self.state.failed_reason else 200, self.state.status().model_dump())
 

@@ -207,6 +207,8 @@ def test_pipeline_group_gets_helper_pods_owned_by_the_function_pod(cluster: Clus
     assert len(peers) == 2 and all(p.endswith(f".{cluster.namespace}.svc:8090") for p in peers)
     assert env["HYDRASERVE_LOADERD_TOKEN"].value_from.secret_key_ref.name == "chat-hydraserve-worker"
     assert env["HYDRASERVE_HOST"].value == "0.0.0.0"
+    probe = helper.spec.containers[0].liveness_probe.http_get  # a deadlocked stage is restarted too
+    assert (probe.path, probe.port) == ("/livez", 8080)
     services = cluster.core.list_namespaced_service(cluster.namespace).items
     assert sorted(s.metadata.name.rsplit("-", 1)[1] for s in services) == ["s0", "s1"]
     assert all(s.spec.cluster_ip == "None" and s.spec.publish_not_ready_addresses for s in services)

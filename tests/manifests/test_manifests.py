@@ -113,6 +113,9 @@ def test_runtime_honours_the_services_container_contract(service: dict[str, Any]
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         models = requests.get(base + "/v1/models", timeout=5).json()["data"]
         assert models and models[0]["id"]
+        liveness = container["livenessProbe"]  # the kubelet restarts a worker that stops answering it
+        assert requests.get(base + liveness["httpGet"]["path"], timeout=2).status_code == 200
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] <= 30
     finally:
         proc.terminate()
         code = proc.wait(60)
