@@ -114,17 +114,19 @@ class InstanceProxy:
                 return web.Response(status=503, body=raw, headers=_answer_headers(upstream, headers_out)), None
             on_first_byte()
             tap = UsageTap(upstream.content_type, drop_usage_chunk) if upstream.status == 200 else None
-            if into is not None:
-                answered = await _relay_into(request, upstream, into, on_first_chunk, tap)
-            else:
-                out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                         headers=_answer_headers(upstream, headers_out))
-                if upstream.content_length is not None:
-                    out.content_length = upstream.content_length
-                await out.prepare(request)
-                answered = await _pump(request, upstream, out, on_first_chunk, tap)
-            if tap is not None and tap.usage is not None and on_usage is not None:
-                on_usage(*tap.usage)
+            try:
+                if into is not None:
+                    answered = await _relay_into(request, upstream, into, on_first_chunk, tap)
+                else:
+                    out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                             headers=_answer_headers(upstream, headers_out))
+                    if upstream.content_length is not None:
+                        out.content_length = upstream.content_length
+                    await out.prepare(request)
+                    answered = await _pump(request, upstream, out, on_first_chunk, tap)
+            finally:  # the tokens were spent even when the client left (or was cancelled) at the very end
+                if tap is not None and tap.usage is not None and on_usage is not None:
+                    on_usage(*tap.usage)
             return answered
         finally:
             upstream.close()  # no-op after a full read; after a cancel it drops the connection
