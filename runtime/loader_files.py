@@ -25,6 +25,7 @@ from hydraserve.contracts.tensors import TensorEntry
 from hydraserve.errors import UnreachableError
 from hydraserve.loaderd.client import LoaderClient
 from hydraserve.weights.model_files import ModelFiles, StoredModelFiles
+from hydraserve.weights.tensor_sources import tensor_source
 
 if TYPE_CHECKING:
     from hydraserve.weights.source import TensorSource
@@ -98,18 +99,21 @@ class LoaderModelFiles(ModelFiles):
         return index
 
     def tensor_source(self, names: Sequence[str], *, background: bool = False) -> TensorSource:
-        """Zero-copy views of the daemon's segments holding exactly ``names`` (S3 if it is down)."""
+        """Zero-copy views of the daemon's segments holding exactly ``names`` (S3 if it is down);
+        what hydraserve.weights.tensor_sources.tensor_source answers for these files."""
+
         request = AttachRequest(model_uri=self.uri, endpoint_url=self._endpoint_url, tensors=list(names),
                                 background=background, pid=None if self._heartbeat else os.getpid(),
                                 heartbeat_s=HEARTBEAT_S if self._heartbeat else None)
         source: TensorSource = self._through_loaderd(lambda: self._attach(request),
-                                                     lambda files: files.tensor_source(names))
+                                                     lambda files: tensor_source(files, names))
         return source
 
     def fallback_source(self, names: Sequence[str]) -> TensorSource:
         """``names`` fetched from S3 by this process: the daemon went away while they were
         still arriving (they may be half-written in its segments)."""
-        return self._fall_back(UnreachableError("it stopped answering mid-fetch")).tensor_source(names)
+
+        return tensor_source(self._fall_back(UnreachableError("it stopped answering mid-fetch")), names)
 
     def _attach(self, request: AttachRequest) -> TensorSource:
         lease = self._client.attach(request)

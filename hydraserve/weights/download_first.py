@@ -12,7 +12,6 @@ import atexit
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,6 @@ from hydraserve.weights.s3_uri import S3Uri
 
 if TYPE_CHECKING:
     from hydraserve.weights.s3 import S3Client
-    from hydraserve.weights.source import TensorSource
 
 
 class DownloadFirstModelFiles(S3ModelFiles):
@@ -31,12 +29,6 @@ class DownloadFirstModelFiles(S3ModelFiles):
         super().__init__(uri, client)
         self._directory: Path | None = None
         self._download_lock = threading.Lock()
-
-    def tensor_source(self, names: Sequence[str], *, background: bool = False, concurrency: int | None = None,
-                      chunk_bytes: int | None = None) -> TensorSource:
-        from hydraserve.weights.local import LocalTensorSource
-
-        return LocalTensorSource(self.download(), names)
 
     def download(self, into: Path | None = None) -> Path:
         """Every safetensors file (and the index) to a local directory (``into``, else a

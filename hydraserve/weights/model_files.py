@@ -1,14 +1,14 @@
 """One model, wherever it is read from: its small files, tensor index and tensors.
 
-:class:`ModelFiles` is what every reader of a model offers: config and tokenizer files, the
-tensor index, and a tensor source of exactly the tensors asked for. Three kinds exist: a
+:class:`ModelFiles` is what every reader of a model offers: config and tokenizer files and the
+tensor index (their tensors: hydraserve.weights.tensor_sources, the torch side). Three kinds exist: a
 local directory and an ``s3://bucket/prefix`` (:class:`StoredModelFiles`: the HF layout as
 users have it, config.json, tokenizer files, *.safetensors, optional
 model.safetensors.index.json), and the node's loaderd (hydraserve.runtime.loader_files).
 ``open_model(uri)`` opens the stored kinds. Callers: the runtime, loaderd (index, byte
 ranges, checks), the placement's model description, ``hydraserve generate``. In S3 each
 safetensors header is read with one ranged GET of the file's first 64 KiB (a second only for
-a longer header); tensors come through the fetch engine (hydraserve.weights.fetched_source).
+a longer header).
 A stored model is also a range reader for that engine (``read_into``).
 """
 
@@ -18,7 +18,6 @@ import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +41,6 @@ if TYPE_CHECKING:  # boto3 (hydraserve.weights.s3) is imported only when an s3:/
 
     from hydraserve.weights.model_version import ModelVersion
     from hydraserve.weights.s3 import S3Client
-    from hydraserve.weights.source import TensorSource
 
 INDEX_FILE = "model.safetensors.index.json"
 HEADER_PROBE_BYTES = 64 * 1024
@@ -67,11 +65,6 @@ class ModelFiles(ABC):
     @abstractmethod
     def tensor_index(self) -> dict[str, TensorEntry]:
         """Every tensor of the checkpoint (all shards) with its byte range, in file order."""
-
-    @abstractmethod
-    def tensor_source(self, names: Sequence[str], *, background: bool = False) -> TensorSource:
-        """A source of exactly ``names`` (KeyError for others); fetching starts at once
-        (``background``: behind every cold start's bytes, where the source can tell them apart)."""
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
@@ -276,11 +269,6 @@ class LocalModelFiles(StoredModelFiles):
             if f.readinto(out) != len(out):
                 raise StorageError(f"{self.path / file} is shorter than [{start}, {start + len(out)})")
 
-    def tensor_source(self, names: Sequence[str], *, background: bool = False) -> TensorSource:
-        from hydraserve.weights.local import LocalTensorSource
-
-        return LocalTensorSource(self.path, names)
-
 
 class S3ModelFiles(StoredModelFiles):
     """A model under ``s3://bucket/prefix``, read through :class:`S3Client`."""
@@ -369,14 +357,6 @@ class S3ModelFiles(StoredModelFiles):
                   cancel: _threading.Event | None = None) -> None:
         obj = self.location.child(file)
         self.client.get_range_into(obj.bucket, obj.key, start, out, cancel=cancel)
-
-    def tensor_source(self, names: Sequence[str], *, background: bool = False, concurrency: int | None = None,
-                      chunk_bytes: int | None = None) -> TensorSource:
-        """Fetched by this process with the fetch engine (each tensor checked against the
-        manifest's sha256 as it lands), into anonymous memory, first layers first."""
-        from hydraserve.weights.fetched_source import FetchedTensorSource
-
-        return FetchedTensorSource(self.version(), self, names, concurrency=concurrency, chunk_bytes=chunk_bytes)
 
 
 def open_model(uri: str, endpoint_url: str | None = None, *,

@@ -27,6 +27,7 @@ from hydraserve.runtime.model.loader import load_stage
 from hydraserve.runtime.tokenizer import Tokenizer
 from hydraserve.weights.model_files import ModelFiles, open_model
 from hydraserve.weights.source import TensorSource
+from hydraserve.weights.tensor_sources import tensor_source
 
 DEFAULT_MAX_MODEL_LEN = 4096  # caps the KV cache of long-context models unless asked otherwise
 
@@ -63,7 +64,7 @@ def load_model(files: ModelFiles, stage: StageSpec | None = None, *, config: Mod
     ``on_tensor`` after each tensor."""
     cfg = config or ModelConfig.from_hf(files.config())
     stage = stage or StageSpec.whole(cfg.num_layers)
-    source = files.tensor_source(files.stage_tensor_names(stage))
+    source = tensor_source(files, files.stage_tensor_names(stage))
     if on_attached is not None:
         on_attached(source)
     try:

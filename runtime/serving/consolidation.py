@@ -33,6 +33,7 @@ from hydraserve.contracts.stage import StageSpec
 from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.weights.model_files import ModelFiles
+from hydraserve.weights.tensor_sources import tensor_source
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ async def fetch_the_rest(files: ModelFiles, stage: StageSpec, timeline: Timeline
     timeline.mark(Moment.CONSOLIDATION_FETCH_STARTED, tensors=len(missing))
 
     def fetch() -> Any:
-        source = files.tensor_source(missing, background=True)
+        source = tensor_source(files, missing, background=True)
         for name in missing:
             source.get(name)
         return source

@@ -22,6 +22,7 @@ from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.errors import UnreachableError
 from hydraserve.weights.model_files import ModelFiles
 from hydraserve.weights.source import TensorSource
+from hydraserve.weights.tensor_sources import tensor_source
 
 log = logging.getLogger(__name__)
 Load = Callable[[Iterable[tuple[str, Any]]], Any]
@@ -51,7 +52,7 @@ class _Stream:
         self._files = files
         self._names = names
         self._timeline = timeline
-        self._sources: list[TensorSource] = [files.tensor_source(names)]
+        self._sources: list[TensorSource] = [tensor_source(files, names)]
         self.via = getattr(self._sources[0], "via", None) or "local"
         self.handed = 0
         self.waited_s = 0.0

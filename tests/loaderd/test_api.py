@@ -17,6 +17,7 @@ from hydraserve.loaderd.client import LoaderClient
 from hydraserve.loaderd.daemon import LoaderDaemon
 from hydraserve.loaderd.service import LoaderConfig
 from hydraserve.runtime.loader_files import LoaderModelFiles
+from hydraserve.weights.tensor_sources import tensor_source
 
 from .conftest import LocalStores, llama_like, write_manifest, write_model
 
@@ -94,7 +95,7 @@ def test_runtime_reads_through_the_daemon(daemon: LoaderDaemon) -> None:
     from safetensors.torch import load_file
 
     files = LoaderModelFiles(URI, daemon.url, TOKEN)
-    source = files.tensor_source(files.stage_tensor_names())
+    source = tensor_source(files, files.stage_tensor_names())
     try:
         assert getattr(source, "via", "") == "loaderd"
         expected = load_file(str(daemon.root / "model.safetensors"))  # type: ignore[attr-defined]
@@ -232,7 +233,7 @@ def test_a_pod_workers_files_keep_their_heartbeat_lease_until_closed(daemon: Loa
     monkeypatch.setattr(loader_files, "HEARTBEAT_S", 1.2)  # renewed every 0.4 s
     before = refs()
     files = LoaderModelFiles(URI, daemon.url, _worker(), heartbeat=True)
-    source = files.tensor_source(["model.norm.weight"])
+    source = tensor_source(files, ["model.norm.weight"])
     time.sleep(2.5)  # two heartbeats' worth: only the renewals keep it
     assert refs() == before + 1
     source.close()

@@ -33,6 +33,7 @@ from hydraserve.runtime.loader_files import LoaderModelFiles
 from hydraserve.weights.local import LocalTensorSource
 from hydraserve.weights.push import push_model
 from hydraserve.weights.segment import SegmentFailedError, SegmentReader
+from hydraserve.weights.tensor_sources import tensor_source
 from tests.faults import CuttingProxy
 
 from .conftest import llama_like, write_model
@@ -60,7 +61,7 @@ def expected(local: Path) -> dict[str, torch.Tensor]:
 def open_through(uri: str, url: str, token: str, stage: StageSpec | None = None, **kw: Any) -> Any:
     """A worker's tensor source for ``stage`` (default: the whole model) through the daemon at ``url``."""
     files = LoaderModelFiles(uri, url, token, **kw)
-    return files.tensor_source(files.stage_tensor_names(stage))
+    return tensor_source(files, files.stage_tensor_names(stage))
 
 
 def assert_same(source: Any, want: dict[str, torch.Tensor], names: list[str] | None = None) -> None:
@@ -396,7 +397,7 @@ def test_small_files_for_workers_through_the_daemon(s3_env: dict, models: dict, 
             files.read_text("no-such-file.json")
         assert files.read_optional("no-such-file.json") is None
         assert set(files.tensor_index()) == set(expected(local))
-        source = files.tensor_source(files.stage_tensor_names())
+        source = tensor_source(files, files.stage_tensor_names())
         try:
             assert getattr(source, "via", "") == "loaderd"
             assert_same(source, expected(local))
@@ -453,7 +454,7 @@ def test_one_resolution_per_model_version_and_one_head_per_lease_not_a_list_per_
             lease = d.client().prefetch(PrefetchRequest(model_uri=uri))
             files = LoaderModelFiles(uri, d.url, d.token)  # config, tokenizer files and index, read ahead
             assert files.read_text("config.json") == (local / "config.json").read_text()
-            source = files.tensor_source(files.stage_tensor_names())
+            source = tensor_source(files, files.stage_tensor_names())
             assert_same(source, expected(local))
             source.close()
             d.client().release(lease.lease_id)

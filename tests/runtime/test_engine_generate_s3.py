@@ -14,6 +14,7 @@ import pytest
 
 from hydraserve.runtime.engine.factory import load_engine
 from hydraserve.runtime.engine.types import SamplingParams
+from hydraserve.weights.tensor_sources import tensor_source
 
 
 def test_generate_from_s3_equals_local(s3_server: Any, tiny_opt_dir: Path) -> None:
@@ -53,8 +54,8 @@ def test_stage_loads_from_s3_like_from_local(s3_server: Any, tiny_llama_dir: Pat
     last = StagePlan.from_boundaries(cfg.num_layers, [0, 1, 2]).stages[1]
     names = remote.stage_tensor_names(last)
     assert names == local.stage_tensor_names(last)
-    from_s3 = load_stage(cfg, remote.tensor_source(names), last)
-    from_disk = load_stage(cfg, local.tensor_source(names), last)
+    from_s3 = load_stage(cfg, tensor_source(remote, names), last)
+    from_disk = load_stage(cfg, tensor_source(local, names), last)
     hidden = torch.randn(1, 4, cfg.hidden_size)
     positions = torch.arange(4)[None]
     s3_params, disk_params = dict(from_s3.named_parameters()), dict(from_disk.named_parameters())

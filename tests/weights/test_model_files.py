@@ -19,6 +19,7 @@ from hydraserve.weights.fetched_source import FetchedTensorSource
 from hydraserve.weights.layout import segment_group, stage_tensors
 from hydraserve.weights.model_files import HEADER_PROBE_BYTES, S3ModelFiles, StoredModelFiles, open_model
 from hydraserve.weights.s3 import RetryPolicy, S3Client
+from hydraserve.weights.tensor_sources import tensor_source
 
 from .checkpoints import llama_tensors, opt_tensors, write_model
 
@@ -56,7 +57,7 @@ def test_local_model_files(llama_dir: Path) -> None:
     reference = _reference(llama_dir)
     index = model.tensor_index()
     assert set(index) == set(reference)
-    source = model.tensor_source(["lm_head.weight", "model.norm.weight"])
+    source = tensor_source(model, ["lm_head.weight", "model.norm.weight"])
     assert source.tensor_names() == ["lm_head.weight", "model.norm.weight"]
     assert torch.equal(source.get("lm_head.weight"), reference["lm_head.weight"])
     with pytest.raises(KeyError):
@@ -99,7 +100,7 @@ def test_s3_tensors_are_byte_exact(s3_server: EmbeddedS3, s3_client: S3Client, b
     assert s3_client.bytes_received <= HEADER_PROBE_BYTES
 
     reference = _reference(llama_dir)
-    source = model.tensor_source(list(index), chunk_bytes=4096, concurrency=4)
+    source = tensor_source(model, list(index), chunk_bytes=4096, concurrency=4)
     try:
         assert set(source.tensor_names()) == set(reference) == set(index)
         for name, tensor in reference.items():
@@ -121,7 +122,7 @@ def test_long_header_needs_exactly_a_second_get(s3_server: EmbeddedS3, s3_client
     header = model.headers()["model.safetensors"]
     assert header.header_len > HEADER_PROBE_BYTES
     assert s3_client.requests == 2
-    got = model.tensor_source(["model.layers.1199.post_attention_layernorm.weight"])
+    got = tensor_source(model, ["model.layers.1199.post_attention_layernorm.weight"])
     assert got.get(got.tensor_names()[0]).tolist() == [1199.0, 1199.0]
 
 
@@ -133,7 +134,7 @@ def test_sharded_model_with_index(s3_server: EmbeddedS3, s3_client: S3Client, bu
     reference = _reference(sharded_dir)
     index = model.tensor_index()
     assert {entry.file for entry in index.values()} == set(model.safetensors_files())
-    source = model.tensor_source(list(index), concurrency=3, chunk_bytes=4096)
+    source = tensor_source(model, list(index), concurrency=3, chunk_bytes=4096)
     for name, tensor in reference.items():
         assert torch.equal(source.get(name), tensor), name
     source.close()
@@ -154,7 +155,7 @@ def test_stage_slices_fetch_only_their_tensors(s3_server: EmbeddedS3, s3_client:
     for stage in StagePlan.from_boundaries(5, boundaries).stages:
         names = stage_tensors(index, stage, arch)
         s3_client.reset_stats()
-        source = model.tensor_source(names, chunk_bytes=64 * 1024)
+        source = tensor_source(model, names, chunk_bytes=64 * 1024)
         assert isinstance(source, FetchedTensorSource)
         source.wait_all(timeout=30)
 
@@ -215,7 +216,7 @@ def test_big_tensor_is_split_into_chunks(s3_server: EmbeddedS3, s3_client: S3Cli
     empty = "model.layers.0.input_layernorm.weight"
     write_model(tmp_path / "m", {"model.embed_tokens.weight": big, empty: torch.empty(0)})
     uri = _upload(s3_server, bucket, tmp_path / "m", "big")
-    source = open_model(uri, client=s3_client).tensor_source(["model.embed_tokens.weight", empty],
+    source = tensor_source(open_model(uri, client=s3_client), ["model.embed_tokens.weight", empty],
                                                               chunk_bytes=100_000)
     assert torch.equal(source.get("model.embed_tokens.weight"), big)
     assert source.get(empty).shape == (0,)
@@ -306,7 +307,7 @@ def test_get_blocks_until_bytes_arrive(private_server: EmbeddedS3, tmp_path: Pat
     model = open_model(uri, client=client)
     model.version()
     private_server.kill()
-    source = model.tensor_source([name])
+    source = tensor_source(model, [name])
     assert isinstance(source, FetchedTensorSource)
     with pytest.raises(TimeoutError):
         source.get(name, timeout=0.3)
@@ -322,7 +323,7 @@ def test_closed_source_does_not_hang(private_server: EmbeddedS3, tmp_path: Path)
     model = open_model(uri, client=private_server.client())
     model.version()
     private_server.kill()
-    source = model.tensor_source([name])
+    source = tensor_source(model, [name])
     time.sleep(0.2)  # its GET is now retrying against the dead server (15 s budget)
     started = time.monotonic()
     source.close()
@@ -342,7 +343,7 @@ def test_fetch_error_surfaces_from_get(s3_server: EmbeddedS3, s3_client: S3Clien
     model = open_model(_upload(s3_server, bucket, tmp_path / "m", "gone"), client=s3_client)
     model.version()
     s3_client.delete(bucket, "gone/model.safetensors")
-    source = model.tensor_source([name])
+    source = tensor_source(model, [name])
     with pytest.raises(MissingObjectError, match=f"s3://{bucket}/gone/model.safetensors does not exist"):
         source.get(name, timeout=10)
 
@@ -363,7 +364,7 @@ def test_the_download_first_baseline_reads_each_file_with_one_get_then_serves_th
     model = DownloadFirstModelFiles(parse_s3_uri(_upload(s3_server, bucket, sharded_dir, "download")), s3_client)
     names = list(model.tensor_index())
     s3_client.reset_stats()
-    source = model.tensor_source(names)
+    source = tensor_source(model, names)
     assert s3_client.requests_by_op["GET"] == 3 + 1  # one whole-file GET per shard, and the index
     downloaded = model.download()
     assert sorted(p.name for p in downloaded.iterdir()) == sorted([*model.safetensors_files(),
