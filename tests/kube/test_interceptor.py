@@ -54,7 +54,8 @@ def function_pod(cluster: Cluster, name: str, *, function: str = "chat", annotat
     spec = json.loads(json.dumps(template["spec"]))
     spec.pop("timeoutSeconds", None)
     spec.pop("containerConcurrency", None)
-    spec["containers"][0]["readinessProbe"]["httpGet"]["port"] = 8080  # Knative fills the port in
+    for probe in ("readinessProbe", "livenessProbe"):  # Knative fills the user port in (rewriteUser*Probe)
+        spec["containers"][0][probe]["httpGet"]["port"] = 8080
     spec["containers"].append({"name": "queue-proxy", "image": "gcr.io/knative-releases/queue",
                                "ports": [{"containerPort": 8012}]})
     pod = {"apiVersion": "v1", "kind": "Pod",
