@@ -328,8 +328,7 @@ class ColdStart:
             except HydraError as exc:
                 log.warning("no timeline from stage %d: %s", index, exc.message)
                 continue
-            merged = merged.merged(Timeline(events=[e.model_copy(update={"component": f"stage{index}"})
-                                                    for e in own.events]))
+            merged.absorb(own, f"stage{index}")
         return merged
 
     def _stop_workers(self, group: Group) -> None:

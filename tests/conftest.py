@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,23 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TinySpec(arch="llama", kv_heads=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_greedy(tiny_llama_dir: Path) -> Any:
+    """The reference no one here wrote: (greedy(ids, n), tokenizer) of Hugging Face transformers
+    on the tiny Llama's weights, fp32."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+
+    def greedy(ids: list[int], n: int) -> list[int]:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+        return list(out[0, len(ids):].tolist())
+
+    return greedy, tokenizer
 
 
 @pytest.fixture(scope="session")

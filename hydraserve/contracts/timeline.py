@@ -97,5 +97,11 @@ class Timeline(BaseModel):
         """Both timelines' events in time order."""
         return Timeline(events=sorted([*self.events, *other.events], key=lambda e: e.at))
 
+    def absorb(self, other: Timeline, component: str) -> None:
+        """``other``'s moments into this timeline as ``component``'s (a remote stage's, the engine
+        built beside this worker's), kept in time order."""
+        self.events.extend(e.model_copy(update={"component": component}) for e in other.events)
+        self.events.sort(key=lambda e: e.at)
+
     def first(self, name: Moment | str) -> TimelineEvent | None:
         return next((e for e in self.events if e.name == name), None)

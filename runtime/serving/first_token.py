@@ -20,6 +20,7 @@ compact engine stops. Built for vLLM 0.32's ``AsyncLLM`` (the attributes its met
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from pathlib import Path
@@ -87,12 +88,12 @@ class CompactCore:
 
     async def add_request_async(self, request: Any) -> None:
         params = request.sampling_params
-        stop_ids = frozenset(params.stop_token_ids or ()) | (
-            {params.eos_token_id} if params.eos_token_id is not None else set())
+        stop_ids = frozenset(params.stop_token_ids or ())
+        ends = stop_ids | ({params.eos_token_id} if params.eos_token_id is not None else set())
         compact = CompactParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                                top_k=max(0, params.top_k), stop_token_ids=stop_ids)
+                                top_k=max(0, params.top_k), stop_token_ids=ends)
         stream = self._engine.submit(list(request.prompt_token_ids), compact, request.request_id, on_put=self._wake)
-        self._streams[request.request_id] = (stream, frozenset(params.stop_token_ids or ()))
+        self._streams[request.request_id] = (stream, stop_ids)
 
     async def abort_requests_async(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -211,6 +212,7 @@ def _takes(params: Any, prompt_length: int | None, context_limit: int) -> bool:
     return all(getattr(params, name) == value for name, value in default.items())
 
 
+@functools.cache
 def _defaults() -> dict[str, Any]:
     """vLLM's default of every sampling parameter our engine does not do."""
     from vllm import SamplingParams
@@ -266,7 +268,7 @@ async def start_first_token_server(settings: WorkerEnvironment, files: ModelFile
     engine, loaded = await asyncio.get_running_loop().run_in_executor(
         None, load_compact_engine, settings.model_copy(update={"dtype": served_as}), files, loading,
         vllm_config.model_config.max_model_len)
-    absorb(timeline, loading, "compact")
+    timeline.absorb(loading, "compact")
     try:
         server = await serve_app(settings, args, compact_llm_class()(vllm_config, engine))
     except BaseException:
@@ -304,7 +306,7 @@ async def hand_over_to_vllm(settings: WorkerEnvironment, model_dir: Path | str, 
     from hydraserve.contracts.timeline import TimelineEvent
 
     building.events += [TimelineEvent.model_validate(e) for e in per_rank[0]]
-    absorb(state.timeline, building, "vllm")
+    state.timeline.absorb(building, "vllm")
     compact = server.engine.engine
     moved = await server.engine.switch(engine, settings.handover_s)
     state.timeline.mark(Moment.HANDED_OVER, to="vllm", moved=moved, deferred=server.engine.deferred)
@@ -312,9 +314,3 @@ async def hand_over_to_vllm(settings: WorkerEnvironment, model_dir: Path | str, 
     compact_source.close()
     log.info("vLLM's engine serves; the compact engine stopped", extra={"moved": moved,
                                                                          "deferred": server.engine.deferred})
-
-
-def absorb(timeline: Timeline, other: Timeline, component: str) -> None:
-    """``other``'s moments into ``timeline`` as ``component``'s, in time order."""
-    timeline.events.extend(e.model_copy(update={"component": component}) for e in other.events)
-    timeline.events.sort(key=lambda e: e.at)

@@ -34,7 +34,7 @@ from typing import Any
 
 import uvicorn
 
-from hydraserve.contracts.timeline import Moment
+from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.leftovers import LEFTOVERS_KEY, RUN_DIR_PREFIX, record, remove_leftovers
 from hydraserve.runtime.proc_clock import process_start_time
@@ -216,7 +216,4 @@ def _merge_load_timelines(state: ServingState[Any], per_rank: dict[int, list[Any
     """The engine's loading moments into the worker's timeline: rank 0's as its own, a remote
     pipeline stage's labelled with its stage (the cold start shows every stage's load)."""
     for rank, events in per_rank.items():
-        for event in events:
-            component = "worker" if rank == 0 else f"stage{rank}"
-            state.timeline.events.append(event.model_copy(update={"component": component}))
-    state.timeline.events.sort(key=lambda e: e.at)
+        state.timeline.absorb(Timeline(events=events), "worker" if rank == 0 else f"stage{rank}")

@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -19,6 +19,7 @@ import pytest
 
 from hydraserve.demo.stack import LocalStack, StackOptions
 from hydraserve.provider.backends.process import WorkerProcess
+from tests.conditions import wait_for
 from tests.e2e.test_cold_start import PROMPT, transformers_greedy
 
 
@@ -54,15 +55,6 @@ def client(stack: LocalStack) -> openai.OpenAI:
     return openai.OpenAI(base_url=stack.function_url() + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def inner_stages(stack: LocalStack) -> list[WorkerProcess]:
     return [w for w in stack.backend.launcher.running() if w.label.endswith("-1")]
 
@@ -85,7 +77,7 @@ def test_a_stage_killed_mid_stream_ends_the_stream_with_an_error_and_the_group_i
     assert 3 <= len(received) < 400
     # the head's engine dies with its stage: the gateway ends the stream with an error event
     assert "broke off the response" in broken.value.message, broken.value.message
-    assert wait_for(lambda: scaler.status()["instance_failures"] == 1 and scaler.state.value == "zero")
+    assert wait_for(lambda: scaler.status()["instance_failures"] == 1 and scaler.state.value == "zero", 30)
     assert stack.backend.launcher.running() == []  # the head was stopped too
     assert stack.placement.cluster().active_plans == 0  # its memory is free
     # the next request: a fresh instance on the node that lost nothing, transformers' tokens

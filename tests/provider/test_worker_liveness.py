@@ -16,6 +16,7 @@ import pytest
 from hydraserve.processes import free_port
 from hydraserve.provider.backends import process
 from hydraserve.provider.backends.process import WorkerProcess
+from tests.conditions import wait_for
 
 SERVER = r"""
 import http.server, json, os, sys, time
@@ -36,15 +37,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
-
-
-def wait_for(check, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(autouse=True)

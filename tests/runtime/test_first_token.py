@@ -20,9 +20,7 @@ from typing import Any
 
 import openai
 import psutil
-import pytest
 import requests
-import torch
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
@@ -32,20 +30,6 @@ from hydraserve.runtime.serving.first_token import compact_llm_class, compact_ru
 from hydraserve.weights.model_files import open_model
 
 PROMPT = "Once upon a time"
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> Any:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-
-    def greedy(ids: list[int], n: int) -> list[int]:
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-        return out[0, len(ids):].tolist()
-
-    return greedy, tokenizer
 
 
 def llm_of(model_dir: Path, max_model_len: int | None = None) -> tuple[Any, Any]:
@@ -79,8 +63,8 @@ async def run(llm: Any, ids: list[int], params: SamplingParams, rid: str) -> tup
     return tokens, text, last
 
 
-def test_vllms_front_half_over_the_compact_engine_is_transformers_greedy(tiny_llama_dir: Path, reference: Any) -> None:
-    greedy, tokenizer = reference
+def test_vllms_front_half_over_the_compact_engine_is_transformers_greedy(tiny_llama_dir: Path, tiny_llama_greedy: Any) -> None:
+    greedy, tokenizer = tiny_llama_greedy
     ids = tokenizer(PROMPT)["input_ids"]
     want = greedy(ids, 24)
 
@@ -172,8 +156,8 @@ def handed_over(worker: Any, timeout_s: float = 120) -> dict[str, Any]:
 
 
 def test_first_requests_from_the_compact_engine_then_vllm_takes_over_with_streams_in_flight(
-        vllm_pool: Any, tiny_llama_dir: Path, reference: Any) -> None:
-    greedy, tokenizer = reference
+        vllm_pool: Any, tiny_llama_dir: Path, tiny_llama_greedy: Any) -> None:
+    greedy, tokenizer = tiny_llama_greedy
     ids = tokenizer(PROMPT)["input_ids"]
     messages = [{"role": "user", "content": "Tell me a story"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

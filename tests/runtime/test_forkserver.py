@@ -22,6 +22,7 @@ from hydraserve.errors import InvalidRequestError, UnauthorizedError, Unreachabl
 from hydraserve.processes import ChildProcess, free_port
 from hydraserve.provider.backends.process import ProcessLauncher
 from hydraserve.runtime.forkserver_client import ForkServerClient, pool_memory_gb, wait_until_serving
+from tests.conditions import wait_for
 
 
 def alive(pid: int) -> bool:
@@ -30,15 +31,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_for(check, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class Pool:

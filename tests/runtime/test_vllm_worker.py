@@ -20,7 +20,6 @@ import openai
 import psutil
 import pytest
 import requests
-import torch
 from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
@@ -44,22 +43,8 @@ def client(worker: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=worker.url + "/v1", api_key="unused", max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> Any:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-
-    def greedy(ids: list[int], n: int) -> list[int]:
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-        return out[0, len(ids):].tolist()
-
-    return greedy, tokenizer
-
-
-def test_completions_are_transformers_greedy_streamed_or_not(client: openai.OpenAI, reference: Any) -> None:
-    greedy, tokenizer = reference
+def test_completions_are_transformers_greedy_streamed_or_not(client: openai.OpenAI, tiny_llama_greedy: Any) -> None:
+    greedy, tokenizer = tiny_llama_greedy
     want = greedy(tokenizer(PROMPT)["input_ids"], 12)
     whole = client.completions.create(model="fn", prompt=PROMPT, max_tokens=12, temperature=0,
                                       extra_body={"ignore_eos": True})
@@ -72,8 +57,8 @@ def test_completions_are_transformers_greedy_streamed_or_not(client: openai.Open
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
 
 
-def test_chat_uses_the_template_as_written_no_extra_bos(client: openai.OpenAI, reference: Any) -> None:
-    greedy, tokenizer = reference
+def test_chat_uses_the_template_as_written_no_extra_bos(client: openai.OpenAI, tiny_llama_greedy: Any) -> None:
+    greedy, tokenizer = tiny_llama_greedy
     messages = [{"role": "user", "content": "Tell me a story"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template's text, as written
@@ -150,8 +135,8 @@ def test_only_the_functions_routes_are_open(worker: Any) -> None:
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
-def test_cloudevents_with_the_sdk(worker: Any, reference: Any, mode: str) -> None:
-    greedy, tokenizer = reference
+def test_cloudevents_with_the_sdk(worker: Any, tiny_llama_greedy: Any, mode: str) -> None:
+    greedy, tokenizer = tiny_llama_greedy
     event = CloudEvent(attributes={"type": events.COMPLETION_REQUEST, "source": "/tests", "id": "e-1",
                                    "datacontenttype": "application/json"},
                        data={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True})
