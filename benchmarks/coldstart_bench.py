@@ -11,7 +11,7 @@ Baselines (real vLLM, a worker spawned at the cold start, no loaderd):
 Ours, vLLM with our load format (loaderd prefetches at placement, tensors used as they land):
 - ours: a spawned worker, the bytes from S3;
 - ours_warm_node: a spawned worker, the bytes still in the node's loaderd;
-- warm_pool: the bytes resident, a pooled vLLM process adopted (runtime/forkserver.py);
+- warm_pool: the bytes resident, a pooled vLLM process adopted (runtime/embedded/forkserver.py);
 - warm_pool_s3: a pooled process adopted, the bytes from S3;
   these four as a worker starts by default: our compact engine gives the first tokens under
   vLLM's serving layer while vLLM's engine starts (hydraserve.runtime.serving.first_token);
@@ -99,7 +99,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def cold_start(backend: Any, function: Any) -> dict[str, Any]:
     from hydraserve.contracts.timeline import Timeline
-    from hydraserve.demo.client import stream_completion
+    from hydraserve.embedded.demo_client import stream_completion
 
     cpu, t0 = CpuMeter(), time.time()
     timeline = Timeline()
@@ -126,7 +126,7 @@ def cold_start(backend: Any, function: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hydraserve.demo.stack import LocalStack, StackOptions
+    from hydraserve.embedded.stack import LocalStack, StackOptions
     from hydraserve.logs import configure_logging
 
     modes = [m for m in args.modes.split(",") if m]
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _backend(stack: Any, mode: Mode, run_dir: Path) -> Any:
-    from hydraserve.provider.backends.local import LocalBackend
+    from hydraserve.provider.embedded.local import LocalBackend
 
     pools = stack.backend.launcher.pools if mode.pooled else None
     settings = {**stack.worker_settings, **mode.settings}
@@ -165,8 +165,8 @@ def _backend(stack: Any, mode: Mode, run_dir: Path) -> Any:
 def _measure(stack: Any, modes: list[str], args: argparse.Namespace,
              link_mb_s: float | None, notes: list[str]) -> int:
     from hydraserve.contracts.function import FunctionConfig
-    from hydraserve.demo.model import BUCKET
-    from hydraserve.runtime.forkserver_client import pool_memory_gb, wait_until_serving
+    from hydraserve.embedded.demo_model import BUCKET
+    from hydraserve.runtime.embedded.forkserver_client import pool_memory_gb, wait_until_serving
     from hydraserve.weights.push import push_model
 
     model_dir = args.model_dir or stack.run_dir / "model"

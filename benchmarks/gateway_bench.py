@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -177,7 +178,11 @@ def run(args: argparse.Namespace) -> int:
         cpu = CpuMeter()
         result = asyncio.run(measure(args, gateway, up.proc.pid))
         result |= {"benchmark": "gateway", "requests": args.requests, "cpu_busy": cpu.busy(), "cpus": os.cpu_count()}
-    finally:
+    except BaseException:
+        print(f"up's log kept in {work}", file=sys.stderr)
         up.stop(grace_s=60)
+        raise
+    up.stop(grace_s=60)
+    shutil.rmtree(work, ignore_errors=True)  # kept only when the run failed
     print(json.dumps(result), flush=True)
     return 0 if result["lost"] == 0 else 1

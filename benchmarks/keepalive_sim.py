@@ -3,7 +3,7 @@ host cache, which a pre-warm fills), on the simulator's trace replay.
 
 Per mode: TTFT SLO attainment, GPU memory x time (GB s), cold starts, TTFT p99, pre-warms, the
 GB they fetched and the GB no cold start used before the keep-alive window ended. The policy
-is the live gateway's own code (activator/keepalive.py). Modes: ``fixed`` (30 s, the platform's
+is the live gateway's own code (provider/keepalive.py). Modes: ``fixed`` (30 s, the platform's
 default), ``histogram`` (the paper's 1-minute bins over 4 hours) and ``histogram-scaled``
 (1-second bins over 4 minutes: the replay compresses 14 days of the trace into the simulated
 hour, so the paper's bins would see every idle time in its first bin). Averaged over seeds,

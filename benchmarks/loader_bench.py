@@ -1,6 +1,6 @@
 """`hydraserve bench loader`: loaderd vs single-stream boto3 vs Run:ai streamer, same model, same link.
 
-Called by hydraserve.benchmarks_cmd. With root: one emulated node (hydraserve/embedded/netns.py) whose
+Called by hydraserve.cli.bench. With root: one emulated node (hydraserve/embedded/netns.py) whose
 link is capped with tc; s3rver (npm, real S3 protocol, file-backed) in the root namespace; each
 contender runs inside the node. Without root: everything on loopback, uncapped (said so in the
 output). Reports the store's own uncapped throughput (so the store is never the hidden

@@ -73,7 +73,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 # ---- one cold start --------------------------------------------------------------------------
 
 def stream(url: str, max_tokens: int, prompt: str | list[int] = PROMPT) -> Any:
-    from hydraserve.demo.client import stream_completion
+    from hydraserve.embedded.demo_client import stream_completion
 
     result = stream_completion(url + "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
                                                          "temperature": 0, "ignore_eos": True})
@@ -166,7 +166,7 @@ def tightest_slo(stack: Any, function: Any) -> tuple[float, list[dict[str, Any]]
 def bench_shape(stack: Any, backends: dict[str, Any], model_dir: Path, args: argparse.Namespace,
                 link_mb_s: float | None, name: str) -> dict[str, Any]:
     from hydraserve.contracts.function import FunctionConfig
-    from hydraserve.demo.model import BUCKET
+    from hydraserve.embedded.demo_model import BUCKET
     from hydraserve.weights.push import push_model
 
     def fresh(tag: str, **config: Any) -> Any:
@@ -265,7 +265,7 @@ def summarise(name: str, stack: Any, probe: Any, runs: dict[str, list[dict[str, 
 # ---- the run ---------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from hydraserve.demo.stack import LocalStack, StackOptions
+    from hydraserve.embedded.stack import LocalStack, StackOptions
     from hydraserve.logs import configure_logging
     from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
 
@@ -299,7 +299,7 @@ def backend_for(stack: Any, kind: str) -> Any:
     """A local backend on the stack's nodes: no prefetch (whole-file download, streamed reads, or
     a copy in memory) for the baselines, loaderd's prefetch for ours. Every worker is spawned at
     the cold start."""
-    from hydraserve.provider.backends.local import LocalBackend
+    from hydraserve.provider.embedded.local import LocalBackend
 
     return LocalBackend(stack.placement, stack.nodes, run_dir=stack.run_dir / kind, open_model=stack.open_model,
                         s3_endpoint_url=stack.s3.endpoint_url, worker_env=stack.s3.client_env(),

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # Flask only where a Flask app installs the check: never in a
 
 PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})  # probes and scrapes: counters only
 _SCOPED_PREFIX = "hs1."
-# A scoped token as it would appear in text (blanked out of logs read back: provider/backends/process.py).
+# A scoped token as it would appear in text (blanked out of logs read back: provider/embedded/process.py).
 SCOPED_TOKEN = re.compile(re.escape(_SCOPED_PREFIX) + r"[A-Za-z0-9_=-]+\.[A-Za-z0-9_-]+")
 
 

@@ -147,9 +147,17 @@ class OverloadedError(TemporaryError):
 
 
 class UnreachableError(TemporaryError):
-    """Nothing answered at a service's address (down, not started yet, or the wrong address)."""
+    """Nothing answered at a service's address (down, not started yet, or the wrong address),
+    or it stopped answering before its answer came."""
 
     error_type = "unreachable_error"
+
+
+class NotListeningError(UnreachableError):
+    """Nothing listens at the address: the request never arrived (safe to do its work elsewhere,
+    which an UnreachableError alone does not say: a request sent may have been carried out)."""
+
+    error_type = "not_listening_error"
 
 
 class InstanceFailedError(TemporaryError):

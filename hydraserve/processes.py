@@ -73,7 +73,7 @@ def tail_lines(path: Path, n: int, *, max_bytes: int = 1 << 20, block: int = 1 <
 
 class ProcessHandle(Protocol):
     """What ChildProcess uses of a process: subprocess.Popen's, or an adopted pooled worker's
-    (hydraserve.runtime.forkserver_client.AdoptedProcess)."""
+    (hydraserve.runtime.embedded.forkserver_client.AdoptedProcess)."""
 
     pid: int
     returncode: int | None

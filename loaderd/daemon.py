@@ -2,7 +2,7 @@
 
 ``LoaderDaemon`` wires a LoaderService, its Flask app and a waitress server; ``spawn_loaderd``
 runs the CLI in a child process (optionally inside a network namespace via a command prefix)
-and waits until it answers. Used by hydraserve.loaderd.commands, the demo and the benchmark.
+and waits until it answers. Used by hydraserve.cli.loaderd, the demo and the benchmark.
 """
 
 from __future__ import annotations

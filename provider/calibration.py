@@ -19,7 +19,7 @@ We keep two estimates, fed by worker reports (service) or simulated completions 
   would hide that the faster nodes meet an SLO the slower ones cannot. A node without
   ``min_samples`` of its own uses the cluster-wide model.
 * all of the above twice: for workers started as a process, and for workers adopted from a
-  node's warm pool (runtime/forkserver.py: no interpreter start, no imports). The adoption's
+  node's warm pool (runtime/embedded/forkserver.py: no interpreter start, no imports). The adoption's
   prior is W = 0, C = 0.5 s (a guess until adopted starts are observed: measured on this
   machine, 0.1-0.4 s from adoption to ready with the weights resident).
 

@@ -2,8 +2,8 @@
 a worker comes to exist: a child process, a pod) and of a launched worker, and the worker's own
 HTTP client (``/readyz`` as its WorkerStatus, its timeline) that every launcher answers with.
 
-Implemented by hydraserve.provider.backends.process (local processes, warm pools) and
-hydraserve.provider.knative.pods (pods); used by hydraserve.provider.coldstart.
+Implemented by hydraserve.provider.embedded.process (local processes, warm pools) and
+hydraserve.activator.knative.pods (pods); used by hydraserve.provider.coldstart.
 """
 
 from __future__ import annotations

@@ -11,6 +11,19 @@ from typing import Any
 
 import pytest
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (make forwards it to pytest when it is itself terminated) ends the run as Ctrl-C
+    does: pytest then tears every fixture down, so the daemons they started (in sessions of their
+    own, out of reach of the terminal's signal) are stopped and their temp dirs removed
+    (tests/test_interrupted_run.py)."""
+    import signal
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
 # ---- tiny generated models (hydraserve.modeltools.tiny); session-scoped, made once per run ----
 
 @pytest.fixture(scope="session")
@@ -106,7 +119,7 @@ def _remove_unheld_lock(path: str) -> None:
         os.close(fd)
 
 
-# ---- a warm pool of vLLM workers (runtime/forkserver.py --engine vllm); one per session ----
+# ---- a warm pool of vLLM workers (runtime/embedded/forkserver.py --engine vllm); one per session ----
 
 class VllmPool:
     """A fork server that imported vLLM once (7-9 s): each worker adopted from it starts in ~2 s."""
@@ -116,12 +129,12 @@ class VllmPool:
 
         from hydraserve.auth import new_token_file
         from hydraserve.processes import ChildProcess
-        from hydraserve.runtime.forkserver_client import ForkServerClient, wait_until_serving
+        from hydraserve.runtime.embedded.forkserver_client import ForkServerClient, wait_until_serving
 
         token, token_file = new_token_file(tmp)
         self.run_dir = tmp
         self.socket = tmp / "pool.sock"
-        self.process = ChildProcess("pool", [sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
+        self.process = ChildProcess("pool", [sys.executable, "-m", "hydraserve.runtime.embedded.forkserver", "--socket",
                                              str(self.socket), "--token-file", str(token_file), "--pool-size", "1",
                                              "--node", "n0"], log_path=tmp / "pool.log")
         self.client = ForkServerClient(self.socket, token)
@@ -133,7 +146,7 @@ class VllmPool:
         too unless ``first_token_engine`` says otherwise."""
         from hydraserve.contracts.worker import WorkerEnvironment
         from hydraserve.processes import free_port
-        from hydraserve.provider.backends.process import ProcessLauncher
+        from hydraserve.provider.embedded.process import ProcessLauncher
 
         env = WorkerEnvironment.model_validate({
             "model_uri": model_uri, "function": "fn", "revision": "fn-00001", "instance_id": f"fn-{uuid.uuid4().hex[:6]}",

@@ -18,9 +18,9 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hydraserve.activator.gateway import Gateway, create_gateway_app
-from hydraserve.aio_server import BackgroundAioServer
+from hydraserve.activator.embedded.gateway import Gateway, create_gateway_app
 from hydraserve.contracts import events
+from hydraserve.embedded.aio_server import BackgroundAioServer
 from hydraserve.testing.fake_backend import ScriptedBackend
 
 TOKEN = "fuzz-" + "t" * 16

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from hydraserve import cli
-from hydraserve.provider.knative import kn_cmd
+from hydraserve.cli import kn_hydra
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAMS: dict[tuple[str, ...], Callable[[], argparse.ArgumentParser]] = {
-    ("hydraserve",): cli.build_parser, ("kn", "hydra"): kn_cmd.build_parser}
+    ("hydraserve",): cli.build_parser, ("kn", "hydra"): kn_hydra.build_parser}
 _BLOCK = re.compile(r"^```(?:bash|sh|console)?\n(.*?)^```", re.S | re.M)  # docs/ leave the language out
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(\[.*\])?$")  # N, DIR, DIR_OR_S3_URI
 

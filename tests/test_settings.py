@@ -11,10 +11,10 @@ import pytest
 
 import hydraserve
 from hydraserve import cli
-from hydraserve.cli_flags import default_text, flag_of
+from hydraserve.cli import kn_hydra
+from hydraserve.cli.flags import default_text, flag_of
 from hydraserve.contracts.function import FunctionConfig, setting_default
 from hydraserve.contracts.plan import FunctionSpec
-from hydraserve.provider.knative import kn_cmd
 
 MODEL = ["--model", "s3://models/m"]
 # (how the command is typed, its parser, the argv that reaches it, whether an absent flag is the default)
@@ -24,7 +24,7 @@ COMMANDS: list[tuple[str, Callable[[], argparse.ArgumentParser], list[str], bool
     ("hydraserve demo", cli.build_parser, ["demo"], True),
     ("hydraserve fn create", cli.build_parser, ["fn", "create", "f", *MODEL], True),
     ("hydraserve fn update", cli.build_parser, ["fn", "update", "f"], False),
-    ("kn hydra create", kn_cmd.build_parser, ["create", "f", *MODEL], True),
+    ("kn hydra create", kn_hydra.build_parser, ["create", "f", *MODEL], True),
 ]
 IDS = [name for name, *_ in COMMANDS]
 
@@ -73,7 +73,7 @@ def test_each_setting_flag_has_the_contracts_default_and_help_shows_it(
 def test_the_function_commands_share_one_vocabulary() -> None:
     """fn create and kn hydra create take the same settings (kn hydra: also --idle-timeout)."""
     fn = setting_actions(verb_parser(cli.build_parser(), ["fn", "create"]))
-    kn = setting_actions(verb_parser(kn_cmd.build_parser(), ["create"]))
+    kn = setting_actions(verb_parser(kn_hydra.build_parser(), ["create"]))
     assert set(fn) == set(kn) and "idle_timeout_s" in kn
 
 

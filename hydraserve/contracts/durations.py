@@ -1,6 +1,6 @@
 """Durations as people write them (``7.5s``, ``200ms``, ``2m``, ``1h``, plain seconds) and back.
 
-One parser and one writer for every place a duration is text: CLI flags (hydraserve/cli_flags.py
+One parser and one writer for every place a duration is text: CLI flags (hydraserve/cli/flags.py
 wraps the parser for argparse), Knative annotations (provider/knative/service.py writes them,
 the interceptor reads them) and config files (``Duration`` fields of a pydantic model take
 either a number of seconds or such a text).

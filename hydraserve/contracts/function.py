@@ -4,7 +4,7 @@ Everything that takes a function's settings reads them here: the gateway (``hydr
 ``fn create/update`` through its admin API), ``kn hydra create`` (provider/knative/service.py
 extends it with where the workers run), the interceptor (from the Service's annotations), the
 planner (FunctionSpec's SLO defaults) and the CLI flags, generated from these fields
-(hydraserve/cli_flags.py), so ``--help`` shows these defaults and no command has its own.
+(hydraserve/cli/flags.py), so ``--help`` shows these defaults and no command has its own.
 Names are validated once here, so no other module sees a hostile name.
 """
 
@@ -40,7 +40,7 @@ class FunctionConfig(BaseModel):
     keep_alive: Literal["fixed", "histogram"] = Field(
         default="histogram", description="fixed: idle_timeout_s always; histogram: the hybrid histogram policy "
         "of Serverless in the Wild on the function's idle times (pre-warm before a likely arrival, keep alive "
-        "to the tail), idle_timeout_s until there is enough history (activator/keepalive.py)")
+        "to the tail), idle_timeout_s until there is enough history (provider/keepalive.py)")
     max_queue: int = Field(default=10_000, ge=1, description="requests parked at once (as Knative's activator); "
                            "more get 503 + Retry-After")
     request_timeout_s: Duration = Field(default=120.0, gt=0, allow_inf_nan=False, description="longest a request waits for a free instance")

@@ -1,2 +1,2 @@
-"""Model tools for users and tests: tiny random models (``hydraserve model tiny``) and the
-``model`` command group that also hosts ``push`` (hydraserve.weights.push)."""
+"""Model tools for users and tests: tiny random models in the Hugging Face layout
+(``hydraserve model tiny``, whose command is hydraserve/cli/model.py)."""

@@ -1,6 +1,6 @@
 """Tiny random models in the Hugging Face layout users already have (config, tokenizer, safetensors).
 
-Called by ``hydraserve model tiny`` (hydraserve.modeltools.commands), the test fixtures, the
+Called by ``hydraserve model tiny`` (hydraserve.cli.model), the test fixtures, the
 benchmarks and the demo. One row of ARCHITECTURES per architecture a user would deploy (Llama,
 Qwen2, Qwen3, Mistral, Gemma, Gemma 2, Phi-3, GPT-2, GPT-NeoX, OPT, Mixtral): its transformers
 config class and how our few sizes map onto it. Weights come from transformers' own model

@@ -1,2 +1,5 @@
-"""Test helpers and honest fakes (the fake Kubernetes API server lives here), importable by
-the tests and by the benchmarks. Nothing in production code imports this package."""
+"""Test helpers and honest fakes, importable by the tests and the benchmarks: the fake
+Kubernetes API server (``fake_apiserver``) and kubelet (``fake_kubelet``), a fake backend, a
+real TCP proxy that cuts connections (``faults``) and a tensor source that counts what was
+asked of it (``counting_source``). Nothing in production code imports this package
+(import-linter holds it)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from hydraserve.activator.ports import Endpoint, WorkerLog
+from hydraserve.contracts.backend import Endpoint, WorkerLog
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.timeline import Moment, Timeline
 from hydraserve.errors import HydraError, InstanceFailedError, StorageError, TemporaryError

@@ -1,6 +1,6 @@
 """``hydraserve model push DIR s3://bucket/prefix``: upload a model directory, manifest last.
 
-Wired into the ``model`` command group by hydraserve.modeltools.commands through
+Wired into the ``model`` command group by hydraserve.cli.model through
 :func:`configure_push`; the embedded demo and tests call :func:`push_model` directly. The
 manifest (sizes + sha256 per file, and, format 2, per safetensors header and tensor so
 loaderd can verify each tensor as it lands; hydraserve.contracts.model) is written after every file, and an

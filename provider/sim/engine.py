@@ -8,7 +8,7 @@ requests. Deterministic for a seed: arrivals come from a seeded generator and ti
 event heap break by insertion order.
 
 Keep-alive: ``fixed`` keeps an idle instance ``spec.keepalive_s``; ``histogram`` runs the live
-gateway's own policy code (activator/keepalive.py: one InvocationHistory per function, fed as the
+gateway's own policy code (provider/keepalive.py: one InvocationHistory per function, fed as the
 function turns busy and idle): an instance stays to the end of the keep-alive window, or goes at
 once when the function will be pre-warmed, which fetches its stages into the host cache of the
 nodes a dry-run plan picks (background fetches on their NICs, within the cache budget, LRU) and
@@ -25,14 +25,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hydraserve.activator.keepalive import (
-    IdleHistogram,
-    InvocationHistory,
-    KeepAlive,
-    PolicySettings,
-    instance_keep_alive_s,
-    without_prewarm,
-)
 from hydraserve.contracts.plan import (
     FunctionSpec,
     NodeInfo,
@@ -44,6 +36,14 @@ from hydraserve.contracts.plan import (
     WorkerTimings,
 )
 from hydraserve.errors import OverloadedError
+from hydraserve.provider.keepalive import (
+    IdleHistogram,
+    InvocationHistory,
+    KeepAlive,
+    PolicySettings,
+    instance_keep_alive_s,
+    without_prewarm,
+)
 from hydraserve.provider.lifecycle import consolidation_key
 from hydraserve.provider.network import Nic
 from hydraserve.provider.policies import Policy, get_policy

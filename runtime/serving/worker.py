@@ -86,6 +86,8 @@ async def _serve(settings: WorkerEnvironment, adopted_at: float | None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
     record("dir", str(run_dir))  # its launcher removes it if this process is killed
     os.environ["VLLM_RPC_BASE_PATH"] = str(run_dir)  # vLLM's IPC sockets go with it, not litter /tmp
+    os.environ["TMPDIR"] = str(run_dir)  # and its temporary files (a vllm_dist_* rendezvous per engine)
+    tempfile.tempdir = None  # read TMPDIR again, here and in every process vLLM starts
     opened: list[ModelFiles] = []
     background: list[asyncio.Task[None]] = []  # consolidation, once started
     starting = asyncio.create_task(_start(settings, state, front, run_dir, opened, background))

@@ -31,12 +31,12 @@ from cloudevents.core.v1.event import CloudEvent
 from flask import Flask, Response, jsonify, request
 
 from hydraserve import cli, http_events
-from hydraserve.activator.admin_client import GatewayAdminClient
-from hydraserve.activator.gateway import MAX_BODY_BYTES, Gateway, create_gateway_app
-from hydraserve.aio_server import BackgroundAioServer
+from hydraserve.activator.embedded.admin_client import GatewayAdminClient
+from hydraserve.activator.embedded.gateway import MAX_BODY_BYTES, Gateway, create_gateway_app
 from hydraserve.auth import write_token_file
 from hydraserve.contracts import events
 from hydraserve.contracts.function import FunctionConfig
+from hydraserve.embedded.aio_server import BackgroundAioServer
 from hydraserve.errors import ConflictError, InvalidRequestError, NotFoundError
 from hydraserve.http_errors import install_error_handlers
 from hydraserve.http_server import DrainingServer, client_gone

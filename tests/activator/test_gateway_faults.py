@@ -15,9 +15,9 @@ import openai
 import pytest
 from flask import Flask, Response, jsonify
 
-from hydraserve.activator.gateway import MAX_INSTANCE_RETRIES, Gateway, create_gateway_app
-from hydraserve.aio_server import BackgroundAioServer
+from hydraserve.activator.embedded.gateway import MAX_INSTANCE_RETRIES, Gateway, create_gateway_app
 from hydraserve.contracts.function import FunctionConfig
+from hydraserve.embedded.aio_server import BackgroundAioServer
 from hydraserve.errors import InstanceFailedError
 from hydraserve.http_server import DrainingServer
 from hydraserve.processes import free_port

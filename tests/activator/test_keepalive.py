@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from hydraserve.activator.keepalive import IdleHistogram, PolicySettings, decide
+from hydraserve.provider.keepalive import IdleHistogram, PolicySettings, decide
 
 
 def histogram(idle_times: list[float], **kw: float) -> IdleHistogram:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from hydraserve.activator.scaler import FunctionScaler, Instance, ScaleState
-from hydraserve.activator.start_failures import BACKOFF_FIRST_S, MODEL_RECHECK_S
+from hydraserve.activator.embedded.scaler import FunctionScaler, Instance, ScaleState
+from hydraserve.activator.embedded.start_failures import BACKOFF_FIRST_S, MODEL_RECHECK_S
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.errors import (
     FunctionFailedError,
@@ -371,7 +371,7 @@ def test_requests_just_handed_a_slot_are_not_counted_twice_as_demand() -> None:
 def test_the_replicas_a_consolidated_group_becomes_take_parked_requests_and_scale_in_on_their_own() -> None:
     """The reaper adds each replica the backend hands out as an instance: parked requests get its
     slots at once, requests go to the least loaded, and each scales in by its own idle time."""
-    from hydraserve.activator.ports import Endpoint
+    from hydraserve.contracts.backend import Endpoint
 
     async def body() -> None:
         backend = ScriptedBackend()
@@ -395,7 +395,7 @@ def test_the_replicas_a_consolidated_group_becomes_take_parked_requests_and_scal
 
 
 def test_a_replica_handed_out_after_shutdown_is_stopped() -> None:
-    from hydraserve.activator.ports import Endpoint
+    from hydraserve.contracts.backend import Endpoint
 
     async def body() -> None:
         backend = ScriptedBackend()
@@ -461,7 +461,7 @@ def test_with_a_prewarm_window_an_instance_idle_under_load_is_kept_and_a_backend
     """The pre-warm path stops instances at once only when the whole function is idle: while
     another instance still serves, an idle one keeps idle_timeout_s (no stop-start flapping).
     A backend that cannot pre-warm (no loaderd to fill) keeps instances to the window's end."""
-    from hydraserve.activator.ports import Endpoint
+    from hydraserve.contracts.backend import Endpoint
 
     async def body() -> None:
         backend = ScriptedBackend()

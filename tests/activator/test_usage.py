@@ -1,4 +1,4 @@
-"""The usage tap (activator/usage.py) on answers cut anywhere: what it passes on and what it reads."""
+"""The usage tap (activator/embedded/usage.py) on answers cut anywhere: what it passes on and what it reads."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from hydraserve.activator.usage import UsageTap
-from hydraserve.activator.usage import ask_for_usage as ask_for
-from hydraserve.activator.waiting import streamed_request
+from hydraserve.activator.embedded.usage import UsageTap
+from hydraserve.activator.embedded.usage import ask_for_usage as ask_for
+from hydraserve.activator.embedded.waiting import streamed_request
 
 CHUNKS = [{"choices": [{"index": 0, "text": str(i)}]} for i in range(3)]
 USAGE = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}

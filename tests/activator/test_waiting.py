@@ -1,4 +1,4 @@
-"""What a request waiting for a cold start hears (activator/waiting.py), over real HTTP through
+"""What a request waiting for a cold start hears (activator/embedded/waiting.py), over real HTTP through
 the gateway with a scripted backend whose start the test holds: a streamed request gets its
 headers at once and progress comments until its first token, which the `openai` client reads
 past; every answer says whether it met a cold start and how long it waited; the waits are in
@@ -15,9 +15,9 @@ import openai
 import pytest
 import requests
 
-from hydraserve.activator.gateway import Gateway
-from hydraserve.activator.waiting import COLD_START_HEADER, QUEUE_SECONDS_HEADER, TICK_S
-from hydraserve.aio_server import BackgroundAioServer
+from hydraserve.activator.embedded.gateway import Gateway
+from hydraserve.activator.embedded.waiting import COLD_START_HEADER, QUEUE_SECONDS_HEADER, TICK_S
+from hydraserve.embedded.aio_server import BackgroundAioServer
 from hydraserve.errors import NotFoundError
 from hydraserve.testing.fake_backend import ScriptedBackend
 from tests.activator.test_gateway import Instance, instance, metric, serving_fn  # noqa: F401  (fixture)

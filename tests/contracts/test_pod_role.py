@@ -16,7 +16,7 @@ from hydraserve.contracts.pod import (
 )
 from hydraserve.contracts.stage import StageSpec
 from hydraserve.contracts.worker import WorkerEnvironment
-from tests.kube.kubelet import go_quote
+from hydraserve.testing.fake_kubelet import go_quote
 
 
 def test_the_downward_api_file_format_is_read() -> None:

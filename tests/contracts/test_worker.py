@@ -72,14 +72,14 @@ def test_serve_name_sets_the_function_not_the_bind_address(monkeypatch: pytest.M
     """`hydraserve serve --name` used to set K_SERVICE, which also moved the listener to 0.0.0.0."""
     import argparse
 
-    from hydraserve.runtime import serve_cmd
+    from hydraserve.cli import serve
 
     seen: list[WorkerEnvironment] = []
     monkeypatch.setattr("hydraserve.runtime.worker.run", lambda settings: seen.append(settings) or 0)
     monkeypatch.setattr("hydraserve.logs.configure_logging", lambda *a, **k: None)
     monkeypatch.delenv("HYDRASERVE_HOST", raising=False)
     parser = argparse.ArgumentParser()
-    serve_cmd.configure(parser)
+    serve.configure(parser)
     args = parser.parse_args(["--model", "/models/x", "--name", "my-fn"])
     assert args.func(args) == 0
     assert seen[0].function == "my-fn" and seen[0].host == "127.0.0.1"

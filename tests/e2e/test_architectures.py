@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 
-from hydraserve.demo.stack import LocalStack, StackOptions
+from hydraserve.embedded.stack import LocalStack, StackOptions
 from hydraserve.modeltools.tiny import ARCHITECTURES, TinySpec, make_tiny_model
 
 PROMPT_IDS = [1, 42, 338, 81, 265, 291, 325, 17]

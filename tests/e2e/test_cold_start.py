@@ -17,11 +17,12 @@ from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from hydraserve.activator.ports import Endpoint
 from hydraserve.contracts import events
+from hydraserve.contracts.backend import Endpoint
 from hydraserve.contracts.function import FunctionConfig
-from hydraserve.demo.client import stream_completion
-from hydraserve.demo.stack import LocalStack, StackOptions
+from hydraserve.embedded.demo_client import stream_completion
+from hydraserve.embedded.stack import LocalStack, StackOptions
+from tests.conditions import running, wait_for
 
 PROMPT = "Once upon a time"
 COLD_START_EVENTS = ["request_received", "plan_decided", "prefetch_started", "worker_spawned",
@@ -114,7 +115,7 @@ def test_a_prewarm_fetches_a_functions_weights_into_a_loaderd_before_its_first_c
     """What the keep-alive policy asks before a likely arrival: the weights land in the loaderd
     of the node the next cold start would use, pinned; asked again they are already there, and
     the cold start (after placement learned the residency) fetches nothing new."""
-    from hydraserve.demo.model import push_directory
+    from hydraserve.embedded.demo_model import push_directory
 
     assert stack.gateway is not None and stack.backend is not None
     uri = push_directory(stack.s3, tiny_llama_dir, "prewarmed", progress=False)
@@ -218,9 +219,7 @@ def test_a_warm_pool_killed_is_started_again_and_cold_starts_adopt_from_it(stack
     """SIGKILL every node's fork server (issue 22 item 8: a killed one was never restarted and
     every later cold start spawned): each is started again on its socket, its idle children are
     gone, and the next cold start adopts a pooled process."""
-    import psutil
-
-    from hydraserve.runtime.forkserver_client import serving_status
+    from hydraserve.runtime.embedded.forkserver_client import serving_status
 
     assert stack.gateway is not None and stack.supervisor is not None and stack.supervisor.pools
     scaler = stack.gateway.scaler("tiny-llama")
@@ -236,12 +235,8 @@ def test_a_warm_pool_killed_is_started_again_and_cold_starts_adopt_from_it(stack
     while not all(pool.restarts and serving_status(clients[pool.node]) for pool in pools):
         assert time.monotonic() < deadline, "a warm pool was not started again"
         time.sleep(0.2)
-    def left() -> list[int]:
-        return [pid for pid in idle if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-
-    while left():  # each read EOF on its socket pair when its server died
-        assert time.monotonic() < deadline, f"idle children of the killed pools live on: {left()}"
-        time.sleep(0.1)
+    # each read EOF on its socket pair when its server died
+    assert wait_for(lambda: not running(idle), deadline - time.monotonic()), f"idle children live on: {running(idle)}"
     assert stream_completion(stack.function_url() + "/v1/completions", {"prompt": "x", "max_tokens": 2}).status == 200
     spawned = stack.gateway.cold_start_timeline("tiny-llama").first("worker_spawned")
     assert spawned is not None and spawned.detail.get("adopted") is True
@@ -301,7 +296,7 @@ def test_a_frozen_worker_is_failed_over_and_its_request_answered_by_another(stac
     """Issue 22 item 8: a worker frozen (SIGSTOP) for 50 s stalled its requests 50 s, no failover.
     Stopped by a signal for 3 s it counts as lost: its instance fails (the frozen process killed)
     and the request waiting on it is sent to a fresh instance."""
-    from hydraserve.provider.backends.process import FROZEN_AFTER_S
+    from hydraserve.provider.embedded.process import FROZEN_AFTER_S
 
     assert stack.gateway is not None and stack.backend is not None
     url = stack.function_url() + "/v1/completions"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hydraserve.demo.client import stream_completion
-from hydraserve.demo.stack import LocalStack, StackOptions
+from hydraserve.embedded.demo_client import stream_completion
 from hydraserve.embedded.netns import netns_available
+from hydraserve.embedded.stack import LocalStack, StackOptions
 from tests.e2e.test_cold_start import PROMPT, transformers_greedy
 
 OK, WHY = netns_available()

@@ -17,8 +17,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from hydraserve.demo.stack import LocalStack, StackOptions
-from hydraserve.provider.backends.process import WorkerProcess
+from hydraserve.embedded.stack import LocalStack, StackOptions
+from hydraserve.provider.embedded.process import WorkerProcess
 from tests.conditions import wait_for
 from tests.e2e.test_cold_start import PROMPT, transformers_greedy
 

@@ -19,12 +19,12 @@ from hydraserve.provider.model_spec import spec_of
 from hydraserve.provider.stages import balanced_stage_plan, stage_bytes
 from hydraserve.runtime.model.config import ModelConfig
 from hydraserve.runtime.model.loader import load_stage
+from hydraserve.testing.counting_source import CountingSource
 from hydraserve.weights.architectures import Part
 from hydraserve.weights.layout import head_is_embedding, stage_tensors
 from hydraserve.weights.model_files import LocalModelFiles
 from hydraserve.weights.segment import SegmentReader
 from tests.loaderd.conftest import LocalStores, write_manifest
-from tests.sources import CountingSource
 from tests.variants import VARIANTS
 
 LAYERS = 4  # room for four stages

@@ -1,5 +1,5 @@
 """The Kubernetes API the interceptor tests run against: the fake API server over real HTTP
-(tests/kube/fake_apiserver.py says what it emulates and what not) or, when KUBECONFIG is set, a
+(hydraserve/testing/fake_apiserver.py says what it emulates and what not) or, when KUBECONFIG is set, a
 real cluster (then in a namespace of the test's own, deleted at the end).
 
 On the fake there is no kubelet: ``cluster.run_pod`` plays its part (phase Running, a pod IP,
@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client import CoreV1Api
 
-from tests.kube.fake_apiserver import FakeApiServer
+from hydraserve.testing.fake_apiserver import FakeApiServer
 
 REAL = bool(os.environ.get("KUBECONFIG"))
 

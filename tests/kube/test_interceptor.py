@@ -1,5 +1,5 @@
 """The interceptor against a Kubernetes API over real HTTP, driven by the official client: the
-fake API server here (tests/kube/fake_apiserver.py), a real cluster when KUBECONFIG is set.
+fake API server here (hydraserve/testing/fake_apiserver.py), a real cluster when KUBECONFIG is set.
 
 Function pods are made from the Service `kn hydra create` writes (its revision template, plus
 Knative's labels and queue-proxy container, as Knative's Deployment would make them). The
@@ -21,21 +21,21 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException
 
+from hydraserve.activator.knative.interceptor import Interceptor, InterceptorOptions
+from hydraserve.activator.knative.nodes import ClusterFeed
+from hydraserve.activator.knative.pods import (
+    MEMORY_ANNOTATION,
+    ForeignSecretError,
+    ensure_worker_secret,
+)
 from hydraserve.auth import verify_scoped_token
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.pod import INSTANCE_LABEL, PLAN_ANNOTATION, ROLE_ANNOTATION, STAGE_LABEL
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import TemporaryError
-from hydraserve.kube import bind_pod
 from hydraserve.provider.coldstart import ColdStartOptions
-from hydraserve.provider.knative.interceptor import Interceptor, InterceptorOptions
-from hydraserve.provider.knative.nodes import ClusterFeed
-from hydraserve.provider.knative.pods import (
-    MEMORY_ANNOTATION,
-    ForeignSecretError,
-    ensure_worker_secret,
-)
+from hydraserve.provider.knative.kube import bind_pod
 from hydraserve.provider.knative.service import HydraService, knative_service
 from hydraserve.provider.model_spec import describe_model
 from hydraserve.provider.service import PlacementService

@@ -16,8 +16,8 @@ import requests
 import yaml
 from kubernetes.client import CoordinationV1Api
 
+from hydraserve.cli.interceptor import served_namespaces
 from hydraserve.processes import ChildProcess, free_port, hydraserve_command
-from hydraserve.provider.knative.interceptor_cmd import served_namespaces
 from tests.kube.conftest import Cluster, fake_only
 from tests.kube.test_interceptor import bound_node, function_pod
 

@@ -9,7 +9,7 @@ import time
 
 from kubernetes.client import CoordinationV1Api
 
-from hydraserve.provider.knative.leader import LeaderElection
+from hydraserve.activator.knative.leader import LeaderElection
 from tests.kube.conftest import Cluster
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import kubernetes_validate
 from kubernetes.client import NetworkingV1Api
 
+from hydraserve.activator.knative.policy import QUEUE_PROXY_PORTS
 from hydraserve.contracts.pod import TRANSPORT_PORT
-from hydraserve.kube import LOADERD_PORT
-from hydraserve.provider.knative.policy import QUEUE_PROXY_PORTS
+from hydraserve.provider.knative.kube import LOADERD_PORT
 from hydraserve.provider.knative.service import RUNTIME_PORT
 from tests.kube.conftest import Cluster, fake_only
 from tests.kube.test_interceptor import STAGE_LABEL, Control, function_pod

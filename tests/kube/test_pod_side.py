@@ -1,5 +1,5 @@
 """The pod side, end to end on the fake API server: the interceptor binds a function pod with
-its role; a process plays its kubelet (tests/kube/kubelet.py): the revision template's own
+its role; a process plays its kubelet (hydraserve/testing/fake_kubelet.py): the revision template's own
 command, environment (the worker Secret's scoped loaderd token included) and Downward API
 annotations file. The worker learns its role from that file, loads its weights from the node's
 real loaderd with a heartbeat lease, turns /readyz true, serves a completion; the interceptor
@@ -16,8 +16,8 @@ import requests
 from hydraserve.contracts.pod import ROLE_ANNOTATION, TIMELINE_ANNOTATION
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.loaderd.client import LoaderClient
+from hydraserve.testing.fake_kubelet import ProcessKubelet
 from tests.kube.conftest import Cluster, fake_only
-from tests.kube.kubelet import ProcessKubelet
 from tests.kube.test_interceptor import LOADERD_TOKEN, Control, bound_node, function_pod, node_with_loaderd
 
 POD_IP = "127.0.0.5"  # a loopback address standing in for the pod's IP

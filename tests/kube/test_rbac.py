@@ -16,8 +16,8 @@ import yaml
 from kubernetes import config
 from kubernetes.client import CoordinationV1Api, CoreV1Api
 
-from hydraserve.provider.knative.leader import LeaderElection
-from hydraserve.provider.knative.pods import MANAGED_BY, MANAGED_BY_LABEL
+from hydraserve.activator.knative.leader import LeaderElection
+from hydraserve.activator.knative.pods import MANAGED_BY, MANAGED_BY_LABEL
 from tests.kube.conftest import Cluster, fake_only
 from tests.kube.test_interceptor import STAGE_LABEL, Control, function_pod
 

@@ -30,11 +30,11 @@ from hydraserve.errors import (
 from hydraserve.loaderd.daemon import LoaderDaemon, spawn_loaderd
 from hydraserve.loaderd.service import LoaderConfig
 from hydraserve.runtime.loader_files import LoaderModelFiles
+from hydraserve.testing.faults import CuttingProxy
 from hydraserve.weights.local import LocalTensorSource
 from hydraserve.weights.push import push_model
 from hydraserve.weights.segment import SegmentFailedError, SegmentReader
 from hydraserve.weights.tensor_sources import tensor_source
-from tests.faults import CuttingProxy
 
 from .conftest import llama_like, write_model
 

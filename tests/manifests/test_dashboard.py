@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hydraserve.activator.metrics import GatewayMetrics
+from hydraserve.activator.embedded.metrics import GatewayMetrics
 
 DASHBOARD = Path(__file__).parents[2] / "manifests" / "grafana" / "hydraserve-functions.json"
 METRIC = re.compile(r"\bhydraserve_[a-z0-9_]+")

@@ -87,8 +87,8 @@ def test_only_the_gpu_image_asks_for_a_gpu() -> None:
 
 
 def test_the_settings_reach_the_annotations_and_the_interceptor_reads_them_back() -> None:
+    from hydraserve.activator.knative.interceptor import function_of
     from hydraserve.contracts.function import setting_default
-    from hydraserve.provider.knative.interceptor import function_of
     from hydraserve.provider.knative.service import IDLE_TIMEOUT_ANNOTATION
 
     for flags, ttft, idle in (([], setting_default("ttft_slo_s"), setting_default("idle_timeout_s")),

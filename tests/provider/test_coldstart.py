@@ -22,8 +22,8 @@ from hydraserve.errors import InstanceFailedError, TemporaryError
 from hydraserve.loaderd.daemon import LoaderDaemon
 from hydraserve.loaderd.service import LoaderConfig
 from hydraserve.modeltools.tiny import TinySpec, make_tiny_model
-from hydraserve.provider.backends.local import LocalNode
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions
+from hydraserve.provider.embedded.local import LocalNode
 from hydraserve.provider.model_spec import describe_model
 from hydraserve.provider.service import PlacementService
 from hydraserve.provider.worker_port import WorkerSlot

@@ -14,7 +14,7 @@ from hydraserve.contracts.plan import NodeInfo
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import HydraError
 from hydraserve.processes import tail_lines
-from hydraserve.provider.backends.local import LocalBackend, LocalNode
+from hydraserve.provider.embedded.local import LocalBackend, LocalNode
 from hydraserve.provider.service import PlacementService
 from hydraserve.weights.model_files import open_model
 

@@ -206,7 +206,7 @@ def test_the_simulator_and_the_live_gateway_make_the_same_prewarm_decision_for_t
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from hydraserve.activator.scaler import FunctionScaler
+    from hydraserve.activator.embedded.scaler import FunctionScaler
     from hydraserve.contracts.function import FunctionConfig
     from hydraserve.provider.sim.spec import LLAMA2_7B, NodeSpec, SimSpec, function_spec
     from hydraserve.provider.sim.workload import Arrivals

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from hydraserve.processes import free_port
-from hydraserve.provider.backends import process
-from hydraserve.provider.backends.process import WorkerProcess
+from hydraserve.provider.embedded import process
+from hydraserve.provider.embedded.process import WorkerProcess
 from tests.conditions import wait_for
 
 SERVER = r"""

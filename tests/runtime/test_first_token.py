@@ -28,6 +28,7 @@ from hydraserve.contracts.timeline import Timeline
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.runtime.serving.first_token import compact_llm_class, compact_runs, load_compact_engine
 from hydraserve.weights.model_files import open_model
+from tests.conditions import running, wait_for
 
 PROMPT = "Once upon a time"
 
@@ -219,12 +220,13 @@ def test_a_worker_stopped_before_vllm_takes_over_leaves_no_process(vllm_pool: An
     w = vllm_pool.launch(str(tiny_llama_dir), first_token_engine="compact")
     w.wait_ready(120)
     assert not [e for e in timeline_of(w) if e["name"] == "handed_over"]
-    time.sleep(0.3)  # vLLM's engine is starting: its processes are being forked
+    assert wait_for(lambda: psutil.Process(w.proc.pid).children(), 30)  # vLLM's engine is starting
     family = [w.proc.pid, *(c.pid for c in psutil.Process(w.proc.pid).children(recursive=True))]
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(30) == 0
-    time.sleep(0.5)
-    later = [p for p in psutil.process_iter(["ppid", "pid"]) if p.info["ppid"] in family]
-    assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not later
+
+    def left() -> list[int]:  # the family, and any process it started meanwhile
+        return running([*family, *(p.info["pid"] for p in psutil.process_iter(["ppid", "pid"])
+                                   if p.info["ppid"] in family)])
+    assert wait_for(lambda: not left(), 5), left()
     w.stop(grace_s=1)

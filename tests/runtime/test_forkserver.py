@@ -1,4 +1,4 @@
-"""The node's warm pool (runtime/forkserver.py) as a real process over its real Unix socket (it
+"""The node's warm pool (runtime/embedded/forkserver.py) as a real process over its real Unix socket (it
 imports vLLM once, 7-9 s: one pool for the module's tests): pooled processes forked while the
 server is its only thread, adopted as workers with the identity their environment names,
 replaced when they die idle (never handed out), gone with the server; the launcher falls back to
@@ -18,26 +18,23 @@ import requests
 
 from hydraserve.auth import new_token_file
 from hydraserve.contracts.worker import WorkerEnvironment
-from hydraserve.errors import InvalidRequestError, UnauthorizedError, UnreachableError
+from hydraserve.errors import InvalidRequestError, NotFoundError, NotListeningError, UnauthorizedError
+from hydraserve.http_client import unix_socket_session
 from hydraserve.processes import ChildProcess, free_port
-from hydraserve.provider.backends.process import ProcessLauncher
-from hydraserve.runtime.forkserver_client import ForkServerClient, pool_memory_gb, wait_until_serving
-from tests.conditions import wait_for
+from hydraserve.provider.embedded.process import ProcessLauncher
+from hydraserve.runtime.embedded.forkserver_client import ForkServerClient, pool_memory_gb, wait_until_serving
+from tests.conditions import running, wait_for
 
 
 def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    return bool(running([pid]))
 
 
 class Pool:
     def __init__(self, tmp: Path, size: int) -> None:
         token, token_file = new_token_file(tmp)
         self.socket = tmp / "pool.sock"
-        self.process = ChildProcess("pool", [sys.executable, "-m", "hydraserve.runtime.forkserver", "--socket",
+        self.process = ChildProcess("pool", [sys.executable, "-m", "hydraserve.runtime.embedded.forkserver", "--socket",
                                              str(self.socket), "--token-file", str(token_file), "--pool-size",
                                              str(size), "--node", "n0"],
                                     log_path=tmp / "pool.log")
@@ -107,6 +104,13 @@ def test_bad_adoption_requests_are_400_and_adopt_nothing(pool: Pool) -> None:
                  {"env": {}, "log_path": outside}, {"env": {}, "log_path": "/etc/cron.d/x"}):
         with pytest.raises(InvalidRequestError, match="400"):
             pool.client._call("POST", "/v1/adopt", body)
+    with pytest.raises(NotFoundError, match="404"):
+        pool.client._call("GET", "/v1/nothing")
+    raw, auth = unix_socket_session(pool.socket), {"Authorization": f"Bearer {pool.token}"}
+    for body in (b"{", b'{"env": {}, "log_path": "/tmp/x", "n": ' + b"9" * 4301 + b"}"):  # numbers bounded
+        answer = raw.post("http://unix/v1/adopt", data=body, headers=auth)
+        assert answer.status_code == 400  # the platform's error shape, as every service answers it
+        assert answer.json()["error"]["type"] == "invalid_request_error" and answer.json()["error"]["retryable"] is False
     assert pool.client.status()["idle"] == before
 
 
@@ -198,7 +202,7 @@ def test_idle_processes_go_with_the_server_and_the_launcher_then_spawns(tmp_path
     p.process.proc.wait(5)
     assert wait_for(lambda: not any(alive(pid) for pid in idle)), "idle pooled processes outlived their server"
     assert alive(adopted.proc.pid)  # a worker serving is the launcher's, not the pool's
-    with pytest.raises(UnreachableError):
+    with pytest.raises(NotListeningError):
         p.client.status()
     spawned = launch(p, tmp_path, worker_env(tiny_llama_dir))
     assert not spawned.adopted
@@ -213,7 +217,7 @@ def test_the_server_refuses_to_fork_while_another_thread_runs(tmp_path: Path) ->
     refuses before forking, and says how many threads it saw."""
     import threading
 
-    from hydraserve.runtime.forkserver import ForkServer, thread_count
+    from hydraserve.runtime.embedded.forkserver import ForkServer, thread_count
 
     stop = threading.Event()
     helper = threading.Thread(target=stop.wait)

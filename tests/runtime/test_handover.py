@@ -7,7 +7,8 @@ decoding would). vLLM's real engines under the same handover: tests/runtime/test
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -29,6 +30,14 @@ def greedy(prompt: list[int], n: int) -> list[int]:
     return tokens[len(prompt):]
 
 
+async def until(check: Callable[[], object], timeout_s: float = 5.0) -> None:
+    """Return once ``check()`` is truthy (the loop runs meanwhile); fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "the condition never came"
+        await asyncio.sleep(0.002)
+
+
 class Engine:
     """One token every ``step_s``; records what it was asked and what was aborted."""
 
@@ -37,6 +46,7 @@ class Engine:
         self.step_s = step_s
         self.started: list[tuple[str, list[int], int | None]] = []
         self.aborted: list[str] = []
+        self.made = 0  # tokens made, over every request
 
     async def generate(self, prompt: Any, params: Any, request_id: str, **_: Any) -> AsyncIterator[RequestOutput]:
         ids = list(prompt["prompt_token_ids"])
@@ -48,6 +58,7 @@ class Engine:
                 await asyncio.sleep(self.step_s)
                 token = next_token(ids + made)
                 made.append(token)
+                self.made += 1
                 last = i == params.max_tokens - 1
                 if params.output_kind == RequestOutputKind.FINAL_ONLY and not last:
                     continue
@@ -79,7 +90,7 @@ def test_a_stream_in_flight_moves_after_the_bound_and_continues_token_for_token(
         old, new = Engine("old"), Engine("new")
         handover = HandoverEngine(old)
         streaming = asyncio.create_task(collect(handover, [5, 6, 7], params(RequestOutputKind.DELTA), "r1"))
-        await asyncio.sleep(0.1)  # some tokens came from the old engine
+        await until(lambda: old.made >= 5)  # some tokens came from the old engine
         moved = await handover.switch(new, bound_s=0.05)
         outputs = await streaming
         assert moved == 1 and handover.moved == 1
@@ -101,7 +112,7 @@ def test_a_non_streamed_request_starts_over_and_a_cumulative_one_keeps_its_prefi
         handover = HandoverEngine(old)
         final = asyncio.create_task(collect(handover, [9], params(RequestOutputKind.FINAL_ONLY), "f"))
         cumulative = asyncio.create_task(collect(handover, [3, 4], params(RequestOutputKind.CUMULATIVE), "c"))
-        await asyncio.sleep(0.1)
+        await until(lambda: len(old.started) == 2 and old.made >= 4)  # both are under way
         assert await handover.switch(new, bound_s=0.0) == 2
         (only,) = await final
         assert list(only.outputs[0].token_ids) == greedy([9], 40)
@@ -119,7 +130,7 @@ def test_requests_with_several_completions_finish_where_they_are() -> None:
         old, new = Engine("old"), Engine("new")
         handover = HandoverEngine(old)
         several = asyncio.create_task(collect(handover, [2], params(RequestOutputKind.DELTA, 20, n=2, temperature=0.8), "n2"))
-        await asyncio.sleep(0.05)
+        await until(lambda: old.made >= 2)
         assert await handover.switch(new, bound_s=0.0) == 0
         assert len(await several) == 20 and not new.started and not old.aborted
     asyncio.run(scenario())
@@ -159,7 +170,7 @@ def test_a_request_the_first_engine_does_not_take_waits_for_the_next_one() -> No
         handover = HandoverEngine(first)
         taken = await collect(handover, [4], params(RequestOutputKind.DELTA, 3), "greedy")
         waiting = asyncio.create_task(collect(handover, [4], params(RequestOutputKind.DELTA, 3, temperature=0.7), "hot"))
-        await asyncio.sleep(0.05)
+        await until(lambda: handover.deferred == 1)
         assert not waiting.done() and handover.deferred == 1 and [s[0] for s in first.started] == ["greedy"]
         await handover.switch(vllm, bound_s=0.0)
         assert len(await waiting) == 3 and [s[0] for s in vllm.started] == ["hot"] and len(taken) == 3
@@ -170,7 +181,7 @@ def test_requests_waiting_for_an_engine_that_never_comes_get_its_error() -> None
     async def scenario() -> None:
         handover = HandoverEngine(Choosy("first"))
         waiting = asyncio.create_task(collect(handover, [4], params(RequestOutputKind.DELTA, 3, temperature=0.7), "hot"))
-        await asyncio.sleep(0.02)
+        await until(lambda: handover.deferred == 1)
         handover.no_successor(RuntimeError("vLLM failed to start"))
         with pytest.raises(RuntimeError, match="failed to start"):
             await waiting

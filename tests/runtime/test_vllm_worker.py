@@ -26,6 +26,7 @@ from cloudevents.core.v1.event import CloudEvent
 
 from hydraserve.contracts import events
 from hydraserve.contracts.worker import WorkerStatus
+from tests.conditions import running, wait_for
 
 PROMPT = "Once upon a time"
 
@@ -169,6 +170,9 @@ def test_status_and_timeline(worker: Any) -> None:
 
 
 def test_sigterm_drains_the_stream_in_flight_and_leaves_no_process(vllm_pool: Any, tiny_llama_dir: Path) -> None:
+    """Nor a temporary file: vLLM's file rendezvous (/tmp/vllm_dist_*, one per engine) was left
+    in /tmp by every worker until they went to the worker's run dir."""
+    rendezvous_before = set(Path("/tmp").glob("vllm_dist_*"))
     w = vllm_pool.launch(str(tiny_llama_dir))
     w.wait_ready(120)
     family = [w.proc.pid, *(c.pid for c in psutil.Process(w.proc.pid).children(recursive=True))]
@@ -182,24 +186,23 @@ def test_sigterm_drains_the_stream_in_flight_and_leaves_no_process(vllm_pool: An
                                                             "ignore_eos": True}, stream=True, timeout=60) as r:
             lines.extend(line.decode() for line in r.iter_lines() if line)
 
+    def draining() -> bool:
+        try:
+            return requests.get(w.url + "/readyz", timeout=1).status_code == 503
+        except requests.ConnectionError:
+            return True
+
     reader = threading.Thread(target=stream)
     reader.start()
-    time.sleep(0.3)
+    assert wait_for(lambda: lines, 30)  # the stream is under way
     w.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(w.url + "/readyz", timeout=1).status_code == 503:
-                break
-        except requests.ConnectionError:
-            break
-        time.sleep(0.05)
+    assert wait_for(draining, 5)
     reader.join(60)
     assert lines and lines[-1] == "data: [DONE]"  # the stream in flight finished
     assert w.proc.wait(30) == 0
-    time.sleep(0.5)
-    assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert wait_for(lambda: not running(family), 5), running(family)
     assert not [s for s in sockets if Path(s).exists()]  # vLLM's IPC sockets went with the worker's run dir
+    assert set(Path("/tmp").glob("vllm_dist_*")) == rendezvous_before
 
 
 def test_a_worker_killed_with_all_its_processes_leaves_nothing_once_stopped(vllm_pool: Any,
@@ -221,7 +224,7 @@ def test_a_worker_killed_with_all_its_processes_leaves_nothing_once_stopped(vllm
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     w.proc.wait(10)
-    time.sleep(0.5)
+    assert wait_for(lambda: not running(family), 5), running(family)
     assert [s for s in segments if s.exists()], "nothing removed them: the launcher must"
     w.stop(grace_s=1)
     assert not [s for s in segments if s.exists()] and not run_dirs[0].exists() and not w.leftovers.exists()

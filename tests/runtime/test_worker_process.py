@@ -13,7 +13,7 @@ import requests
 
 from hydraserve.contracts.worker import WorkerEnvironment
 from hydraserve.errors import NotFoundError, fails_every_start
-from hydraserve.provider.backends.process import ProcessLauncher, WorkerProcess
+from hydraserve.provider.embedded.process import ProcessLauncher, WorkerProcess
 
 
 def launch(run_dir: Path, **env: object) -> WorkerProcess:

@@ -20,6 +20,7 @@ from hydraserve.weights.layout import segment_group, stage_tensors
 from hydraserve.weights.model_files import HEADER_PROBE_BYTES, S3ModelFiles, StoredModelFiles, open_model
 from hydraserve.weights.s3 import RetryPolicy, S3Client
 from hydraserve.weights.tensor_sources import tensor_source
+from tests.conditions import wait_for
 
 from .checkpoints import llama_tensors, opt_tensors, write_model
 
@@ -285,7 +286,7 @@ def test_killed_mid_fetch_and_restarted_completes(private_server: EmbeddedS3, tm
         time.sleep(0.002)
     private_server.kill()
     assert source.finished_at is None, "fetch finished before the kill: test proves nothing"
-    time.sleep(0.3)
+    assert wait_for(lambda: client.retries >= 1, 10)  # a read met the dead server and is retrying
     private_server.start()
     source.wait_all(timeout=30)
     for name, tensor in tensors.items():
@@ -320,11 +321,13 @@ def test_closed_source_does_not_hang(private_server: EmbeddedS3, tmp_path: Path)
     name = "model.layers.0.input_layernorm.weight"
     write_model(tmp_path / "m", {name: torch.ones(8)})
     uri = private_server.upload_dir(tmp_path / "m", "durable", "m")
-    model = open_model(uri, client=private_server.client())
+    client = private_server.client()
+    model = open_model(uri, client=client)
     model.version()
+    client.reset_stats()
     private_server.kill()
     source = tensor_source(model, [name])
-    time.sleep(0.2)  # its GET is now retrying against the dead server (15 s budget)
+    assert wait_for(lambda: client.retries >= 1, 10)  # its GET is now retrying against the dead server (15 s budget)
     started = time.monotonic()
     source.close()
     with pytest.raises(RuntimeError, match="closed before"):

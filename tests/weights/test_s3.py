@@ -12,6 +12,7 @@ import pytest
 
 from hydraserve.embedded.s3 import EmbeddedS3
 from hydraserve.errors import InvalidRequestError, MissingObjectError, StorageError, TemporaryError
+from hydraserve.testing.faults import CuttingProxy
 from hydraserve.weights.s3 import (
     RetryPolicy,
     S3Client,
@@ -20,7 +21,6 @@ from hydraserve.weights.s3 import (
     classify,
     parse_s3_uri,
 )
-from tests.faults import CuttingProxy
 
 # ------------------------------------------------------------------ URIs
 

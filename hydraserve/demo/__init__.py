@@ -1,1 +1,0 @@
-"""The embedded default: everything on one machine (`hydraserve demo` / `hydraserve up`)."""

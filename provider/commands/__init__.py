@@ -1,1 +1,0 @@
-"""CLI commands of the placement component: `placement`, `plan`, `simulate` (see hydraserve.cli)."""
