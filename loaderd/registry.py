@@ -6,6 +6,13 @@ not evicted before it attaches), attach takes one that lives until release or un
 reader's pid dies, or, for a reader in another PID namespace (a pod, whose pid means nothing
 here), until it stops renewing its heartbeat. A segment with any lease, or still filling, is
 never evicted or rewritten.
+
+Where segments live: ``<root>/<model_dir_name(uri)>/hsld-<node>-<segment>-<gen>``, one
+directory per model (0700, ours: checked before use, never followed through a symlink), so a
+function pod on Kubernetes mounts its own model's directory only. A directory is made on the
+model's first segment and removed, if empty, when the daemon closes; directories several
+daemons share (the embedded deployment's nodes, all in /dev/shm) survive a sibling's removal:
+creation retries once.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -22,7 +30,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from hydraserve.errors import InvalidRequestError, OverloadedError
-from hydraserve.weights.segment import STATE_COMPLETE, STATE_FAILED, SegmentLayout, SegmentWriter
+from hydraserve.weights.segment import (
+    MODEL_DIR_PREFIX,
+    STATE_COMPLETE,
+    STATE_FAILED,
+    SegmentLayout,
+    SegmentWriter,
+    model_dir_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +91,35 @@ def segment_id_for(model_key: str, group: str, tensor_names: Iterable[str]) -> s
     return digest.hexdigest()[:20]
 
 
+def node_segment_files(root: str, node_name: str) -> list[str]:
+    """Paths of the segments a daemon with this node name left under ``root`` (for its next
+    start, and for checks that nothing is left behind); also those an earlier release left
+    directly in the root."""
+    prefix = f"{SEGMENT_PREFIX}{node_name}-"
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    found = [os.path.join(root, name) for name in names if name.startswith(prefix)]
+    for name in names:
+        if not name.startswith(MODEL_DIR_PREFIX):
+            continue
+        model_dir = os.path.join(root, name)
+        try:
+            found += [os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.startswith(prefix)]
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+    return found
+
+
+def remove_if_empty(directory: str) -> None:
+    """rmdir, quietly: another daemon's segments (or a sibling's removal) may be there first."""
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -109,6 +153,7 @@ class Registry:
         self.evictions = 0
         self._lock_fd: int | None = None
         self._lock_path = ""
+        self._dirs: set[str] = set()  # the model directories this daemon used (removed if empty at close)
         room = self._shm_room()
         if room is not None and room < budget_bytes:
             log.warning("the budget is over what %s can hold: segments are created only where it has room",
@@ -118,9 +163,36 @@ class Registry:
     def prefix(self) -> str:
         return f"{SEGMENT_PREFIX}{self.node_name}-"
 
-    def path_for(self, segment_id: str) -> str:
-        """A fresh file name: a refetched group never reuses the path of a failed segment."""
-        return os.path.join(self.shm_dir, f"{self.prefix}{segment_id}-{uuid.uuid4().hex[:8]}")
+    def path_for(self, segment_id: str, model_uri: str) -> str:
+        """A fresh file name in the model's directory: a refetched group never reuses the path of
+        a failed segment."""
+        return os.path.join(self.shm_dir, model_dir_name(model_uri), f"{self.prefix}{segment_id}-{uuid.uuid4().hex[:8]}")
+
+    def model_dir(self, model_uri: str) -> str:
+        """The model's directory, made if missing (0700). One found there must be a real
+        directory of ours that nobody else may write (in a shared /dev/shm another user could
+        have made it, or a symlink, to read or replace the segments): else refused."""
+        path = os.path.join(self.shm_dir, model_dir_name(model_uri))
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise InvalidRequestError(f"{path} is not a directory of this daemon's own (a symlink, "
+                                          "another user's, or writable by others): not used") from None
+        self._dirs.add(path)
+        return path
+
+    def _create(self, layout: SegmentLayout, segment_id: str, model_uri: str) -> SegmentWriter:
+        """The segment's file; a directory a sibling daemon removed meanwhile is made again."""
+        for attempt in (0, 1):
+            self.model_dir(model_uri)
+            try:
+                return SegmentWriter(layout, self.path_for(segment_id, model_uri))
+            except FileNotFoundError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def lock_node(self) -> None:
         """Hold /dev/shm/hsld-<node>.lock so a second daemon with this node name refuses to start
@@ -137,13 +209,14 @@ class Registry:
     def remove_stale(self) -> int:
         """Unlink segments a previous run of this node's daemon left behind (crash)."""
         removed = 0
-        for name in os.listdir(self.shm_dir):
-            if name.startswith(self.prefix):
-                try:
-                    os.unlink(os.path.join(self.shm_dir, name))
-                    removed += 1
-                except FileNotFoundError:
-                    pass
+        for path in node_segment_files(self.shm_dir, self.node_name):
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            if os.path.dirname(path) != self.shm_dir:
+                remove_if_empty(os.path.dirname(path))
         return removed
 
     @property
@@ -178,11 +251,15 @@ class Registry:
             created: list[Segment] = []
             try:
                 for seg_id, order, group, layout in missing:
-                    writer = SegmentWriter(layout, self.path_for(seg_id))
+                    writer = self._create(layout, seg_id, model_uri)
                     seg = Segment(seg_id, model_uri, model_key, group, order, layout, writer,
                                   created=now, last_used=now)
                     self.segments[seg_id] = seg
                     created.append(seg)
+            except InvalidRequestError:
+                for seg in created:
+                    self._drop(seg)
+                raise
             except OSError as exc:
                 for seg in created:
                     self._drop(seg)
@@ -353,6 +430,9 @@ class Registry:
                     seg.writer.set_state(STATE_FAILED)  # wake readers still waiting on it
                 self._drop(seg)
             self.leases.clear()
+            for directory in self._dirs:
+                remove_if_empty(directory)
+            self._dirs.clear()
             if self._lock_fd is not None:
                 os.unlink(self._lock_path)
                 os.close(self._lock_fd)

@@ -94,11 +94,21 @@ def node_name() -> str:
 def shm_guard(node_name: str) -> Iterator[str]:
     """Yields the node name; afterwards asserts nothing is left in /dev/shm and removes leftovers."""
     yield node_name
-    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"hsld-{node_name}-")]
-    for f in left:
-        os.unlink(os.path.join("/dev/shm", f))
+    left = remove_node_segments(node_name)
     _remove_unheld_lock(f"/dev/shm/hsld-{node_name}.lock")
     assert not left, f"segments left behind: {left}"
+
+
+def remove_node_segments(node_name: str) -> list[str]:
+    """Unlink what a daemon of this node name left in /dev/shm (its segments, in their models'
+    directories, and those directories once empty); the paths removed."""
+    from hydraserve.loaderd.registry import node_segment_files, remove_if_empty
+
+    left = node_segment_files("/dev/shm", node_name)
+    for path in left:
+        os.unlink(path)
+        remove_if_empty(os.path.dirname(path))
+    return left
 
 
 def _remove_unheld_lock(path: str) -> None:

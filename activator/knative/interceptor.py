@@ -23,7 +23,8 @@ What it survives, and how:
 A cold start that fails before binding is retried while the pod is pending (exponential back-off
 up to ``retry_max_s``, never sooner than the error's own Retry-After); one that fails after
 binding deletes its function pod (a bound pod cannot move). A pod that cannot be started at all
-(no model, a bad SLO) gets one Warning Event and is not looked at again until it is deleted.
+(no model, a bad SLO, a model its namespace may not use, a mount of more of loaderd's directory
+than its model's: activator/knative/admission.py) gets one Warning Event and is not looked at again until it is deleted.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from kubernetes import watch
 from kubernetes.client import ApiException, CoreV1Api, NetworkingV1Api
 from pydantic import ValidationError
 
+from hydraserve.activator.knative.admission import ModelAllowlist, admission_problem
 from hydraserve.activator.knative.metrics import InterceptorMetrics
 from hydraserve.activator.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
 from hydraserve.activator.knative.pods import (
@@ -99,6 +101,7 @@ class InterceptorOptions:
     watch_window_s: float = 5.0  # one watch request's length: a stop (a lost Lease) is seen within it
     control_namespace: str = "hydraserve-system"  # the control plane's (its function NetworkPolicies admit it)
     namespaces: frozenset[str] | None = None  # the function namespaces it serves (None: all); its RBAC is bound there
+    model_allowlist: ModelAllowlist | None = None  # the models each namespace may use (None: any)
 
 
 @dataclass
@@ -293,6 +296,9 @@ class Interceptor:
         pod, name = start.pod, f"{start.pod['metadata']['namespace']}/{start.pod['metadata']['name']}"
         try:
             function = function_of(pod)
+            refused = admission_problem(pod, function.model_uri, self.options.model_allowlist)
+            if refused:
+                raise ValueError(refused)  # before its Secret, its model's description, any prefetch
             spec = self._spec(function)
         except (ValueError, ValidationError, HydraError) as exc:
             self._mark_skipped(start, str(exc))

@@ -45,6 +45,8 @@ from hydraserve.provider.knative.service import (
     MODEL_ANNOTATION,
     RUNTIME_PORT,
     SCHEDULER_NAME,
+    loaderd_mount,
+    loaderd_volume,
     worker_secret_env,
 )
 from hydraserve.provider.worker_port import WorkerSlot, worker_status, worker_timeline
@@ -261,15 +263,16 @@ class PodLauncher:
 
     def helper_pod(self, name: str, node: str, role: WorkerEnvironment, labels: dict[str, str],
                    placed: dict[str, str]) -> dict[str, Any]:
-        """A helper stage's pod: the function's image, resources and loaderd mount, its role in
+        """A helper stage's pod: the function's image and resources, its model's loaderd directory
+        (no other host path of the function pod's), its role in
         its environment, its loaderd token from the function's worker Secret,
         bound to ``node`` at creation (no scheduler), collected with the function pod."""
         source = user_container(self.pod)
         from_secret = worker_secret_env(self.function)
         dropped = {e["name"] for e in from_secret}
         env = [{"name": k, "value": v} for k, v in role.to_env().items() if k not in dropped] + from_secret
-        host_volumes = [v for v in self.pod["spec"].get("volumes") or [] if "hostPath" in v]
-        mounts = [m for m in source.get("volumeMounts") or [] if m["name"] in {v["name"] for v in host_volumes}]
+        model = (self.pod["metadata"].get("annotations") or {})[MODEL_ANNOTATION]
+        host_volumes, mounts = [loaderd_volume(model)], [loaderd_mount(model)]  # its model's segments only
         container: dict[str, Any] = {
             "name": "stage", "image": source["image"], "args": source.get("args") or ["serve"], "env": env,
             "ports": [{"containerPort": RUNTIME_PORT, "name": "http"},

@@ -16,12 +16,14 @@ import argparse
 import json
 import os
 import socket
+import sys
 import threading
 
 from hydraserve.cli.placement import PLACEMENT_TOKEN_ENV
 
 LOADERD_TOKEN_ENV = "HYDRASERVE_LOADERD_TOKEN"
 FUNCTION_NAMESPACES_ENV = "HYDRASERVE_FUNCTION_NAMESPACES"
+MODEL_ALLOWLIST_ENV = "HYDRASERVE_MODEL_ALLOWLIST"
 
 
 def served_namespaces(text: str) -> frozenset[str] | None:
@@ -48,6 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         default=served_namespaces(os.environ.get(FUNCTION_NAMESPACES_ENV, "default")),
                         help="comma-separated namespaces whose function pods it schedules, where its rights on "
                         f"pods and Secrets are bound; '*' for all (default: {FUNCTION_NAMESPACES_ENV} or 'default')")
+    parser.add_argument("--model-allowlist", default=os.environ.get(MODEL_ALLOWLIST_ENV, ""),
+                        help="the models each namespace may use: NAMESPACE=s3://bucket/prefix[,...] entries, one per "
+                        "line or ';'-separated; a pod naming another is refused with a Warning Event (default: "
+                        f"{MODEL_ALLOWLIST_ENV}; unset: any model in any served namespace)")
     parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     parser.set_defaults(func=run)
@@ -56,6 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kubernetes.client import CoordinationV1Api, CoreV1Api
 
+    from hydraserve.activator.knative.admission import ModelAllowlist
     from hydraserve.activator.knative.interceptor import Interceptor, InterceptorOptions
     from hydraserve.activator.knative.leader import LeaderElection
     from hydraserve.activator.knative.metrics import InterceptorMetrics
@@ -73,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     from hydraserve.weights.model_files import open_model
 
     configure_logging("interceptor")
+    try:
+        allowlist = ModelAllowlist.parse(args.model_allowlist)
+    except ValueError as exc:
+        print(f"hydraserve interceptor: --model-allowlist: {exc}", file=sys.stderr)
+        return 2
     placement_token = read_token(args.placement_token_file, PLACEMENT_TOKEN_ENV)
     loaderd_token = read_token(args.loaderd_token_file, LOADERD_TOKEN_ENV)
     service = PlacementService(args.policy)
@@ -92,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     def lead(lost: threading.Event) -> None:
         interceptor = Interceptor(core, service, feed, describe, InterceptorOptions(
             coldstart=ColdStartOptions(s3_endpoint_url=args.endpoint_url), control_namespace=args.namespace,
-            namespaces=args.function_namespaces), metrics)
+            namespaces=args.function_namespaces, model_allowlist=allowlist), metrics)
         metrics.leading.set(1)
         watcher = threading.Thread(target=interceptor.run, name="interceptor", daemon=True)
         watcher.start()

@@ -32,7 +32,7 @@ from hydraserve.embedded.aio_server import BackgroundAioServer
 from hydraserve.embedded.demo_model import push_directory
 from hydraserve.embedded.supervisor import StackSupervisor, SupervisedDaemon, SupervisedPool
 from hydraserve.errors import HydraError, TemporaryError
-from hydraserve.loaderd.registry import SEGMENT_PREFIX
+from hydraserve.loaderd.registry import node_segment_files, remove_if_empty
 from hydraserve.processes import ChildProcess, check_port_free, free_port, hydraserve_command
 from hydraserve.provider.embedded.local import LocalBackend, LocalNode
 from hydraserve.provider.embedded.process import NodeHost
@@ -189,12 +189,12 @@ class LocalStack:
             log.warning("removing leftover shared memory segment %s", path)
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            remove_if_empty(os.path.dirname(path))  # its model's directory, unless another node's segments are there
         if self._own_run_dir and not os.environ.get("HYDRASERVE_KEEP_RUN_DIR"):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def leftover_segments(self) -> list[str]:
-        return [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm")
-                if any(n.startswith(f"{SEGMENT_PREFIX}{node}-") for node in self.node_names)]
+        return [path for node in self.node_names for path in node_segment_files("/dev/shm", node)]
 
     @property
     def worker_settings(self) -> dict[str, object]:

@@ -1,5 +1,9 @@
 """The shared-memory segment format: one file under /dev/shm holding a group of tensors.
 
+Segments of one model live in a directory of their own under loaderd's root
+(``model_dir_name``), so a Kubernetes function pod mounts its own model's segments and no
+other's (provider/knative/service.py mounts exactly that directory).
+
 Written by loaderd (SegmentWriter) and by the runtime's direct-S3 path (the same writer over
 anonymous memory, filled by the same fetch engine); read by workers (SegmentReader: os.open +
 read-only mmap, never multiprocessing.SharedMemory, whose resource tracker would unlink the
@@ -24,6 +28,7 @@ take a zero-copy view. Complete segments are never written again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -33,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hydraserve.contracts.tensors import TensorEntry
+from hydraserve.weights.s3_uri import parse_s3_uri
 
 MAGIC = b"HSLDSEG1"
 VERSION = 1
@@ -41,6 +47,16 @@ STATE_FILLING, STATE_COMPLETE, STATE_FAILED = 0, 1, 2
 FLAG_PENDING, FLAG_READY, FLAG_FAILED = 0, 1, 2
 PAGE = 4096
 ALIGN = 64
+MODEL_DIR_PREFIX = "hydraserve-model-"
+
+
+def model_dir_name(model_uri: str) -> str:
+    """The directory (one path segment, under loaderd's root) holding a model's segments: a hash
+    of the validated, canonical URI (``s3://b/m`` and ``s3://b/m/`` are one model), so no name a
+    user writes can reach outside the root. Keyed on the URI, not the version: a function's pod
+    template is written (``kn hydra create``) before any version of its model is known."""
+    canonical = str(parse_s3_uri(model_uri))  # InvalidRequestError for anything that is no s3:// URI
+    return MODEL_DIR_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)

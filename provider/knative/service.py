@@ -11,9 +11,13 @@ What the Service carries, and why:
 - ``schedulerName: hydraserve-scheduler``: a new pod of the revision is the scale-from-zero
   event; our interceptor, not the default scheduler, binds it (Knative needs
   ``kubernetes.podspec-schedulername: enabled``);
-- the node's loaderd directory mounted read-only (a hostPath; Knative needs
-  ``kubernetes.podspec-volumes-hostpath: enabled`` and allows such mounts read-only only): the
-  worker will map loaderd's shared-memory segments from it;
+- its model's directory of the node's loaderd, and nothing else of it, mounted read-only at
+  the same path (a hostPath; Knative needs ``kubernetes.podspec-volumes-hostpath: enabled`` and
+  allows such mounts read-only only): the worker maps its model's shared-memory segments from
+  it and cannot see another model's. The directory is named from the model URI
+  (``model_dir_name``), known when the Service is written, before any version of the model is;
+  the interceptor refuses a pod that mounts more of loaderd's directory than this
+  (activator/knative/admission.py);
 - the pod's own annotations as files (the Downward API inside a projected volume, which
   Knative allows without a flag): the role the interceptor writes at bind time (stage, peers,
   layer range, full or partial) reaches the runtime there (``HYDRASERVE_ROLE_FILE``);
@@ -40,6 +44,8 @@ from hydraserve.contracts.pod import (
     worker_secret_name,
 )
 from hydraserve.contracts.worker import ENV_KEYS
+from hydraserve.errors import InvalidRequestError
+from hydraserve.weights.segment import model_dir_name
 
 ANNOTATION_PREFIX = "hydraserve.dev/"
 MODEL_ANNOTATION = ANNOTATION_PREFIX + "model"
@@ -92,6 +98,16 @@ class HydraService(FunctionConfig):
                              "(Knative adds pods, each a cold start the planner places)")
         return value
 
+    @field_validator("model_uri")
+    @classmethod
+    def _safe_uri(cls, value: str) -> str:
+        """A URI the S3 client takes (no '..', a valid bucket): its directory is named from it."""
+        try:
+            model_dir_name(value)
+        except InvalidRequestError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
     @field_validator("namespace")
     @classmethod
     def _dns_label(cls, value: str) -> str:
@@ -103,6 +119,23 @@ def worker_secret_env(function: str) -> list[dict[str, Any]]:
     pod's environment): the loaderd token. Optional: a pod starts without it (it reads S3 itself)."""
     return [{"name": ENV_KEYS["loaderd_token"], "valueFrom": {"secretKeyRef": {
         "name": worker_secret_name(function), "key": WORKER_SECRET_KEY, "optional": True}}}]
+
+
+def loaderd_model_dir(model_uri: str) -> str:
+    """The host directory holding the model's segments on every node (loaderd/registry.py)."""
+    return f"{LOADERD_HOST_DIR}/{model_dir_name(model_uri)}"
+
+
+def loaderd_volume(model_uri: str) -> dict[str, Any]:
+    """The pod's one view of loaderd: its model's directory (``Directory``: loaderd makes it, 0700
+    and its own, at the model's first prefetch on the node; a directory the kubelet made would be
+    root's, where loaderd could not write)."""
+    return {"name": "loaderd", "hostPath": {"path": loaderd_model_dir(model_uri), "type": "Directory"}}
+
+
+def loaderd_mount(model_uri: str) -> dict[str, Any]:
+    """Mounted where loaderd's segment paths say (the host path itself), read-only."""
+    return {"name": "loaderd", "mountPath": loaderd_model_dir(model_uri), "readOnly": True}
 
 
 def knative_service(fn: HydraService) -> dict[str, Any]:
@@ -133,7 +166,7 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
         "livenessProbe": LIVENESS_PROBE,  # a deadlocked worker is restarted (a failed one answers it)
         "resources": {"requests": {"cpu": fn.cpu, "memory": fn.memory}, "limits": limits},
         "volumeMounts": [
-            {"name": "loaderd", "mountPath": LOADERD_HOST_DIR, "readOnly": True},
+            loaderd_mount(fn.model_uri),
             {"name": "pod-info", "mountPath": ROLE_DIR, "readOnly": True},
         ],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
@@ -145,7 +178,7 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
         "timeoutSeconds": fn.timeout_s,
         "containers": [container],
         "volumes": [
-            {"name": "loaderd", "hostPath": {"path": LOADERD_HOST_DIR, "type": "Directory"}},
+            loaderd_volume(fn.model_uri),
             {"name": "pod-info", "projected": {"sources": [{"downwardAPI": {"items": [
                 {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
                 {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}}]}},

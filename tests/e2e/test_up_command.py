@@ -12,6 +12,7 @@ from pathlib import Path
 
 import requests
 
+from hydraserve.loaderd.registry import node_segment_files
 from hydraserve.processes import free_port
 
 
@@ -74,5 +75,5 @@ def test_up_serves_openai_and_cloudevents_then_stops_cleanly(tiny_llama_dir: Pat
         code = proc.wait(60)
         log.close()
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
-    leftovers = [n for n in os.listdir("/dev/shm") if any(n.startswith(f"hsld-{node}-") for node in nodes)]
+    leftovers = [path for node in nodes for path in node_segment_files("/dev/shm", node)]
     assert leftovers == [], "loaderd segments left behind by `hydraserve up`"

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException
 
+from hydraserve.activator.knative.admission import ModelAllowlist
 from hydraserve.activator.knative.interceptor import Interceptor, InterceptorOptions
 from hydraserve.activator.knative.nodes import ClusterFeed
 from hydraserve.activator.knative.pods import (
@@ -36,7 +37,12 @@ from hydraserve.contracts.timeline import Timeline
 from hydraserve.errors import TemporaryError
 from hydraserve.provider.coldstart import ColdStartOptions
 from hydraserve.provider.knative.kube import bind_pod
-from hydraserve.provider.knative.service import HydraService, knative_service
+from hydraserve.provider.knative.service import (
+    LOADERD_HOST_DIR,
+    HydraService,
+    knative_service,
+    loaderd_model_dir,
+)
 from hydraserve.provider.model_spec import describe_model
 from hydraserve.provider.service import PlacementService
 from hydraserve.weights.model_files import LocalModelFiles
@@ -47,11 +53,15 @@ LOADERD_TOKEN = "loaderd-admin-token-not-for-pods"
 
 
 def function_pod(cluster: Cluster, name: str, *, function: str = "chat", annotations: dict[str, str] | None = None,
-                 model: str = MODEL) -> dict[str, Any]:
-    """A pod of the function's revision, as Knative's Deployment makes it."""
+                 model: str = MODEL, host_path: str | None = None) -> dict[str, Any]:
+    """A pod of the function's revision, as Knative's Deployment makes it (``host_path``: a
+    revision someone wrote by hand, mounting that host path as its loaderd volume)."""
     service = knative_service(HydraService(name=function, namespace=cluster.namespace, model_uri=model))
     template = service["spec"]["template"]
     spec = json.loads(json.dumps(template["spec"]))
+    if host_path is not None:
+        [volume] = [v for v in spec["volumes"] if v["name"] == "loaderd"]
+        volume["hostPath"]["path"] = host_path
     spec.pop("timeoutSeconds", None)
     spec.pop("containerConcurrency", None)
     for probe in ("readinessProbe", "livenessProbe"):  # Knative fills the user port in (rewriteUser*Probe)
@@ -73,7 +83,7 @@ class Control:
 
     def __init__(self, cluster: Cluster, model_dir: Path, *, pipeline: int = 1, loaderd_port: int = 7070,
                  watching: bool = True, s3_endpoint_url: str | None = None,
-                 namespaces: frozenset[str] | None = None) -> None:
+                 namespaces: frozenset[str] | None = None, model_allowlist: ModelAllowlist | None = None) -> None:
         self.placement = PlacementService()
         self.feed = ClusterFeed(cluster.core, self.placement, loaderd_namespace=cluster.namespace,
                                 loaderd_token=LOADERD_TOKEN, loaderd_port=loaderd_port)
@@ -84,7 +94,7 @@ class Control:
 
         self.interceptor = Interceptor(cluster.core, self.placement, self.feed, describe, InterceptorOptions(
             coldstart=ColdStartOptions(ready_timeout_s=60, watch_s=0.05, s3_endpoint_url=s3_endpoint_url), retry_s=0.2, resync_s=1,
-            namespaces=namespaces))
+            namespaces=namespaces, model_allowlist=model_allowlist))
         self._thread = threading.Thread(target=self.interceptor.run, daemon=True)
         self._watching = watching
 
@@ -223,6 +233,67 @@ def test_pipeline_group_gets_helper_pods_owned_by_the_function_pod(cluster: Clus
     cluster.wait_for("helpers and services gone", lambda: not cluster.pods() and not
                      cluster.core.list_namespaced_service(cluster.namespace).items)
     cluster.wait_for("the plan released", lambda: group_control.active_plans() == 0)
+
+
+def test_a_groups_pods_mount_only_their_models_loaderd_directory(cluster: Cluster, group_control: Control) -> None:
+    """Not the node's whole loaderd directory: a pod can map its own model's segments only."""
+    function_pod(cluster, "chat-00001-deployment-mnt")
+    cluster.wait_for("the helper", lambda: cluster.pods(label_selector=f"{STAGE_LABEL}=1"))
+    [helper] = cluster.pods(label_selector=f"{STAGE_LABEL}=1")
+    head = cluster.core.read_namespaced_pod("chat-00001-deployment-mnt", cluster.namespace)
+    own = loaderd_model_dir(MODEL)
+    assert own.startswith(LOADERD_HOST_DIR + "/hydraserve-model-") and own != loaderd_model_dir("s3://models/other")
+    for pod in (head, helper):
+        assert [(v.host_path.path, v.host_path.type) for v in pod.spec.volumes if v.host_path] == [(own, "Directory")]
+        mounts = [m for m in pod.spec.containers[0].volume_mounts if m.name == "loaderd"]
+        assert [(m.mount_path, m.read_only) for m in mounts] == [(own, True)]
+
+
+@fake_only
+@pytest.mark.parametrize("host_path", [LOADERD_HOST_DIR, "/run/hydraserve", "/",
+                                       LOADERD_HOST_DIR + "/hydraserve-model-0123456789abcdef01234567",
+                                       LOADERD_HOST_DIR + "/../loaderd"])
+def test_a_pod_mounting_more_of_loaderd_than_its_model_is_refused_with_one_event(
+        cluster: Cluster, control: Control, host_path: str) -> None:
+    pod = function_pod(cluster, "chat-00001-deployment-wide", host_path=host_path)
+    cluster.wait_for("the refusal", lambda: control.cold_starts("invalid") == 1)
+    assert control.interceptor.wait_idle(10)
+    events = cluster.core.list_namespaced_event(
+        cluster.namespace, field_selector=f"involvedObject.name={pod['metadata']['name']}").items
+    assert [(e.reason, e.type) for e in events] == [("InvalidFunctionPod", "Warning")]
+    assert loaderd_model_dir(MODEL) in events[0].message
+    assert bound_node(cluster, pod["metadata"]["name"]) is None and control.active_plans() == 0
+    assert not cluster.core.list_namespaced_secret(cluster.namespace).items  # no token for it
+
+
+@fake_only
+def test_a_model_outside_its_namespaces_allowlist_gets_one_event_and_no_secret_or_prefetch(
+        cluster: Cluster, tiny_llama_dir: Path, s3_server: Any, shm_guard: str, tmp_path: Path) -> None:
+    from hydraserve.loaderd.client import LoaderClient
+
+    assert cluster.fake is not None
+    with node_with_loaderd(cluster, shm_guard, tiny_llama_dir, s3_server, tmp_path) as (daemon, model, port):
+        allowlist = ModelAllowlist.parse(f"{cluster.namespace}=s3://kube-models/allowed,s3://models/x\n"
+                                         "elsewhere=s3://kube-models")
+        assert allowlist is not None and allowlist.allows("elsewhere", model)
+        with Control(cluster, tiny_llama_dir, loaderd_port=port, s3_endpoint_url=s3_server.endpoint_url,
+                     model_allowlist=allowlist) as ctl:
+            pod = function_pod(cluster, "chat-00001-deployment-deny", model=model)
+            cluster.wait_for("the refusal", lambda: ctl.cold_starts("invalid") == 1)
+            handler = cluster.fake.handler
+            lists = handler.counts.get("LIST pods", 0)
+            cluster.wait_for("two more resyncs", lambda: handler.counts.get("LIST pods", 0) >= lists + 6, timeout_s=30)
+            assert ctl.interceptor.wait_idle(10)
+            events = cluster.core.list_namespaced_event(
+                cluster.namespace, field_selector=f"involvedObject.name={pod['metadata']['name']}").items
+            assert [(e.reason, e.type) for e in events] == [("InvalidFunctionPod", "Warning")]
+            assert model in events[0].message and "allowlist" in events[0].message
+            assert ctl.cold_starts("invalid") == 1 and ctl.active_plans() == 0
+            assert bound_node(cluster, pod["metadata"]["name"]) is None
+            assert not cluster.core.list_namespaced_secret(cluster.namespace).items  # no token, no Secret
+            loader = LoaderClient(daemon.url, LOADERD_TOKEN)
+            assert loader.status().segments == []  # nothing prefetched for it
+            loader.close()
 
 
 def control_groups(control: Control) -> bool:

@@ -3,11 +3,13 @@ its role; a process plays its kubelet (hydraserve/testing/fake_kubelet.py): the 
 command, environment (the worker Secret's scoped loaderd token included) and Downward API
 annotations file. The worker learns its role from that file, loads its weights from the node's
 real loaderd with a heartbeat lease, turns /readyz true, serves a completion; the interceptor
-records its start-up in the pod's timeline; deleting the pod leaves no lease behind."""
+records its start-up in the pod's timeline (the segments it mapped are all in the one
+directory of loaderd its pod mounts: its model's); deleting the pod leaves no lease behind."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import requests
 from hydraserve.contracts.pod import ROLE_ANNOTATION, TIMELINE_ANNOTATION
 from hydraserve.contracts.timeline import Timeline
 from hydraserve.loaderd.client import LoaderClient
+from hydraserve.provider.knative.service import LOADERD_HOST_DIR, loaderd_model_dir
 from hydraserve.testing.fake_kubelet import ProcessKubelet
 from tests.kube.conftest import Cluster, fake_only
 from tests.kube.test_interceptor import LOADERD_TOKEN, Control, bound_node, function_pod, node_with_loaderd
@@ -42,7 +45,15 @@ def test_a_function_pod_learns_its_role_loads_through_loaderd_and_serves(
                 done = requests.post(f"http://{POD_IP}:8080/v1/completions", timeout=60,
                                      json={"model": "chat", "prompt": "Hello", "max_tokens": 4})
                 assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 4
-                assert loader.status().segments  # the weights came through the node's loaderd, which keeps them
+                segments = loader.status().segments
+                assert segments  # the weights came through the node's loaderd, which keeps them
+                # ... all from the one directory the pod mounts (this loaderd's root is /dev/shm,
+                # the node's is LOADERD_HOST_DIR: the same directory below either)
+                bound = cluster.core.read_namespaced_pod("chat-00001-deployment-run", cluster.namespace)
+                [mounted] = [v.host_path.path for v in bound.spec.volumes if v.host_path]
+                assert mounted == loaderd_model_dir(model)
+                assert {os.path.relpath(os.path.dirname(s.path), "/dev/shm") for s in segments} == {
+                    os.path.relpath(mounted, LOADERD_HOST_DIR)}
                 cluster.wait_for("the timeline recorded", lambda: TIMELINE_ANNOTATION in (cluster.core.read_namespaced_pod(
                     "chat-00001-deployment-run", cluster.namespace).metadata.annotations or {}), timeout_s=30)
                 raw = cluster.core.read_namespaced_pod("chat-00001-deployment-run", cluster.namespace) \

@@ -15,6 +15,7 @@ from hydraserve.contracts.loader import AttachRequest, PrefetchRequest
 from hydraserve.errors import ForbiddenError, InvalidRequestError, NotFoundError, UnreachableError
 from hydraserve.loaderd.client import LoaderClient
 from hydraserve.loaderd.daemon import LoaderDaemon
+from hydraserve.loaderd.registry import node_segment_files
 from hydraserve.loaderd.service import LoaderConfig
 from hydraserve.runtime.loader_files import LoaderModelFiles
 from hydraserve.weights.tensor_sources import tensor_source
@@ -35,7 +36,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoaderDaemon]:
     d.root = root  # type: ignore[attr-defined]
     yield d
     d.stop()
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"hsld-{node}-")]
+    assert not node_segment_files("/dev/shm", node)
 
 
 def _post(d: LoaderDaemon, path: str, body: object, token: str = TOKEN) -> requests.Response:

@@ -40,10 +40,10 @@ def layout(name: str, nbytes: int):  # type: ignore[no-untyped-def]
 def test_a_segment_the_tmpfs_cannot_hold_is_refused_not_a_sigbus(small_tmpfs: Path) -> None:
     registry = Registry("node0", 64 * MIB, shm_dir=str(small_tmpfs))  # the budget says 64 MiB fit
     first = layout("a", 5 * MIB)
-    _lease, _segs, created = registry.acquire("s3://m/a", "key-a", [("seg-a", 0, "g0", first)], pin_s=60, pid=None)
+    _lease, _segs, created = registry.acquire("s3://models/a", "key-a", [("seg-a", 0, "g0", first)], pin_s=60, pid=None)
     with pytest.raises(OverloadedError, match="has room for"):  # 5 MiB not yet written count as taken
-        registry.acquire("s3://m/b", "key-b", [("seg-b", 0, "g0", layout("b", 5 * MIB))], pin_s=60, pid=None)
+        registry.acquire("s3://models/b", "key-b", [("seg-b", 0, "g0", layout("b", 5 * MIB))], pin_s=60, pid=None)
     created[0].writer.write(first.data_offset, b"\x01" * (5 * MIB))  # fills without a SIGBUS
     small = layout("c", 1 * MIB)
-    registry.acquire("s3://m/c", "key-c", [("seg-c", 0, "g0", small)], pin_s=60, pid=None)  # what fits still does
+    registry.acquire("s3://models/c", "key-c", [("seg-c", 0, "g0", small)], pin_s=60, pid=None)  # what fits still does
     registry.close()

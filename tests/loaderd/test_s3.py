@@ -35,6 +35,7 @@ from hydraserve.weights.local import LocalTensorSource
 from hydraserve.weights.push import push_model
 from hydraserve.weights.segment import SegmentFailedError, SegmentReader
 from hydraserve.weights.tensor_sources import tensor_source
+from tests.conftest import remove_node_segments
 
 from .conftest import llama_like, write_model
 
@@ -436,9 +437,7 @@ def test_worker_learns_when_the_daemon_dies_mid_fetch(s3_server: Any, models: di
         if not s3_server.running:
             s3_server.start()
         d.stop()
-        for f in os.listdir("/dev/shm"):  # a SIGKILLed daemon cannot unlink (its next start would)
-            if f.startswith(f"hsld-{shm_guard}-"):
-                os.unlink(os.path.join("/dev/shm", f))
+        remove_node_segments(shm_guard)  # a SIGKILLed daemon cannot unlink (its next start would)
 
 
 def test_one_resolution_per_model_version_and_one_head_per_lease_not_a_list_per_call(

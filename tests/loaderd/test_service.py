@@ -5,8 +5,10 @@ and the same fetch engine (S3 itself runs in test_s3)."""
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from hydraserve.contracts.stage import StageSpec
 from hydraserve.contracts.tensors import TensorEntry
 from hydraserve.errors import InvalidRequestError, NotFoundError, OverloadedError
 from hydraserve.loaderd.service import LoaderConfig, LoaderService
-from hydraserve.weights.segment import SegmentFailedError, SegmentReader
+from hydraserve.weights.segment import SegmentFailedError, SegmentReader, model_dir_name
 
 from .conftest import LocalStore, LocalStores, llama_like, write_manifest, write_model
 
@@ -467,3 +469,38 @@ def test_stale_segments_of_a_crashed_run_are_removed(shm_guard: str, model_dir: 
     finally:
         n.service.close()
     assert not os.path.exists(f"/dev/shm/hsld-{shm_guard}.lock")
+
+
+def test_each_models_segments_land_in_a_directory_of_their_own(node: Node, model_dir: Path, tmp_path: Path) -> None:
+    """What a Kubernetes function pod mounts is its model's directory: no segment of another
+    model is there. The directories are the daemon's own (0700) and go when it closes."""
+    other = f"s3://bucket/other-{uuid.uuid4().hex[:8]}"
+    node.add(other, write_model(tmp_path / "other", llama_like(layers=2, seed=1)))
+    mine = node.service.prefetch(PrefetchRequest(model_uri=URI))
+    theirs = node.service.prefetch(PrefetchRequest(model_uri=other))
+    dirs = {uri: {os.path.dirname(s.path) for s in lease.segments} for uri, lease in ((URI, mine), (other, theirs))}
+    assert dirs == {URI: {f"/dev/shm/{model_dir_name(URI)}"}, other: {f"/dev/shm/{model_dir_name(other)}"}}
+    assert model_dir_name(URI + "/") == model_dir_name(URI)  # one model, however its URI is written
+    for [directory] in dirs.values():
+        st = os.lstat(directory)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    wait_done(node.service)
+    node.service.close()
+    assert not any(os.path.exists(d) for [d] in dirs.values())
+
+
+def test_a_model_directory_that_is_not_the_daemons_own_is_not_used(node: Node, tmp_path: Path) -> None:
+    """In a shared /dev/shm another user could make a model's directory (or a symlink) first, to
+    read or replace its segments: the daemon refuses to put segments there."""
+    uri = f"s3://bucket/planted-{uuid.uuid4().hex[:8]}"
+    node.add(uri, write_model(tmp_path / "planted", llama_like(layers=2)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    planted = f"/dev/shm/{model_dir_name(uri)}"
+    os.symlink(elsewhere, planted)
+    try:
+        with pytest.raises(InvalidRequestError, match="not a directory of this daemon's own"):
+            node.service.prefetch(PrefetchRequest(model_uri=uri))
+        assert list(elsewhere.iterdir()) == [] and not node.service.registry.segments
+    finally:
+        os.unlink(planted)

@@ -78,11 +78,11 @@ def test_only_the_gpu_image_asks_for_a_gpu() -> None:
     )
 
     for gpus, image in ((0, DEFAULT_IMAGE), (2, DEFAULT_GPU_IMAGE)):
-        container = knative_service(HydraService(name="f", model_uri="s3://m/x", gpus=gpus))["spec"]["template"][
+        container = knative_service(HydraService(name="f", model_uri="s3://models/x", gpus=gpus))["spec"]["template"][
             "spec"]["containers"][0]
         assert container["image"] == image
         assert container["resources"]["limits"].get("nvidia.com/gpu") == (str(gpus) if gpus else None)
-    mine = HydraService(name="f", model_uri="s3://m/x", gpus=0, image="registry/mine:1")
+    mine = HydraService(name="f", model_uri="s3://models/x", gpus=0, image="registry/mine:1")
     assert mine.image == "registry/mine:1"  # an image named is the user's
 
 
@@ -93,7 +93,7 @@ def test_the_settings_reach_the_annotations_and_the_interceptor_reads_them_back(
 
     for flags, ttft, idle in (([], setting_default("ttft_slo_s"), setting_default("idle_timeout_s")),
                               (["--ttft-slo", "7500ms", "--idle-timeout", "2m"], 7.5, 120.0)):
-        done = kn_hydra("create", "fn", "--model", "s3://m/x", "--tpot-slo", "0.05", *flags, "--dry-run", "-o", "json")
+        done = kn_hydra("create", "fn", "--model", "s3://models/x", "--tpot-slo", "0.05", *flags, "--dry-run", "-o", "json")
         assert done.returncode == 0, done.stderr
         template = json.loads(done.stdout)["spec"]["template"]
         notes = template["metadata"]["annotations"]
@@ -130,11 +130,12 @@ def test_the_rules_refuse_what_the_webhook_would(service: dict[str, Any], edit: 
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["create", "Bad_Name", "--model", "s3://m/x", "--dry-run"], "invalid function name"),
+    (["create", "Bad_Name", "--model", "s3://models/x", "--dry-run"], "invalid function name"),
     (["create", "ok", "--model", "/local/dir", "--dry-run"], "model_uri"),
-    (["create", "ok", "--model", "s3://m/x", "--gpu", "-1", "--dry-run"], "gpus"),
-    (["create", "ok", "--model", "s3://m/x", "--timeout", "20m", "--dry-run"], "timeout_s"),
-    (["create", "ok", "--model", "s3://m/x", "--ttft-slo", "soon", "--dry-run"], "not a duration"),
+    (["create", "ok", "--model", "s3://models/../secret", "--dry-run"], "path traversal"),  # names its directory
+    (["create", "ok", "--model", "s3://models/x", "--gpu", "-1", "--dry-run"], "gpus"),
+    (["create", "ok", "--model", "s3://models/x", "--timeout", "20m", "--dry-run"], "timeout_s"),
+    (["create", "ok", "--model", "s3://models/x", "--ttft-slo", "soon", "--dry-run"], "not a duration"),
 ])
 def test_bad_flags_are_refused_with_a_clear_message(args: list[str], message: str) -> None:
     done = kn_hydra(*args)
@@ -144,7 +145,7 @@ def test_bad_flags_are_refused_with_a_clear_message(args: list[str], message: st
 def test_verbs_that_need_a_cluster_say_so_without_one(tmp_path: Path) -> None:
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "none"), "HOME": str(tmp_path)}
     for args in (["list"], ["describe", "llama"], ["delete", "llama"],
-                 ["create", "llama", "--model", "s3://m/x"]):
+                 ["create", "llama", "--model", "s3://models/x"]):
         done = kn_hydra(*args, env=env)
         assert done.returncode == 1 and "no cluster to talk to" in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr

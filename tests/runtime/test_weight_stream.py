@@ -29,6 +29,7 @@ from hydraserve.processes import free_port
 from hydraserve.runtime.loader_files import LoaderModelFiles
 from hydraserve.runtime.serving.weight_stream import stream_weights
 from hydraserve.weights.local import LocalTensorSource
+from tests.conftest import remove_node_segments
 from tests.loaderd.conftest import LocalStores, llama_like, write_manifest, write_model
 from tests.loaderd.test_s3 import push
 
@@ -135,9 +136,7 @@ def test_loaderd_killed_mid_fetch_the_rest_comes_from_s3(s3_server: Any, model_d
         assert timeline.events[-1].detail["via"] == "loaderd+s3"
     finally:
         d.stop()
-        for f in os.listdir("/dev/shm"):  # a SIGKILLed daemon cannot unlink (its next start would)
-            if f.startswith(f"hsld-{shm_guard}-"):
-                os.unlink(os.path.join("/dev/shm", f))
+        remove_node_segments(shm_guard)  # a SIGKILLed daemon cannot unlink (its next start would)
 
 
 def test_a_truncated_segment_is_refused_naming_it(model_dir: Path, shm_guard: str) -> None:
