@@ -12,8 +12,8 @@ client maps errors the same way.
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import requests

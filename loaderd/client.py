@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from hydraserve.auth import NodeKeys, mint_peer_token
 from hydraserve.contracts.loader import (
     AttachRequest,
     LeaseResponse,
@@ -17,7 +18,6 @@ from hydraserve.contracts.loader import (
     ReleaseRequest,
     ReleaseResponse,
 )
-from hydraserve.auth import NodeKeys, mint_peer_token
 from hydraserve.errors import IntegrityError
 from hydraserve.http_client import ServiceClient
 

@@ -88,7 +88,7 @@ class _Recorder(http.server.ThreadingHTTPServer):
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 auth = self.headers.get("Authorization", "")
                 recorder.seen.append(auth)
                 resp = requests.get(recorder.target + self.path, headers={"Authorization": auth} if auth else {},
