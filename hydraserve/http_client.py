@@ -1,7 +1,8 @@
 """One HTTP client for the platform's internal JSON APIs (loaderd, the placement service, a
 node's warm pool over its Unix socket).
 
-A requests.Session to one service, with its bearer token on every call. Nothing listening is
+A requests.Session to one service, with its bearer token on every call (a string, or a callable
+asked before each call: a token that is renewed while the client lives, hydraserve.auth.TokenFile). Nothing listening is
 NotListeningError (the request never arrived); a request sent with no answer back is
 UnreachableError (it may have been carried out); both are retryable. An error response becomes
 the very HydraError class the server raised (hydraserve.errors.error_from_response), so every
@@ -11,6 +12,7 @@ client maps errors the same way.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +26,23 @@ from hydraserve.errors import NotListeningError, UnreachableError, error_from_re
 class ServiceClient:
     """``ServiceClient("loaderd", "http://127.0.0.1:7070", token)``; thread-safe for requests."""
 
-    def __init__(self, service: str, base_url: str, token: str | None = None, *, timeout_s: float = 30.0,
-                 session: requests.Session | None = None) -> None:
+    def __init__(self, service: str, base_url: str, token: str | Callable[[], str] | None = None, *,
+                 timeout_s: float = 30.0, session: requests.Session | None = None) -> None:
         self.service = service
         self.url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token = token
+
+    def _headers(self) -> dict[str, str]:
+        token = self._token() if callable(self._token) else self._token
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
                 timeout_s: float | None = None) -> requests.Response:
         """The 2xx response; raises NotListeningError, UnreachableError or the server's error."""
         try:
-            resp = self.session.request(method, self.url + path, json=json, params=params, headers=self._headers,
+            resp = self.session.request(method, self.url + path, json=json, params=params, headers=self._headers(),
                                         timeout=timeout_s or self.timeout_s)
         except (requests.ConnectionError, requests.Timeout) as exc:
             never_arrived = isinstance(exc, requests.ConnectTimeout) or _refused(exc)

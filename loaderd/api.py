@@ -1,9 +1,10 @@
 """loaderd's local HTTP API (Flask app; served by hydraserve.loaderd.daemon with waitress).
 
 Every /v1 route needs ``Authorization: Bearer <token>``; /healthz and /metrics do not (they
-reveal nothing but counters). The daemon's own token may do everything; a worker's token
-(hydraserve.auth, signed with it) may only read its own model (index, file, attach) and release
-its own leases (and renew its heartbeat leases). A lease tied to a pid must be tied to the
+reveal nothing but counters). The daemon's own token (its node's admin token, hydraserve.auth)
+may do everything; a worker's token (signed for this node, not expired) may only read its own
+model (index, file, attach) and release its own leases (and renew its heartbeat leases); a peer
+daemon's token only reads byte ranges (/v1/range). A lease tied to a pid must be tied to the
 caller's own process (loaderd.peer); a worker in another PID namespace (a pod) takes a heartbeat
 lease instead. Bodies are the pydantic models of hydraserve.contracts.loader;
 errors come back in the OpenAI error shape from hydraserve.http_errors. docs/LOADERD.md lists
@@ -15,7 +16,7 @@ from __future__ import annotations
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from hydraserve.auth import Principal, admin_or_scoped, install_bearer_auth
+from hydraserve.auth import NodeKeys, Principal, install_bearer_auth, loaderd_authenticator
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest, ReleaseRequest
 from hydraserve.errors import ForbiddenError, InvalidRequestError
 from hydraserve.http_errors import install_error_handlers
@@ -33,13 +34,19 @@ def _int_arg(name: str) -> int:
     return int(raw)
 
 
-def create_app(service: LoaderService, token: str) -> Flask:
-    """The Flask app over one LoaderService, checking ``token`` (or a worker token it signed)
-    on every route but /healthz and /metrics."""
+def create_app(service: LoaderService, keys: NodeKeys) -> Flask:
+    """The Flask app over one LoaderService, checking the node's ``keys`` (its admin token, a
+    worker token signed for it, a peer token for it) on every route but /healthz and /metrics."""
     app = Flask("hydraserve.loaderd")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     install_error_handlers(app)
-    install_bearer_auth(app, admin_or_scoped(token))
+    install_bearer_auth(app, loaderd_authenticator(keys, service.registry.clock))
+
+    @app.before_request
+    def _peers_read_ranges_only() -> None:
+        principal: Principal | None = g.get("principal")
+        if principal is not None and principal.peer and request.path != "/v1/range":
+            raise ForbiddenError("a peer token may only read byte ranges (/v1/range)")
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -59,7 +66,7 @@ def create_app(service: LoaderService, token: str) -> Flask:
         req = json_body(AttachRequest)
         _may_read(req.model_uri)
         if not _caller().admin:
-            if req.peers:  # the daemon would send its own token to them
+            if req.peers:  # the daemon would call out to them with its peer credential
                 raise ForbiddenError("a worker's token may not name peers", param="peers")
             if req.pid is None and req.heartbeat_s is None:  # else the lease would outlive the worker
                 raise ForbiddenError("a worker's lease must name its pid or a heartbeat", param="pid")
@@ -102,7 +109,8 @@ def create_app(service: LoaderService, token: str) -> Flask:
 
     @app.get("/v1/range")
     def read_range() -> Response:
-        _admin()
+        if not _caller().peer:
+            _admin()
         model_key = request.args.get("model_key", "")
         file = request.args.get("file", "")
         if not model_key or not file:

@@ -5,7 +5,10 @@ as the daemon raised them (hydraserve.http_client); no daemon answering is Unrea
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
+from hydraserve.auth import NodeKeys, mint_peer_token
 from hydraserve.contracts.loader import (
     AttachRequest,
     LeaseResponse,
@@ -20,14 +23,20 @@ from hydraserve.http_client import ServiceClient
 
 
 class LoaderClient:
-    """Calls one loaderd: ``LoaderClient("http://127.0.0.1:7070", token)``."""
+    """Calls one loaderd: ``LoaderClient("http://127.0.0.1:7070", token)`` (``token`` a string, or
+    a callable asked before each call: a renewed worker token, a peer token minted per read)."""
 
-    def __init__(self, url: str, token: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, token: str | Callable[[], str], *, timeout_s: float = 30.0) -> None:
         self._http = ServiceClient("loaderd", url, token, timeout_s=timeout_s)
         self.url = self._http.url
 
     def healthy(self) -> bool:
         return self._http.healthy()
+
+    def node_name(self) -> str:
+        """The node the daemon says it serves (its /healthz: no token asked or sent)."""
+        return str(ServiceClient("loaderd", self.url, timeout_s=self._http.timeout_s).request("GET", "/healthz")
+                   .json().get("node", ""))
 
     def prefetch(self, req: PrefetchRequest) -> LeaseResponse:
         """Start fetching a slice; returns its lease (pinned ``req.pin_s`` seconds) at once."""
@@ -72,16 +81,25 @@ class LoaderClient:
 
 class PeerReader:
     """RangeReader over another node's loaderd (tried before S3 when a prefetch names peers;
-    never retried: the fetch engine moves on to the next source)."""
+    never retried: the fetch engine moves on to the next source). Each read carries a peer token
+    minted for that holder's node (asked of its /healthz once), good there for ranges only and
+    for a minute: the reading daemon's admin token never leaves it."""
 
     kind = "peer"
 
-    def __init__(self, url: str, token: str, model_key: str) -> None:
+    def __init__(self, url: str, keys: NodeKeys, model_key: str, clock: Callable[[], float] = time.time) -> None:
         self.label = url
-        self._client = LoaderClient(url, token, timeout_s=30)
+        self._keys, self._clock = keys, clock
+        self._holder = ""
+        self._client = LoaderClient(url, self._token, timeout_s=30)
         self._model_key = model_key
 
+    def _token(self) -> str:
+        return mint_peer_token(self._keys, self._holder, self._clock()) if self._holder else ""
+
     def read(self, file: str, start: int, end: int, cancel: threading.Event | None = None) -> bytes:
+        if not self._holder:
+            self._holder = self._client.node_name()
         return self._client.read_range(self._model_key, file, start, end)
 
     def read_into(self, file: str, start: int, out: memoryview, cancel: threading.Event | None = None) -> None:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydraserve.auth import NodeKeys, node_admin_token
 from hydraserve.http_server import DrainingServer
 from hydraserve.loaderd.api import create_app
 from hydraserve.loaderd.client import LoaderClient, PeerReader
@@ -20,20 +21,23 @@ from hydraserve.processes import ChildProcess, hydraserve_command
 from hydraserve.weights.fetch import RangeReader
 
 
-def peer_factory(token: str) -> PeerFactory:
+def peer_factory(keys: NodeKeys) -> PeerFactory:
     def make(url: str, model_key: str) -> RangeReader:
-        return PeerReader(url, token, model_key)
+        return PeerReader(url, keys, model_key)
     return make
 
 
 class LoaderDaemon:
-    """One node's daemon in this process: ``with LoaderDaemon(config, token) as d: d.url``."""
+    """One node's daemon in this process: ``with LoaderDaemon(config, secret) as d: d.url``.
+    ``secret`` is the install's loaderd secret; the daemon answers its node's keys derived from
+    it (hydraserve.auth.NodeKeys), and ``token`` is its node's admin token."""
 
-    def __init__(self, config: LoaderConfig, token: str, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, config: LoaderConfig, secret: str, *, host: str = "127.0.0.1", port: int = 0,
                  open_model: Opener | None = None) -> None:
-        self.token = token
-        self.service = LoaderService(config, open_model=open_model, peer_source=peer_factory(token))
-        self.server = DrainingServer(create_app(self.service, token), host, port, threads=16)
+        keys = NodeKeys.derive(secret, config.node_name)
+        self.token = keys.admin
+        self.service = LoaderService(config, open_model=open_model, peer_source=peer_factory(keys))
+        self.server = DrainingServer(create_app(self.service, keys), host, port, threads=16)
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="loaderd-reaper", daemon=True)
 
@@ -85,12 +89,14 @@ def spawn_loaderd(*, port: int, node_name: str, budget_bytes: int, token: str, t
                   endpoint_url: str | None = None, extra_args: Sequence[str] = (),
                   prefix: Sequence[str] = (), env: dict[str, str] | None = None,
                   log_path: Path | None = None, wait_s: float = 30.0) -> DaemonProcess:
-    """Run `hydraserve loaderd` (after ``prefix``, e.g. ``ip netns exec NS``) and wait for it."""
+    """Run `hydraserve loaderd` (after ``prefix``, e.g. ``ip netns exec NS``) and wait for it.
+    ``token`` is the install's loaderd secret (in ``token_file``); the process's client uses the
+    node's admin token derived from it."""
     args = ["loaderd", "--host", host, "--port", str(port), "--token-file", str(token_file),
             "--budget-bytes", str(budget_bytes), "--node-name", node_name, *extra_args]
     if endpoint_url:
         args += ["--endpoint-url", endpoint_url]
     daemon = DaemonProcess([*prefix, *hydraserve_command(*args)], f"http://{connect_host or host}:{port}",
-                           token, log_path, env)
+                           node_admin_token(token, node_name), log_path, env)
     daemon.wait_healthy(daemon.url + "/healthz", wait_s)
     return daemon

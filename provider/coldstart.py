@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from hydraserve.auth import mint_scoped_token
+from hydraserve.auth import mint_worker_token
 from hydraserve.contracts.plan import (
     FunctionSpec,
     Plan,
@@ -90,6 +90,10 @@ class ColdStartOptions:
     watch_s: float = 0.2  # how often a group's head is asked whether it consolidated
     max_pipeline_size: int = MAX_PIPELINE_SIZE  # the planner picks p up to this
     worker: Mapping[str, object] = field(default_factory=dict)  # more WorkerEnvironment fields
+    # A worker token in a worker's environment is never renewed: it covers the start-up, when a
+    # worker reads its files and attaches (its leases are tied to its pid afterwards). On
+    # Kubernetes pods take theirs from the function's worker Secret, which the interceptor renews.
+    worker_token_ttl_s: float = 24 * 3600.0
 
 
 class ColdStart:
@@ -312,8 +316,8 @@ class ColdStart:
             "spawned_at": time.time(), **self.options.worker,
         }
         if self.options.prefetch and node.loaderd_url:  # the worker's own token: its model, its leases, not the node's
-            token = mint_scoped_token(node.loaderd_token, subject=f"{plan.instance_id}/{st.stage.index}",
-                                      model_uri=plan.model_uri)
+            token = mint_worker_token({node.name: node.loaderd_token}, subject=f"{plan.instance_id}/{st.stage.index}",
+                                      model_uri=plan.model_uri, expires_at=time.time() + self.options.worker_token_ttl_s)
             values |= {"loaderd_url": node.loaderd_url, "loaderd_token": token}
         return WorkerEnvironment.model_validate(values)
 

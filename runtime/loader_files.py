@@ -40,7 +40,8 @@ STARTUP_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "gene
 class LoaderModelFiles(ModelFiles):
     """The files of one s3:// model as this node's loaderd serves them."""
 
-    def __init__(self, model_uri: str, loader_url: str, token: str, *, endpoint_url: str | None = None,
+    def __init__(self, model_uri: str, loader_url: str, token: str | Callable[[], str], *,
+                 endpoint_url: str | None = None,
                  s3_retry_budget_s: float | None = None,
                  on_fallback: Callable[[str], None] | None = None, heartbeat: bool = False) -> None:
         self.uri = model_uri

@@ -30,7 +30,11 @@ def open_files(settings: WorkerEnvironment, timeline: Timeline) -> ModelFiles:
         def fell_back(reason: str) -> None:
             timeline.mark(Moment.LOADERD_FALLBACK, reason=reason)
 
-        token = settings.loaderd_token.get_secret_value() if settings.loaderd_token else ""
+        from hydraserve.auth import TokenFile
+
+        # A pod's token file is re-read when renewed: it serves for days, its heartbeats with it.
+        token: str | TokenFile = (TokenFile(settings.loaderd_token_file) if settings.loaderd_token_file else
+                                  settings.loaderd_token.get_secret_value() if settings.loaderd_token else "")
         return LoaderModelFiles(settings.model_uri, settings.loaderd_url, token,
                                 endpoint_url=settings.s3_endpoint_url, s3_retry_budget_s=settings.s3_retry_budget_s,
                                 on_fallback=fell_back, heartbeat=settings.loaderd_lease == "heartbeat")

@@ -44,6 +44,7 @@ from hydraserve.activator.knative.admission import ModelAllowlist, admission_pro
 from hydraserve.activator.knative.metrics import InterceptorMetrics
 from hydraserve.activator.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
 from hydraserve.activator.knative.pods import (
+    WORKER_TOKEN_TTL_S,
     ForeignSecretError,
     PodLauncher,
     ensure_worker_secret,
@@ -102,6 +103,7 @@ class InterceptorOptions:
     control_namespace: str = "hydraserve-system"  # the control plane's (its function NetworkPolicies admit it)
     namespaces: frozenset[str] | None = None  # the function namespaces it serves (None: all); its RBAC is bound there
     model_allowlist: ModelAllowlist | None = None  # the models each namespace may use (None: any)
+    worker_token_ttl_s: float = WORKER_TOKEN_TTL_S  # a worker Secret's token lives this long, renewed at half
 
 
 @dataclass
@@ -109,6 +111,7 @@ class _Start:
     """One function pod we are bringing up or serving."""
 
     pod: dict[str, Any]
+    function: FunctionConfig | None = None
     launcher: PodLauncher | None = None
     coldstart: ColdStart | None = None
     group: Group | None = None
@@ -127,6 +130,7 @@ class Interceptor:
         self.metrics = metrics or InterceptorMetrics()
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
+        self._secret_lock = threading.Lock()  # worker Secrets: read, then replaced at their resourceVersion
         self._starts: dict[str, _Start] = {}  # function pod uid ->
         self._skipped: set[str] = set()  # uids of pods not to act on: invalid ones (told once), other namespaces
         self._specs: dict[str, FunctionSpec] = {}
@@ -177,6 +181,7 @@ class Interceptor:
             self._skipped &= present  # deleted while no watch ran
         for pod in missed:  # deleted while no watch ran (a resync, a 410): as if the watch had said so
             self.observe("DELETED", pod)
+        self._renew_worker_secrets()
         return str(pods.metadata.resource_version or "")
 
     def _watch(self, version: str, stop: threading.Event) -> None:
@@ -303,6 +308,7 @@ class Interceptor:
         except (ValueError, ValidationError, HydraError) as exc:
             self._mark_skipped(start, str(exc))
             return
+        start.function = function
         self._prepare_function(pod, function)
         exclude: list[str] = []
         failures = 0
@@ -314,7 +320,7 @@ class Interceptor:
             start.launcher, start.coldstart = launcher, coldstart
             try:
                 group = coldstart.run(spec, timeline, revision=(pod["metadata"].get("labels") or {}).get(
-                    REVISION_LABEL, ""), exclude_nodes=exclude, on_plan=launcher.use_plan)
+                    REVISION_LABEL, ""), exclude_nodes=exclude, on_plan=self._on_plan(start, launcher))
             except ConflictError as exc:  # bound already: by an earlier attempt or incarnation
                 log.info("pod %s: %s", name, exc.message)
                 self.metrics.cold_starts.labels("conflict").inc()
@@ -371,18 +377,50 @@ class Interceptor:
         pod_event(self._core, start.pod, "InvalidFunctionPod", f"{SCHEDULER_NAME} cannot start this pod: {reason}")
         self._forget(start)
 
-    def _prepare_function(self, pod: dict[str, Any], function: FunctionConfig) -> None:
-        """The function's worker Secret and NetworkPolicy in its namespace. Neither failing stops
-        the cold start: its workers read S3 themselves (the token is optional), and a policy
-        missing leaves the namespace as open as it was."""
+    def _on_plan(self, start: _Start, launcher: PodLauncher) -> Callable[[Plan], None]:
+        def planned(plan: Plan) -> None:
+            launcher.use_plan(plan)
+            self._worker_secret(start)  # a token for the plan's nodes before any of its pods starts
+        return planned
+
+    def _worker_secret(self, start: _Start) -> None:
+        """The function's worker Secret, with a token for every node its pods are planned on (of
+        every pod of the function we watch), renewed when due. Failing does not stop the cold
+        start: its workers read S3 themselves (the token is optional)."""
+        pod, function = start.pod, start.function
         namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        if function is None:
+            return
+        with self._lock:
+            nodes = {st.node for s in self._starts.values() if s.function is not None
+                     and s.function.name == function.name and s.pod["metadata"]["namespace"] == namespace
+                     and s.launcher is not None and s.launcher.plan is not None for st in s.launcher.plan.stages}
+        if not nodes:
+            return
         try:
-            ensure_worker_secret(self._core, namespace, function.name, function.model_uri, self._feed.loaderd_token)
+            with self._secret_lock:
+                ensure_worker_secret(self._core, namespace, function.name, function.model_uri,
+                                     self._feed.loaderd_token, nodes, ttl_s=self.options.worker_token_ttl_s)
         except ForeignSecretError as exc:  # someone's own Secret: refused, and told where they look
             log.warning("pod %s/%s: %s", namespace, name, exc.message)
             pod_event(self._core, pod, "WorkerSecretNotOurs", exc.message)
         except HydraError as exc:
             log.warning("pod %s/%s: no worker secret (%s)", namespace, name, exc.message)
+
+    def _renew_worker_secrets(self) -> None:
+        """Every resync: each served function's worker token renewed well before it expires (a
+        Secret not due is only read)."""
+        with self._lock:
+            starts = {(s.pod["metadata"]["namespace"], s.function.name): s for s in self._starts.values()
+                      if s.function is not None and s.launcher is not None and s.launcher.plan is not None}
+        for start in starts.values():
+            self._worker_secret(start)
+
+    def _prepare_function(self, pod: dict[str, Any], function: FunctionConfig) -> None:
+        """The function's NetworkPolicy in its namespace (its worker Secret comes with its plan:
+        the token names the plan's nodes). Failing does not stop the cold start: a policy
+        missing leaves the namespace as open as it was."""
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         try:
             ensure_network_policy(NetworkingV1Api(self._core.api_client), namespace, function.name,
                                   self.options.control_namespace)
@@ -408,6 +446,10 @@ class Interceptor:
         memory is counted from its pods' annotations, not re-reserved)."""
         plan = plan_of_pod(start.pod)
         assert plan is not None
+        try:
+            start.function = function_of(start.pod)  # its worker Secret is renewed from now on
+        except (ValueError, ValidationError, HydraError):
+            start.function = None
         launcher = PodLauncher(self._core, start.pod, cancel=self._stop)
         try:
             workers = launcher.adopt(plan)

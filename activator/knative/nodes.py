@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client import ApiException, CoreV1Api
 
 from hydraserve.activator.knative.pods import placed_memory
+from hydraserve.auth import node_admin_token
 from hydraserve.contracts.plan import NodeInfo
 from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL
 from hydraserve.errors import HydraError
@@ -43,7 +44,7 @@ class KubeNode:
 
     name: str
     loaderd_url: str
-    loaderd_token: str
+    loaderd_token: str = field(repr=False)  # this node's loaderd admin token
     ready: bool = True
 
 
@@ -75,7 +76,8 @@ class ClusterFeed:
                  cpu_worker_memory_gb: float = 16.0, nic_gbps: float = 16.0) -> None:
         self._core, self._placement = core, placement
         self._loaderd_ns, self._loaderd_selector, self._loaderd_port = loaderd_namespace, loaderd_selector, loaderd_port
-        self.loaderd_token = loaderd_token  # the daemons' own: never leaves the control plane
+        self.loaderd_token = loaderd_token  # the install's loaderd secret: never leaves the control plane
+        # (each daemon is sent only its own node's admin token, derived from it)
         self._cpu_memory_gb, self._nic_gbps = cpu_worker_memory_gb, nic_gbps
 
     def refresh(self, under_way: Mapping[StageKey, Placed] | None = None) -> dict[str, KubeNode]:
@@ -104,11 +106,11 @@ class ClusterFeed:
         for node in nodes:
             name = node.metadata.name
             info = self._node_info(node, placed.values(), foreign_gpus.get(name, 0), daemon_url.get(name))
-            access = KubeNode(name=name, loaderd_url=daemon_url.get(name, ""), loaderd_token=self.loaderd_token,
-                              ready=info.schedulable)
+            access = KubeNode(name=name, loaderd_url=daemon_url.get(name, ""),
+                              loaderd_token=node_admin_token(self.loaderd_token, name), ready=info.schedulable)
             try:
                 if access.loaderd_url:
-                    loader = LoaderClient(access.loaderd_url, self.loaderd_token, timeout_s=2.0)
+                    loader = LoaderClient(access.loaderd_url, access.loaderd_token, timeout_s=2.0)
                     try:
                         reconcile_node(self._placement, info, loader)
                     finally:

@@ -16,12 +16,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from kubernetes.client import ApiException, CoreV1Api
 
-from hydraserve.auth import mint_scoped_token
+from hydraserve.auth import mint_worker_token, node_admin_token
 from hydraserve.contracts.plan import Plan
 from hydraserve.contracts.pod import (
     INSTANCE_LABEL,
@@ -48,6 +48,7 @@ from hydraserve.provider.knative.service import (
     loaderd_mount,
     loaderd_volume,
     worker_secret_env,
+    worker_secret_volume,
 )
 from hydraserve.provider.worker_port import WorkerSlot, worker_status, worker_timeline
 
@@ -58,6 +59,9 @@ GPU_ANNOTATION = "hydraserve.dev/gpu"  # which device of its node
 QUEUE_PROXY = "queue-proxy"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"  # on the worker Secrets we write: only those we replace
 MANAGED_BY = "hydraserve-interceptor"
+TOKEN_NODES_ANNOTATION = "hydraserve.dev/token-nodes"  # on the worker Secret: the nodes its token is for
+TOKEN_EXPIRES_ANNOTATION = "hydraserve.dev/token-expires"  # ... and when it expires (unix s)
+WORKER_TOKEN_TTL_S = 12 * 3600.0  # renewed once half of it is left: the control plane may be away 6 h
 
 
 class ForeignSecretError(PermanentError):
@@ -272,7 +276,9 @@ class PodLauncher:
         dropped = {e["name"] for e in from_secret}
         env = [{"name": k, "value": v} for k, v in role.to_env().items() if k not in dropped] + from_secret
         model = (self.pod["metadata"].get("annotations") or {})[MODEL_ANNOTATION]
-        host_volumes, mounts = [loaderd_volume(model)], [loaderd_mount(model)]  # its model's segments only
+        secret_volume, secret_mount = worker_secret_volume(self.function)  # its renewed token, as a file
+        host_volumes = [loaderd_volume(model), secret_volume]  # its model's segments only, and its token
+        mounts = [loaderd_mount(model), secret_mount]
         container: dict[str, Any] = {
             "name": "stage", "image": source["image"], "args": source.get("args") or ["serve"], "env": env,
             "ports": [{"containerPort": RUNTIME_PORT, "name": "http"},
@@ -315,12 +321,18 @@ class PodLauncher:
                        f"service {body['metadata']['name']}")
 
 
-def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_uri: str, loaderd_token: str) -> None:
-    """The function's worker Secret: a loaderd token that may read only its model and release
-    only its own leases (the daemons' own token never leaves the control plane). Written again
-    when the function's model changed; a Secret of that
-    name the interceptor did not write (no ``MANAGED_BY_LABEL``) is never touched
-    (ForeignSecretError): it may be someone's own."""
+def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_uri: str, loaderd_secret: str,
+                         nodes: Collection[str], *, now: float | None = None,
+                         ttl_s: float = WORKER_TOKEN_TTL_S) -> None:
+    """The function's worker Secret: a loaderd token that may read only its model, release only
+    its own leases, at the loaderds of ``nodes`` only (where its pods run), until it expires (the
+    daemons' own tokens never leave the control plane). Written again when the model changed, a
+    node is not covered, or less than half its life is left: the interceptor calls this at every
+    plan and every resync, and its pods re-read the file the Secret is mounted as, so a pod
+    serving for days always holds a valid token. A renewal names exactly ``nodes`` (a node no pod
+    of the function runs on drops out). A Secret of that name the interceptor did not write (no
+    ``MANAGED_BY_LABEL``) is never touched (ForeignSecretError): it may be someone's own."""
+    now = time.time() if now is None else now
     name = worker_secret_name(function)
     try:
         current = core.read_namespaced_secret(name, namespace)
@@ -331,11 +343,15 @@ def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_u
     if current is not None and (current.metadata.labels or {}).get(MANAGED_BY_LABEL) != MANAGED_BY:
         raise ForeignSecretError(f"secret {namespace}/{name} exists and was not written by the interceptor "
                                  f"(no label {MANAGED_BY_LABEL}={MANAGED_BY}): left as it is")
-    if current is not None and (current.metadata.annotations or {}).get(MODEL_ANNOTATION) == model_uri:
+    if current is not None and _token_current(current.metadata.annotations or {}, model_uri, nodes, now, ttl_s):
         return
-    token = mint_scoped_token(loaderd_token, subject=f"{namespace}/{function}", model_uri=model_uri)
+    expires_at = int(now + ttl_s)
+    token = mint_worker_token({n: node_admin_token(loaderd_secret, n) for n in nodes}, subject=f"{namespace}/{function}",
+                              model_uri=model_uri, expires_at=expires_at)
+    annotations = {MODEL_ANNOTATION: model_uri, TOKEN_NODES_ANNOTATION: ",".join(sorted(nodes)),
+                   TOKEN_EXPIRES_ANNOTATION: str(expires_at)}
     body: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": name, "namespace": namespace, "annotations": {MODEL_ANNOTATION: model_uri},
+            "metadata": {"name": name, "namespace": namespace, "annotations": annotations,
                          "labels": {FUNCTION_LABEL: function, "app.kubernetes.io/part-of": "hydraserve",
                                     MANAGED_BY_LABEL: MANAGED_BY}},
             "stringData": {WORKER_SECRET_KEY: token}}
@@ -347,6 +363,18 @@ def ensure_worker_secret(core: CoreV1Api, namespace: str, function: str, model_u
             core.replace_namespaced_secret(name, namespace, body)
         except ApiException as exc:
             raise api_error(exc, f"replacing secret {name}") from exc
+
+
+def _token_current(annotations: Mapping[str, str], model_uri: str, nodes: Collection[str], now: float,
+                   ttl_s: float) -> bool:
+    """Whether a worker Secret's token is for ``model_uri``, covers ``nodes`` and has more than
+    half its life left."""
+    try:
+        expires_at = float(annotations.get(TOKEN_EXPIRES_ANNOTATION, ""))
+    except ValueError:
+        return False
+    covered = set(filter(None, annotations.get(TOKEN_NODES_ANNOTATION, "").split(",")))
+    return annotations.get(MODEL_ANNOTATION) == model_uri and set(nodes) <= covered and expires_at - now > ttl_s / 2
 
 
 def placed_memory(annotations: Mapping[str, str]) -> tuple[int, float] | None:

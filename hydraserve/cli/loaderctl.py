@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from hydraserve.auth import read_token
+from hydraserve.auth import node_admin_token, read_token
 from hydraserve.cli.loaderd import LOADERD_TOKEN_ENV
 from hydraserve.contracts.loader import LeaseResponse, LoaderStatus, PrefetchRequest
 from hydraserve.loaderd.client import LoaderClient
@@ -24,7 +24,8 @@ POLL_S = 0.2
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("HYDRASERVE_LOADERD_URL", "http://127.0.0.1:7070"),
                         help="the daemon (default HYDRASERVE_LOADERD_URL or http://127.0.0.1:7070)")
-    parser.add_argument("--token-file", help="file holding the API token (0600); else HYDRASERVE_LOADERD_TOKEN")
+    parser.add_argument("--token-file", help="file holding the install's loaderd secret (0600; the node's "
+                        "admin token is derived from it); else HYDRASERVE_LOADERD_TOKEN")
     parser.add_argument("--node", help="on Kubernetes: the daemon of this node (found through the API: "
                         "the DaemonSet's pod there; run inside the cluster, e.g. kubectl exec into the control plane)")
     parser.add_argument("--kubeconfig", help="with --node, outside a pod: the kubeconfig (default KUBECONFIG)")
@@ -50,7 +51,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> LoaderClient:
-    return LoaderClient(_url(args), read_token(args.token_file, LOADERD_TOKEN_ENV))
+    """The daemon with its node's admin token (the node: --node, else what the daemon's
+    /healthz says, asked without a token)."""
+    url = _url(args)
+    node = args.node or LoaderClient(url, "").node_name()
+    return LoaderClient(url, node_admin_token(read_token(args.token_file, LOADERD_TOKEN_ENV), node))
 
 
 def _url(args: argparse.Namespace) -> str:

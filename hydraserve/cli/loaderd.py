@@ -16,11 +16,12 @@ LOADERD_TOKEN_ENV = "HYDRASERVE_LOADERD_TOKEN"
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     parser.add_argument("--port", type=int, default=7070)
-    parser.add_argument("--token-file", help="file holding the API token (0600); "
-                        "else HYDRASERVE_LOADERD_TOKEN")
+    parser.add_argument("--token-file", help="file holding the install's loaderd secret (0600; the daemon "
+                        "answers its node's admin token derived from it); else HYDRASERVE_LOADERD_TOKEN")
     parser.add_argument("--budget-bytes", type=int, required=True,
                         help="node-wide shared-memory budget (segments are evicted LRU under it)")
-    parser.add_argument("--node-name", required=True, help="names this node's segments in /dev/shm")
+    parser.add_argument("--node-name", required=True, help="names this node's segments in /dev/shm and "
+                        "keys its tokens (hydraserve.auth.NodeKeys)")
     parser.add_argument("--allow-endpoint-url", action="append", default=[],
                         help="another S3 endpoint requests may name (repeatable; the default one always may)")
     parser.add_argument("--endpoint-url", default=None,

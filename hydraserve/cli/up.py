@@ -87,7 +87,7 @@ HydraServe embedded stack is up (Ctrl-C to stop).{exposed}
   nodes        {" ".join(stack.node_names)} (one loaderd each)
   warm pool    {args.pool_size} idle pre-imported runtime(s) on each of {len(stack.backend.launcher.pools) if stack.backend else 0} node(s)
   network      {stack.emulation}
-  loaderd      {" ".join(n.loaderd_url for n in stack.nodes)}  (token: {stack.run_dir / "loaderd.token"})
+  loaderd      {" ".join(n.loaderd_url for n in stack.nodes)}  (secret: {stack.run_dir / "loaderd.token"}; each node's token is derived from it, as loaderctl does)
   S3           {stack.s3.endpoint_url}
   placement    {stack.placement.base_url}/v1/cluster  (token: {stack.run_dir / "placement.token"})
   logs         {stack.run_dir}

@@ -6,7 +6,10 @@ Knative's own keys (PORT, K_SERVICE, K_REVISION, K_CONFIGURATION) are part of it
 HYDRASERVE_*. The worker binds 127.0.0.1 unless HYDRASERVE_HOST says otherwise, also under
 Knative, whose queue-proxy dials the user container at 127.0.0.1:$PORT. The loaderd token is a
 secret: it comes in its variable or in the file its ``*_FILE`` variable names
-(``SECRET_FILE_KEYS``), and never appears in repr() or logs. A Knative
+(``SECRET_FILE_KEYS``), and never appears in repr() or logs. A token file is kept as
+``loaderd_token_file`` too: a pod's is its worker Secret mounted as a volume, re-read whenever the
+interceptor renews the token (hydraserve.auth.TokenFile); a file not there (an optional Secret
+not written) is no token. A Knative
 function pod, whose environment its revision fixed, finds its stage in the file
 HYDRASERVE_ROLE_FILE names (hydraserve.contracts.pod): the fields there win over the
 environment's, and it listens on every address of its pod (0.0.0.0: peers and probes come from
@@ -58,6 +61,7 @@ ENV_KEYS: dict[str, str] = {
     "load_format": "HYDRASERVE_LOAD_FORMAT",
     "loaderd_url": "HYDRASERVE_LOADERD_URL",
     "loaderd_token": "HYDRASERVE_LOADERD_TOKEN",
+    "loaderd_token_file": "HYDRASERVE_LOADERD_TOKEN_FILE",
     "loaderd_lease": "HYDRASERVE_LOADERD_LEASE",
     "dtype": "HYDRASERVE_DTYPE",
     "max_batch": "HYDRASERVE_MAX_BATCH",
@@ -66,7 +70,7 @@ ENV_KEYS: dict[str, str] = {
     "spawned_at": "HYDRASERVE_SPAWNED_AT",
     "drain_timeout_s": "HYDRASERVE_DRAIN_TIMEOUT_S",
 }
-TOKEN_FILE_KEY = "HYDRASERVE_LOADERD_TOKEN_FILE"
+TOKEN_FILE_KEY = ENV_KEYS["loaderd_token_file"]
 SECRET_FILE_KEYS = {"loaderd_token": TOKEN_FILE_KEY}  # secret -> its file
 KNATIVE_SERVICE_KEY = "K_SERVICE"
 
@@ -113,6 +117,8 @@ class WorkerEnvironment(BaseModel):
         "downloaded whole first: the serverless-vLLM baseline); vLLM streaming from S3 (Run:ai Model Streamer)")
     loaderd_url: str | None = Field(default=None, description="the node's loaderd")
     loaderd_token: SecretStr | None = None
+    loaderd_token_file: str | None = Field(default=None, description="where the loaderd token is read from, "
+                                           "again whenever it changes (a pod's mounted worker Secret)")
     loaderd_lease: Literal["pid", "heartbeat"] = Field(
         default="pid", description="how its loaderd leases live: as long as its pid (same PID namespace as the "
         "daemon) or while it renews them (a pod: its pid means nothing to the daemon)")
@@ -144,8 +150,7 @@ class WorkerEnvironment(BaseModel):
     def to_env(self) -> dict[str, str]:
         """Every variable of the contract (and Knative's K_SERVICE); unset fields are written
         empty, which reads as unset, so nothing the launcher's own environment holds leaks in."""
-        out: dict[str, str] = {**dict.fromkeys(SECRET_FILE_KEYS.values(), ""),
-                               KNATIVE_SERVICE_KEY: self.function}
+        out: dict[str, str] = {KNATIVE_SERVICE_KEY: self.function}
         for name, key in ENV_KEYS.items():
             value = getattr(self, name)
             if value is None or value == "" or (isinstance(value, list) and not value):
@@ -190,7 +195,7 @@ class WorkerEnvironment(BaseModel):
             if role:  # placed by the interceptor: peers and probes reach it on its pod IP
                 raw.setdefault("host", POD_LISTEN_HOST)
         for name, file_key in SECRET_FILE_KEYS.items():
-            if env.get(file_key):
+            if env.get(file_key) and Path(env[file_key]).is_file():
                 raw[name] = SecretStr(Path(env[file_key]).read_text().strip())
         if not raw.get("model_uri"):
             raise ValueError("HYDRASERVE_MODEL_URI is not set: the worker needs a model directory or s3:// URI")

@@ -309,7 +309,7 @@ class LocalStack:
                                   endpoint_url=self.s3.endpoint_url, env=env,
                                   log_path=self.run_dir / f"loaderd-{name}.log")
         process = spawn()
-        node = LocalNode(name=name, loaderd_url=process.url, loaderd_token=token,
+        node = LocalNode(name=name, loaderd_url=process.url, loaderd_token=process.token,  # its node's admin token
                          gpu_memory_gb=opts.node_gpu_memory_gb, nic_gbps=nic_gbps, host=host)
         info = NodeInfo(name=name, gpus=1, gpu_memory_gb=node.gpu_memory_gb, nic_gbps=nic_gbps, loaderd_url=process.url)
         daemon = SupervisedDaemon(f"loaderd of {name}", spawn, process, info=info)

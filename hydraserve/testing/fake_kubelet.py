@@ -1,6 +1,8 @@
 """The kubelet's part for one pod, played by a test against the fake API server: the pod's
 container command runs as a local process with the pod's environment (values, and secretKeyRef
-read from the API as the kubelet would) and its annotations written as the Downward API file
+read from the API as the kubelet would), its Secret volumes as files in a directory of its own
+(written again, by a rename as the kubelet does, on ``sync_secret_volumes``; an environment
+value naming a file under the mount names it there) and its annotations written as the Downward API file
 (one key="value" per line, Go-quoted), on a loopback address standing in for its pod IP; the
 pod turns Ready once its readiness probe (queue-proxy's probe of /readyz) answers 200.
 
@@ -45,6 +47,7 @@ class ProcessKubelet:
         self.extra_env = extra_env or {}
         self.process: ChildProcess | None = None
         self.placed = False
+        self._pod: dict[str, Any] = {}
 
     def _secret_value(self, ref: dict[str, Any]) -> str | None:
         try:
@@ -90,6 +93,10 @@ class ProcessKubelet:
                 value = self._secret_value(ref)
                 if value is not None:
                     env[item["name"]] = value
+        for mount_path, local in self._secret_mounts(pod, container).items():
+            env |= {k: local + v[len(mount_path):] for k, v in env.items() if v.startswith(mount_path + "/")}
+        self._pod = pod
+        self.sync_secret_volumes()
         if ROLE_FILE_KEY in env:  # the Downward API volume, mounted where the template says
             role_file = self.run_dir / f"{self.name}.annotations"
             role_file.write_text(downward_annotations(pod["metadata"].get("annotations") or {}))
@@ -100,6 +107,37 @@ class ProcessKubelet:
                 "HYDRASERVE_TEST_DNS": json.dumps(self.cluster_dns())}
         argv = [sys.executable, "-m", "hydraserve.cli", *container.get("args", ["serve"])]
         self.process = ChildProcess(self.name, argv, log_path=self.run_dir / f"{self.name}.log", env=env)
+
+    def _secret_mounts(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+        """Each Secret volume's mount path -> the local directory standing in for it."""
+        secrets = {v["name"] for v in pod["spec"].get("volumes") or [] if "secret" in v}
+        return {m["mountPath"]: str(self.run_dir / f"{self.name}.{m['name']}")
+                for m in container.get("volumeMounts") or [] if m["name"] in secrets}
+
+    def sync_secret_volumes(self) -> None:
+        """Write each Secret volume's files from the Secret as it is now (an optional Secret not
+        there: an empty directory), each file replaced atomically."""
+        pod = self._pod
+        container = next(c for c in pod["spec"]["containers"] if c["name"] != "queue-proxy")
+        volumes = {v["name"]: v["secret"] for v in pod["spec"].get("volumes") or [] if "secret" in v}
+        for mount in container.get("volumeMounts") or []:
+            source = volumes.get(mount["name"])
+            if source is None:
+                continue
+            local = self.run_dir / f"{self.name}.{mount['name']}"
+            local.mkdir(exist_ok=True)
+            try:
+                data = self.core.read_namespaced_secret(source["secretName"], self.namespace).data or {}
+            except Exception:
+                if source.get("optional"):
+                    continue
+                raise
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                if item["key"] in data:
+                    incoming = local / f".{item['path']}.new"
+                    incoming.write_bytes(base64.b64decode(data[item["key"]]))
+                    os.replace(incoming, local / item["path"])
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """queue-proxy's part: probe /readyz; then the pod is Ready."""

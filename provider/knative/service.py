@@ -58,6 +58,8 @@ SCHEDULER_NAME = "hydraserve-scheduler"
 FUNCTION_LABEL = ANNOTATION_PREFIX + "function"  # on every pod of a function (NetworkPolicies select by it)
 LOADERD_HOST_DIR = "/run/hydraserve/loaderd"  # the DaemonSet's segments (a host tmpfs directory)
 ROLE_DIR = "/etc/hydraserve/pod"  # the pod's annotations, as files
+WORKER_SECRET_DIR = "/etc/hydraserve/worker"  # the function's worker Secret, as files (renewed in place)
+WORKER_SECRET_VOLUME = "worker-secret"
 RUNTIME_PORT = 8080
 # The worker's /livez answers whenever its serving loop runs (failed or not): 3 misses 5 s apart
 # and the kubelet restarts a deadlocked worker's container.
@@ -115,10 +117,21 @@ class HydraService(FunctionConfig):
 
 
 def worker_secret_env(function: str) -> list[dict[str, Any]]:
-    """What a function's workers take from its worker Secret (the revision's and every helper
-    pod's environment): the loaderd token. Optional: a pod starts without it (it reads S3 itself)."""
-    return [{"name": ENV_KEYS["loaderd_token"], "valueFrom": {"secretKeyRef": {
-        "name": worker_secret_name(function), "key": WORKER_SECRET_KEY, "optional": True}}}]
+    """Where a function's workers read their loaderd token (the revision's and every helper pod's
+    environment): a file of the worker Secret's volume (``worker_secret_volume``), not a variable,
+    because the token expires and the interceptor renews it: the kubelet updates a mounted
+    Secret's files in place and the worker re-reads the file when it changes, so a pod serving
+    for days keeps a valid token (an environment variable is fixed at the container's start)."""
+    return [{"name": ENV_KEYS["loaderd_token"], "value": ""},  # never a token's value in a pod's spec
+            {"name": ENV_KEYS["loaderd_token_file"], "value": f"{WORKER_SECRET_DIR}/{WORKER_SECRET_KEY}"}]
+
+
+def worker_secret_volume(function: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The worker Secret as a volume, and its read-only mount. Optional: a pod starts without it
+    (no token: it reads S3 itself)."""
+    volume = {"name": WORKER_SECRET_VOLUME, "secret": {"secretName": worker_secret_name(function), "optional": True,
+                                                       "items": [{"key": WORKER_SECRET_KEY, "path": WORKER_SECRET_KEY}]}}
+    return volume, {"name": WORKER_SECRET_VOLUME, "mountPath": WORKER_SECRET_DIR, "readOnly": True}
 
 
 def loaderd_model_dir(model_uri: str) -> str:
@@ -168,6 +181,7 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
         "volumeMounts": [
             loaderd_mount(fn.model_uri),
             {"name": "pod-info", "mountPath": ROLE_DIR, "readOnly": True},
+            worker_secret_volume(fn.name)[1],
         ],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
@@ -182,6 +196,7 @@ def knative_service(fn: HydraService) -> dict[str, Any]:
             {"name": "pod-info", "projected": {"sources": [{"downwardAPI": {"items": [
                 {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
                 {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}}]}},
+            worker_secret_volume(fn.name)[0],
         ],
     }
     if fn.concurrency:

@@ -29,12 +29,12 @@ from hydraserve.activator.knative.pods import (
     ForeignSecretError,
     ensure_worker_secret,
 )
-from hydraserve.auth import verify_scoped_token
+from hydraserve.auth import NodeKeys, verify_worker_token, worker_token_claims
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec
 from hydraserve.contracts.pod import INSTANCE_LABEL, PLAN_ANNOTATION, ROLE_ANNOTATION, STAGE_LABEL
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.errors import TemporaryError
+from hydraserve.errors import TemporaryError, UnauthorizedError
 from hydraserve.provider.coldstart import ColdStartOptions
 from hydraserve.provider.knative.kube import bind_pod
 from hydraserve.provider.knative.service import (
@@ -159,8 +159,10 @@ def test_pending_function_pod_is_bound_with_its_role_and_released_on_delete(clus
     assert pod.metadata.labels[STAGE_LABEL] == "0"
     assert control.active_plans() == 1
     secret = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace)
-    scoped = verify_scoped_token(LOADERD_TOKEN, base64.b64decode(secret.data["loaderd-token"]).decode())
+    token = base64.b64decode(secret.data["loaderd-token"]).decode()
+    scoped = verify_worker_token(NodeKeys.derive(LOADERD_TOKEN, node), token, time.time())
     assert scoped is not None and scoped.model_uri == MODEL and not scoped.admin  # its model, nothing more
+    assert worker_token_claims(token)["nodes"] == [node]  # type: ignore[index]  # its plan's node only
     cluster.run_pod("chat-00001-deployment-abc")
     cluster.wait_for("the group to serve", lambda: control.interceptor.groups())
     assert control.cold_starts("serving") == 1
@@ -174,17 +176,52 @@ def test_the_worker_secret_follows_its_functions_model(cluster: Cluster) -> None
     changes, and left as it is while the model stays."""
     def token_model() -> str | None:
         data = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace).data
-        scoped = verify_scoped_token(LOADERD_TOKEN, base64.b64decode(data["loaderd-token"]).decode())
+        token = base64.b64decode(data["loaderd-token"]).decode()
+        scoped = verify_worker_token(NodeKeys.derive(LOADERD_TOKEN, "gpu-a"), token, time.time())
         return scoped.model_uri if scoped is not None else None
 
-    ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN)
+    ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN, ["gpu-a"])
     assert token_model() == MODEL
     version = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace).metadata.resource_version
-    ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN)
+    ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN, ["gpu-a"])
     assert cluster.core.read_namespaced_secret("chat-hydraserve-worker",
                                                cluster.namespace).metadata.resource_version == version
-    ensure_worker_secret(cluster.core, cluster.namespace, "chat", "s3://models/other", LOADERD_TOKEN)
+    ensure_worker_secret(cluster.core, cluster.namespace, "chat", "s3://models/other", LOADERD_TOKEN, ["gpu-a"])
     assert token_model() == "s3://models/other"
+
+
+def test_the_worker_token_expires_names_its_nodes_and_is_renewed_well_before_expiry(cluster: Cluster) -> None:
+    """The Secret's token is for the nodes asked (a node added is a new token), expires, and is
+    written again once less than half its life is left; a renewal names only the nodes asked."""
+    def claims() -> tuple[dict, str]:
+        secret = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace)
+        token = base64.b64decode(secret.data["loaderd-token"]).decode()
+        return worker_token_claims(token) or {}, secret.metadata.resource_version
+
+    def ensure(nodes: list[str], now: float) -> None:
+        ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN, nodes, now=now, ttl_s=100)
+
+    t0 = 1_800_000_000.0
+    ensure(["gpu-a"], t0)
+    first, version = claims()
+    assert first["nodes"] == ["gpu-a"] and first["exp"] == t0 + 100
+    ensure(["gpu-a"], t0 + 40)  # more than half left: kept
+    assert claims()[1] == version
+    ensure(["gpu-a", "gpu-b"], t0 + 40)  # a node not covered: a token for both
+    both, _ = claims()
+    assert both["nodes"] == ["gpu-a", "gpu-b"] and both["exp"] == t0 + 140
+    ensure(["gpu-b"], t0 + 60)  # covered, not due: kept
+    assert claims()[0] == both
+    ensure(["gpu-b"], t0 + 91)  # less than half its life left: renewed, for the nodes asked only
+    renewed, _ = claims()
+    assert renewed["nodes"] == ["gpu-b"] and renewed["exp"] == t0 + 191
+    token = base64.b64decode(cluster.core.read_namespaced_secret(
+        "chat-hydraserve-worker", cluster.namespace).data["loaderd-token"]).decode()
+    assert verify_worker_token(NodeKeys.derive(LOADERD_TOKEN, "gpu-b"), token, t0 + 190) is not None
+    with pytest.raises(UnauthorizedError, match="expired"):
+        verify_worker_token(NodeKeys.derive(LOADERD_TOKEN, "gpu-b"), token, t0 + 191)
+    with pytest.raises(UnauthorizedError, match="not node gpu-a"):
+        verify_worker_token(NodeKeys.derive(LOADERD_TOKEN, "gpu-a"), token, t0 + 100)
 
 
 def test_a_secret_the_interceptor_did_not_write_is_never_overwritten(cluster: Cluster, control: Control) -> None:
@@ -193,7 +230,7 @@ def test_a_secret_the_interceptor_did_not_write_is_never_overwritten(cluster: Cl
     cluster.core.create_namespaced_secret(cluster.namespace, {"metadata": {"name": "chat-hydraserve-worker"},
                                                               "stringData": {"loaderd-token": "users-own"}})
     with pytest.raises(ForeignSecretError):
-        ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN)
+        ensure_worker_secret(cluster.core, cluster.namespace, "chat", MODEL, LOADERD_TOKEN, ["gpu-a"])
     pod = function_pod(cluster, "chat-00001-deployment-fs")
     cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-fs"))
     data = cluster.core.read_namespaced_secret("chat-hydraserve-worker", cluster.namespace).data
@@ -216,7 +253,9 @@ def test_pipeline_group_gets_helper_pods_owned_by_the_function_pod(cluster: Clus
     assert json.loads(env["HYDRASERVE_STAGE"].value)["index"] == 1
     peers = json.loads(env["HYDRASERVE_PEERS"].value)
     assert len(peers) == 2 and all(p.endswith(f".{cluster.namespace}.svc:8090") for p in peers)
-    assert env["HYDRASERVE_LOADERD_TOKEN"].value_from.secret_key_ref.name == "chat-hydraserve-worker"
+    assert not env["HYDRASERVE_LOADERD_TOKEN"].value  # never a token in a pod's spec: a file of the Secret
+    assert env["HYDRASERVE_LOADERD_TOKEN_FILE"].value == "/etc/hydraserve/worker/loaderd-token"
+    assert [v.secret.secret_name for v in helper.spec.volumes if v.secret] == ["chat-hydraserve-worker"]
     assert env["HYDRASERVE_HOST"].value == "0.0.0.0"
     probe = helper.spec.containers[0].liveness_probe.http_get  # a deadlocked stage is restarted too
     assert (probe.path, probe.port) == ("/livez", 8080)
@@ -269,8 +308,6 @@ def test_a_pod_mounting_more_of_loaderd_than_its_model_is_refused_with_one_event
 @fake_only
 def test_a_model_outside_its_namespaces_allowlist_gets_one_event_and_no_secret_or_prefetch(
         cluster: Cluster, tiny_llama_dir: Path, s3_server: Any, shm_guard: str, tmp_path: Path) -> None:
-    from hydraserve.loaderd.client import LoaderClient
-
     assert cluster.fake is not None
     with node_with_loaderd(cluster, shm_guard, tiny_llama_dir, s3_server, tmp_path) as (daemon, model, port):
         allowlist = ModelAllowlist.parse(f"{cluster.namespace}=s3://kube-models/allowed,s3://models/x\n"
@@ -291,7 +328,7 @@ def test_a_model_outside_its_namespaces_allowlist_gets_one_event_and_no_secret_o
             assert ctl.cold_starts("invalid") == 1 and ctl.active_plans() == 0
             assert bound_node(cluster, pod["metadata"]["name"]) is None
             assert not cluster.core.list_namespaced_secret(cluster.namespace).items  # no token, no Secret
-            loader = LoaderClient(daemon.url, LOADERD_TOKEN)
+            loader = daemon.client()
             assert loader.status().segments == []  # nothing prefetched for it
             loader.close()
 
@@ -402,13 +439,12 @@ def node_with_loaderd(cluster: Cluster, node: str, model_dir: Path, s3_server: A
 @fake_only
 def test_the_chosen_nodes_loaderd_prefetches_and_its_residency_is_what_the_daemon_says(
         cluster: Cluster, tiny_llama_dir: Path, s3_server: Any, shm_guard: str, tmp_path: Path) -> None:
-    from hydraserve.loaderd.client import LoaderClient
 
     with node_with_loaderd(cluster, shm_guard, tiny_llama_dir, s3_server, tmp_path) as (daemon, model, port):
         with Control(cluster, tiny_llama_dir, loaderd_port=port, s3_endpoint_url=s3_server.endpoint_url) as ctl:
             function_pod(cluster, "chat-00001-deployment-pf", model=model)
             cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-pf"))
-            loader = LoaderClient(daemon.url, LOADERD_TOKEN)
+            loader = daemon.client()
             cluster.wait_for("the prefetch done", lambda: any(
                 m.model_uri == model and m.groups_complete for m in loader.status().models))
             role = json.loads(cluster.core.read_namespaced_pod("chat-00001-deployment-pf", cluster.namespace)

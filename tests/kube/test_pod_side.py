@@ -17,11 +17,10 @@ import requests
 
 from hydraserve.contracts.pod import ROLE_ANNOTATION, TIMELINE_ANNOTATION
 from hydraserve.contracts.timeline import Timeline
-from hydraserve.loaderd.client import LoaderClient
 from hydraserve.provider.knative.service import LOADERD_HOST_DIR, loaderd_model_dir
 from hydraserve.testing.fake_kubelet import ProcessKubelet
 from tests.kube.conftest import Cluster, fake_only
-from tests.kube.test_interceptor import LOADERD_TOKEN, Control, bound_node, function_pod, node_with_loaderd
+from tests.kube.test_interceptor import Control, bound_node, function_pod, node_with_loaderd
 
 POD_IP = "127.0.0.5"  # a loopback address standing in for the pod's IP
 
@@ -32,7 +31,7 @@ def test_a_function_pod_learns_its_role_loads_through_loaderd_and_serves(
     with node_with_loaderd(cluster, shm_guard, tiny_llama_dir, s3_server, tmp_path) as (daemon, model, port):
         cluster.core.create_namespaced_secret(cluster.namespace, {
             "metadata": {"name": "hydraserve-s3"}, "stringData": s3_server.client_env()})
-        loader = LoaderClient(daemon.url, LOADERD_TOKEN)
+        loader = daemon.client()
         with Control(cluster, tiny_llama_dir, loaderd_port=port, s3_endpoint_url=s3_server.endpoint_url) as ctl:
             function_pod(cluster, "chat-00001-deployment-run", model=model)
             cluster.wait_for("the pod bound", lambda: bound_node(cluster, "chat-00001-deployment-run"))

@@ -4,13 +4,14 @@ client, metrics. Bytes come from local files; test_e2e covers S3."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import requests
 
-from hydraserve.auth import mint_scoped_token
+from hydraserve.auth import mint_worker_token, node_admin_token
 from hydraserve.contracts.loader import AttachRequest, PrefetchRequest
 from hydraserve.errors import ForbiddenError, InvalidRequestError, NotFoundError, UnreachableError
 from hydraserve.loaderd.client import LoaderClient
@@ -22,17 +23,19 @@ from hydraserve.weights.tensor_sources import tensor_source
 
 from .conftest import LocalStores, llama_like, write_manifest, write_model
 
-TOKEN = "t" * 32
+SECRET = "t" * 32  # the install's loaderd secret
+NODE = f"api{uuid.uuid4().hex[:8]}"
+TOKEN = node_admin_token(SECRET, NODE)  # the daemon's own (its node's admin token)
 URI = "s3://bucket/model"
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoaderDaemon]:
-    node = f"api{uuid.uuid4().hex[:8]}"
+    node = NODE
     root = write_model(tmp_path_factory.mktemp("api") / "m", llama_like(layers=2))
     write_manifest(root, per_tensor=True)
     d = LoaderDaemon(LoaderConfig(node_name=node, budget_bytes=64 << 20, chunk_bytes=4096),
-                     TOKEN, open_model=LocalStores({URI: root})).start()
+                     SECRET, open_model=LocalStores({URI: root})).start()
     d.root = root  # type: ignore[attr-defined]
     yield d
     d.stop()
@@ -136,7 +139,7 @@ def test_the_index_lists_every_tensor_with_its_byte_range(daemon: LoaderDaemon) 
 # ---- doors: what a worker's scoped token may do, pids, S3 endpoints -------------------------
 
 def _worker(subject: str = "fn-1/0", model_uri: str = URI) -> str:
-    return mint_scoped_token(TOKEN, subject=subject, model_uri=model_uri)
+    return mint_worker_token({NODE: TOKEN}, subject=subject, model_uri=model_uri, expires_at=time.time() + 600)
 
 
 def test_a_worker_token_reads_its_own_model_and_releases_only_its_own_leases(daemon: LoaderDaemon) -> None:
@@ -164,9 +167,10 @@ def test_a_worker_token_cannot_act_as_the_daemon(daemon: LoaderDaemon, call: str
 
 
 def test_a_forged_or_foreign_token_is_refused(daemon: LoaderDaemon) -> None:
-    forged = mint_scoped_token("x" * 32, subject="fn-1/0", model_uri=URI)  # signed with another secret
+    forged = mint_worker_token({NODE: "x" * 32}, subject="fn-1/0", model_uri=URI,  # signed with another secret
+                               expires_at=time.time() + 600)
     tampered = _worker()[:-2] + ("AA" if not _worker().endswith("AA") else "BB")
-    for token in (forged, tampered, "hs1.garbage", ""):
+    for token in (forged, tampered, "hs2.garbage", "hs1.garbage", ""):
         assert _post(daemon, "/v1/attach", {"model_uri": URI}, token).status_code == 401
 
 
@@ -187,7 +191,7 @@ def test_an_s3_endpoint_the_daemon_was_not_configured_for_is_refused(daemon: Loa
 
 
 def test_a_worker_token_cannot_make_the_daemon_call_out_or_pin_forever(daemon: LoaderDaemon) -> None:
-    """Peers get the daemon's own token on a fill: a worker naming one could steal it. A lease
+    """A worker naming peers would make the daemon call out where it says. A lease
     without a pid never ends: a worker must tie its lease to itself."""
     peers = _post(daemon, "/v1/attach", {"model_uri": URI, "pid": os.getpid(), "peers": ["http://127.0.0.1:9"]},
                   _worker())

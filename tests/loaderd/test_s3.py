@@ -112,7 +112,7 @@ def test_cli_daemon_serves_whole_sharded_and_stage_slices(s3_server: Any, models
                       log_path=tmp_path / "loaderd.log")
     try:
         uri, local = models["tiny"]
-        source = open_through(uri, d.url, token)
+        source = open_through(uri, d.url, d.token)
         assert getattr(source, "via", "") == "loaderd"
         assert_same(source, expected(local))
         for info in d.client().status().segments:
@@ -122,10 +122,10 @@ def test_cli_daemon_serves_whole_sharded_and_stage_slices(s3_server: Any, models
         uri, local = models["sharded"]
         want = expected(local)
         stage = StageSpec(index=1, num_stages=2, layer_start=2, layer_end=4, num_layers=4)
-        source = open_through(uri, d.url, token, stage)
+        source = open_through(uri, d.url, d.token, stage)
         names = [n for n in want if ".layers.2." in n or ".layers.3." in n or n in ("model.norm.weight", "lm_head.weight")]
         assert_same(source, want, names)
-        whole = open_through(uri, d.url, token)
+        whole = open_through(uri, d.url, d.token)
         assert_same(whole, want)
         status = wait_complete(d.client())
         model = next(m for m in status.models if m.model_uri == uri)
@@ -392,7 +392,7 @@ def test_small_files_for_workers_through_the_daemon(s3_env: dict, models: dict, 
             client.read_file(uri, "model.safetensors")
         with pytest.raises(InvalidRequestError, match="unsafe"):
             client.read_file(uri, "../../etc/passwd")
-        files = LoaderModelFiles(uri, d.url, "s" * 32)
+        files = LoaderModelFiles(uri, d.url, d.token)
         assert files.read_text("tokenizer.json") == (local / "tokenizer.json").read_text()
         with pytest.raises(NotFoundError):
             files.read_text("no-such-file.json")
@@ -422,7 +422,7 @@ def test_worker_learns_when_the_daemon_dies_mid_fetch(s3_server: Any, models: di
                       token_file=token_file, endpoint_url=s3_server.endpoint_url, env=s3_server.client_env(),
                       log_path=tmp_path / "loaderd.log", extra_args=["--concurrency", "1", "--chunk-bytes", "4096"])
     try:
-        source = open_through(uri, d.url, token)
+        source = open_through(uri, d.url, d.token)
         names = source.tensor_names()
         source.get(names[0])  # the fetch is under way
         s3_server.kill()  # the rest cannot arrive now ...

@@ -419,6 +419,7 @@ def test_peer_range_served_only_when_held(node: Node) -> None:
 
 
 def test_peer_fetch_reads_from_the_peer_not_s3(shm_guard: str, model_dir: Path) -> None:
+    from hydraserve.auth import NodeKeys
     from hydraserve.loaderd.client import PeerReader
     from hydraserve.loaderd.daemon import LoaderDaemon
 
@@ -426,7 +427,8 @@ def test_peer_fetch_reads_from_the_peer_not_s3(shm_guard: str, model_dir: Path) 
     asker = Node(shm_guard, model_dir, budget=64 << 20)
     holder = LoaderDaemon(LoaderConfig(node_name=shm_guard + "a", budget_bytes=64 << 20, chunk_bytes=4096),
                           token, open_model=LocalStores({URI: model_dir})).start()
-    asker.service._peer_source = lambda url, key: PeerReader(url, token, key)
+    keys = NodeKeys.derive(token, asker.service.config.node_name)
+    asker.service._peer_source = lambda url, key: PeerReader(url, keys, key)
     try:
         holder.service.attach(AttachRequest(model_uri=URI))
         wait_done(holder.service)
@@ -438,7 +440,7 @@ def test_peer_fetch_reads_from_the_peer_not_s3(shm_guard: str, model_dir: Path) 
         # a peer that holds nothing (or is gone) -> S3
         fresh = Node(shm_guard + "c", write_model(model_dir.parent / "o", llama_like(layers=1, seed=9)),
                      budget=64 << 20)
-        fresh.service._peer_source = lambda url, key: PeerReader(url, token, key)
+        fresh.service._peer_source = lambda url, key: PeerReader(url, keys, key)
         try:
             got = fresh.service.attach(AttachRequest(model_uri=URI, peers=[holder.url, "http://127.0.0.1:9"]))
             assert read_all(got.segments) == expected_bytes(fresh.root)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hydraserve.auth import Principal, verify_scoped_token
+from hydraserve.auth import NodeKeys, Principal, verify_worker_token
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, NodeInfo, WorkerReport
 from hydraserve.contracts.timeline import Moment, Timeline
@@ -111,6 +111,10 @@ def loaderds(model_dir: Path, node_name: str) -> Iterator[list[LoaderDaemon]]:
         d.stop()
 
 
+def _daemon_of(loaderds: list[LoaderDaemon], node: str) -> LoaderDaemon:
+    return next(d for d in loaderds if d.service.config.node_name == node)
+
+
 def spec(model_dir: Path, scale: int = 1, ttft_slo_s: float = 10.0) -> FunctionSpec:
     """The tiny model's real description; ``scale`` multiplies its bytes (to make fetches slow)."""
     s = describe_model(FunctionConfig(name="tiny", model_uri=URI, ttft_slo_s=ttft_slo_s), LocalModelFiles(model_dir))
@@ -125,9 +129,9 @@ def setup(loaderds: list[LoaderDaemon], launcher: FakeLauncher, *, nic_gbps: flo
     placement = PlacementService()
     nodes = {}
     for i, url in enumerate(urls or [d.url for d in loaderds]):
-        name = f"node{i}"
+        name = loaderds[i].service.config.node_name if i < len(loaderds) else f"node{i}"  # as its daemon knows it
         placement.register_node(NodeInfo(name=name, gpus=1, gpu_memory_gb=40, nic_gbps=nic_gbps, loaderd_url=url))
-        nodes[name] = LocalNode(name, url, TOKEN)
+        nodes[name] = LocalNode(name, url, loaderds[i].token if i < len(loaderds) else TOKEN)
     return ColdStart(placement, launcher, nodes, ColdStartOptions(**options)), placement  # type: ignore[arg-type]
 
 
@@ -149,14 +153,15 @@ def test_the_protocol_runs_in_order_and_writes_the_worker_environment(loaderds: 
     assert group.head is worker and group.plan.pipeline_size == 1
     env = worker.env
     node = next(n for n in group.plan.stages).node
-    daemon = loaderds[int(node.removeprefix("node"))]
+    daemon = _daemon_of(loaderds, node)
     assert (env.function, env.model_uri, env.instance_id) == ("tiny", URI, group.plan.instance_id)
     assert env.stage is None and env.full and env.is_head and env.peers == [f"127.0.0.1:{env.transport_port}"]
     assert env.loaderd_url == daemon.url and env.loaderd_token is not None
     worker_token = env.loaderd_token.get_secret_value()  # the worker's own, not the node's
     assert worker_token != TOKEN and worker_token not in repr(env)
-    assert verify_scoped_token(TOKEN, worker_token) == Principal(subject=f"{env.instance_id}/0", admin=False,
-                                                                 model_uri=URI)
+    keys = NodeKeys.derive(TOKEN, node)
+    assert verify_worker_token(keys, worker_token, time.time()) == Principal(subject=f"{env.instance_id}/0",
+                                                                             admin=False, model_uri=URI)
     assert env.s3_endpoint_url == S3_URL and env.host == "127.0.0.1"
     assert placement.status().active_plans == 1
     assert placement.plan_of(group.plan.plan_id) is not None
@@ -240,7 +245,7 @@ def test_a_pipeline_group_prefetches_each_stage_on_its_node_and_tells_each_worke
         env = worker.env
         assert env.stage == st.stage and env.full == st.full and env.peers == addresses
         assert env.is_head == (st.stage.index == 0)
-        daemon = loaderds[int(st.node.removeprefix("node"))]
+        daemon = _daemon_of(loaderds, st.node)
         groups = {s.group for s in daemon.service.registry.segments.values()}
         layers = {f"layer.{i}" for i in range(st.stage.layer_start, st.stage.layer_end)}
         assert layers <= groups and not {f"layer.{i}" for i in range(4)} - layers & groups  # only its stage
@@ -261,7 +266,7 @@ def test_each_stage_reports_its_own_fetch_and_start_up(loaderds: list[LoaderDaem
     ready = [r for r in reports if r.event == "ready"]
     assert [r.stage for r in ready] == [0, 1]
     for report, st in zip(ready, group.plan.stages, strict=True):
-        daemon = loaderds[int(st.node.removeprefix("node"))]
+        daemon = _daemon_of(loaderds, st.node)
         own = sum(seg.layout.tensor_bytes for seg in daemon.service.registry.segments.values())
         assert report.timings.fetch_bytes == own > 0  # this node's stage, fetched fresh
         assert report.timings.cold_start_s is not None and report.timings.sample

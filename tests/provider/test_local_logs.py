@@ -4,11 +4,12 @@ log is read back, its end only, and never with a secret the worker was handed.""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-from hydraserve.auth import mint_scoped_token
+from hydraserve.auth import mint_worker_token
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import NodeInfo
 from hydraserve.contracts.timeline import Timeline
@@ -40,8 +41,9 @@ def test_a_failed_cold_starts_worker_log_is_read_back_without_secrets(tmp_path: 
         assert (worker.stage, worker.node, worker.failed_start) == (0, "node0", True)
         assert "no-such-model" in worker.log and backend.worker_logs("other", 50) == []
         raw = backend.launcher.log_path(worker.instance, 0).read_text()
-        token = mint_scoped_token(NODE_TOKEN, subject=f"{worker.instance}/0", model_uri=model)  # the one it was handed
-        assert SECRET not in raw and token not in raw and "hs1." not in raw  # the worker logs no secret itself
+        token = mint_worker_token({"node0": NODE_TOKEN}, subject=f"{worker.instance}/0", model_uri=model,
+                                  expires_at=time.time() + 60)  # one like the token it was handed
+        assert SECRET not in raw and "hs2." not in raw  # the worker logs no secret itself
         with backend.launcher.log_path(worker.instance, 0).open("a") as log:  # raw output, never redacted by it
             log.write(f"Traceback: AWS_SECRET_ACCESS_KEY={SECRET} token={token}\n")
         (worker,) = backend.worker_logs("broken", 1)

@@ -113,7 +113,7 @@ def test_loaderd_killed_mid_fetch_the_rest_comes_from_s3(s3_server: Any, model_d
                       token_file=token_file, endpoint_url=s3_server.endpoint_url, env=s3_server.client_env(),
                       log_path=tmp_path / "loaderd.log", extra_args=["--concurrency", "1", "--chunk-bytes", "4096"])
     try:
-        files = LoaderModelFiles(uri, d.url, token, endpoint_url=s3_server.endpoint_url)
+        files = LoaderModelFiles(uri, d.url, d.token, endpoint_url=s3_server.endpoint_url)
         handed: list[str] = []
         recorder = Recorder(want)
 
