@@ -166,15 +166,20 @@ def test_placement(route: str, body: Any) -> None:
 
 @pytest.fixture(scope="module")
 def loaderd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlaskClient]:
+    from hydraserve.auth import NodeKeys, node_admin_token
     from hydraserve.loaderd.api import create_app
     from hydraserve.loaderd.service import LoaderConfig, LoaderService
     from tests.loaderd.conftest import LocalStores, llama_like, write_manifest, write_model
 
     root = write_model(tmp_path_factory.mktemp("fuzz") / "m", llama_like(layers=2))
     write_manifest(root, per_tensor=True)
-    service = LoaderService(LoaderConfig(node_name=f"fz{uuid.uuid4().hex[:8]}", budget_bytes=64 << 20),
+    node = f"fz{uuid.uuid4().hex[:8]}"
+    service = LoaderService(LoaderConfig(node_name=node, budget_bytes=64 << 20),
                             open_model=LocalStores({"s3://bucket/model": root}))
-    yield create_app(service, TOKEN).test_client()
+    client = create_app(service, NodeKeys.derive(TOKEN, node)).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {node_admin_token(TOKEN, node)}"  # this node's own
+    assert client.get("/v1/status").status_code == 200  # the fuzz gets past the token check
+    yield client
     service.close()
 
 
@@ -184,7 +189,7 @@ def loaderd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlaskClient]:
 def test_loaderd(loaderd: FlaskClient, route: str, body: Any) -> None:
     if isinstance(body, dict) and "model_uri" in body and isinstance(body["model_uri"], str):
         body["model_uri"] = "s3://bucket/model"  # reach past the lookup now and then
-    r = loaderd.post(route, data=json.dumps(body), content_type="application/json", headers=AUTH)
+    r = loaderd.post(route, data=json.dumps(body), content_type="application/json")
     check(r.status_code, r.data)
 
 

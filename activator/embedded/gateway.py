@@ -6,7 +6,7 @@ the function (path prefix /functions/<name>/, Host <name>.<domain> naming a regi
 function, or the OpenAI routes' ``model``) -> scaler.acquire (parks at zero and while every
 instance is full; bounded queue and deadline) -> proxy to the instance (streaming) ->
 scaler.release. A request the instance failed before answering (it has no token yet) fails
-the instance and is sent again to a fresh one, up to MAX_INSTANCE_RETRIES times; a stream the
+the instance and is sent again to a fresh one (activator/embedded/relay.py); a stream the
 instance broke off ends with an error event. The gateway's own routes (/healthz, /metrics,
 /v1/functions, /v1/models) are never shadowed by a Host and never wait for a function; the
 admin routes (/v1/functions...) need the gateway's bearer token, the function and OpenAI
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import logging
 import time
@@ -37,16 +36,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from hydraserve import http_events
 from hydraserve.activator.embedded.admin_routes import add_admin_routes
 from hydraserve.activator.embedded.metrics import UNKNOWN_FUNCTION, GatewayMetrics
-from hydraserve.activator.embedded.proxy import (
-    GATEWAY_STOPPING,
-    InstanceProxy,
-    end_with_error,
-    ended_by_drain,
-    stopping_error,
-)
+from hydraserve.activator.embedded.proxy import GATEWAY_STOPPING, InstanceProxy
+from hydraserve.activator.embedded.relay import relay
 from hydraserve.activator.embedded.scaler import FunctionScaler
-from hydraserve.activator.embedded.usage import ask_for_usage
-from hydraserve.activator.embedded.waiting import EarlyStream, progress_text, streamed_request, waited_headers
 from hydraserve.auth import Authenticate, admin_only, bearer
 from hydraserve.contracts import events
 from hydraserve.contracts.backend import FunctionBackend, WorkerLog
@@ -56,7 +48,6 @@ from hydraserve.contracts.worker import FUNCTION_ROUTES
 from hydraserve.errors import (
     ConflictError,
     HydraError,
-    InstanceFailedError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
@@ -69,7 +60,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_INSTANCE_RETRIES = 2  # a request is sent to at most three instances
 MAX_BODY_BYTES = 1 << 20  # as the runtime's limit: a larger body is refused before a cold start
 ADMIN_PREFIX = "/v1/functions"
 METRICS = web.AppKey("metrics", GatewayMetrics)
@@ -407,73 +397,7 @@ def create_gateway_app(gateway: Gateway, admin_token: str) -> web.Application:
                                 + ", ".join(f"{m} {p}" for m, p in sorted(FUNCTION_ROUTES)))
         body = await _read_body(request) if body is None else body
         with gateway.forwarding():
-            return await to_an_instance(request, scaler, name, path, body)
-
-    async def to_an_instance(request: web.Request, scaler: FunctionScaler, name: str, path: str,
-                             body: bytes) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        arrived = loop.time()
-        cold = not scaler.instances  # it meets a cold start (or waits behind one)
-        early: EarlyStream | None = None
-        stream = streamed_request(request.method, path, body)
-        if scaler.must_wait() and stream is not None:
-            early = await EarlyStream.open(request, lambda: progress_text(scaler.last_timeline if scaler.starting
-                                                                          else None), cold)
-        try:
-            return await _serve(request, scaler, name, path, ask_for_usage(body, stream), arrived, cold, early)
-        except HydraError as exc:
-            if early is None:
-                raise
-            log.warning("request to %s failed after its stream began: %s", name, exc.message)
-            await early.stop(loop.time() - arrived)
-            return await end_with_error(early.response, exc)
-        finally:
-            if early is not None:
-                early.cancel()  # the client left, or the gateway stops: no more progress
-
-    async def _serve(request: web.Request, scaler: FunctionScaler, name: str, path: str,
-                     sent: tuple[bytes, bool], arrived: float, cold: bool, early: EarlyStream | None
-                     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        body, drop_usage_chunk = sent  # the body to send, and whether the usage chunk is the gateway's
-
-        def first_token() -> None:
-            gateway.metrics.time_to_first_token_seconds.labels(name).observe(loop.time() - arrived)
-
-        for attempt in range(MAX_INSTANCE_RETRIES + 1):
-            try:
-                instance = await scaler.acquire()
-            except asyncio.CancelledError as exc:
-                if not ended_by_drain(exc):
-                    raise
-                raise stopping_error() from None
-            waited_s = loop.time() - arrived
-            if attempt == 0:
-                gateway.metrics.queue_wait_seconds.labels(name).observe(waited_s)
-            if early is not None:
-                await early.stop(waited_s)
-            try:
-                response, broken = await gateway.proxy.forward(
-                    instance.endpoint.url, path, request, body,
-                    on_first_byte=functools.partial(scaler.first_response, instance), on_first_chunk=first_token,
-                    headers_out=waited_headers(cold, waited_s), into=early.response if early else None,
-                    on_usage=scaler.usage.tokens, drop_usage_chunk=drop_usage_chunk)
-            except InstanceFailedError as exc:
-                scaler.instance_failed(instance, exc.message)  # dropped before its slot frees
-                scaler.release(instance)
-                if attempt == MAX_INSTANCE_RETRIES:
-                    raise
-                gateway.metrics.retries.labels(name).inc()
-                log.warning("request to %s sent again after its instance failed: %s", name, exc.message)
-                continue
-            except BaseException:
-                scaler.release(instance)
-                raise
-            if broken is not None:
-                scaler.instance_failed(instance, broken)
-            scaler.release(instance)
-            return response
-        raise AssertionError("unreachable")
+            return await relay(gateway, request, scaler, name, path, body)
 
     async def by_path(request: web.Request) -> web.StreamResponse:
         return await forward(request, request.match_info["name"], request.match_info.get("path", ""))

@@ -15,7 +15,8 @@ import openai
 import pytest
 from flask import Flask, Response, jsonify
 
-from hydraserve.activator.embedded.gateway import MAX_INSTANCE_RETRIES, Gateway, create_gateway_app
+from hydraserve.activator.embedded.gateway import Gateway, create_gateway_app
+from hydraserve.activator.embedded.relay import MAX_INSTANCE_RETRIES
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.embedded.aio_server import BackgroundAioServer
 from hydraserve.errors import InstanceFailedError
