@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 import botocore.exceptions as bexc
@@ -21,6 +20,7 @@ from hydraserve.weights.s3 import (
     classify,
     parse_s3_uri,
 )
+from tests.conditions import wait_for
 
 # ------------------------------------------------------------------ URIs
 
@@ -244,13 +244,16 @@ def test_server_killed_and_restarted_mid_get(private_server: EmbeddedS3, tmp_pat
     client = private_server.client(retry=RetryPolicy(max_attempts=30, base_delay_s=0.05,
                                                      max_delay_s=0.3, budget_s=30))
     private_server.kill()
-    restarter = threading.Timer(0.5, private_server.start)
+
+    def restart() -> None:
+        assert wait_for(lambda: client.retries >= 1)  # the GET met the dead server first
+        private_server.start()
+
+    restarter = threading.Thread(target=restart)
     restarter.start()
-    started = time.monotonic()
     got = client.get_range("durable", "obj", 0, len(data))
     restarter.join()
-    assert bytes(got) == data
-    assert client.retries >= 1 and time.monotonic() - started >= 0.4
+    assert bytes(got) == data and client.retries >= 1
 
 
 def test_server_that_stays_down_gives_temporary_error(private_server: EmbeddedS3) -> None:
@@ -258,12 +261,10 @@ def test_server_that_stays_down_gives_temporary_error(private_server: EmbeddedS3
     client = private_server.client(retry=RetryPolicy(max_attempts=50, base_delay_s=0.05,
                                                      max_delay_s=0.2, budget_s=1.0))
     private_server.kill()
-    started = time.monotonic()
     with pytest.raises(TemporaryError, match=r"failed \d+ times") as info:
         client.get_range("bkt", "k", 0, 10)
     assert info.value.retryable and info.value.retry_after_s
-    assert private_server.endpoint_url in str(info.value)
-    assert time.monotonic() - started < 3
+    assert private_server.endpoint_url in str(info.value)  # the budget itself: the FakeClock test above
 
 
 def test_snapshot_brings_back_objects_from_any_client(private_server: EmbeddedS3) -> None:
