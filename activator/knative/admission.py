@@ -1,5 +1,5 @@
-"""Which function pods the interceptor may start: a model its namespace may use, and no view of
-loaderd's segments but its own model's.
+"""Which function pods the interceptor may start: the function a pod says it is (its model and
+SLOs), a model its namespace may use, and no view of loaderd's segments but its own model's.
 
 Called by the interceptor (activator/knative/interceptor.py) before anything is made for a pod:
 a pod refused here gets one Warning Event (``InvalidFunctionPod``) and no worker Secret, no
@@ -18,10 +18,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hydraserve.contracts.durations import parse_duration
+from hydraserve.contracts.function import FunctionConfig
 from hydraserve.errors import InvalidRequestError
-from hydraserve.provider.knative.service import LOADERD_HOST_DIR, loaderd_model_dir
+from hydraserve.provider.knative.service import (
+    LOADERD_HOST_DIR,
+    MODEL_ANNOTATION,
+    TPOT_SLO_ANNOTATION,
+    TTFT_SLO_ANNOTATION,
+    loaderd_model_dir,
+)
 from hydraserve.weights.s3_uri import S3Uri, parse_s3_uri
 
+SERVICE_LABEL = "serving.knative.dev/service"  # Knative names a pod's Service with it
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -96,3 +105,21 @@ def admission_problem(pod: Mapping[str, Any], model_uri: str, allowlist: ModelAl
         return (f"model {model_uri} is not allowed in namespace {namespace} (the operator's model allowlist, "
                 "HYDRASERVE_MODEL_ALLOWLIST in hydraserve-config)")
     return mount_problem(pod, model_uri)
+
+
+def function_of(pod: Mapping[str, Any]) -> FunctionConfig:
+    """The function a pod belongs to, from its labels and annotations (ValueError if they do not
+    say enough: no model, a bad SLO)."""
+    meta = pod["metadata"]
+    annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
+    model = annotations.get(MODEL_ANNOTATION)
+    if not model:
+        raise ValueError(f"pod {meta['name']} names no model ({MODEL_ANNOTATION})")
+    slos: dict[str, object] = {}
+    for key, name in ((TTFT_SLO_ANNOTATION, "ttft_slo_s"), (TPOT_SLO_ANNOTATION, "tpot_slo_s")):
+        if key in annotations:
+            try:
+                slos[name] = parse_duration(annotations[key])
+            except Exception as exc:
+                raise ValueError(f"{key}: {exc}") from exc
+    return FunctionConfig.model_validate({"name": labels.get(SERVICE_LABEL, meta["name"][:63]), "model_uri": model, **slos})

@@ -40,7 +40,7 @@ from kubernetes import watch
 from kubernetes.client import ApiException, CoreV1Api, NetworkingV1Api
 from pydantic import ValidationError
 
-from hydraserve.activator.knative.admission import ModelAllowlist, admission_problem
+from hydraserve.activator.knative.admission import ModelAllowlist, admission_problem, function_of
 from hydraserve.activator.knative.metrics import InterceptorMetrics
 from hydraserve.activator.knative.nodes import ClusterFeed, KubeNode, Placed, StageKey
 from hydraserve.activator.knative.pods import (
@@ -52,7 +52,6 @@ from hydraserve.activator.knative.pods import (
     plan_of_pod,
 )
 from hydraserve.activator.knative.policy import ensure_network_policy
-from hydraserve.contracts.durations import parse_duration
 from hydraserve.contracts.function import FunctionConfig
 from hydraserve.contracts.plan import FunctionSpec, Plan
 from hydraserve.contracts.pod import INSTANCE_LABEL, STAGE_LABEL, TIMELINE_ANNOTATION
@@ -61,10 +60,7 @@ from hydraserve.errors import ConflictError, HydraError, InstanceFailedError
 from hydraserve.provider.coldstart import ColdStart, ColdStartOptions, Group
 from hydraserve.provider.knative.kube import delete_quietly, pod_event
 from hydraserve.provider.knative.service import (
-    MODEL_ANNOTATION,
     SCHEDULER_NAME,
-    TPOT_SLO_ANNOTATION,
-    TTFT_SLO_ANNOTATION,
 )
 from hydraserve.provider.worker_port import PlacementPort
 
@@ -72,25 +68,6 @@ log = logging.getLogger(__name__)
 
 REVISION_LABEL = "serving.knative.dev/revision"
 FUNCTION_PODS = f"spec.schedulerName={SCHEDULER_NAME}"  # the field selector of the pods we schedule
-SERVICE_LABEL = "serving.knative.dev/service"
-
-
-def function_of(pod: dict[str, Any]) -> FunctionConfig:
-    """The function a pod belongs to, from its labels and annotations (ValueError if they do not
-    say enough: no model, a bad SLO)."""
-    meta = pod["metadata"]
-    annotations, labels = meta.get("annotations") or {}, meta.get("labels") or {}
-    model = annotations.get(MODEL_ANNOTATION)
-    if not model:
-        raise ValueError(f"pod {meta['name']} names no model ({MODEL_ANNOTATION})")
-    slos: dict[str, object] = {}
-    for key, name in ((TTFT_SLO_ANNOTATION, "ttft_slo_s"), (TPOT_SLO_ANNOTATION, "tpot_slo_s")):
-        if key in annotations:
-            try:
-                slos[name] = parse_duration(annotations[key])
-            except Exception as exc:
-                raise ValueError(f"{key}: {exc}") from exc
-    return FunctionConfig.model_validate({"name": labels.get(SERVICE_LABEL, meta["name"][:63]), "model_uri": model, **slos})
 
 
 @dataclass

@@ -87,7 +87,7 @@ def test_only_the_gpu_image_asks_for_a_gpu() -> None:
 
 
 def test_the_settings_reach_the_annotations_and_the_interceptor_reads_them_back() -> None:
-    from hydraserve.activator.knative.interceptor import function_of
+    from hydraserve.activator.knative.admission import function_of
     from hydraserve.contracts.function import setting_default
     from hydraserve.provider.knative.service import IDLE_TIMEOUT_ANNOTATION
 
