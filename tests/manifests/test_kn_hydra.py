@@ -103,6 +103,21 @@ def test_the_settings_reach_the_annotations_and_the_interceptor_reads_them_back(
         assert (read.name, read.ttft_slo_s, read.tpot_slo_s) == ("fn", ttft, 0.05)
 
 
+def test_s3_credentials_are_the_functions_own_or_none() -> None:
+    """Issue 22 item 11: a function's pods get the S3 credentials of the Secret it names (the
+    operator scopes that credential to its model's prefix in the object store's IAM), or none
+    at all: then their only credential is their loaderd token, scoped to their model, nodes and
+    12 hours. Nothing else of S3 reaches the pod spec."""
+    for flags, expected in (([], [{"secretRef": {"name": "hydraserve-s3"}}]),
+                            (["--s3-secret", "chat-s3"], [{"secretRef": {"name": "chat-s3"}}]),
+                            (["--s3-secret", ""], None)):
+        done = kn_hydra("create", "chat", "--model", "s3://models/x", *flags, "--dry-run", "-o", "json")
+        assert done.returncode == 0, done.stderr
+        [container] = json.loads(done.stdout)["spec"]["template"]["spec"]["containers"]
+        assert container.get("envFrom") == expected
+        assert not [e for e in container.get("env") or [] if e["name"].startswith("AWS_")]
+
+
 def test_under_knatives_defaults_the_same_service_is_refused_for_what_the_install_enables(
         service: dict[str, Any]) -> None:
     refused = rules(service, settings={})
