@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,22 @@ def test_cloudevents_with_the_sdk(worker: Any, tiny_llama_greedy: Any, mode: str
     assert r.status_code == 400
     error = ce_http.from_http(ce_http.HTTPMessage(headers=dict(r.headers), body=r.content), fmt)
     assert error.get_type() == events.ERROR and "bogus" in error.get_data()["error"]["message"]  # type: ignore[index]
+
+
+def test_a_vanishing_temperature_harms_no_request_batched_with_it_on_vllm(worker: Any, client: openai.OpenAI) -> None:
+    """Issue 22 item 1 with vLLM's engine serving (the compact engine's own test is in
+    test_engine.py): temperatures of 1e-38 and 5e-324, batched with ordinary ones, made the
+    probabilities NaN and failed the whole batch. vLLM raises a temperature under 0.01 to 0.01
+    (its _MAX_TEMP; the compact engine behind vLLM's front half gets the raised one too): every
+    request of the batch is answered in full."""
+    events = requests.get(worker.url + "/v1/hydraserve/timeline", timeout=5).json()["events"]
+    assert [e["detail"].get("first_token_engine") for e in events if e["name"] == "engine_ready"] == ["vllm"]
+    temperatures = [1e-38, 0.8, 5e-324, 1.0, 1e-38, 0.5, 0.0, 1e-38]
+    with ThreadPoolExecutor(len(temperatures)) as pool:
+        answers = list(pool.map(lambda t: client.completions.create(
+            model="fn", prompt=PROMPT, max_tokens=8, temperature=t, extra_body={"ignore_eos": True}), temperatures))
+    assert [a.usage.completion_tokens if a.usage else None for a in answers] == [8] * len(temperatures)
+    assert all(len(a.choices[0].model_extra["token_ids"]) == 8 for a in answers)  # type: ignore[index]
 
 
 def test_status_and_timeline(worker: Any) -> None:
