@@ -2,11 +2,11 @@
 node's warm pool over its Unix socket).
 
 A requests.Session to one service, with its bearer token on every call (a string, or a callable
-asked before each call: a token that is renewed while the client lives, hydraserve.auth.TokenFile). Nothing listening is
-NotListeningError (the request never arrived); a request sent with no answer back is
-UnreachableError (it may have been carried out); both are retryable. An error response becomes
-the very HydraError class the server raised (hydraserve.errors.error_from_response), so every
-client maps errors the same way.
+asked before each call: a token renewed while the client lives, hydraserve.auth.TokenFile).
+Nothing listening is NotListeningError (the request never arrived); a request sent with no
+answer back is UnreachableError (it may have been carried out); both are retryable. An error
+response becomes the very HydraError class the server raised
+(hydraserve.errors.error_from_response), so every client maps errors the same way.
 """
 
 from __future__ import annotations
